@@ -1,0 +1,17 @@
+"""Errors meant for users: the CLI prints their message on one line and exits non-zero."""
+
+
+class LoraTrainerError(Exception):
+    """Base class for every error whose message is written for the user."""
+
+
+class ConfigError(LoraTrainerError):
+    """A config key or value is wrong; the message names the key, the value and what is allowed."""
+
+
+class DataError(LoraTrainerError):
+    """The dataset cannot be used as given (empty folder, all images unreadable, bad metadata)."""
+
+
+class ModelError(LoraTrainerError):
+    """The base model or an adapter file cannot be loaded."""
