@@ -1,0 +1,186 @@
+"""Offline, randomly initialised Stable Diffusion pipelines for tests, the demo and benchmarks.
+
+Each builder saves a real diffusers pipeline with `save_pretrained`, so the trainer loads it through
+the same `from_pretrained` path as a real base model; only the layer sizes differ.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+# The SD1.5 noise schedule (what `runwayml/stable-diffusion-v1-5/scheduler` holds).
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE uses for bytes (printable ASCII/Latin-1 map to
+    themselves, the rest are shifted past 255), in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    symbols, shift = [], 0
+    for b in range(256):
+        if b in keep:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + shift))
+            shift += 1
+    return symbols
+
+
+def build_clip_tokenizer(model_max_length: int = 77):
+    """A CLIP byte-level BPE tokenizer made offline: every byte is a token (alone or word-final),
+    plus merges for common lowercase letter pairs so that words are a few tokens, not one per
+    letter. Token ids are stable for a given code version."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for sym in _byte_symbols():
+        vocab[sym] = len(vocab)
+    for sym in _byte_symbols():
+        vocab[sym + "</w>"] = len(vocab)
+    merges = []
+    letters = string.ascii_lowercase
+    common = "e t a o i n s r h l d c u m".split()
+    for a in common:
+        for b in letters:
+            for pair, merged in (((a, b), a + b), ((a, b + "</w>"), a + b + "</w>")):
+                if merged not in vocab:
+                    vocab[merged] = len(vocab)
+                    merges.append(pair)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _tiny_sd15_components(vocab_size: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    # Four blocks, as in SD's VAE, so latents are 1/8 of the image side.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    return unet, text_encoder, vae
+
+
+def _full_sd15_components(vocab_size: int):
+    """Real SD1.5 layer sizes (UNet ≈ 860 M parameters, CLIP ViT-L/14 text encoder, SD VAE)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=max(vocab_size, 49408),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    return unet, text_encoder, vae
+
+
+def make_sd15(out_dir: str | Path, seed: int = 0, full: bool = False) -> Path:
+    """Build an SD1.5-shaped pipeline with random weights (seeded) and save it to `out_dir`."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    build = _full_sd15_components if full else _tiny_sd15_components
+    unet, text_encoder, vae = build(len(tokenizer))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+VARIANTS = {
+    "sd15": lambda out, seed: make_sd15(out, seed, full=False),
+    "sd15-full": lambda out, seed: make_sd15(out, seed, full=True),
+}
+
+
+def make_tiny_model(variant: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the named variant into `out_dir`; see VARIANTS for the names."""
+    if variant not in VARIANTS:
+        from ..errors import LoraTrainerError
+
+        raise LoraTrainerError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[variant](out_dir, seed)
