@@ -1,0 +1,207 @@
+"""Dataset stage: scan a folder into (image, caption) examples and serve them as square,
+normalised tensors with reproducible random crops, flips and caption dropout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_trainer.data.captions import METADATA_FILE, resolve_captions
+from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
+from lora_trainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_EXTENSION_NAMES = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class Example:
+    """One training image and its caption ("" when it has none)."""
+
+    path: Path
+    caption: str
+
+
+def scan_dataset(root: str | os.PathLike) -> list[Example]:
+    """Find every image under `root` (recursively, sorted) with its caption.
+
+    Hidden files and folders and anything under `.cache` are ignored. Each image is decoded
+    once so that broken files are reported now, together in one warning, and skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found; set data.path to a folder of images")
+    image_paths, metadata_files = _walk(root)
+    if not image_paths:
+        raise DataError(f"{root}: no images found ({_EXTENSION_NAMES}); "
+                        "put images with .txt captions there")
+
+    good: list[Path] = []
+    problems: list[str] = []
+    for path in image_paths:
+        try:
+            load_image(path)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        good.append(path)
+    if not good:
+        raise DataError(f"{root}: none of the {len(image_paths)} images can be read: "
+                        + " | ".join(problems))
+    if problems:
+        logger.warning("skipping %d unreadable image(s) in %s:\n  %s",
+                       len(problems), root, "\n  ".join(problems))
+
+    captions = resolve_captions(good, metadata_files)
+    return [Example(path, caption) for path, caption in zip(good, captions)]
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """Image files and metadata.jsonl files under root, skipping hidden entries and .cache."""
+    images: list[Path] = []
+    metadata: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        # Pruning in place stops os.walk from descending into caches, .git and the like.
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != ".cache")
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            if name == METADATA_FILE:
+                metadata.append(path)
+            elif is_image_file(name):
+                images.append(path)
+    # Sort on the relative path so the order (and so every seeded choice) is the same on any OS.
+    images.sort(key=lambda p: p.relative_to(root).as_posix())
+    metadata.sort(key=lambda p: p.relative_to(root).as_posix())
+    return images, metadata
+
+
+def dataset_summary(examples: Sequence[Example]) -> dict:
+    """Counts for logs and adapter metadata."""
+    captioned = sum(1 for e in examples if e.caption)
+    return {"num_images": len(examples), "num_captioned": captioned,
+            "num_uncaptioned": len(examples) - captioned}
+
+
+def tag_frequency(examples: Sequence[Example]) -> dict[str, int]:
+    """How often each comma-separated tag appears, lower-cased like kohya's ss_tag_frequency."""
+    counts: Counter[str] = Counter()
+    for example in examples:
+        for tag in example.caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] += 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Square crops of `resolution` pixels in [-1, 1] with their (prefixed) captions.
+
+    Item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
+    Every random choice comes from (seed, epoch, i): the same call gives the same tensors in any
+    process, DataLoader worker or resumed run. Call `set_epoch` before each epoch (with
+    non-persistent workers, which copy the dataset when iteration starts).
+    Items also carry `original_size` (h, w) and `crop_top_left` (y, x) for SDXL conditioning.
+    """
+
+    def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
+                 repeats: int = 1, seed: int = 0):
+        if not examples:
+            raise ValueError("ImageCaptionDataset needs at least one example")
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.examples = list(examples)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.caption_prefix = caption_prefix
+        self.caption_dropout = caption_dropout
+        self.repeats = repeats
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
+        index = i % len(self.examples)
+        example = self.examples[index]
+        # A string seed is hashed with SHA-512 by random.Random: stable across runs and
+        # platforms, unlike hash() of a tuple.
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        # Fixed draw order (dropout, crop, flip) keeps each choice independent of the options.
+        drop_caption = rng.random() < self.caption_dropout
+        crop_u, crop_v = rng.random(), rng.random()
+        flipped = self.random_flip and rng.random() < 0.5
+
+        image = load_image(example.path)
+        original_size = (image.height, image.width)
+        image = resize_shorter_side(image, self.resolution)
+        top, left = self._crop_offsets(image, crop_u, crop_v)
+        resized_width = image.width
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if flipped:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            # The flipped crop is what cropping the mirrored image would give at this offset.
+            left = resized_width - left - self.resolution
+
+        return {
+            "pixel_values": to_tensor(image),
+            "caption": "" if drop_caption else self._caption(example.caption),
+            "index": index,
+            "flipped": flipped,
+            "original_size": torch.tensor(original_size),
+            "crop_top_left": torch.tensor((top, left)),
+        }
+
+    def _crop_offsets(self, image: Image.Image, u: float, v: float) -> tuple[int, int]:
+        spare_h = image.height - self.resolution
+        spare_w = image.width - self.resolution
+        if self.center_crop:
+            return spare_h // 2, spare_w // 2
+        return int(u * (spare_h + 1)), int(v * (spare_w + 1))
+
+    def _caption(self, caption: str) -> str:
+        if not caption:
+            # A prefix like "sks, " alone should not end in a dangling separator.
+            return self.caption_prefix.strip().rstrip(",").strip()
+        return self.caption_prefix + caption
+
+
+def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale so the shorter side is `resolution` pixels, keeping the aspect ratio."""
+    scale = resolution / min(image.width, image.height)
+    # max() guards against rounding the longer side below the crop size.
+    size = (max(resolution, round(image.width * scale)),
+            max(resolution, round(image.height * scale)))
+    if size == image.size:
+        return image
+    # reducing_gap lets PIL shrink big photos by whole factors first: much faster, same look.
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image to a float tensor [3, H, W] in [-1, 1], the range the VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
