@@ -1,0 +1,339 @@
+"""The run config: one typed object built from YAML plus `key=value` overrides, validated once.
+
+Every field is declared here with its default and a comment; validation reports every bad key or
+value (name, value, what is allowed) before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""  # hub id, diffusers folder, or single-file .safetensors checkpoint
+    variant: Literal["auto", "sd15", "sdxl"] = "auto"  # auto: detected from the model
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    # dtype of the frozen weights; auto follows train.mixed_precision (fp32 when "no")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder of images with .txt sidecars or metadata.jsonl
+    resolution: int = 512  # training side in pixels (multiple of 8)
+    center_crop: bool = True  # False: random crop
+    random_flip: bool = False  # horizontal flip with p=0.5
+    repeats: int = 1  # each image is seen this many times per epoch
+    caption_prefix: str = ""  # prepended to every caption, e.g. a trigger word "sks, "
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class DreamboothConfig:
+    instance_prompt: Optional[str] = None  # when set, every instance image uses this caption
+    class_prompt: Optional[str] = None
+    class_data: Optional[str] = None
+    num_class_images: int = 0
+    prior_loss_weight: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4  # r: the inner dimension of B·A
+    alpha: Optional[float] = None  # scale is alpha / rank; None means alpha = rank (scale 1)
+    dropout: float = 0.0
+    unet_targets: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
+    text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
+    train_text_encoder: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None  # optimizer steps; wins over epochs when both are set
+    epochs: Optional[int] = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4  # UNet adapter learning rate
+    text_encoder_lr: Optional[float] = None  # None: same as lr
+    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    warmup: int = 0  # warmup steps
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # cache VAE latents (and frozen text embeddings) the first time each image is seen
+    cache_latents: bool = True
+    noise_offset: float = 0.0
+    snr_gamma: Optional[float] = None  # reserved for min-SNR weighting
+    log_every_n_steps: int = 1
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)  # images generated with the adapter at the end
+    negative_prompt: str = ""
+    every_n_steps: int = 0  # 0: only at the end
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"
+    name: str = "lora"  # the adapter is DIR/<name>.safetensors
+    format: Literal["kohya", "diffusers", "both"] = "kohya"
+    save_every_n_steps: int = 0  # 0: only the final adapter
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # precision of the saved adapter
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    project: str = "lora-trainer"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dreambooth: DreamboothConfig = field(default_factory=DreamboothConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- building from plain data -------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ValueError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin is list:
+        if isinstance(value, str):  # a single string where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    raise ValueError
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            allowed = ", ".join(sorted(names))
+            errors.append(f"{dotted}: unknown key; allowed keys here: {allowed}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".", errors)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except ValueError:
+            errors.append(f"{dotted}: got {value!r}; expected {_describe(tp)}")
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            errors.append(f"{key}: got {value!r}; expected {allowed}")
+
+    need(bool(cfg.model.base), "model.base", cfg.model.base, "a hub id, a diffusers folder or a .safetensors file")
+    need(bool(cfg.data.path), "data.path", cfg.data.path, "a folder of images with captions")
+    r = cfg.data.resolution
+    need(r >= 8 and r % 8 == 0, "data.resolution", r, "a positive multiple of 8 (e.g. 512)")
+    need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
+    need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
+    need(cfg.lora.rank >= 1, "lora.rank", cfg.lora.rank, "an integer >= 1 (typically 4 to 128)")
+    need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
+    need(bool(cfg.lora.unet_targets), "lora.unet_targets", cfg.lora.unet_targets, "a non-empty list of module names")
+    t = cfg.train
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1 or null")
+    need(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1 or null")
+    if t.max_steps is None and t.epochs is None:
+        errors.append("train.max_steps: neither train.max_steps nor train.epochs is set; set one of them")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "a number > 0 (e.g. 1e-4)")
+    need(t.text_encoder_lr is None or t.text_encoder_lr >= 0, "train.text_encoder_lr", t.text_encoder_lr, "a number >= 0")
+    need(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "a number >= 0 (0 disables clipping)")
+    need(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "a number >= 0 (e.g. 0.05)")
+    need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
+    need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
+    need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
+    need(cfg.output.save_every_n_steps >= 0, "output.save_every_n_steps", cfg.output.save_every_n_steps, "an integer >= 0")
+    name = cfg.output.name
+    need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")
+    db = cfg.dreambooth
+    if db.class_prompt or db.class_data or db.num_class_images:
+        errors.append(
+            "dreambooth.class_prompt: prior preservation (class_prompt, class_data, num_class_images) "
+            "is not supported by this version; remove those keys"
+        )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.max_steps=50", "lora.rank=8"] into a nested dict; values are read as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=50")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem, one per line."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, data, "", errors)
+    if not errors:
+        _check_ranges(cfg, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, ...)")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, loadable again with load_config."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
