@@ -1,0 +1,114 @@
+"""What a run leaves for the user: the adapter file(s) with their metadata, and sample images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..data import tag_frequency
+from ..export.files import adapter_states, save_adapter
+from ..export.metadata import kohya_metadata
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float) -> dict[str, str]:
+    t = cfg.train
+    data_dir = Path(cfg.data.path).name or str(cfg.data.path)
+    return kohya_metadata(
+        rank=cfg.lora.rank,
+        alpha=cfg.lora_alpha,
+        base_model_version="sd_v1",
+        base_model_name=cfg.model.base,
+        resolution=cfg.data.resolution,
+        num_train_images=len(examples) * cfg.data.repeats,
+        num_epochs=None,
+        steps=step,
+        max_train_steps=max_steps,
+        learning_rate=t.lr,
+        unet_lr=t.lr,
+        text_encoder_lr=(t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if cfg.lora.train_text_encoder else None,
+        lr_scheduler=t.scheduler,
+        optimizer=t.optimizer,
+        mixed_precision=t.mixed_precision,
+        seed=t.seed,
+        noise_offset=t.noise_offset,
+        min_snr_gamma=t.snr_gamma,
+        cache_latents=t.cache_latents,
+        started_at=started_at,
+        finished_at=time.time(),
+        output_name=cfg.output.name,
+        tag_frequency={data_dir: tag_frequency(examples)},
+        dataset_dirs={data_dir: {"n_repeats": cfg.data.repeats, "img_count": len(examples)}},
+        trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",") or None,
+        prediction_type=None,
+        title=cfg.output.name,
+    )
+
+
+def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
+                   started_at: float, suffix: str = "") -> list[Path]:
+    """Write the adapter as `cfg.output.format` says; return the written paths.
+
+    kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
+    both: kohya at DIR/<name>.safetensors and diffusers at DIR/<name>.diffusers.safetensors.
+    """
+    out_dir = Path(cfg.output.dir)
+    if suffix:
+        out_dir = out_dir / "checkpoints"
+    states = adapter_states(unet, text_encoder)
+    metadata = _metadata(cfg, examples, step, max_steps, started_at)
+    dtype = SAVE_DTYPES[cfg.output.dtype]
+    fmt = cfg.output.format
+    layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
+    paths = []
+    for layout in layouts:
+        tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
+        path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
+        save_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, layout=layout, metadata=metadata, dtype=dtype)
+        log.info("saved %s adapter: %s", layout, path)
+        paths.append(path)
+    return paths
+
+
+def sampling_pipeline(base, unet, text_encoder):
+    """A txt2img pipeline over the in-memory (adapted) modules: no copy, no reload."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int) -> list[Path]:
+    """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/."""
+    from ..fileio import atomic_path
+
+    pipe = sampling_pipeline(base, unet, text_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    folder = Path(cfg.output.dir) / "samples" / f"step_{step:05d}"
+    paths = []
+    s = cfg.sample
+    for i, prompt in enumerate(s.prompts):
+        generator = torch.Generator(device="cpu").manual_seed(s.seed + i)
+        with torch.no_grad():
+            image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
+                         guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
+                         generator=generator).images[0]
+        path = folder / f"{i:02d}.png"
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        paths.append(path)
+    if was_training:
+        unet.train()
+    return paths
