@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,18 @@ class GenerateOptions:
     adapters: list[AdapterSpec] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    before = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before)
+
+
 def load_pipeline(base: str, adapters: list[AdapterSpec], dtype: torch.dtype = torch.float32):
     """The base pipeline with each adapter loaded under its own name and set to its weight."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -62,7 +75,8 @@ def load_pipeline(base: str, adapters: list[AdapterSpec], dtype: torch.dtype = t
             raise ConfigError(f"--lora: {spec.path}: file not found")
         name = f"lora{i}"
         try:
-            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+            with _quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
+                pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter ({str(exc).strip().splitlines()[0]})") from None
         names.append(name)

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +36,8 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     trainable_parameters: int = 0
+    unet: Any = None  # the trained modules, adapters in place (for notebooks and tests)
+    text_encoder: Any = None
 
 
 def _check_device(cfg: RunConfig) -> None:
@@ -210,8 +213,8 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
                     fh.write(json.dumps(record) + "\n")
                 accelerator.log({"loss": loss_value, "lr": record["lr"]}, step=step)
             if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
-                _export(cfg, accelerator, unet, text_encoder if train_te else None, examples, step, max_steps,
-                        started_at, suffix=f"-step{step:05d}")
+                _export(cfg, accelerator, base, unet, text_encoder if train_te else None, examples, step,
+                        max_steps, started_at, suffix=f"-step{step:05d}")
             if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
                 _samples(cfg, accelerator, base, unet, text_encoder, step)
             if step >= max_steps:
@@ -221,19 +224,21 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
     log.info("latent cache: %d entries, %d hits, %d misses", len(latent_cache), latent_cache.hits, latent_cache.misses)
 
     accelerator.wait_for_everyone()
-    paths = _export(cfg, accelerator, unet, text_encoder if train_te else None, examples, step, max_steps, started_at)
+    paths = _export(cfg, accelerator, base, unet, text_encoder if train_te else None, examples, step, max_steps,
+                    started_at)
     if cfg.sample.prompts:
         _samples(cfg, accelerator, base, unet, text_encoder, step)
-    return TrainResult(out_dir, paths, step, losses, counted)
+    return TrainResult(out_dir, paths, step, losses, counted, accelerator.unwrap_model(unet),
+                       accelerator.unwrap_model(text_encoder))
 
 
-def _export(cfg, accelerator, unet, text_encoder, examples, step, max_steps, started_at, suffix=""):
+def _export(cfg, accelerator, base, unet, text_encoder, examples, step, max_steps, started_at, suffix=""):
     if not accelerator.is_main_process:
         return []
     return export_adapter(
         cfg, accelerator.unwrap_model(unet),
         accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-        examples, step, max_steps, started_at, suffix=suffix,
+        examples, step, max_steps, started_at, prediction_type=base.prediction_type, suffix=suffix,
     )
 
 

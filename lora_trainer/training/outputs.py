@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,14 @@ log = logging.getLogger(__name__)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float) -> dict[str, str]:
+def _final_captions(cfg: RunConfig, examples) -> list:
+    """The captions as trained on (with the trigger prefix), for the tag counts users see."""
+    prefix = cfg.data.caption_prefix
+    return [replace(ex, caption=prefix + ex.caption if ex.caption else prefix) for ex in examples]
+
+
+def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
+              prediction_type: str) -> dict[str, str]:
     t = cfg.train
     data_dir = Path(cfg.data.path).name or str(cfg.data.path)
     return kohya_metadata(
@@ -28,7 +36,6 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         base_model_name=cfg.model.base,
         resolution=cfg.data.resolution,
         num_train_images=len(examples) * cfg.data.repeats,
-        num_epochs=None,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
@@ -41,19 +48,19 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         noise_offset=t.noise_offset,
         min_snr_gamma=t.snr_gamma,
         cache_latents=t.cache_latents,
-        started_at=started_at,
-        finished_at=time.time(),
+        training_started_at=started_at,
+        training_finished_at=time.time(),
         output_name=cfg.output.name,
-        tag_frequency={data_dir: tag_frequency(examples)},
+        tag_frequency={data_dir: tag_frequency(_final_captions(cfg, examples))},
         dataset_dirs={data_dir: {"n_repeats": cfg.data.repeats, "img_count": len(examples)}},
         trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",") or None,
-        prediction_type=None,
+        prediction_type="v" if prediction_type == "v_prediction" else "epsilon",
         title=cfg.output.name,
     )
 
 
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
-                   started_at: float, suffix: str = "") -> list[Path]:
+                   started_at: float, prediction_type: str = "epsilon", suffix: str = "") -> list[Path]:
     """Write the adapter as `cfg.output.format` says; return the written paths.
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
@@ -63,7 +70,7 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     if suffix:
         out_dir = out_dir / "checkpoints"
     states = adapter_states(unet, text_encoder)
-    metadata = _metadata(cfg, examples, step, max_steps, started_at)
+    metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type)
     dtype = SAVE_DTYPES[cfg.output.dtype]
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]

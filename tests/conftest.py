@@ -1,0 +1,50 @@
+"""Shared fixtures: each tiny model is built once per test session, through the real save/load path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting
+    # for each other make every op many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from lora_trainer.testing.tiny import make_sd15
+
+    return make_sd15(tmp_path_factory.mktemp("tiny-sd15") / "model")
+
+
+@pytest.fixture(scope="session")
+def example_data() -> Path:
+    return REPO / "datasets" / "example"
+
+
+def run_config(tiny_model: Path, data: Path, out_dir: Path, *overrides: str):
+    """The example config pointed at the session's tiny model, with overrides."""
+    from lora_trainer.config import load_config
+
+    return load_config(REPO / "configs" / "example.yaml",
+                       [f"model.base={tiny_model}", f"data.path={data}", f"output.dir={out_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_sd15, example_data, tmp_path_factory):
+    """One in-process run of the example config (fp32 file, so outputs can be compared tightly)."""
+    from lora_trainer.training.loop import train
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = run_config(tiny_sd15, example_data, out, "output.dtype=fp32", "output.format=both")
+    return train(cfg, show_progress=False)
