@@ -83,6 +83,12 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:  # per-file loading bars bury the messages that matter
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

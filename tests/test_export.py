@@ -3,7 +3,6 @@ they must reproduce the adapter exactly (LORA_FORMATS.md, "Checks that prove a f
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 from types import SimpleNamespace
@@ -37,30 +36,9 @@ def _pipeline(model_dir):
     return pipe
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads waiting for
-    each other make them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with _one_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    from lora_trainer.testing.tiny import make_sd15
-
-    with _one_thread():
-        return make_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+def model_dir(tiny_sd15):
+    return tiny_sd15
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +62,7 @@ def _outputs(pipe, inputs, **unet_kwargs):
 @pytest.fixture(scope="session")
 def trained(model_dir, inputs):
     """A pipeline with our adapters injected as the trainer does, lora_B randomised so ΔW ≠ 0."""
-    with _one_thread():
-        return _adapted_pipeline(model_dir, inputs)
+    return _adapted_pipeline(model_dir, inputs)
 
 
 def _adapted_pipeline(model_dir, inputs):

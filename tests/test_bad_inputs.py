@@ -1,0 +1,79 @@
+"""Bad inputs end in the documented behaviour: bad images are skipped with one warning, an empty or
+all-bad dataset stops with one line naming the folder, before any model loads."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from conftest import REPO
+from PIL import Image
+
+from lora_trainer.cli import main
+
+
+def _png(path, color, mode="RGB", size=(48, 40)):
+    Image.new(mode, size, color).save(path)
+
+
+def test_mixed_bad_dataset_trains_on_the_good_images(tiny_sd15, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    _png(data / "good.png", (200, 30, 30))
+    Image.new("CMYK", (48, 48), (0, 200, 200, 0)).save(data / "cmyk.jpg")
+    rgba = Image.new("RGBA", (48, 48), (0, 0, 255, 0))
+    rgba.save(data / "transparent.png")
+    (data / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(500))
+    (data / "empty.jpg").write_bytes(b"")
+    for name in ("good", "cmyk", "transparent"):
+        (data / f"{name}.txt").write_text(f"a {name} picture")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}", f"data.path={data}",
+                   f"output.dir={out}", "train.max_steps=3", "sample.prompts=[]", "--quiet"])
+    assert rc == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "corrupt.png" in r.getMessage()]
+    assert len(warnings) == 1 and "empty.jpg" in warnings[0].getMessage()
+    assert (out / "example-lora.safetensors").is_file()
+    from lora_trainer.config import load_config
+    import safetensors
+
+    with safetensors.safe_open(str(out / "example-lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_num_train_images"] == "3"
+    assert load_config(out / "config.yaml").data.path == str(data)
+
+
+def test_empty_folder_stops_with_one_line_naming_it(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent", f"data.path={empty}",
+               f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(empty) in err and "no images" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_bad_folder_stops_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    (bad / "b.jpg").write_bytes(b"")
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent", f"data.path={bad}",
+               f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(bad) in err and "a.png" in err and "b.jpg" in err and "\n" not in err
+
+
+def test_missing_base_model_is_one_line(tmp_path, example_data, capsys):
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tmp_path / 'nope'}",
+               f"data.path={example_data}", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "model.base" in err and "nope" in err and "\n" not in err
+
+
+def test_unknown_target_module_is_one_line(tiny_sd15, example_data, tmp_path, capsys):
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}",
+               f"data.path={example_data}", f"output.dir={tmp_path / 'out'}", "lora.unet_targets=[query]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "lora.unet_targets" in err and "query" in err and "\n" not in err
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -1,0 +1,86 @@
+"""The config: YAML plus dotted overrides, typed, every bad key or value named before a model loads."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+
+from lora_trainer.cli import main
+from lora_trainer.config import dump_config, load_config, parse_overrides
+from lora_trainer.errors import ConfigError
+
+BASE = ["model.base=some/model", "data.path=datasets/example"]
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(REPO / "configs" / "example.yaml", ["train.max_steps=50", "lora.rank=8", "train.lr=3e-4",
+                                                          "lora.unet_targets=[to_q,to_v]", "data.random_flip=false"])
+    assert cfg.train.max_steps == 50 and cfg.lora.rank == 8
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.lora.unet_targets == ["to_q", "to_v"]
+    assert cfg.data.random_flip is False
+    assert cfg.lora_alpha == 4.0  # from the file: alpha 4
+    assert parse_overrides(["a.b.c=1", "a.d=x y"]) == {"a": {"b": {"c": 1}, "d": "x y"}}
+
+
+def test_alpha_defaults_to_rank():
+    cfg = load_config(None, [*BASE, "train.max_steps=1", "lora.rank=16"])
+    assert cfg.lora_alpha == 16.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "example.yaml", ["lora.rank=8"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("lora.rnak=4", "lora.rnak", "unknown key"),
+    ("lora.rank=-1", "lora.rank", "-1"),
+    ("train.mixed_precision=fp8", "train.mixed_precision", "'no', 'fp16', 'bf16'"),
+    ("train.lr=fast", "train.lr", "'fast'"),
+    ("data.caption_dropout=1.5", "data.caption_dropout", "[0, 1]"),
+    ("output.format=onnx", "output.format", "'kohya', 'diffusers', 'both'"),
+    ("train.batch_size=0", "train.batch_size", ">= 1"),
+])
+def test_bad_key_or_value_names_key_value_and_allowed(override, key, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*BASE, "train.max_steps=1", override])
+    message = str(err.value)
+    assert key in message and shown in message
+    assert len(message.splitlines()) == 1
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*BASE, "train.max_steps=1", "lora.rnak=4", "train.lr=fast", "sample.stpes=3"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert {line.split(":")[0] for line in lines} == {"lora.rnak", "train.lr", "sample.stpes"}
+
+
+def test_missing_steps_and_base_are_errors():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, BASE)
+    with pytest.raises(ConfigError, match="model.base"):
+        load_config(None, ["data.path=x", "train.max_steps=1"])
+
+
+def test_cli_reports_config_error_on_one_line_before_loading_any_model(tmp_path, capsys):
+    # The base does not exist: if the model were loaded first, the error would be about it.
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent/model",
+               f"output.dir={tmp_path / 'out'}", "lora.rank=-1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "lora.rank" in err and "-1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,43 @@
+"""`infer.py`: base + adapters at weights → PNGs; weight 0 reproduces the base image exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from lora_trainer.cli import main
+from lora_trainer.inference.generate import parse_adapter_spec
+
+
+def _run(tiny_sd15, out, *lora):
+    args = ["infer", "--model", str(tiny_sd15), "--prompt", "geoshape, a red circle", "--negative-prompt", "blurry",
+            "--steps", "4", "--seed", "5", "--width", "64", "--height", "64", "--out", str(out)]
+    for spec in lora:
+        args += ["--lora", spec]
+    assert main(args) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-5.png"]
+    return np.asarray(Image.open(files[0]))
+
+
+def test_weight_zero_is_base_and_weight_one_differs(trained, tiny_sd15, tmp_path):
+    adapter = trained.output_dir / "example-lora.safetensors"
+    base = _run(tiny_sd15, tmp_path / "base")
+    zero = _run(tiny_sd15, tmp_path / "zero", f"{adapter}:0")
+    full = _run(tiny_sd15, tmp_path / "full", f"{adapter}:1.0")
+    assert base.shape == (64, 64, 3)
+    assert np.array_equal(base, zero)
+    assert not np.array_equal(base, full)
+
+
+def test_missing_adapter_is_one_line_error(tiny_sd15, tmp_path, capsys):
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--lora", str(tmp_path / "none.safetensors"),
+               "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "none.safetensors" in err and "\n" not in err
+
+
+def test_adapter_spec_parsing():
+    assert parse_adapter_spec("a/b.safetensors:0.7").weight == 0.7
+    spec = parse_adapter_spec("C:/x/b.safetensors")
+    assert spec.weight == 1.0 and str(spec.path) == "C:/x/b.safetensors"
