@@ -153,7 +153,9 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ValueError."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads a bare `no` as false
+        if not isinstance(value, bool) and value in typing.get_args(tp):
             return value
         raise ValueError
     if origin in (Union, types.UnionType):

@@ -84,3 +84,9 @@ def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base: m}\ndata: {path: d}\ntrain: {max_steps: 1, mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"

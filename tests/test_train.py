@@ -153,3 +153,13 @@ def test_latents_are_encoded_once_per_image(tiny_sd15, example_data, tmp_path, c
         train(cfg, show_progress=False)
     # 8 steps × batch 2 = 16 items over 8 images: each encoded once, then reused.
     assert "latent cache: 8 entries, 8 hits, 8 misses" in caplog.text
+
+
+def test_tensorboard_log_is_written(tiny_sd15, example_data, tmp_path):
+    from lora_trainer.training.loop import train
+
+    cfg = run_config(tiny_sd15, example_data, tmp_path / "tb", "train.max_steps=3", "sample.prompts=[]",
+                     "log.tensorboard=true")
+    train(cfg, show_progress=False)
+    events = list((tmp_path / "tb" / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -40,9 +40,26 @@ class TrainResult:
     text_encoder: Any = None
 
 
-def _check_device(cfg: RunConfig) -> None:
+def _check_environment(cfg: RunConfig) -> None:
+    """Settings this machine cannot honour fail here, before any data or model is read."""
+    import importlib.util
+
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
+    for key, on, module, extra in (("log.tensorboard", cfg.log.tensorboard, "tensorboard", "tensorboard"),
+                                   ("log.wandb", cfg.log.wandb, "wandb", "wandb")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key}: true needs the {module} package; pip install 'lora-trainer[{extra}]' "
+                              f"or set {key}=false")
+
+
+def _tracker_config(cfg: RunConfig) -> dict:
+    """The config flattened to scalar values, as trackers' hyperparameter tables want."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def _make_accelerator(cfg: RunConfig, out_dir: Path):
@@ -69,7 +86,7 @@ def _release_accelerate_state() -> None:
 
 def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     """Train one adapter as `cfg` says and write it to `cfg.output.dir`."""
-    _check_device(cfg)
+    _check_environment(cfg)
     examples = scan_dataset(cfg.data.path)  # bad data stops the run before any model loads
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
@@ -93,6 +110,8 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+    if cfg.log.tensorboard or cfg.log.wandb:
+        accelerator.init_trackers(cfg.log.project, config=_tracker_config(cfg))
 
     # ---- model: frozen base in the compute dtype, LoRA adapters in fp32 ----
     weight_dtype = weight_dtype_for(cfg.model, t.mixed_precision)

@@ -1,0 +1,107 @@
+"""Seconds per training step and peak memory of the real training loop.
+
+    python benchmarks/train_step.py                 # tiny (64 px, batch 2) and sd15-full (256 px, batch 1, rank 4)
+    python benchmarks/train_step.py --cases tiny    # just one
+
+Each case runs `train()` in its own process (so peak RSS is that case's alone) on the bundled
+example images, UNet LoRA only, and reports the median step time after two warm-up steps. The
+`-nocache` cases re-encode every image with the VAE at every step, as a loop without a latent
+cache does: the difference is what the cache saves. Models are built once into benchmarks/.models/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "benchmarks" / ".models"
+
+CASES = {
+    "tiny": ("sd15", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no"]),
+    "tiny-bf16": ("sd15", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=bf16"]),
+    "full": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no"]),
+    "full-bf16": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16"]),
+    "full-bf16-nocache": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16",
+                                        "train.cache_latents=false"]),
+}
+
+
+def _model(variant: str) -> Path:
+    path = MODELS / variant
+    if not (path / "model_index.json").is_file():
+        from lora_trainer.testing.tiny import make_tiny_model
+
+        print(f"building {variant} into {path} ...", file=sys.stderr)
+        make_tiny_model(variant, path)
+    return path
+
+
+def run_case(name: str, steps: int, extra: list[str]) -> dict:
+    """Run one case in this process and return its figures."""
+    import torch
+
+    from lora_trainer.config import load_config
+    from lora_trainer.training.loop import train
+
+    variant, overrides = CASES[name]
+    model = _model(variant)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, [
+            f"model.base={model}", f"data.path={REPO / 'datasets' / 'example'}", f"output.dir={out}",
+            "lora.rank=4", f"train.max_steps={steps}", "train.lr=1e-4", "sample.prompts=[]", *overrides, *extra,
+        ])
+        started = time.perf_counter()
+        result = train(cfg, show_progress=False)
+        total = time.perf_counter() - started
+        times = [json.loads(line)["step_time"] for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    figures = {
+        "case": name,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "steps": result.steps,
+        "median_step_s": round(statistics.median(times[2:] or times), 4),
+        "first_step_s": round(times[0], 3),
+        "total_s": round(total, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "trainable_params": result.trainable_parameters,
+    }
+    if device == "cuda":
+        figures["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="tiny,full-bf16,full-bf16-nocache", help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every case")
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_case(args.worker, args.steps, args.overrides)), flush=True)
+        return 0
+    rows = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            parser.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps), *args.overrides],
+                              capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(json.dumps(rows[-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
