@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("make-tiny", help="build a randomly initialised pipeline offline")
-    p.add_argument("--variant", default="sd15", help="sd15 (tiny) or sd15-full (real SD1.5 sizes)")
+    p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny) or sd15-full, sdxl-full (real layer sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out_dir")
     p.set_defaults(func=_make_tiny)

@@ -28,6 +28,13 @@ def tiny_sd15(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from lora_trainer.testing.tiny import make_sdxl
+
+    return make_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
 def example_data() -> Path:
     return REPO / "datasets" / "example"
 

@@ -171,9 +171,111 @@ def make_sd15(out_dir: str | Path, seed: int = 0, full: bool = False) -> Path:
     return out_dir
 
 
+# The SDXL base noise schedule (`stabilityai/stable-diffusion-xl-base-1.0/scheduler`).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
+
+
+def _clip_text_config(vocab_size: int, hidden: int, layers: int, heads: int, projection: int, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection, hidden_act=act,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+
+
+def _sdxl_components(vocab_size: int, full: bool):
+    """SDXL's shape: a UNet with text-time conditioning (pooled text embeds + 6 size/crop numbers),
+    cross attention over two concatenated text encoders (CLIP ViT-L + OpenCLIP bigG with projection)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if full:
+        te1 = _clip_text_config(max(vocab_size, 49408), 768, 12, 12, 768, "quick_gelu")
+        te2 = _clip_text_config(max(vocab_size, 49408), 1280, 32, 20, 1280, "gelu")
+        time_dim, blocks, heads, layers = 256, (320, 640, 1280), (5, 10, 20), (1, 2, 10)
+        vae_blocks, vae_layers, vae_groups, sample = (128, 256, 512, 512), 2, 32, 128
+    else:
+        te1 = _clip_text_config(vocab_size, 32, 2, 4, 32, "quick_gelu")
+        te2 = _clip_text_config(vocab_size, 32, 2, 4, 32, "gelu")
+        time_dim, blocks, heads, layers = 8, (32, 32, 64), (2, 4, 8), (1, 1, 2)
+        vae_blocks, vae_layers, vae_groups, sample = (8, 16, 16, 16), 1, 8, 8
+    unet = UNet2DConditionModel(
+        sample_size=sample,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=blocks,
+        layers_per_block=2,  # as SDXL: kohya's LDM block numbering depends on it
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=layers,
+        attention_head_dim=heads,
+        use_linear_projection=True,
+        cross_attention_dim=te1.hidden_size + te2.hidden_size,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + te2.projection_dim,
+        norm_num_groups=32 if full else 8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=vae_blocks,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=vae_layers,
+        latent_channels=4,
+        norm_num_groups=vae_groups,
+        sample_size=1024 if full else 64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    return unet, CLIPTextModel(te1), CLIPTextModelWithProjection(te2), vae
+
+
+def make_sdxl(out_dir: str | Path, seed: int = 0, full: bool = False) -> Path:
+    """Build an SDXL-shaped pipeline with random weights (seeded) and save it to `out_dir`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # OpenCLIP pads with "!", as SDXL's second tokenizer does
+    torch.manual_seed(seed)
+    unet, text_encoder, text_encoder_2, vae = _sdxl_components(len(tokenizer), full)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 VARIANTS = {
     "sd15": lambda out, seed: make_sd15(out, seed, full=False),
     "sd15-full": lambda out, seed: make_sd15(out, seed, full=True),
+    "sdxl": lambda out, seed: make_sdxl(out, seed, full=False),
+    "sdxl-full": lambda out, seed: make_sdxl(out, seed, full=True),
 }
 
 
