@@ -41,3 +41,15 @@ def test_adapter_spec_parsing():
     assert parse_adapter_spec("a/b.safetensors:0.7").weight == 0.7
     spec = parse_adapter_spec("C:/x/b.safetensors")
     assert spec.weight == 1.0 and str(spec.path) == "C:/x/b.safetensors"
+
+
+def test_png_carries_a1111_parameters(trained, tiny_sd15, tmp_path):
+    adapter = trained.output_dir / "example-lora.safetensors"
+    _run(tiny_sd15, tmp_path / "p", f"{adapter}:0.7")
+    text = Image.open(tmp_path / "p" / "00000-5.png").text["parameters"]
+    prompt, negative, settings = text.split("\n")
+    assert prompt == "geoshape, a red circle <lora:example-lora:0.7>"
+    assert negative == "Negative prompt: blurry"
+    assert settings.startswith("Steps: 4, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 5, Size: 64x64")
+    sample = trained.output_dir / "samples" / "step_00040" / "00.png"
+    assert "Seed: 0" in Image.open(sample).text["parameters"]

@@ -10,7 +10,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelError
-from ..fileio import atomic_path
+from ..pnginfo import GenerationInfo, save_png
+
+# A1111's names for diffusers' schedulers, so PNG info reads as users expect.
+SAMPLER_NAMES = {"DPMSolverMultistepScheduler": "DPM++ 2M", "EulerDiscreteScheduler": "Euler",
+                 "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS"}
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +102,12 @@ def generate(pipe, opts: GenerateOptions, out_dir: str | Path) -> list[Path]:
             image = pipe(opts.prompt, negative_prompt=opts.negative_prompt or None,
                          num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
                          width=opts.width, height=opts.height, generator=generator).images[0]
-        path = out_dir / f"{k:05d}-{seed}.png"
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        paths.append(path)
+        info = GenerationInfo(
+            prompt=opts.prompt, negative_prompt=opts.negative_prompt, steps=opts.steps,
+            sampler=SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__),
+            cfg_scale=opts.guidance_scale, seed=seed, width=image.width, height=image.height,
+            model_name=Path(str(pipe.name_or_path)).name or None,
+            adapters=[(spec.path.stem, spec.weight, None) for spec in opts.adapters],
+        )
+        paths.append(save_png(image, out_dir / f"{k:05d}-{seed}.png", info))
     return paths

@@ -97,7 +97,7 @@ def sampling_pipeline(base, unet, text_encoder):
 
 def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int) -> list[Path]:
     """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/."""
-    from ..fileio import atomic_path
+    from ..pnginfo import GenerationInfo, save_png
 
     pipe = sampling_pipeline(base, unet, text_encoder)
     pipe.set_progress_bar_config(disable=True)
@@ -112,10 +112,10 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int) -> list[Pa
             image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
                          guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
                          generator=generator).images[0]
-        path = folder / f"{i:02d}.png"
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        paths.append(path)
+        info = GenerationInfo(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler="DPM++ 2M",
+                              cfg_scale=s.guidance_scale, seed=s.seed + i, width=image.width, height=image.height,
+                              model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, 1.0, None)])
+        paths.append(save_png(image, folder / f"{i:02d}.png", info))
     if was_training:
         unet.train()
     return paths
