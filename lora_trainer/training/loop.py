@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,11 @@ def _make_accelerator(cfg: RunConfig, out_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    # Several processes without GPUs (torchrun or `accelerate launch --multi_gpu` on a CPU machine):
+    # accelerate only picks its gloo CPU backend when told the run is on CPU.
+    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
+        cpu=on_cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=trackers or None,
