@@ -124,6 +124,16 @@ def clean_caption(text: str) -> str:
     return " ".join(_CONTROL.sub(" ", text).split())
 
 
+def join_caption(prefix: str, caption: str, suffix: str) -> str:
+    """prefix + caption + suffix, with a space where the user's prefix/suffix has none ("sks," from
+    a command line, whose trailing space the shell or YAML dropped)."""
+    if prefix and not prefix[-1].isspace():
+        prefix += " "
+    if suffix and not (suffix[0].isspace() or suffix[0] in ",.;:!?)"):
+        suffix = " " + suffix
+    return prefix + caption + suffix
+
+
 def generate_captions(captioner: Blip2Captioner, images: Sequence) -> list[str]:
     """Captions (without prefix/suffix) for a batch of RGB PIL images, as `captioner.options` says."""
     c = captioner.options
@@ -210,7 +220,7 @@ def _caption_paths(paths: list[Path], captioner: Blip2Captioner, c: CaptionConfi
                     results[path] = CaptionedImage(path, "", "unreadable")
             if images:
                 for path, text in zip(batch, generate_captions(captioner, images)):
-                    results[path] = write_caption(path, c.prefix + text + c.suffix)
+                    results[path] = write_caption(path, join_caption(c.prefix, text, c.suffix))
             bar.update(len(paths[start:start + c.batch_size]))
         bar.close()
 

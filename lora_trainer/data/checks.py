@@ -26,7 +26,7 @@ CLIP_MAX_TOKENS = 77  # the SD text encoders' context, start and end tokens incl
 _RATIOS = {"1:1": 1.0, "5:4": 1.25, "4:5": 0.8, "4:3": 4 / 3, "3:4": 0.75, "3:2": 1.5, "2:3": 2 / 3,
            "16:9": 16 / 9, "9:16": 9 / 16, "2:1": 2.0, "1:2": 0.5}
 # CLIP's pre-tokenizer splits words, single digits and runs of punctuation; most English words
-# are one token in its 49k vocabulary, so counting pieces is a close (slightly low) estimate.
+# are one token in its 49k vocabulary, so counting pieces (long words as several) is a close estimate.
 _CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_", re.IGNORECASE)
 
 
@@ -227,8 +227,14 @@ def count_tokens(caption: str, tokenizer=None, limit: int = CLIP_MAX_TOKENS - 2)
     if tokenizer is not None:
         ids = tokenizer(caption, add_special_tokens=False).input_ids
         return len(ids), tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
-    pieces = list(_CLIP_PIECES.finditer(caption))
-    return len(pieces), caption[pieces[limit].start():].strip() if len(pieces) > limit else ""
+    total, cut_at = 0, None
+    for piece in _CLIP_PIECES.finditer(caption):
+        # Long words split into a few sub-words ("photorealistic" is "photo" + "realistic").
+        n = max(1, math.ceil(len(piece.group()) / 7))
+        if total + n > limit and cut_at is None:
+            cut_at = piece.start()
+        total += n
+    return total, caption[cut_at:].strip() if cut_at is not None else ""
 
 
 def load_clip_tokenizer(base: str, revision: str | None = None):
@@ -241,9 +247,26 @@ def load_clip_tokenizer(base: str, revision: str | None = None):
     from transformers import CLIPTokenizer
 
     for subfolder in ("tokenizer", ""):  # a diffusers pipeline, or a bare CLIP model/tokenizer
+        # Checked first: without its files, from_pretrained may hand back an empty tokenizer.
+        if not _has_tokenizer_files(base, subfolder, revision):
+            continue
         try:
-            return CLIPTokenizer.from_pretrained(base, subfolder=subfolder, revision=revision,
-                                                 local_files_only=True)
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder=subfolder, revision=revision,
+                                                      local_files_only=True)
         except (OSError, ValueError):
             continue
+        if len(tokenizer) > 2:
+            return tokenizer
     return None
+
+
+def _has_tokenizer_files(base: str, subfolder: str, revision: str | None) -> bool:
+    names = [f"{subfolder}/{n}" if subfolder else n for n in ("vocab.json", "tokenizer.json")]
+    if Path(base).is_dir():
+        return any((Path(base) / n).is_file() for n in names)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(base, n, revision=revision), str) for n in names)
+    except ValueError:  # not a valid repo id
+        return False

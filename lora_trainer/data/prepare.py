@@ -39,8 +39,10 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                 generated = {r.path for r in results if r.status in ("generated", "replaced")}
         report = check_dataset(root, cfg.data.resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
                                cfg.data.caption_prefix)
-        if is_main and report.can_train:  # otherwise the scan below raises the precise error
-            logger.log(logging.WARNING if report.warnings else logging.INFO, "%s", report.format_text(max_files=5))
+        # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
+        # files, and raises the precise error when the set cannot train.
+        if is_main and report.can_train:
+            logger.info("%s", report.format_text(max_files=5))
         examples = scan_dataset(root)
     if is_main:
         _record_captions(cfg, examples, generated)
