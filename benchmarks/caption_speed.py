@@ -3,6 +3,7 @@
 
     python benchmarks/caption_speed.py                       # the tiny random BLIP-2, built offline
     python benchmarks/caption_speed.py --model Salesforce/blip2-opt-2.7b --batch-size 8
+    python benchmarks/caption_speed.py --random-size opt-2.7b  # random weights, the real layer sizes (GPU)
 
 Every caption is exactly --tokens new tokens long (min = max), so settings do the same work.
 """
@@ -23,9 +24,57 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_trainer.config import CaptionConfig  # noqa: E402
-from lora_trainer.data.captioning import generate_captions, load_blip2, release  # noqa: E402
+from lora_trainer.data.captioning import (  # noqa: E402
+    Blip2Captioner,
+    generate_captions,
+    load_blip2,
+    release,
+    resolve_device_dtype,
+)
 
 TINY = Path(__file__).resolve().parent / ".models" / "blip2"
+
+
+# Layer sizes of Salesforce/blip2-opt-2.7b (ViT-g/14, Q-Former, OPT-2.7b), and a middle size to try
+# the code path on a CPU.
+SIZES = {
+    "opt-2.7b": dict(vision=dict(), qformer=dict(), queries=32, image=224,
+                     text=dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                               word_embed_proj_dim=2560, max_position_embeddings=2048)),
+    "small": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+                  qformer=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+                  queries=32, image=224,
+                  text=dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4,
+                            word_embed_proj_dim=256, max_position_embeddings=512)),
+}
+
+
+def random_captioner(size: str, options: CaptionConfig) -> Blip2Captioner:
+    """A randomly initialised BLIP-2 of real layer sizes, built on the device (no weights to fetch),
+    with the tiny offline tokenizer: same compute per token as the real model, gibberish words."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+
+    from lora_trainer.testing.tiny_blip2 import build_opt_tokenizer
+
+    s = SIZES[size]
+    device, dtype = resolve_device_dtype(options)
+    processor = Blip2Processor(BlipImageProcessor(size={"height": s["image"], "width": s["image"]}),
+                               build_opt_tokenizer(), num_query_tokens=s["queries"])
+    tok = processor.tokenizer
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(image_size=s["image"], **s["vision"]).to_dict(),
+        qformer_config=Blip2QFormerConfig(**s["qformer"]).to_dict(),
+        text_config=OPTConfig(vocab_size=50272, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **s["text"]).to_dict(),
+        num_query_tokens=s["queries"],
+        image_token_index=tok.convert_tokens_to_ids(processor.image_token.content),
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config)
+    model.to(dtype).eval()
+    return Blip2Captioner(processor, model, device, dtype, options)
 
 
 def _images(n: int, size: int) -> list[Image.Image]:
@@ -42,7 +91,7 @@ def run(model: str, dtype: str, eight_bit: bool, args, images) -> dict:
     options = CaptionConfig(model=model, dtype=dtype, load_in_8bit=eight_bit, device=args.device,
                             batch_size=args.batch_size, max_length=args.tokens, min_length=args.tokens)
     started = time.perf_counter()
-    captioner = load_blip2(options)
+    captioner = random_captioner(args.random_size, options) if args.random_size else load_blip2(options)
     load_s = time.perf_counter() - started
     device = captioner.device
     if device.type == "cuda":
@@ -59,7 +108,7 @@ def run(model: str, dtype: str, eight_bit: bool, args, images) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     release(captioner)
-    return {"model": model, "device": str(device), "dtype": "int8" if eight_bit else dtype,
+    return {"model": f"random {args.random_size}" if args.random_size else model, "device": str(device), "dtype": "int8" if eight_bit else dtype,
             "batch_size": args.batch_size, "images": len(images), "tokens_per_caption": args.tokens,
             "seconds": round(seconds, 4), "images_per_s": round(len(images) / seconds, 2),
             "load_s": round(load_s, 2), "peak_mem_mb": round(peak, 1),
@@ -70,6 +119,7 @@ def run(model: str, dtype: str, eight_bit: bool, args, images) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="BLIP-2 hub id or folder (default: the tiny random one, built on first use)")
+    p.add_argument("--random-size", choices=sorted(SIZES), help="random weights of these layer sizes instead of --model")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--size", type=int, default=256, help="image side in pixels (the processor resizes anyway)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -183,3 +183,15 @@ def test_training_captions_missing_images_first_and_records_them(tiny_sd15, tiny
     assert tags["sks"] == 3 and tags["hand written"] == 1
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"dataset {data}")]
     assert len(summary) == 1 and "4 captioned" in summary[0] and "result: can train" in summary[0]
+
+
+def test_make_tiny_blip2_variant_loads_with_from_pretrained(tmp_path, capsys):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    assert main(["make-tiny", "--variant", "blip2", str(tmp_path / "blip2")]) == 0
+    processor = Blip2Processor.from_pretrained(tmp_path / "blip2")
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "blip2")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+    assert processor.num_query_tokens == model.config.num_query_tokens == 4
+    assert model.config.image_token_index == image_token < model.config.text_config.vocab_size
+    assert sum(p.numel() for p in model.parameters()) < 500_000
