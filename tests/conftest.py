@@ -35,6 +35,13 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory) -> Path:
+    from lora_trainer.testing.tiny_blip2 import make_blip2
+
+    return make_blip2(tmp_path_factory.mktemp("tiny-blip2") / "model")
+
+
+@pytest.fixture(scope="session")
 def example_data() -> Path:
     return REPO / "datasets" / "example"
 

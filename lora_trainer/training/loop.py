@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..data import ImageCaptionDataset, scan_dataset
+from ..data import ImageCaptionDataset
+from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import load_base, weight_dtype_for
@@ -92,7 +93,8 @@ def _release_accelerate_state() -> None:
 def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     """Train one adapter as `cfg` says and write it to `cfg.output.dir`."""
     _check_environment(cfg)
-    examples = scan_dataset(cfg.data.path)  # bad data stops the run before any model loads
+    # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
+    examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
