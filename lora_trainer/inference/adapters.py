@@ -61,14 +61,19 @@ def adapter_hash(path: str | Path) -> str | None:
 
 @contextlib.contextmanager
 def quiet_diffusers():
+    """Silence diffusers/transformers loading chatter (e.g. a 'missing keys' report for the base
+    weights when an adapter is added to a text encoder, which is expected)."""
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
-    before = dlog.get_verbosity()
+    before = dlog.get_verbosity(), tlog.get_verbosity()
     dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
     try:
         yield
     finally:
-        dlog.set_verbosity(before)
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
 
 
 def _lora_modules(pipe):

@@ -170,6 +170,16 @@ class Generator:
         full = self._hashes[path]
         return full[:12] if full else None
 
+    def _round_trip(self, pipe, image: Image.Image, output_type: str):
+        """Strength 0 (or so few steps that none is left) denoises nothing: the answer is the init
+        image through the VAE, which diffusers' img2img cannot return (it fails on 0 timesteps)."""
+        pixels = pipe.image_processor.preprocess(image).to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        if output_type == "latent":
+            return latents[0] * pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(latents).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
     @torch.no_grad()
     def generate(self, req: Request, output_type: str = "pil") -> list[Generated]:
         """Run `req`: batch_count calls of batch_size images; image k uses seed `req.seed + k`, so
@@ -190,7 +200,9 @@ class Generator:
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             common = dict(num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
                           num_images_per_prompt=req.batch_size, generator=generators)
-            if use_refiner:
+            if job != "txt2img" and int(req.steps * req.strength) == 0:
+                images = [self._round_trip(pipe, kw["image"], output_type)] * req.batch_size
+            elif use_refiner:
                 latents = pipe(**embeds, **kw, **common, denoising_end=req.refiner_start, output_type="latent").images
                 images = self.refiner(**refiner_embeds, **common, image=latents, denoising_start=req.refiner_start,
                                       output_type=output_type).images

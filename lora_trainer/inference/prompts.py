@@ -154,7 +154,9 @@ def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):
         return out.hidden_states[-(clip_skip + 1)], pooled
     if clip_skip <= 1:
         return out.last_hidden_state, pooled
-    return text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip]), pooled
+    # transformers 5 flattens CLIPTextModel (no `.text_model`); older versions nest it.
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_norm(out.hidden_states[-clip_skip]), pooled
 
 
 @dataclass
