@@ -96,8 +96,8 @@ class Chunks:
 
 
 def chunk_tokens(tokenizer, text: str) -> Chunks:
-    """Tokenize the weighted runs and cut them into 75-token windows, each [BOS] + 75 + [EOS],
-    padded with the tokenizer's pad id; a window that fills up breaks after a recent comma."""
+    """Tokenize the weighted runs and cut them into 75-token windows, each [BOS] text [EOS] padded
+    to 77 with the tokenizer's pad id; a window that fills up breaks after a recent comma."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -109,7 +109,10 @@ def chunk_tokens(tokenizer, text: str) -> Chunks:
     def close() -> None:
         nonlocal ids, weights, last_comma
         fill = CHUNK - len(ids)
-        windows.append(([bos, *ids, *[pad] * fill, eos], [1.0, *weights, *[1.0] * fill, 1.0]))
+        # EOS right after the text, then padding: what CLIP was trained on and where its pooled
+        # output is read (A1111 builds [BOS] text [EOS…EOS] and then swaps the extra EOS for the
+        # pad id, which is the same sequence).
+        windows.append(([bos, *ids, eos, *[pad] * fill], [1.0, *weights, 1.0, *[1.0] * fill]))
         ids, weights, last_comma = [], [], -1
 
     for text_run, weight in parse_weights(text):
