@@ -69,7 +69,7 @@ def _outpaint_pixels(text: str) -> tuple[int, int, int, int]:
 def run_infer(args) -> list[Path]:
     """Generate (or sweep) as the flags say; returns the written PNG paths."""
     from ..pnginfo import save_png
-    from .generate import Generator, Request, save_results
+    from .generate import Generator, Request, check_request, save_results
     from .images import extend_canvas
     from .sweep import parse_weights_list, sweep_grid
 
@@ -87,15 +87,16 @@ def run_infer(args) -> list[Path]:
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.75)
     control = read_image(args.control_image, "--control-image") if args.control_image else None
 
-    adapters = [parse_adapter_spec(s) for s in args.lora]
-    gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype))
     request = Request(prompt=args.prompt[0], negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                       batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
                       clip_skip=args.clip_skip, init_image=init, strength=strength, mask=mask,
                       mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
                       control_preprocess=args.control_preprocess, refiner_start=args.refiner_start)
+    check_request(request)  # flag errors before minutes of model loading
+    adapters = [parse_adapter_spec(s) for s in args.lora]
+    gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
+                    dtype=_dtype(args.dtype))
     out = Path(args.out)
     if weights is not None:
         sweep = sweep_grid(gen, args.prompt, weights, args.sweep_adapter, request)

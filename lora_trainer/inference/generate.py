@@ -57,7 +57,8 @@ class Generated:
     info: GenerationInfo
 
 
-def _check(req: Request) -> None:
+def check_request(req: Request) -> None:
+    """One-line errors for values no pipeline can use, naming the CLI flag."""
     check_sampler(req.sampler)
     checks = [
         (req.steps >= 1, "--steps", req.steps, "an integer >= 1"),
@@ -184,7 +185,7 @@ class Generator:
     def generate(self, req: Request, output_type: str = "pil") -> list[Generated]:
         """Run `req`: batch_count calls of batch_size images; image k uses seed `req.seed + k`, so
         any image can be re-made alone from its seed whatever the batch size."""
-        _check(req)
+        check_request(req)
         job = self._job(req)
         pipe = job_pipeline(self.pipe, self.variant, job, self.controlnet)
         pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
