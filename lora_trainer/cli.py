@@ -1,4 +1,5 @@
-"""The `lora-trainer` command: train, infer, caption, check-data, make-tiny. The only place that reads argv or exits."""
+"""The `lora-trainer` command: train, infer, merge, caption, check-data, make-tiny (and the adapter
+and publishing tools). The only place that reads argv or exits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 
 from .errors import LoraTrainerError
+from .inference.command import add_infer_arguments, add_merge_arguments
 
 
 def _train(args) -> int:
@@ -22,15 +24,17 @@ def _train(args) -> int:
 
 
 def _infer(args) -> int:
-    from .inference.generate import GenerateOptions, generate, load_pipeline, parse_adapter_spec
+    from .inference.command import run_infer
 
-    adapters = [parse_adapter_spec(s) for s in args.lora]
-    pipe = load_pipeline(args.model, adapters)
-    opts = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images,
-                           width=args.width, height=args.height, adapters=adapters)
-    for path in generate(pipe, opts, args.out):
+    for path in run_infer(args):
         print(path)
+    return 0
+
+
+def _merge(args) -> int:
+    from .inference.command import run_merge
+
+    print(run_merge(args))
     return 0
 
 
@@ -117,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(p)
     p.set_defaults(func=_infer)
 
+    p = sub.add_parser("merge", help="fuse LoRA adapters into a base model and save it")
+    add_merge_arguments(p)
+    p.set_defaults(func=_merge)
+
     p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files)")
     add_caption_arguments(p)
     p.set_defaults(func=_caption)
@@ -136,20 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=_make_tiny)
     return parser
-
-
-def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base: hub id or diffusers folder")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file, repeatable")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
 
 
 def _setup_logging(verbose: bool) -> None:
