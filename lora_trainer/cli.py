@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(p)
     p.set_defaults(func=_infer)
 
+    from .publish.commands import add_commands as add_publish_commands
+
+    add_publish_commands(sub)  # publish, package
+
     p = sub.add_parser("make-tiny", help="build a randomly initialised pipeline offline")
     p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny) or sd15-full, sdxl-full (real layer sizes)")
     p.add_argument("--seed", type=int, default=0)
