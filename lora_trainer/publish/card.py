@@ -6,6 +6,7 @@ entries point at sample images copied into the repo folder.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -71,14 +72,15 @@ def _weight_section(advice: WeightAdvice, files: CardFiles) -> list[str]:
 def _usage(run: Run, base_model: str, repo_id: str, files: CardFiles, advice: WeightAdvice,
            prompt: str, negative: str) -> list[str]:
     pipeline = PIPELINES[run.variant]
+    adapter_name = re.sub(r"\W", "_", run.name)  # peft adapter names cannot hold dots
     a1111_tag = f"<lora:{files.kohya.removesuffix('.safetensors')}:{advice.default:g}>"
     neg = f", negative_prompt={negative!r}" if negative else ""
     return [
         "## Use it with diffusers", "",
         "```python", "import torch", f"from diffusers import {pipeline}", "",
         f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights("{repo_id}", weight_name="{files.diffusers}", adapter_name="{run.name}")',
-        f'pipe.set_adapters(["{run.name}"], adapter_weights=[{advice.default:g}])',
+        f'pipe.load_lora_weights("{repo_id}", weight_name="{files.diffusers}", adapter_name="{adapter_name}")',
+        f'pipe.set_adapters(["{adapter_name}"], adapter_weights=[{advice.default:g}])',
         f"image = pipe({prompt!r}{neg}, num_inference_steps=30).images[0]",
         'image.save("out.png")', "```", "",
         "## Use it in ComfyUI, AUTOMATIC1111 or Forge", "",
@@ -115,7 +117,8 @@ def _training_details(run: Run, base_model: str) -> list[str]:
         rows.append(("final loss (mean of last 10 steps)", f"{loss:.4f}"))
     lines = ["## Training details", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
-    tags = top_tags(run)
+    # tags seen once are whole unique captions, not what the adapter learned
+    tags = [(tag, n) for tag, n in top_tags(run) if n > 1]
     if tags:
         lines += ["", "Most frequent caption tags: " + ", ".join(f"{_code(tag)} ({n})" for tag, n in tags) + "."]
     lines += ["", "Trained with lora-trainer; the full run config is in `config.yaml`."]

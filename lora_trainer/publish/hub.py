@@ -167,7 +167,7 @@ def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> st
     from huggingface_hub.errors import HfHubHTTPError
 
     check_repo_id(repo_id)
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise PublishError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run")
     token = get_token()
     if not token:
@@ -184,6 +184,9 @@ def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> st
                 403: f"the token may not write to {repo_id.split('/')[0]}; use a token with write access"}.get(status, "")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PublishError(f"--hub {repo_id}: upload failed with HTTP {status} ({first}){'; ' + hint if hint else ''}") from None
+    except ValueError as exc:  # huggingface_hub's report of card metadata the Hub refused
+        raise PublishError(f"--hub {repo_id}: the Hub refused README.md's metadata "
+                           f"({' '.join(str(exc).split())}); fix the card in {folder}") from None
     except Exception as exc:  # network errors come from several libraries (httpx, hf_xet, ssl)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PublishError(f"--hub {repo_id}: cannot reach {api.endpoint} ({first})") from None

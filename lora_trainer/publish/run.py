@@ -78,8 +78,11 @@ def read_png_parameters(path: Path) -> str:
 def _split_parameters(text: str) -> tuple[str, str]:
     """(prompt without <lora:> tags, negative prompt) of an A1111 `parameters` text."""
     lines = text.splitlines()
-    prompt = _LORA_TAG.sub("", lines[0]).strip() if lines else ""
-    negative = next((ln[len("Negative prompt:"):].strip() for ln in lines[1:] if ln.startswith("Negative prompt:")), "")
+    if lines and "Steps: " in lines[-1]:  # the settings line closes the text; prompts may span lines
+        lines = lines[:-1]
+    cut = next((i for i, ln in enumerate(lines) if ln.startswith("Negative prompt:")), len(lines))
+    prompt = _LORA_TAG.sub("", "\n".join(lines[:cut])).strip()
+    negative = "\n".join(lines[cut:])[len("Negative prompt:"):].strip() if cut < len(lines) else ""
     return prompt, negative
 
 
