@@ -149,13 +149,14 @@ def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path,
     assert (out / "README.md").read_text().startswith("---\n")
 
 
-def test_sweep_grid_sets_the_recommended_weight_range(trained, tmp_path, fake_token):
+def test_sweep_grid_sets_the_weight_range_and_the_loss_curve_is_shown(trained, tmp_path, fake_token):
     from PIL.PngImagePlugin import PngInfo
 
     run = _copy_run(trained, tmp_path / "run")
     info = PngInfo()
     info.add_text("parameters", "geoshape, a red circle\nSteps: 10, Seed: 0, Sweep: 0, 0.25, 0.5, 0.75, 1.25")
     Image.new("RGB", (64, 32)).save(run / "samples" / "sweep.png", pnginfo=info)
+    Image.new("RGB", (32, 32), "white").save(run / "loss.png")
     out = tmp_path / "repo"
     assert _publish_dry(run, out) == 0
     assert json.loads((out / "prompts.json").read_text())["weight"] == {
@@ -163,6 +164,7 @@ def test_sweep_grid_sets_the_recommended_weight_range(trained, tmp_path, fake_to
     card = (out / "README.md").read_text()
     assert "**0.25 – 1.25**" in card and "![weight sweep](images/sweep.png)" in card
     assert (out / "images" / "sweep.png").is_file()
+    assert "![training loss](images/loss.png)" in card and (out / "images" / "loss.png").is_file()
 
 
 # ---- upload, against a local stand-in for the Hub API ------------------------------------------

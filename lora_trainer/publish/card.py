@@ -25,6 +25,7 @@ class CardFiles:
     diffusers: str
     images: list[str]  # one per run sample, same order
     sweep: str | None = None
+    loss: str | None = None  # the run's loss curve
 
 
 def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> dict:
@@ -92,7 +93,7 @@ def _usage(run: Run, base_model: str, repo_id: str, files: CardFiles, advice: We
     ]
 
 
-def _training_details(run: Run, base_model: str) -> list[str]:
+def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
     cfg, t = run.cfg, run.cfg.train
     images = dataset_size(run)
     loss = final_loss(run)
@@ -121,6 +122,8 @@ def _training_details(run: Run, base_model: str) -> list[str]:
     tags = [(tag, n) for tag, n in top_tags(run) if n > 1]
     if tags:
         lines += ["", "Most frequent caption tags: " + ", ".join(f"{_code(tag)} ({n})" for tag, n in tags) + "."]
+    if files.loss:
+        lines += ["", f"![training loss]({files.loss})"]
     lines += ["", "Trained with lora-trainer; the full run config is in `config.yaml`."]
     return lines
 
@@ -169,6 +172,6 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
         lines.append("| `images/` | sample images; generation settings are in each PNG's `parameters` text |")
     lines.append("")
     lines += _usage(run, base_model, repo_id, files, advice, prompts[0], negative) + [""]
-    lines += _training_details(run, base_model) + [""]
+    lines += _training_details(run, base_model, files) + [""]
     lines += _limitations(run, advice)
     return "\n".join(lines) + "\n"

@@ -118,7 +118,11 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
     if advice.grid is not None:
         sweep = "images/sweep.png"
         shutil.copyfile(advice.grid, folder / sweep)
-    files = CardFiles(kohya=kohya_name, diffusers=DIFFUSERS_NAME, images=images, sweep=sweep)
+    loss = None
+    if (run.dir / "loss.png").is_file():  # the loss curve training draws at the end
+        loss = "images/loss.png"
+        shutil.copyfile(run.dir / "loss.png", folder / loss)
+    files = CardFiles(kohya=kohya_name, diffusers=DIFFUSERS_NAME, images=images, sweep=sweep, loss=loss)
     license = opts.license or BASE_LICENSES[run.variant]
     write_text_atomic(folder / "README.md", model_card(run, opts.repo_id, base_model, license, files, advice,
                                                       opts.description))
