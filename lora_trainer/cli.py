@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.set_defaults(func=_check_data)
 
+    from .publish.commands import add_commands as add_publish_commands
+
+    add_publish_commands(sub)  # publish, package
+
     p = sub.add_parser("make-tiny", help="build a randomly initialised pipeline offline")
     p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny), sd15-full, sdxl-full (real layer sizes) or blip2 (tiny captioner)")
     p.add_argument("--seed", type=int, default=0)
