@@ -294,7 +294,8 @@ def test_bad_publish_inputs_are_one_line_errors(trained, tmp_path, fake_token, c
 
 def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained, tiny_sd15, tmp_path, fake_token):
     from lora_trainer.export.layouts import kohya_to_peft
-    from lora_trainer.inference.generate import AdapterSpec, load_pipeline
+    from lora_trainer.inference.adapters import AdapterSpec
+    from lora_trainer.inference.generate import Generator
 
     out = tmp_path / "geoshape.zip"
     assert main(["package", str(trained.output_dir), "--civitai", str(out)]) == 0
@@ -322,11 +323,12 @@ def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained
     assert metadata["ss_sd_model_name"] == Path(tiny_sd15).name  # the local path is not published
 
     # the file loads with our inference module, every module with the trained values (to fp16)
-    pipe = load_pipeline(str(tiny_sd15), [AdapterSpec(root / name, 1.0)])
+    generator = Generator(tiny_sd15, [AdapterSpec(root / name, 1.0)], device="cpu", dtype=torch.float32)
+    pipe, [adapter] = generator.pipe, list(generator.adapters.specs)
     states, _ = kohya_to_peft(safetensors.torch.load_file(trained.adapter_paths[0]))
     for key, want in states["unet"].items():
         module, part = key.rsplit(".lora_", 1)
-        layer = getattr(pipe.unet.get_submodule(module), f"lora_{part.split('.')[0]}")["lora0"]
+        layer = getattr(pipe.unet.get_submodule(module), f"lora_{part.split('.')[0]}")[adapter]
         torch.testing.assert_close(layer.weight, want.to(torch.float16).float(), rtol=0, atol=0)
 
 
