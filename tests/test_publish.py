@@ -150,12 +150,12 @@ def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path,
 
 
 def test_sweep_grid_sets_the_weight_range_and_the_loss_curve_is_shown(trained, tmp_path, fake_token):
-    from PIL.PngImagePlugin import PngInfo
+    from lora_trainer.pnginfo import GenerationInfo, save_png
 
     run = _copy_run(trained, tmp_path / "run")
-    info = PngInfo()
-    info.add_text("parameters", "geoshape, a red circle\nSteps: 10, Seed: 0, Sweep: 0, 0.25, 0.5, 0.75, 1.25")
-    Image.new("RGB", (64, 32)).save(run / "samples" / "sweep.png", pnginfo=info)
+    # The parameters text exactly as the inference sweep writes it.
+    info = GenerationInfo(prompt="geoshape, a red circle", steps=10, extra={"Sweep": "example-lora: 0,0.25,0.5,0.75,1.25"})
+    save_png(Image.new("RGB", (64, 32)), run / "samples" / "sweep.png", info)
     Image.new("RGB", (32, 32), "white").save(run / "loss.png")
     out = tmp_path / "repo"
     assert _publish_dry(run, out) == 0

@@ -28,9 +28,10 @@ BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 # Without a sweep, the range most style/character LoRAs are used at; shown as a default, not a measurement.
 DEFAULT_WEIGHTS = (0.6, 1.0, 0.8)
 _LORA_TAG = re.compile(r"\s*<lora:[^>]*>")
-# How a sweep grid's weights are written in its `parameters` chunk: ours ("Sweep: 0, 0.5, 1") or
-# A1111's X/Y/Z plot ("X Values: ...").
-_SWEEP_VALUES = re.compile(r'(?:Sweep(?: weights)?|[XYZ] Values):\s*"?([-0-9.,\s]+)"?')
+# How a sweep grid's weights are written in its `parameters` chunk: ours, as the inference sweep
+# writes it ('Sweep: "my-lora: 0,0.5,1"', the adapter's name optional) or A1111's X/Y/Z plot
+# ("X Values: ...").
+_SWEEP_VALUES = re.compile(r'(?:Sweep(?: weights)?|[XYZ] Values):\s*"?(?:[^":,\n]+:\s*)?([-0-9.,\s]+)"?')
 
 
 @dataclass
