@@ -149,7 +149,7 @@ def detect_base(keys: list[str], metadata: Mapping[str, str], paths: Mapping[str
     if not paths.get("unet"):
         return "sd15", "text encoder only, one encoder"
     raise ModelError("cannot tell whether the adapter is for SD 1.x or SDXL from its keys or metadata; "
-                     "pass --base sd15 or --base sdxl")
+                     "pass --variant sd15 or --variant sdxl")
 
 
 # --- reading -------------------------------------------------------------------------------------
