@@ -42,6 +42,13 @@ def text_encoders(pipe) -> dict:
     return {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
 
 
+def layer(pipe, component: str, path: str) -> torch.nn.Module:
+    """The frozen layer at `path` (file spelling), unwrapped from peft if adapted."""
+    modules = dict(getattr(pipe, component).named_modules())
+    found = modules.get(path) or modules[path.removeprefix("text_model.")]  # transformers 5 drops text_model
+    return found.get_base_layer() if hasattr(found, "get_base_layer") else found
+
+
 def outputs(pipe, x: SimpleNamespace) -> dict[str, torch.Tensor]:
     """UNet noise prediction and each text encoder's last hidden state on fixed inputs."""
     with torch.no_grad():

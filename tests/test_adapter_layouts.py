@@ -9,7 +9,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from locon_helpers import ALPHA, RANK, adapted, assert_outputs_close, load_pipeline, outputs, text_encoders
+from locon_helpers import ALPHA, RANK, adapted, assert_outputs_close, layer, load_pipeline, outputs, text_encoders
 
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
@@ -111,13 +111,6 @@ HAND = {
 }
 
 
-def _layer(pipe, component: str, path: str) -> torch.nn.Module:
-    model = getattr(pipe, component)
-    modules = dict(model.named_modules())
-    layer = modules.get(path) or modules[path.removeprefix("text_model.")]  # transformers 5 drops text_model
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-
-
 @pytest.mark.parametrize("variant", ["sd15", "sdxl"])
 def test_hand_written_kohya_locon_file_applies_to_the_right_modules(variant, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{variant}")
@@ -125,7 +118,7 @@ def test_hand_written_kohya_locon_file_applies_to_the_right_modules(variant, req
     g = torch.Generator().manual_seed(3)
     tensors, expected = {}, {}
     for name, component, path, rank in HAND[variant]:
-        weight = _layer(pipe, component, path).weight.detach().clone()
+        weight = layer(pipe, component, path).weight.detach().clone()
         d_out, d_in = weight.shape[:2]
         kernel = weight.shape[2:]  # () for linear layers; up is 1x1 for convs
         down = torch.randn(rank, d_in, *kernel, generator=g)
@@ -143,13 +136,13 @@ def test_hand_written_kohya_locon_file_applies_to_the_right_modules(variant, req
     for component, p, module in adapter.items():
         torch.testing.assert_close(module.delta(), expected[(component, p)][1])
 
-    untouched = _layer(pipe, "unet", "down_blocks.1.resnets.0.conv2").weight.detach().clone()
+    untouched = layer(pipe, "unet", "down_blocks.1.resnets.0.conv2").weight.detach().clone()
     pipe.load_lora_weights(str(path), adapter_name="hand")  # ... and so does diffusers
     pipe.fuse_lora(components=["unet", *text_encoders(pipe)], lora_scale=0.5, adapter_names=["hand"])
     for (component, p), (weight, delta) in expected.items():
-        torch.testing.assert_close(_layer(pipe, component, p).weight.detach(), weight + 0.5 * delta,
+        torch.testing.assert_close(layer(pipe, component, p).weight.detach(), weight + 0.5 * delta,
                                    rtol=1e-5, atol=1e-5, msg=f"{component}.{p}")
-    assert torch.equal(_layer(pipe, "unet", "down_blocks.1.resnets.0.conv2").weight, untouched)
+    assert torch.equal(layer(pipe, "unet", "down_blocks.1.resnets.0.conv2").weight, untouched)
 
 
 def _save_raw(path, tensors, metadata=None):
