@@ -37,8 +37,8 @@ def random_adapter(pipe, variant: str, rank: int, alpha: float, seed: int, unet_
     modules = {}
     components = {"unet": unet_targets, **{name: te_targets for name in text_encoders(pipe)}}
     for component, targets in components.items():
-        for path, layer in _layers(pipe, component, targets).items():
-            w = layer.weight
+        for path, linear_or_conv in _layers(pipe, component, targets).items():
+            w = linear_or_conv.weight
             kernel = tuple(w.shape[2:])
             spread = torch.logspace(0, -1.5 * float(torch.rand(1, generator=g)), rank)[:, None]
             down = (torch.randn(rank, w.shape[1] * (kernel[0] * kernel[1] if kernel else 1), generator=g) * spread)

@@ -213,17 +213,18 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
                     for key in sorted(state) if key.endswith(".lora_A.weight")}
         for component, state in states.items()
     }
-    for component, path_, module in Adapter(modules, "sd15").items():
-        if module.up.shape[1] != module.rank or module.up.ndim != module.down.ndim:
-            raise ModelError(f"{path}: {component}.{path_} has down {tuple(module.down.shape)} and up "
-                             f"{tuple(module.up.shape)}, which do not multiply")
+    for component, mods in modules.items():
+        for name, module in mods.items():
+            if module.up.shape[1] != module.rank or module.up.ndim != module.down.ndim:
+                raise ModelError(f"{path}: {component}.{name} has down {tuple(module.down.shape)} and up "
+                                 f"{tuple(module.up.shape)}, which do not multiply")
     if base is not None:
         if base not in BASES:
             raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")
         reason = "given"
     else:
         paths = {c: set(m) for c, m in modules.items()}
-        shapes = {p: m.down.shape[1] for _, p, m in Adapter(modules, "sd15").items()}
+        shapes = {p: m.down.shape[1] for mods in modules.values() for p, m in mods.items()}
         try:
             base, reason = detect_base(list(tensors), metadata, paths, shapes)
         except ModelError as exc:

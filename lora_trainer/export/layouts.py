@@ -8,7 +8,6 @@ No key is ever dropped: anything that does not fit a layout is reported by name.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Mapping, NoReturn
 
 import torch

@@ -18,7 +18,7 @@ import torch
 from ..errors import ModelError
 from .adapter import Adapter, LoraModule, module_from_product
 from .lowrank import FitReport, choose_rank, fit, svd_of_product, truncated_factors
-from .metadata import kohya_metadata
+from .metadata import ARCHITECTURES, kohya_metadata
 
 _VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
@@ -85,7 +85,10 @@ def merge_adapters(inputs: Sequence[tuple[Adapter, float]], rank: int | None = N
     base = bases.pop()
     how = "exactly (ranks concatenated)" if rank is None else f"by SVD to rank {rank}"
     sources = ", ".join(f"{Path(n).name}:{w:g}" for n, (_, w) in zip(names, inputs))
-    metadata = kohya_metadata(rank=int(alpha), alpha=alpha, base_model_version=_VERSIONS[base],
+    # Keep an SD 2.x input's version: its keys look like SD 1.x's.
+    version = inputs[0][0].metadata.get("ss_base_model_version")
+    version = version if version in ARCHITECTURES and (version.startswith("sdxl") == (base == "sdxl")) else _VERSIONS[base]
+    metadata = kohya_metadata(rank=int(alpha), alpha=alpha, base_model_version=version,
                               training_comment=f"merged {how} from {sources}")
     if len(ranks) > 1:
         metadata["ss_network_dim"] = "Dynamic"
