@@ -31,6 +31,16 @@ CASES = {
     "full-bf16": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16"]),
     "full-bf16-nocache": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16",
                                         "train.cache_latents=false"]),
+    # GPU cases: fp16 needs CUDA; 512 px batch 4 is a realistic SD1.5 run.
+    "tiny-fp16": ("sd15", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=fp16"]),
+    "full-fp16": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=fp16"]),
+    "full512-fp32": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=no"]),
+    "full512-bf16": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=bf16"]),
+    "full512-fp16": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=fp16"]),
+    "full512-bf16-gc": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=bf16",
+                                      "train.gradient_checkpointing=true"]),
+    "full512-bf16-nocache": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=bf16",
+                                           "train.cache_latents=false"]),
 }
 
 

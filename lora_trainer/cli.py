@@ -1,4 +1,5 @@
-"""The `lora-trainer` command: train, infer, make-tiny. The only place that reads argv or exits."""
+"""The `lora-trainer` command: train, infer, merge, caption, check-data, make-tiny (and the adapter
+and publishing tools). The only place that reads argv or exits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 
 from .errors import LoraTrainerError
+from .inference.command import add_infer_arguments, add_merge_arguments
 
 
 def _train(args) -> int:
@@ -22,15 +24,17 @@ def _train(args) -> int:
 
 
 def _infer(args) -> int:
-    from .inference.generate import GenerateOptions, generate, load_pipeline, parse_adapter_spec
+    from .inference.command import run_infer
 
-    adapters = [parse_adapter_spec(s) for s in args.lora]
-    pipe = load_pipeline(args.model, adapters)
-    opts = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images,
-                           width=args.width, height=args.height, adapters=adapters)
-    for path in generate(pipe, opts, args.out):
+    for path in run_infer(args):
         print(path)
+    return 0
+
+
+def _merge(args) -> int:
+    from .inference.command import run_merge
+
+    print(run_merge(args))
     return 0
 
 
@@ -39,6 +43,67 @@ def _make_tiny(args) -> int:
 
     print(make_tiny_model(args.variant, args.out_dir, seed=args.seed))
     return 0
+
+
+def _caption(args) -> int:
+    from .config import CaptionConfig, check_caption_config
+    from .data.captioning import caption_folder, format_caption_table
+    from .errors import ConfigError
+
+    options = CaptionConfig(method="blip2", **{k: v for k, v in vars(args).items() if k in CAPTION_FLAGS})
+    errors: list[str] = []
+    check_caption_config(options, errors, key=lambda name: "--" + name.replace("_", "-"))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    results = caption_folder(args.dir, options, show_progress=not args.quiet)
+    print(format_caption_table(args.dir, results))
+    return 0
+
+
+def _check_data(args) -> int:
+    import json
+
+    from .data.checks import check_dataset, load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer(args.model) if args.model else load_clip_tokenizer(DEFAULT_TOKENIZER_SOURCE)
+    report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+    # 1 = the set cannot train (or has warnings, with --strict); 2 stays for usage/config errors.
+    return 1 if not report.can_train or (args.strict and report.warnings) else 0
+
+
+# Counts caption tokens exactly when this tokenizer is already in the local HF cache.
+DEFAULT_TOKENIZER_SOURCE = "openai/clip-vit-large-patch14"
+CAPTION_FLAGS = ("model", "prefix", "suffix", "overwrite", "batch_size", "prompt", "keep_prompt", "max_length",
+                 "min_length", "num_beams", "do_sample", "top_p", "temperature", "repetition_penalty", "dtype",
+                 "load_in_8bit", "device", "seed")
+
+
+def add_caption_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import CaptionConfig
+
+    d = CaptionConfig()
+    p.add_argument("dir", help="folder of images; a .txt caption is written beside each image that has none")
+    p.add_argument("--model", default=d.model, help="BLIP-2 hub id or folder (default %(default)s)")
+    p.add_argument("--prefix", default="", help='written before each new caption, e.g. "sks dog, "')
+    p.add_argument("--suffix", default="", help="written after each new caption")
+    p.add_argument("--overwrite", action="store_true", help="re-caption images that have a .txt (old one kept as .txt.bak)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the caption with the prompt (--no-keep-prompt for question prompts)")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="most new tokens per caption")
+    p.add_argument("--min-length", type=int, default=d.min_length, help="fewest new tokens per caption")
+    p.add_argument("--num-beams", type=int, default=d.num_beams, help="beam search when > 1")
+    p.add_argument("--do-sample", action="store_true", help="nucleus sampling (seeded) instead of greedy/beams")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes (CUDA)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(p)
     p.set_defaults(func=_infer)
 
+    p = sub.add_parser("merge", help="fuse LoRA adapters into a base model and save it")
+    add_merge_arguments(p)
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files)")
+    add_caption_arguments(p)
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("check-data", help="report problems in a dataset folder; exit 1 when it cannot train")
+    p.add_argument("dir")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution: smaller images are flagged")
+    p.add_argument("--model", help="base model whose tokenizer counts caption tokens (else an estimate)")
+    p.add_argument("--prefix", default="", help="data.caption_prefix: counts towards caption length and tags")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.set_defaults(func=_check_data)
+
+    from .publish.commands import add_commands as add_publish_commands
+
+    add_publish_commands(sub)  # publish, package
+
     p = sub.add_parser("make-tiny", help="build a randomly initialised pipeline offline")
-    p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny) or sd15-full, sdxl-full (real layer sizes)")
+    p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny), sd15-full, sdxl-full (real layer sizes) or blip2 (tiny captioner)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out_dir")
     p.set_defaults(func=_make_tiny)
@@ -66,20 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_adapter_commands(sub)  # convert, inspect, resize, merge-loras, extract
     return parser
-
-
-def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base: hub id or diffusers folder")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file, repeatable")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -31,6 +31,33 @@ class ModelConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """Captions generated for images that have none (BLIP-2), written as sidecar .txt files."""
+
+    method: Literal["none", "blip2"] = "none"  # none: images without a caption train on the empty one
+    model: str = "Salesforce/blip2-opt-2.7b"  # hub id or folder with a BLIP-2 model and processor
+    # Written into each generated file (so they show and can be edited there); hand-written captions
+    # are left alone. data.caption_prefix, by contrast, is added at training time to every caption.
+    prefix: str = ""  # e.g. a trigger "sks dog, "
+    suffix: str = ""  # e.g. ", in the style of mystyle"
+    overwrite: bool = False  # re-caption images that have a .txt (kept as .txt.bak); metadata.jsonl is never touched
+    batch_size: int = 8
+    prompt: str = ""  # text the caption continues, e.g. "a photo of", or "Question: ... Answer:"
+    keep_prompt: bool = True  # start the caption with the prompt; false for question prompts
+    max_length: int = 40  # most new tokens per caption
+    min_length: int = 5  # fewest new tokens (stops empty captions)
+    num_beams: int = 1  # beam search when > 1
+    do_sample: bool = False  # nucleus sampling instead of greedy/beam search
+    top_p: float = 0.9  # with do_sample
+    temperature: float = 1.0  # with do_sample
+    repetition_penalty: float = 1.0  # > 1 discourages "a dog dog dog"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    load_in_8bit: bool = False  # bitsandbytes 8-bit weights (CUDA only): the 2.7b model in ~4 GB
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # same seed, images and batch size: same captions
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # folder of images with .txt sidecars or metadata.jsonl
     resolution: int = 512  # training side in pixels (multiple of 8)
@@ -40,6 +67,7 @@ class DataConfig:
     caption_prefix: str = ""  # prepended to every caption, e.g. a trigger word "sks, "
     caption_dropout: float = 0.0  # probability of training on the empty caption
     num_workers: int = 0  # DataLoader workers
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # captioning of uncaptioned images
 
 
 @dataclass
@@ -239,6 +267,11 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
+    check_caption_config(cfg.data.caption, errors)
+    trigger = cfg.data.caption_prefix.strip().rstrip(",").strip()
+    if cfg.data.caption.method != "none" and trigger and trigger in cfg.data.caption.prefix:
+        errors.append(f"data.caption.prefix: got {cfg.data.caption.prefix!r}, which repeats data.caption_prefix "
+                      f"{cfg.data.caption_prefix!r} (added to every caption at training time); set only one of them")
     need(cfg.lora.rank >= 1, "lora.rank", cfg.lora.rank, "an integer >= 1 (typically 4 to 128)")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
@@ -267,6 +300,24 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             "dreambooth.class_prompt: prior preservation (class_prompt, class_data, num_class_images) "
             "is not supported by this version; remove those keys"
         )
+
+
+def check_caption_config(c: CaptionConfig, errors: list[str],
+                         key: typing.Callable[[str], str] = lambda name: f"data.caption.{name}") -> None:
+    """Range checks for caption options; `key` names a field as the user wrote it (config key or flag)."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            errors.append(f"{key(name)}: got {getattr(c, name)!r}; expected {allowed}")
+
+    need(bool(c.model.strip()), "model", "a hub id or a folder with a BLIP-2 model")
+    need(c.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(c.max_length >= 1, "max_length", "an integer >= 1 (new tokens per caption)")
+    need(0 <= c.min_length <= c.max_length, "min_length", f"an integer in [0, max_length={c.max_length}]")
+    need(c.num_beams >= 1, "num_beams", "an integer >= 1")
+    need(0.0 < c.top_p <= 1.0, "top_p", "a number in (0, 1]")
+    need(c.temperature > 0, "temperature", "a number > 0")
+    need(c.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

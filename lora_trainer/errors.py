@@ -15,3 +15,7 @@ class DataError(LoraTrainerError):
 
 class ModelError(LoraTrainerError):
     """The base model or an adapter file cannot be loaded."""
+
+
+class PublishError(LoraTrainerError):
+    """A run folder cannot be published or packaged as asked (missing files, bad repo id, upload refused)."""

@@ -3,11 +3,14 @@ A1111, CivitAI and most image browsers read back."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_path
+
+LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+]?[\d.]+)>")
 
 
 @dataclass
@@ -24,6 +27,8 @@ class GenerationInfo:
     model_hash: str | None = None  # first 10 hex of the SHA-256 of the model file, as A1111 shows
     # (name, weight, short hash or None) for each adapter
     adapters: list[tuple[str, float, str | None]] = field(default_factory=list)
+    denoising_strength: float | None = None  # img2img / inpainting
+    clip_skip: int = 1  # A1111 numbering: 1 = last layer (written only when > 1, as A1111 does)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,12 +60,55 @@ def a1111_parameters(info: GenerationInfo) -> str:
         settings["Model hash"] = info.model_hash
     if info.model_name:
         settings["Model"] = info.model_name
+    if info.denoising_strength is not None:
+        settings["Denoising strength"] = f"{info.denoising_strength:g}"
+    if info.clip_skip > 1:
+        settings["Clip skip"] = info.clip_skip
     hashes = [f"{name}: {h}" for name, _, h in info.adapters if h]
     if hashes:
         settings["Lora hashes"] = f'"{", ".join(hashes)}"'
     settings.update(info.extra)
     lines.append(", ".join(f"{k}: {v if k == 'Lora hashes' else _quote(str(v))}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+def _split_settings(line: str) -> dict[str, str]:
+    """'Key: value, Key: "quoted, value", ...' → {key: value}."""
+    out = {}
+    for m in re.finditer(r'\s*([^:,]+):\s*("(?:\\.|[^"\\])*"|[^,]*)\s*(?:,|$)', line):
+        value = m.group(2).strip()
+        out[m.group(1).strip()] = value[1:-1] if value.startswith('"') and value.endswith('"') else value
+    return out
+
+
+def parse_a1111_parameters(text: str) -> GenerationInfo:
+    """Read a `parameters` text (ours or A1111's) back into a GenerationInfo; unknown settings go to
+    `extra`, `<lora:name:weight>` tags in the prompt become `adapters` (hashes from 'Lora hashes')."""
+    lines = text.strip().split("\n")
+    settings = _split_settings(lines[-1]) if len(lines) > 1 and "Steps:" in lines[-1] else {}
+    body = lines[:-1] if settings else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    prompt = "\n".join(prompt_lines)
+    hashes = dict(part.split(": ", 1) for part in settings.pop("Lora hashes", "").split(", ") if ": " in part)
+    adapters = [(name, float(weight), hashes.get(name)) for name, weight in LORA_TAG.findall(prompt)]
+    prompt = LORA_TAG.sub("", prompt).strip()
+    width, _, height = settings.pop("Size", "512x512").partition("x")
+    info = GenerationInfo(
+        prompt=prompt, negative_prompt="\n".join(negative_lines), steps=int(settings.pop("Steps", 20)),
+        sampler=settings.pop("Sampler", ""), cfg_scale=float(settings.pop("CFG scale", 7.0)),
+        seed=int(settings.pop("Seed", 0)), width=int(width), height=int(height),
+        model_name=settings.pop("Model", None), model_hash=settings.pop("Model hash", None), adapters=adapters,
+    )
+    if "Denoising strength" in settings:
+        info.denoising_strength = float(settings.pop("Denoising strength"))
+    info.clip_skip = int(settings.pop("Clip skip", 1))
+    info.extra = settings
+    return info
 
 
 def save_png(image, path: str | Path, info: GenerationInfo | None = None) -> Path:

@@ -35,6 +35,13 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory) -> Path:
+    from lora_trainer.testing.tiny_blip2 import make_blip2
+
+    return make_blip2(tmp_path_factory.mktemp("tiny-blip2") / "model")
+
+
+@pytest.fixture(scope="session")
 def example_data() -> Path:
     return REPO / "datasets" / "example"
 
@@ -55,3 +62,25 @@ def trained(tiny_sd15, example_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     cfg = run_config(tiny_sd15, example_data, out, "output.dtype=fp32", "output.format=both")
     return train(cfg, show_progress=False)
+
+
+# --- inference extras (adapters with ΔW ≠ 0, ControlNet, SDXL refiner), built once per session ---
+@pytest.fixture(scope="session")
+def random_adapters(tiny_sd15, tmp_path_factory) -> dict[str, Path]:
+    """'a': kohya layout, UNet + text encoder, rank 4 alpha 2; 'b': diffusers layout, UNet only,
+    rank 2 alpha 4. Different ranks/alphas so a wrong scale cannot hide."""
+    from lora_trainer.testing.inference_models import make_random_adapter
+
+    out = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_random_adapter(tiny_sd15, out / "a.safetensors", layout="kohya", rank=4, alpha=2.0, seed=1),
+        "b": make_random_adapter(tiny_sd15, out / "b.safetensors", layout="diffusers", rank=2, alpha=4.0, seed=2,
+                                 text_encoder=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_sd15, tmp_path_factory) -> Path:
+    from lora_trainer.testing.inference_models import make_controlnet
+
+    return make_controlnet(tiny_sd15, tmp_path_factory.mktemp("controlnet") / "model")

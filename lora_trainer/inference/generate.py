@@ -1,113 +1,248 @@
-"""Minimal inference: a base model plus LoRA adapters at given weights, txt2img to PNG files."""
+"""The Python API the CLI is a thin layer over: a base with stacked adapters, then txt2img,
+img2img, inpainting, outpainting and ControlNet, each image with its A1111 parameters.
+
+    gen = Generator("runwayml/stable-diffusion-v1-5", loras=["style.safetensors:0.8"])
+    for result in gen.txt2img("a harbour at dawn, (mystyle:1.2)", seed=1, batch_size=4):
+        result.image.show()
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
+from .adapters import AdapterSpec, AdapterStack, adapter_hash, parse_adapter_spec
+from .images import extend_canvas, paste_outside_mask, preprocess_control
+from .pipelines import default_device_dtype, encoders_of, job_pipeline, load_base, load_controlnet, load_refiner
+from .prompts import encode_pair
+from .schedulers import a1111_name, check_sampler, make_scheduler
 
-# A1111's names for diffusers' schedulers, so PNG info reads as users expect.
-SAMPLER_NAMES = {"DPMSolverMultistepScheduler": "DPM++ 2M", "EulerDiscreteScheduler": "Euler",
-                 "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS"}
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterSpec:
-    path: Path
-    weight: float = 1.0
-
-
-def parse_adapter_spec(spec: str) -> AdapterSpec:
-    """'FILE' or 'FILE:WEIGHT' (the weight is the part after the last colon, when it is a number)."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return AdapterSpec(Path(path), float(weight))
-        except ValueError:
-            pass
-    return AdapterSpec(Path(spec), 1.0)
+__all__ = ["AdapterSpec", "Generated", "Generator", "Request", "parse_adapter_spec"]
 
 
 @dataclass
-class GenerateOptions:
+class Request:
+    """Everything that describes one generation job (defaults as in A1111 where it has them)."""
+
     prompt: str
     negative_prompt: str = ""
     steps: int = 25
     guidance_scale: float = 7.5
     seed: int = 0
-    num_images: int = 1
+    batch_size: int = 1  # images per pipeline call
+    batch_count: int = 1  # calls; image k of the whole run has seed `seed + k`
     width: int | None = None
     height: int | None = None
-    adapters: list[AdapterSpec] = field(default_factory=list)
+    sampler: str = "dpm++_2m"
+    clip_skip: int = 1  # A1111 numbering: 1 = the last CLIP layer, 2 = the one before
+    init_image: Image.Image | None = None  # img2img / inpainting source
+    strength: float = 0.75  # how much of the init image is re-noised (0 keeps it, 1 ignores it)
+    mask: Image.Image | None = None  # white = repaint
+    mask_blur: int = 4  # softens the seam where repainted pixels meet kept ones
+    control_image: Image.Image | None = None
+    control_scale: float = 1.0
+    control_preprocess: str = "none"  # or "canny"
+    refiner_start: float = 0.8  # fraction of the steps the base does when a refiner is loaded
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as dlog
-
-    before = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(before)
+@dataclass
+class Generated:
+    image: Any  # PIL image, or a latent tensor with output_type="latent"
+    info: GenerationInfo
 
 
-def load_pipeline(base: str, adapters: list[AdapterSpec], dtype: torch.dtype = torch.float32):
-    """The base pipeline with each adapter loaded under its own name and set to its weight."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    if not Path(base).exists() and base.count("/") != 1:
-        raise ModelError(f"--model: {base!r} is neither a folder nor a hub id like 'runwayml/stable-diffusion-v1-5'")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"--model: cannot load {base!r}: {str(exc).strip().splitlines()[0]}") from None
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    names, weights = [], []
-    for i, spec in enumerate(adapters):
-        if not spec.path.is_file():
-            raise ConfigError(f"--lora: {spec.path}: file not found")
-        name = f"lora{i}"
-        try:
-            with _quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
-                pipe.load_lora_weights(str(spec.path), adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter ({str(exc).strip().splitlines()[0]})") from None
-        names.append(name)
-        weights.append(spec.weight)
-    if names:
-        pipe.set_adapters(names, adapter_weights=weights)
-    return pipe
+def check_request(req: Request) -> None:
+    """One-line errors for values no pipeline can use, naming the CLI flag."""
+    check_sampler(req.sampler)
+    checks = [
+        (req.steps >= 1, "--steps", req.steps, "an integer >= 1"),
+        (req.batch_size >= 1, "--batch-size", req.batch_size, "an integer >= 1"),
+        (req.batch_count >= 1, "--num-images", req.batch_count, "an integer >= 1"),
+        (0 <= req.strength <= 1, "--strength", req.strength, "a number from 0 to 1"),
+        (req.clip_skip >= 1, "--clip-skip", req.clip_skip, "1 (no skip) or more"),
+        (0 < req.refiner_start < 1, "--refiner-start", req.refiner_start, "a number between 0 and 1"),
+    ]
+    for size, flag in ((req.width, "--width"), (req.height, "--height")):
+        checks.append((size is None or (size > 0 and size % 8 == 0), flag, size, "a positive multiple of 8"))
+    for ok, flag, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{flag}: {value!r} is not allowed; give {allowed}")
+    if req.mask is not None and req.init_image is None:
+        raise ConfigError("--mask needs --init-image (the picture to inpaint)")
 
 
-def generate(pipe, opts: GenerateOptions, out_dir: str | Path) -> list[Path]:
-    """Render `opts.num_images` images with seeds seed, seed+1, ...; write OUT/NNNNN-SEED.png."""
-    out_dir = Path(out_dir)
-    pipe.set_progress_bar_config(disable=True)
-    paths = []
-    for k in range(opts.num_images):
-        seed = opts.seed + k
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.no_grad():
-            image = pipe(opts.prompt, negative_prompt=opts.negative_prompt or None,
-                         num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
-                         width=opts.width, height=opts.height, generator=generator).images[0]
-        info = GenerationInfo(
-            prompt=opts.prompt, negative_prompt=opts.negative_prompt, steps=opts.steps,
-            sampler=SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__),
-            cfg_scale=opts.guidance_scale, seed=seed, width=image.width, height=image.height,
-            model_name=Path(str(pipe.name_or_path)).name or None,
-            adapters=[(spec.path.stem, spec.weight, None) for spec in opts.adapters],
+class Generator:
+    """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner."""
+
+    def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
+                 refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+        self.device, self.dtype = default_device_dtype(device, dtype)
+        self.model = str(model)
+        self.pipe, self.variant = load_base(self.model, self.device, self.dtype)
+        self.adapters = AdapterStack(self.pipe)
+        for spec in loras:
+            self.adapters.load(parse_adapter_spec(spec) if isinstance(spec, str) else spec)
+        self.controlnet_name = Path(str(controlnet)).name if controlnet else None
+        self.controlnet = load_controlnet(str(controlnet), self.device, self.dtype) if controlnet else None
+        self.refiner_name = Path(str(refiner)).name if refiner else None
+        self.refiner = None
+        if refiner:
+            if self.variant != "sdxl":
+                raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
+            self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype)
+        self._hashes: dict[Path, str | None] = {}
+
+    # -- adapters --------------------------------------------------------------------------------
+    def set_weight(self, name: str, weight: float) -> None:
+        self.adapters.set_weight(name, weight)
+
+    def set_enabled(self, name: str, on: bool) -> None:
+        self.adapters.set_enabled(name, on)
+
+    def merge(self) -> None:
+        self.adapters.merge()
+
+    def unmerge(self) -> None:
+        self.adapters.unmerge()
+
+    # -- generation ------------------------------------------------------------------------------
+    def _job(self, req: Request) -> str:
+        if req.mask is not None:
+            return "inpaint"
+        return "img2img" if req.init_image is not None else "txt2img"
+
+    def _embeds(self, pipe, req: Request) -> dict[str, torch.Tensor]:
+        sdxl = self.variant == "sdxl"
+        zero_negative = sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+        pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative)
+        out = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
+        if sdxl:
+            out.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        return out
+
+    def _call_kwargs(self, req: Request, job: str) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        init = req.init_image
+        if init is not None and req.width and req.height and init.size != (req.width, req.height):
+            init = init.resize((req.width, req.height), Image.LANCZOS)
+        if job == "txt2img":
+            kw.update(width=req.width, height=req.height)
+        else:
+            kw.update(image=init, strength=req.strength)
+        if job == "inpaint":
+            # Without an explicit size diffusers would resize to the model's default resolution.
+            kw.update(mask_image=req.mask, width=init.width // 8 * 8, height=init.height // 8 * 8)
+        if self.controlnet is not None:
+            if req.control_image is None:
+                raise ConfigError("--controlnet needs --control-image (the map that guides the image)")
+            control = preprocess_control(req.control_image, req.control_preprocess)
+            kw["controlnet_conditioning_scale"] = req.control_scale
+            kw["image" if job == "txt2img" else "control_image"] = control
+        return kw
+
+    def _info(self, req: Request, seed: int, size: tuple[int, int], job: str, k: int) -> GenerationInfo:
+        extra: dict[str, Any] = {}
+        if req.batch_size > 1:
+            extra.update({"Batch size": req.batch_size, "Batch pos": k % req.batch_size})
+        if job == "inpaint":
+            extra["Mask blur"] = req.mask_blur
+        if self.controlnet is not None:
+            extra["ControlNet 0"] = (f"Module: {req.control_preprocess}, Model: {self.controlnet_name}, "
+                                     f"Weight: {req.control_scale:g}")
+        if self.refiner is not None and job != "inpaint":
+            extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{req.refiner_start:g}"})
+        return GenerationInfo(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=a1111_name(req.sampler),
+            cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
+            model_name=Path(self.model).name or None,
+            adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
+            denoising_strength=req.strength if job != "txt2img" else None, clip_skip=req.clip_skip, extra=extra,
         )
-        paths.append(save_png(image, out_dir / f"{k:05d}-{seed}.png", info))
+
+    def _short_hash(self, path: Path) -> str | None:
+        if path not in self._hashes:
+            self._hashes[path] = adapter_hash(path)
+        full = self._hashes[path]
+        return full[:12] if full else None
+
+    def _round_trip(self, pipe, image: Image.Image, output_type: str):
+        """Strength 0 (or so few steps that none is left) denoises nothing: the answer is the init
+        image through the VAE, which diffusers' img2img cannot return (it fails on 0 timesteps)."""
+        pixels = pipe.image_processor.preprocess(image).to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        if output_type == "latent":
+            return latents[0] * pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(latents).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    @torch.no_grad()
+    def generate(self, req: Request, output_type: str = "pil") -> list[Generated]:
+        """Run `req`: batch_count calls of batch_size images; image k uses seed `req.seed + k`, so
+        any image can be re-made alone from its seed whatever the batch size."""
+        check_request(req)
+        job = self._job(req)
+        pipe = job_pipeline(self.pipe, self.variant, job, self.controlnet)
+        pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
+        embeds = self._embeds(pipe, req)
+        kw = self._call_kwargs(req, job)
+        use_refiner = self.refiner is not None and job != "inpaint"
+        if use_refiner:
+            self.refiner.scheduler = make_scheduler(req.sampler, self.refiner.scheduler.config)
+            refiner_embeds = self._embeds(self.refiner, req)
+        results: list[Generated] = []
+        for b in range(req.batch_count):
+            seeds = [req.seed + b * req.batch_size + i for i in range(req.batch_size)]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            common = dict(num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                          num_images_per_prompt=req.batch_size, generator=generators)
+            if job != "txt2img" and int(req.steps * req.strength) == 0:
+                images = [self._round_trip(pipe, kw["image"], output_type)] * req.batch_size
+            elif use_refiner:
+                latents = pipe(**embeds, **kw, **common, denoising_end=req.refiner_start, output_type="latent").images
+                images = self.refiner(**refiner_embeds, **common, image=latents, denoising_start=req.refiner_start,
+                                      output_type=output_type).images
+            else:
+                images = pipe(**embeds, **kw, **common, output_type=output_type).images
+            for i, (seed, image) in enumerate(zip(seeds, images)):
+                if job == "inpaint" and output_type == "pil":
+                    image = paste_outside_mask(image, kw["image"], req.mask, req.mask_blur)
+                size = image.size if output_type == "pil" else (image.shape[-1] * 8, image.shape[-2] * 8)
+                results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i)))
+        return results
+
+    def txt2img(self, prompt: str, **kw) -> list[Generated]:
+        return self.generate(Request(prompt=prompt, **kw))
+
+    def img2img(self, prompt: str, init_image: Image.Image, strength: float = 0.75, **kw) -> list[Generated]:
+        return self.generate(Request(prompt=prompt, init_image=init_image, strength=strength, **kw))
+
+    def inpaint(self, prompt: str, image: Image.Image, mask: Image.Image, strength: float = 1.0,
+                **kw) -> list[Generated]:
+        return self.generate(Request(prompt=prompt, init_image=image, mask=mask, strength=strength, **kw))
+
+    def outpaint(self, prompt: str, image: Image.Image, left: int = 0, right: int = 0, top: int = 0,
+                 bottom: int = 0, **kw) -> list[Generated]:
+        """Extend the canvas by the given pixels, mask the new area and inpaint it."""
+        canvas, mask = extend_canvas(image, left, right, top, bottom)
+        kw.setdefault("strength", 1.0)
+        kw.pop("width", None), kw.pop("height", None)
+        return self.generate(Request(prompt=prompt, init_image=canvas, mask=mask, **kw))
+
+
+def save_results(results: list[Generated], out_dir: str | Path, start: int = 0) -> list[Path]:
+    """Write OUT/NNNNN-SEED.png for each result, numbering from `start`, never over an existing file."""
+    out_dir = Path(out_dir)
+    paths = []
+    k = start
+    for result in results:
+        while (path := out_dir / f"{k:05d}-{result.info.seed}.png").exists():
+            k += 1
+        paths.append(save_png(result.image, path, result.info))
+        k += 1
     return paths

@@ -276,7 +276,14 @@ VARIANTS = {
     "sd15-full": lambda out, seed: make_sd15(out, seed, full=True),
     "sdxl": lambda out, seed: make_sdxl(out, seed, full=False),
     "sdxl-full": lambda out, seed: make_sdxl(out, seed, full=True),
+    "blip2": lambda out, seed: _tiny_blip2().make_blip2(out, seed),  # a BLIP-2 captioner, not a pipeline
 }
+
+
+def _tiny_blip2():
+    from . import tiny_blip2  # imported late: it builds on this module's tokenizer pieces
+
+    return tiny_blip2
 
 
 def make_tiny_model(variant: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..data import ImageCaptionDataset, scan_dataset
+from ..data import ImageCaptionDataset
+from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import load_base, weight_dtype_for
@@ -67,7 +69,11 @@ def _make_accelerator(cfg: RunConfig, out_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    # Several processes without GPUs (torchrun or `accelerate launch --multi_gpu` on a CPU machine):
+    # accelerate only picks its gloo CPU backend when told the run is on CPU.
+    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
+        cpu=on_cpu,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=trackers or None,
@@ -87,7 +93,8 @@ def _release_accelerate_state() -> None:
 def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
     """Train one adapter as `cfg` says and write it to `cfg.output.dir`."""
     _check_environment(cfg)
-    examples = scan_dataset(cfg.data.path)  # bad data stops the run before any model loads
+    # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
+    examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt

@@ -1,0 +1,74 @@
+"""The dataset as a training run takes it, before any diffusion model loads: caption the images
+that have none (BLIP-2, when asked), check the set (logged as one summary), scan it, and record
+the captions trained on in the run folder (`captions.jsonl`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from lora_trainer.config import RunConfig
+from lora_trainer.data.captioning import caption_folder
+from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
+from lora_trainer.data.dataset import Example, scan_dataset
+from lora_trainer.fileio import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+CAPTIONS_RECORD = "captions.jsonl"
+
+
+def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example]:
+    """Caption, check and scan `cfg.data.path`; write OUT/captions.jsonl; return the examples.
+
+    Under `accelerate launch` the main process captions and writes; the others wait, then read
+    the captions it wrote.
+    """
+    root = Path(cfg.data.path)
+    first, is_main = _main_process_first()
+    generated: set[Path] = set()
+    with first:
+        if is_main and cfg.data.caption.method == "blip2" and root.is_dir():
+            if cfg.dreambooth.instance_prompt:
+                logger.info("data.caption.method=blip2 ignored: dreambooth.instance_prompt captions every image")
+            else:
+                results = caption_folder(root, cfg.data.caption, show_progress=show_progress)
+                generated = {r.path for r in results if r.status in ("generated", "replaced")}
+        report = check_dataset(root, cfg.data.resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
+                               cfg.data.caption_prefix)
+        # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
+        # files, and raises the precise error when the set cannot train.
+        if is_main and report.can_train:
+            logger.info("%s", report.format_text(max_files=5))
+        examples = scan_dataset(root)
+    if is_main:
+        _record_captions(cfg, examples, generated)
+    return examples
+
+
+def trained_caption(cfg: RunConfig, caption: str) -> str:
+    """The caption an image trains on (before caption dropout)."""
+    if cfg.dreambooth.instance_prompt:
+        return cfg.dreambooth.instance_prompt
+    prefix = cfg.data.caption_prefix
+    return prefix + caption if caption else prefix.strip().rstrip(",").strip()
+
+
+def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:
+    root = Path(cfg.data.path)
+    lines = [json.dumps({"file": ex.path.relative_to(root).as_posix(), "caption": trained_caption(cfg, ex.caption),
+                         "generated": ex.path in generated}, ensure_ascii=False) for ex in examples]
+    write_text_atomic(Path(cfg.output.dir) / CAPTIONS_RECORD, "\n".join(lines) + "\n")
+
+
+def _main_process_first():
+    """(context that runs its body on the main process first, is this the main process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext(), True
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.main_process_first(), state.is_main_process

@@ -1,0 +1,192 @@
+"""Adapters on a loaded pipeline: each under its own name and weight, switchable off without
+reloading, fused into the weights (merge) and restored bit for bit (unmerge).
+
+diffusers' `load_lora_weights` reads both our layouts and other trainers' files (kohya, diffusers);
+the weighted sum W + Σ mᵢ·(alphaᵢ/rᵢ)·BᵢAᵢ is computed by peft, unmerged or fused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+
+@dataclass
+class AdapterSpec:
+    path: Path
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def parse_adapter_spec(spec: str) -> AdapterSpec:
+    """'FILE' or 'FILE:WEIGHT' (the weight is the part after the last colon, when it is a number)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return AdapterSpec(Path(path), float(weight))
+        except ValueError:
+            pass
+    return AdapterSpec(Path(spec), 1.0)
+
+
+def adapter_hash(path: str | Path) -> str | None:
+    """The AddNet/A1111 hash of an adapter: SHA-256 of the tensor bytes (after the header), from the
+    file's `sshs_model_hash` when present. A1111 shows its first 12 hex under 'Lora hashes'."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
+            if stored:
+                return stored
+            digest = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            return digest.hexdigest()
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers/transformers loading chatter (e.g. a 'missing keys' report for the base
+    weights when an adapter is added to a text encoder, which is expected)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # peft warns on a second adapter in one model: stacking them is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        dlog.set_verbosity(before[0])
+        tlog.set_verbosity(before[1])
+
+
+def _lora_modules(pipe):
+    """(component name, module) of every peft LoRA layer in the pipeline's adapter-carrying parts."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in getattr(pipe, "_lora_loadable_modules", ("unet", "text_encoder", "text_encoder_2")):
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module):
+            for name, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    yield f"{component}.{name}", module
+
+
+@dataclass
+class AdapterStack:
+    """The adapters loaded into one pipeline, by name, with their weights and on/off state."""
+
+    pipe: object
+    specs: dict[str, AdapterSpec] = field(default_factory=dict)
+    enabled: dict[str, bool] = field(default_factory=dict)
+    _saved_base: dict[str, torch.Tensor] | None = None  # base weights before a merge, for an exact unmerge
+
+    @property
+    def merged(self) -> bool:
+        return self._saved_base is not None
+
+    def load(self, spec: AdapterSpec, name: str | None = None) -> str:
+        """Load one adapter file under `name` (default: the file's stem, made unique)."""
+        if not spec.path.is_file():
+            raise ModelError(f"--lora: {spec.path}: file not found")
+        name = name or spec.name
+        base, k = name, 1
+        while name in self.specs:
+            k += 1
+            name = f"{base}_{k}"
+        if self.merged:
+            raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
+        try:
+            with quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
+                self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first})") from None
+        self.specs[name] = AdapterSpec(spec.path, spec.weight)
+        self.enabled[name] = True
+        self._apply()
+        return name
+
+    def _check(self, name: str) -> None:
+        if name not in self.specs:
+            raise ModelError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.specs) or 'none'}")
+
+    def _apply(self) -> None:
+        """Push names/weights to peft: disabled adapters are left out of the active set."""
+        active = [n for n in self.specs if self.enabled[n]]
+        if active:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(active, adapter_weights=[self.specs[n].weight for n in active])
+        elif self.specs:
+            self.pipe.disable_lora()
+
+    def _while_unmerged(self, change) -> None:
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        change()
+        self._apply()
+        if was_merged:
+            self.merge()
+
+    def set_weight(self, name: str, weight: float) -> None:
+        self._check(name)
+        self._while_unmerged(lambda: setattr(self.specs[name], "weight", float(weight)))
+
+    def set_enabled(self, name: str, on: bool) -> None:
+        """Switch one adapter off (or back on) without reloading it."""
+        self._check(name)
+        self._while_unmerged(lambda: self.enabled.__setitem__(name, bool(on)))
+
+    def active(self) -> list[AdapterSpec]:
+        return [self.specs[n] for n in self.specs if self.enabled[n]]
+
+    def merge(self) -> None:
+        """Fuse the active adapters, at their weights, into the base weights (faster sampling)."""
+        if self.merged or not self.active():
+            return
+        # peft's unmerge subtracts ΔW again, which is exact only up to rounding: keep the touched
+        # base weights so unmerge can put back the very same bits.
+        self._saved_base = {name: module.get_base_layer().weight.detach().clone()
+                            for name, module in _lora_modules(self.pipe)}
+        components = [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+        self.pipe.fuse_lora(components=components)
+
+    def unmerge(self) -> None:
+        """Take the fused adapters out again; the base weights are restored exactly."""
+        if not self.merged:
+            return
+        components = [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+        self.pipe.unfuse_lora(components=components)
+        with torch.no_grad():
+            for name, module in _lora_modules(self.pipe):
+                module.get_base_layer().weight.copy_(self._saved_base[name])
+        self._saved_base = None
+
+    def bake(self) -> None:
+        """Fuse and drop the adapter layers for good: the pipeline becomes a plain merged model."""
+        self.merge()
+        self.pipe.unload_lora_weights()
+        self._saved_base = None
+        self.specs.clear()
+        self.enabled.clear()

@@ -1,0 +1,129 @@
+"""The `infer` and `merge` subcommands: their flags, and turning parsed flags into API calls.
+cli.py registers them; nothing here reads argv or exits."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .adapters import parse_adapter_spec
+from .images import PREPROCESSORS, read_image, read_mask
+from .schedulers import SAMPLERS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return DTYPES[name] if name else None
+
+
+def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base: hub id or diffusers folder (SD1.x or SDXL)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="adapter file (kohya or diffusers layout), repeatable; weights stack")
+    p.add_argument("--merge", action="store_true", help="fuse the adapters into the weights (faster sampling)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="A1111 syntax: (word:1.3), (word), [word], BREAK; repeatable (one run per prompt)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scheduler", default="dpm++_2m", help=f"sampler: {', '.join(SAMPLERS)}")
+    p.add_argument("--guidance-scale", "--cfg", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="image k of a run uses seed+k")
+    p.add_argument("--num-images", type=int, default=1, help="batch count: pipeline calls per prompt")
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer (A1111 numbering), 2 = penultimate")
+    p.add_argument("--init-image", help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.75; 1 for inpainting)")
+    p.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
+    p.add_argument("--mask-blur", type=int, default=4, help="pixels of blur where repainted and kept areas meet")
+    p.add_argument("--outpaint", metavar="L,R,T,B", help="extend --init-image by these pixels and paint the new area")
+    p.add_argument("--controlnet", help="ControlNet model (hub id or diffusers folder)")
+    p.add_argument("--control-image", help="control map, or a photo with --control-preprocess canny")
+    p.add_argument("--control-scale", type=float, default=1.0)
+    p.add_argument("--control-preprocess", default="none", choices=PREPROCESSORS,
+                   help="canny: detect edges; none: the image is already a map (depth, pose, seg, scribble, normal)")
+    p.add_argument("--refiner", help="SDXL refiner model, run as a second stage")
+    p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the steps done by the base")
+    p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
+    p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
+
+
+def _outpaint_pixels(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ConfigError(f"--outpaint: {text!r} must be four pixel counts left,right,top,bottom, e.g. 0,128,0,0")
+    return values  # type: ignore[return-value]
+
+
+def run_infer(args) -> list[Path]:
+    """Generate (or sweep) as the flags say; returns the written PNG paths."""
+    from ..pnginfo import save_png
+    from .generate import Generator, Request, check_request, save_results
+    from .images import extend_canvas
+    from .sweep import parse_weights_list, sweep_grid
+
+    if (args.mask or args.outpaint) and not args.init_image:
+        raise ConfigError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
+    if args.mask and args.outpaint:
+        raise ConfigError("--mask and --outpaint: give one (outpainting makes its own mask)")
+    if args.control_image and not args.controlnet:
+        raise ConfigError("--control-image needs --controlnet MODEL")
+    weights = parse_weights_list(args.sweep) if args.sweep else None
+    init = read_image(args.init_image, "--init-image") if args.init_image else None
+    mask = read_mask(args.mask, init.size) if args.mask else None
+    if args.outpaint:
+        init, mask = extend_canvas(init, *_outpaint_pixels(args.outpaint))
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.75)
+    control = read_image(args.control_image, "--control-image") if args.control_image else None
+
+    request = Request(prompt=args.prompt[0], negative_prompt=args.negative_prompt, steps=args.steps,
+                      guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                      batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
+                      clip_skip=args.clip_skip, init_image=init, strength=strength, mask=mask,
+                      mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
+                      control_preprocess=args.control_preprocess, refiner_start=args.refiner_start)
+    check_request(request)  # flag errors before minutes of model loading
+    adapters = [parse_adapter_spec(s) for s in args.lora]
+    gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
+                    dtype=_dtype(args.dtype))
+    out = Path(args.out)
+    if weights is not None:
+        sweep = sweep_grid(gen, args.prompt, weights, args.sweep_adapter, request)
+        k = 0
+        while (path := out / f"sweep-{k:03d}.png").exists():
+            k += 1
+        return [save_png(sweep.grid.image, path, sweep.info)]
+    if args.merge:
+        gen.merge()
+    paths: list[Path] = []
+    for prompt in args.prompt:
+        request.prompt = prompt
+        paths += save_results(gen.generate(request), out)
+    return paths
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base: hub id or diffusers folder")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter to fuse, repeatable")
+    p.add_argument("--out", required=True, help="folder for the merged diffusers model")
+    p.add_argument("--single-file", action="store_true", help="write one .safetensors checkpoint (not yet available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def run_merge(args) -> Path:
+    from .merge import merge_to_folder
+
+    return merge_to_folder(args.model, [parse_adapter_spec(s) for s in args.lora], args.out,
+                           single_file=args.single_file, overwrite=args.overwrite, dtype=DTYPES[args.dtype])

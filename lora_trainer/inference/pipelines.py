@@ -1,0 +1,127 @@
+"""Loading bases (SD1.5 / SDXL, hub id or diffusers folder), ControlNets and the SDXL refiner, and
+the diffusers pipeline class for each job. Job pipelines share the base's modules (`from_pipe`),
+so adapters loaded once apply to txt2img, img2img, inpainting and ControlNet alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .adapters import quiet_diffusers
+
+JOBS = ("txt2img", "img2img", "inpaint")
+
+# (variant, job, with ControlNet) → diffusers pipeline class name
+PIPELINES = {
+    ("sd15", "txt2img", False): "StableDiffusionPipeline",
+    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
+    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
+    ("sd15", "txt2img", True): "StableDiffusionControlNetPipeline",
+    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "txt2img", False): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
+    ("sdxl", "txt2img", True): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+
+def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[str, torch.dtype]:
+    """CUDA in fp16 when there is a GPU, else the CPU in fp32 (fp16 on CPU is slow and lossy)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return device, dtype
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_source(model: str, flag: str) -> None:
+    path = Path(model).expanduser()
+    if path.suffix in (".safetensors", ".ckpt"):
+        raise ModelError(f"{flag}: {model!r} is a single-file checkpoint; infer loads diffusers folders and hub ids "
+                         "for now (convert it once with diffusers' from_single_file + save_pretrained)")
+    if path.exists() and not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        raise ModelError(f"{flag}: {model!r} is a folder without model_index.json; point it at a diffusers folder")
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise ModelError(f"{flag}: {model!r} is neither a folder nor a hub id like 'runwayml/stable-diffusion-v1-5'")
+
+
+def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"):
+    """(pipeline, variant) for an SD1.x/2.x or SDXL base; the variant comes from model_index.json."""
+    import diffusers
+
+    _check_source(model, flag)
+    try:
+        index = diffusers.DiffusionPipeline.load_config(model)
+        variant = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd15"
+        cls = getattr(diffusers, PIPELINES[(variant, "txt2img", False)])
+        extra = {"safety_checker": None, "requires_safety_checker": False} if variant == "sd15" else {}
+        with quiet_diffusers():
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{flag}: cannot load {model!r}: {_first_line(exc)}") from None
+    with quiet_diffusers():
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, variant
+
+
+def load_controlnet(model: str, device: str, dtype: torch.dtype):
+    from diffusers import ControlNetModel
+
+    _check_source(model, "--controlnet")
+    try:
+        with quiet_diffusers():
+            net = ControlNetModel.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"--controlnet: cannot load {model!r}: {_first_line(exc)}") from None
+    return net.to(device)
+
+
+def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
+    """The SDXL refiner as an img2img pipeline sharing the base's VAE and second text encoder
+    (as the official refiner does) when their shapes match."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    _check_source(model, "--refiner")
+    try:
+        with quiet_diffusers():
+            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"--refiner: cannot load {model!r}: {_first_line(exc)}") from None
+    with quiet_diffusers():
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def job_pipeline(base_pipe, variant: str, job: str, controlnet=None):
+    """The pipeline for `job` on the same modules as `base_pipe` (no weights are copied)."""
+    import diffusers
+
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, not {job!r}")
+    cls = getattr(diffusers, PIPELINES[(variant, job, controlnet is not None)])
+    if type(base_pipe) is cls:
+        return base_pipe
+    extra = {"controlnet": controlnet} if controlnet is not None else {}
+    with quiet_diffusers():
+        pipe = cls.from_pipe(base_pipe, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encoders_of(pipe) -> list[tuple[object, torch.nn.Module]]:
+    """The (tokenizer, text encoder) pairs a pipeline has: one for SD1.x, two for SDXL, only the
+    second for the SDXL refiner."""
+    pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
+             (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    return [(t, e) for t, e in pairs if t is not None and e is not None]

@@ -1,0 +1,58 @@
+"""Sampler names users know (A1111/ComfyUI) → diffusers schedulers with the matching flags.
+
+Each scheduler is built from the base model's own scheduler config, so the noise schedule (betas,
+timestep spacing, prediction type) stays the model's; only the solver changes.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+# name → (diffusers class, extra config, the name A1111 writes in PNG info)
+SAMPLERS: dict[str, tuple[str, dict, str]] = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "dpm++_2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                        "DPM++ 2M Karras"),
+    # A1111's "DPM++ SDE Karras" is the single-step SDE solver (needs torchsde, the `sde` extra).
+    "dpm++_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    # LCM needs an LCM model or LCM-LoRA, 4-8 steps and guidance about 1-2.
+    "lcm": ("LCMScheduler", {}, "LCM"),
+}
+
+
+def check_sampler(name: str) -> str:
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    if key not in SAMPLERS:
+        raise ConfigError(f"--scheduler: {name!r} is not a known sampler; choose one of {', '.join(SAMPLERS)}")
+    return key
+
+
+def make_scheduler(name: str, base_config):
+    """A scheduler for sampler `name` built on the base model's scheduler config."""
+    import diffusers
+
+    key = check_sampler(name)
+    cls_name, flags, _ = SAMPLERS[key]
+    if cls_name == "DPMSolverSDEScheduler":
+        try:
+            import torchsde  # noqa: F401
+        except ImportError:
+            raise ConfigError("--scheduler dpm++_sde_karras needs torchsde: pip install 'lora-trainer[sde]'") from None
+    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    # A Karras flag in the base config (some SDXL finetunes ship one) must not leak into plain samplers.
+    config.pop("use_karras_sigmas", None)
+    config.update(flags)
+    return getattr(diffusers, cls_name).from_config(config)
+
+
+def a1111_name(name: str) -> str:
+    return SAMPLERS[check_sampler(name)][2]

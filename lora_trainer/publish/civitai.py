@@ -1,0 +1,113 @@
+"""A CivitAI-ready zip: the kohya file in fp16, preview images with their generation data, and
+the upload form's fields as JSON, so a user fills CivitAI's form by copying, not by guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import PublishError
+from ..fileio import atomic_path
+from .adapters import write_kohya
+from .card import BASE_NAMES
+from .run import Run, WeightAdvice, dataset_size, prompt_guide, recommended_prompts, trained_steps, trigger_words
+
+# CivitAI's "Base model" choices for our variants.
+CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
+
+
+def default_description(run: Run) -> str:
+    images = dataset_size(run)
+    words = trigger_words(run)
+    return (f"LoRA for {BASE_NAMES[run.variant]}"
+            + (f", trained on {images} images" if images else "")
+            + f" for {trained_steps(run)} steps at rank {run.cfg.lora.rank}."
+            + (f" Trigger words: {', '.join(words)}." if words else " No trigger word: it acts on every prompt."))
+
+
+def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list[str],
+                   description: str | None = None) -> dict:
+    """What CivitAI's upload form asks, under the names of its API (type, baseModel, trainedWords)."""
+    prompts, negative = recommended_prompts(run)
+    cfg = run.cfg
+    return {
+        "name": run.name,
+        "type": "LORA",
+        "baseModel": CIVITAI_BASE_MODELS[run.variant],
+        "trainedWords": trigger_words(run),
+        "description": description or default_description(run),
+        "recommendedWeight": {"default": advice.default, "min": advice.low, "max": advice.high,
+                              "source": advice.source},
+        "recommendedPrompts": prompts,
+        "negativePrompt": negative,
+        "file": model_file,
+        "images": images,
+        "training": {"steps": trained_steps(run), "images": dataset_size(run), "resolution": cfg.data.resolution,
+                     "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "learningRate": cfg.train.lr,
+                     "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler},
+    }
+
+
+def readme_text(fields: dict) -> str:
+    w = fields["recommendedWeight"]
+    stem = fields["file"].removesuffix(".safetensors")
+    weight_note = {"sweep": "read from the run's weight sweep", "user": "chosen by the author",
+                   "default": "a default range, not measured on this adapter"}[w["source"]]
+    lines = [
+        fields["name"], "=" * len(fields["name"]), "",
+        fields["description"], "",
+        f"Type: LoRA    Base model: {fields['baseModel']}",
+        f"Trigger words: {', '.join(fields['trainedWords']) or '(none)'}",
+        f"Recommended weight: {w['default']:g} (range {w['min']:g} - {w['max']:g}; {weight_note})", "",
+        "Recommended prompts:", *[f"  {p}" for p in fields["recommendedPrompts"]],
+        f"Negative prompt: {fields['negativePrompt'] or '(none)'}", "",
+        "Files:",
+        f"  {fields['file']}  the adapter (kohya layout, fp16)",
+        "  images/          preview images; their generation settings are in each PNG's parameters text",
+        "  civitai.json     the upload form's fields",
+        "  prompts.json     trigger words, prompts and weights as data", "",
+        "Upload to CivitAI: Create > Upload a model, type LoRA; copy name, base model, trigger words and",
+        "description from civitai.json; add the .safetensors file; drop the images in (CivitAI reads",
+        "their generation data).", "",
+        f"Use: AUTOMATIC1111 / Forge: copy {fields['file']} to models/Lora and write <lora:{stem}:{w['default']:g}>",
+        "in the prompt. ComfyUI: copy it to models/loras and add a Load LoRA node.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, description: str | None = None,
+                          overwrite: bool = False) -> list[str]:
+    """Write the zip atomically; return the names inside it."""
+    out_zip = Path(out_zip)
+    if out_zip.suffix.lower() != ".zip":
+        raise PublishError(f"--civitai: got {str(out_zip)!r}; expected a path ending in .zip")
+    if out_zip.exists() and not overwrite:
+        raise PublishError(f"--civitai: {out_zip} exists; pass --overwrite to replace it")
+    model_file = f"{run.name}.safetensors"
+    images = [f"images/{i:02d}.png" for i in range(len(run.samples))]
+    if advice.grid is not None:
+        images.append("images/sweep.png")
+    fields = civitai_fields(run, advice, model_file, images, description)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = write_kohya(run, Path(tmp) / model_file, dtype=torch.float16)  # what CivitAI users expect
+        with atomic_path(out_zip) as tmp_zip, zipfile.ZipFile(tmp_zip, "w") as z:
+            # safetensors and PNG do not compress; text does
+            z.write(adapter, model_file, compress_type=zipfile.ZIP_STORED)
+            sources = [s.path for s in run.samples] + ([advice.grid] if advice.grid is not None else [])
+            for name, source in zip(images, sources):
+                z.write(source, name, compress_type=zipfile.ZIP_STORED)
+            z.writestr("civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n",
+                       compress_type=zipfile.ZIP_DEFLATED)
+            z.writestr("prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n",
+                       compress_type=zipfile.ZIP_DEFLATED)
+            z.writestr("README.txt", readme_text(fields), compress_type=zipfile.ZIP_DEFLATED)
+            names = z.namelist()
+    return names
+
+
+__all__ = ["CIVITAI_BASE_MODELS", "build_civitai_package", "civitai_fields"]

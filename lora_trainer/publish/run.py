@@ -1,0 +1,286 @@
+"""What a finished run folder says about its adapter, read once for the card and the packages.
+
+Everything comes from files training already wrote (config.yaml, the adapter's metadata,
+samples/, train_log.jsonl); nothing is re-run. The prompt guidance users see (trigger words,
+recommended prompts, weight range) is derived here so the HF card and the CivitAI package agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, load_config
+from ..errors import ConfigError, PublishError
+from ..export.files import load_adapter
+from ..export.layouts import detect_layout
+
+# Hub ids are `owner/name`; anything else (absolute paths, ./models/x, C:\...) is a local file.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The hub ids of the bases our variants stand for, used when the run's base is a local folder.
+DEFAULT_BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+# The licence a derivative inherits from each base.
+BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
+# Without a sweep, the range most style/character LoRAs are used at; shown as a default, not a measurement.
+DEFAULT_WEIGHTS = (0.6, 1.0, 0.8)
+_LORA_TAG = re.compile(r"\s*<lora:[^>]*>")
+# How a sweep grid's weights are written in its `parameters` chunk: ours ("Sweep: 0, 0.5, 1") or
+# A1111's X/Y/Z plot ("X Values: ...").
+_SWEEP_VALUES = re.compile(r'(?:Sweep(?: weights)?|[XYZ] Values):\s*"?([-0-9.,\s]+)"?')
+
+
+@dataclass
+class Sample:
+    path: Path
+    prompt: str  # without the <lora:...> tags the PNG's parameters add
+    negative_prompt: str
+    parameters: str  # the full A1111 text, as stored in the PNG
+
+
+@dataclass
+class WeightAdvice:
+    low: float
+    high: float
+    default: float
+    source: str  # "sweep", "user" or "default"
+    grid: Path | None = None  # the sweep grid the range was read from
+
+
+@dataclass
+class Run:
+    dir: Path
+    cfg: RunConfig
+    adapter: Path  # DIR/<name>.safetensors, in `layout`
+    layout: str
+    tensors: dict
+    metadata: dict[str, str]
+    diffusers_file: Path | None  # DIR/<name>.diffusers.safetensors when the run wrote both
+    variant: str  # "sd15" or "sdxl"
+    samples: list[Sample] = field(default_factory=list)
+    sweep: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.output.name
+
+
+def read_png_parameters(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return str(image.info.get("parameters", ""))
+
+
+def _split_parameters(text: str) -> tuple[str, str]:
+    """(prompt without <lora:> tags, negative prompt) of an A1111 `parameters` text."""
+    lines = text.splitlines()
+    if lines and "Steps: " in lines[-1]:  # the settings line closes the text; prompts may span lines
+        lines = lines[:-1]
+    cut = next((i for i, ln in enumerate(lines) if ln.startswith("Negative prompt:")), len(lines))
+    prompt = _LORA_TAG.sub("", "\n".join(lines[:cut])).strip()
+    negative = "\n".join(lines[cut:])[len("Negative prompt:"):].strip() if cut < len(lines) else ""
+    return prompt, negative
+
+
+def _latest_samples(run_dir: Path, cfg: RunConfig) -> list[Sample]:
+    """The images of the last sample step: what the finished adapter makes."""
+    steps = sorted(p for p in (run_dir / "samples").glob("step_*") if p.is_dir())
+    if not steps:
+        return []
+    samples = []
+    for i, path in enumerate(sorted(steps[-1].glob("*.png"))):
+        text = read_png_parameters(path)
+        prompt, negative = _split_parameters(text)
+        if not prompt and i < len(cfg.sample.prompts):
+            prompt, negative = cfg.sample.prompts[i], cfg.sample.negative_prompt
+        samples.append(Sample(path, prompt, negative, text))
+    return samples
+
+
+def _find_sweep(run_dir: Path) -> Path | None:
+    grids = [p for pattern in ("sweep*.png", "samples/sweep*.png", "samples/**/sweep*.png")
+             for p in run_dir.glob(pattern)]
+    return max(grids, key=lambda p: p.stat().st_mtime) if grids else None
+
+
+def _variant(cfg: RunConfig, tensors: dict, metadata: dict[str, str]) -> str:
+    version = metadata.get("ss_base_model_version", "")
+    sdxl_keys = any(k.startswith(("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                                  "text_encoder_2.")) for k in tensors)
+    if version.startswith("sdxl") or sdxl_keys or cfg.model.variant == "sdxl":
+        return "sdxl"
+    if version and version != "sd_v1":
+        raise PublishError(f"ss_base_model_version is {version!r}: only SD 1.5 (sd_v1) and SDXL (sdxl_base_v1-0) "
+                           "adapters can be published")
+    return "sd15"
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """Load what a training run left in `run_dir`; a folder that is not a run is a one-line error."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PublishError(f"{run_dir}: no such folder; pass the output.dir of a training run")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise PublishError(f"{config_path}: not found; {run_dir} is not a training run folder "
+                           "(python train.py CONFIG output.dir=DIR writes one)")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise PublishError(f"{config_path}: cannot be read as a run config ({str(exc).splitlines()[0]})") from None
+    adapter = run_dir / f"{cfg.output.name}.safetensors"
+    if not adapter.is_file():
+        raise PublishError(f"{adapter}: adapter not found (config.yaml names output.name={cfg.output.name!r}); "
+                           "did the run finish?")
+    tensors, metadata = load_adapter(adapter)
+    diffusers_file = run_dir / f"{cfg.output.name}.diffusers.safetensors"
+    return Run(
+        dir=run_dir, cfg=cfg, adapter=adapter, layout=detect_layout(tensors), tensors=tensors, metadata=metadata,
+        diffusers_file=diffusers_file if diffusers_file.is_file() else None,
+        variant=_variant(cfg, tensors, metadata), samples=_latest_samples(run_dir, cfg), sweep=_find_sweep(run_dir),
+    )
+
+
+# ---- guidance shown to users ---------------------------------------------------------------------
+
+
+def trigger_words(run: Run) -> list[str]:
+    """The words that switch the adapter on: the recorded trigger phrase, else the instance prompt
+    or caption prefix the run trained with."""
+    phrase = (run.metadata.get("modelspec.trigger_phrase") or run.cfg.dreambooth.instance_prompt
+              or run.cfg.data.caption_prefix)
+    return [w.strip() for w in (phrase or "").split(",") if w.strip()]
+
+
+def recommended_prompts(run: Run) -> tuple[list[str], str]:
+    """(prompts, negative prompt): the run's sample prompts, which the samples show working."""
+    prompts = list(run.cfg.sample.prompts)
+    if not prompts:
+        words = ", ".join(trigger_words(run))
+        prompts = [run.cfg.dreambooth.instance_prompt or (f"{words}, " if words else "") + "a detailed picture"]
+    return prompts, run.cfg.sample.negative_prompt
+
+
+def _sweep_weights(grid: Path) -> list[float]:
+    """The weights a sweep grid shows: from a sidecar JSON `weights` list or its `parameters` chunk."""
+    sidecar = grid.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            weights = json.loads(sidecar.read_text(encoding="utf-8")).get("weights")
+            return sorted(float(w) for w in weights)
+        except (ValueError, TypeError, AttributeError):
+            pass
+    match = _SWEEP_VALUES.search(read_png_parameters(grid))
+    if not match:
+        return []
+    try:
+        return sorted(float(v) for v in match.group(1).replace(",", " ").split())
+    except ValueError:
+        return []
+
+
+def _round(x: float) -> float:
+    return round(x * 20) / 20  # to 0.05: weights are chosen by eye
+
+
+def weight_advice(run: Run, weight: float | None = None, weight_range: tuple[float, float] | None = None,
+                  ) -> WeightAdvice:
+    """The recommended weight range: the user's, else the swept range of a sweep grid, else a default."""
+    for name, value in (("--weight", weight), *((("--weight-range", v) for v in weight_range or ()))):
+        if value is not None and not (math.isfinite(value) and 0 < value <= 4):
+            raise PublishError(f"{name}: got {value}; expected a number in (0, 4], e.g. 0.8")
+    if weight_range is not None:
+        low, high = sorted(weight_range)
+        return WeightAdvice(low, high, weight if weight is not None else _round((low + high) / 2), "user")
+    if weight is not None:
+        return WeightAdvice(max(0.05, _round(weight - 0.2)), _round(weight + 0.2), weight, "user")
+    if run.sweep is not None:
+        positive = [w for w in _sweep_weights(run.sweep) if w > 0]
+        if positive:
+            low, high = positive[0], positive[-1]
+            return WeightAdvice(low, high, _round((low + high) / 2), "sweep", run.sweep)
+    low, high, default = DEFAULT_WEIGHTS
+    return WeightAdvice(low, high, default, "default", run.sweep)
+
+
+def prompt_guide(run: Run, advice: WeightAdvice) -> dict:
+    """The prompt guidelines as data: written as prompts.json into the HF repo and the package."""
+    prompts, negative = recommended_prompts(run)
+    s = run.cfg.sample
+    return {
+        "trigger_words": trigger_words(run),
+        "prompts": prompts,
+        "negative_prompt": negative,
+        "weight": {"default": advice.default, "min": advice.low, "max": advice.high, "source": advice.source},
+        "settings": {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": "DPM++ 2M",
+                     "width": run.cfg.data.resolution, "height": run.cfg.data.resolution},
+    }
+
+
+# ---- facts for the training-details table ------------------------------------------------------
+
+
+def is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or not HUB_ID.fullmatch(source)
+
+
+def hub_base_model(run: Run, override: str | None = None) -> tuple[str, str | None]:
+    """(hub id for `base_model`, a note when it had to be assumed). A local path is never published."""
+    if override:
+        if not HUB_ID.fullmatch(override):
+            raise PublishError(f"--base-model: got {override!r}; expected a hub id like {DEFAULT_BASES[run.variant]}")
+        return override, None
+    base = run.cfg.model.base
+    if not is_local(base):
+        return base, None
+    assumed = DEFAULT_BASES[run.variant]
+    return assumed, (f"model.base is the local path {Path(base).name!r}; the card names {assumed} as the base; "
+                     "pass --base-model OWNER/NAME if it was another model")
+
+
+def dataset_size(run: Run) -> int | None:
+    """Distinct training images, as the adapter's metadata recorded them."""
+    try:
+        dirs = json.loads(run.metadata.get("ss_dataset_dirs", "{}"))
+        count = sum(int(d["img_count"]) for d in dirs.values())
+        if count:
+            return count
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    images = run.metadata.get("ss_num_train_images")
+    return int(images) // max(1, run.cfg.data.repeats) if images and images.isdigit() else None
+
+
+def top_tags(run: Run, n: int = 10) -> list[tuple[str, int]]:
+    try:
+        per_dir = json.loads(run.metadata.get("ss_tag_frequency", "{}"))
+        counts: dict[str, int] = {}
+        for tags in per_dir.values():
+            for tag, count in tags.items():
+                counts[tag] = counts.get(tag, 0) + int(count)
+    except (ValueError, TypeError, AttributeError):
+        return []
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def final_loss(run: Run, last: int = 10) -> float | None:
+    """Mean loss of the last logged steps (one step's loss is too noisy to quote)."""
+    path = run.dir / "train_log.jsonl"
+    if not path.is_file():
+        return None
+    losses = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            losses.append(float(json.loads(line)["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sum(losses[-last:]) / len(losses[-last:]) if losses else None
+
+
+def trained_steps(run: Run) -> int | None:
+    steps = run.metadata.get("ss_steps")
+    return int(steps) if steps and steps.isdigit() else run.cfg.train.max_steps

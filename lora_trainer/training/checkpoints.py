@@ -1,0 +1,125 @@
+"""Checkpoints: the full training state (adapter, optimizer, scheduler, RNG of every process, data
+position, step) saved through accelerate into a folder that appears only when complete.
+
+A checkpoint is written to a hidden temporary folder and renamed into place, with the trainer
+state file written last, so a run killed mid-save leaves the previous checkpoint as the latest
+good one. Only the adapter weights are stored, not the frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps done
+    epoch: int  # epoch in progress
+    batches_in_epoch: int  # batches of that epoch already consumed (per process)
+
+
+def checkpoints_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _adapter_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def register_adapter_only_hooks(accelerator) -> None:
+    """Make accelerate's save/load_state store just the trainable (adapter) weights of each
+    prepared model, instead of the whole multi-GB base."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            states = [{k: v.detach().cpu().clone() for k, v in _adapter_params(accelerator.unwrap_model(m)).items()}
+                      for m in models]
+            torch.save(states, Path(output_dir) / ADAPTER_FILE)
+        weights.clear()  # nothing else of the models is written
+
+    def load_hook(models, input_dir):
+        states = torch.load(Path(input_dir) / ADAPTER_FILE, map_location="cpu", weights_only=True)
+        for model, state in zip(models, states):
+            params = _adapter_params(accelerator.unwrap_model(model))
+            missing = set(params) ^ set(state)
+            if missing:
+                raise ConfigError(f"train.resume: {input_dir} holds a different adapter "
+                                  f"({len(missing)} mismatched weights, e.g. {sorted(missing)[0]}); "
+                                  "resume with the config that wrote it")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(state[name])
+        models.clear()  # loaded here; accelerate must not try again
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, keep: int) -> Path:
+    """Save the state as OUT/checkpoints/step-NNNNNN (all processes call this); keep the newest
+    `keep` checkpoints (0 keeps all)."""
+    root = checkpoints_dir(out_dir)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".step-{state.step:06d}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(tmp, final, state)
+        _rotate(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _publish(tmp: Path, final: Path, state: TrainerState) -> None:
+    """Mark the written folder complete and move it into place (a rename: all or nothing)."""
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # written last
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _complete(root: Path) -> list[Path]:
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()] \
+        if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def _rotate(root: Path, keep: int) -> None:
+    for stale in root.glob(".step-*.tmp"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in _complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    """The checkpoint `train.resume` names: 'latest' (None when the run has none yet) or a path."""
+    if resume == "latest":
+        found = _complete(checkpoints_dir(out_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume: {resume!r} is not a complete checkpoint folder "
+                          f"(no {STATE_FILE}); use 'latest' or a folder under {checkpoints_dir(out_dir)}")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path) -> TrainerState:
+    accelerator.load_state(str(path))
+    return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))

@@ -1,0 +1,46 @@
+"""Guards that stop a run early and clearly instead of wasting hours or overwriting work."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError, LoraTrainerError
+
+
+class TrainingStopped(LoraTrainerError):
+    """The run cannot go on (non-finite loss, full disk); the message says where it stopped."""
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to write into the folder of another run unless asked to."""
+    if resuming or overwrite:
+        return
+    if (Path(out_dir) / "config.yaml").is_file():
+        raise ConfigError(
+            f"output.dir: {out_dir} already holds a run (config.yaml); choose another output.dir, "
+            "continue it with train.resume=latest, or replace it with output.overwrite=true"
+        )
+
+
+def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
+    if math.isfinite(loss):
+        return
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+    raise TrainingStopped(
+        f"loss became {loss} at step {step}; stopped without saving it ({kept}); "
+        "lower train.lr, use train.mixed_precision=bf16 instead of fp16, or raise train.max_grad_norm clipping"
+    )
+
+
+def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
+    """Fail before writing `what` when the disk under `folder` has less than twice what it needs."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < 2 * needed_bytes:
+        raise TrainingStopped(
+            f"{folder}: only {free / 2**20:.0f} MiB free, {what} needs about {needed_bytes / 2**20:.0f} MiB; "
+            "free some space or set output.dir elsewhere"
+        )

@@ -1,0 +1,49 @@
+"""The loss curve as OUT/loss.png, from train_log.jsonl (matplotlib, drawn without a screen)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..fileio import atomic_path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss(log_path: Path, png_path: Path) -> Path | None:
+    """Draw loss per step (raw and a moving average); None when matplotlib or the log is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
+    ax.plot(steps, _smooth(losses, max(1, len(losses) // 20)), color="#c33", linewidth=1.6, label="moving average")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(png_path)

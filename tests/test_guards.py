@@ -1,0 +1,44 @@
+"""Guards and run artefacts that need no model: output-folder protection, NaN stop, disk check, loss plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.training.guards import TrainingStopped, check_finite, check_free_space, check_output_dir
+from lora_trainer.training.plots import plot_loss
+
+
+def test_another_runs_folder_is_not_overwritten(tmp_path):
+    check_output_dir(tmp_path / "new", overwrite=False, resuming=False)
+    (tmp_path / "config.yaml").write_text("x: 1")
+    with pytest.raises(ConfigError, match="output.overwrite=true"):
+        check_output_dir(tmp_path, overwrite=False, resuming=False)
+    check_output_dir(tmp_path, overwrite=True, resuming=False)
+    check_output_dir(tmp_path, overwrite=False, resuming=True)
+
+
+def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
+    check_finite(0.5, 3, None)
+    with pytest.raises(TrainingStopped, match="step 7.*step-000004"):
+        check_finite(float("nan"), 7, tmp_path / "step-000004")
+    with pytest.raises(TrainingStopped, match="no checkpoint"):
+        check_finite(float("inf"), 1, None)
+
+
+def test_free_space_check(tmp_path):
+    check_free_space(tmp_path / "not-yet", 1024, "the adapter")
+    with pytest.raises(TrainingStopped, match="MiB free"):
+        check_free_space(tmp_path, 2**62, "a checkpoint")
+
+
+def test_loss_curve_png(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": i + 1, "loss": 1.0 / (i + 1)}) + "\n" for i in range(30)))
+    path = plot_loss(log, tmp_path / "loss.png")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (700, 400)
+    assert plot_loss(tmp_path / "missing.jsonl", tmp_path / "x.png") is None

@@ -1,0 +1,171 @@
+"""Generation jobs on the tiny models: img2img, inpainting, outpainting, ControlNet + canny, samplers,
+seeds and batches, the adapter sweep grid, PNG parameters and the SDXL refiner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lora_trainer.cli import main
+from lora_trainer.inference.generate import Generator, Request
+from lora_trainer.inference.images import canny, extend_canvas
+from lora_trainer.inference.schedulers import SAMPLERS
+from lora_trainer.inference.sweep import sweep_grid
+from lora_trainer.pnginfo import a1111_parameters, parse_a1111_parameters
+
+FAST = dict(steps=3, width=64, height=64, seed=7)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_sd15, random_adapters, tiny_controlnet):
+    return Generator(tiny_sd15, [f"{random_adapters['a']}:0.8", f"{random_adapters['b']}:0.5"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=(220, 40, 30))
+    return image
+
+
+def _vae_round_trip(pipe, image):
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(image)
+        return pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
+
+
+def test_img2img_strength_zero_returns_the_init_image(gen, picture):
+    out = gen.img2img("a red circle", picture, strength=0.0, **FAST)[0]
+    want = gen.pipe.image_processor.postprocess(_vae_round_trip(gen.pipe, picture), output_type="pil")[0]
+    assert np.array_equal(np.asarray(out.image), np.asarray(want))
+    changed = gen.img2img("a red circle", picture, strength=0.9, **FAST)[0]
+    assert not np.array_equal(np.asarray(changed.image), np.asarray(want))
+    assert "Denoising strength: 0.9" in a1111_parameters(changed.info)
+
+
+def test_inpainting_keeps_everything_outside_the_mask(gen, picture):
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)  # repaint the left half (latent cols 0-3)
+    req = Request(prompt="a blue square", init_image=picture, mask=mask, strength=1.0, steps=3, seed=7)
+    latents = gen.generate(req, output_type="latent")[0].image
+    # Outside the mask the final latents are the init image's own latents (diffusers encodes it
+    # with the first draw of the seed's generator).
+    pixels = gen.pipe.image_processor.preprocess(picture)
+    with torch.no_grad():
+        encoded = gen.pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(7))
+    want = encoded[0] * gen.pipe.vae.config.scaling_factor
+    torch.testing.assert_close(latents[:, :, 4:], want[:, :, 4:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(latents[:, :, :4], want[:, :, :4], atol=1e-2)
+    # and the saved pixels there are the original ones, exactly (A1111's paste-back)
+    image = np.asarray(gen.generate(Request(**{**req.__dict__, "mask_blur": 0}))[0].image)
+    assert np.array_equal(image[:, 32:], np.asarray(picture)[:, 32:])
+    assert not np.array_equal(image[:, :32], np.asarray(picture)[:, :32])
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_original(gen, picture):
+    canvas, mask = extend_canvas(picture, 16, 4, 0, 8)  # right grows to 8 so the width is a multiple of 8
+    assert canvas.size == (88, 72) and np.asarray(mask)[:64, 16:80].max() == 0 and np.asarray(mask)[:, :16].min() == 255
+    out = gen.outpaint("sky", picture, left=16, right=4, bottom=8, steps=3, seed=1, mask_blur=0)[0].image
+    assert out.size == (88, 72)
+    assert np.array_equal(np.asarray(out)[:64, 16:80], np.asarray(picture))
+
+
+def test_same_seed_same_image_whatever_the_batch_size(gen):
+    batch = gen.txt2img("a red circle", batch_size=2, **FAST)
+    alone = gen.txt2img("a red circle", **{**FAST, "seed": 8})[0]
+    assert [r.info.seed for r in batch] == [7, 8]
+    a, b = np.asarray(batch[1].image, dtype=int), np.asarray(alone.image, dtype=int)
+    assert np.abs(a - b).max() <= 1  # batched convolutions may round differently in the last bit
+    again = gen.txt2img("a red circle", **FAST)[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(gen.txt2img("a red circle", **FAST)[0].image))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_under_its_a1111_name(gen, sampler):
+    out = gen.txt2img("a circle", sampler=sampler, steps=2, width=32, height=32, seed=1, guidance_scale=1.5)[0]
+    assert out.image.size == (32, 32) and np.asarray(out.image).std() > 0
+    assert out.info.sampler == SAMPLERS[sampler][2]
+
+
+def test_canny_finds_the_outline_of_a_square():
+    image = Image.new("RGB", (48, 48), "black")
+    ImageDraw.Draw(image).rectangle((12, 12, 35, 35), fill="white")
+    edges = np.asarray(canny(image))[:, :, 0] > 0
+    assert edges[10:38, 10:38].sum() > 60  # the outline
+    assert not edges[16:32, 16:32].any() and not edges[:6].any() and not edges[:, 42:].any()
+    assert set(np.unique(np.asarray(canny(image)))) <= {0, 255}
+
+
+def test_controlnet_scale_zero_is_plain_txt2img_and_scale_one_steers(gen, tiny_sd15, tiny_controlnet, picture,
+                                                                       random_adapters):
+    cn = Generator(tiny_sd15, [f"{random_adapters['a']}:0.8", f"{random_adapters['b']}:0.5"],
+                   controlnet=tiny_controlnet, device="cpu")
+    plain = np.asarray(gen.txt2img("a red circle", **FAST)[0].image)
+    zero = cn.txt2img("a red circle", control_image=picture, control_scale=0.0, control_preprocess="canny", **FAST)[0]
+    one = cn.txt2img("a red circle", control_image=picture, control_scale=1.0, control_preprocess="canny", **FAST)[0]
+    assert np.abs(np.asarray(zero.image, dtype=int) - plain).max() <= 1
+    assert not np.array_equal(np.asarray(one.image), plain)
+    assert "ControlNet 0: \"Module: canny, Model: model, Weight: 1\"" in a1111_parameters(one.info)
+    inpaint = cn.inpaint("x", picture, Image.new("L", (64, 64), 255), control_image=picture, steps=2, seed=1)[0]
+    assert inpaint.image.size == (64, 64)
+
+
+def test_sweep_grid_holds_each_weight_rendered_alone(gen):
+    prompts, weights = ["a red circle", "a blue square"], [0.0, 0.5, 1.0]
+    sweep = sweep_grid(gen, prompts, weights, adapter="a", request=Request(prompt="", **FAST))
+    grid, boxes = sweep.grid.image, sweep.grid.boxes
+    assert len(boxes) == 2 and len(boxes[0]) == 3
+    assert grid.size[0] > 3 * 64 and grid.size[1] > 2 * 64
+    assert gen.adapters.specs["a"].weight == 0.8  # put back afterwards
+    gen.set_weight("a", 0.5)
+    try:
+        alone = gen.txt2img("a blue square", **FAST)[0].image
+    finally:
+        gen.set_weight("a", 0.8)
+    assert np.array_equal(np.asarray(grid.crop(boxes[1][1])), np.asarray(alone))
+    assert not np.array_equal(np.asarray(grid.crop(boxes[1][0])), np.asarray(alone))
+    assert sweep.info.extra["Sweep"] == "a: 0,0.5,1"
+
+
+def test_png_parameters_round_trip(gen, tmp_path):
+    args = ["infer", "--model", str(gen.model), "--lora", f"{gen.adapters.specs['a'].path}:0.6",
+            "--prompt", "a (red:1.2) circle, sky", "--negative-prompt", "blurry, text", "--steps", "2",
+            "--scheduler", "euler_a", "--clip-skip", "2", "--seed", "11", "--width", "32", "--height", "32",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    text = Image.open(tmp_path / "00000-11.png").text["parameters"]
+    info = parse_a1111_parameters(text)
+    assert (info.prompt, info.negative_prompt, info.steps, info.sampler, info.seed, info.clip_skip) == (
+        "a (red:1.2) circle, sky", "blurry, text", 2, "Euler a", 11, 2)
+    assert (info.width, info.height) == (32, 32) and info.adapters[0][:2] == ("a", 0.6)
+    assert len(info.adapters[0][2]) == 12  # A1111's short adapter hash
+    assert a1111_parameters(info) == text
+    assert main(args) == 0 and (tmp_path / "00001-11.png").exists()  # a second run never overwrites
+
+
+def test_sdxl_refiner_runs_as_second_stage(tiny_sdxl, tmp_path):
+    from lora_trainer.testing.inference_models import make_sdxl_refiner
+
+    refiner = make_sdxl_refiner(tiny_sdxl, tmp_path / "refiner")
+    gen = Generator(tiny_sdxl, refiner=refiner, device="cpu")
+    base_only = Generator(tiny_sdxl, device="cpu").txt2img("a red circle", **FAST)[0]
+    out = gen.txt2img("a red circle", refiner_start=0.5, **FAST)[0]
+    assert out.image.size == (64, 64)
+    assert not np.array_equal(np.asarray(out.image), np.asarray(base_only.image))
+    assert out.info.extra["Refiner switch at"] == "0.5"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--scheduler", "karras"], "--scheduler"),
+    (["--outpaint", "1,2"], "--outpaint"),
+    (["--mask", "m.png"], "--mask"),
+    (["--init-image", "missing.png"], "missing.png"),
+    (["--sweep", "0,a"], "--sweep"),
+    (["--width", "65"], "--width"),
+])
+def test_bad_infer_flags_are_one_line_errors(tiny_sd15, tmp_path, capsys, extra, needle):
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and "\n" not in err

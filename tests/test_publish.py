@@ -1,0 +1,399 @@
+"""Publishing: the HF repo folder and card, the upload against a local Hub stand-in, the CivitAI zip."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from PIL import Image
+
+from lora_trainer.cli import main
+
+FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
+
+
+@pytest.fixture()
+def fake_token(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the developer's saved login
+    return FAKE_TOKEN
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def _all_bytes(folder: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in folder.rglob("*") if p.is_file()]
+
+
+def _copy_run(trained, dst: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(trained.output_dir, dst, ignore=shutil.ignore_patterns("hub-repo", "checkpoints", "logs"))
+    for name in drop:
+        (dst / name).unlink()
+    return dst
+
+
+def _publish_dry(run_dir: Path, out: Path, *extra: str) -> int:
+    return main(["publish", str(run_dir), "--hub", "alice/geoshape", "--dry-run", "--out", str(out), *extra])
+
+
+# ---- the repo folder and its card ---------------------------------------------------------------
+
+
+def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_images(
+        trained, tiny_sd15, tmp_path, fake_token, capsys):
+    out = tmp_path / "repo"
+    assert _publish_dry(trained.output_dir, out) == 0
+    printed = capsys.readouterr()
+    assert "would upload" in printed.out and "README.md" in printed.out
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    meta = _front_matter(card)
+    assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # model.base was a local folder
+    assert meta["license"] == "creativeml-openrail-m"
+    assert {"lora", "text-to-image", "stable-diffusion", "diffusers"} <= set(meta["tags"])
+    assert "sdxl" not in meta["tags"]
+    assert meta["instance_prompt"] == "geoshape"
+    assert [w["text"] for w in meta["widget"]] == ["geoshape, a red circle on a light blue background"]
+    for entry in meta["widget"]:
+        image = out / entry["output"]["url"]
+        assert image.is_file()
+        assert Image.open(image).info["parameters"].startswith(entry["text"])  # A1111 chunk kept
+    for section in ("## Trigger words", "## Recommended prompts", "## Weight", "## Use it with diffusers",
+                    "## Use it in ComfyUI", "## Training details", "## Limitations"):
+        assert section in card
+    assert "default range, not measured" in card
+    assert "| LoRA rank / alpha | 4 / 4 |" in card and "| steps | 40 |" in card
+
+    guide = json.loads((out / "prompts.json").read_text())
+    assert guide["trigger_words"] == ["geoshape"]
+    assert guide["prompts"] == ["geoshape, a red circle on a light blue background"]
+    assert guide["weight"] == {"default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
+
+    # nothing secret or local leaves the machine: the token, the trainer's own folders
+    for path, data in _all_bytes(out):
+        assert FAKE_TOKEN.encode() not in data, path
+        assert str(tiny_sd15).encode() not in data, path
+        assert str(trained.output_dir).encode() not in data, path
+    assert FAKE_TOKEN not in printed.out + printed.err
+
+
+def test_repo_has_both_layouts_with_the_runs_tensors(trained, tmp_path, fake_token):
+    out = tmp_path / "repo"
+    assert _publish_dry(trained.output_dir, out) == 0
+    name = trained.adapter_paths[0].stem
+    for published, original in ((out / f"{name}.safetensors", trained.adapter_paths[0]),
+                                (out / "pytorch_lora_weights.safetensors", trained.adapter_paths[1])):
+        got, want = safetensors.torch.load_file(published), safetensors.torch.load_file(original)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_cards_diffusers_snippet_loads_the_repo(trained, tiny_sd15, tmp_path, fake_token):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "repo"
+    assert _publish_dry(trained.output_dir, out) == 0
+    card = (out / "README.md").read_text()
+    snippet = [ln for ln in card.splitlines() if ln.startswith(("pipe.load_lora_weights", "pipe.set_adapters"))]
+    assert len(snippet) == 2
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15), safety_checker=None, requires_safety_checker=False)
+    exec("\n".join(snippet).replace('"alice/geoshape"', repr(str(out))), {"pipe": pipe})  # the repo, locally
+    assert pipe.get_active_adapters() == ["example_lora"]
+    want = safetensors.torch.load_file(trained.adapter_paths[1])
+    key = next(k for k in want if k.endswith("to_q.lora_B.weight"))
+    module = pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".lora_B.weight"))
+    torch.testing.assert_close(module.lora_B["example_lora"].weight, want[key], rtol=0, atol=0)
+    assert module.scaling["example_lora"] == pytest.approx(0.8)  # alpha/rank = 1, times the recommended 0.8
+
+
+@pytest.mark.parametrize("only", ["kohya", "diffusers"])
+def test_a_run_with_one_layout_gets_the_other_converted_exactly(trained, tmp_path, fake_token, only):
+    kohya_file, diffusers_file = trained.adapter_paths
+    run = _copy_run(trained, tmp_path / "run", drop=(diffusers_file.name,))
+    if only == "diffusers":  # a run trained with output.format=diffusers
+        shutil.copyfile(diffusers_file, run / kohya_file.name)
+    out = tmp_path / "repo"
+    assert _publish_dry(run, out) == 0
+    for published, original in ((out / kohya_file.name, kohya_file),
+                                (out / "pytorch_lora_weights.safetensors", diffusers_file)):
+        got, want = safetensors.torch.load_file(published), safetensors.torch.load_file(original)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), published.name
+    with safetensors.safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 4.0
+
+
+def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path, fake_token, capsys):
+    out = tmp_path / "repo"
+    assert _publish_dry(trained.output_dir, out) == 0
+    assert _publish_dry(trained.output_dir, out) == 0  # unchanged since we wrote it: rebuilt freely
+    (out / "README.md").write_text("my own words\n")
+    capsys.readouterr()
+    assert _publish_dry(trained.output_dir, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "README.md" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (out / "README.md").read_text() == "my own words\n"
+    assert _publish_dry(trained.output_dir, out, "--overwrite") == 0
+    assert (out / "README.md").read_text().startswith("---\n")
+
+
+def test_sweep_grid_sets_the_weight_range_and_the_loss_curve_is_shown(trained, tmp_path, fake_token):
+    from PIL.PngImagePlugin import PngInfo
+
+    run = _copy_run(trained, tmp_path / "run")
+    info = PngInfo()
+    info.add_text("parameters", "geoshape, a red circle\nSteps: 10, Seed: 0, Sweep: 0, 0.25, 0.5, 0.75, 1.25")
+    Image.new("RGB", (64, 32)).save(run / "samples" / "sweep.png", pnginfo=info)
+    Image.new("RGB", (32, 32), "white").save(run / "loss.png")
+    out = tmp_path / "repo"
+    assert _publish_dry(run, out) == 0
+    assert json.loads((out / "prompts.json").read_text())["weight"] == {
+        "default": 0.75, "min": 0.25, "max": 1.25, "source": "sweep"}
+    card = (out / "README.md").read_text()
+    assert "**0.25 – 1.25**" in card and "![weight sweep](images/sweep.png)" in card
+    assert (out / "images" / "sweep.png").is_file()
+    assert "![training loss](images/loss.png)" in card and (out / "images" / "loss.png").is_file()
+
+
+# ---- upload, against a local stand-in for the Hub API ------------------------------------------
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """Answers the three calls huggingface_hub's create_repo + upload_folder make; records them."""
+
+    requests: list[dict] = []
+    committed: dict[str, bytes] = {}
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        endpoint = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
+        if self.path == "/api/repos/create":
+            req = json.loads(body)
+            return self._reply(200, {"url": f"{endpoint}/{req['organization']}/{req['name']}"})
+        if self.path == "/api/validate-yaml":  # the real Hub checks the card's metadata; so do we
+            content = json.loads(body)["content"]
+            meta = yaml.safe_load(content.split("---\n", 2)[1])
+            ok = isinstance(meta, dict) and {"base_model", "license", "tags"} <= set(meta)
+            return self._reply(200 if ok else 400, {} if ok else {"errors": [{"message": "bad metadata"}]})
+        if "/preupload/" in self.path:  # "regular": content goes inline in the commit, no LFS/xet
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if "/commit/" in self.path:
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.committed[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._reply(200, {"commitUrl": f"{endpoint}/alice/geoshape/commit/{'a' * 40}",
+                                     "commitOid": "a" * 40, "pullRequestUrl": None})
+        return self._reply(404, {"error": f"not implemented: {self.path}"})
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch):
+    import huggingface_hub.constants
+
+    _FakeHub.requests, _FakeHub.committed = [], {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield _FakeHub
+    server.shutdown()
+    server.server_close()
+
+
+def test_upload_creates_the_repo_and_commits_every_file(trained, tmp_path, fake_token, fake_hub, capsys, caplog):
+    caplog.set_level("DEBUG")
+    out = tmp_path / "repo"
+    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--private", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    paths = [r["path"] for r in fake_hub.requests]
+    assert paths[0] == "/api/repos/create" and "/api/validate-yaml" in paths
+    assert json.loads(fake_hub.requests[0]["body"]) == {"name": "geoshape", "organization": "alice",
+                                                        "visibility": "private", "type": "model"}
+    assert any(p.startswith("/api/models/alice/geoshape/preupload/main") for p in paths)
+    assert any(p.startswith("/api/models/alice/geoshape/commit/main") for p in paths)
+    assert all(r["headers"].get("authorization") == f"Bearer {FAKE_TOKEN}" for r in fake_hub.requests)
+    # the Hub received exactly the folder (bar our manifest), byte for byte
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    assert fake_hub.committed == local
+    assert "published: http://127.0.0.1" in printed.out
+    # the token went only into the Authorization header
+    assert FAKE_TOKEN not in printed.out + printed.err + caplog.text
+    for path, data in _all_bytes(out):
+        assert FAKE_TOKEN.encode() not in data, path
+
+
+def test_upload_without_a_token_is_a_one_line_error(trained, tmp_path, monkeypatch, fake_hub, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    import huggingface_hub.constants  # read at import: point the saved-login path at nothing
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--out", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no HuggingFace token") and err.count("\n") == 1
+    assert fake_hub.requests == []
+
+
+def test_upload_in_offline_mode_says_so(trained, tmp_path, monkeypatch, fake_token, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--out", str(tmp_path / "repo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "HF_HUB_OFFLINE is set" in err and "--dry-run" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["publish", "{tmp}", "--hub", "alice/geoshape", "--dry-run"], "config.yaml: not found"),
+    (["publish", "{run}", "--hub", "not a repo", "--dry-run", "--out", "{tmp}/o"], "--hub: got 'not a repo'"),
+    (["publish", "{run}", "--hub", "a/b", "--dry-run", "--out", "{run}"], "would replace the run folder"),
+    (["package", "{run}", "--civitai", "{tmp}/x.tar"], "expected a path ending in .zip"),
+    (["package", "{run}", "--civitai", "{tmp}/x.zip", "--weight", "-1"], "--weight: got -1"),
+])
+def test_bad_publish_inputs_are_one_line_errors(trained, tmp_path, fake_token, capsys, args, expected):
+    args = [a.format(tmp=tmp_path, run=trained.output_dir) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+
+
+# ---- CivitAI package ------------------------------------------------------------------------------
+
+
+def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained, tiny_sd15, tmp_path, fake_token):
+    from lora_trainer.export.layouts import kohya_to_peft
+    from lora_trainer.inference.generate import AdapterSpec, load_pipeline
+
+    out = tmp_path / "geoshape.zip"
+    assert main(["package", str(trained.output_dir), "--civitai", str(out)]) == 0
+    name = trained.adapter_paths[0].name
+    with zipfile.ZipFile(out) as z:
+        assert sorted(z.namelist()) == sorted([name, "images/00.png", "civitai.json", "prompts.json", "README.txt"])
+        z.extractall(tmp_path / "unzipped")
+    root = tmp_path / "unzipped"
+    fields = json.loads((root / "civitai.json").read_text())
+    assert fields["type"] == "LORA" and fields["baseModel"] == "SD 1.5" and fields["name"] == "example-lora"
+    assert fields["trainedWords"] == ["geoshape"]
+    assert fields["recommendedWeight"] == {"default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
+    assert fields["description"] and fields["file"] == name
+    assert Image.open(root / "images" / "00.png").info["parameters"].startswith("geoshape, a red circle")
+    assert "Trigger words: geoshape" in (root / "README.txt").read_text()
+    for path, data in _all_bytes(root):
+        assert FAKE_TOKEN.encode() not in data, path
+
+    tensors = safetensors.torch.load_file(root / name)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+    with safetensors.safe_open(str(root / name), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_network_dim"] == "4"
+    assert metadata["ss_sd_model_name"] == Path(tiny_sd15).name  # the local path is not published
+
+    # the file loads with our inference module, every module with the trained values (to fp16)
+    pipe = load_pipeline(str(tiny_sd15), [AdapterSpec(root / name, 1.0)])
+    states, _ = kohya_to_peft(safetensors.torch.load_file(trained.adapter_paths[0]))
+    for key, want in states["unet"].items():
+        module, part = key.rsplit(".lora_", 1)
+        layer = getattr(pipe.unet.get_submodule(module), f"lora_{part.split('.')[0]}")["lora0"]
+        torch.testing.assert_close(layer.weight, want.to(torch.float16).float(), rtol=0, atol=0)
+
+
+# ---- SDXL -----------------------------------------------------------------------------------------
+
+
+def _sdxl_run(root: Path) -> Path:
+    """A run folder as an SDXL training writes it (config, kohya file, one sample), without training."""
+    from lora_trainer.config import config_from_dict, dump_config
+    from lora_trainer.export.files import save_adapter
+    from lora_trainer.export.metadata import kohya_metadata
+    from lora_trainer.pnginfo import GenerationInfo, save_png
+
+    cfg = config_from_dict({
+        "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0", "variant": "sdxl"},
+        "data": {"path": "/data/me/portraits", "resolution": 1024},
+        "dreambooth": {"instance_prompt": "a photo of sks person"},
+        "lora": {"rank": 2, "alpha": 1, "train_text_encoder": True},
+        "train": {"max_steps": 500},
+        "sample": {"prompts": ["a photo of sks person in a garden"], "negative_prompt": "blurry"},
+        "output": {"dir": str(root), "name": "sks-person"},
+    })
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(dump_config(cfg))
+    gen = torch.Generator().manual_seed(0)
+
+    def pair(d_in, d_out):
+        return {"lora_A.weight": torch.randn(2, d_in, generator=gen), "lora_B.weight": torch.randn(d_out, 2, generator=gen)}
+
+    states = {
+        "unet": {f"{m}.{k}": v for m in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                                         "up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_k")
+                 for k, v in pair(8, 8).items()},
+        "text_encoder": {f"text_model.encoder.layers.0.self_attn.q_proj.{k}": v for k, v in pair(8, 8).items()},
+        "text_encoder_2": {f"text_model.encoder.layers.1.self_attn.v_proj.{k}": v for k, v in pair(16, 16).items()},
+    }
+    metadata = kohya_metadata(rank=2, alpha=1.0, base_model_version="sdxl_base_v1-0", resolution=1024, steps=500,
+                              trigger_phrase="a photo of sks person", output_name="sks-person",
+                              dataset_dirs={"portraits": {"n_repeats": 1, "img_count": 12}})
+    save_adapter(root / "sks-person.safetensors", states, 2, 1.0, metadata=metadata, dtype=torch.float32, base="sdxl")
+    save_png(Image.new("RGB", (64, 64), "gray"), root / "samples" / "step_00500" / "00.png",
+             GenerationInfo(prompt="a photo of sks person in a garden", negative_prompt="blurry",
+                            adapters=[("sks-person", 1.0, None)]))
+    return root
+
+
+def test_sdxl_run_is_tagged_sdxl_and_packaged_for_sdxl(tmp_path, fake_token):
+    run = _sdxl_run(tmp_path / "run")
+    out = tmp_path / "repo"
+    assert _publish_dry(run, out) == 0
+    meta = _front_matter((out / "README.md").read_text())
+    assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0" and meta["license"] == "openrail++"
+    assert {"sdxl", "lora", "stable-diffusion", "diffusers", "text-to-image"} <= set(meta["tags"])
+    assert meta["instance_prompt"] == "a photo of sks person"
+    assert meta["widget"] == [{"text": "a photo of sks person in a garden",
+                               "parameters": {"negative_prompt": "blurry"}, "output": {"url": "images/00.png"}}]
+    assert "StableDiffusionXLPipeline" in (out / "README.md").read_text()
+    diffusers = safetensors.torch.load_file(out / "pytorch_lora_weights.safetensors")
+    assert "unet.up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_k.lora_B.weight" in diffusers
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj.lora_A.weight" in diffusers
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["path"] == "portraits" and config["output"]["dir"] == "outputs/sks-person"
+    assert not any(b"/data/me" in data or str(run).encode() in data for _, data in _all_bytes(out))
+
+    assert main(["package", str(run), "--civitai", str(tmp_path / "p.zip"), "--weight", "0.7"]) == 0
+    with zipfile.ZipFile(tmp_path / "p.zip") as z:
+        fields = json.loads(z.read("civitai.json"))
+    assert fields["baseModel"] == "SDXL 1.0" and fields["trainedWords"] == ["a photo of sks person"]
+    assert fields["recommendedWeight"] == {"default": 0.7, "min": 0.5, "max": 0.9, "source": "user"}
+    assert fields["negativePrompt"] == "blurry"
