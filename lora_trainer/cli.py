@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out_dir")
     p.set_defaults(func=_make_tiny)
+
+    from .cli_adapters import add_adapter_commands
+
+    add_adapter_commands(sub)  # convert, inspect, resize, merge-loras, extract
     return parser
 
 

@@ -61,12 +61,6 @@ def _headline_alpha(alpha: Alpha) -> float:
     return collections.Counter(float(v) for v in values).most_common(1)[0][0]
 
 
-def _target_name(module: str) -> str:
-    """The module-name suffix peft's `target_modules` matches: `to_q`, or `to_out.0` for list items."""
-    parts = module.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
-
-
 def _pattern(module: str) -> str:
     # peft matches patterns as `(.*\.)?PATTERN$`; without `text_model.` the pattern matches both
     # flattened (transformers >= 5) and nested CLIP text models.
@@ -85,7 +79,9 @@ def lora_config_dict(state: Mapping[str, torch.Tensor], rank: int, alpha: float 
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
-        target_modules=sorted({_target_name(m) for m in modules}),
+        # Whole module paths, not suffixes like `to_q`: an adapter on some of the layers a suffix
+        # names (an extracted or merged file) must not make peft wrap the others too.
+        target_modules=sorted({m.removeprefix("text_model.") for m in modules}),
         rank_pattern={_pattern(m): r for m, r in ranks.items() if r != rank},
         alpha_pattern={_pattern(m): a for m, a in alphas.items() if a != lora_alpha},
     )
@@ -104,9 +100,11 @@ def _adapter_metadata_json(configs: Mapping[str, dict]) -> str:
     return json.dumps(flat, indent=2, sort_keys=True)
 
 
-def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    # Alphas keep their own dtype (float32): they are scalars and must stay exact.
-    return {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()}
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    # Alphas keep their own dtype (float32): they are scalars and must stay exact. dtype None keeps
+    # every tensor as it is (format conversion must not round anything).
+    return {k: (v if k.endswith(".alpha") or dtype is None else v.to(dtype)).contiguous()
+            for k, v in tensors.items()}
 
 
 def save_adapter(
@@ -116,7 +114,7 @@ def save_adapter(
     alpha: Alpha,
     layout: str = "kohya",
     metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | None = torch.float16,
     *,
     base: str = "sd15",
     adapter_configs: Mapping[str, dict] | None = None,
@@ -131,8 +129,8 @@ def save_adapter(
     """
     if layout not in ("kohya", "diffusers"):
         raise ValueError(f"layout must be 'kohya' or 'diffusers', not {layout!r}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, None):
+        raise ValueError(f"dtype must be float16, bfloat16, float32 or None (keep), not {dtype}")
     if base not in KOHYA_PREFIXES:
         raise ValueError(f"base must be one of {', '.join(KOHYA_PREFIXES)}, not {base!r}")
     states = {name: state for name, state in component_states.items() if state}

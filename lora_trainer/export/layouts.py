@@ -8,12 +8,12 @@ No key is ever dropped: anything that does not fit a layout is reported by name.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Mapping, NoReturn
 
 import torch
 
 from ..errors import ModelError
+from .sdxl_names import diffusers_from_ldm, ldm_from_diffusers
 
 # kohya prefix -> diffusers component. SD1.x has one text encoder (`lora_te`); SDXL has two
 # (`lora_te1` = CLIP ViT-L, `lora_te2` = OpenCLIP bigG).
@@ -37,11 +37,13 @@ _UNDERSCORE_NAMES = {
     "linear_1", "linear_2", "add_embedding", "input_blocks", "middle_block", "output_blocks",
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
     "layer_norm1", "layer_norm2", "token_embedding", "position_embedding", "text_projection",
+    # the LDM UNet's own names (SDXL files)
+    "in_layers", "out_layers", "emb_layers", "skip_connection", "time_embed", "label_emb",
 }
 _PLAIN_NAMES = {
     "attentions", "resnets", "attn1", "attn2", "ff", "net", "proj", "norm", "norm1", "norm2", "norm3",
     "conv", "conv1", "conv2", "downsamplers", "upsamplers", "encoder", "layers", "mlp", "fc1", "fc2",
-    "embeddings",
+    "embeddings", "op", "out",
 }
 # Top-level children of HF CLIPTextModel's inner `text_model`. Recent transformers flattens
 # CLIPTextModel (no `.text_model`), but kohya names and older diffusers files keep it, so files are
@@ -55,7 +57,7 @@ def _fail(what: str, keys: Iterable[str], hint: str = "") -> NoReturn:
     raise ModelError(f"{what}: {shown}{'; ' + hint if hint else ''}")
 
 
-def _canonical_path(component: str, path: str) -> str:
+def canonical_path(component: str, path: str) -> str:
     """The module path as files spell it: text encoder paths always start with `text_model.`."""
     if component.startswith("text_encoder") and path.startswith(_CLIP_INNER):
         return "text_model." + path
@@ -84,37 +86,6 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
     return modules
 
 
-# --- SDXL: diffusers block names <-> LDM (SGM) block names --------------------------------------
-# Only the attention (Transformer2DModel) blocks are mapped, which covers kohya's default targets.
-
-def _ldm_from_diffusers(path: str, layers_per_block: int) -> str:
-    per = layers_per_block + 1  # each LDM input/output level also holds a down/up-sampler slot
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"input_blocks.{per * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"output_blocks.{per * int(m[1]) + int(m[2])}.1.{m[3]}"
-    raise ModelError(f"no LDM name for UNet module {path!r}: only attention blocks can be written "
-                     "with SDXL block names")
-
-
-def _diffusers_from_ldm(path: str, layers_per_block: int) -> str:
-    per = layers_per_block + 1
-    if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
-        i, j = divmod(int(m[1]) - 1, per)
-        return f"down_blocks.{i}.attentions.{j}.{m[2]}"
-    if m := re.fullmatch(r"middle_block\.1\.(.+)", path):
-        return f"mid_block.attentions.0.{m[1]}"
-    if m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
-        i, j = divmod(int(m[1]), per)
-        return f"up_blocks.{i}.attentions.{j}.{m[2]}"
-    if path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-        raise ModelError(f"LDM UNet module {path!r} is not an attention block; only attention "
-                         "blocks are read from SDXL block names")
-    return path
-
-
 # --- peft <-> kohya ------------------------------------------------------------------------------
 
 def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float | Mapping[str, float],
@@ -140,9 +111,9 @@ def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float |
             module_alpha = alpha[module]
         else:
             module_alpha = alpha
-        path = _canonical_path(component, module)
+        path = canonical_path(component, module)
         if component == "unet" and unet_blocks == "ldm":
-            path = _ldm_from_diffusers(path, layers_per_block)
+            path = ldm_from_diffusers(path, layers_per_block)
         name = f"{prefix}_{path.replace('.', '_')}"
         if name in origin:  # e.g. `a_b.c` and `a.b_c` would both become `a_b_c`
             raise ModelError(f"modules {origin[name]!r} and {module!r} get the same kohya name {name!r}")
@@ -180,7 +151,7 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor],
     paths}) resolves names exactly instead of by the built-in vocabulary. A module without an
     alpha tensor gets alpha = rank (scale 1), as every consumer assumes.
     """
-    known = {comp: {_canonical_path(comp, p) for p in paths} for comp, paths in (module_names or {}).items()}
+    known = {comp: {canonical_path(comp, p) for p in paths} for comp, paths in (module_names or {}).items()}
     exact = {comp: {p.replace(".", "_"): p for p in paths} for comp, paths in known.items()}
     bad_prefix = [k for k in tensors if not k.startswith(tuple(p + "_" for p in KOHYA_COMPONENTS))]
     if bad_prefix:
@@ -193,7 +164,7 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor],
         key = f"{lora_name}.lora_down.weight"
         path = exact.get(component, {}).get(name) or _path_from_kohya(name, key, component in known)
         if component == "unet":
-            path = _diffusers_from_ldm(path, layers_per_block)
+            path = diffusers_from_ldm(path, layers_per_block)
         if component in known and path not in known[component]:
             raise ModelError(f"{key!r} names no module of the {component}")
         state = states.setdefault(component, {})
@@ -215,7 +186,7 @@ def peft_to_diffusers(component_states: Mapping[str, Mapping[str, torch.Tensor]]
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}; use one of {', '.join(COMPONENTS)}")
         for module, parts in _pair_modules(state, _PEFT_SUFFIXES).items():
-            path = _canonical_path(component, module)
+            path = canonical_path(component, module)
             out[f"{component}.{path}.lora_A.weight"] = parts["down"]
             out[f"{component}.{path}.lora_B.weight"] = parts["up"]
     return out

@@ -1,0 +1,169 @@
+"""The adapter-file commands of `lora-trainer`: convert, inspect, resize, merge-loras, extract.
+Registered by cli.py; like cli.py, they only parse, call lora_trainer.export, and print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_DTYPE_HELP = "precision of the saved tensors (default fp16, what shared files use)"
+
+
+def _dtype(name: str):
+    from .export.adapter import DTYPES
+
+    return None if name == "keep" else DTYPES[name]
+
+
+def _weighted(spec: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:WEIGHT' (the weight is what follows the last colon, when it is a number)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _print_fit(report, per_module: bool) -> None:
+    if report is None:
+        return
+    if per_module:
+        for line in report.lines():
+            print(line)
+    print(report.summary())
+
+
+def _convert(args) -> int:
+    from .export.convert import convert_file
+
+    out = convert_file(args.input, args.output, args.to, dtype=_dtype(args.dtype), base=args.variant,
+                       overwrite=args.overwrite)
+    print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .export.inspect import format_report, inspect_adapter
+
+    report = inspect_adapter(args.file, base=args.variant)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, modules=args.modules))
+    return 0
+
+
+def _resize(args) -> int:
+    from .export.adapter import read_adapter, write_adapter
+    from .export.resize import resize_adapter
+
+    adapter = read_adapter(args.input, base=args.variant)
+    resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
+                                     param=args.dynamic_param)
+    layout = args.to or adapter.layout
+    out = write_adapter(args.output, resized, layout, _dtype(args.dtype), overwrite=args.overwrite)
+    _print_fit(report, args.per_module)
+    print(f"wrote {out} ({layout} layout)")
+    return 0
+
+
+def _merge_loras(args) -> int:
+    from .export.adapter import read_adapter, write_adapter
+    from .export.merge import merge_adapters
+
+    specs = [_weighted(s) for s in args.adapters]
+    inputs = [(read_adapter(path, base=args.variant), weight) for path, weight in specs]
+    merged, report = merge_adapters(inputs, rank=args.rank, conv_rank=args.conv_rank, names=[p for p, _ in specs])
+    merged.metadata["modelspec.title"] = Path(args.out).stem
+    layout = args.to or inputs[0][0].layout
+    out = write_adapter(args.out, merged, layout, _dtype(args.dtype), overwrite=args.overwrite)
+    _print_fit(report, args.per_module)
+    print(f"wrote {out} ({layout} layout, {len(list(merged.items()))} modules)")
+    return 0
+
+
+def _extract(args) -> int:
+    from .export.adapter import write_adapter
+    from .export.extract import extract_adapter
+
+    adapter, report, skipped = extract_adapter(args.base, args.tuned, args.rank, conv_rank=args.conv_rank,
+                                               min_diff=args.min_diff, device=args.device)
+    adapter.metadata["modelspec.title"] = Path(args.out).stem
+    out = write_adapter(args.out, adapter, args.to, _dtype(args.dtype), overwrite=args.overwrite)
+    _print_fit(report, args.per_module)
+    if skipped:
+        print(f"{len(skipped)} layers unchanged (|ΔW| <= {args.min_diff}) and left out")
+    print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, dtype_default: str = "fp16", layout_default: str | None = None) -> None:
+    choices = ["fp16", "bf16", "fp32"] + (["keep"] if dtype_default == "keep" else [])
+    p.add_argument("--dtype", choices=choices, default=dtype_default, help=_DTYPE_HELP if dtype_default == "fp16"
+                   else "precision of the saved tensors (default: keep the input's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
+
+def _variant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", choices=["sd15", "sdxl"], default=None,
+                   help="base family, when it cannot be told from the file's keys or metadata")
+
+
+def _ranks(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--rank", type=int, required=required, default=None, help="new rank")
+    p.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 conv modules (default: --rank)")
+    p.add_argument("--per-module", action="store_true", help="print each module's rank and retained norm")
+
+
+def add_adapter_commands(sub) -> None:
+    """Register the adapter-file commands on the `lora-trainer` subparsers."""
+    layouts = ["kohya", "diffusers"]
+
+    p = sub.add_parser("convert", help="convert an adapter between the kohya and diffusers layouts")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", choices=layouts, required=True, help="layout to write")
+    _common(p, dtype_default="keep")
+    _variant(p)
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("inspect", help="show an adapter's layout, modules, ranks, alphas and metadata")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--modules", action="store_true", help="list every module")
+    _variant(p)
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("resize", help="change an adapter's rank by SVD, reporting the kept Frobenius norm")
+    p.add_argument("input")
+    p.add_argument("output")
+    _ranks(p, required=True)
+    p.add_argument("--dynamic", choices=["sv_ratio", "sv_fro", "sv_cumulative"], default=None,
+                   help="choose each module's rank (at most --rank) by its singular values, as kohya does")
+    p.add_argument("--dynamic-param", type=float, default=None,
+                   help="sv_ratio: largest/smallest kept singular value; sv_fro, sv_cumulative: fraction to keep")
+    p.add_argument("--to", choices=layouts, default=None, help="layout to write (default: the input's)")
+    _common(p)
+    _variant(p)
+    p.set_defaults(func=_resize)
+
+    p = sub.add_parser("merge-loras", help="merge adapters into one: exact (ranks add up) or to --rank by SVD")
+    p.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("--out", required=True, help="merged adapter file")
+    _ranks(p, required=False)
+    p.add_argument("--to", choices=layouts, default=None, help="layout to write (default: the first input's)")
+    _common(p)
+    _variant(p)
+    p.set_defaults(func=_merge_loras)
+
+    p = sub.add_parser("extract", help="extract a LoRA from the difference of two model folders by SVD")
+    p.add_argument("--base", required=True, help="original diffusers pipeline folder")
+    p.add_argument("--tuned", required=True, help="fine-tuned diffusers pipeline folder of the same architecture")
+    p.add_argument("--out", required=True, help="adapter file to write")
+    _ranks(p, required=True)
+    p.add_argument("--min-diff", type=float, default=0.0, help="leave out layers whose largest |ΔW| is at most this")
+    p.add_argument("--device", default="cpu", help="where to run the SVDs (cpu, cuda)")
+    p.add_argument("--to", choices=layouts, default="kohya", help="layout to write (default kohya)")
+    _common(p)
+    p.set_defaults(func=_extract)
+

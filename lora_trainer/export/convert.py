@@ -1,0 +1,30 @@
+"""Convert an adapter file between the kohya and diffusers layouts (and precisions).
+
+Tensors pass through untouched unless a dtype is asked for, so kohya -> diffusers -> kohya gives
+back the same tensor bytes; alphas travel as kohya `alpha` tensors or as the diffusers LoraConfig.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .adapter import read_adapter, write_adapter
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: torch.dtype | None = None,
+                 base: str | None = None, overwrite: bool = False) -> Path:
+    """Write `src` to `dst` in layout `to` ('kohya' or 'diffusers'); dtype None keeps the file's.
+
+    Metadata is kept, except what describes only the source file (its hashes, the diffusers
+    LoraConfig): kohya files get fresh `sshs_*` hashes, diffusers files a LoraConfig with the alphas.
+    """
+    if to not in ("kohya", "diffusers"):
+        raise ModelError(f"--to {to!r} is not kohya or diffusers")
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ModelError(f"{dst} is the input file; write the converted adapter to another name")
+    adapter = read_adapter(src, base=base)
+    return write_adapter(dst, adapter, layout=to, dtype=dtype, overwrite=overwrite)

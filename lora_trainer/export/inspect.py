@@ -1,0 +1,122 @@
+"""What an adapter file holds: layout, base family, modules, ranks, alphas, parameter count, size,
+dtype, metadata, and whether its `sshs_model_hash` still matches its tensors."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from .adapter import Adapter, read_adapter
+
+_LONG = 160  # metadata values longer than this are shortened in the text report (not in JSON)
+
+
+def _kind(module) -> str:
+    if not module.is_conv:
+        return "linear"
+    kh, kw = module.down.shape[2:]
+    return f"conv {kh}x{kw}"
+
+
+def _tensor_hash(path: Path) -> str:
+    """SHA-256 of the bytes after the header: the tensors alone, as `sshs_model_hash` is defined."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _counts(values) -> dict[str, int]:
+    return {str(v): n for v, n in sorted(collections.Counter(values).items())}
+
+
+def _warnings(adapter: Adapter) -> list[str]:
+    out = []
+    alphas = {m.alpha for _, _, m in adapter.items()}
+    if adapter.layout == "kohya" and len(alphas) > 1:
+        out.append("modules have different alphas: diffusers (0.42) applies some of them wrongly to kohya "
+                   "files; convert to the diffusers layout for diffusers, or resize/merge to one alpha")
+    for component, modules in adapter.modules.items():
+        attention = [p for p in modules if re.search(r"self_attn\.[qkv]_proj$", p)]
+        if adapter.layout == "kohya" and attention and not any(p.endswith("self_attn.out_proj") for p in modules):
+            # diffusers tells old-style kohya text-encoder keys apart by `to_out_lora`; without one it
+            # drops q/k/v modules (or fails) when loading.
+            out.append(f"{component} has q/k/v modules but no out_proj: diffusers (0.42) cannot load them from "
+                       "a kohya file; convert to the diffusers layout for diffusers")
+    return out
+
+
+def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
+    """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
+    path = Path(path)
+    adapter = read_adapter(path, base=base)
+    components = {}
+    for component, modules in adapter.modules.items():
+        kinds = collections.Counter(_kind(m) for m in modules.values())
+        components[component] = {"modules": len(modules), "kinds": dict(sorted(kinds.items())),
+                                 "parameters": sum(m.parameters for m in modules.values())}
+    metadata = adapter.metadata
+    report = {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "layout": adapter.layout,
+        "base": adapter.base,
+        "base_from": adapter.base_reason,
+        "dtypes": _counts(str(t.dtype).removeprefix("torch.") for _, _, m in adapter.items() for t in (m.down, m.up)),
+        "components": components,
+        "ranks": _counts(m.rank for _, _, m in adapter.items()),
+        "alphas": _counts(m.alpha for _, _, m in adapter.items()),
+        "scales": _counts(round(m.scale, 6) for _, _, m in adapter.items()),
+        "parameters": adapter.parameters,
+        "modules": [{"component": c, "module": p, "kind": _kind(m), "rank": m.rank, "alpha": m.alpha,
+                     "in": m.weight_shape[1], "out": m.weight_shape[0]} for c, p, m in adapter.items()],
+        "metadata": dict(sorted(metadata.items())),
+        "warnings": _warnings(adapter),
+    }
+    if "sshs_model_hash" in metadata:
+        report["hash_matches"] = _tensor_hash(path) == metadata["sshs_model_hash"]
+    return report
+
+
+def _spread(counts: dict[str, int], total: int) -> str:
+    if len(counts) == 1:
+        return f"{next(iter(counts))} (all {total} modules)"
+    return ", ".join(f"{value} ×{n}" for value, n in counts.items())
+
+
+def format_report(report: dict, modules: bool = False) -> str:
+    """The text `lora-trainer inspect` prints; `modules` lists every module."""
+    total = len(report["modules"])
+    parts = []
+    for name, info in report["components"].items():
+        kinds = ", ".join(f"{n} {k}" for k, n in info["kinds"].items())
+        parts.append(f"{name} {info['modules']} ({kinds})")
+    lines = [
+        f"file        {report['file']} ({report['size_bytes'] / 1024:.1f} KiB, {', '.join(report['dtypes'])})",
+        f"layout      {report['layout']}",
+        f"base        {report['base']} (from {report['base_from']})",
+        f"modules     {total}: {'; '.join(parts)}",
+        f"rank        {_spread(report['ranks'], total)}",
+        f"alpha       {_spread(report['alphas'], total)}",
+        f"scale       {_spread(report['scales'], total)} (alpha / rank)",
+        f"parameters  {report['parameters']:,}",
+    ]
+    if "hash_matches" in report:
+        state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
+        lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
+    lines += [f"warning     {w}" for w in report["warnings"]]
+    lines.append(f"metadata    {len(report['metadata'])} keys")
+    for key, value in report["metadata"].items():
+        value = " ".join(value.split())
+        lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
+    if modules:
+        lines.append("modules:")
+        lines += [f"  {m['component']}.{m['module']}  {m['kind']} {m['in']}->{m['out']}  rank {m['rank']}  alpha {m['alpha']:g}"
+                  for m in report["modules"]]
+    return "\n".join(lines)
