@@ -146,7 +146,7 @@ def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
     if variant == "sd15" and "text_encoder_2" in parts:
         raise ModelError(f"model.variant: {base!r} is SDXL; set model.variant=sdxl or auto")
     vae = parts["vae"]
-    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+    if variant == "sdxl" and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does.
         vae.to(torch.float32)
     for module in (parts["text_encoder"], parts.get("text_encoder_2"), vae, unet):
