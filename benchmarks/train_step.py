@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                 # tiny (64 px, batch 2) and sd15-full (256 px, batch 1, rank 4)
     python benchmarks/train_step.py --cases tiny    # just one
+    python benchmarks/train_step.py --cases sdxl-tiny,sdxl-tiny-nocache
+    python benchmarks/train_step.py --cases gpu-sd15-512,gpu-sd15-512-ckpt-8bit,gpu-sdxl-1024,gpu-sdxl-1024-ckpt-8bit
 
 Each case runs `train()` in its own process (so peak RSS is that case's alone) on the bundled
 example images, UNet LoRA only, and reports the median step time after two warm-up steps. The
@@ -41,6 +43,18 @@ CASES = {
                                       "train.gradient_checkpointing=true"]),
     "full512-bf16-nocache": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=bf16",
                                            "train.cache_latents=false"]),
+    "sdxl-tiny": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no"]),
+    "sdxl-tiny-nocache": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no",
+                                   "train.cache_latents=false"]),
+    # Real SDXL sizes (2.6 B UNet parameters): a GPU case; on CPU it takes many GiB and minutes per step.
+    "sdxl-full-512": ("sdxl-full", ["data.resolution=512", "train.batch_size=1", "train.mixed_precision=bf16",
+                                    "train.gradient_checkpointing=true"]),
+    # The GPU table: batch 1, bf16, with and without gradient checkpointing + 8-bit AdamW.
+    **{f"gpu-{name}{tail}": (variant, [f"data.resolution={res}", "train.batch_size=1", "train.mixed_precision=bf16",
+                                       *extra])
+       for name, variant, res in (("sd15-512", "sd15-full", 512), ("sdxl-1024", "sdxl-full", 1024))
+       for tail, extra in (("", []), ("-ckpt-8bit", ["train.gradient_checkpointing=true",
+                                                     "train.optimizer=adamw8bit"]))},
 }
 
 

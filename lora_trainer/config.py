@@ -28,6 +28,9 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     # dtype of the frozen weights; auto follows train.mixed_precision (fp32 when "no")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # single-file bases only: a diffusers folder whose configs (and tokenizers) describe the
+    # checkpoint; None uses the SD1.5/SDXL configs shipped in lora_trainer/models/configs/
+    config_dir: Optional[str] = None
 
 
 @dataclass
@@ -60,7 +63,7 @@ class CaptionConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # folder of images with .txt sidecars or metadata.jsonl
-    resolution: int = 512  # training side in pixels (multiple of 8)
+    resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
     center_crop: bool = True  # False: random crop
     random_flip: bool = False  # horizontal flip with p=0.5
     repeats: int = 1  # each image is seen this many times per epoch
@@ -68,15 +71,24 @@ class DataConfig:
     caption_dropout: float = 0.0  # probability of training on the empty caption
     num_workers: int = 0  # DataLoader workers
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # captioning of uncaptioned images
+    # aspect-ratio buckets: images keep their aspect, cropped to the nearest of a set of sizes of
+    # about resolution² pixels; every batch comes from one bucket
+    buckets: bool = False
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for real SD UNets)
+    shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
+    keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
 
 
 @dataclass
 class DreamboothConfig:
     instance_prompt: Optional[str] = None  # when set, every instance image uses this caption
-    class_prompt: Optional[str] = None
-    class_data: Optional[str] = None
-    num_class_images: int = 0
-    prior_loss_weight: float = 1.0
+    # prior preservation: images of the class ("a photo of a dog") keep the model's idea of it
+    class_prompt: Optional[str] = None  # caption of the class images, and the prompt that generates them
+    class_data: Optional[str] = None  # folder of class images; missing ones are generated into it
+    num_class_images: int = 0  # how many class images to train with (generated up to this count)
+    prior_loss_weight: float = 1.0  # loss = instance loss + weight · class loss
+    class_batch_size: int = 4  # images generated per pipeline call
+    class_steps: int = 30  # sampling steps per generated class image
 
 
 @dataclass
@@ -97,7 +109,9 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4  # UNet adapter learning rate
     text_encoder_lr: Optional[float] = None  # None: same as lr
-    optimizer: Literal["adamw"] = "adamw"
+    # adamw8bit needs bitsandbytes and CUDA; prodigy needs prodigyopt (use lr 1.0); adafactor is
+    # the transformers one with a fixed lr
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -112,8 +126,11 @@ class TrainConfig:
     seed: int = 42
     # cache VAE latents (and frozen text embeddings) the first time each image is seen
     cache_latents: bool = True
+    cache_latents_to_disk: bool = False  # keep the latent cache between runs (keyed by file content + crop)
+    cache_dir: Optional[str] = None  # where the disk cache lives; None: <data.path>/.cache/lora-trainer
     noise_offset: float = 0.0
-    snr_gamma: Optional[float] = None  # reserved for min-SNR weighting
+    snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
+    input_perturbation: float = 0.0  # extra noise on the model input only (0.1 in the paper); 0: off
     log_every_n_steps: int = 1
 
 
@@ -157,6 +174,10 @@ class RunConfig:
     @property
     def lora_alpha(self) -> float:
         return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.dreambooth.num_class_images > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,7 +284,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(bool(cfg.model.base), "model.base", cfg.model.base, "a hub id, a diffusers folder or a .safetensors file")
     need(bool(cfg.data.path), "data.path", cfg.data.path, "a folder of images with captions")
     r = cfg.data.resolution
-    need(r >= 8 and r % 8 == 0, "data.resolution", r, "a positive multiple of 8 (e.g. 512)")
+    need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")
+    step = cfg.data.bucket_step
+    need(step >= 8 and step % 8 == 0, "data.bucket_step", step, "a positive multiple of 8 (64 for real models)")
+    need(cfg.data.keep_tokens >= 0, "data.keep_tokens", cfg.data.keep_tokens, "an integer >= 0")
     need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
@@ -288,6 +312,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "a number >= 0 (0 disables clipping)")
     need(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "a number >= 0 (e.g. 0.05)")
+    need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", t.snr_gamma, "a number > 0 (e.g. 5.0) or null")
+    need(t.input_perturbation >= 0, "train.input_perturbation", t.input_perturbation, "a number >= 0 (e.g. 0.1)")
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
@@ -295,11 +321,16 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     name = cfg.output.name
     need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")
     db = cfg.dreambooth
-    if db.class_prompt or db.class_data or db.num_class_images:
-        errors.append(
-            "dreambooth.class_prompt: prior preservation (class_prompt, class_data, num_class_images) "
-            "is not supported by this version; remove those keys"
-        )
+    need(db.num_class_images >= 0, "dreambooth.num_class_images", db.num_class_images, "an integer >= 0")
+    need(db.prior_loss_weight >= 0, "dreambooth.prior_loss_weight", db.prior_loss_weight, "a number >= 0 (1.0 usual)")
+    need(db.class_batch_size >= 1, "dreambooth.class_batch_size", db.class_batch_size, "an integer >= 1")
+    need(db.class_steps >= 1, "dreambooth.class_steps", db.class_steps, "an integer >= 1")
+    if db.num_class_images:  # prior preservation is on: it needs both the folder and the prompt
+        need(bool(db.class_data), "dreambooth.class_data", db.class_data, "a folder for the class images")
+        need(bool(db.class_prompt), "dreambooth.class_prompt", db.class_prompt, 'the class, e.g. "a photo of a dog"')
+    elif db.class_prompt or db.class_data:
+        errors.append(f"dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
+                      "expected the number of class images for prior preservation (e.g. 200)")
 
 
 def check_caption_config(c: CaptionConfig, errors: list[str],

@@ -90,3 +90,13 @@ def test_bare_yaml_no_means_no_mixed_precision(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {base: m}\ndata: {path: d}\ntrain: {max_steps: 1, mixed_precision: no}\n")
     assert load_config(path).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("name", ["sd15-style", "sd15-dreambooth", "sdxl-style", "sdxl-dreambooth"])
+def test_ready_configs_are_valid(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.lora.rank in (8, 16, 32) and cfg.train.lr == pytest.approx(1e-4)
+    if "dreambooth" in name:
+        assert cfg.prior_preservation and cfg.dreambooth.class_prompt and cfg.train.text_encoder_lr == pytest.approx(5e-5)
+    if name.startswith("sdxl"):
+        assert cfg.data.resolution == 1024 and cfg.data.buckets

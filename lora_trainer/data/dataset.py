@@ -113,11 +113,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     process, DataLoader worker or resumed run. Call `set_epoch` before each epoch (with
     non-persistent workers, which copy the dataset when iteration starts).
     Items also carry `original_size` (h, w) and `crop_top_left` (y, x) for SDXL conditioning.
+    `sizes` gives each example its own (h, w) crop (aspect-ratio buckets) instead of the square;
+    `shuffle_tags` reorders a caption's comma-separated tags after the first `keep_tokens`.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
-                 repeats: int = 1, seed: int = 0):
+                 repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
+                 shuffle_tags: bool = False, keep_tokens: int = 0):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
@@ -135,6 +138,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
+        if sizes is not None and len(sizes) != len(self.examples):
+            raise ValueError(f"sizes has {len(sizes)} entries for {len(self.examples)} examples")
+        self.sizes = list(sizes) if sizes is not None else None
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -155,29 +163,34 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         crop_u, crop_v = rng.random(), rng.random()
         flipped = self.random_flip and rng.random() < 0.5
 
+        height, width = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
         image = load_image(example.path)
         original_size = (image.height, image.width)
-        image = resize_shorter_side(image, self.resolution)
-        top, left = self._crop_offsets(image, crop_u, crop_v)
+        image = resize_to_cover(image, height, width)
+        top, left = self._crop_offsets(image, height, width, crop_u, crop_v)
         resized_width = image.width
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        image = image.crop((left, top, left + width, top + height))
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             # The flipped crop is what cropping the mirrored image would give at this offset.
-            left = resized_width - left - self.resolution
+            left = resized_width - left - width
 
+        caption = "" if drop_caption else self._caption(example.caption)
+        if self.shuffle_tags and caption:
+            # Its own stream, so shuffling leaves every other choice of the item as it was.
+            caption = shuffle_tags(caption, self.keep_tokens, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
         return {
             "pixel_values": to_tensor(image),
-            "caption": "" if drop_caption else self._caption(example.caption),
+            "caption": caption,
             "index": index,
             "flipped": flipped,
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor((top, left)),
         }
 
-    def _crop_offsets(self, image: Image.Image, u: float, v: float) -> tuple[int, int]:
-        spare_h = image.height - self.resolution
-        spare_w = image.width - self.resolution
+    def _crop_offsets(self, image: Image.Image, height: int, width: int, u: float, v: float) -> tuple[int, int]:
+        spare_h = image.height - height
+        spare_w = image.width - width
         if self.center_crop:
             return spare_h // 2, spare_w // 2
         return int(u * (spare_h + 1)), int(v * (spare_w + 1))
@@ -189,12 +202,26 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.caption_prefix + caption
 
 
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """The caption's comma-separated tags in a random order, the first `keep_tokens` kept in place
+    (kohya's --shuffle_caption / --keep_tokens: the trigger word stays first)."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(t for t in head + tail if t)
+
+
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     """Scale so the shorter side is `resolution` pixels, keeping the aspect ratio."""
-    scale = resolution / min(image.width, image.height)
-    # max() guards against rounding the longer side below the crop size.
-    size = (max(resolution, round(image.width * scale)),
-            max(resolution, round(image.height * scale)))
+    return resize_to_cover(image, resolution, resolution)
+
+
+def resize_to_cover(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale, keeping the aspect ratio, to the smallest size that covers height × width."""
+    scale = max(width / image.width, height / image.height)
+    # max() guards against rounding a side below the crop size.
+    size = (max(width, round(image.width * scale)),
+            max(height, round(image.height * scale)))
     if size == image.size:
         return image
     # reducing_gap lets PIL shrink big photos by whole factors first: much faster, same look.

@@ -1,4 +1,5 @@
-"""Base-model loading: a hub id or a diffusers folder, its variant detected, components in one place."""
+"""Base-model loading: a hub id, a diffusers folder or a single-file checkpoint, its variant
+(SD1.x or SDXL) detected, the frozen components in one place."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -16,11 +17,16 @@ from ..errors import ModelError
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
 class BaseModel:
-    """The frozen pieces of a Stable Diffusion pipeline the trainer needs."""
+    """The frozen pieces of a Stable Diffusion pipeline the trainer needs.
+
+    SDXL has a second tokenizer/text encoder (OpenCLIP bigG with projection); SD1.x leaves them None.
+    """
 
     variant: str
     source: str
@@ -29,10 +35,16 @@ class BaseModel:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: Any  # DDPMScheduler built from the base's scheduler config
+    tokenizer_2: Any = None
+    text_encoder_2: Optional[torch.nn.Module] = None
 
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def weight_dtype_for(model_cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
@@ -42,9 +54,18 @@ def weight_dtype_for(model_cfg: ModelConfig, mixed_precision: str) -> torch.dtyp
     return DTYPES[mixed_precision]
 
 
+def is_single_file(base: str) -> bool:
+    return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
 def detect_variant(base: str) -> str:
-    """'sd15' or 'sdxl', from the folder's model_index.json; hub ids are read after download."""
-    index = Path(base) / "model_index.json"
+    """'sd15' or 'sdxl': from a folder's model_index.json or a single file's tensor names.
+    A hub id not yet downloaded counts as SD1.x unless `model.variant` says otherwise."""
+    if is_single_file(base):
+        from .single_file import detect_single_file_variant
+
+        return detect_single_file_variant(base)
+    index = Path(base).expanduser() / "model_index.json"
     if not index.is_file():
         return "sd15"
     try:
@@ -56,40 +77,81 @@ def detect_variant(base: str) -> str:
     return "sd15"
 
 
-def _check_source(base: str) -> None:
+def resolve_variant(model_cfg: ModelConfig) -> str:
+    """`model.variant` when set, else what the base says it is; checks the source exists first."""
+    check_source(model_cfg.base)
+    return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base)
+
+
+def check_source(base: str) -> None:
     path = Path(base).expanduser()
-    if path.suffix in (".safetensors", ".ckpt"):
-        raise ModelError(
-            f"model.base: {base!r} is a single-file checkpoint; this version loads diffusers folders "
-            "and hub ids only (convert it with diffusers' from_single_file + save_pretrained)"
-        )
+    if is_single_file(base):
+        if not path.is_file():
+            raise ModelError(f"model.base: {base!r} does not exist; give a .safetensors checkpoint that does")
+        if path.suffix.lower() == ".ckpt":
+            raise ModelError(f"model.base: {base!r} is a pickle .ckpt, which can run code when loaded; "
+                             "use the .safetensors version of the checkpoint")
+        return
     if path.exists() and not (path / "model_index.json").is_file():
         raise ModelError(f"model.base: {base!r} is a folder without model_index.json; point it at a diffusers pipeline folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         raise ModelError(f"model.base: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_components(base: str, variant: str, weight_dtype: torch.dtype, revision: Optional[str]) -> dict:
+    """The pipeline's components from a diffusers folder or hub id, loaded one by one (no
+    safety checker, no feature extractor)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = dict(revision=revision)
+    parts = {
+        "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=weight_dtype, **kw),
+        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=weight_dtype, **kw),
+        "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype, **kw),
+    }
+    if variant == "sdxl":
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            base, subfolder="text_encoder_2", torch_dtype=weight_dtype, **kw)
+    return parts
+
+
 def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
-    """Load tokenizer, text encoder, VAE, UNet (frozen, in `weight_dtype`) and the noise schedule."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Load tokenizer(s), text encoder(s), VAE, UNet (frozen, in `weight_dtype`) and the noise schedule."""
+    from diffusers import DDPMScheduler
 
     base = model_cfg.base
-    _check_source(base)
-    variant = model_cfg.variant if model_cfg.variant != "auto" else detect_variant(base)
-    if variant != "sd15":
-        raise ModelError(f"model.base: {base!r} is an SDXL model; this version trains SD1.x/2.x bases only")
-    kw = dict(revision=model_cfg.revision)
+    variant = resolve_variant(model_cfg)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=weight_dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=weight_dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.base: cannot load {base!r}: {first}") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return BaseModel(variant, base, tokenizer, text_encoder, vae, unet, noise_scheduler)
+        if is_single_file(base):
+            from .single_file import load_single_file
+
+            parts, scheduler_config = load_single_file(base, variant, weight_dtype, model_cfg.config_dir)
+            noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+        else:
+            parts = _load_components(base, variant, weight_dtype, model_cfg.revision)
+            noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=model_cfg.revision)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model.base: cannot load {base!r} as {variant}: {_first_line(exc)}") from None
+    unet = parts["unet"]
+    if variant == "sdxl" and getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise ModelError(f"model.variant: {base!r} has no SDXL UNet (no text_time conditioning); set model.variant=sd15")
+    if variant == "sd15" and "text_encoder_2" in parts:
+        raise ModelError(f"model.variant: {base!r} is SDXL; set model.variant=sdxl or auto")
+    vae = parts["vae"]
+    if variant == "sdxl" and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does.
+        vae.to(torch.float32)
+    for module in (parts["text_encoder"], parts.get("text_encoder_2"), vae, unet):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return BaseModel(variant, base, parts["tokenizer"], parts["text_encoder"], vae, unet, noise_scheduler,
+                     parts.get("tokenizer_2"), parts.get("text_encoder_2"))

@@ -1,46 +1,111 @@
 """Lazy caches for the frozen parts of a step: VAE latents and text embeddings.
 
 Nothing is precomputed: an entry is filled the first time a step needs it and reused after, so a
-short run pays only for what it uses and a long run encodes each image once.
+short run pays only for what it uses and a long run encodes each image once. Latents can also be
+kept on disk between runs, keyed by the image file's content, the transform and the VAE.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable, Hashable, Optional, Sequence
 
+import safetensors.torch
 import torch
+
+from ..fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameter bytes and dtypes: two VAEs share cached latents only if
+    their weights are identical."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class LatentCache:
-    """VAE latent distributions (mean, std) keyed by (image index, crop, flip).
+    """VAE latent distributions (mean, std) keyed by (image path, transform).
 
     The distribution, not a sample, is cached, so each step still draws fresh latents as an
-    uncached run would.
+    uncached run would. With `directory`, entries are also files named by the hash of the image
+    bytes, the transform (size, crop, flip) and `fingerprint` (the VAE), so an edited image, a
+    new crop or another VAE never reuses a stale entry.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, directory: Optional[str | Path] = None, fingerprint: str = "",
+                 device: str | torch.device = "cpu"):
         self.enabled = enabled
+        self.device = torch.device(device)
+        self.directory = Path(directory) if directory is not None else None
+        self.fingerprint = fingerprint
         self._store: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._file_hashes: dict[str, str] = {}
         self.hits = 0
         self.misses = 0
+        self.disk_hits = 0
 
     def __len__(self) -> int:
         return len(self._store)
 
+    def _disk_path(self, key: tuple) -> Path:
+        path, transform = str(key[0]), key[1:]
+        if path not in self._file_hashes:
+            self._file_hashes[path] = file_sha256(path)
+        name = hashlib.sha256(f"{self._file_hashes[path]}|{transform}|{self.fingerprint}".encode()).hexdigest()
+        return self.directory / name[:2] / f"{name}.safetensors"
+
+    def _from_disk(self, key: tuple) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        path = self._disk_path(key)
+        if not path.is_file():
+            return None
+        try:
+            entry = safetensors.torch.load_file(str(path), device=str(self.device))
+            return entry["mean"], entry["std"]
+        except Exception as exc:  # a damaged entry is re-encoded, never fatal
+            log.warning("latent cache entry %s unreadable (%s); encoding the image again", path, exc)
+            return None
+
+    def _to_disk(self, key: tuple, mean: torch.Tensor, std: torch.Tensor) -> None:
+        with atomic_path(self._disk_path(key)) as tmp:
+            safetensors.torch.save_file({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, str(tmp))
+
     def distributions(
         self,
-        keys: Sequence[Hashable],
+        keys: Sequence[tuple],
         pixels: torch.Tensor,
         encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) for each item of the batch; `encode` runs only on the missing ones."""
+        """(mean, std) for each item of the batch; `encode` runs only on the missing ones.
+        A key is (image path, *transform)."""
         if not self.enabled:
             return encode(pixels)
+        if self.directory is not None:
+            for key in keys:
+                if key not in self._store and (entry := self._from_disk(key)) is not None:
+                    self._store[key] = entry
+                    self.disk_hits += 1
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         if missing:
             mean, std = encode(pixels[missing])
             for j, i in enumerate(missing):
                 self._store[keys[i]] = (mean[j], std[j])
+                if self.directory is not None:
+                    self._to_disk(keys[i], mean[j], std[j])
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         means = torch.stack([self._store[k][0] for k in keys])
@@ -49,20 +114,23 @@ class LatentCache:
 
 
 class EmbeddingCache:
-    """Frozen text-encoder outputs keyed by caption string (valid only while the encoder is frozen)."""
+    """Frozen text-encoder outputs keyed by caption string (valid only while the encoders are
+    frozen). `encode` returns a tuple of batched tensors (SDXL: hidden states and pooled)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._store: dict[str, torch.Tensor] = {}
+        self._store: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._store)
 
-    def embeddings(self, captions: Sequence[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+    def embeddings(self, captions: Sequence[str],
+                   encode: Callable[[list[str]], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
             return encode(list(captions))
         missing = sorted({c for c in captions if c not in self._store})
         if missing:
-            for caption, emb in zip(missing, encode(missing)):
-                self._store[caption] = emb
-        return torch.stack([self._store[c] for c in captions])
+            encoded = encode(missing)
+            for j, caption in enumerate(missing):
+                self._store[caption] = tuple(t[j] for t in encoded)
+        return tuple(torch.stack([self._store[c][n] for c in captions]) for n in range(len(self._store[captions[0]])))

@@ -17,6 +17,16 @@ def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Ge
     return noise
 
 
+def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023): the UNet input is noised with noise + amount·ξ while
+    the target stays `noise`, which reduces the train/sample mismatch ("exposure bias").
+    With amount 0 nothing is drawn, so runs without it keep their random stream."""
+    if not amount:
+        return noise
+    extra = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
+    return noise + amount * extra
+
+
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet must predict, from the base's scheduler config."""
     kind = scheduler.config.prediction_type

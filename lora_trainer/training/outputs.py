@@ -25,24 +25,33 @@ def _final_captions(cfg: RunConfig, examples) -> list:
     return [replace(ex, caption=prefix + ex.caption if ex.caption else prefix) for ex in examples]
 
 
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+
+
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
-              prediction_type: str) -> dict[str, str]:
+              prediction_type: str, variant: str) -> dict[str, str]:
+    from .optimizers import OPTIMIZER_NAMES
+
     t = cfg.train
+    db = cfg.dreambooth
     data_dir = Path(cfg.data.path).name or str(cfg.data.path)
     return kohya_metadata(
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
-        base_model_version="sd_v1",
+        base_model_version=BASE_MODEL_VERSIONS[variant],
         base_model_name=cfg.model.base,
         resolution=cfg.data.resolution,
         num_train_images=len(examples) * cfg.data.repeats,
+        num_reg_images=db.num_class_images,
+        prior_loss_weight=db.prior_loss_weight if db.num_class_images else None,
+        enable_bucket=cfg.data.buckets,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
         unet_lr=t.lr,
         text_encoder_lr=(t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if cfg.lora.train_text_encoder else None,
         lr_scheduler=t.scheduler,
-        optimizer=t.optimizer,
+        optimizer=OPTIMIZER_NAMES[t.optimizer],
         mixed_precision=t.mixed_precision,
         seed=t.seed,
         noise_offset=t.noise_offset,
@@ -60,7 +69,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
 
 
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
-                   started_at: float, prediction_type: str = "epsilon", suffix: str = "") -> list[Path]:
+                   started_at: float, prediction_type: str = "epsilon", suffix: str = "",
+                   text_encoder_2=None, variant: str = "sd15") -> list[Path]:
     """Write the adapter as `cfg.output.format` says; return the written paths.
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
@@ -69,8 +79,8 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     out_dir = Path(cfg.output.dir)
     if suffix:
         out_dir = out_dir / "checkpoints"
-    states = adapter_states(unet, text_encoder)
-    metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type)
+    states = adapter_states(unet, text_encoder, text_encoder_2)
+    metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant)
     dtype = SAVE_DTYPES[cfg.output.dtype]
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
@@ -78,16 +88,25 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     for layout in layouts:
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
-        save_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, layout=layout, metadata=metadata, dtype=dtype)
+        save_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, layout=layout, metadata=metadata, dtype=dtype,
+                     base=variant)
         log.info("saved %s adapter: %s", layout, path)
         paths.append(path)
     return paths
 
 
-def sampling_pipeline(base, unet, text_encoder):
-    """A txt2img pipeline over the in-memory (adapted) modules: no copy, no reload."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
+    """A txt2img pipeline over the in-memory (adapted, or the base's own) modules: no copy, no reload."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    unet = unet if unet is not None else base.unet
+    text_encoder = text_encoder if text_encoder is not None else base.text_encoder
+    if base.variant == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2 or base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+        )
     return StableDiffusionPipeline(
         vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
@@ -95,11 +114,11 @@ def sampling_pipeline(base, unet, text_encoder):
     )
 
 
-def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int) -> list[Path]:
+def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None) -> list[Path]:
     """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/."""
     from ..pnginfo import GenerationInfo, save_png
 
-    pipe = sampling_pipeline(base, unet, text_encoder)
+    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()

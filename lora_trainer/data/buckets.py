@@ -1,0 +1,99 @@
+"""Aspect-ratio buckets: instead of square crops, each image is cropped to the bucket size
+closest to its own aspect ratio (about resolution² pixels, sides multiples of `step`), and every
+batch is drawn from one bucket, so images of one shape can be stacked."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from PIL import Image
+
+# EXIF orientations that rotate by 90°: the upright image has width and height swapped.
+_ROTATED = {5, 6, 7, 8}
+
+
+def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(height, width) buckets with area ≤ resolution², each side a multiple of `step` and an aspect
+    ratio within 1:max_aspect, the square included. For each width the tallest height the pixel
+    budget allows is taken (and its transpose), so every bucket is as large as it can be:
+    1024 gives SDXL's familiar 1024x1024, 1152x896, 1216x832, 1344x768."""
+    area = resolution * resolution
+    side = max(step, resolution // step * step)
+    sizes = {(side, side)}
+    for width in range(step, side + 1, step):
+        height = area // width // step * step
+        if height >= width and height / width <= max_aspect:
+            sizes.update({(height, width), (width, height)})
+    return sorted(sizes, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (compared as log ratios, so 1:2
+    and 2:1 are equally far from square); the larger bucket wins a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - aspect), -hw[0] * hw[1]))
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the image as loaded (EXIF rotation applied), reading only the header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        try:
+            if image.getexif().get(0x0112) in _ROTATED:
+                width, height = height, width
+        except Exception:  # malformed EXIF: load_image ignores it too
+            pass
+    return height, width
+
+
+def assign_buckets(paths: Sequence[str | Path], resolution: int, step: int = 64) -> list[tuple[int, int]]:
+    """The (height, width) bucket of each image."""
+    buckets = bucket_sizes(resolution, step)
+    return [nearest_bucket(*upright_size(p), buckets) for p in paths]
+
+
+def describe_buckets(sizes: Sequence[tuple[int, int]]) -> str:
+    counts = Counter(sizes)
+    return ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items(), key=lambda kv: kv[0][1] / kv[0][0]))
+
+
+class BucketBatchSampler:
+    """Batches of dataset indices that all share one bucket.
+
+    Each epoch shuffles the items of every bucket, cuts them into batches (the last batch of a
+    bucket may be smaller, so no image is skipped) and shuffles the batch order; all from
+    (seed, epoch), so a run is reproducible. `item_buckets[i]` is the bucket of dataset item i.
+    """
+
+    def __init__(self, item_buckets: Sequence[tuple[int, int]], batch_size: int, seed: int = 0):
+        self.item_buckets = list(item_buckets)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(f"buckets:{self.seed}:{self.epoch}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, bucket in enumerate(self.item_buckets):
+            groups.setdefault(bucket, []).append(i)
+        batches = []
+        for bucket in sorted(groups):
+            items = groups[bucket]
+            rng.shuffle(items)
+            batches += [items[k:k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        counts = Counter(self.item_buckets)
+        return sum(math.ceil(n / self.batch_size) for n in counts.values())
