@@ -101,12 +101,10 @@ def test_shipped_configs_give_the_real_checkpoint_layouts():
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_training_from_a_single_file_base(saved, example_data, tmp_path):
+def test_training_from_a_single_file_base(tiny_sd15, example_data, tmp_path):
     from lora_trainer.training.loop import train
 
-    variant, model_dir, _, path = saved
-    if variant == "sdxl":
-        pytest.skip("the SD1.5 run covers the path; SDXL loading is checked above")
-    result = train(run_config(path, example_data, tmp_path / "sf", f"model.config_dir={model_dir}",
+    path = save_single_file(_pipeline(tiny_sd15, False), tmp_path / "base.safetensors")
+    result = train(run_config(path, example_data, tmp_path / "sf", f"model.config_dir={tiny_sd15}",
                               "train.max_steps=2", "sample.prompts=[]"), show_progress=False)
     assert result.adapter_paths[0].is_file() and len(result.losses) == 2
