@@ -170,8 +170,13 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from .training.guards import RunInterrupted
+
     try:
         return args.func(args)
+    except RunInterrupted as exc:  # Ctrl-C during training: a checkpoint was saved
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
     except LoraTrainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

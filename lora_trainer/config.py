@@ -132,6 +132,9 @@ class TrainConfig:
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
     input_perturbation: float = 0.0  # extra noise on the model input only (0.1 in the paper); 0: off
     log_every_n_steps: int = 1
+    # continue a stopped run: "latest" (the newest complete checkpoint in output.dir/checkpoints;
+    # starts fresh when there is none yet) or the path of a checkpoint folder; null: a new run
+    resume: Optional[str] = None
 
 
 @dataclass
@@ -142,6 +145,8 @@ class SampleConfig:
     steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
+    # adapter weights of the prompts × weights grid drawn at the end (samples/sweep.png); [] skips it
+    grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
 
 
 @dataclass
@@ -149,7 +154,10 @@ class OutputConfig:
     dir: str = "outputs/run"
     name: str = "lora"  # the adapter is DIR/<name>.safetensors
     format: Literal["kohya", "diffusers", "both"] = "kohya"
-    save_every_n_steps: int = 0  # 0: only the final adapter
+    # a checkpoint (full training state + that step's adapter) every n steps; 0: only the final adapter
+    save_every_n_steps: int = 0
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    overwrite: bool = False  # allow a new run in a folder that holds another run (its old artefacts are removed)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # precision of the saved adapter
 
 
@@ -317,6 +325,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
+    need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints", cfg.output.keep_checkpoints,
+         "an integer >= 0 (0 keeps all)")
+    need(t.resume is None or bool(t.resume.strip()), "train.resume", t.resume,
+         "'latest', the path of a checkpoint folder, or null")
     need(cfg.output.save_every_n_steps >= 0, "output.save_every_n_steps", cfg.output.save_every_n_steps, "an integer >= 0")
     name = cfg.output.name
     need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")

@@ -183,6 +183,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "pixel_values": to_tensor(image),
             "caption": caption,
             "index": index,
+            "item": i,  # the dataset position: with the epoch, it seeds the step's noise for this item
             "flipped": flipped,
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor((top, left)),

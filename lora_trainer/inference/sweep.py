@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo
 from .generate import Generator, Request
-from .images import Grid, labelled_grid
+from ..imagegrid import Grid, labelled_grid
 
 
 @dataclass

@@ -100,12 +100,15 @@ class LatentCache:
                     self._store[key] = entry
                     self.disk_hits += 1
         missing = [i for i, k in enumerate(keys) if k not in self._store]
-        if missing:
-            mean, std = encode(pixels[missing])
-            for j, i in enumerate(missing):
-                self._store[keys[i]] = (mean[j], std[j])
-                if self.directory is not None:
-                    self._to_disk(keys[i], mean[j], std[j])
+        # One image at a time: a batched encode can differ in the last bits from a single one, and
+        # an entry must not depend on which batch (process, resumed run) first needed it.
+        for i in missing:
+            if keys[i] in self._store:  # the same image twice in one batch
+                continue
+            mean, std = encode(pixels[i:i + 1])
+            self._store[keys[i]] = (mean[0], std[0])
+            if self.directory is not None:
+                self._to_disk(keys[i], mean[0], std[0])
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         means = torch.stack([self._store[k][0] for k in keys])
@@ -128,9 +131,7 @@ class EmbeddingCache:
                    encode: Callable[[list[str]], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
             return encode(list(captions))
-        missing = sorted({c for c in captions if c not in self._store})
-        if missing:
-            encoded = encode(missing)
-            for j, caption in enumerate(missing):
-                self._store[caption] = tuple(t[j] for t in encoded)
+        # One caption at a time, for the same reason as the latents: entries independent of batches.
+        for caption in sorted({c for c in captions if c not in self._store}):
+            self._store[caption] = tuple(t[0] for t in encode([caption]))
         return tuple(torch.stack([self._store[c][n] for c in captions]) for n in range(len(self._store[captions[0]])))

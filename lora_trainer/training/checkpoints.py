@@ -3,7 +3,8 @@ position, step) saved through accelerate into a folder that appears only when co
 
 A checkpoint is written to a hidden temporary folder and renamed into place, with the trainer
 state file written last, so a run killed mid-save leaves the previous checkpoint as the latest
-good one. Only the adapter weights are stored, not the frozen base.
+good one. Only the adapter weights are stored, not the frozen base; the folder also holds that
+step's adapter exported as a usable .safetensors, so rotating a checkpoint out removes both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +30,8 @@ class TrainerState:
     step: int  # optimizer steps done
     epoch: int  # epoch in progress
     batches_in_epoch: int  # batches of that epoch already consumed (per process)
+    class_epoch: int = 0  # DreamBooth class images: epoch of their own loader in progress
+    class_batches: int = 0  # and batches of it consumed (per process)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
@@ -67,9 +71,10 @@ def register_adapter_only_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, keep: int) -> Path:
+def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, keep: int,
+                    export: Optional[Callable[[Path], object]] = None) -> Path:
     """Save the state as OUT/checkpoints/step-NNNNNN (all processes call this); keep the newest
-    `keep` checkpoints (0 keeps all)."""
+    `keep` checkpoints (0 keeps all). `export(folder)` (main process) adds the usable adapter."""
     root = checkpoints_dir(out_dir)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".step-{state.step:06d}.tmp"
@@ -80,6 +85,8 @@ def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, keep: int) 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if export is not None:
+            export(tmp)
         _publish(tmp, final, state)
         _rotate(root, keep)
     accelerator.wait_for_everyone()
@@ -118,6 +125,11 @@ def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
         raise ConfigError(f"train.resume: {resume!r} is not a complete checkpoint folder "
                           f"(no {STATE_FILE}); use 'latest' or a folder under {checkpoints_dir(out_dir)}")
     return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = _complete(checkpoints_dir(out_dir))
+    return found[-1] if found else None
 
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:

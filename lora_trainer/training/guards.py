@@ -13,6 +13,35 @@ class TrainingStopped(LoraTrainerError):
     """The run cannot go on (non-finite loss, full disk); the message says where it stopped."""
 
 
+class RunInterrupted(LoraTrainerError):
+    """Stopped by the user (Ctrl-C) after saving a checkpoint; the message says how to continue."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint is None:
+            super().__init__("interrupted before the first step finished; nothing saved, run the same command again")
+        else:
+            super().__init__(f"interrupted at step {step}; saved {checkpoint}; continue with train.resume=latest "
+                             "(same config and output.dir)")
+
+
+RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")
+
+
+def clear_previous_run(out_dir: Path) -> None:
+    """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve) before a
+    new run starts there, so nothing stale is mixed in or resumed from; only in a run folder."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.yaml").is_file():
+        return
+    for name in RUN_ARTEFACTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into the folder of another run unless asked to."""
     if resuming or overwrite:

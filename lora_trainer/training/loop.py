@@ -1,36 +1,41 @@
 """The training recipe, top to bottom: data → base model + LoRA → accelerate loop → export → samples.
 
-Runs unchanged on CPU, one GPU, or several under `accelerate launch`.
+Runs unchanged on CPU, one GPU, or several under `accelerate launch`; saves checkpoints it can
+resume from bit for bit, and stops cleanly on a non-finite loss or Ctrl-C.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
-from ..data import ImageCaptionDataset
-from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
 from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.lora import inject_lora, trainable_parameters
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
+from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
+                          register_adapter_only_hooks, save_checkpoint)
 from .conditioning import encode_prompts, unet_conditioning
-from .loss import diffusion_loss, perturb, sample_noise, training_target
+from .draws import draw_step
+from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
+from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
+from .loss import diffusion_loss, training_target
 from .optimizers import build_optimizer, check_optimizer
-from .outputs import export_adapter, save_samples
+from .outputs import export_adapter, save_samples, save_sweep
+from .plots import plot_loss
 from .prior import class_examples, generate_class_images
+from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
+                       truncate_log, write_record)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class TrainResult:
     unet: Any = None  # the trained modules, adapters in place (for notebooks and tests)
     text_encoder: Any = None
     text_encoder_2: Any = None  # SDXL
+    resumed_from: Path | None = None  # the checkpoint the run continued from
 
 
 def _check_environment(cfg: RunConfig) -> None:
@@ -69,57 +75,31 @@ def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
     return replace(cfg, model=replace(cfg.model, variant=variant), data=replace(cfg.data, resolution=res))
 
 
-def _tracker_config(cfg: RunConfig) -> dict:
-    """The config flattened to scalar values, as trackers' hyperparameter tables want."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+def train(cfg: RunConfig, show_progress: bool = True,
+          loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+    """Train one adapter as `cfg` says and write it to `cfg.output.dir`.
 
-
-def _make_accelerator(cfg: RunConfig, out_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
-    # Several processes without GPUs (torchrun or `accelerate launch --multi_gpu` on a CPU machine):
-    # accelerate only picks its gloo CPU backend when told the run is on CPU.
-    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(
-        cpu=on_cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-    )
-
-
-def _release_accelerate_state() -> None:
-    # accelerate keeps process-wide singletons; drop them so a later run in the same process
-    # (tests, notebooks) can choose other settings.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def train(cfg: RunConfig, show_progress: bool = True) -> TrainResult:
-    """Train one adapter as `cfg` says and write it to `cfg.output.dir`."""
+    `loss_hook(step, loss) -> loss` sees each micro-batch loss before the backward pass (tests
+    inject a NaN or a Ctrl-C through it)."""
     _check_environment(cfg)
+    out_dir = Path(cfg.output.dir)
+    # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
+    check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None)
+    checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
+    if cfg.train.resume == "latest" and checkpoint is None:
+        log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
     cfg = _for_variant(cfg, resolve_variant(cfg.model))  # reads model_index.json or a file header only
-    out_dir = Path(cfg.output.dir)
-    accelerator = _make_accelerator(cfg, out_dir)
+    accelerator = make_accelerator(cfg, out_dir)
     try:
-        return _train(cfg, examples, out_dir, accelerator, show_progress)
+        return _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook)
     finally:
         accelerator.end_training()
-        _release_accelerate_state()
+        release_accelerate_state()
 
 
 def _add_adapters(cfg: RunConfig, base) -> tuple[list[torch.nn.Module], list[dict]]:
@@ -143,51 +123,6 @@ def _add_adapters(cfg: RunConfig, base) -> tuple[list[torch.nn.Module], list[dic
     return modules, groups
 
 
-def _loader(cfg: RunConfig, dataset: ImageCaptionDataset, seed: int):
-    """Shuffled batches; with buckets, each batch from one bucket (the last one may be short)."""
-    t = cfg.train
-    if dataset.sizes is not None:
-        item_buckets = [dataset.sizes[i % len(dataset.examples)] for i in range(len(dataset))]
-        return torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(item_buckets, t.batch_size, seed),
-                                           num_workers=cfg.data.num_workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=t.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(seed), drop_last=len(dataset) >= t.batch_size,
-    )
-
-
-def _set_epoch(loader, epoch: int) -> None:
-    """New shuffles and augmentations each epoch: accelerate's wrapper passes the epoch on to some
-    of the dataset and samplers, not all, so every one that takes it is told."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for obj in (loader, loader.dataset, batch_sampler, getattr(batch_sampler, "batch_sampler", None)):
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-
-
-def _cycle(loader):
-    """Batches from `loader` forever, a new epoch each pass (the class images of DreamBooth)."""
-    epoch = 0
-    while True:
-        _set_epoch(loader, epoch)
-        yield from loader
-        epoch += 1
-
-
-def _dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> ImageCaptionDataset:
-    d = cfg.data
-    sizes = None
-    if d.buckets:
-        sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step)
-        log.info("aspect buckets (w x h: images): %s", describe_buckets(sizes))
-    return ImageCaptionDataset(
-        examples, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-        caption_prefix=d.caption_prefix if instance else "", caption_dropout=d.caption_dropout if instance else 0.0,
-        repeats=d.repeats if instance else 1, seed=seed, sizes=sizes,
-        shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
-    )
-
-
 def _embedding_cache_reason(cfg: RunConfig) -> str | None:
     """Why text embeddings cannot be cached (None when they can)."""
     if cfg.lora.train_text_encoder:
@@ -197,18 +132,20 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
     return None
 
 
-def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
+def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     started_at = time.time()
     t = cfg.train
     set_seed(t.seed)
+    log_path = out_dir / "train_log.jsonl"
     if accelerator.is_main_process:
+        if checkpoint is None:
+            clear_previous_run(out_dir)  # check_output_dir allowed it: overwrite, or nothing to resume yet
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
-    if cfg.log.tensorboard or cfg.log.wandb:
-        accelerator.init_trackers(cfg.log.project, config=_tracker_config(cfg))
+    init_trackers(cfg, accelerator, out_dir)
 
     # ---- model: frozen base in the compute dtype ----
     weight_dtype = weight_dtype_for(cfg.model, t.mixed_precision)
@@ -232,17 +169,16 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
     counted = sum(p.numel() for p in params)
     log.info("trainable LoRA parameters: %d (rank %d, alpha %g)", counted, cfg.lora.rank, cfg.lora_alpha)
 
-    # ---- data ----
-    dataset = _dataset(cfg, examples, t.seed)
-    loader = _loader(cfg, dataset, t.seed)
-    loaders = [loader]
+    # ---- data: the order is a function of (seed, epoch), whatever the processes ----
+    dataset = make_dataset(cfg, examples, t.seed)
+    loaders = [make_loader(cfg, dataset, t.seed)]
     if prior:
-        class_set = _dataset(cfg, class_examples(cfg), t.seed + 1, instance=False)
-        loaders.append(_loader(cfg, class_set, t.seed + 1))
+        class_set = make_dataset(cfg, class_examples(cfg), t.seed + 1, instance=False)
+        loaders.append(make_loader(cfg, class_set, t.seed + 1))
 
     # ---- optimizer and schedule ----
     optimizer = build_optimizer(t, groups)
-    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / t.grad_accum)
+    updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     # accelerate steps a prepared scheduler once per process per update; scale to match.
     lr_scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup * accelerator.num_processes,
@@ -250,9 +186,18 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler, *loaders)
     trained = list(prepared[:len(trained)])
     optimizer, lr_scheduler, loader = prepared[len(trained):len(trained) + 3]
-    class_batches = _cycle(prepared[-1]) if prior else None
     unet = trained[0]
     text_encoders = trained[1:] if train_te else base.text_encoders
+
+    # ---- resume: adapter, optimizer, scheduler, RNG states, data position ----
+    register_adapter_only_hooks(accelerator)
+    state = TrainerState(0, 0, 0)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
+        if accelerator.is_main_process:
+            truncate_log(log_path, state.step)
+    class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
 
     # ---- caches of the frozen work ----
     cache_dir = None
@@ -276,103 +221,143 @@ def _train(cfg, examples, out_dir, accelerator, show_progress) -> TrainResult:
         with torch.set_grad_enabled(train_te):
             return encode_prompts(base, text_encoders, captions, device)
 
-    def batch_loss(batch, paths, generator=None) -> torch.Tensor:
-        """The diffusion loss of one batch; `generator` gives the batch its own random stream."""
+    def batch_loss(batch, paths, epoch: int, stream: str) -> torch.Tensor:
+        """The diffusion loss of one batch; its random draws come from (seed, epoch, item, stream)."""
         size = tuple(batch["pixel_values"].shape[-2:])
         keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()))
                 for i, f, c in zip(batch["index"], batch["flipped"], batch["crop_top_left"])]
         mean, std = latent_cache.distributions(keys, batch["pixel_values"], encode_images)
-        eps = torch.randn(std.shape, generator=generator, dtype=std.dtype, device=std.device)
-        latents = ((mean + std * eps) * scaling).to(weight_dtype)
-        noise = sample_noise(latents, t.noise_offset, generator)
-        timesteps = torch.randint(0, timesteps_total, (latents.shape[0],), device=device, generator=generator)
-        noisy = base.noise_scheduler.add_noise(latents, perturb(noise, t.input_perturbation, generator), timesteps)
-        target = training_target(base.noise_scheduler, latents, noise, timesteps)
+        d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], t.seed, epoch, stream, t.noise_offset,
+                      t.input_perturbation, timesteps_total, std.dtype, weight_dtype, device)
+        latents = ((mean + std * d.eps) * scaling).to(weight_dtype)
+        noisy = base.noise_scheduler.add_noise(latents, d.model_noise, d.timesteps)
+        target = training_target(base.noise_scheduler, latents, d.noise, d.timesteps)
         embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
-        pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
-        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.snr_gamma)
+        pred = unet(noisy, d.timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
+        return diffusion_loss(pred, target, base.noise_scheduler, d.timesteps, t.snr_gamma)
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []
-    prior_generator = torch.Generator(device=device).manual_seed(t.seed + 1) if prior else None
+    # adapter + two Adam moments + the exported copy, in fp32
+    checkpoint_bytes = counted * 4 * 4
+
+    def save(state: TrainerState) -> Path:
+        check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
+        export = lambda folder: _export(cfg, accelerator, base, trained, examples, state.step, max_steps,  # noqa: E731
+                                        started_at, suffix=f"-step{state.step:05d}", folder=folder)
+        return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
 
     # ---- the loop ----
-    log_path = out_dir / "train_log.jsonl"
     losses: list[float] = []
-    step, epoch = 0, 0
-    bar = tqdm(total=max_steps, desc="training", disable=not (show_progress and accelerator.is_main_process))
+    step, epoch, skip = state.step, state.epoch, state.batches_in_epoch
+    if skip >= len(loader):  # saved at the end of an epoch
+        epoch, skip = epoch + 1, 0
+    done = state  # the position after the last completed step: what a checkpoint stores
+    last_good = checkpoint or latest_checkpoint(out_dir)
+    bar = tqdm(total=max_steps, initial=step, desc="training",
+               disable=not (show_progress and accelerator.is_main_process))
     for module in trained:
         module.train()
     step_started = time.perf_counter()
-    while step < max_steps:
-        _set_epoch(loader, epoch)
-        for batch in loader:
-            with accelerator.accumulate(*trained):
-                loss = batch_loss(batch, instance_paths)
+    try:
+        while step < max_steps:
+            seen = skip
+            for batch in epoch_batches(loader, epoch, skip):
+                seen += 1
+                with accelerator.accumulate(*trained):
+                    loss = batch_loss(batch, instance_paths, epoch, "instance")
+                    if prior:
+                        instance_loss = loss
+                        prior_loss = batch_loss(next(class_batches), class_paths, class_batches.epoch, "class")
+                        loss = instance_loss + cfg.dreambooth.prior_loss_weight * prior_loss
+                    if loss_hook is not None:
+                        loss = loss_hook(step + 1, loss)
+                    # Every process sees every process's loss, so all stop together, before any update.
+                    gathered = accelerator.gather(loss.detach().reshape(1))
+                    if not torch.isfinite(gathered).all():
+                        check_finite(float(gathered[~torch.isfinite(gathered)][0]), step + 1, last_good)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        # inf clips nothing but still measures the norm for the log
+                        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                done = TrainerState(step, epoch, seen, *((class_batches.epoch, class_batches.consumed)
+                                                         if prior else (0, 0)))
+                loss_value = gathered.mean().item()
+                losses.append(loss_value)
+                now = time.perf_counter()
+                record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                          **learning_rates(lr_scheduler), "grad_norm": float(grad_norm),
+                          "step_time": now - step_started}
                 if prior:
-                    instance_loss = loss
-                    prior_loss = batch_loss(next(class_batches), class_paths, prior_generator)
-                    loss = instance_loss + cfg.dreambooth.prior_loss_weight * prior_loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            losses.append(loss_value)
-            now = time.perf_counter()
-            record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                      "step_time": now - step_started, "epoch": epoch}
-            if prior:
-                record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
-                record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
-            step_started = now
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
-            if accelerator.is_main_process and step % t.log_every_n_steps == 0:
-                with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                accelerator.log({k: v for k, v in record.items() if "loss" in k or k == "lr"}, step=step)
-            if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
-                _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
-                        suffix=f"-step{step:05d}")
-            if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
-                _samples(cfg, accelerator, base, unet, text_encoders, step)
-            if step >= max_steps:
-                break
-        epoch += 1
-    bar.close()
+                    record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
+                    record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
+                step_started = now
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                if step % t.log_every_n_steps == 0:
+                    write_record(accelerator, log_path, record)
+                if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
+                    last_good = save(done)
+                if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
+                    log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step),
+                               step)
+                if step >= max_steps:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
+    except KeyboardInterrupt:
+        saved = None
+        if done.step > 0:
+            saved = last_good if last_good is not None and last_good.name == f"step-{done.step:06d}" else save(done)
+        raise RunInterrupted(done.step, saved) from None
+    finally:
+        bar.close()
     log.info("latent cache: %d entries, %d hits, %d misses", len(latent_cache), latent_cache.hits, latent_cache.misses)
     if cache_dir is not None:
         log.info("latent disk cache %s: %d entries read from disk", cache_dir, latent_cache.disk_hits)
 
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        check_free_space(out_dir, counted * 4, "the adapter")
     paths = _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at)
     if cfg.sample.prompts:
-        _samples(cfg, accelerator, base, unet, text_encoders, step)
+        log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step), step)
+        if cfg.sample.grid_weights and accelerator.is_main_process:
+            with accelerator.autocast():
+                save_sweep(cfg, base, *_unwrapped(accelerator, unet, text_encoders))
+    if accelerator.is_main_process:
+        plot_loss(log_path, out_dir / "loss.png")
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
-    return TrainResult(out_dir, paths, step, losses, counted, *unwrapped)
+    return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint)
 
 
-def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at, suffix=""):
+def _unwrapped(accelerator, unet, text_encoders):
+    """(unet, text_encoder, text_encoder_2 or None) without the DDP wrappers."""
+    encoders = [accelerator.unwrap_model(m) for m in text_encoders]
+    return accelerator.unwrap_model(unet), encoders[0], encoders[1] if len(encoders) > 1 else None
+
+
+def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at, suffix="", folder=None):
     if not accelerator.is_main_process:
         return []
     unet, *encoders = [accelerator.unwrap_model(m) for m in trained]
     return export_adapter(
         cfg, unet, encoders[0] if encoders else None, examples, step, max_steps, started_at,
-        prediction_type=base.prediction_type, suffix=suffix,
+        prediction_type=base.prediction_type, suffix=suffix, folder=folder,
         text_encoder_2=encoders[1] if len(encoders) > 1 else None, variant=base.variant,
     )
 
 
-def _samples(cfg, accelerator, base, unet, text_encoders, step):
+def _samples(cfg, accelerator, base, unet, text_encoders, step) -> list:
     if not cfg.sample.prompts or not accelerator.is_main_process:
-        return
-    encoders = [accelerator.unwrap_model(m) for m in text_encoders]
+        return []
+    unet, text_encoder, text_encoder_2 = _unwrapped(accelerator, unet, text_encoders)
     with accelerator.autocast():
-        save_samples(cfg, base, accelerator.unwrap_model(unet), encoders[0], step,
-                     encoders[1] if len(encoders) > 1 else None)
+        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2)

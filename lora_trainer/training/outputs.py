@@ -70,15 +70,14 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
 
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
                    started_at: float, prediction_type: str = "epsilon", suffix: str = "",
-                   text_encoder_2=None, variant: str = "sd15") -> list[Path]:
+                   text_encoder_2=None, variant: str = "sd15", folder: Path | None = None) -> list[Path]:
     """Write the adapter as `cfg.output.format` says; return the written paths.
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
     both: kohya at DIR/<name>.safetensors and diffusers at DIR/<name>.diffusers.safetensors.
+    `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00100").
     """
-    out_dir = Path(cfg.output.dir)
-    if suffix:
-        out_dir = out_dir / "checkpoints"
+    out_dir = Path(folder) if folder is not None else Path(cfg.output.dir)
     states = adapter_states(unet, text_encoder, text_encoder_2)
     metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant)
     dtype = SAVE_DTYPES[cfg.output.dtype]
@@ -114,27 +113,77 @@ def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
     )
 
 
-def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None) -> list[Path]:
-    """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/."""
-    from ..pnginfo import GenerationInfo, save_png
+def _render(cfg: RunConfig, pipe, prompt: str, seed: int, weight: float = 1.0):
+    """One sample image with fixed seed, and its A1111 parameters."""
+    from ..pnginfo import GenerationInfo
+
+    s = cfg.sample
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
+                     guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
+                     generator=generator).images[0]
+    info = GenerationInfo(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler="DPM++ 2M",
+                          cfg_scale=s.guidance_scale, seed=seed, width=image.width, height=image.height,
+                          model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, weight, None)])
+    return image, info
+
+
+def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None) -> list:
+    """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/; return the images."""
+    from ..pnginfo import save_png
 
     pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
     folder = Path(cfg.output.dir) / "samples" / f"step_{step:05d}"
-    paths = []
-    s = cfg.sample
-    for i, prompt in enumerate(s.prompts):
-        generator = torch.Generator(device="cpu").manual_seed(s.seed + i)
-        with torch.no_grad():
-            image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-                         guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
-                         generator=generator).images[0]
-        info = GenerationInfo(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler="DPM++ 2M",
-                              cfg_scale=s.guidance_scale, seed=s.seed + i, width=image.width, height=image.height,
-                              model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, 1.0, None)])
-        paths.append(save_png(image, folder / f"{i:02d}.png", info))
+    images = []
+    for i, prompt in enumerate(cfg.sample.prompts):
+        image, info = _render(cfg, pipe, prompt, cfg.sample.seed + i)
+        save_png(image, folder / f"{i:02d}.png", info)
+        images.append(image)
     if was_training:
         unet.train()
-    return paths
+    return images
+
+
+def _lora_layers(modules):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for module in modules if module is not None for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) -> Path:
+    """samples/sweep.png: sample.prompts (rows) × sample.grid_weights (columns), same seed along a
+    row, drawn with the in-memory adapter scaled by each weight (peft's `scaling` multiplied, then
+    restored), with the `Sweep: "<name>: 0,0.5,1"` parameter that inference sweeps also write."""
+    from ..imagegrid import labelled_grid
+    from ..pnginfo import save_png
+
+    s, name = cfg.sample, cfg.output.name
+    layers = _lora_layers([unet, text_encoder, text_encoder_2])
+    saved = [dict(layer.scaling) for layer in layers]
+    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    rows, first = [], None
+    try:
+        for i, prompt in enumerate(s.prompts):
+            row = []
+            for weight in s.grid_weights:
+                for layer, scaling in zip(layers, saved):
+                    layer.scaling.update({k: v * weight for k, v in scaling.items()})
+                image, info = _render(cfg, pipe, prompt, s.seed + i, weight)
+                row.append(image)
+                first = first or info
+            rows.append(row)
+    finally:
+        for layer, scaling in zip(layers, saved):
+            layer.scaling.update(scaling)
+        if was_training:
+            unet.train()
+    grid = labelled_grid(rows, s.prompts, [f"{name}: {w:g}" for w in s.grid_weights])
+    first.extra["Sweep"] = f"{name}: {','.join(f'{w:g}' for w in s.grid_weights)}"
+    return save_png(grid.image, Path(cfg.output.dir) / "samples" / "sweep.png", first)

@@ -1,0 +1,46 @@
+"""The random draws of a training step (latent sample, noise, noise offset, timestep, input
+perturbation), each item from its own generator seeded by (seed, epoch, dataset item, stream).
+
+Nothing comes from the global RNG, so an item gets the same draws whichever process, batch or
+resumed run it lands in: a 2-process run equals a 1-process run of the same global batch, and a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .loss import perturb, sample_noise
+
+
+def item_seed(seed: int, epoch: int, item: int, stream: str) -> int:
+    """A 63-bit seed from the four parts (SHA-256, stable across runs, platforms and versions)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{item}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class StepDraws:
+    eps: torch.Tensor  # standard normal, for the latent sample mean + std·eps
+    noise: torch.Tensor  # the noise the model must predict (with the noise offset)
+    model_noise: torch.Tensor  # what the input is noised with (noise, or perturbed noise)
+    timesteps: torch.Tensor
+
+
+def draw_step(latent_shape: tuple[int, ...], items: list[int], seed: int, epoch: int, stream: str,
+              noise_offset: float, input_perturbation: float, num_timesteps: int,
+              eps_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> StepDraws:
+    """Draws for a batch of `latent_shape` = (B, C, H, W), item by item in a fixed order."""
+    parts = []
+    one = (1, *latent_shape[1:])
+    for item in items:
+        g = torch.Generator(device=device).manual_seed(item_seed(seed, epoch, item, stream))
+        eps = torch.randn(one, generator=g, dtype=eps_dtype, device=device)
+        noise = sample_noise(torch.empty(one, dtype=dtype, device=device), noise_offset, g)
+        t = torch.randint(0, num_timesteps, (1,), device=device, generator=g)
+        parts.append((eps, noise, perturb(noise, input_perturbation, g), t))
+    eps, noise, model_noise, timesteps = (torch.cat(column) for column in zip(*parts))
+    return StepDraws(eps, noise, model_noise, timesteps)

@@ -1,0 +1,99 @@
+"""Datasets and loaders of a run, with a data order that is a function of (seed, epoch) only, so a
+resumed run or one with another number of processes sees the same batches in the same order."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from ..config import RunConfig
+from ..data import ImageCaptionDataset
+from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
+
+log = logging.getLogger(__name__)
+
+
+class ShuffledBatches:
+    """Batches of shuffled indices, the order drawn from (seed, epoch); full batches only when
+    there are enough items (a short last batch would weigh its few images more)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
+        self.drop_last = size >= batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.size))
+        random.Random(f"order:{self.seed}:{self.epoch}").shuffle(order)
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else 1
+
+
+def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> ImageCaptionDataset:
+    d = cfg.data
+    sizes = None
+    if d.buckets:
+        sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step)
+        log.info("aspect buckets (w x h: images): %s", describe_buckets(sizes))
+    return ImageCaptionDataset(
+        examples, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+        caption_prefix=d.caption_prefix if instance else "", caption_dropout=d.caption_dropout if instance else 0.0,
+        repeats=d.repeats if instance else 1, seed=seed, sizes=sizes,
+        shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
+    )
+
+
+def make_loader(cfg: RunConfig, dataset: ImageCaptionDataset, seed: int):
+    """Shuffled batches; with buckets, each batch from one bucket (the last one may be short)."""
+    if dataset.sizes is not None:
+        item_buckets = [dataset.sizes[i % len(dataset.examples)] for i in range(len(dataset))]
+        sampler = BucketBatchSampler(item_buckets, cfg.train.batch_size, seed)
+    else:
+        sampler = ShuffledBatches(len(dataset), cfg.train.batch_size, seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """New shuffles and augmentations each epoch: accelerate's wrapper passes the epoch on to some
+    of the dataset and samplers, not all, so every one that takes it is told."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (loader, loader.dataset, batch_sampler, getattr(batch_sampler, "batch_sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def epoch_batches(loader, epoch: int, skip: int = 0):
+    """The batches of `epoch`, the first `skip` (already trained on before a resume) left out
+    without loading them."""
+    from accelerate import skip_first_batches
+
+    set_epoch(loader, epoch)  # the skipping loader shares the sampler and dataset, so it sees the epoch
+    return skip_first_batches(loader, skip) if skip else loader
+
+
+class ClassBatches:
+    """DreamBooth class-image batches forever, a new epoch each pass, with a position
+    (epoch, batches consumed) that a checkpoint stores and a resumed run continues from."""
+
+    def __init__(self, loader, epoch: int = 0, consumed: int = 0):
+        self.loader, self.epoch, self.consumed = loader, epoch, consumed
+        self._batches = None
+
+    def __next__(self):
+        while True:
+            if self._batches is None:
+                self._batches = iter(epoch_batches(self.loader, self.epoch, self.consumed))
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, self.epoch, self.consumed = None, self.epoch + 1, 0
+                continue
+            self.consumed += 1
+            return batch
