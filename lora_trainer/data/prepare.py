@@ -68,7 +68,10 @@ def _main_process_first():
     """(context that runs its body on the main process first, is this the main process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return contextlib.nullcontext(), True
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # The first PartialState fixes the backend for the whole run (the Accelerator reuses it):
+    # several processes without GPUs need accelerate's gloo CPU backend, as the training loop asks.
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.main_process_first(), state.is_main_process
