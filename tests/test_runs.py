@@ -1,0 +1,257 @@
+"""Runs that scale and survive, on the tiny SD1.5 model: two processes train like one, checkpoints
+rotate and resume bit for bit (after a stop, a Ctrl-C or a SIGKILL mid-save), a NaN stops the run,
+another run's folder is protected, and the run logs to tensorboard/wandb and draws its curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import REPO, run_config
+from PIL import Image
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.training.guards import RunInterrupted, TrainingStopped
+from lora_trainer.training.loop import train
+
+# 8 images, batch 2: 4 steps an epoch, so 8 steps cross an epoch boundary; checkpoints at 2, 4, 6.
+RUN = ["train.max_steps=8", "output.save_every_n_steps=2", "output.keep_checkpoints=2", "output.dtype=fp32"]
+
+
+def _adapter(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result.unet.named_parameters() if v.requires_grad}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[0]}"
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd15, example_data, tmp_path_factory):
+    """The reference: 8 steps straight through, with tensorboard, samples and the sweep grid."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    result = train(run_config(tiny_sd15, example_data, out, *RUN, "log.tensorboard=true"), show_progress=False)
+    return result, _adapter(result)
+
+
+def test_checkpoints_keep_the_newest_with_a_usable_adapter(uninterrupted):
+    result, _ = uninterrupted
+    folders = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
+    assert folders == ["step-000004", "step-000006"]  # step 2 rotated out; none at the final step
+    state = json.loads((result.output_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["epoch"] == 1 and state["batches_in_epoch"] == 2
+    exported = result.output_dir / "checkpoints" / "step-000006" / "example-lora-step00006.safetensors"
+    tensors = safetensors.torch.load_file(str(exported))
+    assert any(k.endswith("lora_down.weight") for k in tensors)
+    # Only the adapter is stored, never the frozen base.
+    assert not list((result.output_dir / "checkpoints").rglob("model*.safetensors"))
+
+
+def test_resume_is_bit_identical(uninterrupted, tiny_sd15, example_data, tmp_path):
+    result, reference = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(result.output_dir / "checkpoints" / "step-000004", out / "checkpoints" / "step-000004")
+    resumed = train(run_config(tiny_sd15, example_data, out, *RUN, "train.resume=latest", "sample.prompts=[]"),
+                    show_progress=False)
+    assert resumed.resumed_from == out / "checkpoints" / "step-000004"
+    assert resumed.steps == 8 and len(resumed.losses) == 4
+    assert resumed.losses == result.losses[4:]
+    _assert_same(_adapter(resumed), reference)
+    log_steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log_steps == [5, 6, 7, 8]
+
+
+def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(uninterrupted, tiny_sd15, example_data, tmp_path):
+    _, reference = uninterrupted
+    out = tmp_path / "out"
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import torch
+        import lora_trainer.training.checkpoints as checkpoints
+        from lora_trainer.config import load_config
+        from lora_trainer.training.loop import train
+
+        torch.set_num_threads(1)
+        publish, calls = checkpoints._publish, []
+
+        def killed_on_second(tmp, final, state):
+            calls.append(state.step)
+            if len(calls) == 2:  # the folder is written, not yet published
+                os.kill(os.getpid(), signal.SIGKILL)
+            publish(tmp, final, state)
+
+        checkpoints._publish = killed_on_second
+        train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
+    """))
+    overrides = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *RUN, "sample.prompts=[]"]
+    proc = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "example.yaml"), *overrides],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-000004.tmp", "step-000002"]
+    resumed = train(run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]", "train.resume=latest"),
+                    show_progress=False)
+    assert resumed.resumed_from == out / "checkpoints" / "step-000002"
+    _assert_same(_adapter(resumed), reference)
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # the half-written folder is cleaned up
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_bit_identically(uninterrupted, tiny_sd15, example_data, tmp_path):
+    _, reference = uninterrupted
+    out = tmp_path / "out"
+
+    def interrupt_at_6(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+        return loss
+
+    cfg = run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]")
+    with pytest.raises(RunInterrupted, match=r"step 5; saved .*step-000005; continue with train.resume=latest"):
+        train(cfg, show_progress=False, loss_hook=interrupt_at_6)
+    assert (out / "checkpoints" / "step-000005" / "trainer_state.json").is_file()
+    resumed = train(run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]", "train.resume=latest"),
+                    show_progress=False)
+    assert resumed.resumed_from.name == "step-000005"
+    _assert_same(_adapter(resumed), reference)
+
+
+def test_cli_exits_130_with_how_to_resume_on_ctrl_c(monkeypatch, tmp_path, capsys):
+    from lora_trainer import cli
+
+    def interrupted(cfg, show_progress=True, loss_hook=None):
+        raise RunInterrupted(12, tmp_path / "checkpoints" / "step-000012")
+
+    monkeypatch.setattr("lora_trainer.training.loop.train", interrupted)
+    assert cli.main(["train", str(REPO / "configs" / "example.yaml"), f"output.dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.resume=latest" in err[0] and "step-000012" in err[0]
+
+
+def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tiny_sd15, example_data, tmp_path):
+    out = tmp_path / "out"
+
+    def nan_at_3(step, loss):
+        return loss * float("nan") if step == 3 else loss
+
+    cfg = run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]")
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 3.*step-000002") as err:
+        train(cfg, show_progress=False, loss_hook=nan_at_3)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (out / "example-lora.safetensors").exists()
+
+
+def test_another_runs_folder_needs_overwrite(tiny_sd15, example_data, tmp_path):
+    out = tmp_path / "out"
+    short = ["train.max_steps=2", "sample.prompts=[]", "output.save_every_n_steps=1"]
+    train(run_config(tiny_sd15, example_data, out, *short), show_progress=False)
+    with pytest.raises(ConfigError, match="output.dir: .*already holds a run.*output.overwrite=true"):
+        train(run_config(tiny_sd15, example_data, out, *short), show_progress=False)
+    # overwrite starts afresh: the old run's checkpoints and log are gone, not mixed in
+    train(run_config(tiny_sd15, example_data, out, "train.max_steps=1", "sample.prompts=[]", "output.overwrite=true"),
+          show_progress=False)
+    assert not (out / "checkpoints").exists()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
+
+
+def test_tensorboard_events_hold_the_loss_and_lr(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _ = uninterrupted
+    events = [p for p in (result.output_dir / "logs").rglob("events.out.tfevents.*")]
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "lr/unet", "grad_norm", "step_time"} <= set(tags)
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 9))
+    assert [e.value for e in loss] == pytest.approx(result.losses)
+    assert "samples" in acc.Tags()["images"]
+
+
+def test_train_log_has_lr_per_group_grad_norm_and_step_time(uninterrupted):
+    result, _ = uninterrupted
+    rows = [json.loads(line) for line in (result.output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["grad_norm"] > 0 and r["step_time"] > 0 and r["lr/unet"] == r["lr"] for r in rows)
+
+
+def test_loss_curve_and_weight_sweep_grid(uninterrupted):
+    from lora_trainer.pnginfo import parse_a1111_parameters
+
+    result, _ = uninterrupted
+    assert Image.open(result.output_dir / "loss.png").format == "PNG"
+    sweep = Image.open(result.output_dir / "samples" / "sweep.png")
+    info = parse_a1111_parameters(sweep.text["parameters"])
+    assert info.extra["Sweep"] == "example-lora: 0,0.5,1"
+    # one prompt row, three 64 px cells beside the label column
+    assert sweep.size[0] > 3 * 64 and 64 < sweep.size[1] < 2 * 64 + 30
+    # the weight-1 cell is the final sample (same seed, same adapter) and weight 0 differs from it
+    final = Image.open(result.output_dir / "samples" / "step_00008" / "00.png").convert("RGB")
+    cells = [sweep.convert("RGB").crop((160 + c * 66, 24, 160 + c * 66 + 64, 24 + 64)) for c in range(3)]
+    assert cells[2].tobytes() == final.tobytes()
+    assert cells[0].tobytes() != final.tobytes()
+
+
+def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb-dir").mkdir()
+    out = tmp_path / "out"
+    train(run_config(tiny_sd15, example_data, out, "train.max_steps=2", "log.wandb=true", "sample.prompts=[]"),
+          show_progress=False)
+    runs = list((tmp_path / "wandb-dir").rglob("offline-run-*"))
+    assert runs, list((tmp_path / "wandb-dir").rglob("*"))
+    assert list(runs[0].glob("run-*.wandb"))
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, example_data, tmp_path):
+    script = tmp_path / "per_rank.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch
+        from lora_trainer.config import load_config
+        from lora_trainer.training.loop import train
+
+        torch.set_num_threads(1)
+        cfg = load_config(sys.argv[1], sys.argv[2:])
+        result = train(cfg, show_progress=False)
+        adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
+        torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
+    """))
+    common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
+              "output.save_every_n_steps=4", "output.dtype=fp32"]
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+         str(script), str(REPO / "configs" / "example.yaml"), *common, f"output.dir={two}", "train.batch_size=1"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(two / f"rank{r}.pt") for r in (0, 1))
+    _assert_same(rank0, rank1)
+    # only the main process writes: one log line per step, one checkpoint
+    assert len((two / "train_log.jsonl").read_text().splitlines()) == 6
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-000004"]
+    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *common[2:], "train.batch_size=2"),
+                show_progress=False)
+    for name, value in _adapter(one).items():
+        torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
+    exported = safetensors.torch.load_file(str(two / "example-lora.safetensors"))
+    assert exported  # the main process exported the final adapter
