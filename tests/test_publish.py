@@ -73,13 +73,14 @@ def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_imag
     for section in ("## Trigger words", "## Recommended prompts", "## Weight", "## Use it with diffusers",
                     "## Use it in ComfyUI", "## Training details", "## Limitations"):
         assert section in card
-    assert "default range, not measured" in card
+    # the range comes from the weight sweep training drew (samples/sweep.png, weights 0, 0.5, 1)
+    assert "**0.5 – 1**" in card and "![weight sweep](images/sweep.png)" in card
     assert "| LoRA rank / alpha | 4 / 4 |" in card and "| steps | 40 |" in card
 
     guide = json.loads((out / "prompts.json").read_text())
     assert guide["trigger_words"] == ["geoshape"]
     assert guide["prompts"] == ["geoshape, a red circle on a light blue background"]
-    assert guide["weight"] == {"default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
+    assert guide["weight"] == {"default": 0.75, "min": 0.5, "max": 1.0, "source": "sweep"}
 
     # nothing secret or local leaves the machine: the token, the trainer's own folders
     for path, data in _all_bytes(out):
@@ -114,7 +115,7 @@ def test_the_cards_diffusers_snippet_loads_the_repo(trained, tiny_sd15, tmp_path
     key = next(k for k in want if k.endswith("to_q.lora_B.weight"))
     module = pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".lora_B.weight"))
     torch.testing.assert_close(module.lora_B["example_lora"].weight, want[key], rtol=0, atol=0)
-    assert module.scaling["example_lora"] == pytest.approx(0.8)  # alpha/rank = 1, times the recommended 0.8
+    assert module.scaling["example_lora"] == pytest.approx(0.75)  # alpha/rank = 1, times the swept range's middle
 
 
 @pytest.mark.parametrize("only", ["kohya", "diffusers"])
@@ -301,13 +302,13 @@ def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained
     assert main(["package", str(trained.output_dir), "--civitai", str(out)]) == 0
     name = trained.adapter_paths[0].name
     with zipfile.ZipFile(out) as z:
-        assert sorted(z.namelist()) == sorted([name, "images/00.png", "civitai.json", "prompts.json", "README.txt"])
+        assert sorted(z.namelist()) == sorted([name, "images/00.png", "images/sweep.png", "civitai.json", "prompts.json", "README.txt"])
         z.extractall(tmp_path / "unzipped")
     root = tmp_path / "unzipped"
     fields = json.loads((root / "civitai.json").read_text())
     assert fields["type"] == "LORA" and fields["baseModel"] == "SD 1.5" and fields["name"] == "example-lora"
     assert fields["trainedWords"] == ["geoshape"]
-    assert fields["recommendedWeight"] == {"default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
+    assert fields["recommendedWeight"] == {"default": 0.75, "min": 0.5, "max": 1.0, "source": "sweep"}
     assert fields["description"] and fields["file"] == name
     assert Image.open(root / "images" / "00.png").info["parameters"].startswith("geoshape, a red circle")
     assert "Trigger words: geoshape" in (root / "README.txt").read_text()
