@@ -150,6 +150,16 @@ def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path,
     assert (out / "README.md").read_text().startswith("---\n")
 
 
+def test_without_a_sweep_grid_the_card_gives_the_default_range(trained, tmp_path, fake_token):
+    run = _copy_run(trained, tmp_path / "run")
+    (run / "samples" / "sweep.png").unlink()  # a run trained with sample.grid_weights=[]
+    out = tmp_path / "repo"
+    assert _publish_dry(run, out) == 0
+    assert json.loads((out / "prompts.json").read_text())["weight"] == {
+        "default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
+    assert "default range, not measured" in (out / "README.md").read_text()
+
+
 def test_sweep_grid_sets_the_weight_range_and_the_loss_curve_is_shown(trained, tmp_path, fake_token):
     from lora_trainer.pnginfo import GenerationInfo, save_png
 

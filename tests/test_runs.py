@@ -255,3 +255,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, e
         torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
     exported = safetensors.torch.load_file(str(two / "example-lora.safetensors"))
     assert exported  # the main process exported the final adapter
+
+
+def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, tmp_path):
+    db = ["dreambooth.instance_prompt=a photo of sks shape", "dreambooth.class_prompt=a photo of a shape",
+          "dreambooth.num_class_images=3", f"dreambooth.class_data={tmp_path / 'class'}", "dreambooth.class_steps=2",
+          "train.max_steps=6", "output.save_every_n_steps=3", "sample.prompts=[]"]
+    straight = train(run_config(tiny_sd15, example_data, tmp_path / "a", *db), show_progress=False)
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert state["class_epoch"] > 0  # the class loader's own position is part of the checkpoint
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", tmp_path / "b" / "checkpoints" / "step-000003")
+    resumed = train(run_config(tiny_sd15, example_data, tmp_path / "b", *db, "train.resume=latest"),
+                    show_progress=False)
+    assert resumed.losses == straight.losses[3:]
+    _assert_same(_adapter(resumed), _adapter(straight))

@@ -37,7 +37,7 @@ def mixed_aspect_data(tmp_path_factory):
 def test_buckets_keep_aspect_and_every_batch_has_one_shape(mixed_aspect_data, tiny_sd15):
     from lora_trainer.data import scan_dataset
     from lora_trainer.data.buckets import assign_buckets, bucket_sizes
-    from lora_trainer.training.loop import _dataset, _loader
+    from lora_trainer.training.loaders import make_dataset, make_loader
 
     assert bucket_sizes(1024) == [(1344, 768), (1216, 832), (1152, 896), (1088, 960), (1024, 1024),
                                   (960, 1088), (896, 1152), (832, 1216), (768, 1344)]
@@ -47,8 +47,8 @@ def test_buckets_keep_aspect_and_every_batch_has_one_shape(mixed_aspect_data, ti
         (64, 128), (64, 128), (128, 64), (128, 64), (96, 96), (96, 96), (64, 128)]
     cfg = run_config(tiny_sd15, mixed_aspect_data, "unused", "data.resolution=96", "data.buckets=true",
                      "data.bucket_step=32", "train.batch_size=2", "data.center_crop=false")
-    dataset = _dataset(cfg, examples, seed=0)
-    loader = _loader(cfg, dataset, seed=0)
+    dataset = make_dataset(cfg, examples, seed=0)
+    loader = make_loader(cfg, dataset, seed=0)
     shapes, seen = set(), []
     for batch in loader:
         assert len({tuple(p.shape) for p in batch["pixel_values"]}) == 1
