@@ -58,14 +58,27 @@ def is_single_file(base: str) -> bool:
     return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def detect_variant(base: str) -> str:
-    """'sd15' or 'sdxl': from a folder's model_index.json or a single file's tensor names.
-    A hub id not yet downloaded counts as SD1.x unless `model.variant` says otherwise."""
+def _hub_index(base: str, revision: Optional[str]) -> Optional[Path]:
+    """The hub repo's model_index.json (a few hundred bytes, from the cache when it is there)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(base, "model_index.json", revision=revision))
+    except Exception:  # offline or unknown repo: loading the model will say what is wrong
+        return None
+
+
+def detect_variant(base: str, revision: Optional[str] = None) -> str:
+    """'sd15' or 'sdxl': from the pipeline's model_index.json (a folder's, or a hub repo's) or a
+    single file's tensor names. Unreadable hub ids count as SD1.x; the UNet check in load_base
+    catches a wrong guess."""
     if is_single_file(base):
         from .single_file import detect_single_file_variant
 
         return detect_single_file_variant(base)
     index = Path(base).expanduser() / "model_index.json"
+    if not index.is_file() and not Path(base).expanduser().exists():
+        index = _hub_index(base, revision) or index
     if not index.is_file():
         return "sd15"
     try:
@@ -80,7 +93,7 @@ def detect_variant(base: str) -> str:
 def resolve_variant(model_cfg: ModelConfig) -> str:
     """`model.variant` when set, else what the base says it is; checks the source exists first."""
     check_source(model_cfg.base)
-    return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base)
+    return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base, model_cfg.revision)
 
 
 def check_source(base: str) -> None:
@@ -143,8 +156,8 @@ def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
     unet = parts["unet"]
     if variant == "sdxl" and getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise ModelError(f"model.variant: {base!r} has no SDXL UNet (no text_time conditioning); set model.variant=sd15")
-    if variant == "sd15" and "text_encoder_2" in parts:
-        raise ModelError(f"model.variant: {base!r} is SDXL; set model.variant=sdxl or auto")
+    if variant == "sd15" and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise ModelError(f"model.variant: {base!r} has an SDXL UNet; set model.variant=sdxl")
     vae = parts["vae"]
     if variant == "sdxl" and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does.
