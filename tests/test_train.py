@@ -83,6 +83,7 @@ def test_adapter_keys_and_shapes_match_targets(trained, tiny_sd15):
     assert float(alpha) == 4.0
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_steps"] == "40" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_sd_model_name"] == tiny_sd15.name  # a local base by name, not its path
     assert json.loads(meta["ss_tag_frequency"])["example"]["geoshape"] == 8
 
 
