@@ -49,9 +49,20 @@ class BaseModel:
 
 def weight_dtype_for(model_cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
     """Frozen weights live in the compute dtype: bf16/fp16 under mixed precision, fp32 otherwise."""
-    if model_cfg.dtype != "auto":
-        return DTYPES[model_cfg.dtype]
-    return DTYPES[mixed_precision]
+    dtype = DTYPES[model_cfg.dtype] if model_cfg.dtype != "auto" else DTYPES[mixed_precision]
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        log.warning("bf16 on this CPU (%s, no AVX512-BF16/AMX) is emulated and runs many times slower than "
+                    "fp32; on this machine use train.mixed_precision=no", torch.backends.cpu.get_cpu_capability())
+    return dtype
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 a speed-up."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def is_single_file(base: str) -> bool:
