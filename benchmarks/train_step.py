@@ -31,6 +31,8 @@ CASES = {
     "tiny-bf16": ("sd15", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=bf16"]),
     "full": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no"]),
     "full-bf16": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16"]),
+    "full-nocache": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no",
+                                   "train.cache_latents=false"]),
     "full-bf16-nocache": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16",
                                         "train.cache_latents=false"]),
     # GPU cases: fp16 needs CUDA; 512 px batch 4 is a realistic SD1.5 run.
@@ -104,7 +106,7 @@ def run_case(name: str, steps: int, extra: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="tiny,full-bf16,full-bf16-nocache", help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--cases", default="tiny,full,full-nocache", help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every case")

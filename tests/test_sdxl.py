@@ -106,3 +106,13 @@ def test_resolution_defaults_to_the_variants_native_size(tiny_sdxl, tiny_sd15):
         assert cfg.data.resolution is None
         resolved = _for_variant(cfg, resolve_variant(cfg.model))
         assert resolved.data.resolution == native
+
+
+def test_sdxl_base_loaded_as_sd15_is_one_line_error(tiny_sdxl):
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.errors import ModelError
+    from lora_trainer.models.loading import load_base
+
+    with pytest.raises(ModelError, match="model.variant.*SDXL UNet; set model.variant=sdxl") as err:
+        load_base(ModelConfig(base=str(tiny_sdxl), variant="sd15"), torch.float32)
+    assert "\n" not in str(err.value)

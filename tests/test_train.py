@@ -83,6 +83,7 @@ def test_adapter_keys_and_shapes_match_targets(trained, tiny_sd15):
     assert float(alpha) == 4.0
     assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_steps"] == "40" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_sd_model_name"] == tiny_sd15.name  # a local base by name, not its path
     assert json.loads(meta["ss_tag_frequency"])["example"]["geoshape"] == 8
 
 
@@ -163,3 +164,14 @@ def test_tensorboard_log_is_written(tiny_sd15, example_data, tmp_path):
     train(cfg, show_progress=False)
     events = list((tmp_path / "tb" / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_resolution_null_trains_at_the_bases_native_size(tiny_sd15, example_data, tmp_path):
+    from lora_trainer.config import load_config
+    from lora_trainer.training.loop import train
+
+    cfg = run_config(tiny_sd15, example_data, tmp_path / "native", "data.resolution=null", "train.max_steps=1",
+                     "sample.prompts=[]", "train.batch_size=1")
+    result = train(cfg, show_progress=False)
+    assert load_config(tmp_path / "native" / "config.yaml").data.resolution == 512
+    assert result.steps == 1

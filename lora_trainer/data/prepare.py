@@ -37,7 +37,10 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
             else:
                 results = caption_folder(root, cfg.data.caption, show_progress=show_progress)
                 generated = {r.path for r in results if r.status in ("generated", "replaced")}
-        report = check_dataset(root, cfg.data.resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
+        # data.resolution null means the base's native size, known only once the variant is: judge
+        # image sizes against SD1.x's 512 unless the config already says SDXL.
+        resolution = cfg.data.resolution or (1024 if cfg.model.variant == "sdxl" else 512)
+        report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
                                cfg.data.caption_prefix)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.

@@ -49,23 +49,47 @@ class BaseModel:
 
 def weight_dtype_for(model_cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
     """Frozen weights live in the compute dtype: bf16/fp16 under mixed precision, fp32 otherwise."""
-    if model_cfg.dtype != "auto":
-        return DTYPES[model_cfg.dtype]
-    return DTYPES[mixed_precision]
+    dtype = DTYPES[model_cfg.dtype] if model_cfg.dtype != "auto" else DTYPES[mixed_precision]
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_fast_bf16():
+        log.warning("bf16 on this CPU (%s, no AVX512-BF16/AMX) is emulated and runs many times slower than "
+                    "fp32; on this machine use train.mixed_precision=no", torch.backends.cpu.get_cpu_capability())
+    return dtype
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 a speed-up."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def is_single_file(base: str) -> bool:
     return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def detect_variant(base: str) -> str:
-    """'sd15' or 'sdxl': from a folder's model_index.json or a single file's tensor names.
-    A hub id not yet downloaded counts as SD1.x unless `model.variant` says otherwise."""
+def _hub_index(base: str, revision: Optional[str]) -> Optional[Path]:
+    """The hub repo's model_index.json (a few hundred bytes, from the cache when it is there)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(base, "model_index.json", revision=revision))
+    except Exception:  # offline or unknown repo: loading the model will say what is wrong
+        return None
+
+
+def detect_variant(base: str, revision: Optional[str] = None) -> str:
+    """'sd15' or 'sdxl': from the pipeline's model_index.json (a folder's, or a hub repo's) or a
+    single file's tensor names. Unreadable hub ids count as SD1.x; the UNet check in load_base
+    catches a wrong guess."""
     if is_single_file(base):
         from .single_file import detect_single_file_variant
 
         return detect_single_file_variant(base)
     index = Path(base).expanduser() / "model_index.json"
+    if not index.is_file() and not Path(base).expanduser().exists():
+        index = _hub_index(base, revision) or index
     if not index.is_file():
         return "sd15"
     try:
@@ -80,7 +104,7 @@ def detect_variant(base: str) -> str:
 def resolve_variant(model_cfg: ModelConfig) -> str:
     """`model.variant` when set, else what the base says it is; checks the source exists first."""
     check_source(model_cfg.base)
-    return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base)
+    return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base, model_cfg.revision)
 
 
 def check_source(base: str) -> None:
@@ -143,8 +167,8 @@ def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
     unet = parts["unet"]
     if variant == "sdxl" and getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise ModelError(f"model.variant: {base!r} has no SDXL UNet (no text_time conditioning); set model.variant=sd15")
-    if variant == "sd15" and "text_encoder_2" in parts:
-        raise ModelError(f"model.variant: {base!r} is SDXL; set model.variant=sdxl or auto")
+    if variant == "sd15" and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise ModelError(f"model.variant: {base!r} has an SDXL UNet; set model.variant=sdxl")
     vae = parts["vae"]
     if variant == "sdxl" and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does.

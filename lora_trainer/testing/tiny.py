@@ -64,9 +64,23 @@ def build_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def _clip_text_config(tokens: int, hidden: int, layers: int, heads: int, projection: int, act: str,
+                      intermediate: int | None = None, full_vocab: bool = False):
+    """A CLIP text encoder config for a tokenizer of `tokens` entries (its last two are BOS, EOS);
+    `full_vocab` gives CLIP's real embedding table size, for real-size benchmarks."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=max(tokens, 49408) if full_vocab else tokens, hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=77, projection_dim=projection, hidden_act=act,
+        bos_token_id=tokens - 2, eos_token_id=tokens - 1, pad_token_id=tokens - 1,
+    )
+
+
 def _tiny_sd15_components(vocab_size: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -80,21 +94,7 @@ def _tiny_sd15_components(vocab_size: int):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_text_config(vocab_size, 32, 2, 4, 32, "quick_gelu", intermediate=64))
     # Four blocks, as in SD's VAE, so latents are 1/8 of the image side.
     vae = AutoencoderKL(
         in_channels=3,
@@ -113,7 +113,7 @@ def _tiny_sd15_components(vocab_size: int):
 def _full_sd15_components(vocab_size: int):
     """Real SD1.5 layer sizes (UNet ≈ 860 M parameters, CLIP ViT-L/14 text encoder, SD VAE)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel(
         sample_size=64,
@@ -122,21 +122,7 @@ def _full_sd15_components(vocab_size: int):
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=max(vocab_size, 49408),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_text_config(vocab_size, 768, 12, 12, 768, "quick_gelu", full_vocab=True))
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -189,16 +175,6 @@ SDXL_SCHEDULER = dict(
 )
 
 
-def _clip_text_config(vocab_size: int, hidden: int, layers: int, heads: int, projection: int, act: str):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection, hidden_act=act,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    )
-
-
 def _sdxl_components(vocab_size: int, full: bool):
     """SDXL's shape: a UNet with text-time conditioning (pooled text embeds + 6 size/crop numbers),
     cross attention over two concatenated text encoders (CLIP ViT-L + OpenCLIP bigG with projection)."""
@@ -206,8 +182,8 @@ def _sdxl_components(vocab_size: int, full: bool):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if full:
-        te1 = _clip_text_config(max(vocab_size, 49408), 768, 12, 12, 768, "quick_gelu")
-        te2 = _clip_text_config(max(vocab_size, 49408), 1280, 32, 20, 1280, "gelu")
+        te1 = _clip_text_config(vocab_size, 768, 12, 12, 768, "quick_gelu", full_vocab=True)
+        te2 = _clip_text_config(vocab_size, 1280, 32, 20, 1280, "gelu", full_vocab=True)
         time_dim, blocks, heads, layers = 256, (320, 640, 1280), (5, 10, 20), (1, 2, 10)
         vae_blocks, vae_layers, vae_groups, sample = (128, 256, 512, 512), 2, 32, 128
     else:

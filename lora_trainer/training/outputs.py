@@ -39,7 +39,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
         base_model_version=BASE_MODEL_VERSIONS[variant],
-        base_model_name=cfg.model.base,
+        # kohya records a local base by its name only: the path is the user's own business
+        base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
         resolution=cfg.data.resolution,
         num_train_images=len(examples) * cfg.data.repeats,
         num_reg_images=db.num_class_images,
