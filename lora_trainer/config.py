@@ -7,14 +7,14 @@ value (name, value, what is allowed) before anything heavy happens.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
+from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -191,99 +191,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# ---- building from plain data -------------------------------------------------------------------
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(parts) + " or null"
-    if origin is list:
-        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp`, or raise ValueError."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value is False and "no" in typing.get_args(tp):
-            return "no"  # YAML 1.1 reads a bare `no` as false
-        if not isinstance(value, bool) and value in typing.get_args(tp):
-            return value
-        raise ValueError
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except ValueError:
-                pass
-        raise ValueError
-    if origin is list:
-        if isinstance(value, str):  # a single string where a list is expected
-            value = [value]
-        if not isinstance(value, list):
-            raise ValueError
-        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError
-    raise ValueError
-
-
-def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            allowed = ", ".join(sorted(names))
-            errors.append(f"{dotted}: unknown key; allowed keys here: {allowed}")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted + ".", errors)
-            continue
-        try:
-            kwargs[key] = _coerce(value, tp)
-        except ValueError:
-            errors.append(f"{dotted}: got {value!r}; expected {_describe(tp)}")
-    return cls(**kwargs)
-
-
 def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     def need(ok: bool, key: str, value: Any, allowed: str) -> None:
         if not ok:
@@ -341,7 +248,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         need(bool(db.class_data), "dreambooth.class_data", db.class_data, "a folder for the class images")
         need(bool(db.class_prompt), "dreambooth.class_prompt", db.class_prompt, 'the class, e.g. "a photo of a dog"')
     elif db.class_prompt or db.class_data:
-        errors.append(f"dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
+        errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
 
 
@@ -363,43 +270,10 @@ def check_caption_config(c: CaptionConfig, errors: list[str],
     need(c.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)")
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["train.max_steps=50", "lora.rank=8"] into a nested dict; values are read as YAML."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=50")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key part in {key!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return nested
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raise ConfigError listing every problem, one per line."""
     errors: list[str] = []
-    cfg = _build(RunConfig, data, "", errors)
+    cfg = build_dataclass(RunConfig, data, "", errors)
     if not errors:
         _check_ranges(cfg, errors)
     if errors:
@@ -422,7 +296,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, ...)")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     try:
         return config_from_dict(data)
     except ConfigError as exc:
