@@ -21,7 +21,8 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base: hub id or diffusers folder (SD1.x or SDXL)")
+    p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors (SD1.x or SDXL)")
+    p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file (kohya or diffusers layout), repeatable; weights stack")
     p.add_argument("--merge", action="store_true", help="fuse the adapters into the weights (faster sampling)")
@@ -96,7 +97,7 @@ def run_infer(args) -> list[Path]:
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype))
+                    dtype=_dtype(args.dtype), config_dir=args.config_dir)
     out = Path(args.out)
     if weights is not None:
         sweep = sweep_grid(gen, args.prompt, weights, args.sweep_adapter, request)
@@ -114,10 +115,12 @@ def run_infer(args) -> list[Path]:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base: hub id or diffusers folder")
+    p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors")
+    p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter to fuse, repeatable")
-    p.add_argument("--out", required=True, help="folder for the merged diffusers model")
-    p.add_argument("--single-file", action="store_true", help="write one .safetensors checkpoint (not yet available)")
+    p.add_argument("--out", required=True, help="folder for the merged diffusers model (a .safetensors file with --single-file)")
+    p.add_argument("--single-file", action="store_true",
+                   help="write one original-layout .safetensors checkpoint (A1111/ComfyUI); --out names the file")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -126,4 +129,5 @@ def run_merge(args) -> Path:
     from .merge import merge_to_folder
 
     return merge_to_folder(args.model, [parse_adapter_spec(s) for s in args.lora], args.out,
-                           single_file=args.single_file, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
+                           single_file=args.single_file, overwrite=args.overwrite, dtype=DTYPES[args.dtype],
+                           config_dir=args.config_dir)

@@ -81,10 +81,12 @@ class Generator:
     """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
-                 refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+                 refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+                 config_dir: str | Path | None = None):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model = str(model)
-        self.pipe, self.variant = load_base(self.model, self.device, self.dtype)
+        self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
+                                            config_dir=str(config_dir) if config_dir else None)
         self.adapters = AdapterStack(self.pipe)
         for spec in loras:
             self.adapters.load(parse_adapter_spec(spec) if isinstance(spec, str) else spec)

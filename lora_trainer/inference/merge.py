@@ -15,24 +15,26 @@ from .pipelines import load_base
 
 
 def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, single_file: bool = False,
-                    overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+                    overwrite: bool = False, dtype: torch.dtype = torch.float32, config_dir: str | None = None) -> Path:
     """Load `model`, fuse `loras` at their weights, drop the adapter layers and save the result as a
-    diffusers folder at `out`. The folder appears complete or not at all (saved beside it, renamed)."""
+    diffusers folder at `out` (or, with `single_file`, one original-layout `.safetensors` checkpoint
+    as A1111 and ComfyUI load). It appears complete or not at all (written beside it, renamed)."""
     out = Path(out)
-    if single_file:
-        # Writing original-layout checkpoints belongs to models/ (the single-file loader/saver);
-        # until it is wired in, say so instead of writing a half-supported file.
-        raise ConfigError("--single-file: this version saves merged models as diffusers folders only; "
-                          "drop --single-file")
+    if single_file and out.suffix.lower() != ".safetensors":
+        raise ConfigError(f"--out: {out} must be a .safetensors file name with --single-file")
     if not loras:
         raise ConfigError("merge: give at least one --lora FILE[:WEIGHT] to merge into the base")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out: {out} exists and is not empty; choose a new folder or pass --overwrite")
-    pipe, _ = load_base(model, "cpu", dtype)
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"--out: {out} exists; choose a new name or pass --overwrite")
+    pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
     stack = AdapterStack(pipe)
     for spec in loras:
         stack.load(spec)
     stack.bake()
+    if single_file:
+        from ..models.single_file import save_single_file
+
+        return save_single_file(pipe, out)  # atomic: temp file + rename
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.loading import is_single_file
+
 from ..errors import ModelError
 from .adapters import quiet_diffusers
 
@@ -43,22 +45,32 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_source(model: str, flag: str) -> None:
+def _check_source(model: str, flag: str, single_file_ok: bool = False) -> None:
     path = Path(model).expanduser()
-    if path.suffix in (".safetensors", ".ckpt"):
-        raise ModelError(f"{flag}: {model!r} is a single-file checkpoint; infer loads diffusers folders and hub ids "
-                         "for now (convert it once with diffusers' from_single_file + save_pretrained)")
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        if not single_file_ok:
+            raise ModelError(f"{flag}: {model!r} is a single-file checkpoint; {flag} takes a diffusers folder "
+                             "or a hub id")
+        if not path.is_file():
+            raise ModelError(f"{flag}: {model!r} does not exist")
+        return
     if path.exists() and not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
         raise ModelError(f"{flag}: {model!r} is a folder without model_index.json; point it at a diffusers folder")
     if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise ModelError(f"{flag}: {model!r} is neither a folder nor a hub id like 'runwayml/stable-diffusion-v1-5'")
 
 
-def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"):
+def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model", config_dir: str | None = None):
     """(pipeline, variant) for an SD1.x/2.x or SDXL base; the variant comes from model_index.json."""
     import diffusers
 
-    _check_source(model, flag)
+    _check_source(model, flag, single_file_ok=True)
+    if is_single_file(model):
+        pipe, variant = _load_single_file(model, dtype, config_dir)
+        with quiet_diffusers():
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, variant
     try:
         index = diffusers.DiffusionPipeline.load_config(model)
         variant = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd15"
@@ -72,6 +84,22 @@ def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, variant
+
+
+def _load_single_file(model: str, dtype: torch.dtype, config_dir: str | None = None):
+    """An original-layout checkpoint (what CivitAI and A1111 users have) through the trainer's own
+    single-file loader, with the shipped SD1.5/SDXL configs: no network."""
+    import diffusers
+
+    from ..models.single_file import detect_single_file_variant, load_single_file
+
+    variant = detect_single_file_variant(model)
+    parts, scheduler_config = load_single_file(model, variant, dtype, config_dir)
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    cls = getattr(diffusers, PIPELINES[(variant, "txt2img", False)])
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+        if variant == "sd15" else {}
+    return cls(**parts, scheduler=scheduler, **extra), variant
 
 
 def load_controlnet(model: str, device: str, dtype: torch.dtype):
