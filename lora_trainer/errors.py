@@ -19,3 +19,9 @@ class ModelError(LoraTrainerError):
 
 class PublishError(LoraTrainerError):
     """A run folder cannot be published or packaged as asked (missing files, bad repo id, upload refused)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library exception's message (or its type), for one-line user errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from lora_trainer.config import CaptionConfig
 from lora_trainer.data.captions import read_metadata_jsonl, read_sidecar_caption
 from lora_trainer.data.dataset import _walk  # the scan's own file walk: caption exactly what trains
 from lora_trainer.data.images import load_image
-from lora_trainer.errors import ConfigError, DataError, ModelError
+from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
 from lora_trainer.fileio import atomic_path, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ def load_blip2(c: CaptionConfig) -> Blip2Captioner:
         processor = Blip2Processor.from_pretrained(c.model)
         model = Blip2ForConditionalGeneration.from_pretrained(c.model, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{_key('model')}: cannot load a BLIP-2 model from {c.model!r} ({reason}); give a hub id "
+        raise ModelError(f"{_key('model')}: cannot load a BLIP-2 model from {c.model!r} ({first_line(err)}); give a hub id "
                          "like Salesforce/blip2-opt-2.7b or a folder saved with save_pretrained") from err
     if not c.load_in_8bit:
         model.to(device)

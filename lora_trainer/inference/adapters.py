@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 
 @dataclass
@@ -120,8 +120,7 @@ class AdapterStack:
             with quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first})") from None
+            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first_line(exc)})") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)
         self.enabled[name] = True
         self._apply()

@@ -4,13 +4,12 @@ so adapters loaded once apply to txt2img, img2img, inpainting and ControlNet ali
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from ..models.loading import is_single_file
+from ..models.loading import check_source, is_single_file
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .adapters import quiet_diffusers
 
 JOBS = ("txt2img", "img2img", "inpaint")
@@ -40,31 +39,11 @@ def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple
     return device, dtype
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _check_source(model: str, flag: str, single_file_ok: bool = False) -> None:
-    path = Path(model).expanduser()
-    if path.suffix.lower() in (".safetensors", ".ckpt"):
-        if not single_file_ok:
-            raise ModelError(f"{flag}: {model!r} is a single-file checkpoint; {flag} takes a diffusers folder "
-                             "or a hub id")
-        if not path.is_file():
-            raise ModelError(f"{flag}: {model!r} does not exist")
-        return
-    if path.exists() and not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
-        raise ModelError(f"{flag}: {model!r} is a folder without model_index.json; point it at a diffusers folder")
-    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ModelError(f"{flag}: {model!r} is neither a folder nor a hub id like 'runwayml/stable-diffusion-v1-5'")
-
-
 def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model", config_dir: str | None = None):
     """(pipeline, variant) for an SD1.x/2.x or SDXL base; the variant comes from model_index.json."""
     import diffusers
 
-    _check_source(model, flag, single_file_ok=True)
+    check_source(model, flag)
     if is_single_file(model):
         pipe, variant = _load_single_file(model, dtype, config_dir)
         with quiet_diffusers():
@@ -79,7 +58,7 @@ def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"
         with quiet_diffusers():
             pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{flag}: cannot load {model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"{flag}: cannot load {model!r}: {first_line(exc)}") from None
     with quiet_diffusers():
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -105,12 +84,12 @@ def _load_single_file(model: str, dtype: torch.dtype, config_dir: str | None = N
 def load_controlnet(model: str, device: str, dtype: torch.dtype):
     from diffusers import ControlNetModel
 
-    _check_source(model, "--controlnet")
+    check_source(model, "--controlnet", single_file_ok=False, index_file="config.json")
     try:
         with quiet_diffusers():
             net = ControlNetModel.from_pretrained(model, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"--controlnet: cannot load {model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"--controlnet: cannot load {model!r}: {first_line(exc)}") from None
     return net.to(device)
 
 
@@ -119,12 +98,12 @@ def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
     (as the official refiner does) when their shapes match."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    _check_source(model, "--refiner")
+    check_source(model, "--refiner", single_file_ok=False)
     try:
         with quiet_diffusers():
             pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"--refiner: cannot load {model!r}: {_first_line(exc)}") from None
+        raise ModelError(f"--refiner: cannot load {model!r}: {first_line(exc)}") from None
     with quiet_diffusers():
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

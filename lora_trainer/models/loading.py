@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +107,24 @@ def resolve_variant(model_cfg: ModelConfig) -> str:
     return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base, model_cfg.revision)
 
 
-def check_source(base: str) -> None:
+def check_source(base: str, key: str = "model.base", single_file_ok: bool = True,
+                 index_file: str = "model_index.json") -> None:
+    """One-line errors for a model reference that cannot load, before anything is read: a missing
+    file or folder, a folder without `index_file`, a pickle checkpoint, a malformed hub id."""
     path = Path(base).expanduser()
     if is_single_file(base):
+        if not single_file_ok:
+            raise ModelError(f"{key}: {base!r} is a single-file checkpoint; {key} takes a diffusers folder or a hub id")
         if not path.is_file():
-            raise ModelError(f"model.base: {base!r} does not exist; give a .safetensors checkpoint that does")
+            raise ModelError(f"{key}: {base!r} does not exist; give a .safetensors checkpoint that does")
         if path.suffix.lower() == ".ckpt":
-            raise ModelError(f"model.base: {base!r} is a pickle .ckpt, which can run code when loaded; "
+            raise ModelError(f"{key}: {base!r} is a pickle .ckpt, which can run code when loaded; "
                              "use the .safetensors version of the checkpoint")
         return
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise ModelError(f"model.base: {base!r} is a folder without model_index.json; point it at a diffusers pipeline folder")
+    if path.exists() and not (path / index_file).is_file():
+        raise ModelError(f"{key}: {base!r} is a folder without {index_file}; point it at a diffusers folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
-        raise ModelError(f"model.base: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
 
 
 def _load_components(base: str, variant: str, weight_dtype: torch.dtype, revision: Optional[str]) -> dict:
@@ -163,7 +163,7 @@ def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
             parts = _load_components(base, variant, weight_dtype, model_cfg.revision)
             noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=model_cfg.revision)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model.base: cannot load {base!r} as {variant}: {_first_line(exc)}") from None
+        raise ModelError(f"model.base: cannot load {base!r} as {variant}: {first_line(exc)}") from None
     unet = parts["unet"]
     if variant == "sdxl" and getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise ModelError(f"model.variant: {base!r} has no SDXL UNet (no text_time conditioning); set model.variant=sd15")

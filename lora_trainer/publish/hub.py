@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import dump_config
-from ..errors import PublishError
+from ..errors import PublishError, first_line
 from ..fileio import write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
@@ -186,12 +186,10 @@ def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> st
         status = exc.response.status_code if exc.response is not None else "?"
         hint = {401: "the token was rejected; check HF_TOKEN or `hf auth login`",
                 403: f"the token may not write to {repo_id.split('/')[0]}; use a token with write access"}.get(status, "")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PublishError(f"--hub {repo_id}: upload failed with HTTP {status} ({first}){'; ' + hint if hint else ''}") from None
+        raise PublishError(f"--hub {repo_id}: upload failed with HTTP {status} ({first_line(exc)}){'; ' + hint if hint else ''}") from None
     except ValueError as exc:  # huggingface_hub's report of card metadata the Hub refused
         raise PublishError(f"--hub {repo_id}: the Hub refused README.md's metadata "
                            f"({' '.join(str(exc).split())}); fix the card in {folder}") from None
     except Exception as exc:  # network errors come from several libraries (httpx, hf_xet, ssl)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PublishError(f"--hub {repo_id}: cannot reach {api.endpoint} ({first})") from None
+        raise PublishError(f"--hub {repo_id}: cannot reach {api.endpoint} ({first_line(exc)})") from None
     return str(url)
