@@ -202,7 +202,8 @@ def test_loss_curve_and_weight_sweep_grid(uninterrupted):
     assert sweep.size[0] > 3 * 64 and 64 < sweep.size[1] < 2 * 64 + 30
     # the weight-1 cell is the final sample (same seed, same adapter) and weight 0 differs from it
     final = Image.open(result.output_dir / "samples" / "step_00008" / "00.png").convert("RGB")
-    cells = [sweep.convert("RGB").crop((160 + c * 66, 24, 160 + c * 66 + 64, 24 + 64)) for c in range(3)]
+    top = sweep.size[1] - (64 + 2)  # one row of 64 px cells (2 px gap) under the column labels
+    cells = [sweep.convert("RGB").crop((160 + c * 66, top, 160 + c * 66 + 64, top + 64)) for c in range(3)]
     assert cells[2].tobytes() == final.tobytes()
     assert cells[0].tobytes() != final.tobytes()
 
