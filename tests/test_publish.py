@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,36 +14,7 @@ import yaml
 from PIL import Image
 
 from lora_trainer.cli import main
-
-FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
-
-
-@pytest.fixture()
-def fake_token(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the developer's saved login
-    return FAKE_TOKEN
-
-
-def _front_matter(card: str) -> dict:
-    assert card.startswith("---\n")
-    return yaml.safe_load(card.split("---\n", 2)[1])
-
-
-def _all_bytes(folder: Path) -> list[tuple[Path, bytes]]:
-    return [(p, p.read_bytes()) for p in folder.rglob("*") if p.is_file()]
-
-
-def _copy_run(trained, dst: Path, drop: tuple[str, ...] = ()) -> Path:
-    shutil.copytree(trained.output_dir, dst, ignore=shutil.ignore_patterns("hub-repo", "checkpoints", "logs"))
-    for name in drop:
-        (dst / name).unlink()
-    return dst
-
-
-def _publish_dry(run_dir: Path, out: Path, *extra: str) -> int:
-    return main(["publish", str(run_dir), "--hub", "alice/geoshape", "--dry-run", "--out", str(out), *extra])
-
+from publish_helpers import FAKE_TOKEN, all_bytes, copy_run, fake_token, front_matter, publish_dry  # noqa: F401
 
 # ---- the repo folder and its card ---------------------------------------------------------------
 
@@ -54,12 +22,12 @@ def _publish_dry(run_dir: Path, out: Path, *extra: str) -> int:
 def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_images(
         trained, tiny_sd15, tmp_path, fake_token, capsys):
     out = tmp_path / "repo"
-    assert _publish_dry(trained.output_dir, out) == 0
+    assert publish_dry(trained.output_dir, out) == 0
     printed = capsys.readouterr()
     assert "would upload" in printed.out and "README.md" in printed.out
 
     card = (out / "README.md").read_text(encoding="utf-8")
-    meta = _front_matter(card)
+    meta = front_matter(card)
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # model.base was a local folder
     assert meta["license"] == "creativeml-openrail-m"
     assert {"lora", "text-to-image", "stable-diffusion", "diffusers"} <= set(meta["tags"])
@@ -83,7 +51,7 @@ def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_imag
     assert guide["weight"] == {"default": 0.75, "min": 0.5, "max": 1.0, "source": "sweep"}
 
     # nothing secret or local leaves the machine: the token, the trainer's own folders
-    for path, data in _all_bytes(out):
+    for path, data in all_bytes(out):
         assert FAKE_TOKEN.encode() not in data, path
         assert str(tiny_sd15).encode() not in data, path
         assert str(trained.output_dir).encode() not in data, path
@@ -92,7 +60,7 @@ def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_imag
 
 def test_repo_has_both_layouts_with_the_runs_tensors(trained, tmp_path, fake_token):
     out = tmp_path / "repo"
-    assert _publish_dry(trained.output_dir, out) == 0
+    assert publish_dry(trained.output_dir, out) == 0
     name = trained.adapter_paths[0].stem
     for published, original in ((out / f"{name}.safetensors", trained.adapter_paths[0]),
                                 (out / "pytorch_lora_weights.safetensors", trained.adapter_paths[1])):
@@ -104,7 +72,7 @@ def test_the_cards_diffusers_snippet_loads_the_repo(trained, tiny_sd15, tmp_path
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "repo"
-    assert _publish_dry(trained.output_dir, out) == 0
+    assert publish_dry(trained.output_dir, out) == 0
     card = (out / "README.md").read_text()
     snippet = [ln for ln in card.splitlines() if ln.startswith(("pipe.load_lora_weights", "pipe.set_adapters"))]
     assert len(snippet) == 2
@@ -121,11 +89,11 @@ def test_the_cards_diffusers_snippet_loads_the_repo(trained, tiny_sd15, tmp_path
 @pytest.mark.parametrize("only", ["kohya", "diffusers"])
 def test_a_run_with_one_layout_gets_the_other_converted_exactly(trained, tmp_path, fake_token, only):
     kohya_file, diffusers_file = trained.adapter_paths
-    run = _copy_run(trained, tmp_path / "run", drop=(diffusers_file.name,))
+    run = copy_run(trained, tmp_path / "run", drop=(diffusers_file.name,))
     if only == "diffusers":  # a run trained with output.format=diffusers
         shutil.copyfile(diffusers_file, run / kohya_file.name)
     out = tmp_path / "repo"
-    assert _publish_dry(run, out) == 0
+    assert publish_dry(run, out) == 0
     for published, original in ((out / kohya_file.name, kohya_file),
                                 (out / "pytorch_lora_weights.safetensors", diffusers_file)):
         got, want = safetensors.torch.load_file(published), safetensors.torch.load_file(original)
@@ -138,23 +106,23 @@ def test_a_run_with_one_layout_gets_the_other_converted_exactly(trained, tmp_pat
 
 def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path, fake_token, capsys):
     out = tmp_path / "repo"
-    assert _publish_dry(trained.output_dir, out) == 0
-    assert _publish_dry(trained.output_dir, out) == 0  # unchanged since we wrote it: rebuilt freely
+    assert publish_dry(trained.output_dir, out) == 0
+    assert publish_dry(trained.output_dir, out) == 0  # unchanged since we wrote it: rebuilt freely
     (out / "README.md").write_text("my own words\n")
     capsys.readouterr()
-    assert _publish_dry(trained.output_dir, out) == 2
+    assert publish_dry(trained.output_dir, out) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "README.md" in err and "--overwrite" in err and err.count("\n") == 1
     assert (out / "README.md").read_text() == "my own words\n"
-    assert _publish_dry(trained.output_dir, out, "--overwrite") == 0
+    assert publish_dry(trained.output_dir, out, "--overwrite") == 0
     assert (out / "README.md").read_text().startswith("---\n")
 
 
 def test_without_a_sweep_grid_the_card_gives_the_default_range(trained, tmp_path, fake_token):
-    run = _copy_run(trained, tmp_path / "run")
+    run = copy_run(trained, tmp_path / "run")
     (run / "samples" / "sweep.png").unlink()  # a run trained with sample.grid_weights=[]
     out = tmp_path / "repo"
-    assert _publish_dry(run, out) == 0
+    assert publish_dry(run, out) == 0
     assert json.loads((out / "prompts.json").read_text())["weight"] == {
         "default": 0.8, "min": 0.6, "max": 1.0, "source": "default"}
     assert "default range, not measured" in (out / "README.md").read_text()
@@ -163,141 +131,19 @@ def test_without_a_sweep_grid_the_card_gives_the_default_range(trained, tmp_path
 def test_sweep_grid_sets_the_weight_range_and_the_loss_curve_is_shown(trained, tmp_path, fake_token):
     from lora_trainer.pnginfo import GenerationInfo, save_png
 
-    run = _copy_run(trained, tmp_path / "run")
+    run = copy_run(trained, tmp_path / "run")
     # The parameters text exactly as the inference sweep writes it.
     info = GenerationInfo(prompt="geoshape, a red circle", steps=10, extra={"Sweep": "example-lora: 0,0.25,0.5,0.75,1.25"})
     save_png(Image.new("RGB", (64, 32)), run / "samples" / "sweep.png", info)
     Image.new("RGB", (32, 32), "white").save(run / "loss.png")
     out = tmp_path / "repo"
-    assert _publish_dry(run, out) == 0
+    assert publish_dry(run, out) == 0
     assert json.loads((out / "prompts.json").read_text())["weight"] == {
         "default": 0.75, "min": 0.25, "max": 1.25, "source": "sweep"}
     card = (out / "README.md").read_text()
     assert "**0.25 – 1.25**" in card and "![weight sweep](images/sweep.png)" in card
     assert (out / "images" / "sweep.png").is_file()
     assert "![training loss](images/loss.png)" in card and (out / "images" / "loss.png").is_file()
-
-
-# ---- upload, against a local stand-in for the Hub API ------------------------------------------
-
-
-class _FakeHub(BaseHTTPRequestHandler):
-    """Answers the three calls huggingface_hub's create_repo + upload_folder make; records them."""
-
-    requests: list[dict] = []
-    committed: dict[str, bytes] = {}
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        endpoint = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
-        if self.path == "/api/repos/create":
-            req = json.loads(body)
-            return self._reply(200, {"url": f"{endpoint}/{req['organization']}/{req['name']}"})
-        if self.path == "/api/validate-yaml":  # the real Hub checks the card's metadata; so do we
-            content = json.loads(body)["content"]
-            meta = yaml.safe_load(content.split("---\n", 2)[1])
-            ok = isinstance(meta, dict) and {"base_model", "license", "tags"} <= set(meta)
-            return self._reply(200 if ok else 400, {} if ok else {"errors": [{"message": "bad metadata"}]})
-        if "/preupload/" in self.path:  # "regular": content goes inline in the commit, no LFS/xet
-            files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files]})
-        if "/commit/" in self.path:
-            for line in body.splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    self.committed[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self._reply(200, {"commitUrl": f"{endpoint}/alice/geoshape/commit/{'a' * 40}",
-                                     "commitOid": "a" * 40, "pullRequestUrl": None})
-        return self._reply(404, {"error": f"not implemented: {self.path}"})
-
-
-@pytest.fixture()
-def fake_hub(monkeypatch):
-    import huggingface_hub.constants
-
-    _FakeHub.requests, _FakeHub.committed = [], {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # CI sets HF_HUB_OFFLINE=1
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    yield _FakeHub
-    server.shutdown()
-    server.server_close()
-
-
-def test_upload_creates_the_repo_and_commits_every_file(trained, tmp_path, fake_token, fake_hub, capsys, caplog):
-    caplog.set_level("DEBUG")
-    out = tmp_path / "repo"
-    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--private", "--out", str(out)])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err
-    paths = [r["path"] for r in fake_hub.requests]
-    assert paths[0] == "/api/repos/create" and "/api/validate-yaml" in paths
-    assert json.loads(fake_hub.requests[0]["body"]) == {"name": "geoshape", "organization": "alice",
-                                                        "visibility": "private", "type": "model"}
-    assert any(p.startswith("/api/models/alice/geoshape/preupload/main") for p in paths)
-    assert any(p.startswith("/api/models/alice/geoshape/commit/main") for p in paths)
-    assert all(r["headers"].get("authorization") == f"Bearer {FAKE_TOKEN}" for r in fake_hub.requests)
-    # the Hub received exactly the folder (bar our manifest), byte for byte
-    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
-             if p.is_file() and not p.name.startswith(".")}
-    assert fake_hub.committed == local
-    assert "published: http://127.0.0.1" in printed.out
-    # the token went only into the Authorization header
-    assert FAKE_TOKEN not in printed.out + printed.err + caplog.text
-    for path, data in _all_bytes(out):
-        assert FAKE_TOKEN.encode() not in data, path
-
-
-def test_upload_without_a_token_is_a_one_line_error(trained, tmp_path, monkeypatch, fake_hub, capsys):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-    import huggingface_hub.constants  # read at import: point the saved-login path at nothing
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--out", str(tmp_path / "repo")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: no HuggingFace token") and err.count("\n") == 1
-    assert fake_hub.requests == []
-
-
-def test_upload_in_offline_mode_says_so(trained, tmp_path, monkeypatch, fake_token, capsys):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--out", str(tmp_path / "repo")])
-    err = capsys.readouterr().err
-    assert code == 2 and "HF_HUB_OFFLINE is set" in err and "--dry-run" in err and err.count("\n") == 1
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["publish", "{tmp}", "--hub", "alice/geoshape", "--dry-run"], "config.yaml: not found"),
-    (["publish", "{run}", "--hub", "not a repo", "--dry-run", "--out", "{tmp}/o"], "--hub: got 'not a repo'"),
-    (["publish", "{run}", "--hub", "a/b", "--dry-run", "--out", "{run}"], "would replace the run folder"),
-    (["package", "{run}", "--civitai", "{tmp}/x.tar"], "expected a path ending in .zip"),
-    (["package", "{run}", "--civitai", "{tmp}/x.zip", "--weight", "-1"], "--weight: got -1"),
-])
-def test_bad_publish_inputs_are_one_line_errors(trained, tmp_path, fake_token, capsys, args, expected):
-    args = [a.format(tmp=tmp_path, run=trained.output_dir) for a in args]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
 
 
 # ---- CivitAI package ------------------------------------------------------------------------------
@@ -322,7 +168,7 @@ def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained
     assert fields["description"] and fields["file"] == name
     assert Image.open(root / "images" / "00.png").info["parameters"].startswith("geoshape, a red circle")
     assert "Trigger words: geoshape" in (root / "README.txt").read_text()
-    for path, data in _all_bytes(root):
+    for path, data in all_bytes(root):
         assert FAKE_TOKEN.encode() not in data, path
 
     tensors = safetensors.torch.load_file(root / name)
@@ -389,8 +235,8 @@ def _sdxl_run(root: Path) -> Path:
 def test_sdxl_run_is_tagged_sdxl_and_packaged_for_sdxl(tmp_path, fake_token):
     run = _sdxl_run(tmp_path / "run")
     out = tmp_path / "repo"
-    assert _publish_dry(run, out) == 0
-    meta = _front_matter((out / "README.md").read_text())
+    assert publish_dry(run, out) == 0
+    meta = front_matter((out / "README.md").read_text())
     assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0" and meta["license"] == "openrail++"
     assert {"sdxl", "lora", "stable-diffusion", "diffusers", "text-to-image"} <= set(meta["tags"])
     assert meta["instance_prompt"] == "a photo of sks person"
@@ -402,7 +248,7 @@ def test_sdxl_run_is_tagged_sdxl_and_packaged_for_sdxl(tmp_path, fake_token):
     assert "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj.lora_A.weight" in diffusers
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["path"] == "portraits" and config["output"]["dir"] == "outputs/sks-person"
-    assert not any(b"/data/me" in data or str(run).encode() in data for _, data in _all_bytes(out))
+    assert not any(b"/data/me" in data or str(run).encode() in data for _, data in all_bytes(out))
 
     assert main(["package", str(run), "--civitai", str(tmp_path / "p.zip"), "--weight", "0.7"]) == 0
     with zipfile.ZipFile(tmp_path / "p.zip") as z:
