@@ -15,6 +15,7 @@ from lora_trainer.data.captioning import caption_folder
 from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
 from lora_trainer.data.dataset import Example, scan_dataset
 from lora_trainer.fileio import write_text_atomic
+from lora_trainer.processes import multiprocess_without_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,8 @@ def _main_process_first():
     """(context that runs its body on the main process first, is this the main process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return contextlib.nullcontext(), True
-    import torch
     from accelerate import PartialState
 
-    # The first PartialState fixes the backend for the whole run (the Accelerator reuses it):
-    # several processes without GPUs need accelerate's gloo CPU backend, as the training loop asks.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # The first PartialState fixes the backend for the whole run (the Accelerator reuses it).
+    state = PartialState(cpu=multiprocess_without_gpu())
     return state.main_process_first(), state.is_main_process

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import RunConfig
 from ..fileio import write_text_atomic
+from ..processes import multiprocess_without_gpu
 
 GROUP_NAMES = ("unet", "text_encoder", "text_encoder_2")
 
@@ -30,11 +30,8 @@ def make_accelerator(cfg: RunConfig, out_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
-    # Several processes without GPUs (torchrun or `accelerate launch --multi_gpu` on a CPU machine):
-    # accelerate only picks its gloo CPU backend when told the run is on CPU.
-    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
-        cpu=on_cpu,
+        cpu=multiprocess_without_gpu(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=trackers or None,
