@@ -78,8 +78,19 @@ def _clip_text_config(tokens: int, hidden: int, layers: int, heads: int, project
     )
 
 
+def _sd_vae(blocks: tuple[int, ...], layers: int, groups: int, sample_size: int, **extra):
+    """SD's VAE shape: four blocks, so latents are 1/8 of the image side, with 4 channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=layers, latent_channels=4, norm_num_groups=groups, sample_size=sample_size, **extra,
+    )
+
+
 def _tiny_sd15_components(vocab_size: int):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel(
@@ -95,24 +106,12 @@ def _tiny_sd15_components(vocab_size: int):
         norm_num_groups=8,
     )
     text_encoder = CLIPTextModel(_clip_text_config(vocab_size, 32, 2, 4, 32, "quick_gelu", intermediate=64))
-    # Four blocks, as in SD's VAE, so latents are 1/8 of the image side.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    return unet, text_encoder, vae
+    return unet, text_encoder, _sd_vae((8, 16, 16, 16), layers=1, groups=8, sample_size=64)
 
 
 def _full_sd15_components(vocab_size: int):
     """Real SD1.5 layer sizes (UNet ≈ 860 M parameters, CLIP ViT-L/14 text encoder, SD VAE)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel(
@@ -123,15 +122,7 @@ def _full_sd15_components(vocab_size: int):
         attention_head_dim=8,
     )
     text_encoder = CLIPTextModel(_clip_text_config(vocab_size, 768, 12, 12, 768, "quick_gelu", full_vocab=True))
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    return unet, text_encoder, vae
+    return unet, text_encoder, _sd_vae((128, 256, 512, 512), layers=2, groups=32, sample_size=512)
 
 
 def make_sd15(out_dir: str | Path, seed: int = 0, full: bool = False) -> Path:
@@ -178,7 +169,7 @@ SDXL_SCHEDULER = dict(
 def _sdxl_components(vocab_size: int, full: bool):
     """SDXL's shape: a UNet with text-time conditioning (pooled text embeds + 6 size/crop numbers),
     cross attention over two concatenated text encoders (CLIP ViT-L + OpenCLIP bigG with projection)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if full:
@@ -208,19 +199,8 @@ def _sdxl_components(vocab_size: int, full: bool):
         projection_class_embeddings_input_dim=6 * time_dim + te2.projection_dim,
         norm_num_groups=32 if full else 8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=vae_blocks,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=vae_layers,
-        latent_channels=4,
-        norm_num_groups=vae_groups,
-        sample_size=1024 if full else 64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _sd_vae(vae_blocks, layers=vae_layers, groups=vae_groups, sample_size=1024 if full else 64,
+                  scaling_factor=0.13025, force_upcast=True)
     return unet, CLIPTextModel(te1), CLIPTextModelWithProjection(te2), vae
 
 
