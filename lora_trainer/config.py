@@ -99,6 +99,7 @@ class LoraConfig:
     unet_targets: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
     text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
     train_text_encoder: bool = False
+    init_from: Optional[str] = None  # start from this adapter file (kohya or diffusers layout; same rank)
 
 
 @dataclass

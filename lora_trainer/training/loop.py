@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.lora import inject_lora, trainable_parameters
+from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
@@ -94,9 +95,11 @@ def train(cfg: RunConfig, show_progress: bool = True,
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
     cfg = _for_variant(cfg, resolve_variant(cfg.model))  # reads model_index.json or a file header only
+    initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
+                                    cfg.lora.rank) if cfg.lora.init_from else None)
     accelerator = make_accelerator(cfg, out_dir)
     try:
-        return _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook)
+        return _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
     finally:
         accelerator.end_training()
         release_accelerate_state()
@@ -132,7 +135,7 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
     return None
 
 
-def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook) -> TrainResult:
+def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -165,6 +168,9 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
     # ---- LoRA adapters in fp32 ----
     trained, groups = _add_adapters(cfg, base)
     train_te = len(trained) > 1
+    if initial is not None:  # a checkpoint, when resuming, replaces these values below
+        names = ("unet", "text_encoder", "text_encoder_2")
+        load_initial_adapter(initial, dict(zip(names, trained)), cfg.lora_alpha, cfg.lora.init_from)
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)
     log.info("trainable LoRA parameters: %d (rank %d, alpha %g)", counted, cfg.lora.rank, cfg.lora_alpha)

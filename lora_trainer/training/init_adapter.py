@@ -1,0 +1,87 @@
+"""Start training from an existing adapter file (`lora.init_from`, kohya's `--network_weights`).
+
+The file may be in the kohya or the diffusers layout. Its factors are copied into the freshly
+injected peft layers, with `up` rescaled so that the run's alpha gives the same ΔW the file gave:
+    (alpha_file / r) · up_file = (alpha_run / r) · up_run.
+So the run starts exactly where the file left off, whatever alpha each of them uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelError
+from ..export.adapter import Adapter, read_adapter
+from ..export.layouts import canonical_path
+from ..models.lora import ADAPTER_NAME, lora_layers
+
+log = logging.getLogger(__name__)
+KEY = "lora.init_from"
+_VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
+
+
+def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int) -> Adapter:
+    """Read and check the file before any model loads: it exists, it is for this base family, its
+    rank is the run's, and it adapts the text encoders only when the run trains them."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{KEY}: {path} not found; give the path of a .safetensors adapter file")
+    try:
+        adapter = read_adapter(file)
+    except ModelError as exc:
+        if "cannot tell whether" not in str(exc):
+            raise ConfigError(f"{KEY}: {exc}") from None
+        adapter = read_adapter(file, base=variant)  # family unknown from the file: trust the base
+    if adapter.base != variant:
+        raise ConfigError(f"{KEY}: {path} is a {_VARIANT_NAMES[adapter.base]} adapter "
+                          f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
+    ranks = sorted({m.rank for _, _, m in adapter.items()})
+    if ranks != [rank]:
+        raise ConfigError(f"{KEY}: {path} has rank {'/'.join(map(str, ranks))} but lora.rank is {rank}; "
+                          f"set lora.rank={ranks[-1] if len(ranks) == 1 else '...'} (or resize the file "
+                          "with `lora-trainer resize`)")
+    encoders = [c for c in adapter.modules if c != "unet" and adapter.modules[c]]
+    if encoders and not train_text_encoder:
+        raise ConfigError(f"{KEY}: {path} also adapts {', '.join(encoders)}; set lora.train_text_encoder=true "
+                          "(otherwise that part of the adapter would be lost)")
+    return adapter
+
+
+@torch.no_grad()
+def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module], alpha: float,
+                         source: str) -> int:
+    """Copy the file's factors into the peft layers of `components` ({"unet": ..., "text_encoder": ...});
+    return the number of layers set. Layers the run adapts but the file lacks keep their fresh
+    start (ΔW = 0) and are named in a warning; layers the file has but the run does not adapt fail."""
+    set_count, fresh = 0, []
+    for component, module in components.items():
+        layers = {canonical_path(component, name): layer for name, layer in lora_layers(module).items()}
+        wanted = adapter.modules.get(component, {})
+        missing = sorted(set(wanted) - set(layers))
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+            targets = "lora.unet_targets" if component == "unet" else "lora.text_encoder_targets"
+            raise ConfigError(f"{KEY}: {source} adapts {component} layers this run does not: {shown}; "
+                              f"add their names to {targets}")
+        for path, layer in layers.items():
+            lora_module = wanted.get(path)
+            if lora_module is None:
+                fresh.append(f"{component}.{path}")
+                continue
+            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            if tuple(down.shape) != tuple(lora_module.down.shape) or tuple(up.shape) != tuple(lora_module.up.shape):
+                raise ConfigError(f"{KEY}: {source}: {component}.{path} has down {tuple(lora_module.down.shape)} "
+                                  f"and up {tuple(lora_module.up.shape)}; this base's layer needs "
+                                  f"{tuple(down.shape)} and {tuple(up.shape)} (an adapter for another model?)")
+            down.copy_(lora_module.down.to(down.dtype))
+            # ΔW = (alpha_file / r) · up @ down must equal (alpha / r) · up' @ down.
+            up.copy_((lora_module.up.double() * (lora_module.alpha / alpha)).to(up.dtype))
+            set_count += 1
+    if fresh:
+        log.warning("%s: %d adapted layer(s) are not in %s and start from zero, e.g. %s",
+                    KEY, len(fresh), source, ", ".join(fresh[:3]))
+    log.info("%s: started from %s (%d layers)", KEY, source, set_count)
+    return set_count
