@@ -16,6 +16,7 @@ import yaml
 
 from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
+from .sample_prompts import parse_sample_prompt
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -232,6 +233,11 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.input_perturbation >= 0, "train.input_perturbation", t.input_perturbation, "a number >= 0 (e.g. 0.1)")
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
+    for i, prompt in enumerate(cfg.sample.prompts):
+        try:
+            parse_sample_prompt(prompt)
+        except ValueError as exc:
+            errors.append(f"sample.prompts[{i}]: {exc} (in {prompt!r})")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints", cfg.output.keep_checkpoints,
          "an integer >= 0 (0 keeps all)")

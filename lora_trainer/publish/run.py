@@ -17,6 +17,7 @@ from ..config import RunConfig, load_config
 from ..errors import ConfigError, PublishError
 from ..export.files import load_adapter
 from ..export.layouts import detect_layout
+from ..sample_prompts import parse_sample_prompt
 
 # Hub ids are `owner/name`; anything else (absolute paths, ./models/x, C:\...) is a local file.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -97,7 +98,7 @@ def _latest_samples(run_dir: Path, cfg: RunConfig) -> list[Sample]:
         text = read_png_parameters(path)
         prompt, negative = _split_parameters(text)
         if not prompt and i < len(cfg.sample.prompts):
-            prompt, negative = cfg.sample.prompts[i], cfg.sample.negative_prompt
+            prompt, negative = _prompt_and_negative(cfg, cfg.sample.prompts[i])
         samples.append(Sample(path, prompt, negative, text))
     return samples
 
@@ -159,11 +160,18 @@ def trigger_words(run: Run) -> list[str]:
 
 def recommended_prompts(run: Run) -> tuple[list[str], str]:
     """(prompts, negative prompt): the run's sample prompts, which the samples show working."""
-    prompts = list(run.cfg.sample.prompts)
-    if not prompts:
+    pairs = [_prompt_and_negative(run.cfg, text) for text in run.cfg.sample.prompts]
+    if not pairs:
         words = ", ".join(trigger_words(run))
-        prompts = [run.cfg.dreambooth.instance_prompt or (f"{words}, " if words else "") + "a detailed picture"]
-    return prompts, run.cfg.sample.negative_prompt
+        prompt = run.cfg.dreambooth.instance_prompt or (f"{words}, " if words else "") + "a detailed picture"
+        pairs = [(prompt, run.cfg.sample.negative_prompt)]
+    return [p for p, _ in pairs], pairs[0][1]
+
+
+def _prompt_and_negative(cfg: RunConfig, text: str) -> tuple[str, str]:
+    """A sample prompt without its kohya-style options, and the negative prompt it was drawn with."""
+    parsed = parse_sample_prompt(text)
+    return parsed.prompt, cfg.sample.negative_prompt if parsed.negative is None else parsed.negative
 
 
 def _sweep_weights(grid: Path) -> list[float]:

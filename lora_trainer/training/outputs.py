@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..data import tag_frequency
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
+from ..sample_prompts import parse_sample_prompt
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +115,25 @@ def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
     )
 
 
-def _render(cfg: RunConfig, pipe, prompt: str, seed: int, weight: float = 1.0):
-    """One sample image with fixed seed, and its A1111 parameters."""
+def _render(cfg: RunConfig, pipe, text: str, seed: int, weight: float = 1.0, own_size: bool = True):
+    """One sample image and its A1111 parameters. `text` may carry kohya-style options (--n, --w,
+    --h, --d, --l, --s; see sample_prompts.py) over the `sample.*` defaults; `own_size=False`
+    keeps the training resolution (grids need equal cells)."""
     from ..pnginfo import GenerationInfo
 
-    s = cfg.sample
+    s, p = cfg.sample, parse_sample_prompt(text)
+    negative = s.negative_prompt if p.negative is None else p.negative
+    seed = seed if p.seed is None else p.seed
+    steps = p.steps or s.steps
+    guidance = s.guidance_scale if p.guidance is None else p.guidance
+    width = (p.width if own_size else None) or cfg.data.resolution
+    height = (p.height if own_size else None) or cfg.data.resolution
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
-        image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-                     guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
-                     generator=generator).images[0]
-    info = GenerationInfo(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler="DPM++ 2M",
-                          cfg_scale=s.guidance_scale, seed=seed, width=image.width, height=image.height,
+        image = pipe(p.prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                     guidance_scale=guidance, height=height, width=width, generator=generator).images[0]
+    info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler="DPM++ 2M",
+                          cfg_scale=guidance, seed=seed, width=image.width, height=image.height,
                           model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, weight, None)])
     return image, info
 
@@ -176,7 +184,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) ->
             for weight in s.grid_weights:
                 for layer, scaling in zip(layers, saved):
                     layer.scaling.update({k: v * weight for k, v in scaling.items()})
-                image, info = _render(cfg, pipe, prompt, s.seed + i, weight)
+                image, info = _render(cfg, pipe, prompt, s.seed + i, weight, own_size=False)
                 row.append(image)
                 first = first or info
             rows.append(row)
@@ -185,6 +193,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) ->
             layer.scaling.update(scaling)
         if was_training:
             unet.train()
-    grid = labelled_grid(rows, s.prompts, [f"{name}: {w:g}" for w in s.grid_weights])
+    grid = labelled_grid(rows, [parse_sample_prompt(p).prompt for p in s.prompts],
+                         [f"{name}: {w:g}" for w in s.grid_weights])
     first.extra["Sweep"] = f"{name}: {','.join(f'{w:g}' for w in s.grid_weights)}"
     return save_png(grid.image, Path(cfg.output.dir) / "samples" / "sweep.png", first)
