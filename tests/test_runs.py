@@ -236,8 +236,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, e
         adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
         torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
     """))
+    # LoRA dropout on: its masks, too, belong to the sample and not to the process.
     common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
-              "output.save_every_n_steps=4", "output.dtype=fp32"]
+              "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25"]
     two = tmp_path / "two"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",

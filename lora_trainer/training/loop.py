@@ -21,13 +21,14 @@ from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
+from ..models.dropout import DropoutKeys, use_sample_dropout
 from ..models.lora import inject_lora, trainable_parameters
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
 from .conditioning import encode_prompts, unet_conditioning
-from .draws import draw_step
+from .draws import draw_step, item_seed
 from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loss import diffusion_loss, training_target
@@ -105,9 +106,9 @@ def train(cfg: RunConfig, show_progress: bool = True,
         release_accelerate_state()
 
 
-def _add_adapters(cfg: RunConfig, base) -> tuple[list[torch.nn.Module], list[dict]]:
+def _add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list[torch.nn.Module], list[dict]]:
     """Inject LoRA into the UNet (and the text encoders); return the trained modules and their
-    optimizer groups."""
+    optimizer groups. LoRA dropout draws its masks per sample, from `dropout_keys`."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
     inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets")
     modules = [base.unet]
@@ -119,10 +120,13 @@ def _add_adapters(cfg: RunConfig, base) -> tuple[list[torch.nn.Module], list[dic
                         "lora.text_encoder_targets")
             modules.append(encoder)
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
+    if cfg.lora.dropout > 0:
+        for name, module in zip(("unet", "text_encoder", "text_encoder_2"), modules):
+            use_sample_dropout(module, cfg.lora.dropout, dropout_keys, name)
     if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing(dropout_keys.checkpoint)
         for encoder in modules[1:]:
-            encoder.gradient_checkpointing_enable()
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
     return modules, groups
 
 
@@ -166,7 +170,8 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
         set_seed(t.seed)  # generating or not, the adapters start from the same values
 
     # ---- LoRA adapters in fp32 ----
-    trained, groups = _add_adapters(cfg, base)
+    dropout_keys = DropoutKeys()
+    trained, groups = _add_adapters(cfg, base, dropout_keys)
     train_te = len(trained) > 1
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         names = ("unet", "text_encoder", "text_encoder_2")
@@ -238,8 +243,9 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
         latents = ((mean + std * d.eps) * scaling).to(weight_dtype)
         noisy = base.noise_scheduler.add_noise(latents, d.model_noise, d.timesteps)
         target = training_target(base.noise_scheduler, latents, d.noise, d.timesteps)
-        embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
-        pred = unet(noisy, d.timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
+        with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
+            embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
+            pred = unet(noisy, d.timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
         return diffusion_loss(pred, target, base.noise_scheduler, d.timesteps, t.snr_gamma)
 
     instance_paths = [ex.path for ex in examples]
