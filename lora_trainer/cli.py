@@ -66,7 +66,7 @@ def _check_data(args) -> int:
     from .data.checks import check_dataset, load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer(args.model) if args.model else load_clip_tokenizer(DEFAULT_TOKENIZER_SOURCE)
-    report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix)
+    report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix, args.folder_repeats)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     # 1 = the set cannot train (or has warnings, with --strict); 2 stays for usage/config errors.
     return 1 if not report.can_train or (args.strict and report.warnings) else 0
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512, help="training resolution: smaller images are flagged")
     p.add_argument("--model", help="base model whose tokenizer counts caption tokens (else an estimate)")
     p.add_argument("--prefix", default="", help="data.caption_prefix: counts towards caption length and tags")
+    p.add_argument("--folder-repeats", action=argparse.BooleanOptionalAction, default=True,
+                   help="data.folder_repeats: kohya's <N>_<name> folders repeat their images N times")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.set_defaults(func=_check_data)

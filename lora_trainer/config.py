@@ -67,7 +67,11 @@ class DataConfig:
     resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
     center_crop: bool = True  # False: random crop
     random_flip: bool = False  # horizontal flip with p=0.5
-    repeats: int = 1  # each image is seen this many times per epoch
+    repeats: int = 1  # each image is seen this many times per epoch (times its folder's N, below)
+    # kohya's layout: an image in a folder named <N>_<name> under path ("10_sks dog", at any depth, the
+    # nearest such folder counts) is seen N times per epoch, and if it has no caption (no .txt, no
+    # metadata.jsonl entry) it is captioned <name>; 0_<name> folders are left out. False: names mean nothing
+    folder_repeats: bool = True
     caption_prefix: str = ""  # prepended to every caption, e.g. a trigger word "sks, "
     caption_dropout: float = 0.0  # probability of training on the empty caption
     num_workers: int = 0  # DataLoader workers

@@ -174,7 +174,7 @@ def test_training_captions_missing_images_first_and_records_them(tiny_sd15, tiny
 
     record = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["file"] for r in record] == sorted(p.name for p in data.glob("*.png"))
-    assert record[0] == {"file": "01_red_circle.png", "caption": "hand written", "generated": False}
+    assert record[0] == {"file": "01_red_circle.png", "caption": "hand written", "generated": False, "repeats": 1}
     for r in record[1:]:
         assert r["generated"] and r["caption"].startswith("sks, ")
         assert (data / r["file"]).with_suffix(".txt").read_text(encoding="utf-8") == r["caption"] + "\n"

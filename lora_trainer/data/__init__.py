@@ -2,6 +2,7 @@
 
 from lora_trainer.data.captions import (
     METADATA_FILE,
+    find_captions,
     read_metadata_jsonl,
     read_sidecar_caption,
     resolve_captions,
@@ -23,6 +24,7 @@ __all__ = [
     "Example",
     "ImageCaptionDataset",
     "dataset_summary",
+    "find_captions",
     "is_image_file",
     "load_image",
     "read_metadata_jsonl",

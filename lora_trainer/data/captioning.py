@@ -155,18 +155,19 @@ def generate_captions(captioner: Blip2Captioner, images: Sequence) -> list[str]:
 
 
 def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: bool = True,
-                   captioner: Blip2Captioner | None = None) -> list[CaptionedImage]:
+                   captioner: Blip2Captioner | None = None, skip_parked: bool = False) -> list[CaptionedImage]:
     """Write `c.prefix + caption + c.suffix` beside every image under `root` that needs a caption.
 
     An image needs one when it has no (or a blank) `.txt` and no metadata.jsonl entry, or has a
     `.txt` and `c.overwrite` is set (the old file is copied to `.txt.bak` first). Each batch's files
     are written as soon as it is captioned. The model loads only if some image needs a caption
-    (or `captioner` is given, and then stays loaded).
+    (or `captioner` is given, and then stays loaded). `skip_parked` leaves out `0_<name>` folders,
+    as a run with data.folder_repeats does.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; give a folder of images to caption")
-    image_paths, metadata_files = _walk(root)
+    image_paths, metadata_files, _ = _walk(root, skip_parked)
     in_metadata: dict[Path, str] = {}
     for metadata in metadata_files:
         in_metadata.update(read_metadata_jsonl(metadata))

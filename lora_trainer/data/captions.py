@@ -62,34 +62,32 @@ def read_metadata_jsonl(path: str | os.PathLike) -> dict[Path, str]:
 
 
 def resolve_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = ()) -> list[str]:
-    """Captions for `image_paths`, in order, following the precedence in the module docstring.
+    """Captions for `image_paths`, in order, following the precedence in the module docstring
+    ("" when an image has none)."""
+    return [caption or "" for caption in find_captions(image_paths, metadata_files)]
 
-    Logs how many images have no caption and warns once about metadata entries whose image
-    does not exist (usually a typo or a renamed file).
+
+def find_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = ()) -> list[str | None]:
+    """Like `resolve_captions`, but None for an image with neither a metadata.jsonl entry nor a
+    `.txt` (a blank file or entry gives ""): only those may take a caption from elsewhere.
+
+    Warns once about metadata entries whose image does not exist (usually a typo or a renamed file).
     """
     image_paths = list(image_paths)
     from_metadata: dict[Path, str] = {}
     for metadata in metadata_files:
         from_metadata.update(read_metadata_jsonl(metadata))
 
-    captions = []
-    missing = 0
+    captions: list[str | None] = []
     for image in image_paths:
         caption = from_metadata.get(image.resolve())
-        if caption is None:
-            caption = read_sidecar_caption(image)
-        if not caption:
-            missing += 1
-        captions.append(caption or "")
+        captions.append(caption if caption is not None else read_sidecar_caption(image))
 
     dangling = sorted(str(p) for p in from_metadata if not p.exists())
     if dangling:
         shown = ", ".join(dangling[:5]) + (", ..." if len(dangling) > 5 else "")
         logger.warning("%d metadata.jsonl entries name images that do not exist: %s",
                        len(dangling), shown)
-    if missing:
-        logger.info("%d of %d images have no caption (no metadata.jsonl entry or .txt file); "
-                    "they train with an empty caption", missing, len(image_paths))
     return captions
 
 

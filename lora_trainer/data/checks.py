@@ -19,6 +19,7 @@ from typing import Any
 
 from lora_trainer.data.captions import read_metadata_jsonl, read_sidecar_caption
 from lora_trainer.data.dataset import Example, _walk, tag_frequency
+from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
 from lora_trainer.data.images import load_image
 from lora_trainer.errors import DataError
 
@@ -50,6 +51,9 @@ class DataReport:
     max_tokens: int = 0  # longest caption in text-encoder tokens (start/end excluded)
     token_counter: str = "estimate"  # "tokenizer" when counted with the model's own tokenizer
     tag_frequency: dict[str, int] = field(default_factory=dict)
+    # kohya's <N>_<name> folders: [{"folder", "img_count", "n_repeats"}], the other images under the
+    # root's name; empty when there are none (or folder repeats are off)
+    folders: list[dict[str, Any]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -67,6 +71,8 @@ class DataReport:
         """The report as a few readable lines (what check-data prints and training logs)."""
         lines = [f"dataset {self.root}: {self.num_images} image(s), {self.num_readable} readable, "
                  f"{self.num_captioned} captioned"]
+        if self.folders:
+            lines.append("  folders (images × repeats): " + format_folders(self.folders))
         if self.sizes:
             s = self.sizes
             lines.append(f"  sizes: smallest {s['smallest']}, median {s['median']}, largest {s['largest']} "
@@ -92,25 +98,35 @@ class DataReport:
 
 
 def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None,
-                  caption_prefix: str = "") -> DataReport:
+                  caption_prefix: str = "", folder_repeats: bool = True) -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
     `caption_prefix`: prepended at training time, so it counts towards length and tags.
+    `folder_repeats`: data.folder_repeats, kohya's `<N>_<name>` folders (see data/folders.py).
     """
     root = Path(root)
     report = DataReport(str(root), resolution)
     if not root.is_dir():
         report.problems.append(Problem("error", "no_images", "dataset folder not found"))
         return report
-    image_paths, metadata_files = _walk(root)
-    report.num_images = len(image_paths)
-    if not image_paths:
-        report.problems.append(Problem("error", "no_images", "no images found (png, jpg, jpeg, webp, bmp)"))
-        return report
 
     def rel(path: Path) -> str:
         return path.relative_to(root).as_posix()
+
+    image_paths, metadata_files, parked = _walk(root, skip_parked=folder_repeats)
+    report.num_images = len(image_paths)
+    if parked:
+        report.problems.append(Problem("warning", "parked_folder", f"{len(parked)} folder(s) named 0_<name> "
+                                       "(0 repeats) are left out of training", [rel(p) for p in parked]))
+    if not image_paths:
+        report.problems.append(Problem("error", "no_images", "no images found (png, jpg, jpeg, webp, bmp)"))
+        return report
+    try:
+        folders = {p: repeat_folder(p, root) if folder_repeats else None for p in image_paths}
+    except DataError as err:
+        report.problems.append(Problem("error", "folder_name", str(err)))
+        return report
 
     sizes: dict[Path, tuple[int, int]] = {}
     by_hash: dict[str, list[Path]] = {}
@@ -140,8 +156,15 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
             "warning", "duplicate", f"{sum(len(g) - 1 for g in groups)} duplicate image(s) (same pixels) "
             "are trained on more than once", [" = ".join(rel(p) for p in g) for g in groups]))
 
+    readable = [Example(p, "", f.repeats if f else 1, f.path if f else None)
+                for p, f in folders.items() if p in sizes]
+    if any(ex.folder is not None for ex in readable):
+        report.folders = describe_folders(readable, root)
     captions = _read_captions(report, list(sizes), metadata_files, rel)
     if captions is not None:
+        for path, caption in captions.items():
+            if caption is None and folders[path] is not None and folders[path].name:
+                captions[path] = folders[path].name  # what training captions it with
         _check_captions(report, captions, tokenizer, caption_prefix, rel)
     return report
 

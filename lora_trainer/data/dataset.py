@@ -1,4 +1,4 @@
-"""Dataset stage: scan a folder into (image, caption) examples and serve them as square,
+"""Dataset stage: scan a folder into (image, caption, repeats) examples and serve them as square,
 normalised tensors with reproducible random crops, flips and caption dropout."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_trainer.data.captions import METADATA_FILE, resolve_captions
+from lora_trainer.data.captions import METADATA_FILE, find_captions
+from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from lora_trainer.errors import DataError
 
@@ -30,20 +31,30 @@ class Example:
 
     path: Path
     caption: str
+    repeats: int = 1  # times per epoch, from its `<N>_<name>` folder (data.repeats multiplies it)
+    folder: str | None = None  # that folder, relative to the dataset root; None: in no such folder
 
 
-def scan_dataset(root: str | os.PathLike) -> list[Example]:
+def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True,
+                 folder_captions: bool = True) -> list[Example]:
     """Find every image under `root` (recursively, sorted) with its caption.
 
     Hidden files and folders and anything under `.cache` are ignored. Each image is decoded
     once so that broken files are reported now, together in one warning, and skipped.
+    `folder_repeats`: kohya's layout (see data/folders.py): an image in a `<N>_<name>` folder is
+    repeated N times and `0_<name>` folders are left out; with `folder_captions` too, such an
+    image with no caption at all is captioned `<name>`.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; set data.path to a folder of images")
-    image_paths, metadata_files = _walk(root)
+    image_paths, metadata_files, parked = _walk(root, skip_parked=folder_repeats)
+    if parked:
+        logger.warning("leaving out %d folder(s) named 0_<name> (0 repeats, kohya's way to park images): %s",
+                       len(parked), ", ".join(p.relative_to(root).as_posix() for p in parked))
     if not image_paths:
-        raise DataError(f"{root}: no images found ({_EXTENSION_NAMES}); "
+        where = " outside 0_<name> folders (rename one to 1_<name> to train on it)" if parked else ""
+        raise DataError(f"{root}: no images found ({_EXTENSION_NAMES}){where}; "
                         "put images with .txt captions there")
 
     good: list[Path] = []
@@ -62,17 +73,38 @@ def scan_dataset(root: str | os.PathLike) -> list[Example]:
         logger.warning("skipping %d unreadable image(s) in %s:\n  %s",
                        len(problems), root, "\n  ".join(problems))
 
-    captions = resolve_captions(good, metadata_files)
-    return [Example(path, caption) for path, caption in zip(good, captions)]
+    examples = []
+    from_folder: Counter[tuple[str, str]] = Counter()
+    for path, caption in zip(good, find_captions(good, metadata_files)):
+        folder = repeat_folder(path, root) if folder_repeats else None
+        if caption is None and folder_captions and folder is not None and folder.name:
+            caption = folder.name
+            from_folder[(folder.path, folder.name)] += 1
+        examples.append(Example(path, caption or "", folder.repeats if folder else 1,
+                                folder.path if folder else None))
+    for (folder, name), n in from_folder.items():
+        logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
+    missing = sum(1 for ex in examples if not ex.caption)
+    if missing:
+        logger.info("%d of %d images have no caption (no metadata.jsonl entry or .txt file); "
+                    "they train with an empty caption", missing, len(examples))
+    if any(ex.folder is not None for ex in examples):
+        logger.info("folders (images × repeats): %s", format_folders(describe_folders(examples, root)))
+    return examples
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path]]:
-    """Image files and metadata.jsonl files under root, skipping hidden entries and .cache."""
+def _walk(root: Path, skip_parked: bool = False) -> tuple[list[Path], list[Path], list[Path]]:
+    """Image files and metadata.jsonl files under root, skipping hidden entries and .cache, and
+    with `skip_parked` the `0_<name>` folders, which are returned third."""
     images: list[Path] = []
     metadata: list[Path] = []
+    parked: list[Path] = []
     for folder, subfolders, files in os.walk(root):
         # Pruning in place stops os.walk from descending into caches, .git and the like.
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != ".cache")
+        if skip_parked:
+            parked += [Path(folder) / d for d in subfolders if is_parked(d)]
+            subfolders[:] = [d for d in subfolders if not is_parked(d)]
         for name in files:
             if name.startswith("."):
                 continue
@@ -84,7 +116,8 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     # Sort on the relative path so the order (and so every seeded choice) is the same on any OS.
     images.sort(key=lambda p: p.relative_to(root).as_posix())
     metadata.sort(key=lambda p: p.relative_to(root).as_posix())
-    return images, metadata
+    parked.sort(key=lambda p: p.relative_to(root).as_posix())
+    return images, metadata, parked
 
 
 def dataset_summary(examples: Sequence[Example]) -> dict:
@@ -108,7 +141,8 @@ def tag_frequency(examples: Sequence[Example]) -> dict[str, int]:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Square crops of `resolution` pixels in [-1, 1] with their (prefixed) captions.
 
-    Item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
+    Example j appears `examples[j].repeats * repeats` times per epoch (see `example_index`); with
+    equal repeats, item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
     Every random choice comes from (seed, epoch, i): the same call gives the same tensors in any
     process, DataLoader worker or resumed run. Call `set_epoch` before each epoch (with
     non-persistent workers, which copy the dataset when iteration starts).
@@ -125,8 +159,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
-        if repeats < 1:
-            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        if repeats < 1 or min(ex.repeats for ex in examples) < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats} "
+                             f"(and {min(ex.repeats for ex in examples)} from the examples)")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.examples = list(examples)
@@ -143,17 +178,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.sizes = list(sizes) if sizes is not None else None
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
+        self._items = _item_table([ex.repeats * repeats for ex in self.examples])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.examples) * self.repeats
+        return len(self._items)
+
+    def example_index(self, i: int) -> int:
+        """The example that dataset item i shows."""
+        return self._items[i]
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
-        index = i % len(self.examples)
+        index = self._items[i]
         example = self.examples[index]
         # A string seed is hashed with SHA-512 by random.Random: stable across runs and
         # platforms, unlike hash() of a tuple.
@@ -201,6 +241,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             # A prefix like "sks, " alone should not end in a dangling separator.
             return self.caption_prefix.strip().rstrip(",").strip()
         return self.caption_prefix + caption
+
+
+def _item_table(repeats: Sequence[int]) -> list[int]:
+    """The example index of each dataset item: pass k lists, in order, the examples repeated more
+    than k times, so equal repeats give example i % n at item i (the order before per-folder repeats)."""
+    items: list[int] = []
+    active = list(range(len(repeats)))
+    for k in range(max(repeats)):
+        active = [j for j in active if repeats[j] > k]
+        items += active
+    return items
 
 
 def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

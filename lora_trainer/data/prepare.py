@@ -36,18 +36,23 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
             if cfg.dreambooth.instance_prompt:
                 logger.info("data.caption.method=blip2 ignored: dreambooth.instance_prompt captions every image")
             else:
-                results = caption_folder(root, cfg.data.caption, show_progress=show_progress)
+                # Before the scan: generated captions fill the gaps, and only images still without
+                # one take their kohya folder's name.
+                results = caption_folder(root, cfg.data.caption, show_progress=show_progress,
+                                         skip_parked=cfg.data.folder_repeats)
                 generated = {r.path for r in results if r.status in ("generated", "replaced")}
         # data.resolution null means the base's native size, known only once the variant is: judge
         # image sizes against SD1.x's 512 unless the config already says SDXL.
         resolution = cfg.data.resolution or (1024 if cfg.model.variant == "sdxl" else 512)
         report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
-                               cfg.data.caption_prefix)
+                               cfg.data.caption_prefix, cfg.data.folder_repeats)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:
             logger.info("%s", report.format_text(max_files=5))
-        examples = scan_dataset(root)
+        # dreambooth.instance_prompt captions every image, so folder names would caption none.
+        examples = scan_dataset(root, cfg.data.folder_repeats,
+                                folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt)
     if is_main:
         _record_captions(cfg, examples, generated)
     return examples
@@ -64,7 +69,8 @@ def trained_caption(cfg: RunConfig, caption: str) -> str:
 def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:
     root = Path(cfg.data.path)
     lines = [json.dumps({"file": ex.path.relative_to(root).as_posix(), "caption": trained_caption(cfg, ex.caption),
-                         "generated": ex.path in generated}, ensure_ascii=False) for ex in examples]
+                         "generated": ex.path in generated, "repeats": ex.repeats * cfg.data.repeats},
+                        ensure_ascii=False) for ex in examples]
     write_text_atomic(Path(cfg.output.dir) / CAPTIONS_RECORD, "\n".join(lines) + "\n")
 
 

@@ -97,10 +97,14 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
     cfg, t = run.cfg, run.cfg.train
     images = dataset_size(run)
     loss = final_loss(run)
+    # With kohya's <N>_<name> folders the repeats differ per folder: quote the epoch's length instead.
+    per_epoch = run.metadata.get("ss_num_train_images", "")
+    repeats = (f" × {cfg.data.repeats} repeats" if cfg.data.repeats > 1 else "")
+    if per_epoch.isdigit() and images is not None and int(per_epoch) != images * cfg.data.repeats:
+        repeats = f" ({per_epoch} per epoch with folder repeats)"
     rows = [
         ("base model", base_model),
-        ("training images", f"{images}" + (f" × {cfg.data.repeats} repeats" if cfg.data.repeats > 1 else "")
-         if images is not None else "not recorded"),
+        ("training images", f"{images}{repeats}" if images is not None else "not recorded"),
         ("resolution", f"{cfg.data.resolution} px"),
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),

@@ -53,7 +53,7 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
 def make_loader(cfg: RunConfig, dataset: ImageCaptionDataset, seed: int):
     """Shuffled batches; with buckets, each batch from one bucket (the last one may be short)."""
     if dataset.sizes is not None:
-        item_buckets = [dataset.sizes[i % len(dataset.examples)] for i in range(len(dataset))]
+        item_buckets = [dataset.sizes[dataset.example_index(i)] for i in range(len(dataset))]
         sampler = BucketBatchSampler(item_buckets, cfg.train.batch_size, seed)
     else:
         sampler = ShuffledBatches(len(dataset), cfg.train.batch_size, seed)

@@ -11,6 +11,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import tag_frequency
+from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
 from ..sample_prompts import parse_sample_prompt
@@ -35,7 +36,13 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
 
     t = cfg.train
     db = cfg.dreambooth
-    data_dir = Path(cfg.data.path).name or str(cfg.data.path)
+    # As kohya writes them: one entry per folder (each <N>_<name> folder, the other images under the
+    # dataset folder's name), n_repeats per epoch, and the image count as the sum of img_count × n_repeats.
+    folders = describe_folders(examples, cfg.data.path, cfg.data.repeats)
+    by_folder: dict[str, list] = {row["folder"]: [] for row in folders}
+    for ex in _final_captions(cfg, examples):
+        by_folder[group_key(ex.folder, cfg.data.path)].append(ex)
+    tags = {folder: tag_frequency(group) for folder, group in by_folder.items()}
     return kohya_metadata(
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
@@ -43,7 +50,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         # kohya records a local base by its name only: the path is the user's own business
         base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
         resolution=cfg.data.resolution,
-        num_train_images=len(examples) * cfg.data.repeats,
+        num_train_images=sum(row["img_count"] * row["n_repeats"] for row in folders),
         num_reg_images=db.num_class_images,
         prior_loss_weight=db.prior_loss_weight if db.num_class_images else None,
         enable_bucket=cfg.data.buckets,
@@ -62,8 +69,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         training_started_at=started_at,
         training_finished_at=time.time(),
         output_name=cfg.output.name,
-        tag_frequency={data_dir: tag_frequency(_final_captions(cfg, examples))},
-        dataset_dirs={data_dir: {"n_repeats": cfg.data.repeats, "img_count": len(examples)}},
+        tag_frequency=tags,
+        dataset_dirs={row["folder"]: {"n_repeats": row["n_repeats"], "img_count": row["img_count"]} for row in folders},
         trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",") or None,
         prediction_type="v" if prediction_type == "v_prediction" else "epsilon",
         title=cfg.output.name,
