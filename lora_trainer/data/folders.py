@@ -15,8 +15,9 @@ from lora_trainer.errors import DataError
 
 # ASCII digits only: str.isdigit-style matching would take "²_x" or Arabic-Indic digits for a count.
 _REPEAT_NAME = re.compile(r"([0-9]+)_(.*)", re.DOTALL)
-# A folder named "20240105_trip" is a date, not 20 million repeats: past this, the name is refused.
-MAX_FOLDER_REPEATS = 10_000
+# A folder named "2024_trip" or "20240105_trip" is a date, not thousands of repeats: past this, the
+# name is refused (kohya counts run from 1 to a few hundred).
+MAX_FOLDER_REPEATS = 1000
 
 
 @dataclass(frozen=True)
