@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..data import tag_frequency
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
+from .conditioning import pipeline_prompt_embeds
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         optimizer=OPTIMIZER_NAMES[t.optimizer],
         mixed_precision=t.mixed_precision,
         seed=t.seed,
+        # the text reading the adapter learned with; A1111/CivitAI show ss_clip_skip to users
+        clip_skip=cfg.model.clip_skip,
+        max_token_length=cfg.model.max_token_length,
         noise_offset=t.noise_offset,
         min_snr_gamma=t.snr_gamma,
         cache_latents=t.cache_latents,
@@ -114,19 +118,21 @@ def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
     )
 
 
-def _render(cfg: RunConfig, pipe, prompt: str, seed: int, weight: float = 1.0):
-    """One sample image with fixed seed, and its A1111 parameters."""
+def _render(cfg: RunConfig, base, pipe, prompt: str, seed: int, weight: float = 1.0):
+    """One sample image with fixed seed, its prompt read as training reads captions, and its A1111
+    parameters."""
     from ..pnginfo import GenerationInfo
 
-    s = cfg.sample
+    s, m = cfg.sample, cfg.model
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    prompts = pipeline_prompt_embeds(base, pipe, [prompt], s.negative_prompt, m.clip_skip, m.max_token_length)
     with torch.no_grad():
-        image = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-                     guidance_scale=s.guidance_scale, height=cfg.data.resolution, width=cfg.data.resolution,
-                     generator=generator).images[0]
+        image = pipe(**prompts, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                     height=cfg.data.resolution, width=cfg.data.resolution, generator=generator).images[0]
     info = GenerationInfo(prompt=prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler="DPM++ 2M",
                           cfg_scale=s.guidance_scale, seed=seed, width=image.width, height=image.height,
-                          model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, weight, None)])
+                          clip_skip=m.clip_skip, model_name=Path(m.base).name,
+                          adapters=[(cfg.output.name, weight, None)])
     return image, info
 
 
@@ -141,7 +147,7 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encod
     folder = Path(cfg.output.dir) / "samples" / f"step_{step:05d}"
     images = []
     for i, prompt in enumerate(cfg.sample.prompts):
-        image, info = _render(cfg, pipe, prompt, cfg.sample.seed + i)
+        image, info = _render(cfg, base, pipe, prompt, cfg.sample.seed + i)
         save_png(image, folder / f"{i:02d}.png", info)
         images.append(image)
     if was_training:
@@ -176,7 +182,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) ->
             for weight in s.grid_weights:
                 for layer, scaling in zip(layers, saved):
                     layer.scaling.update({k: v * weight for k, v in scaling.items()})
-                image, info = _render(cfg, pipe, prompt, s.seed + i, weight)
+                image, info = _render(cfg, base, pipe, prompt, s.seed + i, weight)
                 row.append(image)
                 first = first or info
             rows.append(row)
