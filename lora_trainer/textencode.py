@@ -121,7 +121,10 @@ def select_hidden(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):
         return out.hidden_states[-(clip_skip + 1)], pooled
     if clip_skip <= 1:
         return out.last_hidden_state, pooled
-    return final_layer_norm(text_encoder)(out.hidden_states[-clip_skip]), pooled
+    norm = final_layer_norm(text_encoder)
+    # Called outside the encoder's forward (and so outside any autocast wrapped around it): match
+    # the LayerNorm's dtype, which leaves an all-fp32 or all-fp16 encoder's numbers as they are.
+    return norm(out.hidden_states[-clip_skip].to(norm.weight.dtype)), pooled
 
 
 def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):

@@ -197,6 +197,8 @@ def _metadata(path):
 def test_sd15_run_with_clip_skip_2_and_long_captions(tiny_sd15, long_captions, tmp_path):
     from PIL import Image
 
+    from lora_trainer.inference.adapters import parse_adapter_spec
+    from lora_trainer.inference.command import clip_skip_hint
     from lora_trainer.pnginfo import parse_a1111_parameters
     from lora_trainer.training.loop import train
 
@@ -208,6 +210,9 @@ def test_sd15_run_with_clip_skip_2_and_long_captions(tiny_sd15, long_captions, t
     assert (meta["ss_clip_skip"], meta["ss_max_token_length"], meta["modelspec.encoder_layer"]) == ("2", "150", "2")
     sample = next((tmp_path / "out" / "samples").rglob("*.png"))
     assert parse_a1111_parameters(Image.open(sample).info["parameters"]).clip_skip == 2
+    # infer without --clip-skip says the adapter wants 2 (and changes nothing)
+    hints = clip_skip_hint([parse_adapter_spec(str(result.adapter_paths[0]))])
+    assert len(hints) == 1 and "--clip-skip 2" in hints[0]
 
 
 def test_sdxl_run_with_clip_skip_2_and_long_captions(tiny_sdxl, long_captions, tmp_path):
