@@ -93,6 +93,12 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this (64 for real SD UNets)
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
     keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
+    # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
+    # trained on. validation_split: this fraction of the images under path (at least one when > 0),
+    # drawn by validation_seed from their file names, so the same ones in every process and resume
+    validation_split: float = 0.0
+    validation_path: Optional[str] = None  # or a folder of held-out images with captions; not with validation_split
+    validation_seed: Optional[int] = None  # draws the held-out images and their fixed noise; null: train.seed
 
 
 @dataclass
@@ -149,6 +155,11 @@ class TrainConfig:
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
     input_perturbation: float = 0.0  # extra noise on the model input only (0.1 in the paper); 0: off
     log_every_n_steps: int = 1
+    # With held-out images (data.validation_split or data.validation_path): the validation loss at
+    # step 0, every n steps and at the end. null: about 10 times a run (every ceil(steps / 10));
+    # 0: at step 0 and the end only
+    validate_every_n_steps: Optional[int] = None
+    validation_timesteps: int = 8  # each held-out image is scored at this many evenly spaced timesteps
     # continue a stopped run: "latest" (the newest complete checkpoint in output.dir/checkpoints;
     # starts fresh when there is none yet) or the path of a checkpoint folder; null: a new run
     resume: Optional[str] = None
@@ -226,6 +237,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
+    _check_validation(cfg, errors)
     trigger = cfg.data.caption_prefix.strip().rstrip(",").strip()
     if cfg.data.caption.method != "none" and trigger and trigger in cfg.data.caption.prefix:
         errors.append(f"data.caption.prefix: got {cfg.data.caption.prefix!r}, which repeats data.caption_prefix "
@@ -274,6 +286,31 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     elif db.class_prompt or db.class_data:
         errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
+
+
+def _check_validation(cfg: RunConfig, errors: list[str]) -> None:
+    d, t = cfg.data, cfg.train
+    if not 0.0 <= d.validation_split < 1.0:
+        errors.append(f"data.validation_split: got {d.validation_split!r}; expected a fraction in [0, 1) "
+                      "(e.g. 0.1 holds out one image in ten; 0: off)")
+    if d.validation_path and d.validation_split > 0:
+        errors.append(f"data.validation_path: got {d.validation_path!r} with data.validation_split "
+                      f"{d.validation_split!r}; set only one of them")
+    elif d.validation_path and d.path:
+        held, trained = Path(d.validation_path).resolve(), Path(d.path).resolve()
+        if held == trained or trained in held.parents or held in trained.parents:
+            errors.append(f"data.validation_path: got {d.validation_path!r}, which overlaps data.path {d.path!r}, "
+                          "so held-out images would be trained on; use a folder outside data.path")
+    validating = d.validation_split > 0 or bool(d.validation_path)
+    every = t.validate_every_n_steps
+    if every is not None and every < 0:
+        errors.append(f"train.validate_every_n_steps: got {every!r}; expected an integer >= 0 "
+                      "(0: at step 0 and the end only) or null (about 10 times a run)")
+    elif every is not None and not validating:
+        errors.append(f"train.validate_every_n_steps: got {every!r} with no held-out images; "
+                      "set data.validation_split (e.g. 0.1) or data.validation_path, or leave it null")
+    if t.validation_timesteps < 1:
+        errors.append(f"train.validation_timesteps: got {t.validation_timesteps!r}; expected an integer >= 1 (e.g. 8)")
 
 
 def check_caption_config(c: CaptionConfig, errors: list[str],

@@ -14,6 +14,7 @@ from lora_trainer.config import RunConfig
 from lora_trainer.data.captioning import caption_folder
 from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
 from lora_trainer.data.dataset import Example, scan_dataset
+from lora_trainer.data.holdout import held_out_flags, validation_seed
 from lora_trainer.fileio import write_text_atomic
 from lora_trainer.processes import multiprocess_without_gpu
 
@@ -68,9 +69,13 @@ def trained_caption(cfg: RunConfig, caption: str) -> str:
 
 def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:
     root = Path(cfg.data.path)
+    held_out = [False] * len(examples)
+    if cfg.data.validation_split > 0:  # marked, as they are not trained on
+        held_out = held_out_flags(examples, root, cfg.data.validation_split, validation_seed(cfg))
     lines = [json.dumps({"file": ex.path.relative_to(root).as_posix(), "caption": trained_caption(cfg, ex.caption),
-                         "generated": ex.path in generated, "repeats": ex.repeats * cfg.data.repeats},
-                        ensure_ascii=False) for ex in examples]
+                         "generated": ex.path in generated, "repeats": ex.repeats * cfg.data.repeats,
+                         **({"validation": True} if out else {})},
+                        ensure_ascii=False) for ex, out in zip(examples, held_out)]
     write_text_atomic(Path(cfg.output.dir) / CAPTIONS_RECORD, "\n".join(lines) + "\n")
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, dump_config
+from ..data.holdout import split_examples
 from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
@@ -38,6 +39,7 @@ from .plots import plot_loss
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
+from .validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class TrainResult:
     text_encoder: Any = None
     text_encoder_2: Any = None  # SDXL
     resumed_from: Path | None = None  # the checkpoint the run continued from
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
 
 
 def _check_environment(cfg: RunConfig) -> None:
@@ -95,12 +98,13 @@ def train(cfg: RunConfig, show_progress: bool = True,
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
+    examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
     cfg = _for_variant(cfg, resolve_variant(cfg.model))  # reads model_index.json or a file header only
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
                                     cfg.lora.rank) if cfg.lora.init_from else None)
     accelerator = make_accelerator(cfg, out_dir)
     try:
-        return _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
+        return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
     finally:
         accelerator.end_training()
         release_accelerate_state()
@@ -139,7 +143,8 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
     return None
 
 
-def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial) -> TrainResult:
+def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
+           initial) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -230,25 +235,29 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
         return dist.mean, dist.std
 
     def encode_text(captions: list[str]):
-        with torch.set_grad_enabled(train_te):
+        with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):  # validation runs without
             return encode_prompts(base, text_encoders, captions, device, cfg.model.clip_skip,
                                   cfg.model.max_token_length)
 
-    def batch_loss(batch, paths, epoch: int, stream: str) -> torch.Tensor:
-        """The diffusion loss of one batch; its random draws come from (seed, epoch, item, stream)."""
+    def batch_loss(batch, paths, epoch: int, stream: str, seed: int = t.seed,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The diffusion loss of one batch; its random draws come from (seed, epoch, item, stream).
+        Validation fixes the `timesteps`, and its latents are cached under keys of their own."""
         size = tuple(batch["pixel_values"].shape[-2:])
-        keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()))
+        tag = () if timesteps is None else (stream,)
+        keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()), *tag)
                 for i, f, c in zip(batch["index"], batch["flipped"], batch["crop_top_left"])]
         mean, std = latent_cache.distributions(keys, batch["pixel_values"], encode_images)
-        d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], t.seed, epoch, stream, t.noise_offset,
+        d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], seed, epoch, stream, t.noise_offset,
                       t.input_perturbation, timesteps_total, std.dtype, weight_dtype, device)
+        timesteps = d.timesteps if timesteps is None else timesteps
         latents = ((mean + std * d.eps) * scaling).to(weight_dtype)
-        noisy = base.noise_scheduler.add_noise(latents, d.model_noise, d.timesteps)
-        target = training_target(base.noise_scheduler, latents, d.noise, d.timesteps)
+        noisy = base.noise_scheduler.add_noise(latents, d.model_noise, timesteps)
+        target = training_target(base.noise_scheduler, latents, d.noise, timesteps)
         with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
             embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
-            pred = unet(noisy, d.timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
-        return diffusion_loss(pred, target, base.noise_scheduler, d.timesteps, t.snr_gamma)
+            pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
+        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.snr_gamma)
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []
@@ -261,8 +270,13 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
                                         started_at, suffix=f"-step{state.step:05d}", folder=folder)
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
 
+    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained, accelerator)
+    if held_out and accelerator.is_main_process:
+        log.info("%s", validation.describe())
+
     # ---- the loop ----
     losses: list[float] = []
+    val_losses: dict[int, float] = {}
     step, epoch, skip = state.step, state.epoch, state.batches_in_epoch
     if skip >= len(loader):  # saved at the end of an epoch
         epoch, skip = epoch + 1, 0
@@ -274,6 +288,9 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
         module.train()
     step_started = time.perf_counter()
     try:
+        if step == 0 and validation.due(0):  # before any update: the point the curve is read against
+            val_losses[0] = validation.loss(0)
+            write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": val_losses[0]})
         while step < max_steps:
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
@@ -312,10 +329,13 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
                 if prior:
                     record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
                     record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
+                if validation.due(step):
+                    val_losses[step] = record["val_loss"] = validation.loss(step)
+                    now = time.perf_counter()  # the next step's time leaves the validation out
                 step_started = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
-                if step % t.log_every_n_steps == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", **validation.postfix())
+                if step % t.log_every_n_steps == 0 or "val_loss" in record:
                     write_record(accelerator, log_path, record)
                 if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
                     last_good = save(done)
@@ -349,7 +369,8 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
-    return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint)
+    return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
+                       val_losses=val_losses)
 
 
 def _unwrapped(accelerator, unet, text_encoders):

@@ -19,7 +19,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_loss(log_path: Path, png_path: Path) -> Path | None:
-    """Draw loss per step (raw and a moving average); None when matplotlib or the log is missing."""
+    """Draw loss per step (raw and a moving average) and the validation loss where it was computed;
+    None when matplotlib or the log is missing."""
     try:
         import matplotlib
 
@@ -33,11 +34,16 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not rows:
         return None
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
+    trained = [r for r in rows if "loss" in r]  # the step-0 row holds only the validation loss
+    steps = [r["step"] for r in trained]
+    losses = [r["loss"] for r in trained]
+    validated = [r for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
     ax.plot(steps, _smooth(losses, max(1, len(losses) // 20)), color="#c33", linewidth=1.6, label="moving average")
+    if validated:
+        ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], color="#27a", linewidth=1.4,
+                marker="o", markersize=4, label="validation loss (held-out images)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -1,0 +1,67 @@
+"""Held-out images for the validation loss: a seeded share of the dataset (`data.validation_split`)
+or a folder of its own (`data.validation_path`). Held-out images are never trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from lora_trainer.config import RunConfig
+from lora_trainer.data.dataset import Example, scan_dataset
+from lora_trainer.errors import DataError
+
+
+def validation_seed(cfg: RunConfig) -> int:
+    """The seed of the held-out draw and of the validation noise."""
+    return cfg.data.validation_seed if cfg.data.validation_seed is not None else cfg.train.seed
+
+
+def held_out_flags(examples: Sequence[Example], root: str | Path, fraction: float, seed: int) -> list[bool]:
+    """Which examples are held out: the `round(fraction · n)` (at least 1) whose hash of
+    (seed, path relative to `root`) is smallest.
+
+    Each image's rank depends on its own name only, so the choice is the same in every process and
+    every resumed run, whatever order the images come in, and adding an image to the folder moves
+    at most one image out of the held-out set.
+    """
+    n = len(examples)
+    count = max(1, math.floor(fraction * n + 0.5))
+    if count >= n:
+        raise DataError(f"data.validation_split: {fraction:g} of the {n} image(s) in {root} holds out {count}, "
+                        "leaving none to train on; lower it, add images, or use data.validation_path")
+    keys = [hashlib.sha256(f"{seed}:{Path(ex.path).relative_to(root).as_posix()}".encode()).hexdigest()
+            for ex in examples]
+    chosen = set(sorted(range(n), key=lambda i: keys[i])[:count])
+    return [i in chosen for i in range(n)]
+
+
+def split_examples(cfg: RunConfig, examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples) as the config asks; no held-out ones when validation is off.
+
+    Held-out images count once each (their folder repeats are for training). `examples` carry
+    their final captions (DreamBooth's instance prompt already applied); images read from
+    `data.validation_path` get it here.
+    """
+    d = cfg.data
+    if d.validation_path:
+        return list(examples), [replace(ex, repeats=1) for ex in scan_validation_folder(cfg)]
+    if d.validation_split <= 0:
+        return list(examples), []
+    flags = held_out_flags(examples, d.path, d.validation_split, validation_seed(cfg))
+    return ([ex for ex, out in zip(examples, flags) if not out],
+            [replace(ex, repeats=1) for ex, out in zip(examples, flags) if out])
+
+
+def scan_validation_folder(cfg: RunConfig) -> list[Example]:
+    """The images and captions of `data.validation_path`, read as data.path is read."""
+    folder = Path(cfg.data.validation_path)
+    if not folder.is_dir():
+        raise DataError(f"data.validation_path: {folder} is not a folder; point it at a folder of held-out "
+                        "images with captions (laid out like data.path), or set data.validation_split instead")
+    instance_prompt = cfg.dreambooth.instance_prompt
+    examples = scan_dataset(folder, cfg.data.folder_repeats,
+                            folder_captions=cfg.data.folder_repeats and not instance_prompt)
+    return [replace(ex, caption=instance_prompt) for ex in examples] if instance_prompt else examples

@@ -1,0 +1,138 @@
+"""The validation loss: the training loss of the current adapter on held-out images, with every
+random choice fixed, so that from one evaluation to the next only the adapter changes.
+
+Each held-out image (center crop, no flip, its caption as training reads it) is scored at
+`train.validation_timesteps` evenly spaced timesteps, each with its own noise drawn from
+(validation seed, epoch 0, image × timestep, "validation"): the same draws at every evaluation,
+in every process and every resumed run. The loss is training's (noise offset, min-SNR weighting,
+v-prediction target), computed by the loop's own `batch_loss`, with no gradient and the adapters
+in eval mode (LoRA dropout off). Processes share the images and add up their per-image losses,
+so 2 processes report the 1-process number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import RunConfig
+from ..data import Example, ImageCaptionDataset
+from ..data.buckets import assign_buckets
+from ..data.holdout import validation_seed
+
+log = logging.getLogger(__name__)
+
+STREAM = "validation"
+
+
+def fixed_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
+    """`count` timesteps at the middles of equal slices of [0, num_timesteps): 8 of 1000 are
+    62, 187, ..., 937 (neither end of the schedule, where the loss says little)."""
+    return torch.tensor([int((j + 0.5) * num_timesteps / count) for j in range(count)], dtype=torch.long)
+
+
+def validation_interval(cfg: RunConfig, max_steps: int) -> int:
+    """Steps between evaluations (0: only at step 0 and at the end)."""
+    every = cfg.train.validate_every_n_steps
+    return every if every is not None else math.ceil(max_steps / 10)
+
+
+@contextmanager
+def evaluating(modules: Sequence[torch.nn.Module]):
+    """No gradients and eval mode (LoRA dropout off), then back to training mode."""
+    for module in modules:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module in modules:
+            module.train()
+
+
+class Validation:
+    """When to evaluate, and the evaluation; inert (never due) when there are no held-out images.
+
+    `batch_loss(batch, paths, epoch, stream, seed, timesteps)` is the loop's loss of one batch;
+    `modules` are the trained (possibly wrapped) modules, put in eval mode while it runs.
+    """
+
+    def __init__(self, cfg: RunConfig, examples: Sequence[Example], num_timesteps: int, max_steps: int,
+                 batch_loss: Callable[..., torch.Tensor], modules: Sequence[torch.nn.Module], accelerator):
+        self.examples = list(examples)
+        self.max_steps = max_steps
+        self.every = validation_interval(cfg, max_steps)
+        self.timesteps = fixed_timesteps(cfg.train.validation_timesteps, num_timesteps)
+        self.chunk = cfg.train.batch_size  # no gradients: a training batch's memory is enough
+        self.seed = validation_seed(cfg)
+        self.batch_loss, self.modules, self.accelerator = batch_loss, list(modules), accelerator
+        self.last: float | None = None
+        self.dataset = None
+        if self.examples:
+            d = cfg.data
+            sizes = assign_buckets([ex.path for ex in self.examples], d.resolution, d.bucket_step) if d.buckets else None
+            self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
+                                               caption_prefix=d.caption_prefix, seed=self.seed, sizes=sizes)
+
+    def due(self, step: int) -> bool:
+        if not self.examples:
+            return False
+        return step == 0 or step == self.max_steps or (self.every > 0 and step % self.every == 0)
+
+    def describe(self) -> str:
+        when = f"every {self.every} steps" if self.every else "at step 0 and at the end"
+        return (f"validation: {len(self.examples)} held-out image(s), each at {len(self.timesteps)} fixed "
+                f"timesteps, {when}")
+
+    def postfix(self) -> dict[str, str]:
+        """For the progress bar: the latest validation loss."""
+        return {} if self.last is None else {"val_loss": f"{self.last:.4f}"}
+
+    def loss(self, step: int) -> float:
+        """The mean loss over held-out images and timesteps, the same on every process."""
+        acc, n = self.accelerator, len(self.examples)
+        per_image = torch.zeros(n, dtype=torch.float32, device=acc.device)
+        # Every process runs the same number of forward passes (wrapped modules may synchronise in
+        # them): the last round is padded with repeats whose losses are dropped.
+        rounds = math.ceil(n / acc.num_processes)
+        with evaluating(self.modules):
+            for position in range(acc.process_index, rounds * acc.num_processes, acc.num_processes):
+                value = self._image_loss(position % n)
+                if position < n:
+                    per_image[position] = value
+        per_image = acc.reduce(per_image, reduction="sum")  # each entry comes from one process, zeros elsewhere
+        self.last = per_image.mean().item()
+        if acc.is_main_process:
+            log.info("step %d: val_loss %.6f", step, self.last)
+        return self.last
+
+    def _image_loss(self, index: int) -> torch.Tensor:
+        """One held-out image's loss, averaged over the fixed timesteps (batches of `self.chunk`)."""
+        item = self.dataset[index]
+        paths = [ex.path for ex in self.examples]
+        k = len(self.timesteps)
+        total = torch.zeros((), dtype=torch.float32, device=self.accelerator.device)
+        for start in range(0, k, self.chunk):
+            timesteps = self.timesteps[start:start + self.chunk]
+            batch = _repeat(item, [index * k + j for j in range(start, start + len(timesteps))])
+            loss = self.batch_loss(batch, paths, 0, STREAM, self.seed, timesteps.to(self.accelerator.device))
+            total += loss.float() * len(timesteps)
+        return total / k
+
+
+def _repeat(item: dict, draws: list[int]) -> dict:
+    """A batch of one dataset item, once per draw (its `item` numbers the draw: noise and timestep)."""
+    m = len(draws)
+    return {
+        "pixel_values": item["pixel_values"].unsqueeze(0).repeat(m, 1, 1, 1),
+        "caption": [item["caption"]] * m,
+        "index": torch.tensor([item["index"]] * m),
+        "item": torch.tensor(draws),
+        "flipped": torch.tensor([item["flipped"]] * m),
+        "original_size": item["original_size"].unsqueeze(0).repeat(m, 1),
+        "crop_top_left": item["crop_top_left"].unsqueeze(0).repeat(m, 1),
+    }
