@@ -275,7 +275,8 @@ def test_two_processes_report_the_one_process_val_loss(tiny_sd15, example_data, 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
          str(script), str(REPO / "configs" / "example.yaml"), *common, f"output.dir={two}", "train.batch_size=1"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *common[2:], "train.batch_size=2"),

@@ -276,7 +276,6 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     # ---- the loop ----
     losses: list[float] = []
-    val_losses: dict[int, float] = {}
     step, epoch, skip = state.step, state.epoch, state.batches_in_epoch
     if skip >= len(loader):  # saved at the end of an epoch
         epoch, skip = epoch + 1, 0
@@ -289,8 +288,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     step_started = time.perf_counter()
     try:
         if step == 0 and validation.due(0):  # before any update: the point the curve is read against
-            val_losses[0] = validation.loss(0)
-            write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": val_losses[0]})
+            write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": validation.loss(0)})
+            step_started = time.perf_counter()
         while step < max_steps:
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
@@ -330,7 +329,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
                     record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
                 if validation.due(step):
-                    val_losses[step] = record["val_loss"] = validation.loss(step)
+                    record["val_loss"] = validation.loss(step)
                     now = time.perf_counter()  # the next step's time leaves the validation out
                 step_started = now
                 bar.update(1)
@@ -370,7 +369,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         plot_loss(log_path, out_dir / "loss.png")
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
-                       val_losses=val_losses)
+                       val_losses=validation.losses)
 
 
 def _unwrapped(accelerator, unet, text_encoders):

@@ -70,11 +70,12 @@ class Validation:
         self.chunk = cfg.train.batch_size  # no gradients: a training batch's memory is enough
         self.seed = validation_seed(cfg)
         self.batch_loss, self.modules, self.accelerator = batch_loss, list(modules), accelerator
-        self.last: float | None = None
+        self.losses: dict[int, float] = {}  # step -> loss, as computed in this run
         self.dataset = None
         if self.examples:
             d = cfg.data
-            sizes = assign_buckets([ex.path for ex in self.examples], d.resolution, d.bucket_step) if d.buckets else None
+            paths = [ex.path for ex in self.examples]
+            sizes = assign_buckets(paths, d.resolution, d.bucket_step) if d.buckets else None
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
                                                caption_prefix=d.caption_prefix, seed=self.seed, sizes=sizes)
 
@@ -90,10 +91,10 @@ class Validation:
 
     def postfix(self) -> dict[str, str]:
         """For the progress bar: the latest validation loss."""
-        return {} if self.last is None else {"val_loss": f"{self.last:.4f}"}
+        return {"val_loss": f"{self.losses[max(self.losses)]:.4f}"} if self.losses else {}
 
     def loss(self, step: int) -> float:
-        """The mean loss over held-out images and timesteps, the same on every process."""
+        """The mean loss over held-out images and timesteps at `step`, the same on every process."""
         acc, n = self.accelerator, len(self.examples)
         per_image = torch.zeros(n, dtype=torch.float32, device=acc.device)
         # Every process runs the same number of forward passes (wrapped modules may synchronise in
@@ -105,10 +106,10 @@ class Validation:
                 if position < n:
                     per_image[position] = value
         per_image = acc.reduce(per_image, reduction="sum")  # each entry comes from one process, zeros elsewhere
-        self.last = per_image.mean().item()
+        self.losses[step] = per_image.mean().item()
         if acc.is_main_process:
-            log.info("step %d: val_loss %.6f", step, self.last)
-        return self.last
+            log.info("step %d: val_loss %.6f", step, self.losses[step])
+        return self.losses[step]
 
     def _image_loss(self, index: int) -> torch.Tensor:
         """One held-out image's loss, averaged over the fixed timesteps (batches of `self.chunk`)."""
