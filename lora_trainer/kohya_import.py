@@ -20,7 +20,6 @@ from .errors import ConfigError
 from .fileio import write_text_atomic
 from .kohya_mapping import config_from_kohya  # noqa: F401 (re-exported)
 
-LORA_SCRIPTS = ("train_network.py", "sdxl_train_network.py")
 # Continuations: `\` (sh), `^` (cmd.exe) and a backtick (PowerShell) at the end of a line.
 _CONTINUATION = re.compile(r"[ \t]*(?:\\|\^|`)[ \t]*\r?\n")
 _SEPARATORS = {"&&", "||", ";", "|", "&"}
@@ -35,14 +34,14 @@ def parse_command_line(text: str, source: str = "command") -> dict[str, Any]:
     under "_launcher". A text with several commands (a .sh or .bat file) is read at the line that
     runs the script."""
     joined = _CONTINUATION.sub(" ", text)
-    windows = "^\n" in text or "^\r\n" in text or re.search(r"(?m)^\s*(rem|set|call)\s", text, re.IGNORECASE)
+    windows = re.search(r"\^\r?\n|^\s*(rem|set|call)\s|[A-Za-z]:\\", text, re.IGNORECASE | re.MULTILINE)
     lines = [line for line in joined.splitlines() if line.strip() and not line.lstrip().startswith(("#", "::"))]
-    script_line = next((line for line in lines if re.search(r"[\w./\\-]*train[\w-]*\.py\b", line)), None)
+    script_line = next((line for line in lines if re.search(r"\.py\b", line)), None)
     tokens = _split(script_line if script_line is not None else " ".join(lines), bool(windows), source)
     args: dict[str, Any] = {}
     start = 0
     if script_line is not None:
-        start = next(i for i, t in enumerate(tokens) if re.search(r"train[\w-]*\.py$", t)) + 1
+        start = next((i for i, t in enumerate(tokens) if t.endswith(".py")), len(tokens) - 1) + 1
         args["_script"] = re.split(r"[/\\]", tokens[start - 1])[-1]
         args["_launcher"] = " ".join(tokens[:start - 1])
     rest = tokens[start:]

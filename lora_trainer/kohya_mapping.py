@@ -11,7 +11,7 @@ from typing import Any, Optional
 from .config import ModelConfig
 from .errors import ConfigError
 from .kohya_options import (
-    NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
+    KOHYA_DEFAULTS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
     read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
@@ -104,6 +104,8 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
     _samples(a, cfg, notes, base_dir)
     _outputs(a, cfg, notes)
     for key in a.leftovers():
+        if KOHYA_DEFAULTS.get(key, object()) == a.values[key]:  # kohya's own default changes nothing
+            continue
         notes.append(note_for(a.name(key), key, a.values[key]))
     return {section: cfg[section] for section in SECTIONS if section in cfg}, notes
 
@@ -136,7 +138,7 @@ def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list
         if a.has(key):
             if key in model_keys:
                 set_key(cfg, f"model.{key}", a.int(key))
-            else:
+            elif a.int(key) != KOHYA_DEFAULTS[key]:
                 notes.append(f"--{key} {a.get(key)}: model.{key} is not in this version's config; left out")
 
 
@@ -150,7 +152,8 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     set_key(cfg, "lora.rank", a.int("network_dim", 4))
     if not a.has("network_alpha"):
         notes.append("--network_alpha not given: kohya's default 1 is kept (scale 1/rank); ours would be alpha = rank")
-    set_key(cfg, "lora.alpha", a.float("network_alpha", 1.0))
+    alpha = a.float("network_alpha", 1.0)
+    set_key(cfg, "lora.alpha", alpha if alpha else float(cfg["lora"]["rank"]))  # kohya: alpha 0 means alpha = dim
     if a.has("network_dropout"):
         set_key(cfg, "lora.dropout", a.float("network_dropout"))
     set_key(cfg, "lora.unet_targets", list(KOHYA_UNET_TARGETS))
@@ -159,7 +162,11 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         set_key(cfg, "lora.init_from", a.str("network_weights"))
         if a.bool("dim_from_weights"):
             notes.append("--dim_from_weights: set lora.rank to the file's rank (`lora-trainer inspect FILE` shows it)")
-    unet_only = a.bool("network_train_unet_only") or a.float("text_encoder_lr") == 0
+    te_lrs = _text_encoder_lrs(a)
+    unet_only = a.bool("network_train_unet_only") or te_lrs[:1] == [0.0]
+    if te_lrs[:1] == [0.0] and not a.bool("network_train_unet_only"):
+        notes.append("--text_encoder_lr 0: the text encoder is not trained (older kohya versions trained it at "
+                     "learning_rate: set lora.train_text_encoder=true and train.text_encoder_lr for that)")
     if a.bool("network_train_text_encoder_only"):
         notes.append("--network_train_text_encoder_only: not supported; the UNet is trained too")
         unet_only = False
@@ -175,11 +182,15 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
         notes.append("--learning_rate not given: kohya's default 2e-6 is used (LoRA usually trains at 1e-4)")
         lr = 2e-6
     set_key(cfg, "train.lr", unet_lr if unet_lr is not None else lr)
-    te_lr = a.float("text_encoder_lr")
-    te_lr = te_lr if te_lr is not None else lr  # kohya: the text encoder falls back to learning_rate
+    te_lrs = _text_encoder_lrs(a)
+    if len(set(te_lrs)) > 1:
+        notes.append(f"--text_encoder_lr {' '.join(map(str, te_lrs))}: one rate holds for both text encoders here, "
+                     "the first")
+    te_lr = te_lrs[0] if te_lrs else lr  # kohya: the text encoder falls back to learning_rate
     if te_lr != cfg["train"]["lr"] and te_lr:
         set_key(cfg, "train.text_encoder_lr", te_lr)
-    epochs, steps = a.int("max_train_epochs"), a.int("max_train_steps")
+    epochs = a.int("max_train_epochs") or None  # 0 means unset (kohya_ss GUI files write it)
+    steps = a.int("max_train_steps") or None
     if epochs is not None:
         set_key(cfg, "train.epochs", epochs)
         if steps is not None:
@@ -209,11 +220,12 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
                               ("gradient_accumulation_steps", "train.grad_accum", "int"),
                               ("seed", "train.seed", "int"), ("max_grad_norm", "train.max_grad_norm", "float"),
                               ("noise_offset", "train.noise_offset", "float"),
-                              ("min_snr_gamma", "train.snr_gamma", "float"),
                               ("ip_noise_gamma", "train.input_perturbation", "float"),
                               ("max_data_loader_n_workers", "data.num_workers", "int")):
         if a.has(kohya):
             set_key(cfg, ours, a.int(kohya) if kind == "int" else a.float(kohya))
+    if a.float("min_snr_gamma"):  # 0 is off in kohya, null here
+        set_key(cfg, "train.snr_gamma", a.float("min_snr_gamma"))
     precision = a.str("mixed_precision")
     if precision is not None:
         if precision not in PRECISIONS:
@@ -254,6 +266,13 @@ def _optimizer(a: Args, cfg: dict, notes: list[str]) -> None:
             set_key(cfg, "train.adam_epsilon", _number(value, "--optimizer_args eps"))
         else:
             notes.append(f"--optimizer_args {key}={value}: not supported; the optimizer's default is used")
+
+
+def _text_encoder_lrs(a: Args) -> list[float]:
+    """--text_encoder_lr as a list: newer kohya takes one rate per SDXL text encoder."""
+    value = a.get("text_encoder_lr")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [_number(str(v), "--text_encoder_lr") for v in values]
 
 
 def _number(text: str, where: str) -> float:

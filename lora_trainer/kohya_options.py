@@ -77,6 +77,10 @@ NOTES = {
     "scale_weight_norms": _LEFT_OUT, "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
     "tokenizer_cache_dir": "tokenizers come with the base model", "dataset_repeats": "use data.repeats",
 }
+# Values equal to kohya's defaults change nothing when left out (kohya_ss GUI files write many of them).
+KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1, "max_token_length": 75,
+                  "caption_separator": ",", "min_bucket_reso": 256, "vae_batch_size": 1, "save_model_as": "safetensors",
+                  "caption_extension": ".txt", "log_prefix": "", "persistent_data_loader_workers": False}
 NETWORK_ARG_NOTES = {
     "conv_dim": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
     "conv_alpha": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",

@@ -261,3 +261,17 @@ def test_converted_config_trains_the_tiny_model(tiny_sd15, example_data, tmp_pat
         assert yaml.safe_load(f)["lora"]["train_text_encoder"] is True
     result = train(load_config(tmp_path / "config.yaml", ["sample.grid_weights=[]"]), show_progress=False)
     assert [p.name for p in result.adapter_paths] == ["kohya-import.safetensors"]
+
+
+def test_gui_files_zeros_and_kohya_defaults_mean_unset(tmp_path):
+    """kohya_ss GUI configs write every field: 0 for "off" and kohya's own defaults add no notes."""
+    args = {"pretrained_model_name_or_path": "m", "train_data_dir": "img", "network_dim": 8, "network_alpha": 0,
+            "learning_rate": 1e-4, "text_encoder_lr": [5e-5, 1e-5], "max_train_epochs": 0, "max_train_steps": 300,
+            "min_snr_gamma": 0, "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1,
+            "caption_extension": ".txt", "save_model_as": "safetensors", "optimizer_args": [], "color_aug": False,
+            "log_with": "", "lr_warmup_steps": 0}
+    cfg, notes = config_from_kohya(args)
+    assert cfg["lora"]["alpha"] == 8.0  # kohya: alpha 0 means alpha = dim
+    assert cfg["train"]["max_steps"] == 300 and "epochs" not in cfg["train"] and "snr_gamma" not in cfg["train"]
+    assert cfg["train"]["text_encoder_lr"] == 5e-5
+    assert notes == ["--text_encoder_lr 5e-05 1e-05: one rate holds for both text encoders here, the first"]
