@@ -32,6 +32,17 @@ class ModelConfig:
     # single-file bases only: a diffusers folder whose configs (and tokenizers) describe the
     # checkpoint; None uses the SD1.5/SDXL configs shipped in lora_trainer/models/configs/
     config_dir: Optional[str] = None
+    # How the text encoder(s) read captions, samples and class prompts (kohya's --clip_skip and
+    # --max_token_length); written to the adapter's metadata (ss_clip_skip, ss_max_token_length).
+    # clip_skip, A1111 numbering: 1 = the model's own layer; 2 = the penultimate layer through the
+    # final LayerNorm on SD1.x (what anime bases are trained and used with); SDXL, whose default
+    # is already the penultimate layer, reads clip_skip - 1 layers further back.
+    clip_skip: int = 1
+    # Caption tokens read: 75 is CLIP's window; 150/225 split longer captions into 2/3 windows of
+    # 75 as A1111 does (breaking after a comma near a window's end), each [BOS] 75 [EOS], their
+    # hidden states concatenated; every caption gets all the windows (short ones padded with empty
+    # windows). Captions are literal text: `(word:1.2)` and BREAK are not weight syntax here.
+    max_token_length: Literal[75, 150, 225] = 75
 
 
 @dataclass
@@ -203,6 +214,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: got {value!r}; expected {allowed}")
 
     need(bool(cfg.model.base), "model.base", cfg.model.base, "a hub id, a diffusers folder or a .safetensors file")
+    need(1 <= cfg.model.clip_skip <= 12, "model.clip_skip", cfg.model.clip_skip,
+         "an integer from 1 (the model's default) to 12; 2 for anime SD1.5 bases")
     need(bool(cfg.data.path), "data.path", cfg.data.path, "a folder of images with captions")
     r = cfg.data.resolution
     need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")

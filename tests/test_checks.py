@@ -107,3 +107,9 @@ def test_check_data_command_exit_codes_and_json(planted, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["can_train"] is False and report["problems"][-1]["kind"] == "metadata"
     assert main(["check-data", str(tmp_path / "nope")]) == 1
+
+
+def test_long_caption_limit_follows_max_token_length(planted):
+    report = check_dataset(planted, resolution=64, token_limit=150)
+    assert "long_caption" not in {p.kind for p in report.problems}
+    assert "of 150" in report.format_text()

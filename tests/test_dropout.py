@@ -21,6 +21,10 @@ def test_a_samples_mask_depends_on_its_key_and_layer_only():
     torch.testing.assert_close(together[1:2], alone, rtol=0, atol=0)
     assert not torch.equal(together[0], together[1])  # different samples, different masks
     assert not torch.equal(together, elsewhere)  # different layers, different masks
+    with keys.batch([8, 9]):  # two rows (e.g. caption windows) per sample, sample-major
+        windows = layer(torch.ones(4, 5, 64))
+    torch.testing.assert_close(windows[0:1], together[1:2], rtol=0, atol=0)
+    assert not torch.equal(windows[0], windows[1])
     kept = (together != 0).float().mean().item()
     assert 0.4 < kept < 0.6 and torch.allclose(together[together != 0], torch.tensor(2.0))
 
@@ -68,8 +72,10 @@ def test_training_with_dropout_gives_the_same_adapter_with_or_without_gradient_c
     from lora_trainer.training.loop import train
 
     def adapter(out, *extra):
+        # two 77-token windows per caption: the text encoder's batch has 2 rows per sample
         cfg = run_config(tiny_sd15, example_data, tmp_path / out, "lora.dropout=0.3", "lora.train_text_encoder=true",
-                         "train.max_steps=3", "train.lr=1e-2", "sample.prompts=[]", *extra)
+                         "model.max_token_length=150", "train.max_steps=3", "train.lr=1e-2", "sample.prompts=[]",
+                         *extra)
         result = train(cfg, show_progress=False)
         return {k: v.detach().clone() for m in (result.unet, result.text_encoder)
                 for k, v in m.named_parameters() if v.requires_grad}

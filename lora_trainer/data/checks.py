@@ -49,6 +49,7 @@ class DataReport:
     aspect_ratios: dict[str, int] = field(default_factory=dict)
     num_captioned: int = 0
     max_tokens: int = 0  # longest caption in text-encoder tokens (start/end excluded)
+    token_limit: int = CLIP_MAX_TOKENS - 2  # caption tokens training reads (model.max_token_length)
     token_counter: str = "estimate"  # "tokenizer" when counted with the model's own tokenizer
     tag_frequency: dict[str, int] = field(default_factory=dict)
     # kohya's <N>_<name> folders: [{"folder", "img_count", "n_repeats"}], the other images under the
@@ -81,7 +82,7 @@ class DataReport:
             lines.append("  aspect ratios: " + ", ".join(f"{k} x{v}" for k, v in self.aspect_ratios.items()))
         if self.num_captioned:
             how = "tokenizer" if self.token_counter == "tokenizer" else "estimated; give --model to count exactly"
-            lines.append(f"  longest caption: {self.max_tokens} tokens of {CLIP_MAX_TOKENS - 2} ({how})")
+            lines.append(f"  longest caption: {self.max_tokens} tokens of {self.token_limit} ({how})")
         if self.tag_frequency:
             top = list(self.tag_frequency.items())[:max_tags]
             lines.append("  tags: " + ", ".join(f"{tag} ({n})" for tag, n in top)
@@ -98,15 +99,17 @@ class DataReport:
 
 
 def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None,
-                  caption_prefix: str = "", folder_repeats: bool = True) -> DataReport:
+                  caption_prefix: str = "", folder_repeats: bool = True,
+                  token_limit: int = CLIP_MAX_TOKENS - 2) -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
     `caption_prefix`: prepended at training time, so it counts towards length and tags.
     `folder_repeats`: data.folder_repeats, kohya's `<N>_<name>` folders (see data/folders.py).
+    `token_limit`: caption tokens training reads (model.max_token_length: 75, 150 or 225).
     """
     root = Path(root)
-    report = DataReport(str(root), resolution)
+    report = DataReport(str(root), resolution, token_limit=token_limit)
     if not root.is_dir():
         report.problems.append(Problem("error", "no_images", "dataset folder not found"))
         return report
@@ -231,7 +234,7 @@ def _check_captions(report: DataReport, captions: dict[Path, str | None], tokeni
         report.problems.append(Problem("warning", "empty_caption", f"{len(empty)} image(s) have an empty caption",
                                        empty))
     trained = {p: prefix + c for p, c in captions.items() if c}
-    limit = CLIP_MAX_TOKENS - 2
+    limit = report.token_limit
     cut = []
     for path, caption in trained.items():
         n, rest = count_tokens(caption, tokenizer, limit)
@@ -241,7 +244,9 @@ def _check_captions(report: DataReport, captions: dict[Path, str | None], tokeni
     report.token_counter = "tokenizer" if tokenizer is not None else "estimate"
     if cut:
         report.problems.append(Problem("warning", "long_caption", f"{len(cut)} caption(s) are longer than the "
-                                       f"{limit} tokens the text encoder reads; the end is ignored", cut))
+                                       f"{limit} tokens the text encoder reads; the end is ignored"
+                                       + (" (model.max_token_length up to 225 reads more)" if limit < 225 else ""),
+                                       cut))
     report.tag_frequency = tag_frequency([Example(p, c) for p, c in trained.items()])
 
 

@@ -45,7 +45,7 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
         # image sizes against SD1.x's 512 unless the config already says SDXL.
         resolution = cfg.data.resolution or (1024 if cfg.model.variant == "sdxl" else 512)
         report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
-                               cfg.data.caption_prefix, cfg.data.folder_repeats)
+                               cfg.data.caption_prefix, cfg.data.folder_repeats, cfg.model.max_token_length)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:

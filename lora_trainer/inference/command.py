@@ -4,6 +4,7 @@ cli.py registers them; nothing here reads argv or exits."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -37,7 +40,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer (A1111 numbering), 2 = penultimate")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="1 = last CLIP layer (A1111 numbering, the default), 2 = penultimate")
     p.add_argument("--init-image", help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.75; 1 for inpainting)")
     p.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
@@ -55,6 +59,26 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
+
+
+def clip_skip_hint(adapters) -> list[str]:
+    """Say (log) which adapters were trained with a clip skip other than 1 (their `ss_clip_skip`),
+    when --clip-skip was not given; nothing changes, the images use clip skip 1 as asked."""
+    import safetensors
+
+    hints = []
+    for spec in adapters:
+        try:
+            with safetensors.safe_open(str(spec.path), framework="pt") as f:
+                trained = (f.metadata() or {}).get("ss_clip_skip")
+        except Exception:  # unreadable files are reported properly when the adapters load
+            continue
+        if trained and trained.isdigit() and int(trained) > 1:
+            hints.append(f"{spec.path.name} was trained with clip skip {trained}; "
+                         f"pass --clip-skip {trained} to draw as it was trained")
+    for hint in hints:
+        log.warning("%s", hint)
+    return hints
 
 
 def _outpaint_pixels(text: str) -> tuple[int, int, int, int]:
@@ -91,11 +115,13 @@ def run_infer(args) -> list[Path]:
     request = Request(prompt=args.prompt[0], negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                       batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
-                      clip_skip=args.clip_skip, init_image=init, strength=strength, mask=mask,
+                      clip_skip=args.clip_skip or 1, init_image=init, strength=strength, mask=mask,
                       mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
                       control_preprocess=args.control_preprocess, refiner_start=args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
+    if args.clip_skip is None:
+        clip_skip_hint(adapters)
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir)
     out = Path(args.out)

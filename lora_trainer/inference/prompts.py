@@ -1,5 +1,6 @@
 """Prompt encoding as AUTOMATIC1111 does it: `(word:1.3)` weights, prompts of any length in
-75-token chunks, clip skip; the result goes to diffusers pipelines as `prompt_embeds`.
+75-token chunks, clip skip; the result goes to diffusers pipelines as `prompt_embeds`. The windows
+and clip skip are lora_trainer.textencode's, the same training reads captions with.
 
 We parse the syntax ourselves rather than use compel: compel speaks its own syntax (`word++`,
 `(word)1.3`), not A1111's `(word:1.3)` / `[word]`, and it down-weights by blending with masked
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..textencode import BREAK as BREAK_WEIGHT
+from ..textencode import CHUNK, Chunks, chunk_runs, pad_windows, select_hidden  # noqa: F401 (CHUNK re-exported)
+
 ROUND, SQUARE = 1.1, 1 / 1.1  # what one pair of (...) or [...] multiplies by
-CHUNK = 75  # tokens per window; BOS and EOS make it CLIP's 77
-COMMA_BACKTRACK = 20  # a full window breaks after a comma this close to its end, as A1111 does
 WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")  # the `:1.3)` that ends an explicitly weighted group
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
@@ -40,7 +42,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         parts = BREAK.split(piece)
         for k, part in enumerate(parts):
             if k:
-                runs.append(["BREAK", -1.0])
+                runs.append(["BREAK", BREAK_WEIGHT])
             if part:
                 runs.append([part, 1.0])
 
@@ -80,61 +82,17 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
     merged: list[tuple[str, float]] = []
     for piece, weight in runs:
-        if merged and merged[-1][1] == weight and weight != -1:
+        if merged and merged[-1][1] == weight and weight != BREAK_WEIGHT:
             merged[-1] = (merged[-1][0] + piece, weight)
         else:
             merged.append((piece, weight))
     return merged or [("", 1.0)]
 
 
-@dataclass
-class Chunks:
-    """Token windows of one prompt for one tokenizer: ids and weights, each CHUNK + 2 long."""
-
-    ids: list[list[int]]
-    weights: list[list[float]]
-
-
 def chunk_tokens(tokenizer, text: str) -> Chunks:
-    """Tokenize the weighted runs and cut them into 75-token windows, each [BOS] text [EOS] padded
-    to 77 with the tokenizer's pad id; a window that fills up breaks after a recent comma."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
-    windows: list[tuple[list[int], list[float]]] = []
-    ids: list[int] = []
-    weights: list[float] = []
-    last_comma = -1
-
-    def close() -> None:
-        nonlocal ids, weights, last_comma
-        fill = CHUNK - len(ids)
-        # EOS right after the text, then padding: what CLIP was trained on and where its pooled
-        # output is read (A1111 builds [BOS] text [EOS…EOS] and then swaps the extra EOS for the
-        # pad id, which is the same sequence).
-        windows.append(([bos, *ids, eos, *[pad] * fill], [1.0, *weights, 1.0, *[1.0] * fill]))
-        ids, weights, last_comma = [], [], -1
-
-    for text_run, weight in parse_weights(text):
-        if weight == -1:  # BREAK
-            close()
-            continue
-        for token in tokenizer(text_run, add_special_tokens=False).input_ids:
-            if token == comma:
-                last_comma = len(ids)
-            elif len(ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
-                cut = last_comma + 1
-                rest_ids, rest_w = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
-                close()
-                ids, weights = rest_ids, rest_w
-            if len(ids) == CHUNK:
-                close()
-            ids.append(token)
-            weights.append(weight)
-    if ids or not windows:
-        close()
-    return Chunks([w[0] for w in windows], [w[1] for w in windows])
+    """The prompt's weighted runs in 75-token windows (the rule lives in lora_trainer.textencode,
+    shared with training)."""
+    return chunk_runs(tokenizer, parse_weights(text))
 
 
 def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -145,21 +103,6 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     before = z.mean()
     z = z * weights.to(z.dtype).reshape(*weights.shape, 1)
     return z * (before / z.mean())
-
-
-def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):
-    """(hidden states, pooled or None). SD1: last layer, or layer -clip_skip through the final
-    LayerNorm (A1111). SDXL: the penultimate layer without LayerNorm, `clip_skip - 1` further back
-    (what diffusers and ComfyUI do; clip_skip 1 = the model's default)."""
-    out = text_encoder(ids, output_hidden_states=True)
-    pooled = getattr(out, "text_embeds", None)
-    if sdxl:
-        return out.hidden_states[-(clip_skip + 1)], pooled
-    if clip_skip <= 1:
-        return out.last_hidden_state, pooled
-    # transformers 5 flattens CLIPTextModel (no `.text_model`); older versions nest it.
-    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
-    return final_norm(out.hidden_states[-clip_skip]), pooled
 
 
 @dataclass
@@ -178,14 +121,12 @@ def encode_prompt(encoders, text: str, clip_skip: int = 1, sdxl: bool = False, c
     per_encoder, pooled = [], None
     for tokenizer, text_encoder in encoders:
         tokens = chunk_tokens(tokenizer, text)
-        if chunks is not None and len(tokens.ids) < chunks:
-            empty = chunk_tokens(tokenizer, "")
-            extra = chunks - len(tokens.ids)
-            tokens = Chunks(tokens.ids + empty.ids * extra, tokens.weights + empty.weights * extra)
+        if chunks is not None:
+            tokens = pad_windows(tokenizer, tokens, chunks)
         device = next(text_encoder.parameters()).device
         zs = []
         for k, (ids, weights) in enumerate(zip(tokens.ids, tokens.weights)):
-            z, pool = _hidden(text_encoder, torch.tensor([ids], device=device), clip_skip, sdxl)
+            z, pool = select_hidden(text_encoder, torch.tensor([ids], device=device), clip_skip, sdxl)
             zs.append(apply_weights(z, torch.tensor([weights], device=device)))
             if k == 0 and pool is not None:
                 pooled = pool

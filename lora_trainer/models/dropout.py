@@ -60,20 +60,24 @@ class SampleDropout(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, layer={self.layer!r}"
 
-    def _seed(self, key: int) -> int:
-        digest = hashlib.sha256(f"{key}:{self.layer}".encode()).digest()
+    def _seed(self, key: int, row: int) -> int:
+        digest = hashlib.sha256(f"{key}:{self.layer}:{row}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keys = self.shared.keys
         if not self.training or self.p == 0 or keys is None:
             return x
-        if len(keys) != x.shape[0]:
+        # A text encoder reads a long caption as several 77-token windows, batched sample-major
+        # (sample 0's windows, then sample 1's...): each sample owns x.shape[0] / len(keys) rows.
+        rows, remainder = divmod(x.shape[0], len(keys))
+        if remainder or not rows:
             raise RuntimeError(f"LoRA dropout in {self.layer}: {len(keys)} sample keys for a batch of {x.shape[0]}")
         masks = []
         for key in keys:
-            g = torch.Generator(device=x.device).manual_seed(self._seed(key))
-            masks.append(torch.rand(x.shape[1:], generator=g, device=x.device) >= self.p)
+            for row in range(rows):
+                g = torch.Generator(device=x.device).manual_seed(self._seed(key, row))
+                masks.append(torch.rand(x.shape[1:], generator=g, device=x.device) >= self.p)
         return x * torch.stack(masks).to(x.dtype) / (1.0 - self.p)
 
 

@@ -7,29 +7,43 @@ from typing import Sequence
 
 import torch
 
-
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+from ..errors import ConfigError
+from ..textencode import CHUNK, encode_windows, literal_windows, max_clip_skip
 
 
 def encode_prompts(base, text_encoders: Sequence[torch.nn.Module], captions: Sequence[str],
-                   device: torch.device) -> tuple[torch.Tensor, ...]:
+                   device: torch.device, clip_skip: int = 1, max_token_length: int = CHUNK,
+                   ) -> tuple[torch.Tensor, ...]:
     """(hidden states,) for SD1.x; (hidden states, pooled) for SDXL.
 
-    SD1.x uses the last hidden state of its CLIP encoder. SDXL, as its pipeline does, takes the
-    penultimate hidden state of each encoder, concatenated on the feature axis (768 + 1280), and
-    the projected pooled output of the second encoder. `text_encoders` are the (possibly wrapped)
-    modules to call, in the base's order.
+    Each caption is read literally in `max_token_length / 75` windows of 77 tokens (longer ones
+    cut, shorter ones padded with empty windows), so every caption's embedding has the same
+    length whatever batch it is in: cache entries stack, and a caption trains the same whether
+    its batch-mates are long or short (kohya pads to max_token_length the same way). Hidden states
+    are chosen by `clip_skip` (lora_trainer.textencode.select_hidden); SDXL concatenates its two
+    encoders' on the feature axis (768 + 1280) and takes the projected pooled output of the second
+    encoder's first window. `text_encoders` are the (possibly wrapped) modules to call, in the
+    base's order; gradients flow through every window when they are trained.
     """
-    if base.variant != "sdxl":
-        return (text_encoders[0](tokenize(base.tokenizer, captions).to(device))[0],)
+    sdxl = base.variant == "sdxl"
+    windows = max_token_length // CHUNK
     hidden, pooled = [], None
     for tokenizer, encoder in zip((base.tokenizer, base.tokenizer_2), text_encoders):
-        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds; only the second one is kept
+        ids = torch.tensor([literal_windows(tokenizer, c, windows) for c in captions], device=device)
+        states, pool = encode_windows(encoder, ids, clip_skip, sdxl)
+        hidden.append(states)
+        pooled = pool if pool is not None else pooled  # only SDXL's second encoder has one
+    if not sdxl:
+        return (hidden[0],)
     return torch.cat(hidden, dim=-1), pooled
+
+
+def check_clip_skip(clip_skip: int, text_encoders: Sequence[torch.nn.Module]) -> None:
+    """model.clip_skip against the loaded encoders (the config check only knows CLIP's usual 12)."""
+    most = max_clip_skip(text_encoders)
+    if clip_skip > most:
+        raise ConfigError(f"model.clip_skip: got {clip_skip}; expected 1 to {most} "
+                          f"(this base's text encoder has {most} layers)")
 
 
 def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: Sequence[int]) -> torch.Tensor:
@@ -50,4 +64,24 @@ def unet_conditioning(embeddings: tuple[torch.Tensor, ...], batch: dict, target_
         pooled = embeddings[1]
         ids = time_ids(batch["original_size"], batch["crop_top_left"], target_size)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(device, pooled.dtype)}
+    return kwargs
+
+
+def pipeline_prompt_embeds(base, pipe, prompts: Sequence[str], negative: str, clip_skip: int = 1,
+                           max_token_length: int = CHUNK) -> dict:
+    """`prompt_embeds` (and SDXL's pooled) arguments for a diffusers pipeline call, so samples and
+    class images read their prompts as training reads captions (clip skip, long prompts), with
+    the pipeline's own (possibly adapted) text encoders. An empty negative prompt is zeros where
+    the pipeline's config asks for it (SDXL's `force_zeros_for_empty_prompt`)."""
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    device = next(encoders[0].parameters()).device
+    with torch.no_grad():
+        pos = encode_prompts(base, encoders, prompts, device, clip_skip, max_token_length)
+        if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            neg = tuple(torch.zeros_like(t) for t in pos)
+        else:
+            neg = encode_prompts(base, encoders, [negative] * len(prompts), device, clip_skip, max_token_length)
+    kwargs = {"prompt_embeds": pos[0], "negative_prompt_embeds": neg[0]}
+    if len(pos) > 1:
+        kwargs.update(pooled_prompt_embeds=pos[1], negative_pooled_prompt_embeds=neg[1])
     return kwargs

@@ -27,7 +27,7 @@ from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
-from .conditioning import encode_prompts, unet_conditioning
+from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, item_seed
 from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
@@ -157,6 +157,7 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
     # ---- model: frozen base in the compute dtype ----
     weight_dtype = weight_dtype_for(cfg.model, t.mixed_precision)
     base = load_base(cfg.model, weight_dtype)
+    check_clip_skip(cfg.model.clip_skip, base.text_encoders)
     device = accelerator.device
     for module in (base.vae, base.unet, *base.text_encoders):
         module.to(device)
@@ -230,7 +231,8 @@ def _train(cfg, examples, out_dir, accelerator, show_progress, checkpoint, loss_
 
     def encode_text(captions: list[str]):
         with torch.set_grad_enabled(train_te):
-            return encode_prompts(base, text_encoders, captions, device)
+            return encode_prompts(base, text_encoders, captions, device, cfg.model.clip_skip,
+                                  cfg.model.max_token_length)
 
     def batch_loss(batch, paths, epoch: int, stream: str) -> torch.Tensor:
         """The diffusion loss of one batch; its random draws come from (seed, epoch, item, stream)."""

@@ -15,6 +15,7 @@ from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
 from ..sample_prompts import parse_sample_prompt
+from .conditioning import pipeline_prompt_embeds
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         optimizer=OPTIMIZER_NAMES[t.optimizer],
         mixed_precision=t.mixed_precision,
         seed=t.seed,
+        # the text reading the adapter learned with; A1111/CivitAI show ss_clip_skip to users
+        clip_skip=cfg.model.clip_skip,
+        max_token_length=cfg.model.max_token_length,
         noise_offset=t.noise_offset,
         min_snr_gamma=t.snr_gamma,
         cache_latents=t.cache_latents,
@@ -122,13 +126,14 @@ def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
     )
 
 
-def _render(cfg: RunConfig, pipe, text: str, seed: int, weight: float = 1.0, own_size: bool = True):
-    """One sample image and its A1111 parameters. `text` may carry kohya-style options (--n, --w,
-    --h, --d, --l, --s; see sample_prompts.py) over the `sample.*` defaults; `own_size=False`
-    keeps the training resolution (grids need equal cells)."""
+def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.0, own_size: bool = True):
+    """One sample image and its A1111 parameters, its prompt read as training reads captions.
+    `text` may carry kohya-style options (--n, --w, --h, --d, --l, --s; see sample_prompts.py)
+    over the `sample.*` defaults; `own_size=False` keeps the training resolution (grids need
+    equal cells)."""
     from ..pnginfo import GenerationInfo
 
-    s, p = cfg.sample, parse_sample_prompt(text)
+    s, m, p = cfg.sample, cfg.model, parse_sample_prompt(text)
     negative = s.negative_prompt if p.negative is None else p.negative
     seed = seed if p.seed is None else p.seed
     steps = p.steps or s.steps
@@ -136,12 +141,14 @@ def _render(cfg: RunConfig, pipe, text: str, seed: int, weight: float = 1.0, own
     width = (p.width if own_size else None) or cfg.data.resolution
     height = (p.height if own_size else None) or cfg.data.resolution
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    prompts = pipeline_prompt_embeds(base, pipe, [p.prompt], negative, m.clip_skip, m.max_token_length)
     with torch.no_grad():
-        image = pipe(p.prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                     guidance_scale=guidance, height=height, width=width, generator=generator).images[0]
+        image = pipe(**prompts, num_inference_steps=steps, guidance_scale=guidance,
+                     height=height, width=width, generator=generator).images[0]
     info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler="DPM++ 2M",
                           cfg_scale=guidance, seed=seed, width=image.width, height=image.height,
-                          model_name=Path(cfg.model.base).name, adapters=[(cfg.output.name, weight, None)])
+                          clip_skip=m.clip_skip, model_name=Path(m.base).name,
+                          adapters=[(cfg.output.name, weight, None)])
     return image, info
 
 
@@ -156,7 +163,7 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encod
     folder = Path(cfg.output.dir) / "samples" / f"step_{step:05d}"
     images = []
     for i, prompt in enumerate(cfg.sample.prompts):
-        image, info = _render(cfg, pipe, prompt, cfg.sample.seed + i)
+        image, info = _render(cfg, base, pipe, prompt, cfg.sample.seed + i)
         save_png(image, folder / f"{i:02d}.png", info)
         images.append(image)
     if was_training:
@@ -191,7 +198,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) ->
             for weight in s.grid_weights:
                 for layer, scaling in zip(layers, saved):
                     layer.scaling.update({k: v * weight for k, v in scaling.items()})
-                image, info = _render(cfg, pipe, prompt, s.seed + i, weight, own_size=False)
+                image, info = _render(cfg, base, pipe, prompt, s.seed + i, weight, own_size=False)
                 row.append(image)
                 first = first or info
             rows.append(row)

@@ -42,6 +42,7 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
     written (atomically) as soon as its batch is done, with a fixed seed per file name number.
     """
     from ..pnginfo import GenerationInfo, save_png
+    from .conditioning import pipeline_prompt_embeds
     from .outputs import sampling_pipeline
 
     db, size = cfg.dreambooth, cfg.data.resolution
@@ -61,15 +62,17 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
         batch = targets[start:start + db.class_batch_size]
         seeds = [seed0 + int(p.stem.split("-")[1]) for p in batch]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        # The class prompt read as training reads captions (clip skip, long text): the class images
+        # show what the base makes of the caption the class loss trains on.
+        prompts = pipeline_prompt_embeds(base, pipe, [db.class_prompt] * len(batch), s.negative_prompt,
+                                         cfg.model.clip_skip, cfg.model.max_token_length)
         with torch.no_grad():
-            images = pipe([db.class_prompt] * len(batch), negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
-                          
-                          num_inference_steps=db.class_steps, guidance_scale=s.guidance_scale, height=size,
-                          width=size, generator=generators).images
+            images = pipe(**prompts, num_inference_steps=db.class_steps, guidance_scale=s.guidance_scale,
+                          height=size, width=size, generator=generators).images
         for path, image, seed in zip(batch, images, seeds):
             info = GenerationInfo(prompt=db.class_prompt, negative_prompt=s.negative_prompt, steps=db.class_steps,
                                   cfg_scale=s.guidance_scale, seed=seed, width=image.width, height=image.height,
-                                  model_name=Path(cfg.model.base).name)
+                                  clip_skip=cfg.model.clip_skip, model_name=Path(cfg.model.base).name)
             written.append(save_png(image, path, info))
         bar.update(len(batch))
     bar.close()

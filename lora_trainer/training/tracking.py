@@ -27,11 +27,16 @@ def tracker_config(cfg: RunConfig) -> dict:
 
 def make_accelerator(cfg: RunConfig, out_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     trackers = [name for name, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on]
+    # A text encoder read below its last layer (clip skip; SDXL's first encoder always) leaves the
+    # adapters of the layers above without gradients, which DDP refuses unless told to look for them.
+    skips_layers = cfg.model.clip_skip > 1 or cfg.model.variant == "sdxl"
+    unused = cfg.lora.train_text_encoder and skips_layers
     return Accelerator(
         cpu=multiprocess_without_gpu(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=trackers or None,
