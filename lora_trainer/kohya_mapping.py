@@ -130,10 +130,15 @@ def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list
         set_key(cfg, "model.variant", "sd15")
     if a.bool("v_parameterization"):
         notes.append("--v_parameterization: the prediction type is read from the base's scheduler config "
-                     "(a diffusers folder of a v-prediction model trains as one); single files are taken as epsilon")
+                     "(a diffusers folder of a v-prediction model trains as one); a single file takes that of "
+                     "model.config_dir, else epsilon")
     if a.has("vae"):
         notes.append(f"--vae {a.get('vae')}: a separate VAE is not supported; the base's own VAE is used")
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    if cfg["model"].get("variant") == "sdxl" and a.has("clip_skip") and a.int("clip_skip") != KOHYA_DEFAULTS["clip_skip"]:
+        notes.append(f"--clip_skip {a.get('clip_skip')}: kohya's SDXL training ignores it; left out "
+                     "(model.clip_skip would read an earlier layer on SDXL)")
+        a.values.pop("clip_skip")
     for key in ("clip_skip", "max_token_length"):
         if a.has(key):
             if key in model_keys:

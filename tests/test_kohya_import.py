@@ -3,7 +3,6 @@ every argument that does not carry over is named in a note."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from lora_trainer.cli import main
-from lora_trainer.config import ModelConfig, load_config
+from lora_trainer.config import load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.kohya_import import config_from_kohya, convert_kohya, parse_command_line, read_kohya_setup
 
@@ -60,9 +59,8 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert args["_script"] == "train_network.py" and dataset is None
     assert args["network_args"] == ["conv_dim=4", "conv_alpha=1"] and args["xformers"] is True
     cfg, notes = config_from_kohya(args, dataset)
-    assert cfg["model"] == {"base": "runwayml/stable-diffusion-v1-5", "variant": "sd15", **(
-        {"clip_skip": 2} if "clip_skip" in {f.name for f in dataclasses.fields(ModelConfig)} else {}), **(
-        {"max_token_length": 225} if "max_token_length" in {f.name for f in dataclasses.fields(ModelConfig)} else {})}
+    assert cfg["model"] == {"base": "runwayml/stable-diffusion-v1-5", "variant": "sd15", "clip_skip": 2,
+                            "max_token_length": 225}
     assert cfg["data"] == {"path": "img", "resolution": 512, "shuffle_tags": True, "keep_tokens": 1,
                            "caption_dropout": 0.05, "random_flip": True, "center_crop": False, "buckets": True,
                            "bucket_step": 64}
@@ -134,6 +132,8 @@ train_batch_size = 4
 mixed_precision = "bf16"
 gradient_checkpointing = true
 cache_text_encoder_outputs = true
+clip_skip = 2
+max_token_length = 225
 no_half_vae = true
 xformers = false
 dataset_config = "dataset.toml"
@@ -192,6 +192,8 @@ def test_sdxl_toml_and_dataset_with_two_subsets_named_by_kohya_layout(tmp_path):
     assert cfg.dreambooth.class_prompt == "dog" and cfg.train.mixed_precision == "bf16"
     text = "\n".join(notes)
     assert "flip_aug: True differs from the first subset's unset" in text  # one value for all images
+    assert "--clip_skip 2: kohya's SDXL training ignores it" in text and cfg.model.clip_skip == 1
+    assert cfg.model.max_token_length == 225
     assert "--optimizer_args d_coef=2" in text and "--cache_text_encoder_outputs" in text and "--no_half_vae" in text
     assert "rename" not in text and "--xformers" not in text  # a flag that is off means nothing
 
