@@ -63,11 +63,11 @@ def _caption(args) -> int:
 def _from_kohya(args) -> int:
     from .kohya_import import convert_kohya
 
-    notes = convert_kohya(args.input, args.output, args.dataset_config, force=args.force)
+    notes, command = convert_kohya(args.input, args.output, args.dataset_config, force=args.force)
     for line in notes:
         print(f"note: {line}")
     print(f"wrote {args.output} ({len(notes)} note{'s' if len(notes) != 1 else ''}, also at its top)")
-    print(f"train with: python train.py {args.output}")
+    print(f"train with: {command}")
     return 0
 
 

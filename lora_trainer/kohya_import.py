@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .config import config_from_dict
 from .errors import ConfigError
 from .fileio import write_text_atomic
 from .kohya_mapping import config_from_kohya  # noqa: F401 (re-exported)
@@ -165,25 +166,29 @@ def read_kohya_setup(path: str | Path, dataset_config: str | Path | None = None
     return args, dataset, used
 
 
-def render_yaml(config: dict[str, Any], notes: list[str], sources: list[Path]) -> str:
-    """The YAML text: a comment header (where it came from, every note), then the config."""
+def train_command(launcher: str, config_path: str | Path) -> str:
+    """How to train the converted config: kohya's launcher when it carried options (accelerate
+    launch --num_processes 2, torchrun ...), else plain python."""
+    if "--" in launcher and re.search(r"\b(accelerate\s+launch|torchrun)\b", launcher):
+        return f"{launcher} train.py {config_path}"
+    return f"python train.py {config_path}"
+
+
+def render_yaml(config: dict[str, Any], notes: list[str], sources: list[Path], command: str) -> str:
+    """The YAML text: a comment header (where it came from, how to train, every note), then the config."""
     header = [f"# Converted from kohya-ss by `lora-trainer from-kohya` from: {', '.join(map(str, sources))}",
-              "# Train with: python train.py THIS_FILE"]
+              f"# Train with: {command}"]
     if notes:
         header.append("# Notes (what did not carry over as it was, and why):")
-        header += [f"#  - {line}" for line in notes]
+        header += [f"#  - {' '.join(line.splitlines())}" for line in notes]
     return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=120)
 
 
 def convert_kohya(input_path: str | Path, output: str | Path, dataset_config: str | Path | None = None,
-                  force: bool = False) -> list[str]:
+                  force: bool = False) -> tuple[list[str], str]:
     """Read a kohya setup, write our config to `output` (atomically; an existing file only with
-    `force`), check that it loads, and return the notes."""
-    from .config import config_from_dict
-
+    `force`) once it validates, and return the notes and the command that trains it."""
     output = Path(output)
-    if output.exists() and not force:
-        raise ConfigError(f"{output}: already exists; choose another -o or pass --force to replace it")
     args, dataset, sources = read_kohya_setup(input_path, dataset_config)
     config, notes = config_from_kohya(args, dataset, base_dir=Path(input_path).parent)
     try:
@@ -191,5 +196,8 @@ def convert_kohya(input_path: str | Path, output: str | Path, dataset_config: st
     except ConfigError as exc:  # a value kohya accepted that we do not: say which, before writing
         raise ConfigError(f"{input_path}: the converted config does not validate: {'; '.join(str(exc).splitlines())}"
                           ) from None
-    write_text_atomic(output, render_yaml(config, notes, sources))
-    return notes
+    if output.exists() and not force:
+        raise ConfigError(f"{output}: already exists; choose another -o or pass --force to replace it")
+    command = train_command(args.get("_launcher", ""), output)
+    write_text_atomic(output, render_yaml(config, notes, sources, command))
+    return notes, command

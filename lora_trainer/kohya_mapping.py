@@ -5,6 +5,7 @@ arguments that are off or empty (false, "", []) mean nothing and are passed over
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ KOHYA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
               "transformers.optimization.adafactor": "adafactor", "prodigyopt.prodigy": "prodigy"}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+KOHYA_DEFAULT_LR = 2e-6  # kohya's --learning_rate default
 SECTIONS = ("model", "data", "dreambooth", "lora", "train", "sample", "output", "log")  # RunConfig's order
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
 SAVE_PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -111,12 +113,13 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
 
 
 def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list[str]) -> None:
+    """The base, its variant (from the script's name) and text-encoder reading; refuses scripts
+    that are not LoRA training."""
     if script and script not in ("train_network.py", "sdxl_train_network.py"):
         raise ConfigError(f"{script}: not a LoRA training script; from-kohya reads train_network.py and "
                           "sdxl_train_network.py setups (full fine-tuning and DreamBooth checkpoints are not LoRA)")
-    if "--" in launcher:
-        notes.append(f"launcher `{launcher}`: launch the same way with our script, e.g. "
-                     "`accelerate launch [its options] train.py CONFIG` (precision comes from train.mixed_precision)")
+    if "--" in launcher and not re.search(r"\b(accelerate\s+launch|torchrun)\b", launcher):
+        notes.append(f"launcher `{launcher}`: its options are not part of the config; start train.py the same way")
     base = a.str("pretrained_model_name_or_path")
     if not base:
         raise ConfigError("--pretrained_model_name_or_path: missing; it names the base model (kohya needs it too)")
@@ -181,19 +184,20 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
 
 
 def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
-    lr = a.float("learning_rate")
-    unet_lr = a.float("unet_lr")
+    lr, unet_lr, te_lrs = a.float("learning_rate"), a.float("unet_lr"), _text_encoder_lrs(a)
+    base_lr = lr if lr is not None else KOHYA_DEFAULT_LR  # what kohya falls back to for either model
     if lr is None and unet_lr is None:
-        notes.append("--learning_rate not given: kohya's default 2e-6 is used (LoRA usually trains at 1e-4)")
-        lr = 2e-6
-    set_key(cfg, "train.lr", unet_lr if unet_lr is not None else lr)
-    te_lrs = _text_encoder_lrs(a)
+        notes.append(f"--learning_rate not given: kohya's default {KOHYA_DEFAULT_LR} is used (LoRA usually trains at 1e-4)")
+    set_key(cfg, "train.lr", unet_lr if unet_lr is not None else base_lr)
     if len(set(te_lrs)) > 1:
         notes.append(f"--text_encoder_lr {' '.join(map(str, te_lrs))}: one rate holds for both text encoders here, "
                      "the first")
-    te_lr = te_lrs[0] if te_lrs else lr  # kohya: the text encoder falls back to learning_rate
-    if te_lr != cfg["train"]["lr"] and te_lr:
+    te_lr = te_lrs[0] if te_lrs else base_lr
+    if cfg["lora"]["train_text_encoder"] and te_lr != cfg["train"]["lr"]:
         set_key(cfg, "train.text_encoder_lr", te_lr)
+        if lr is None and not te_lrs:
+            notes.append(f"--learning_rate not given: the text encoder trains at kohya's default {KOHYA_DEFAULT_LR}, "
+                         "as in kohya (set train.text_encoder_lr)")
     epochs = a.int("max_train_epochs") or None  # 0 means unset (kohya_ss GUI files write it)
     steps = a.int("max_train_steps") or None
     if epochs is not None:

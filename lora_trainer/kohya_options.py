@@ -75,7 +75,8 @@ NOTES = {
     "multires_noise_iterations": _LEFT_OUT, "multires_noise_discount": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
     "noise_offset_random_strength": _LEFT_OUT, "ip_noise_gamma_random_strength": _LEFT_OUT,
     "scale_weight_norms": _LEFT_OUT, "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
-    "tokenizer_cache_dir": "tokenizers come with the base model", "dataset_repeats": "use data.repeats",
+    "tokenizer_cache_dir": "tokenizers come with the base model",
+    "prior_loss_weight": "there are no regularisation images, so there is no prior loss; left out", "dataset_repeats": "use data.repeats",
 }
 # Values equal to kohya's defaults change nothing when left out (kohya_ss GUI files write many of them).
 KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1, "max_token_length": 75,
@@ -301,7 +302,13 @@ def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
     """data.path for the training subsets. Our loader takes repeats (and the caption of uncaptioned
     images) from `<N>_<name>` folder names, so the subsets' parent is data.path when their names say
     what num_repeats and class_tokens say; otherwise a note asks for that naming."""
-    dirs = [(Path(str(s["image_dir"])), int(s.get("num_repeats") or 1), s.get("class_tokens") or "") for s in subsets]
+    dirs = []
+    for subset in subsets:
+        repeats = subset.get("num_repeats") or 1
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"dataset config: subset {subset['image_dir']} num_repeats {repeats!r}; expected an "
+                              "integer >= 1")
+        dirs.append((Path(str(subset["image_dir"])), repeats, str(subset.get("class_tokens") or "")))
 
     def named_right(folder: Path, repeats: int, tokens: str) -> bool:
         match = _REPEAT_NAME.fullmatch(folder.name)
@@ -324,16 +331,23 @@ def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
     set_key(cfg, "data.path", str(parent))
     for folder, repeats, tokens in dirs:
         if not named_right(folder, repeats, tokens):
-            notes.append(f"dataset config subset {folder}: num_repeats {repeats}{f' and class_tokens {tokens!r}' if tokens else ''} "
-                         f"are not in its folder name; rename it `{repeats}_{tokens or folder.name}` (kohya's "
-                         f"layout), or it trains once per epoch")
-    if parent.is_dir():
-        listed = {d.resolve() for d, _, _ in dirs}
-        for child in sorted(p for p in parent.iterdir() if p.is_dir() and p.resolve() not in listed):
-            if not _REPEAT_NAME.fullmatch(child.name) or int(_REPEAT_NAME.fullmatch(child.name).group(1)) > 0:
-                if any(p.suffix.lower() in IMAGE_SUFFIXES for p in child.rglob("*")):
-                    notes.append(f"dataset config: {child} is under data.path {parent} but in no subset; "
-                                 "it would train too: move it out")
+            said = f"num_repeats {repeats}" + (f" and class_tokens {tokens!r}" if tokens else "")
+            notes.append(f"dataset config subset {folder}: {said} are not in its folder name; rename it "
+                         f"`{repeats}_{tokens or folder.name}` (kohya's layout), or it trains once per epoch")
+    if parent.is_dir():  # images under data.path that no subset lists would train too
+        listed = [d.resolve() for d, _, _ in dirs]
+        stray = sorted({p.relative_to(parent).parts[0] for p in parent.rglob("*")
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not any(_is_parked(part) for part in p.parts)
+                        and not any(_inside(p, d) for d in listed)})
+        for name in stray:
+            notes.append(f"dataset config: {parent / name} holds images under data.path {parent} that no subset "
+                         "lists; they would train too: move them out")
+
+
+def _is_parked(name: str) -> bool:
+    """A `0_<name>` folder, which our loader (like kohya) leaves out."""
+    match = _REPEAT_NAME.fullmatch(name)
+    return match is not None and int(match.group(1)) == 0
 
 
 def _shown(value: Any) -> str:

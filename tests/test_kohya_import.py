@@ -80,17 +80,18 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert cfg["log"] == {"tensorboard": True}
     text = "\n".join(notes)
     for kohya in ("--network_args conv_dim=4", "--xformers", "--sample_sampler euler_a", "--resume out/state",
-                  "--color_aug", "--frobnicate 3", "--logging_dir logs", "--ss left out", "--wandb_api_key",
-                  "accelerate launch --num_cpu_threads_per_process 2"):
+                  "--color_aug", "--frobnicate 3", "--logging_dir logs", "--ss left out", "--wandb_api_key"):
         assert kohya in text, kohya
     assert "SECRET123" not in text  # a key is never repeated
 
 
 def test_written_yaml_has_the_notes_on_top_and_loads(sd15_setup):
     out = sd15_setup / "config.yaml"
-    notes = convert_kohya(sd15_setup / "train.sh", out)
+    notes, command = convert_kohya(sd15_setup / "train.sh", out)
+    assert command == f"accelerate launch --num_cpu_threads_per_process 2 train.py {out}"  # kohya's launcher kept
     text = out.read_text(encoding="utf-8")
     assert text.startswith("# Converted from kohya-ss") and "train.sh" in text.splitlines()[0]
+    assert f"# Train with: {command}" in text
     assert all(f"#  - {line}" in text for line in notes)
     cfg = load_config(out)
     assert cfg.lora.rank == 16 and cfg.dreambooth.num_class_images == 5 and cfg.data.path == "img"
@@ -181,7 +182,8 @@ def _sdxl_setup(root: Path, first: str, second: str) -> Path:
 
 def test_sdxl_toml_and_dataset_with_two_subsets_named_by_kohya_layout(tmp_path):
     out = tmp_path / "sdxl.yaml"
-    notes = convert_kohya(_sdxl_setup(tmp_path, "10_sks dog", "3_style"), out)
+    notes, command = convert_kohya(_sdxl_setup(tmp_path, "10_sks dog", "3_style"), out)
+    assert command == f"python train.py {out}"
     cfg = load_config(out)
     assert cfg.model.variant == "sdxl" and cfg.lora.rank == 32 and cfg.lora.alpha == 16
     assert cfg.lora.train_text_encoder is False and cfg.train.optimizer == "prodigy" and cfg.train.lr == 1.0
@@ -200,10 +202,15 @@ def test_sdxl_toml_and_dataset_with_two_subsets_named_by_kohya_layout(tmp_path):
 
 def test_subsets_whose_folders_do_not_say_their_repeats_get_a_rename_note(tmp_path):
     out = tmp_path / "sdxl.yaml"
-    notes = convert_kohya(_sdxl_setup(tmp_path, "dog", "5_style"), out)
+    source = _sdxl_setup(tmp_path, "dog", "5_style")
+    _touch_images(tmp_path / "train" / "old" / "deep", 1)  # listed by no subset: it would train too
+    _touch_images(tmp_path / "train" / "0_parked", 1)  # left out by both trainers
+    notes, _ = convert_kohya(source, out)
     assert load_config(out).data.path == str(tmp_path / "train")
     renames = [n for n in notes if "rename it" in n]
     assert len(renames) == 2 and "`10_sks dog`" in renames[0] and "`3_style`" in renames[1]
+    strays = [n for n in notes if "that no subset lists" in n]
+    assert len(strays) == 1 and str(tmp_path / "train" / "old") in strays[0]
 
 
 def test_one_subset_in_a_plain_folder_uses_data_repeats(tmp_path):
@@ -243,7 +250,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 def test_cli_prints_notes_and_refuses_to_overwrite_without_force(sd15_setup, capsys):
     assert main(["from-kohya", "train.sh", "-o", "config.yaml"]) == 0
     printed = capsys.readouterr().out
-    assert "note: --xformers" in printed and "train with: python train.py config.yaml" in printed
+    assert "note: --xformers" in printed and "train with: accelerate launch" in printed
     assert main(["from-kohya", "train.sh", "-o", "config.yaml"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["from-kohya", "train.sh", "-o", "config.yaml", "--force"]) == 0
@@ -277,3 +284,13 @@ def test_gui_files_zeros_and_kohya_defaults_mean_unset(tmp_path):
     assert cfg["train"]["max_steps"] == 300 and "epochs" not in cfg["train"] and "snr_gamma" not in cfg["train"]
     assert cfg["train"]["text_encoder_lr"] == 5e-5
     assert notes == ["--text_encoder_lr 5e-05 1e-05: one rate holds for both text encoders here, the first"]
+
+
+def test_bare_arguments_and_powershell_backticks_parse():
+    assert parse_command_line("--network_dim=8 --network_args conv_dim=4 --cache_latents\n") == {
+        "network_dim": "8", "network_args": ["conv_dim=4"], "cache_latents": True}
+    ps = "accelerate launch train_network.py `\n  --network_dim 8 `\n  --output_name 'my lora' && echo done\n"
+    assert parse_command_line(ps) == {"_script": "train_network.py", "_launcher": "accelerate launch",
+                                      "network_dim": "8", "output_name": "my lora"}
+    with pytest.raises(ConfigError, match="'oops' is not a --argument"):
+        parse_command_line("python train_network.py oops --network_dim 8", "run.sh")
