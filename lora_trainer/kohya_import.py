@@ -54,8 +54,7 @@ def parse_command_line(text: str, source: str = "command") -> dict[str, Any]:
     while i < len(rest):
         token = rest[i]
         if not token.startswith("--"):
-            raise ConfigError(f"{source}: {token!r} is not a --argument (after {rest[i - 1]!r})" if i else
-                              f"{source}: {token!r} is not a --argument; expected e.g. --network_dim 16")
+            raise ConfigError(f"{source}: {token!r} is not a --argument; expected e.g. --network_dim 16")
         name, eq, value = token[2:].partition("=")
         name = name.replace("-", "_")
         if eq:

@@ -95,6 +95,9 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
     optional dataset TOML. Relative files the arguments name (sample prompts) are looked up from
     the current folder, then from `base_dir` (where the kohya file was)."""
     a, cfg, notes = Args(args), {}, []
+    for key, value in a.values.items():
+        if any(re.search(r"\$\{?\w+|%\w+%", str(v)) for v in (value if isinstance(value, list) else [value])):
+            notes.append(f"--{key} {value}: a shell variable is not expanded here; put in its value")
     _model(a, args.get("_script"), args.get("_launcher", ""), cfg, notes)
     _network(a, cfg, notes)
     _schedule(a, cfg, notes)

@@ -292,5 +292,8 @@ def test_bare_arguments_and_powershell_backticks_parse():
     ps = "accelerate launch train_network.py `\n  --network_dim 8 `\n  --output_name 'my lora' && echo done\n"
     assert parse_command_line(ps) == {"_script": "train_network.py", "_launcher": "accelerate launch",
                                       "network_dim": "8", "output_name": "my lora"}
+    cfg, notes = config_from_kohya(parse_command_line("python train_network.py --pretrained_model_name_or_path "
+                                                      "$MODEL --train_data_dir %DATA% --network_dim 4"))
+    assert cfg["model"]["base"] == "$MODEL" and sum("shell variable" in n for n in notes) == 2
     with pytest.raises(ConfigError, match="'oops' is not a --argument"):
         parse_command_line("python train_network.py oops --network_dim 8", "run.sh")
