@@ -1,5 +1,5 @@
-"""The `lora-trainer` command: train, infer, merge, caption, check-data, make-tiny (and the adapter
-and publishing tools). The only place that reads argv or exits."""
+"""The `lora-trainer` command: train, infer, merge, caption, check-data, from-kohya, make-tiny (and
+the adapter and publishing tools). The only place that reads argv or exits."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def _caption(args) -> int:
         raise ConfigError("; ".join(errors))
     results = caption_folder(args.dir, options, show_progress=not args.quiet)
     print(format_caption_table(args.dir, results))
+    return 0
+
+
+def _from_kohya(args) -> int:
+    from .kohya_import import convert_kohya
+
+    notes, command = convert_kohya(args.input, args.output, args.dataset_config, force=args.force)
+    for line in notes:
+        print(f"note: {line}")
+    print(f"wrote {args.output} ({len(notes)} note{'s' if len(notes) != 1 else ''}, also at its top)")
+    print(f"train with: {command}")
     return 0
 
 
@@ -139,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("from-kohya", help="turn a kohya-ss sd-scripts command line or config TOML into a config")
+    p.add_argument("input", help="a saved train_network.py / sdxl_train_network.py command (.sh, .bat, .txt) "
+                                 "or its --config_file TOML")
+    p.add_argument("--dataset-config", help="kohya's --dataset_config TOML (default: the one the input names)")
+    p.add_argument("-o", "--output", required=True, help="the YAML config to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_from_kohya)
 
     from .publish.commands import add_commands as add_publish_commands
 

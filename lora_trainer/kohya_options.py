@@ -1,0 +1,362 @@
+"""Data-side pieces of the kohya import: caption and bucket options, the dataset TOML's subsets,
+regularisation (class) images, sample prompt files, and the note for each argument we cannot honour."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .errors import ConfigError
+from .sample_prompts import parse_sample_prompt
+
+if TYPE_CHECKING:
+    from .kohya_mapping import Args
+
+# The suffixes lora_trainer.data.images.IMAGE_EXTENSIONS reads (not imported: that package pulls in torch).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# kohya's folder name `<N>_<name>`, as lora_trainer.data.folders parses it.
+_REPEAT_NAME = re.compile(r"([0-9]+)_(.*)", re.DOTALL)
+_PROMPT_FLAG = re.compile(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)")
+_OUR_PROMPT_FLAGS = {"n", "w", "h", "d", "l", "s"}
+# Keys of a dataset TOML subset/dataset that the import reads itself (not through data_options).
+STRUCTURAL = {"image_dir", "num_repeats", "class_tokens", "is_reg", "subsets"}
+SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug", "random_crop",
+                  "caption_extension", "caption_prefix", "enable_bucket", "bucket_reso_steps", "resolution", "batch_size")
+
+_LEFT_OUT = "not supported; left out"
+_ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
+_CHECKPOINTS = "output.keep_checkpoints keeps the newest N checkpoints (default 3)"
+_SCHEDULER_OPTION = "scheduler options are fixed here (one cosine cycle, linear decay); left out"
+NOTES = {
+    "xformers": _ATTENTION, "sdpa": _ATTENTION, "mem_eff_attn": _ATTENTION,
+    "lowram": "memory placement is automatic here", "highvram": "memory placement is automatic here",
+    "persistent_data_loader_workers": "no equivalent; left out",
+    "no_half_vae": "the SDXL VAE stays fp32 automatically where fp16 would overflow",
+    "cache_text_encoder_outputs": "frozen text embeddings are cached automatically while the text encoders are not trained",
+    "cache_text_encoder_outputs_to_disk": "text embeddings are cached in memory only",
+    "vae_batch_size": "latents are encoded as batches come; left out",
+    "full_fp16": "adapters always train in fp32; train.mixed_precision sets the compute precision",
+    "full_bf16": "adapters always train in fp32; train.mixed_precision sets the compute precision",
+    "fp8_base": "fp8 bases are not supported; the frozen base is held in the compute precision",
+    "weighted_captions": "caption weights ((word:1.2)) are not applied in training; left out",
+    "training_comment": "metadata text is not copied; `lora-trainer publish` writes the model card",
+    "no_metadata": "the adapter always carries its ss_* metadata",
+    "huggingface_repo_id": "upload after training with `lora-trainer publish RUN_DIR --hub REPO`",
+    "base_weights": "merging LoRAs into the base is done beforehand here: `lora-trainer merge`, then use the result as model.base",
+    "lr_scheduler_num_cycles": _SCHEDULER_OPTION, "lr_scheduler_power": _SCHEDULER_OPTION,
+    "lr_scheduler_args": _SCHEDULER_OPTION, "lr_scheduler_type": _SCHEDULER_OPTION, "lr_decay_steps": _SCHEDULER_OPTION,
+    "sample_sampler": "samples use the base model's own scheduler",
+    "sample_every_n_epochs": "samples are drawn by steps: set sample.every_n_steps",
+    "sample_at_first": "no samples are drawn before training",
+    "save_every_n_epochs": "checkpoints are saved by steps: set output.save_every_n_steps",
+    "save_n_epoch_ratio": "checkpoints are saved by steps: set output.save_every_n_steps",
+    "save_last_n_epochs": _CHECKPOINTS, "save_last_n_steps": _CHECKPOINTS,
+    "save_last_n_epochs_state": _CHECKPOINTS, "save_last_n_steps_state": _CHECKPOINTS,
+    "save_state": "every checkpoint here holds the full training state (with output.save_every_n_steps)",
+    "save_state_on_train_end": "every checkpoint here holds the full training state (with output.save_every_n_steps)",
+    "wandb_run_name": "the run name is output.name", "log_prefix": _LEFT_OUT, "log_tracker_config": _LEFT_OUT,
+    "ddp_timeout": "DDP settings come from accelerate; left out",
+    "ddp_gradient_as_bucket_view": "DDP settings come from accelerate; left out",
+    "ddp_static_graph": "DDP settings come from accelerate; left out",
+    "min_bucket_reso": "bucket sizes follow data.resolution (about resolution² pixels, up to 2:1); left out",
+    "max_bucket_reso": "bucket sizes follow data.resolution (about resolution² pixels, up to 2:1); left out",
+    "bucket_no_upscale": "images are always scaled to their bucket; left out",
+    "caption_suffix": "only a prefix (data.caption_prefix) is added at training time; left out",
+    "caption_separator": "captions are split into tags at commas; left out",
+    "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT, "caption_tag_dropout_rate": _LEFT_OUT,
+    "caption_dropout_every_n_epochs": _LEFT_OUT, "keep_tokens_separator": _LEFT_OUT, "secondary_separator": _LEFT_OUT,
+    "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT, "alpha_mask": _LEFT_OUT,
+    "masked_loss": _LEFT_OUT, "zero_terminal_snr": _LEFT_OUT, "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
+    "v_pred_like_loss": _LEFT_OUT, "debiased_estimation_loss": _LEFT_OUT, "min_timestep": _LEFT_OUT,
+    "max_timestep": _LEFT_OUT, "loss_type": _LEFT_OUT, "huber_c": _LEFT_OUT, "huber_schedule": _LEFT_OUT,
+    "multires_noise_iterations": _LEFT_OUT, "multires_noise_discount": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
+    "noise_offset_random_strength": _LEFT_OUT, "ip_noise_gamma_random_strength": _LEFT_OUT,
+    "scale_weight_norms": _LEFT_OUT, "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
+    "tokenizer_cache_dir": "tokenizers come with the base model",
+    "prior_loss_weight": "there are no regularisation images, so there is no prior loss; left out", "dataset_repeats": "use data.repeats",
+}
+# Values equal to kohya's defaults change nothing when left out (kohya_ss GUI files write many of them).
+KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1, "max_token_length": 75,
+                  "caption_separator": ",", "min_bucket_reso": 256, "vae_batch_size": 1, "save_model_as": "safetensors",
+                  "caption_extension": ".txt", "log_prefix": "", "persistent_data_loader_workers": False}
+NETWORK_ARG_NOTES = {
+    "conv_dim": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
+    "conv_alpha": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
+    "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",
+    "module_dropout": "use lora.dropout (dropout on the adapter input); left out",
+    "loraplus_lr_ratio": "LoRA+ learning rates are not supported; left out",
+}
+
+
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
+    """cfg["train"]["lr"] = value for "train.lr"."""
+    *sections, key = dotted.split(".")
+    node = cfg
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[key] = value
+
+
+def note_for(shown: str, key: str, value: Any, reasons: dict[str, str] = NOTES) -> str:
+    """One note line for an argument that is not carried over: its name, value and why."""
+    if key == "wandb_api_key":  # a secret: never repeated
+        return f"{shown}: not copied into the config; set WANDB_API_KEY in the environment"
+    reason = reasons.get(key)
+    if reason is None and key.startswith(("metadata_", "huggingface_")):
+        reason = NOTES["training_comment" if key.startswith("metadata_") else "huggingface_repo_id"]
+    if value is not True:
+        shown += " " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+    return f"{shown}: {reason or 'not known to the importer; left out (check whether your run needs it)'}"
+
+
+def parse_network_args(values: Any) -> list[tuple[str, str]]:
+    """["conv_dim=4", "conv_alpha=1"] (or one string of them) as [(key, value)]."""
+    items = values.split() if isinstance(values, str) else list(values or [])
+    pairs = []
+    for item in items:
+        key, eq, value = str(item).partition("=")
+        pairs.append((key.strip(), value.strip() if eq else "true"))
+    return pairs
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly inside `folder` (none when it does not exist here)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def resolution_side(value: Any, where: str, notes: list[str]) -> int:
+    """kohya's "512" or "768,512" (width,height) as our square side, noting what changes."""
+    parts = value if isinstance(value, list) else re.split(r"[,x ]+", str(value).strip("()[] "))
+    try:
+        sides = [int(p) for p in parts if str(p).strip()]
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a resolution; expected e.g. 512 or 768,512") from None
+    if len(sides) not in (1, 2) or min(sides) < 8:
+        raise ConfigError(f"{where}: {value!r} is not a resolution; expected e.g. 512 or 768,512")
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return -(-sides[0] // 8) * 8
+    side = max(64, round(math.sqrt(sides[0] * sides[1]) / 64) * 64)
+    notes.append(f"{where} {sides[0]},{sides[1]}: we train squares of one side (or buckets of about side² pixels "
+                 f"with data.buckets), so data.resolution is {side}, the same pixel count; the "
+                 f"{sides[0]}x{sides[1]} shape is dropped")
+    return side
+
+
+def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
+    """Caption, augmentation and bucket options (from the arguments or a dataset TOML subset)."""
+    if src.bool("shuffle_caption"):
+        set_key(cfg, "data.shuffle_tags", True)
+    if src.has("keep_tokens"):
+        set_key(cfg, "data.keep_tokens", src.int("keep_tokens"))
+    if src.has("caption_dropout_rate"):
+        set_key(cfg, "data.caption_dropout", src.float("caption_dropout_rate"))
+    if src.bool("flip_aug"):
+        set_key(cfg, "data.random_flip", True)
+    if src.bool("random_crop"):
+        set_key(cfg, "data.center_crop", False)
+    if src.bool("enable_bucket"):
+        set_key(cfg, "data.buckets", True)
+    if src.has("bucket_reso_steps"):
+        set_key(cfg, "data.bucket_step", src.int("bucket_reso_steps"))
+    if src.has("caption_prefix"):
+        set_key(cfg, "data.caption_prefix", src.str("caption_prefix"))
+    for key in ("caption_extension", "caption_extention"):  # kohya accepts its old misspelling too
+        ext = src.str(key)
+        if ext and ext.lstrip(".").lower() != "txt":
+            notes.append(f"{src.name(key)} {ext}: captions are read from .txt files (or metadata.jsonl); "
+                         f"rename the {ext} files to .txt")
+
+
+def reg_folder(folder: str, class_tokens: Optional[str], weight: Optional[float], cfg: dict, notes: list[str],
+               where: str) -> None:
+    """Regularisation images as DreamBooth class images: one folder, its prompt, and its image count
+    (our num_class_images; kohya's images are made beforehand, so none is generated when it matches)."""
+    path = Path(folder)
+    if not path.is_dir():
+        notes.append(f"{where} {folder}: not found here, so prior preservation is left off; once the images are "
+                     "there set dreambooth.class_data (the folder of images), dreambooth.class_prompt and "
+                     "dreambooth.num_class_images (their count)")
+        return
+    if where == "--reg_data_dir":  # kohya reads the <N>_<class> folders inside it
+        found = []
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            match = _REPEAT_NAME.fullmatch(sub.name)
+            if match and int(match.group(1)) > 0 and images_in(sub):
+                found.append((sub, match.group(2).strip()))
+    else:
+        found = [(path, "")] if images_in(path) else []
+    if not found:
+        notes.append(f"{where} {folder}: no images found, so prior preservation is left off")
+        return
+    found.sort(key=lambda item: -len(images_in(item[0])))
+    chosen, name = found[0]
+    for other, _ in found[1:]:
+        notes.append(f"{where}: {other} left out; dreambooth.class_data is one folder ({chosen} has the most images)")
+    prompt = class_tokens or name
+    if not prompt:
+        notes.append(f"{where} {chosen}: no class tokens to caption the class images, so prior preservation is left "
+                     "off; set dreambooth.class_data, class_prompt and num_class_images yourself")
+        return
+    count = len(images_in(chosen))
+    set_key(cfg, "dreambooth.class_data", str(chosen))
+    set_key(cfg, "dreambooth.class_prompt", prompt)
+    set_key(cfg, "dreambooth.num_class_images", count)
+    if weight is not None:
+        set_key(cfg, "dreambooth.prior_loss_weight", weight)
+    notes.append(f"{where}: the {count} images in {chosen} are the class images, all captioned {prompt!r}; each "
+                 "step trains a class batch beside the instance batch (kohya's reg repeats do not apply)")
+
+
+def read_sample_prompts(path: Path, notes: list[str]) -> list[str]:
+    """The prompts of a kohya .txt prompt file, one a line; options we do not read are dropped."""
+    if path.suffix.lower() in (".toml", ".json"):
+        notes.append(f"--sample_prompts {path}: only .txt prompt files (one prompt a line) are read; "
+                     "copy its prompts into sample.prompts")
+        return []
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = _PROMPT_FLAG.split(line)
+        dropped = sorted({f"--{flag}" for flag in parts[1::2] if flag not in _OUR_PROMPT_FLAGS})
+        if dropped:
+            line = parts[0].strip() + "".join(f" --{flag} {value.strip()}" for flag, value in
+                                              zip(parts[1::2], parts[2::2]) if flag in _OUR_PROMPT_FLAGS)
+            notes.append(f"--sample_prompts line {number}: {', '.join(dropped)} left out (we read --n --w --h --d --l --s)")
+        try:
+            parse_sample_prompt(line)
+        except ValueError as exc:
+            notes.append(f"--sample_prompts line {number}: {exc}; prompt left out")
+            continue
+        prompts.append(line.strip())
+    return prompts
+
+
+def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -> None:
+    """The data from kohya's dataset TOML: one data.path for the training subsets, the reg subset
+    as class images, and the options of the first training subset (ours hold for every image)."""
+    from .kohya_mapping import Args
+
+    general = dataset.get("general") or {}
+    datasets = [d for d in dataset["datasets"] if isinstance(d, dict)]
+    for key in ("train_data_dir", "reg_data_dir", "in_json"):
+        if a.has(key):
+            notes.append(f"--{key} {a.get(key)}: ignored, as kohya ignores it when a dataset config is given")
+    if len(datasets) > 1:
+        notes.append(f"dataset config: {len(datasets)} [[datasets]] are merged into one: every subset is used, "
+                     "with the options (resolution, batch size, buckets) of the first")
+    subsets = [(s, d) for d in datasets for s in d.get("subsets") or [] if isinstance(s, dict)]
+    for index, (subset, _) in enumerate(subsets, 1):
+        if not subset.get("image_dir"):
+            raise ConfigError(f"dataset config: subset {index} has no image_dir (kohya's fine-tuning subsets with "
+                              "metadata_file are not read); give each subset an image_dir")
+    train = [(s, d) for s, d in subsets if not s.get("is_reg")]
+    if not train:
+        raise ConfigError("dataset config: no training subset (every [[datasets.subsets]] is is_reg, or none is given)")
+    layers, seen = [], {}
+    for index, (subset, ds) in enumerate(train, 1):
+        layer = Args({**a.values, **general, **{k: v for k, v in ds.items() if k != "subsets"}, **subset},
+                     where=f"dataset config (subset {subset['image_dir']}) ")
+        layers.append(layer)
+        if index == 1:
+            data_options(layer, cfg, notes)
+            if layer.has("resolution"):
+                set_key(cfg, "data.resolution", resolution_side(layer.get("resolution"), layer.name("resolution"), notes))
+            if layer.has("batch_size"):
+                set_key(cfg, "train.batch_size", layer.int("batch_size"))
+            seen = {k: layer.values.get(k) for k in SUBSET_OPTIONS}
+        else:
+            layer.used.update(SUBSET_OPTIONS)
+            for key in SUBSET_OPTIONS:
+                if layer.values.get(key) != seen[key]:
+                    notes.append(f"{layer.name(key)}: {_shown(layer.values.get(key))} differs from the first "
+                                 f"subset's {_shown(seen[key])}; one value holds for all images here, the first's")
+        a.used.update(layer.used)
+    _train_folders([s for s, _ in train], cfg, notes)
+    reg = [s for s, _ in subsets if s.get("is_reg")]
+    for extra in reg[1:]:
+        notes.append(f"dataset config: reg subset {extra['image_dir']} left out; dreambooth.class_data is one folder")
+    if reg:
+        reg_folder(str(reg[0]["image_dir"]), reg[0].get("class_tokens"), a.float("prior_loss_weight"), cfg, notes,
+                   f"dataset config (reg subset {reg[0]['image_dir']})")
+        if _inside(Path(reg[0]["image_dir"]), Path(cfg["data"]["path"])):
+            notes.append(f"dataset config: reg subset {reg[0]['image_dir']} lies under data.path, so its images "
+                         "also train as instance images; move it out")
+    used = set().union(*(layer.used for layer in layers)) | STRUCTURAL | {"metadata_file"}
+    tables = [("[general]", general)] + [("[[datasets]]", d) for d in datasets] + [
+        (f"subset {s['image_dir']}", s) for s, _ in subsets]
+    for where, table in tables:
+        for key, value in table.items():
+            if key not in used and value not in (None, False, "", []):
+                notes.append(note_for(f"dataset config {where} {key}", key, value))
+
+
+def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
+    """data.path for the training subsets. Our loader takes repeats (and the caption of uncaptioned
+    images) from `<N>_<name>` folder names, so the subsets' parent is data.path when their names say
+    what num_repeats and class_tokens say; otherwise a note asks for that naming."""
+    dirs = []
+    for subset in subsets:
+        repeats = subset.get("num_repeats") or 1
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"dataset config: subset {subset['image_dir']} num_repeats {repeats!r}; expected an "
+                              "integer >= 1")
+        dirs.append((Path(str(subset["image_dir"])), repeats, str(subset.get("class_tokens") or "")))
+
+    def named_right(folder: Path, repeats: int, tokens: str) -> bool:
+        match = _REPEAT_NAME.fullmatch(folder.name)
+        return bool(match) and int(match.group(1)) == repeats and (not tokens or match.group(2).strip() == tokens)
+
+    folder, repeats, tokens = dirs[0]
+    if len(dirs) == 1 and not named_right(folder, repeats, tokens):
+        set_key(cfg, "data.path", str(folder))
+        if repeats != 1:
+            set_key(cfg, "data.repeats", repeats)
+        if tokens:
+            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a .txt with it; here "
+                         f"they train uncaptioned unless the folder is named `{repeats}_{tokens}` under data.path")
+        return
+    try:
+        parent = Path(os.path.commonpath([str(d.parent) for d, _, _ in dirs]))
+    except ValueError:
+        raise ConfigError("dataset config: the subsets' image_dir paths mix absolute and relative paths (or drives); "
+                          "make them all absolute") from None
+    set_key(cfg, "data.path", str(parent))
+    for folder, repeats, tokens in dirs:
+        if not named_right(folder, repeats, tokens):
+            said = f"num_repeats {repeats}" + (f" and class_tokens {tokens!r}" if tokens else "")
+            notes.append(f"dataset config subset {folder}: {said} are not in its folder name; rename it "
+                         f"`{repeats}_{tokens or folder.name}` (kohya's layout), or it trains once per epoch")
+    if parent.is_dir():  # images under data.path that no subset lists would train too
+        listed = [d.resolve() for d, _, _ in dirs]
+        stray = sorted({p.relative_to(parent).parts[0] for p in parent.rglob("*")
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not any(_is_parked(part) for part in p.parts)
+                        and not any(_inside(p, d) for d in listed)})
+        for name in stray:
+            notes.append(f"dataset config: {parent / name} holds images under data.path {parent} that no subset "
+                         "lists; they would train too: move them out")
+
+
+def _is_parked(name: str) -> bool:
+    """A `0_<name>` folder, which our loader (like kohya) leaves out."""
+    match = _REPEAT_NAME.fullmatch(name)
+    return match is not None and int(match.group(1)) == 0
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
