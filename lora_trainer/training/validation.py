@@ -85,9 +85,10 @@ class Validation:
         return step == 0 or step == self.max_steps or (self.every > 0 and step % self.every == 0)
 
     def describe(self) -> str:
-        when = f"every {self.every} steps" if self.every else "at step 0 and at the end"
-        return (f"validation: {len(self.examples)} held-out image(s), each at {len(self.timesteps)} fixed "
-                f"timesteps, {when}")
+        when = f"every {self.every} step(s)" if self.every else "at step 0 and at the end"
+        names = ", ".join(ex.path.name for ex in self.examples[:5]) + (", ..." if len(self.examples) > 5 else "")
+        return (f"validation: {len(self.examples)} held-out image(s) ({names}), each at {len(self.timesteps)} "
+                f"fixed timesteps, {when}")
 
     def postfix(self) -> dict[str, str]:
         """For the progress bar: the latest validation loss."""
