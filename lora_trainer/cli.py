@@ -61,7 +61,7 @@ def _caption(args) -> int:
 
 
 def _from_kohya(args) -> int:
-    from .kohya_import import convert_kohya
+    from .kohya.setup import convert_kohya
 
     notes, command = convert_kohya(args.input, args.output, args.dataset_config, force=args.force)
     for line in notes:

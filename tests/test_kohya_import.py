@@ -12,7 +12,7 @@ import yaml
 from lora_trainer.cli import main
 from lora_trainer.config import load_config
 from lora_trainer.errors import ConfigError
-from lora_trainer.kohya_import import config_from_kohya, convert_kohya, parse_command_line, read_kohya_setup
+from lora_trainer.kohya.setup import config_from_kohya, convert_kohya, parse_command_line, read_kohya_setup
 
 SD15_COMMAND = r"""#!/bin/bash
 source venv/bin/activate

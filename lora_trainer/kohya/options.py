@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import ConfigError
-from .sample_prompts import parse_sample_prompt
+from ..errors import ConfigError
+from ..sample_prompts import parse_sample_prompt
 
 if TYPE_CHECKING:
-    from .kohya_mapping import Args
+    from .mapping import Args
 
 # The suffixes lora_trainer.data.images.IMAGE_EXTENSIONS reads (not imported: that package pulls in torch).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -242,7 +242,7 @@ def read_sample_prompts(path: Path, notes: list[str]) -> list[str]:
 def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -> None:
     """The data from kohya's dataset TOML: one data.path for the training subsets, the reg subset
     as class images, and the options of the first training subset (ours hold for every image)."""
-    from .kohya_mapping import Args
+    from .mapping import Args
 
     general = dataset.get("general") or {}
     datasets = [d for d in dataset["datasets"] if isinstance(d, dict)]

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .kohya_options import (
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .options import (
     KOHYA_DEFAULTS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
     read_sample_prompts, reg_folder, resolution_side, set_key,
 )

@@ -3,7 +3,7 @@ train_network.py --network_dim 16 ...`) or a `--config_file` TOML, with an optio
 `--dataset_config` TOML, become one YAML config plus a note for everything that does not carry over.
 
 Reading the inputs and writing the result live here; the argument-by-argument mapping is in
-kohya_mapping.py. Nothing is dropped silently: an argument we cannot honour becomes a note.
+mapping.py. Nothing is dropped silently: an argument we cannot honour becomes a note.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import config_from_dict
-from .errors import ConfigError
-from .fileio import write_text_atomic
-from .kohya_mapping import config_from_kohya  # noqa: F401 (re-exported)
+from ..config import config_from_dict
+from ..errors import ConfigError
+from ..fileio import write_text_atomic
+from .mapping import config_from_kohya  # noqa: F401 (re-exported)
 
 # Continuations: `\` (sh), `^` (cmd.exe) and a backtick (PowerShell) at the end of a line.
 _CONTINUATION = re.compile(r"[ \t]*(?:\\|\^|`)[ \t]*\r?\n")
