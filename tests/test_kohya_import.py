@@ -297,3 +297,12 @@ def test_bare_arguments_and_powershell_backticks_parse():
     assert cfg["model"]["base"] == "$MODEL" and sum("shell variable" in n for n in notes) == 2
     with pytest.raises(ConfigError, match="'oops' is not a --argument"):
         parse_command_line("python train_network.py oops --network_dim 8", "run.sh")
+
+
+def test_validation_arguments_map_to_the_validation_keys():
+    cfg, notes = config_from_kohya(parse_command_line(
+        "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_alpha 4 "
+        "--learning_rate 1e-4 --validation_split 0.1 --validate_every_n_steps 50 --validation_seed 3"))
+    assert cfg["data"]["validation_split"] == 0.1 and cfg["data"]["validation_seed"] == 3
+    assert cfg["train"]["validate_every_n_steps"] == 50
+    assert not any("validat" in note for note in notes)

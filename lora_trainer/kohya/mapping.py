@@ -238,6 +238,12 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
             set_key(cfg, ours, a.int(kohya) if kind == "int" else a.float(kohya))
     if a.float("min_snr_gamma"):  # 0 is off in kohya, null here
         set_key(cfg, "train.snr_gamma", a.float("min_snr_gamma"))
+    if a.float("validation_split"):  # held-out images for a validation loss; 0 is off in both
+        set_key(cfg, "data.validation_split", a.float("validation_split"))
+        if a.int("validate_every_n_steps"):
+            set_key(cfg, "train.validate_every_n_steps", a.int("validate_every_n_steps"))
+        if a.has("validation_seed"):
+            set_key(cfg, "data.validation_seed", a.int("validation_seed"))
     precision = a.str("mixed_precision")
     if precision is not None:
         if precision not in PRECISIONS:
