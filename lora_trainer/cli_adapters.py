@@ -58,6 +58,7 @@ def _resize(args) -> int:
     from .export.resize import resize_adapter
 
     adapter = read_adapter(args.input, base=args.variant)
+    adapter.refuse_dora("resized", args.input)
     resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
                                      param=args.dynamic_param)
     layout = args.to or adapter.layout

@@ -122,6 +122,9 @@ class LoraConfig:
     text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
     train_text_encoder: bool = False
     init_from: Optional[str] = None  # start from this adapter file (kohya or diffusers layout; same rank)
+    # DoRA (weight-decomposed LoRA): also learn a magnitude per output channel,
+    # W' = m · (W + s·B·A) / ‖W + s·B·A‖ (row norms); files gain `dora_scale` / `lora_magnitude_vector`
+    use_dora: bool = False
 
 
 @dataclass

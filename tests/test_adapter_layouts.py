@@ -177,12 +177,12 @@ def test_unknown_keys_are_named_by_the_cli(tmp_path, capsys):
     assert main(["inspect", str(_save_raw(tmp_path / "loha.safetensors", odd))]) == 2
     err = capsys.readouterr().err
     assert "lora_unet_mid_block_attentions_0_proj_out.hada_w1_a" in err and err.count("\n") == 1
-    dora = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(2, 8),
-            "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(8, 2),
-            "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.ones(8)}
-    assert main(["convert", str(_save_raw(tmp_path / "dora.safetensors", dora)), str(tmp_path / "o.safetensors"),
+    biased = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(2, 8),
+              "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.ones(8, 2),
+              "unet.mid_block.attentions.0.proj_in.lora_B.bias": torch.ones(8)}
+    assert main(["convert", str(_save_raw(tmp_path / "bias.safetensors", biased)), str(tmp_path / "o.safetensors"),
                  "--to", "kohya"]) == 2
-    assert "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector" in capsys.readouterr().err
+    assert "unet.mid_block.attentions.0.proj_in.lora_B.bias" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
 
 

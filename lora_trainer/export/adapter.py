@@ -2,6 +2,9 @@
 down (A) and up (B) and alpha, with W' = W + (alpha / r) · up @ down. The file tools (convert,
 inspect, resize, merge-loras, extract) read and write adapters through this module.
 
+A DoRA module also holds its magnitude m (d_out,): W' = m · (W + ΔW) / ‖W + ΔW‖ (row norms). Tools
+whose math is linear in ΔW (resize, merge-loras) refuse DoRA adapters instead of dropping m.
+
 Module paths use the file spelling of `layouts.py`: diffusers UNet names (also for SDXL, whose
 kohya files use LDM names) and text encoder paths starting with `text_model.`.
 """
@@ -36,6 +39,7 @@ class LoraModule:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA's per-output-channel magnitude (d_out,), else None
 
     @property
     def rank(self) -> int:
@@ -56,7 +60,7 @@ class LoraModule:
 
     @property
     def parameters(self) -> int:
-        return self.down.numel() + self.up.numel()
+        return self.down.numel() + self.up.numel() + (self.magnitude.numel() if self.magnitude is not None else 0)
 
     def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) with ΔW = left @ right as a d_out × (d_in·kh·kw) matrix; the scale is in left."""
@@ -108,6 +112,16 @@ class Adapter:
     @property
     def parameters(self) -> int:
         return sum(m.parameters for _, _, m in self.items())
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.magnitude is not None for _, _, m in self.items())
+
+    def refuse_dora(self, what: str, name: str) -> None:
+        """The one-line refusal of tools whose math holds only for plain LoRA."""
+        if self.is_dora:
+            raise ModelError(f"DoRA adapters cannot be {what} linearly: {name} has DoRA magnitudes "
+                             "(dora_scale / lora_magnitude_vector) that depend on the base weights")
 
 
 # --- base family -------------------------------------------------------------------------------
@@ -208,9 +222,10 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
         states = {c: {canonical_path(c, k): v for k, v in s.items()} for c, s in states.items()}
         alphas = {c: {canonical_path(c, p): a for p, a in a_.items()} for c, a_ in alphas.items()}
     modules = {
-        component: {key[: -len(".lora_A.weight")]: LoraModule(state[key], state[key.replace("lora_A", "lora_B")],
-                                                              alphas[component][key[: -len(".lora_A.weight")]])
-                    for key in sorted(state) if key.endswith(".lora_A.weight")}
+        component: {key[: -len(".lora_A.weight")]: LoraModule(
+            state[key], state[key.replace("lora_A", "lora_B")], alphas[component][key[: -len(".lora_A.weight")]],
+            state.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")))
+            for key in sorted(state) if key.endswith(".lora_A.weight")}
         for component, state in states.items()
     }
     for component, mods in modules.items():
@@ -218,6 +233,9 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
             if module.up.shape[1] != module.rank or module.up.ndim != module.down.ndim:
                 raise ModelError(f"{path}: {component}.{name} has down {tuple(module.down.shape)} and up "
                                  f"{tuple(module.up.shape)}, which do not multiply")
+            if module.magnitude is not None and tuple(module.magnitude.shape) != (module.up.shape[0],):
+                raise ModelError(f"{path}: {component}.{name} has a DoRA magnitude of shape "
+                                 f"{tuple(module.magnitude.shape)}; its up weight needs ({module.up.shape[0]},)")
     if base is not None:
         if base not in BASES:
             raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")
@@ -255,7 +273,9 @@ def write_adapter(path: str | os.PathLike, adapter: Adapter, layout: str = "kohy
         raise ModelError(f"an {adapter.base} adapter cannot hold {', '.join(sorted(extra))}; is the base right?")
     if not any(adapter.modules.values()):
         raise ModelError(f"{path}: the adapter has no modules to write")
-    states = {c: {k: v for p, m in mods.items() for k, v in ((f"{p}.lora_A.weight", m.down), (f"{p}.lora_B.weight", m.up))}
+    states = {c: {k: v for p, m in mods.items()
+                  for k, v in ((f"{p}.lora_A.weight", m.down), (f"{p}.lora_B.weight", m.up),
+                               (f"{p}.lora_magnitude_vector", m.magnitude)) if v is not None}
               for c, mods in adapter.modules.items() if mods}
     alphas = {c: {p: m.alpha for p, m in mods.items()} for c, mods in adapter.modules.items() if mods}
     header = carried_metadata(adapter.metadata if metadata is None else metadata)

@@ -25,6 +25,10 @@ from .metadata import check_metadata, kohya_metadata, with_hashes
 # keys prefixed by the component (`unet.r`, `unet.lora_alpha`, `text_encoder.target_modules`...).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
+# How LyCORIS records DoRA in kohya metadata (`--network_args dora_wd=True wd_on_out=True`): the
+# magnitudes are on the output axis, the peft/diffusers convention (see layouts.py).
+DORA_NETWORK_ARGS = {"dora_wd": "True", "wd_on_out": "True"}
+
 Alpha = float | Mapping[str, float | Mapping[str, float]]
 
 
@@ -84,6 +88,7 @@ def lora_config_dict(state: Mapping[str, torch.Tensor], rank: int, alpha: float 
         target_modules=sorted({m.removeprefix("text_model.") for m in modules}),
         rank_pattern={_pattern(m): r for m, r in ranks.items() if r != rank},
         alpha_pattern={_pattern(m): a for m, a in alphas.items() if a != lora_alpha},
+        use_dora=any(key.endswith(".lora_magnitude_vector") for key in state),
     )
     return config.to_dict()
 
@@ -151,6 +156,8 @@ def save_adapter(
             version = "sdxl_base_v1-0" if base == "sdxl" else "sd_v1"
             basics = kohya_metadata(rank=rank, alpha=_headline_alpha(alpha), base_model_version=version)
             header = {**{k: v for k, v in basics.items() if k.startswith("ss_")}, **header}
+        if any(k.endswith(".dora_scale") for k in tensors) and "ss_network_args" not in header:
+            header["ss_network_args"] = json.dumps(DORA_NETWORK_ARGS)
         header = with_hashes(tensors, header)
     else:
         tensors = _cast(peft_to_diffusers(states), dtype)

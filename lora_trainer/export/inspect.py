@@ -68,6 +68,7 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
         "layout": adapter.layout,
         "base": adapter.base,
         "base_from": adapter.base_reason,
+        "dora": adapter.is_dora,
         "dtypes": _counts(str(t.dtype).removeprefix("torch.") for _, _, m in adapter.items() for t in (m.down, m.up)),
         "components": components,
         "ranks": _counts(m.rank for _, _, m in adapter.items()),
@@ -99,7 +100,7 @@ def format_report(report: dict, modules: bool = False) -> str:
         parts.append(f"{name} {info['modules']} ({kinds})")
     lines = [
         f"file        {report['file']} ({report['size_bytes'] / 1024:.1f} KiB, {', '.join(report['dtypes'])})",
-        f"layout      {report['layout']}",
+        f"layout      {report['layout']}" + (" (DoRA: magnitude per output channel)" if report["dora"] else ""),
         f"base        {report['base']} (from {report['base_from']})",
         f"modules     {total}: {'; '.join(parts)}",
         f"rank        {_spread(report['ranks'], total)}",

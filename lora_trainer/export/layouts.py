@@ -4,6 +4,11 @@ kohya (`lora_unet_..._to_q.lora_down.weight` + 0-d `alpha`) and diffusers (`unet
 Both file layouts store the same math, W' = W + m · (alpha / r) · up @ down, with
 down = peft `lora_A` and up = peft `lora_B`; only the names and where alpha lives differ.
 No key is ever dropped: anything that does not fit a layout is reported by name.
+
+DoRA adds a magnitude m per output channel: peft `lora_magnitude_vector` (d_out,), the diffusers
+key `<component>.<path>.lora_magnitude_vector`, and kohya/LyCORIS `<lora_name>.dora_scale` stored
+on the output axis as (d_out, 1) (conv: (d_out, 1, 1, 1)), the shape LyCORIS writes with
+`wd_on_out` and ComfyUI tells from the input-axis (1, d_in) kind by its first dimension.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ KOHYA_PREFIXES = {
 }
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-_PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
+_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+                   ".dora_scale": "dora_scale"}
 
 # kohya names replace every `.` by `_`, so reading one back means knowing which `_` were part of a
 # module name. These are the underscore names of the SD UNets (diffusers and LDM spelling) and HF
@@ -66,7 +72,8 @@ def canonical_path(component: str, path: str) -> str:
 
 def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str], shown_as: str = "",
                   ) -> dict[str, dict]:
-    """Group `<module><suffix>` keys into {module: {"down": t, "up": t[, "alpha": t]}}.
+    """Group `<module><suffix>` keys into {module: {"down": t, "up": t[, "alpha": t, "magnitude" or
+    "dora_scale": t]}}.
     `shown_as` is prepended to names in errors (the file's component prefix)."""
     modules: dict[str, dict] = {}
     unknown = []
@@ -79,8 +86,9 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
             unknown.append(shown_as + key)
     if unknown:
         _fail("keys that are not LoRA down/up weights", unknown,
-              "only plain LoRA is supported (no DoRA scales, LoRA biases or LoHa/LoKr factors)")
-    half = [shown_as + m for m, parts in modules.items() if not ("down" in parts and "up" in parts)]
+              "only LoRA and DoRA are supported (no LoRA biases or LoHa/LoKr factors)")
+    half = [f"{shown_as}{m} (has only {'/'.join(sorted(parts))})" for m, parts in modules.items()
+            if not ("down" in parts and "up" in parts)]
     if half:
         _fail("LoRA modules missing their down or up weight", half)
     return modules
@@ -121,7 +129,24 @@ def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float |
         out[f"{name}.lora_down.weight"] = parts["down"]
         out[f"{name}.lora_up.weight"] = parts["up"]
         out[f"{name}.alpha"] = torch.tensor(float(module_alpha), dtype=alpha_dtype)
+        if "magnitude" in parts:
+            out[f"{name}.dora_scale"] = dora_scale_from_magnitude(parts["magnitude"], parts["up"].ndim)
     return out
+
+
+def dora_scale_from_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
+    """peft's (d_out,) magnitude as kohya's output-axis `dora_scale`: (d_out, 1[, 1, 1])."""
+    return magnitude.reshape(magnitude.shape[0], *[1] * (ndim - 1))
+
+
+def magnitude_from_dora_scale(scale: torch.Tensor, up: torch.Tensor, key: str) -> torch.Tensor:
+    """kohya's `dora_scale` as peft's (d_out,) magnitude; input-axis scales (1, d_in), which older
+    LyCORIS wrote, normalise columns instead of rows and have no peft equivalent."""
+    d_out = up.shape[0]
+    if scale.shape[0] != d_out or scale.numel() != d_out:
+        raise ModelError(f"{key!r} has shape {tuple(scale.shape)}: an input-axis DoRA scale (LyCORIS without "
+                         f"wd_on_out), which peft/diffusers cannot represent; only ({d_out}, 1) scales are read")
+    return scale.reshape(d_out)
 
 
 def _path_from_kohya(name: str, key: str, checked_later: bool = False) -> str:
@@ -172,6 +197,9 @@ def kohya_to_peft(tensors: Mapping[str, torch.Tensor],
             raise ModelError(f"{key!r} names the same module as another key ({path})")
         state[f"{path}.lora_A.weight"] = parts["down"]
         state[f"{path}.lora_B.weight"] = parts["up"]
+        if "dora_scale" in parts:
+            state[f"{path}.lora_magnitude_vector"] = magnitude_from_dora_scale(
+                parts["dora_scale"], parts["up"], f"{lora_name}.dora_scale")
         alpha = parts.get("alpha")
         alphas.setdefault(component, {})[path] = float(alpha if alpha is not None else parts["down"].shape[0])
     return states, alphas
@@ -189,6 +217,8 @@ def peft_to_diffusers(component_states: Mapping[str, Mapping[str, torch.Tensor]]
             path = canonical_path(component, module)
             out[f"{component}.{path}.lora_A.weight"] = parts["down"]
             out[f"{component}.{path}.lora_B.weight"] = parts["up"]
+            if "magnitude" in parts:
+                out[f"{component}.{path}.lora_magnitude_vector"] = parts["magnitude"]
     return out
 
 

@@ -47,6 +47,8 @@ def merge_adapters(inputs: Sequence[tuple[Adapter, float]], rank: int | None = N
     if not inputs:
         raise ModelError("merge-loras needs at least one adapter")
     names = list(names or [f"adapter {i + 1}" for i in range(len(inputs))])
+    for name, (adapter, _) in zip(names, inputs):
+        adapter.refuse_dora("merged", name)
     bases = {adapter.base for adapter, _ in inputs}
     if len(bases) > 1:
         listed = ", ".join(f"{n} ({a.base})" for n, (a, _) in zip(names, inputs))

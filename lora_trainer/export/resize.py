@@ -24,6 +24,7 @@ def resize_adapter(adapter: Adapter, rank: int, *, conv_rank: int | None = None,
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ModelError(f"--rank {rank} / --conv-rank {conv_rank} must be integers >= 1")
     check_dynamic(dynamic, param)
+    adapter.refuse_dora("resized", adapter.metadata.get("ss_output_name", "the adapter"))
     conv_rank = rank if conv_rank is None else conv_rank
     report = FitReport()
     parts = []

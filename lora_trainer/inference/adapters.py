@@ -2,7 +2,8 @@
 reloading, fused into the weights (merge) and restored bit for bit (unmerge).
 
 diffusers' `load_lora_weights` reads both our layouts and other trainers' files (kohya, diffusers);
-the weighted sum W + Σ mᵢ·(alphaᵢ/rᵢ)·BᵢAᵢ is computed by peft, unmerged or fused.
+the weighted sum W + Σ mᵢ·(alphaᵢ/rᵢ)·BᵢAᵢ is computed by peft, unmerged or fused. DoRA files
+load too (a weight m scales ΔW inside the normalisation: m · (W + w·ΔW) / ‖W + w·ΔW‖, as peft does).
 """
 
 from __future__ import annotations
@@ -58,6 +59,54 @@ def adapter_hash(path: str | Path) -> str | None:
             return digest.hexdigest()
     except (OSError, ValueError, struct.error):
         return None
+
+
+def _dora_adapter(path: Path):
+    """The file read as an `Adapter` when it is DoRA (kohya `dora_scale` or diffusers
+    `lora_magnitude_vector` keys), else None."""
+    import safetensors
+
+    from ..export.adapter import read_adapter
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            if not any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in f.keys()):
+                return None
+    except Exception:  # not a safetensors file: let diffusers say what is wrong with it
+        return None
+    return read_adapter(path)
+
+
+def _kohya_dora_state(adapter) -> dict[str, torch.Tensor]:
+    """A kohya DoRA adapter as a diffusers-layout state dict: diffusers (0.42) drops kohya
+    `dora_scale` keys for SD/SDXL with only a warning. alpha / r is folded into up (a bare state
+    dict carries no alpha)."""
+    state = {}
+    for component, module_path, m in adapter.items():
+        key = f"{component}.{module_path}"
+        state[f"{key}.lora_A.weight"] = m.down
+        state[f"{key}.lora_B.weight"] = (m.up.double() * m.scale).to(m.up.dtype)
+        if m.magnitude is not None:
+            state[f"{key}.lora_magnitude_vector"] = m.magnitude
+    return state
+
+
+@torch.no_grad()
+def _set_magnitudes(pipe, adapter, name: str) -> None:
+    """Put the file's DoRA magnitudes into the loaded layers. diffusers 0.42 + transformers 5 load
+    text-encoder LoRA through transformers, which leaves `lora_magnitude_vector` at its initial
+    value (‖W‖); setting every magnitude again is exact for the UNet too."""
+    for component, module_path, m in adapter.items():
+        model = getattr(pipe, component, None)
+        if m.magnitude is None or model is None:
+            continue
+        modules = dict(model.named_modules())
+        layer = modules.get(module_path) or modules.get(module_path.removeprefix("text_model."))
+        if layer is None or name not in getattr(layer, "lora_magnitude_vector", {}):
+            raise ModelError(f"--lora: {adapter.metadata.get('ss_output_name', name)}: {component}.{module_path} "
+                             "was not loaded as a DoRA layer")
+        weight = layer.lora_magnitude_vector[name].weight
+        weight.copy_(m.magnitude.to(weight.dtype))
 
 
 @contextlib.contextmanager
@@ -117,8 +166,12 @@ class AdapterStack:
         if self.merged:
             raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
         try:
+            dora = _dora_adapter(spec.path)
+            source = _kohya_dora_state(dora) if dora is not None and dora.layout == "kohya" else str(spec.path)
             with quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
-                self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
+                self.pipe.load_lora_weights(source, adapter_name=name)
+            if dora is not None:
+                _set_magnitudes(self.pipe, dora, name)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first_line(exc)})") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)

@@ -3,7 +3,9 @@
 The file may be in the kohya or the diffusers layout. Its factors are copied into the freshly
 injected peft layers, with `up` rescaled so that the run's alpha gives the same ΔW the file gave:
     (alpha_file / r) · up_file = (alpha_run / r) · up_run.
-So the run starts exactly where the file left off, whatever alpha each of them uses.
+So the run starts exactly where the file left off, whatever alpha each of them uses. A DoRA file
+also sets the magnitudes (unchanged: the rescaling keeps W + ΔW, so its row norms, the same); DoRA
+and plain LoRA files/runs do not mix, since neither holds what the other needs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ KEY = "lora.init_from"
 _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 
 
-def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int) -> Adapter:
+def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int,
+                         use_dora: bool = False) -> Adapter:
     """Read and check the file before any model loads: it exists, it is for this base family, its
     rank is the run's, and it adapts the text encoders only when the run trains them."""
     file = Path(path)
@@ -38,6 +41,9 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
     if adapter.base != variant:
         raise ConfigError(f"{KEY}: {path} is a {_VARIANT_NAMES[adapter.base]} adapter "
                           f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
+    if adapter.is_dora != use_dora:
+        raise ConfigError(f"{KEY}: {path} is a {'DoRA' if adapter.is_dora else 'plain LoRA'} adapter but "
+                          f"lora.use_dora is {str(use_dora).lower()}; set lora.use_dora={str(adapter.is_dora).lower()}")
     ranks = sorted({m.rank for _, _, m in adapter.items()})
     if ranks != [rank]:
         raise ConfigError(f"{KEY}: {path} has rank {'/'.join(map(str, ranks))} but lora.rank is {rank}; "
@@ -79,6 +85,8 @@ def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module
             down.copy_(lora_module.down.to(down.dtype))
             # ΔW = (alpha_file / r) · up @ down must equal (alpha / r) · up' @ down.
             up.copy_((lora_module.up.double() * (lora_module.alpha / alpha)).to(up.dtype))
+            if lora_module.magnitude is not None:
+                layer.lora_magnitude_vector[ADAPTER_NAME].weight.copy_(lora_module.magnitude)
             set_count += 1
     if fresh:
         log.warning("%s: %d adapted layer(s) are not in %s and start from zero, e.g. %s",

@@ -101,7 +101,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
     cfg = _for_variant(cfg, resolve_variant(cfg.model))  # reads model_index.json or a file header only
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
-                                    cfg.lora.rank) if cfg.lora.init_from else None)
+                                    cfg.lora.rank, cfg.lora.use_dora) if cfg.lora.init_from else None)
     accelerator = make_accelerator(cfg, out_dir)
     try:
         return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
@@ -114,14 +114,15 @@ def _add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list
     """Inject LoRA into the UNet (and the text encoders); return the trained modules and their
     optimizer groups. LoRA dropout draws its masks per sample, from `dropout_keys`."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
-    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets")
+    dora = cfg.lora.use_dora
+    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora)
     modules = [base.unet]
     groups = [{"params": trainable_parameters(base.unet), "lr": t.lr}]
     if cfg.lora.train_text_encoder:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr
         for encoder in base.text_encoders:
             inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
-                        "lora.text_encoder_targets")
+                        "lora.text_encoder_targets", dora)
             modules.append(encoder)
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
     if cfg.lora.dropout > 0:
@@ -184,7 +185,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         load_initial_adapter(initial, dict(zip(names, trained)), cfg.lora_alpha, cfg.lora.init_from)
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)
-    log.info("trainable LoRA parameters: %d (rank %d, alpha %g)", counted, cfg.lora.rank, cfg.lora_alpha)
+    log.info("trainable %s parameters: %d (rank %d, alpha %g)", "DoRA" if cfg.lora.use_dora else "LoRA",
+             counted, cfg.lora.rank, cfg.lora_alpha)
 
     # ---- data: the order is a function of (seed, epoch), whatever the processes ----
     dataset = make_dataset(cfg, examples, t.seed)
