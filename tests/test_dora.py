@@ -241,3 +241,30 @@ def test_sdxl_dora_files_give_trained_unet_outputs(tiny_sdxl, example_data, tmp_
 def test_use_dora_must_be_a_boolean(tiny_sd15, example_data, tmp_path):
     with pytest.raises(ConfigError, match="lora.use_dora"):
         run_config(tiny_sd15, example_data, tmp_path, "lora.use_dora=maybe")
+
+
+def test_sample_dropout_follows_peft_dora_dropout_path():
+    """With dropout, peft's DoRA adds (m/‖W'‖ − 1)·W·x̃ + (m/‖W'‖)·s·B·A·x̃ to W·x, x̃ the dropped
+    input; our per-sample masks take nn.Dropout's place in that path."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_trainer.models.dropout import DropoutKeys, use_sample_dropout
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True, target_modules=["0"],
+                                       init_lora_weights="gaussian"), model)
+    layer = model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    keys = DropoutKeys()
+    assert use_sample_dropout(model, 0.5, keys, "m") == 1
+    x = torch.randn(2, 6)
+    model.train()
+    with torch.no_grad(), keys.batch([11, 12]):
+        out = model(x)
+        dropped = layer.lora_dropout["default"](x)
+    w = layer.get_base_layer().weight
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    factor = layer.lora_magnitude_vector["default"].weight / (w + s * b @ a).norm(dim=1)
+    expected = x @ w.T + (factor - 1) * (dropped @ w.T) + factor * s * (dropped @ a.T @ b.T)
+    assert not torch.equal(dropped, x) and (out - expected).abs().max() < 1e-5
