@@ -22,8 +22,8 @@ from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
-from ..models.dropout import DropoutKeys, use_sample_dropout
-from ..models.lora import inject_lora, trainable_parameters
+from ..models.dropout import DropoutKeys
+from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
@@ -110,31 +110,6 @@ def train(cfg: RunConfig, show_progress: bool = True,
         release_accelerate_state()
 
 
-def _add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list[torch.nn.Module], list[dict]]:
-    """Inject LoRA into the UNet (and the text encoders); return the trained modules and their
-    optimizer groups. LoRA dropout draws its masks per sample, from `dropout_keys`."""
-    rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
-    dora = cfg.lora.use_dora
-    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora)
-    modules = [base.unet]
-    groups = [{"params": trainable_parameters(base.unet), "lr": t.lr}]
-    if cfg.lora.train_text_encoder:
-        te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr
-        for encoder in base.text_encoders:
-            inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
-                        "lora.text_encoder_targets", dora)
-            modules.append(encoder)
-            groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
-    if cfg.lora.dropout > 0:
-        for name, module in zip(("unet", "text_encoder", "text_encoder_2"), modules):
-            use_sample_dropout(module, cfg.lora.dropout, dropout_keys, name)
-    if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing(dropout_keys.checkpoint)
-        for encoder in modules[1:]:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
-    return modules, groups
-
-
 def _embedding_cache_reason(cfg: RunConfig) -> str | None:
     """Why text embeddings cannot be cached (None when they can)."""
     if cfg.lora.train_text_encoder:
@@ -178,7 +153,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     # ---- LoRA adapters in fp32 ----
     dropout_keys = DropoutKeys()
-    trained, groups = _add_adapters(cfg, base, dropout_keys)
+    trained, groups = add_adapters(cfg, base, dropout_keys)
     train_te = len(trained) > 1
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         names = ("unet", "text_encoder", "text_encoder_2")
