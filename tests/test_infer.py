@@ -43,6 +43,13 @@ def test_adapter_spec_parsing():
     assert spec.weight == 1.0 and str(spec.path) == "C:/x/b.safetensors"
 
 
+def test_out_that_is_a_file_is_one_line_error(tiny_sd15, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(b"")
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--out" in err and "x.png" in err and "\n" not in err
+
+
 def test_png_carries_a1111_parameters(trained, tiny_sd15, tmp_path):
     adapter = trained.output_dir / "example-lora.safetensors"
     _run(tiny_sd15, tmp_path / "p", f"{adapter}:0.7")
