@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_trainer.cli import main
+from lora_trainer.errors import ConfigError
 from lora_trainer.inference.generate import parse_adapter_spec
 
 
@@ -41,6 +43,11 @@ def test_adapter_spec_parsing():
     assert parse_adapter_spec("a/b.safetensors:0.7").weight == 0.7
     spec = parse_adapter_spec("C:/x/b.safetensors")
     assert spec.weight == 1.0 and str(spec.path) == "C:/x/b.safetensors"
+
+
+def test_adapter_weight_that_is_not_a_number_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'abc' is not a weight.*b.safetensors:0.8"):
+        parse_adapter_spec(f"{tmp_path}/b.safetensors:abc")
 
 
 def test_out_that_is_a_file_is_one_line_error(tiny_sd15, tmp_path, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, first_line
+from ..errors import ConfigError, ModelError, first_line
 
 
 @dataclass
@@ -37,7 +37,9 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
         try:
             return AdapterSpec(Path(path), float(weight))
         except ValueError:
-            pass
+            if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
+                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "
+                                  f"e.g. {path}:0.8") from None
     return AdapterSpec(Path(spec), 1.0)
 
 
