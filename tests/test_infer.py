@@ -67,3 +67,13 @@ def test_png_carries_a1111_parameters(trained, tiny_sd15, tmp_path):
     assert settings.startswith("Steps: 4, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 5, Size: 64x64")
     sample = trained.output_dir / "samples" / "step_00040" / "00.png"
     assert "Seed: 0" in Image.open(sample).text["parameters"]
+
+
+def test_sd15_adapter_on_sdxl_base_says_so_in_one_line(trained, tiny_sdxl, tmp_path, capsys):
+    adapter = trained.output_dir / "example-lora.safetensors"
+    rc = main(["infer", "--model", str(tiny_sdxl), "--prompt", "x", "--lora", str(adapter), "--steps", "1",
+               "--width", "64", "--height", "64", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "example-lora.safetensors: an SD 1.x adapter does not fit an SDXL base" in err

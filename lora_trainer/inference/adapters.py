@@ -63,14 +63,15 @@ def adapter_hash(path: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
+def quiet_diffusers(errors: bool = True):
     """Silence diffusers/transformers loading chatter (e.g. a 'missing keys' report for the base
-    weights when an adapter is added to a text encoder, which is expected)."""
+    weights when an adapter is added to a text encoder, which is expected). errors=False also hides
+    the errors diffusers logs before raising, for callers that report the exception themselves."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     before = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
+    dlog.set_verbosity(dlog.ERROR if errors else dlog.CRITICAL)
     tlog.set_verbosity_error()
     try:
         with warnings.catch_warnings():
@@ -92,6 +93,21 @@ def _lora_modules(pipe):
             for name, module in model.named_modules():
                 if isinstance(module, BaseTunerLayer):
                     yield f"{component}.{name}", module
+
+
+def _family_mismatch(path: Path, pipe) -> str | None:
+    """Why an adapter failed to load when it is for the other base family (SD 1.x vs SDXL), else None."""
+    from ..export.adapter import read_adapter
+
+    try:
+        family = read_adapter(path).base
+    except (ModelError, OSError, ValueError, KeyError, RuntimeError):
+        return None
+    base = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    if family == base:
+        return None
+    names = {"sd15": "SD 1.x", "sdxl": "SDXL"}
+    return f"an {names[family]} adapter does not fit an {names[base]} base; use an {names[family]} --model"
 
 
 @dataclass
@@ -119,10 +135,11 @@ class AdapterStack:
         if self.merged:
             raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
         try:
-            with quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
+            with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first_line(exc)})") from None
+            why = _family_mismatch(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
+            raise ModelError(f"--lora: {spec.path}: {why}") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)
         self.enabled[name] = True
         self._apply()
