@@ -23,7 +23,11 @@ def _weighted(spec: str) -> tuple[str, float]:
         try:
             return path, float(weight)
         except ValueError:
-            pass
+            if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
+                from .errors import ConfigError
+
+                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "
+                                  f"e.g. {path}:0.8") from None
     return spec, 1.0
 
 

@@ -364,8 +364,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
+        if path is None:
+            raise
+        # Each problem names where its key was set: the file, or a key=value on the command line.
+        given = [item.split("=", 1)[0].strip() for item in overrides or []]
+
+        def source(line: str) -> str:
+            key = line.split(":", 1)[0]
+            return "command line" if any(k == key or k.startswith(key + ".") for k in given) else str(path)
+
+        lines = [f"{source(line)}: {line}" for line in str(exc).splitlines()]
+        raise ConfigError("\n".join(lines)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

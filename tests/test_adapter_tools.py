@@ -211,3 +211,9 @@ def test_extract_recovers_a_known_rank_r_difference(tiny_sdxl, tmp_path, capsys)
     assert main(["extract", "--base", str(tiny_sdxl), "--tuned", str(tiny_sdxl), "--rank", "2",
                  "--out", str(tmp_path / "none.safetensors")]) == 2
     assert "do not differ" in capsys.readouterr().err
+
+
+def test_merge_weight_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    rc = main(["merge-loras", f"{tmp_path}/a.safetensors:abc", "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "'abc' is not a weight" in err and "\n" not in err

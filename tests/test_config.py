@@ -100,3 +100,15 @@ def test_ready_configs_are_valid(name):
         assert cfg.prior_preservation and cfg.dreambooth.class_prompt and cfg.train.text_encoder_lr == pytest.approx(5e-5)
     if name.startswith("sdxl"):
         assert cfg.data.resolution == 1024 and cfg.data.buckets
+
+
+def test_error_names_the_command_line_when_the_bad_key_was_an_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: x\ndata:\n  path: d\ntrain:\n  max_stpes: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["trian.max_steps=3", "lora.rank=abc"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert any(line.startswith(f"{path}: train.max_stpes: unknown key") for line in lines)
+    assert any(line.startswith("command line: trian: unknown key") for line in lines)
+    assert any(line.startswith("command line: lora.rank: got 'abc'") for line in lines)

@@ -274,3 +274,20 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="corrupt.safetensors is not a readable") as info:
         load_adapter(bad)
     assert "\n" not in str(info.value)
+
+
+def test_text_encoder_state_is_read_without_a_vocabulary_lookup(tiny_sd15):
+    # peft would look for the base's config.json (on disk, then on the hub) and warn when it is not
+    # beside the diffusers folder; LoRA never touches the embeddings, so nothing is looked up.
+    import warnings
+
+    from transformers import CLIPTextModel
+
+    from lora_trainer.models.lora import inject_lora
+
+    te = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    inject_lora(te, ["q_proj", "v_proj"], rank=2, alpha=2.0, dropout=0.0, key="lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        states = adapter_states(te)["unet"]  # any component name: the model is what matters
+    assert states and all("lora_" in k for k in states)

@@ -21,6 +21,13 @@ def test_another_runs_folder_is_not_overwritten(tmp_path):
     check_output_dir(tmp_path, overwrite=False, resuming=True)
 
 
+def test_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "out").write_text("")
+    for overwrite, resuming in ((False, False), (True, False), (False, True)):
+        with pytest.raises(ConfigError, match="output.dir: .*out is a file"):
+            check_output_dir(tmp_path / "out", overwrite=overwrite, resuming=resuming)
+
+
 def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
     check_finite(0.5, 3, None)
     with pytest.raises(TrainingStopped, match="step 7.*step-000004"):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_trainer.cli import main
+from lora_trainer.errors import ConfigError
 from lora_trainer.inference.generate import parse_adapter_spec
 
 
@@ -43,6 +45,18 @@ def test_adapter_spec_parsing():
     assert spec.weight == 1.0 and str(spec.path) == "C:/x/b.safetensors"
 
 
+def test_adapter_weight_that_is_not_a_number_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'abc' is not a weight.*b.safetensors:0.8"):
+        parse_adapter_spec(f"{tmp_path}/b.safetensors:abc")
+
+
+def test_out_that_is_a_file_is_one_line_error(tiny_sd15, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(b"")
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--out" in err and "x.png" in err and "\n" not in err
+
+
 def test_png_carries_a1111_parameters(trained, tiny_sd15, tmp_path):
     adapter = trained.output_dir / "example-lora.safetensors"
     _run(tiny_sd15, tmp_path / "p", f"{adapter}:0.7")
@@ -53,3 +67,13 @@ def test_png_carries_a1111_parameters(trained, tiny_sd15, tmp_path):
     assert settings.startswith("Steps: 4, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 5, Size: 64x64")
     sample = trained.output_dir / "samples" / "step_00040" / "00.png"
     assert "Seed: 0" in Image.open(sample).text["parameters"]
+
+
+def test_sd15_adapter_on_sdxl_base_says_so_in_one_line(trained, tiny_sdxl, tmp_path, capsys):
+    adapter = trained.output_dir / "example-lora.safetensors"
+    rc = main(["infer", "--model", str(tiny_sdxl), "--prompt", "x", "--lora", str(adapter), "--steps", "1",
+               "--width", "64", "--height", "64", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "example-lora.safetensors: an SD 1.x adapter does not fit an SDXL base" in err

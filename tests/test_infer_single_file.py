@@ -55,3 +55,13 @@ def test_merge_single_file_equals_the_merged_folder(tiny_sd15, trained, tmp_path
     capsys.readouterr()
     assert main(["merge", "--model", str(tiny_sd15), "--lora", lora, "--out", str(out), "--single-file"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_single_file_error_names_the_infer_flags(tiny_sd15, tmp_path, capsys):
+    # The tiny model does not fit the shipped SD1.5 configs: the hint is --config-dir, not model.config_dir.
+    path = _single_file(tiny_sd15, tmp_path / "base.safetensors")
+    capsys.readouterr()  # the pipeline's loading bar
+    rc = main(["infer", "--model", str(path), "--prompt", "x", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith("error: --model: ") and "--config-dir" in err and "model.config_dir" not in err

@@ -39,7 +39,8 @@ def adapter_states(unet, text_encoder=None, text_encoder_2=None, adapter_name: s
 
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     return {
-        name: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+        name: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(
+            model, adapter_name=adapter_name, save_embedding_layers=False).items()}
         for name, model in models.items()
         if model is not None
     }

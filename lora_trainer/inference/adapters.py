@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, first_line
+from ..errors import ConfigError, ModelError, first_line
 
 
 @dataclass
@@ -38,7 +38,9 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
         try:
             return AdapterSpec(Path(path), float(weight))
         except ValueError:
-            pass
+            if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
+                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "
+                                  f"e.g. {path}:0.8") from None
     return AdapterSpec(Path(spec), 1.0)
 
 
@@ -110,14 +112,15 @@ def _set_magnitudes(pipe, adapter, name: str) -> None:
 
 
 @contextlib.contextmanager
-def quiet_diffusers():
+def quiet_diffusers(errors: bool = True):
     """Silence diffusers/transformers loading chatter (e.g. a 'missing keys' report for the base
-    weights when an adapter is added to a text encoder, which is expected)."""
+    weights when an adapter is added to a text encoder, which is expected). errors=False also hides
+    the errors diffusers logs before raising, for callers that report the exception themselves."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     before = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
+    dlog.set_verbosity(dlog.ERROR if errors else dlog.CRITICAL)
     tlog.set_verbosity_error()
     try:
         with warnings.catch_warnings():
@@ -139,6 +142,21 @@ def _lora_modules(pipe):
             for name, module in model.named_modules():
                 if isinstance(module, BaseTunerLayer):
                     yield f"{component}.{name}", module
+
+
+def _family_mismatch(path: Path, pipe) -> str | None:
+    """Why an adapter failed to load when it is for the other base family (SD 1.x vs SDXL), else None."""
+    from ..export.adapter import read_adapter
+
+    try:
+        family = read_adapter(path).base
+    except (ModelError, OSError, ValueError, KeyError, RuntimeError):
+        return None
+    base = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    if family == base:
+        return None
+    names = {"sd15": "SD 1.x", "sdxl": "SDXL"}
+    return f"an {names[family]} adapter does not fit an {names[base]} base; use an {names[family]} --model"
 
 
 @dataclass
@@ -168,12 +186,13 @@ class AdapterStack:
         try:
             dora = _dora_adapter(spec.path)
             source = _kohya_dora_state(dora) if dora is not None and dora.layout == "kohya" else str(spec.path)
-            with quiet_diffusers():  # it warns when a file has no text-encoder part: normal for ours
+            with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(source, adapter_name=name)
             if dora is not None:
                 _set_magnitudes(self.pipe, dora, name)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            raise ModelError(f"--lora: {spec.path}: cannot load as a LoRA adapter for this base ({first_line(exc)})") from None
+            why = _family_mismatch(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
+            raise ModelError(f"--lora: {spec.path}: {why}") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)
         self.enabled[name] = True
         self._apply()

@@ -104,6 +104,8 @@ def run_infer(args) -> list[Path]:
         raise ConfigError("--mask and --outpaint: give one (outpainting makes its own mask)")
     if args.control_image and not args.controlnet:
         raise ConfigError("--control-image needs --controlnet MODEL")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
     weights = parse_weights_list(args.sweep) if args.sweep else None
     init = read_image(args.init_image, "--init-image") if args.init_image else None
     mask = read_mask(args.mask, init.size) if args.mask else None

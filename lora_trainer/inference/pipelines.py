@@ -45,7 +45,10 @@ def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"
 
     check_source(model, flag)
     if is_single_file(model):
-        pipe, variant = _load_single_file(model, dtype, config_dir)
+        try:
+            pipe, variant = _load_single_file(model, dtype, config_dir)
+        except ModelError as exc:  # the loader speaks in config keys; here they are flags
+            raise ModelError(str(exc).replace("model.base", flag).replace("model.config_dir", "--config-dir")) from None
         with quiet_diffusers():
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -44,6 +44,8 @@ def clear_previous_run(out_dir: Path) -> None:
 
 def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
     """Refuse to write into the folder of another run unless asked to."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"output.dir: {out_dir} is a file; give a folder for the run's outputs")
     if resuming or overwrite:
         return
     if (Path(out_dir) / "config.yaml").is_file():
