@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if verbose else logging.INFO
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        level = logging.WARNING  # several processes (torchrun, accelerate launch): the main one tells the story
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

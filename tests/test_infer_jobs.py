@@ -169,3 +169,12 @@ def test_bad_infer_flags_are_one_line_errors(tiny_sd15, tmp_path, capsys, extra,
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and "\n" not in err
+
+
+def test_outpaint_with_another_size_is_refused_rather_than_squashed(tiny_sd15, picture, tmp_path, capsys):
+    picture.save(tmp_path / "init.png")
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--init-image", str(tmp_path / "init.png"), "--outpaint", "0,32,0,0", "--width", "64", "--height", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "96x64 canvas" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ another run's folder is protected, and the run logs to tensorboard/wandb and dra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -271,3 +272,9 @@ def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, 
                     show_progress=False)
     assert resumed.losses == straight.losses[3:]
     _assert_same(_adapter(resumed), _adapter(straight))
+
+
+def test_only_the_main_process_logs_info():
+    code = "import logging; from lora_trainer.cli import _setup_logging; _setup_logging(False); print(logging.getLogger().level)"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(RANK="1"), capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == str(logging.WARNING)  # rank 0 keeps INFO: every other test's runs show it

@@ -111,6 +111,9 @@ def run_infer(args) -> list[Path]:
     mask = read_mask(args.mask, init.size) if args.mask else None
     if args.outpaint:
         init, mask = extend_canvas(init, *_outpaint_pixels(args.outpaint))
+        if (args.width or args.height) and (args.width, args.height) != init.size:
+            raise ConfigError(f"--outpaint makes a {init.width}x{init.height} canvas; leave out --width/--height "
+                              "(or resize --init-image first)")
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.75)
     control = read_image(args.control_image, "--control-image") if args.control_image else None
 

@@ -138,8 +138,10 @@ class Generator:
         else:
             kw.update(image=init, strength=req.strength)
         if job == "inpaint":
+            # The mask follows the image when --width/--height resize it, so the two stay aligned.
+            mask = req.mask if req.mask.size == init.size else req.mask.resize(init.size, Image.NEAREST)
             # Without an explicit size diffusers would resize to the model's default resolution.
-            kw.update(mask_image=req.mask, width=init.width // 8 * 8, height=init.height // 8 * 8)
+            kw.update(mask_image=mask, width=init.width // 8 * 8, height=init.height // 8 * 8)
         if self.controlnet is not None:
             if req.control_image is None:
                 raise ConfigError("--controlnet needs --control-image (the map that guides the image)")
