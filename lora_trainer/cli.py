@@ -182,6 +182,10 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers 5 says on every run that CLIPImageProcessor falls back to PIL without
+    # torchvision; we never need torchvision (images are PIL/numpy throughout).
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:  # per-file loading bars bury the messages that matter
         import diffusers.utils.logging as dlog

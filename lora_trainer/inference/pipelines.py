@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.loading import check_source, is_single_file
+from ..models.loading import check_source, diffusers_dtype, is_single_file
 
 from ..errors import ModelError, first_line
 from .adapters import quiet_diffusers
@@ -59,7 +59,7 @@ def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model"
         cls = getattr(diffusers, PIPELINES[(variant, "txt2img", False)])
         extra = {"safety_checker": None, "requires_safety_checker": False} if variant == "sd15" else {}
         with quiet_diffusers():
-            pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+            pipe = cls.from_pretrained(model, **diffusers_dtype(dtype), **extra)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{flag}: cannot load {model!r}: {first_line(exc)}") from None
     with quiet_diffusers():
@@ -90,7 +90,7 @@ def load_controlnet(model: str, device: str, dtype: torch.dtype):
     check_source(model, "--controlnet", single_file_ok=False, index_file="config.json")
     try:
         with quiet_diffusers():
-            net = ControlNetModel.from_pretrained(model, torch_dtype=dtype)
+            net = ControlNetModel.from_pretrained(model, **diffusers_dtype(dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"--controlnet: cannot load {model!r}: {first_line(exc)}") from None
     return net.to(device)
@@ -104,7 +104,7 @@ def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
     check_source(model, "--refiner", single_file_ok=False)
     try:
         with quiet_diffusers():
-            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model, **diffusers_dtype(dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"--refiner: cannot load {model!r}: {first_line(exc)}") from None
     with quiet_diffusers():

@@ -127,6 +127,22 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
         raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
 
 
+def diffusers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword of diffusers' `from_pretrained`: `dtype` where it has replaced the
+    deprecated `torch_dtype` (0.42 warns on every load otherwise), `torch_dtype` before."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def transformers_dtype(dtype: torch.dtype) -> dict:
+    """The same for transformers, which took `dtype` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def _load_components(base: str, variant: str, weight_dtype: torch.dtype, revision: Optional[str]) -> dict:
     """The pipeline's components from a diffusers folder or hub id, loaded one by one (no
     safety checker, no feature extractor)."""
@@ -134,16 +150,17 @@ def _load_components(base: str, variant: str, weight_dtype: torch.dtype, revisio
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = dict(revision=revision)
+    clip_dtype, unet_dtype = transformers_dtype(weight_dtype), diffusers_dtype(weight_dtype)
     parts = {
         "tokenizer": CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=weight_dtype, **kw),
-        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=weight_dtype, **kw),
-        "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype, **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **clip_dtype, **kw),
+        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **unet_dtype, **kw),
+        "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", **unet_dtype, **kw),
     }
     if variant == "sdxl":
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw)
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-            base, subfolder="text_encoder_2", torch_dtype=weight_dtype, **kw)
+            base, subfolder="text_encoder_2", **clip_dtype, **kw)
     return parts
 
 
