@@ -25,6 +25,7 @@ from lora_trainer.data.dataset import _walk  # the scan's own file walk: caption
 from lora_trainer.data.images import load_image
 from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
 from lora_trainer.fileio import atomic_path, write_text_atomic
+from lora_trainer.hubcheck import check_hub_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def load_blip2(c: CaptionConfig) -> Blip2Captioner:
                       device_map={"": device.index or 0}, dtype=torch.float16)
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+    if not Path(c.model).expanduser().exists() and c.model.count("/") == 1:
+        check_hub_model(c.model, _key("model"), "config.json")
     try:
         processor = Blip2Processor.from_pretrained(c.model)
         model = Blip2ForConditionalGeneration.from_pretrained(c.model, **kwargs)

@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelError, first_line
+from ..hubcheck import check_hub_model
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
         raise ModelError(f"{key}: {base!r} is a folder without {index_file}; point it at a diffusers folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
+    if not path.exists():
+        check_hub_model(base, key, index_file)
 
 
 def diffusers_dtype(dtype: torch.dtype) -> dict:
