@@ -43,22 +43,22 @@ def test_mixed_bad_dataset_trains_on_the_good_images(tiny_sd15, tmp_path, caplog
     assert load_config(out / "config.yaml").data.path == str(data)
 
 
-def test_empty_folder_stops_with_one_line_naming_it(tmp_path, capsys):
+def test_empty_folder_stops_with_one_line_naming_it(tiny_sd15, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent", f"data.path={empty}",
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}", f"data.path={empty}",
                f"output.dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(empty) in err and "no images" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_all_bad_folder_stops_with_one_line(tmp_path, capsys):
+def test_all_bad_folder_stops_with_one_line(tiny_sd15, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png")
     (bad / "b.jpg").write_bytes(b"")
-    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent", f"data.path={bad}",
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}", f"data.path={bad}",
                f"output.dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(bad) in err and "a.png" in err and "b.jpg" in err and "\n" not in err
@@ -77,3 +77,12 @@ def test_unknown_target_module_is_one_line(tiny_sd15, example_data, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "lora.unet_targets" in err and "query" in err and "\n" not in err
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_missing_base_stops_before_the_data_is_scanned(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()  # scanned first, this would be the error
+    rc = main(["train", str(REPO / "configs" / "example.yaml"), "model.base=/nonexistent",
+               f"data.path={tmp_path / 'empty'}", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: model.base: '/nonexistent' does not exist") and "\n" not in err
+    assert not (tmp_path / "out").exists()

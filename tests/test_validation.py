@@ -132,12 +132,11 @@ def test_a_split_leaving_nothing_to_train_on_stops_before_the_model_loads(tiny_s
     data.mkdir()
     for name in ("01_red_circle.png", "02_blue_square.png"):
         shutil.copy(example_data / name, data / name)
-    cfg = run_config(tiny_sd15, data, tmp_path / "out", "data.validation_split=0.8", "model.base=/no/such/model")
+    cfg = run_config(tiny_sd15, data, tmp_path / "out", "data.validation_split=0.8")
     with pytest.raises(DataError, match=r"data.validation_split: 0.8 of the 2 image.*holds out 2, leaving none") as err:
         train(cfg, show_progress=False)
     assert "\n" not in str(err.value)
-    cfg = run_config(tiny_sd15, example_data, tmp_path / "out2", f"data.validation_path={tmp_path / 'missing'}",
-                     "model.base=/no/such/model")
+    cfg = run_config(tiny_sd15, example_data, tmp_path / "out2", f"data.validation_path={tmp_path / 'missing'}")
     with pytest.raises(DataError, match=r"data.validation_path: .*missing is not a folder"):
         train(cfg, show_progress=False)
 

@@ -93,15 +93,17 @@ def train(cfg: RunConfig, show_progress: bool = True,
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
+    # The base is checked first (it reads model_index.json or a file header only), so a wrong
+    # model.base stops the run before the data is scanned, and the scan knows the native size.
+    cfg = _for_variant(cfg, resolve_variant(cfg.model))
+    initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
+                                    cfg.lora.rank, cfg.lora.use_dora) if cfg.lora.init_from else None)
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
     examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
-    cfg = _for_variant(cfg, resolve_variant(cfg.model))  # reads model_index.json or a file header only
-    initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
-                                    cfg.lora.rank, cfg.lora.use_dora) if cfg.lora.init_from else None)
     accelerator = make_accelerator(cfg, out_dir)
     try:
         return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
