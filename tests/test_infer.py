@@ -39,6 +39,14 @@ def test_missing_adapter_is_one_line_error(tiny_sd15, tmp_path, capsys):
     assert rc == 2 and "none.safetensors" in err and "\n" not in err
 
 
+def test_a_run_folder_as_lora_names_the_files_in_it(trained, tiny_sd15, tmp_path, capsys):
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--lora", str(trained.output_dir),
+               "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "is a folder; give the adapter's .safetensors file (it holds " in err and "\n" not in err
+    assert trained.adapter_paths[0].name in err
+
+
 def test_adapter_spec_parsing():
     assert parse_adapter_spec("a/b.safetensors:0.7").weight == 0.7
     spec = parse_adapter_spec("C:/x/b.safetensors")

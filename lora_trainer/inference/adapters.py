@@ -174,6 +174,10 @@ class AdapterStack:
 
     def load(self, spec: AdapterSpec, name: str | None = None) -> str:
         """Load one adapter file under `name` (default: the file's stem, made unique)."""
+        if spec.path.is_dir():
+            files = sorted(p.name for p in spec.path.glob("*.safetensors"))
+            hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
+            raise ModelError(f"--lora: {spec.path} is a folder; give the adapter's .safetensors file{hint}")
         if not spec.path.is_file():
             raise ModelError(f"--lora: {spec.path}: file not found")
         name = name or spec.name
