@@ -178,3 +178,11 @@ def test_outpaint_with_another_size_is_refused_rather_than_squashed(tiny_sd15, p
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "96x64 canvas" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_controlnet_hint_names_a_controlnet(tiny_sd15, picture, tmp_path, capsys):
+    picture.save(tmp_path / "map.png")
+    rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--controlnet", str(tmp_path / "nope"), "--control-image", str(tmp_path / "map.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: --controlnet:") and "sd-controlnet" in err and "\n" not in err

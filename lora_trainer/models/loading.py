@@ -108,6 +108,11 @@ def resolve_variant(model_cfg: ModelConfig) -> str:
     return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base, model_cfg.revision)
 
 
+# What a hub id looks like for each flag that takes a model (the base is the default).
+_HUB_EXAMPLES = {"--controlnet": "lllyasviel/sd-controlnet-canny",
+                 "--refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
+
+
 def check_source(base: str, key: str = "model.base", single_file_ok: bool = True,
                  index_file: str = "model_index.json") -> None:
     """One-line errors for a model reference that cannot load, before anything is read: a missing
@@ -125,7 +130,8 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
     if path.exists() and not (path / index_file).is_file():
         raise ModelError(f"{key}: {base!r} is a folder without {index_file}; point it at a diffusers folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
-        raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like 'runwayml/stable-diffusion-v1-5'")
+        example = _HUB_EXAMPLES.get(key, "runwayml/stable-diffusion-v1-5")
+        raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like '{example}'")
     if not path.exists():
         check_hub_model(base, key, index_file)
 
