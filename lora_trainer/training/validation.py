@@ -64,6 +64,7 @@ class Validation:
     def __init__(self, cfg: RunConfig, examples: Sequence[Example], num_timesteps: int, max_steps: int,
                  batch_loss: Callable[..., torch.Tensor], modules: Sequence[torch.nn.Module], accelerator):
         self.examples = list(examples)
+        self.paths = [ex.path for ex in self.examples]
         self.max_steps = max_steps
         self.every = validation_interval(cfg, max_steps)
         self.timesteps = fixed_timesteps(cfg.train.validation_timesteps, num_timesteps)
@@ -74,8 +75,7 @@ class Validation:
         self.dataset = None
         if self.examples:
             d = cfg.data
-            paths = [ex.path for ex in self.examples]
-            sizes = assign_buckets(paths, d.resolution, d.bucket_step) if d.buckets else None
+            sizes = assign_buckets(self.paths, d.resolution, d.bucket_step) if d.buckets else None
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
                                                caption_prefix=d.caption_prefix, seed=self.seed, sizes=sizes)
 
@@ -115,26 +115,19 @@ class Validation:
     def _image_loss(self, index: int) -> torch.Tensor:
         """One held-out image's loss, averaged over the fixed timesteps (batches of `self.chunk`)."""
         item = self.dataset[index]
-        paths = [ex.path for ex in self.examples]
         k = len(self.timesteps)
         total = torch.zeros((), dtype=torch.float32, device=self.accelerator.device)
         for start in range(0, k, self.chunk):
             timesteps = self.timesteps[start:start + self.chunk]
             batch = _repeat(item, [index * k + j for j in range(start, start + len(timesteps))])
-            loss = self.batch_loss(batch, paths, 0, STREAM, self.seed, timesteps.to(self.accelerator.device))
+            loss = self.batch_loss(batch, self.paths, 0, STREAM, self.seed, timesteps.to(self.accelerator.device))
             total += loss.float() * len(timesteps)
         return total / k
 
 
 def _repeat(item: dict, draws: list[int]) -> dict:
-    """A batch of one dataset item, once per draw (its `item` numbers the draw: noise and timestep)."""
-    m = len(draws)
-    return {
-        "pixel_values": item["pixel_values"].unsqueeze(0).repeat(m, 1, 1, 1),
-        "caption": [item["caption"]] * m,
-        "index": torch.tensor([item["index"]] * m),
-        "item": torch.tensor(draws),
-        "flipped": torch.tensor([item["flipped"]] * m),
-        "original_size": item["original_size"].unsqueeze(0).repeat(m, 1),
-        "crop_top_left": item["crop_top_left"].unsqueeze(0).repeat(m, 1),
-    }
+    """A batch of one dataset item, once per draw, collated as the training loader collates (its
+    `item` numbers the draw: noise and timestep)."""
+    batch = torch.utils.data.default_collate([item] * len(draws))
+    batch["item"] = torch.tensor(draws)
+    return batch
