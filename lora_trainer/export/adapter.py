@@ -113,6 +113,17 @@ class Adapter:
     def parameters(self) -> int:
         return sum(m.parameters for _, _, m in self.items())
 
+    def peft_states(self, fold_alpha: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """{component: peft state dict} (`lora_A`/`lora_B` weights, DoRA magnitudes). `fold_alpha`
+        multiplies up by alpha / r, for consumers of a bare state dict, which carries no alpha."""
+        def up(m: LoraModule) -> torch.Tensor:
+            return (m.up.double() * m.scale).to(m.up.dtype) if fold_alpha else m.up
+
+        return {c: {k: v for p, m in mods.items()
+                    for k, v in ((f"{p}.lora_A.weight", m.down), (f"{p}.lora_B.weight", up(m)),
+                                 (f"{p}.lora_magnitude_vector", m.magnitude)) if v is not None}
+                for c, mods in self.modules.items() if mods}
+
     @property
     def is_dora(self) -> bool:
         return any(m.magnitude is not None for _, _, m in self.items())
@@ -273,10 +284,7 @@ def write_adapter(path: str | os.PathLike, adapter: Adapter, layout: str = "kohy
         raise ModelError(f"an {adapter.base} adapter cannot hold {', '.join(sorted(extra))}; is the base right?")
     if not any(adapter.modules.values()):
         raise ModelError(f"{path}: the adapter has no modules to write")
-    states = {c: {k: v for p, m in mods.items()
-                  for k, v in ((f"{p}.lora_A.weight", m.down), (f"{p}.lora_B.weight", m.up),
-                               (f"{p}.lora_magnitude_vector", m.magnitude)) if v is not None}
-              for c, mods in adapter.modules.items() if mods}
+    states = adapter.peft_states()
     alphas = {c: {p: m.alpha for p, m in mods.items()} for c, mods in adapter.modules.items() if mods}
     header = carried_metadata(adapter.metadata if metadata is None else metadata)
     return save_adapter(path, states, adapter.common_rank(), alphas, layout=layout, metadata=header,

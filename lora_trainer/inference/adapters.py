@@ -83,14 +83,9 @@ def _kohya_dora_state(adapter) -> dict[str, torch.Tensor]:
     """A kohya DoRA adapter as a diffusers-layout state dict: diffusers (0.42) drops kohya
     `dora_scale` keys for SD/SDXL with only a warning. alpha / r is folded into up (a bare state
     dict carries no alpha)."""
-    state = {}
-    for component, module_path, m in adapter.items():
-        key = f"{component}.{module_path}"
-        state[f"{key}.lora_A.weight"] = m.down
-        state[f"{key}.lora_B.weight"] = (m.up.double() * m.scale).to(m.up.dtype)
-        if m.magnitude is not None:
-            state[f"{key}.lora_magnitude_vector"] = m.magnitude
-    return state
+    from ..export.layouts import peft_to_diffusers
+
+    return peft_to_diffusers(adapter.peft_states(fold_alpha=True))
 
 
 @torch.no_grad()
