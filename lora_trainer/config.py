@@ -350,9 +350,9 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
     need(t.huber_scale > 0, "huber_scale", "a number > 0 (1.0: off)")
     need(t.min_timestep >= 0, "min_timestep", "an integer >= 0")
     high = t.max_timestep if t.max_timestep is not None else MAX_TIMESTEPS
-    need(t.max_timestep is None or 1 <= t.max_timestep <= MAX_TIMESTEPS, "max_timestep",
+    need(1 <= high <= MAX_TIMESTEPS, "max_timestep",
          f"an integer in [1, {MAX_TIMESTEPS}] or null (the scheduler's num_train_timesteps)")
-    if 0 <= t.min_timestep and not t.min_timestep < high:
+    if 0 <= t.min_timestep and 1 <= high <= MAX_TIMESTEPS and not t.min_timestep < high:
         errors.append(f"train.min_timestep: got {t.min_timestep!r}; expected less than train.max_timestep "
                       f"({high}): timesteps are drawn from [min_timestep, max_timestep)")
     need(t.multires_noise_iterations >= 0, "multires_noise_iterations", "an integer >= 0 (0: off; 6-10 usual)")

@@ -186,6 +186,7 @@ def test_pyramid_levels_by_hand():
     (["train.huber_scale=-1"], "train.huber_scale"),
     (["train.min_timestep=-1"], "train.min_timestep"),
     (["train.max_timestep=1001"], "train.max_timestep"),
+    (["train.max_timestep=0"], "train.max_timestep"),
     (["train.min_timestep=500", "train.max_timestep=500"], "train.min_timestep"),
     (["train.min_timestep=1000"], "train.min_timestep"),
     (["train.multires_noise_iterations=-1"], "train.multires_noise_iterations"),
