@@ -157,7 +157,8 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # where the disk cache lives; None: <data.path>/.cache/lora-trainer
     noise_offset: float = 0.0
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
-    input_perturbation: float = 0.0  # extra noise on the model input only (0.1 in the paper); 0: off (kohya's ip_noise_gamma)
+    # extra noise on the model input only (0.1 in the paper; kohya's ip_noise_gamma); 0: off
+    input_perturbation: float = 0.0
     # The per-element loss (kohya's --loss_type): l2 (mean squared error), l1, or the robust huber /
     # smooth_l1, which grow like l2 for errors below a threshold c and like l1 above it
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"

@@ -261,3 +261,16 @@ def test_defaults_reproduce_the_earlier_losses_exactly(tiny_sd15, example_data, 
     assert now.losses == before.losses and now.val_losses == before.val_losses
     logged = [json.loads(line) for line in (tmp_path / "now" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logged if "loss" in r] == before.losses
+
+
+def test_a_range_past_a_shorter_schedule_is_refused(tiny_sd15, example_data, tmp_path):
+    import shutil
+
+    from lora_trainer.training.loop import train
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_sd15, model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_train_timesteps": 500}))
+    with pytest.raises(ConfigError, match=r"^train.max_timestep: got 600; the base's schedule has 500 timesteps"):
+        train(run_config(model, example_data, tmp_path / "out", *FAST, "train.max_timestep=600"), show_progress=False)

@@ -207,9 +207,10 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     embedding_cache = EmbeddingCache(enabled=no_cache is None)
     scaling = base.vae.config.scaling_factor
     timesteps_total = base.noise_scheduler.config.num_train_timesteps
-    if t.max_timestep is not None and t.max_timestep > timesteps_total:
-        raise ConfigError(f"train.max_timestep: got {t.max_timestep}; the base's schedule has {timesteps_total} "
-                          f"timesteps, so expected at most {timesteps_total}")
+    if (t.max_timestep or 0) > timesteps_total or t.min_timestep >= (t.max_timestep or timesteps_total):
+        key = "max_timestep" if t.max_timestep else "min_timestep"
+        raise ConfigError(f"train.{key}: got {getattr(t, key)}; the base's schedule has {timesteps_total} timesteps, "
+                          f"and training draws from [train.min_timestep, train.max_timestep) within them")
     noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
     loss_options = dict(loss_type=t.loss_type, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
                         huber_scale=t.huber_scale, debiased=t.debiased_estimation)

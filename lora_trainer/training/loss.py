@@ -112,18 +112,18 @@ def huber_threshold(scheduler, timesteps: torch.Tensor, schedule: str, c: float,
     constant c·scale; exponential scale·c^(t/T) (scale at t = 0, c·scale at t = T);
     snr (1 - c)/(1 + σ_t)² + c with σ_t = sqrt((1 - alpha_bar)/alpha_bar): near 1 for clean
     latents, c for pure noise (scale is not used)."""
-    t = timesteps.to(torch.float64)
+    t = timesteps.float()
     if schedule == "constant":
         values = torch.full_like(t, c * scale)
     elif schedule == "exponential":
         values = scale * torch.exp(math.log(c) * t / scheduler.config.num_train_timesteps)
     elif schedule == "snr":
-        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         sigma = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()  # inf at SNR 0: c exactly
         values = (1.0 - c) / (1.0 + sigma) ** 2 + c
     else:
         raise ValueError(f"unknown huber schedule {schedule!r}")
-    return values.float()
+    return values
 
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
