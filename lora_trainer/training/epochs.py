@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .guards import check_free_space
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +77,14 @@ class EpochEnds:
     is_main: bool
     export: Callable[[int, int], list[Path]]
     sample: Callable[[int, int], None]
+    adapter_bytes: int = 0  # free space checked before each file
+
+    @classmethod
+    def for_run(cls, cfg, out_dir: Path, max_steps: int, is_main: bool, adapter_bytes: int,
+                export: Callable[[int, int], list[Path]], sample: Callable[[int, int], None]) -> "EpochEnds":
+        o = cfg.output
+        return cls(Path(out_dir), o.name, o.save_every_n_epochs, o.save_last_n_epochs, cfg.sample.every_n_epochs,
+                   max_steps, is_main, export, sample, adapter_bytes)
 
     def __call__(self, epoch: int, step: int) -> None:
         if due(self.save_every, epoch, step, self.max_steps):
@@ -89,6 +99,8 @@ class EpochEnds:
             self._save(epoch, step)
 
     def _save(self, epoch: int, step: int) -> None:
+        if self.is_main:
+            check_free_space(self.out_dir, self.adapter_bytes, f"the adapter of epoch {epoch}")
         self.export(epoch, step)
         if self.is_main:
             for path in remove_old_epochs(self.out_dir, self.name, self.keep, epoch):

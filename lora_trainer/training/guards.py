@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..config import OutputConfig
 from ..errors import ConfigError, LoraTrainerError
-from .epochs import epoch_files
 
 
 class TrainingStopped(LoraTrainerError):
@@ -34,6 +33,8 @@ def clear_previous_run(out_dir: Path) -> None:
     """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
     adapters) before a new run starts there, so nothing stale is mixed in or resumed from; only in
     a run folder."""
+    from .epochs import epoch_files  # epochs checks free space with this module
+
     out_dir = Path(out_dir)
     if not (out_dir / "config.yaml").is_file():
         return

@@ -255,18 +255,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                                         epoch=state.epoch + 1, num_epochs=num_epochs)
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
 
-    def export_epoch(number: int, at_step: int) -> list[Path]:
-        if accelerator.is_main_process:
-            check_free_space(out_dir, counted * 4, f"the adapter of epoch {number}")
-        return _export(cfg, accelerator, base, trained, examples, at_step, max_steps, started_at,
-                       suffix=epoch_suffix(number), epoch=number, num_epochs=num_epochs)
-
-    def sample_epoch(number: int, at_step: int) -> None:
-        images = _samples(cfg, accelerator, base, unet, text_encoders, at_step, f"epoch_{number:06d}")
-        log_images(accelerator, "samples", images, at_step)
-
-    epoch_ends = EpochEnds(out_dir, cfg.output.name, cfg.output.save_every_n_epochs, cfg.output.save_last_n_epochs,
-                           cfg.sample.every_n_epochs, max_steps, accelerator.is_main_process, export_epoch, sample_epoch)
+    epoch_ends = EpochEnds.for_run(
+        cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
+        export=lambda n, at: _export(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
+                                     suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
+        sample=lambda n, at: log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders,
+                                                                         at, f"epoch_{n:06d}"), at))
 
     validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained, accelerator)
     if held_out and accelerator.is_main_process:
