@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
+from ..processes import check_launch_mode
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
@@ -65,6 +66,7 @@ def _check_environment(cfg: RunConfig) -> None:
     """Settings this machine cannot honour fail here, before any data or model is read."""
     import importlib.util
 
+    check_launch_mode()
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
     check_optimizer(cfg.train)
