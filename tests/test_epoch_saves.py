@@ -79,6 +79,30 @@ def test_epoch_files_load_in_both_layouts(straight):
         torch.testing.assert_close(module.delta(), diffusers.modules["unet"][path].delta(), rtol=0, atol=0)
 
 
+def test_epoch_file_loads_for_generation_as_its_delta_w(straight, tiny_sd15):
+    """infer.py's loading path (diffusers' load_lora_weights under the Generator) applies exactly the
+    ΔW = (alpha/r)·up·down the epoch file holds."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.inference.generate import Generator
+
+    path = straight / f"{NAME}-000002.safetensors"
+    loaded = Generator(tiny_sd15, [str(path)], device="cpu", dtype=torch.float32).pipe.unet
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, unet.config.in_channels, 8, 8, generator=g), torch.tensor([500]),
+              torch.randn(1, 77, unet.config.cross_attention_dim, generator=g))
+    with torch.no_grad():
+        base = unet(*inputs).sample
+        params = dict(unet.named_parameters())
+        for module_path, module in read_adapter(path).modules["unet"].items():
+            params[f"{module_path}.weight"] += module.delta()
+        want = unet(*inputs).sample
+        got = loaded(*inputs).sample
+    assert (want - base).abs().max() > 1e-4  # the epoch's adapter changes the output
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_epoch_samples_have_their_own_folder(straight):
     samples = sorted(p.name for p in (straight / "samples").iterdir())
     assert samples == ["epoch_000002", "step_00008"]  # every 2nd epoch but the last; the final samples
