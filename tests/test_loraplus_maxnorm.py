@@ -241,3 +241,12 @@ def test_two_processes_keep_identical_adapters_with_loraplus_max_norm_and_epoch_
     assert len(records) == 6 and records[-1]["max_norm/keys_scaled"] > 0  # one writer; the limit was hit
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["example-lora-000001.safetensors",
                                                                  "example-lora.safetensors"]
+
+
+def test_resuming_with_loraplus_switched_off_is_a_one_line_error(limited, tiny_sd15, example_data, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(limited.output_dir / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
+    plain = [a for a in MAXNORM if not a.startswith("train.loraplus")]
+    with pytest.raises(ConfigError) as err:
+        train(run_config(tiny_sd15, example_data, out, *plain, "train.resume=latest"), show_progress=False)
+    assert str(err.value).startswith("train.resume: ") and "loraplus" in str(err.value) and "\n" not in str(err.value)
