@@ -293,8 +293,9 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(cfg.output.save_last_n_epochs >= 0, "output.save_last_n_epochs", cfg.output.save_last_n_epochs,
          "an integer >= 0 (0 keeps all)")
     if cfg.output.save_last_n_epochs and not cfg.output.save_every_n_epochs:
-        errors.append(f"output.save_last_n_epochs: got {cfg.output.save_last_n_epochs!r} with output.save_every_n_epochs "
-                      "0, so there are no epoch files to keep; set output.save_every_n_epochs (e.g. 1) or leave it 0")
+        errors.append(f"output.save_last_n_epochs: got {cfg.output.save_last_n_epochs!r} with "
+                      "output.save_every_n_epochs 0, so there are no epoch files to keep; "
+                      "set output.save_every_n_epochs (e.g. 1) or leave it 0")
     _check_loraplus_and_norms(t, errors)
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints", cfg.output.keep_checkpoints,
          "an integer >= 0 (0 keeps all)")

@@ -321,8 +321,8 @@ def test_epoch_saves_loraplus_and_max_norm_arguments_map():
     assert "loraplus_unet_lr_ratio" not in t
     assert notes == []
     # the result is a valid config
-    load_config(None, [f"{section}.{k}={v}" for section in ("output", "sample", "train") for k, v in cfg[section].items()
-                       if not isinstance(v, list)] + ["model.base=m", "data.path=d"])
+    load_config(None, [f"{section}.{k}={v}" for section in ("output", "sample", "train")
+                       for k, v in cfg[section].items() if not isinstance(v, list)] + ["model.base=m", "data.path=d"])
 
 
 def test_save_n_epoch_ratio_gives_that_many_epoch_files_when_the_epochs_are_known():
@@ -332,8 +332,9 @@ def test_save_n_epoch_ratio_gives_that_many_epoch_files_when_the_epochs_are_know
     assert cfg["output"]["save_every_n_epochs"] == 3 and notes == []  # kohya: floor(10 / 3), wins over 1
     cfg, notes = config_from_kohya(parse_command_line(base + "--max_train_steps 500 --save_last_n_epochs 2"))
     assert cfg["output"] == {"save_every_n_epochs": 1, "save_last_n_epochs": 2}
-    assert len(notes) == 1 and notes[0].startswith("--save_n_epoch_ratio 3: ") and "output.save_every_n_epochs" in notes[0]
-    cfg, notes = config_from_kohya(parse_command_line(base.replace("--save_every_n_epochs 1 --save_n_epoch_ratio 3 ", "")
-                                                      + "--max_train_steps 500 --save_last_n_epochs 2"))
+    assert len(notes) == 1 and notes[0].startswith("--save_n_epoch_ratio 3: ")
+    assert "output.save_every_n_epochs" in notes[0]
+    no_every = base.replace("--save_every_n_epochs 1 --save_n_epoch_ratio 3 ", "")
+    cfg, notes = config_from_kohya(parse_command_line(no_every + "--max_train_steps 500 --save_last_n_epochs 2"))
     assert "output" not in cfg and notes == ["--save_last_n_epochs 2: no epoch files are saved (no "
                                              "--save_every_n_epochs); left out"]

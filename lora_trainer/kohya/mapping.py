@@ -12,8 +12,8 @@ from typing import Any, Optional
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .options import (
-    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
-    read_sample_prompts, reg_folder, resolution_side, set_key,
+    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for,
+    parse_network_args, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
 # kohya's networks.lora adapts every linear layer of the UNet's transformer blocks and the text
