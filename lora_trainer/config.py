@@ -182,6 +182,16 @@ class TrainConfig:
     # the i-th level weighted by multires_noise_discount^i, renormalised to unit std; 0: off (6-10 usual)
     multires_noise_iterations: int = 0
     multires_noise_discount: float = 0.3
+    # LoRA+ (kohya's loraplus_lr_ratio network arg): the up factors B (peft lora_B, and DoRA's
+    # magnitudes, as peft's LoRA+ optimizer groups them) train at lr × ratio, the down factors A at lr.
+    # The paper suggests 16 (lower lr a little); null: off. The unet/text encoder keys win over it.
+    loraplus_lr_ratio: Optional[float] = None
+    loraplus_unet_lr_ratio: Optional[float] = None
+    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    # Max-norm regularisation (kohya's --scale_weight_norms): after each update, a module whose
+    # ΔW = (alpha/r)·B·A has a Frobenius norm above this is scaled back to it (B and A each by
+    # sqrt(limit / norm)); 1.0 is kohya's suggested start; null: off
+    scale_weight_norms: Optional[float] = None
     log_every_n_steps: int = 1
     # With held-out images (data.validation_split or data.validation_path): the validation loss at
     # step 0, every n steps and at the end. null: about 10 times a run (every ceil(steps / 10));
@@ -198,6 +208,7 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # images generated with the adapter at the end
     negative_prompt: str = ""
     every_n_steps: int = 0  # 0: only at the end
+    every_n_epochs: int = 0  # also at the end of every n-th epoch (not the last), into samples/epoch_XXXXXX/; 0: off
     steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
@@ -213,6 +224,11 @@ class OutputConfig:
     # a checkpoint (full training state + that step's adapter) every n steps; 0: only the final adapter
     save_every_n_steps: int = 0
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    # the adapter at the end of every n-th epoch (not the last: that is the final adapter) as
+    # DIR/<name>-<epoch:06d>.safetensors (kohya's naming; with format both, the diffusers layout is
+    # <name>-<epoch:06d>.diffusers.safetensors); adapter files only, no training state; 0: off
+    save_every_n_epochs: int = 0
+    save_last_n_epochs: int = 0  # newest epoch files kept (older ones removed); 0 keeps all
     overwrite: bool = False  # allow a new run in a folder that holds another run (its old artefacts are removed)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # precision of the saved adapter
 
@@ -297,6 +313,16 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         except ValueError as exc:
             errors.append(f"sample.prompts[{i}]: {exc} (in {prompt!r})")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
+    need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs", cfg.sample.every_n_epochs, "an integer >= 0 (0: off)")
+    need(cfg.output.save_every_n_epochs >= 0, "output.save_every_n_epochs", cfg.output.save_every_n_epochs,
+         "an integer >= 0 (0: off)")
+    need(cfg.output.save_last_n_epochs >= 0, "output.save_last_n_epochs", cfg.output.save_last_n_epochs,
+         "an integer >= 0 (0 keeps all)")
+    if cfg.output.save_last_n_epochs and not cfg.output.save_every_n_epochs:
+        errors.append(f"output.save_last_n_epochs: got {cfg.output.save_last_n_epochs!r} with "
+                      "output.save_every_n_epochs 0, so there are no epoch files to keep; "
+                      "set output.save_every_n_epochs (e.g. 1) or leave it 0")
+    _check_loraplus_and_norms(t, errors)
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints", cfg.output.keep_checkpoints,
          "an integer >= 0 (0 keeps all)")
     need(t.resume is None or bool(t.resume.strip()), "train.resume", t.resume,
@@ -315,6 +341,21 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     elif db.class_prompt or db.class_data:
         errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
+
+
+def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
+    ratios = {key: getattr(t, key) for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                                "loraplus_text_encoder_lr_ratio")}
+    for key, value in ratios.items():
+        if value is not None and not value > 0:
+            errors.append(f"train.{key}: got {value!r}; expected a number > 0 (16 in the LoRA+ paper) or null (off)")
+    if t.optimizer == "prodigy" and any(v is not None for v in ratios.values()):
+        key = next(k for k, v in ratios.items() if v is not None)
+        errors.append(f"train.{key}: Prodigy estimates one step size for every parameter group, so it cannot train "
+                      "B at a higher rate than A; leave LoRA+ off with prodigy, or use adamw/adamw8bit/adafactor")
+    if t.scale_weight_norms is not None and not t.scale_weight_norms > 0:
+        errors.append(f"train.scale_weight_norms: got {t.scale_weight_norms!r}; expected a number > 0 "
+                      "(1.0 is kohya's suggested start) or null (off)")
 
 
 def _check_validation(cfg: RunConfig, errors: list[str]) -> None:

@@ -340,3 +340,35 @@ def test_kohya_loss_defaults_add_nothing_and_odd_values_get_notes():
     assert (cfg["train"]["min_timestep"], cfg["train"]["max_timestep"]) == (500, 501)
     assert any(n.startswith("--loss_type pseudo_huber: not supported") for n in notes)
     assert any("--min_timestep 500 --max_timestep 500: every step trains at timestep 500" in n for n in notes)
+
+
+def test_epoch_saves_loraplus_and_max_norm_arguments_map():
+    cfg, notes = config_from_kohya(parse_command_line(
+        "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 8 "
+        "--network_alpha 4 --learning_rate 1e-4 --max_train_epochs 10 --save_every_n_epochs 2 --save_last_n_epochs 3 "
+        "--sample_every_n_epochs 5 --scale_weight_norms 1.5 "
+        "--network_args loraplus_lr_ratio=16 loraplus_text_encoder_lr_ratio=4"))
+    assert cfg["output"] == {"save_every_n_epochs": 2, "save_last_n_epochs": 3}
+    assert cfg["sample"] == {"every_n_epochs": 5}
+    t = cfg["train"]
+    assert (t["scale_weight_norms"], t["loraplus_lr_ratio"], t["loraplus_text_encoder_lr_ratio"]) == (1.5, 16.0, 4.0)
+    assert "loraplus_unet_lr_ratio" not in t
+    assert notes == []
+    # the result is a valid config
+    load_config(None, [f"{section}.{k}={v}" for section in ("output", "sample", "train")
+                       for k, v in cfg[section].items() if not isinstance(v, list)] + ["model.base=m", "data.path=d"])
+
+
+def test_save_n_epoch_ratio_gives_that_many_epoch_files_when_the_epochs_are_known():
+    base = "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 8 " \
+           "--network_alpha 4 --learning_rate 1e-4 --save_every_n_epochs 1 --save_n_epoch_ratio 3 "
+    cfg, notes = config_from_kohya(parse_command_line(base + "--max_train_epochs 10"))
+    assert cfg["output"]["save_every_n_epochs"] == 3 and notes == []  # kohya: floor(10 / 3), wins over 1
+    cfg, notes = config_from_kohya(parse_command_line(base + "--max_train_steps 500 --save_last_n_epochs 2"))
+    assert cfg["output"] == {"save_every_n_epochs": 1, "save_last_n_epochs": 2}
+    assert len(notes) == 1 and notes[0].startswith("--save_n_epoch_ratio 3: ")
+    assert "output.save_every_n_epochs" in notes[0]
+    no_every = base.replace("--save_every_n_epochs 1 --save_n_epoch_ratio 3 ", "")
+    cfg, notes = config_from_kohya(parse_command_line(no_every + "--max_train_steps 500 --save_last_n_epochs 2"))
+    assert "output" not in cfg and notes == ["--save_last_n_epochs 2: no epoch files are saved (no "
+                                             "--save_every_n_epochs); left out"]

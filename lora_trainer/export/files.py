@@ -157,8 +157,9 @@ def save_adapter(
             version = "sdxl_base_v1-0" if base == "sdxl" else "sd_v1"
             basics = kohya_metadata(rank=rank, alpha=_headline_alpha(alpha), base_model_version=version)
             header = {**{k: v for k, v in basics.items() if k.startswith("ss_")}, **header}
-        if any(k.endswith(".dora_scale") for k in tensors) and "ss_network_args" not in header:
-            header["ss_network_args"] = json.dumps(DORA_NETWORK_ARGS)
+        if any(k.endswith(".dora_scale") for k in tensors):  # beside any other network args (LoRA+)
+            args = json.loads(header.get("ss_network_args") or "{}")
+            header["ss_network_args"] = json.dumps({**DORA_NETWORK_ARGS, **args})
         header = with_hashes(tensors, header)
     else:
         tensors = _cast(peft_to_diffusers(states), dtype)

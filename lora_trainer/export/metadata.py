@@ -79,6 +79,11 @@ def kohya_metadata(
     min_timestep: int | None = None,
     max_timestep: int | None = None,
     prior_loss_weight: float | None = None,
+    scale_weight_norms: float | None = None,
+    loraplus_lr_ratio: float | None = None,
+    loraplus_unet_lr_ratio: float | None = None,
+    loraplus_text_encoder_lr_ratio: float | None = None,
+    network_args: Mapping[str, str] | None = None,
     enable_bucket: bool | None = None,
     cache_latents: bool | None = None,
     training_started_at: float | None = None,
@@ -102,7 +107,8 @@ def kohya_metadata(
 
     Arguments left as None are left out (kohya writes the string "None" instead; nothing reads it).
     `tag_frequency` is {dataset dir: {tag: count}}, `dataset_dirs` is
-    {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds.
+    {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds. `network_args` is kohya's
+    `--network_args` as {key: value string}, written as JSON (`ss_network_args`).
     """
     if base_model_version not in ARCHITECTURES:
         raise ValueError(f"base_model_version {base_model_version!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -148,6 +154,11 @@ def kohya_metadata(
         "ss_min_timestep": min_timestep,
         "ss_max_timestep": max_timestep,
         "ss_prior_loss_weight": prior_loss_weight,
+        "ss_scale_weight_norms": scale_weight_norms,
+        "ss_loraplus_lr_ratio": loraplus_lr_ratio,
+        "ss_loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
+        "ss_loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
+        "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
         "ss_enable_bucket": enable_bucket,
         "ss_cache_latents": cache_latents,
         "ss_training_started_at": training_started_at,

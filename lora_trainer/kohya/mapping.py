@@ -13,8 +13,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .loss_options import loss_options
 from .options import (
-    KOHYA_DEFAULTS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
-    read_sample_prompts, reg_folder, resolution_side, set_key,
+    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for,
+    parse_network_args, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
 # kohya's networks.lora adapts every linear layer of the UNet's transformer blocks and the text
@@ -184,7 +184,10 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         unet_only = False
     set_key(cfg, "lora.train_text_encoder", not unet_only)
     for key, value in parse_network_args(a.get("network_args", [])):
-        notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
+        if key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
+            set_key(cfg, f"train.{key}", _number(value, f"--network_args {key}"))
+        else:
+            notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
 
 
 def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
@@ -240,6 +243,8 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
     if a.float("min_snr_gamma"):  # 0 is off in kohya, null here
         set_key(cfg, "train.snr_gamma", a.float("min_snr_gamma"))
     loss_options(a, cfg, notes)
+    if a.float("scale_weight_norms"):  # 0 is off in kohya, null here
+        set_key(cfg, "train.scale_weight_norms", a.float("scale_weight_norms"))
     if a.float("validation_split"):  # held-out images for a validation loss; 0 is off in both
         set_key(cfg, "data.validation_split", a.float("validation_split"))
         if a.int("validate_every_n_steps"):
@@ -331,8 +336,28 @@ def _samples(a: Args, cfg: dict, notes: list[str], base_dir: Path) -> None:
             notes.append(f"--sample_prompts {name}: file not found; copy its lines into sample.prompts")
         else:
             set_key(cfg, "sample.prompts", read_sample_prompts(path, notes))
-    if a.has("sample_every_n_steps"):
-        set_key(cfg, "sample.every_n_steps", a.int("sample_every_n_steps"))
+    for kohya, ours in (("sample_every_n_steps", "sample.every_n_steps"),
+                        ("sample_every_n_epochs", "sample.every_n_epochs")):
+        if a.has(kohya):
+            set_key(cfg, ours, a.int(kohya))
+
+
+def _epoch_saves(a: Args, cfg: dict, notes: list[str]) -> None:
+    """An adapter file every n epochs, the newest kept. kohya's save_n_epoch_ratio (that many files
+    over the run) wins over save_every_n_epochs, as in kohya, when the epochs are known."""
+    every = a.int("save_every_n_epochs") or 0
+    ratio = a.int("save_n_epoch_ratio") or 0
+    if ratio and cfg["train"].get("epochs"):
+        every = cfg["train"]["epochs"] // ratio or 1
+    elif ratio:
+        a.used.discard("save_n_epoch_ratio")  # noted with the other leftovers: the epochs come from the steps
+    if every:
+        set_key(cfg, "output.save_every_n_epochs", every)
+    keep = a.int("save_last_n_epochs") or 0
+    if keep and every:
+        set_key(cfg, "output.save_last_n_epochs", keep)
+    elif keep:
+        notes.append(f"--save_last_n_epochs {keep}: no epoch files are saved (no --save_every_n_epochs); left out")
 
 
 def _outputs(a: Args, cfg: dict, notes: list[str]) -> None:
@@ -347,6 +372,7 @@ def _outputs(a: Args, cfg: dict, notes: list[str]) -> None:
         set_key(cfg, "output.dtype", SAVE_PRECISIONS[precision])
     if a.has("save_every_n_steps"):
         set_key(cfg, "output.save_every_n_steps", a.int("save_every_n_steps"))
+    _epoch_saves(a, cfg, notes)
     model_as = a.str("save_model_as")
     if model_as not in (None, "safetensors"):
         notes.append(f"--save_model_as {model_as}: adapters are written as .safetensors (kohya layout)")

@@ -49,13 +49,12 @@ NOTES = {
     "lr_scheduler_num_cycles": _SCHEDULER_OPTION, "lr_scheduler_power": _SCHEDULER_OPTION,
     "lr_scheduler_args": _SCHEDULER_OPTION, "lr_scheduler_type": _SCHEDULER_OPTION, "lr_decay_steps": _SCHEDULER_OPTION,
     "sample_sampler": "samples use the base model's own scheduler",
-    "sample_every_n_epochs": "samples are drawn by steps: set sample.every_n_steps",
     "sample_at_first": "no samples are drawn before training",
-    "save_every_n_epochs": "checkpoints are saved by steps: set output.save_every_n_steps",
-    "save_n_epoch_ratio": "checkpoints are saved by steps: set output.save_every_n_steps",
-    "save_last_n_epochs": _CHECKPOINTS, "save_last_n_steps": _CHECKPOINTS,
-    "save_last_n_epochs_state": _CHECKPOINTS, "save_last_n_steps_state": _CHECKPOINTS,
-    "save_state": "every checkpoint here holds the full training state (with output.save_every_n_steps)",
+    "save_n_epoch_ratio": "the epochs are counted from the steps here: set output.save_every_n_epochs",
+    "save_last_n_steps": _CHECKPOINTS, "save_last_n_epochs_state": _CHECKPOINTS,
+    "save_last_n_steps_state": _CHECKPOINTS,
+    "save_state": "every checkpoint here holds the full training state (with output.save_every_n_steps); "
+                  "epoch files (output.save_every_n_epochs) are adapters only",
     "save_state_on_train_end": "every checkpoint here holds the full training state (with output.save_every_n_steps)",
     "wandb_run_name": "the run name is output.name", "log_prefix": _LEFT_OUT, "log_tracker_config": _LEFT_OUT,
     "ddp_timeout": "DDP settings come from accelerate; left out",
@@ -72,7 +71,7 @@ NOTES = {
     "masked_loss": _LEFT_OUT, "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
     "v_pred_like_loss": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
     "noise_offset_random_strength": _LEFT_OUT, "ip_noise_gamma_random_strength": _LEFT_OUT,
-    "scale_weight_norms": _LEFT_OUT, "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
+    "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
     "tokenizer_cache_dir": "tokenizers come with the base model",
     "prior_loss_weight": "there are no regularisation images, so there is no prior loss; left out", "dataset_repeats": "use data.repeats",
 }
@@ -85,8 +84,9 @@ NETWORK_ARG_NOTES = {
     "conv_alpha": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
     "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",
     "module_dropout": "use lora.dropout (dropout on the adapter input); left out",
-    "loraplus_lr_ratio": "LoRA+ learning rates are not supported; left out",
 }
+# LoRA+ network arguments, mapped to train.<same name>.
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 def set_key(cfg: dict, dotted: str, value: Any) -> None:

@@ -133,5 +133,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except ValueError as exc:  # torch's optimizer refuses another grouping of the parameters
+        if "parameter group" not in str(exc):
+            raise
+        raise ConfigError(f"train.resume: {path} was saved with other optimizer groups ({exc}); resume with the "
+                          "config that wrote it (train.loraplus_* and lora.train_text_encoder as they were)") from None
     return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))

@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+from ..config import OutputConfig
 from ..errors import ConfigError, LoraTrainerError
 
 
@@ -29,8 +30,11 @@ RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")
 
 
 def clear_previous_run(out_dir: Path) -> None:
-    """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve) before a
-    new run starts there, so nothing stale is mixed in or resumed from; only in a run folder."""
+    """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
+    adapters) before a new run starts there, so nothing stale is mixed in or resumed from; only in
+    a run folder."""
+    from .epochs import epoch_files  # epochs checks free space with this module
+
     out_dir = Path(out_dir)
     if not (out_dir / "config.yaml").is_file():
         return
@@ -40,6 +44,20 @@ def clear_previous_run(out_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for files in epoch_files(out_dir, _run_name(out_dir / "config.yaml")).values():
+        for path in files:  # <name>-NNNNNN.safetensors: the old run's epoch adapters
+            path.unlink()
+
+
+def _run_name(config: Path) -> str:
+    """output.name of the run whose resolved config this is (its default when unreadable)."""
+    import yaml
+
+    try:
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("output", {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else OutputConfig.name
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:

@@ -31,9 +31,12 @@ from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest
                           register_adapter_only_hooks, save_checkpoint)
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, item_seed
+from .epochs import EpochEnds, epoch_suffix
 from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
+from .loraplus import loraplus_groups
 from .loss import diffusion_loss, training_scheduler, training_target
+from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
@@ -174,10 +177,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         class_set = make_dataset(cfg, class_examples(cfg), t.seed + 1, instance=False)
         loaders.append(make_loader(cfg, class_set, t.seed + 1))
 
-    # ---- optimizer and schedule ----
+    # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio) ----
+    groups, group_names = loraplus_groups(t, trained, groups)
     optimizer = build_optimizer(t, groups)
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
     # accelerate steps a prepared scheduler once per process per update; scale to match.
     lr_scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
@@ -257,8 +262,16 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     def save(state: TrainerState) -> Path:
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
         export = lambda folder: _export(cfg, accelerator, base, trained, examples, state.step, max_steps,  # noqa: E731
-                                        started_at, suffix=f"-step{state.step:05d}", folder=folder)
+                                        started_at, suffix=f"-step{state.step:05d}", folder=folder,
+                                        epoch=state.epoch + 1, num_epochs=num_epochs)
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
+
+    epoch_ends = EpochEnds.for_run(
+        cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
+        export=lambda n, at: _export(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
+                                     suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
+        sample=lambda n, at: log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders,
+                                                                         at, f"epoch_{n:06d}"), at))
 
     validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained, accelerator)
     if held_out and accelerator.is_main_process:
@@ -268,6 +281,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     losses: list[float] = []
     step, epoch, skip = state.step, state.epoch, state.batches_in_epoch
     if skip >= len(loader):  # saved at the end of an epoch
+        epoch_ends.catch_up(epoch + 1, step)
         epoch, skip = epoch + 1, 0
     done = state  # the position after the last completed step: what a checkpoint stores
     last_good = checkpoint or latest_checkpoint(out_dir)
@@ -297,13 +311,15 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     if not torch.isfinite(gathered).all():
                         check_finite(float(gathered[~torch.isfinite(gathered)][0]), step + 1, last_good)
                     accelerator.backward(loss)
-                    grad_norm = None
+                    grad_norm, norms = None, None
                     if accelerator.sync_gradients:
                         # inf clips nothing but still measures the norm for the log
                         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if t.scale_weight_norms and accelerator.sync_gradients:  # the same on every process
+                        norms = apply_max_norm([accelerator.unwrap_model(m) for m in trained], t.scale_weight_norms)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -313,8 +329,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 losses.append(loss_value)
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                          **learning_rates(lr_scheduler), "grad_norm": float(grad_norm),
-                          "step_time": now - step_started}
+                          **learning_rates(lr_scheduler, group_names), "grad_norm": float(grad_norm),
+                          "step_time": now - step_started, **(norms.record() if norms else {})}
                 if prior:
                     record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
                     record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
@@ -326,6 +342,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", **validation.postfix())
                 if step % t.log_every_n_steps == 0 or "val_loss" in record:
                     write_record(accelerator, log_path, record)
+                if seen == len(loader):  # the epoch's last update; its files come before this step's checkpoint
+                    epoch_ends(epoch + 1, step)
                 if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
@@ -349,7 +367,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_free_space(out_dir, counted * 4, "the adapter")
-    paths = _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at)
+    paths = _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
+                    epoch=num_epochs, num_epochs=num_epochs)
     if cfg.sample.prompts:
         log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step), step)
         if cfg.sample.grid_weights and accelerator.is_main_process:
@@ -368,7 +387,8 @@ def _unwrapped(accelerator, unet, text_encoders):
     return accelerator.unwrap_model(unet), encoders[0], encoders[1] if len(encoders) > 1 else None
 
 
-def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at, suffix="", folder=None):
+def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at, suffix="", folder=None,
+            epoch=None, num_epochs=None):
     if not accelerator.is_main_process:
         return []
     unet, *encoders = [accelerator.unwrap_model(m) for m in trained]
@@ -376,12 +396,13 @@ def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_
         cfg, unet, encoders[0] if encoders else None, examples, step, max_steps, started_at,
         prediction_type=base.prediction_type, suffix=suffix, folder=folder,
         text_encoder_2=encoders[1] if len(encoders) > 1 else None, variant=base.variant,
+        epoch=epoch, num_epochs=num_epochs,
     )
 
 
-def _samples(cfg, accelerator, base, unet, text_encoders, step) -> list:
+def _samples(cfg, accelerator, base, unet, text_encoders, step, folder_name=None) -> list:
     if not cfg.sample.prompts or not accelerator.is_main_process:
         return []
     unet, text_encoder, text_encoder_2 = _unwrapped(accelerator, unet, text_encoders)
     with accelerator.autocast():
-        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2)
+        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name)

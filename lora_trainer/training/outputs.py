@@ -31,8 +31,15 @@ def _final_captions(cfg: RunConfig, examples) -> list:
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
+def _loraplus_args(t) -> dict[str, str]:
+    """The LoRA+ ratios set, under kohya's network-argument names."""
+    keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+    return {key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None}
+
+
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
-              prediction_type: str, variant: str) -> dict[str, str]:
+              prediction_type: str, variant: str, epoch: int | None = None,
+              num_epochs: int | None = None) -> dict[str, str]:
     from .optimizers import OPTIMIZER_NAMES
 
     t = cfg.train
@@ -55,6 +62,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         num_reg_images=db.num_class_images,
         prior_loss_weight=db.prior_loss_weight if db.num_class_images else None,
         enable_bucket=cfg.data.buckets,
+        epoch=epoch,
+        num_epochs=num_epochs,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
@@ -70,6 +79,11 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         noise_offset=t.noise_offset,
         min_snr_gamma=t.snr_gamma,
         **_loss_metadata(t),
+        scale_weight_norms=t.scale_weight_norms,
+        loraplus_lr_ratio=t.loraplus_lr_ratio,
+        loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
+        loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
+        network_args=_loraplus_args(t),  # where kohya records LoRA+ (ss_network_args)
         cache_latents=t.cache_latents,
         training_started_at=started_at,
         training_finished_at=time.time(),
@@ -97,16 +111,18 @@ def _loss_metadata(t) -> dict:
 
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
                    started_at: float, prediction_type: str = "epsilon", suffix: str = "",
-                   text_encoder_2=None, variant: str = "sd15", folder: Path | None = None) -> list[Path]:
+                   text_encoder_2=None, variant: str = "sd15", folder: Path | None = None,
+                   epoch: int | None = None, num_epochs: int | None = None) -> list[Path]:
     """Write the adapter as `cfg.output.format` says; return the written paths.
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
     both: kohya at DIR/<name>.safetensors and diffusers at DIR/<name>.diffusers.safetensors.
-    `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00100").
+    `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00100",
+    "-000002" for an epoch). `epoch` (counted from 1) and `num_epochs` go to ss_epoch/ss_num_epochs.
     """
     out_dir = Path(folder) if folder is not None else Path(cfg.output.dir)
     states = adapter_states(unet, text_encoder, text_encoder_2)
-    metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant)
+    metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant, epoch, num_epochs)
     dtype = SAVE_DTYPES[cfg.output.dtype]
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
@@ -166,15 +182,17 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
     return image, info
 
 
-def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None) -> list:
-    """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/; return the images."""
+def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None,
+                 folder_name: str | None = None) -> list:
+    """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/ (or DIR/samples/
+    `folder_name`/: epoch_XXXXXX for epoch samples); return the images."""
     from ..pnginfo import save_png
 
     pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
-    folder = Path(cfg.output.dir) / "samples" / f"step_{step:05d}"
+    folder = Path(cfg.output.dir) / "samples" / (folder_name or f"step_{step:05d}")
     images = []
     for i, prompt in enumerate(cfg.sample.prompts):
         image, info = _render(cfg, base, pipe, prompt, cfg.sample.seed + i)

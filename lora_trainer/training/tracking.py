@@ -63,9 +63,10 @@ def release_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def learning_rates(lr_scheduler) -> dict[str, float]:
-    """The current learning rate of each parameter group, named by the module it trains."""
-    return {f"lr/{GROUP_NAMES[i]}": lr for i, lr in enumerate(lr_scheduler.get_last_lr())}
+def learning_rates(lr_scheduler, names: tuple[str, ...] | list[str] = GROUP_NAMES) -> dict[str, float]:
+    """The current learning rate of each parameter group, named by the module it trains (`names`,
+    one per group: LoRA+ adds a `<module>_plus` group after each)."""
+    return {f"lr/{names[i]}": lr for i, lr in enumerate(lr_scheduler.get_last_lr())}
 
 
 def write_record(accelerator, log_path: Path, record: dict) -> None:
