@@ -256,6 +256,27 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(split_run, tiny_sd15, 
     assert timeless(_rows(out)) == timeless(_rows(result.output_dir))
 
 
+def test_ctrl_c_in_a_validation_pass_keeps_the_steps_log_line(split_run, tiny_sd15, example_data, tmp_path,
+                                                                  monkeypatch):
+    result, _ = split_run
+    out = tmp_path / "out"
+    once = Validation.loss
+
+    def interrupted_at_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return once(self, step)
+
+    monkeypatch.setattr(Validation, "loss", interrupted_at_2)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(run_config(tiny_sd15, example_data, out, *SPLIT), show_progress=False)
+    assert stopped.value.step == 2 and stopped.value.checkpoint.name == "step-000002"
+    rows, full = _rows(out), _rows(result.output_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2] and "val_loss" not in rows[2]
+    # the training numbers of the interrupted step are those of the uninterrupted run
+    assert rows[2]["loss"] == full[2]["loss"] and rows[2]["lr"] == full[2]["lr"]
+
+
 def test_two_processes_report_the_one_process_val_loss(tiny_sd15, example_data, tmp_path):
     script = tmp_path / "per_rank.py"
     script.write_text(textwrap.dedent("""

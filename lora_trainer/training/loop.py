@@ -335,7 +335,11 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     record["instance_loss"] = accelerator.gather(instance_loss.detach()).mean().item()
                     record["prior_loss"] = accelerator.gather(prior_loss.detach()).mean().item()
                 if validation.due(step):
-                    record["val_loss"] = validation.loss(step)
+                    try:
+                        record["val_loss"] = validation.loss(step)
+                    except KeyboardInterrupt:  # the step itself is done: its line is kept, without val_loss
+                        write_record(accelerator, log_path, record)
+                        raise
                     now = time.perf_counter()  # the next step's time leaves the validation out
                 step_started = now
                 bar.update(1)
