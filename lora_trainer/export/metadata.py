@@ -86,12 +86,14 @@ def kohya_metadata(
     thumbnail: str | None = None,
     date: str | None = None,
     network_module: str = "networks.lora",
+    network_args: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Build the `ss_*` and `modelspec.*` metadata of LORA_FORMATS.md; every value is a string.
 
     Arguments left as None are left out (kohya writes the string "None" instead; nothing reads it).
     `tag_frequency` is {dataset dir: {tag: count}}, `dataset_dirs` is
-    {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds.
+    {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds. `network_args` is kohya's
+    `--network_args` as key -> string (LoCon: {"conv_dim": "8", "conv_alpha": "4"}), stored as JSON.
     """
     if base_model_version not in ARCHITECTURES:
         raise ValueError(f"base_model_version {base_model_version!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -102,6 +104,7 @@ def kohya_metadata(
         "ss_network_module": network_module,
         "ss_network_dim": rank,
         "ss_network_alpha": float(alpha),  # kohya's alpha argument is a float: "8.0"
+        "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
         "ss_base_model_version": base_model_version,
         "ss_v2": v2,
         "ss_sd_model_name": base_model_name,

@@ -23,7 +23,8 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list[
         log.warning("lora.use_dora: DoRA files load exactly in infer.py, and in diffusers in the diffusers layout "
                     "(output.format=both); A1111 misreads the kohya file and ComfyUI approximates it "
                     "(README: DoRA)")
-    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora)
+    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
+                conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha)
     modules = [base.unet]
     groups = [{"params": trainable_parameters(base.unet), "lr": t.lr}]
     if cfg.lora.train_text_encoder:

@@ -14,6 +14,7 @@ from ..data import tag_frequency
 from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
+from ..models.lora import layer_alphas
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
 
@@ -78,6 +79,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",") or None,
         prediction_type="v" if prediction_type == "v_prediction" else "epsilon",
         title=cfg.output.name,
+        # as kohya records `--network_args conv_dim=R conv_alpha=A`
+        network_args={"conv_dim": str(cfg.lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"}
+        if cfg.lora.conv_rank else None,
     )
 
 
@@ -94,14 +98,17 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     states = adapter_states(unet, text_encoder, text_encoder_2)
     metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant)
     dtype = SAVE_DTYPES[cfg.output.dtype]
+    alpha = cfg.lora_alpha
+    if cfg.lora.conv_rank:  # LoCon's 3x3 convs have their own alpha: give each UNet module its own
+        alpha = {name: cfg.lora_alpha for name in states}
+        alpha["unet"] = layer_alphas(unet)
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
     paths = []
     for layout in layouts:
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
-        save_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, layout=layout, metadata=metadata, dtype=dtype,
-                     base=variant)
+        save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype, base=variant)
         log.info("saved %s adapter: %s", layout, path)
         paths.append(path)
     return paths
