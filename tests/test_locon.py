@@ -18,6 +18,7 @@ from lora_trainer.cli import main
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.adapter import read_adapter, write_adapter
 from lora_trainer.export.files import load_adapter
+from lora_trainer.export.inspect import inspect_adapter
 from lora_trainer.export.resize import resize_adapter
 from lora_trainer.kohya.mapping import KOHYA_UNET_TARGETS, config_from_kohya
 from lora_trainer.models.lora import expected_lora_parameters, lora_layers
@@ -108,6 +109,22 @@ def test_kohya_file_has_4d_conv_factors_their_alpha_and_network_args(sd15_run):
     assert tensors["lora_unet_mid_block_resnets_0_time_emb_proj.lora_down.weight"].shape == (RANK, time_emb.shape[1])
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8.0")
+
+
+def test_inspect_shows_the_conv_rank_and_warns_only_about_misread_alphas(sd15_run, tmp_path, capsys):
+    path = sd15_run[0].adapter_paths[0]
+    report = inspect_adapter(path)
+    assert (report["conv_ranks"], report["conv_alphas"]) == ({"2": 26}, {"1.0": 26})
+    assert report["warnings"] == []  # convs with their own alpha load right everywhere
+    assert main(["inspect", str(path)]) == 0
+    assert "conv rank   2 (all 26 modules), alpha 1.0 (LoCon" in capsys.readouterr().out
+    # Attention layers whose alpha is not the most common one are what diffusers misreads.
+    adapter = read_adapter(path)
+    for _, module_path, module in adapter.items():
+        if not any(module_path.endswith(t) for t in ("to_q", "to_k", "to_v", "to_out.0")):
+            module.alpha = 3.0
+    odd = inspect_adapter(write_adapter(tmp_path / "odd.safetensors", adapter, dtype=None))["warnings"]
+    assert len(odd) == 1 and odd[0].startswith("unet: 56 attention module(s) have an alpha other than")
 
 
 @pytest.mark.parametrize("variant,index", [("sd15", 0), ("sd15", 1), ("sdxl", 0)],

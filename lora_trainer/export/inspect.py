@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 from .adapter import Adapter, read_adapter
 
@@ -24,6 +25,15 @@ def _kind(module) -> str:
         return "linear"
     kh, kw = module.down.shape[2:]
     return f"conv {kh}x{kw}"
+
+
+def misread_attention_alphas(alphas: Mapping[str, float]) -> tuple[float, list[str]]:
+    """(the most common alpha, the attention modules with another one) of one component's
+    {module path: alpha}: the modules whose alpha diffusers (0.42) misreads in a kohya file."""
+    if not alphas:
+        return 0.0, []
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return common, sorted(p for p, a in alphas.items() if _ATTENTION.search(p) and a != common)
 
 
 def _is_conv_kxk(module) -> bool:
@@ -49,8 +59,7 @@ def _counts(values) -> dict[str, int]:
 def _warnings(adapter: Adapter) -> list[str]:
     out = []
     for component, modules in adapter.modules.items():
-        common = collections.Counter(m.alpha for m in modules.values()).most_common(1)[0][0] if modules else None
-        odd = sorted(p for p, m in modules.items() if _ATTENTION.search(p) and m.alpha != common)
+        common, odd = misread_attention_alphas({p: m.alpha for p, m in modules.items()})
         if adapter.layout == "kohya" and odd:
             out.append(f"{component}: {len(odd)} attention module(s) have an alpha other than the most common "
                        f"({common:g}), e.g. {odd[0]}: diffusers (0.42) applies it wrongly to kohya files; "
