@@ -20,6 +20,7 @@ from .sample_prompts import parse_sample_prompt
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+MAX_TIMESTEPS = 1000  # the num_train_timesteps of SD1.x and SDXL schedules
 
 
 @dataclass
@@ -161,7 +162,31 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # where the disk cache lives; None: <data.path>/.cache/lora-trainer
     noise_offset: float = 0.0
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
-    input_perturbation: float = 0.0  # extra noise on the model input only (0.1 in the paper); 0: off
+    # extra noise on the model input only (0.1 in the paper; kohya's ip_noise_gamma); 0: off
+    input_perturbation: float = 0.0
+    # The per-element loss (kohya's --loss_type): l2 (mean squared error), l1, or the robust huber /
+    # smooth_l1, which grow like l2 for errors below a threshold c and like l1 above it
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_c: float = 0.1  # huber/smooth_l1: the threshold c (constant), or its value at the last timestep
+    # how c depends on the timestep t: constant (huber_c · huber_scale); exponential (huber_scale at
+    # t = 0 down to huber_c · huber_scale at the end); snr (about 1 where the latent is clean, falling
+    # to huber_c as the noise grows: (1 - huber_c) / (1 + σ_t)² + huber_c; kohya's default)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    huber_scale: float = 1.0  # multiplies c in the constant and exponential schedules
+    # Timesteps are drawn uniformly from [min_timestep, max_timestep); max null: the scheduler's
+    # num_train_timesteps (1000). The validation loss spreads its fixed timesteps over the same range
+    min_timestep: int = 0
+    max_timestep: Optional[int] = None
+    # Rescale the training noise schedule so the last timestep is pure noise (SNR 0; Lin et al. 2023);
+    # meant for v-prediction bases. Samples and class images keep the base's own schedule
+    zero_terminal_snr: bool = False
+    # Weight each sample's loss by 1/sqrt(SNR_t) (kohya's --debiased_estimation_loss; SNR clamped to
+    # [0.001, 1000]); combines with snr_gamma by multiplication
+    debiased_estimation: bool = False
+    # Multi-resolution ("pyramid") noise: the noise plus upsampled noise drawn at lower resolutions,
+    # the i-th level weighted by multires_noise_discount^i, renormalised to unit std; 0: off (6-10 usual)
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
     log_every_n_steps: int = 1
     # With held-out images (data.validation_split or data.validation_path): the validation loss at
     # step 0, every n steps and at the end. null: about 10 times a run (every ceil(steps / 10));
@@ -278,6 +303,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "a number >= 0 (e.g. 0.05)")
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", t.snr_gamma, "a number > 0 (e.g. 5.0) or null")
     need(t.input_perturbation >= 0, "train.input_perturbation", t.input_perturbation, "a number >= 0 (e.g. 0.1)")
+    _check_loss(t, errors)
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
     for i, prompt in enumerate(cfg.sample.prompts):
@@ -329,6 +355,24 @@ def _check_validation(cfg: RunConfig, errors: list[str]) -> None:
                       "set data.validation_split (e.g. 0.1) or data.validation_path, or leave it null")
     if t.validation_timesteps < 1:
         errors.append(f"train.validation_timesteps: got {t.validation_timesteps!r}; expected an integer >= 1 (e.g. 8)")
+
+
+def _check_loss(t: TrainConfig, errors: list[str]) -> None:
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            errors.append(f"train.{key}: got {getattr(t, key)!r}; expected {allowed}")
+
+    need(t.huber_c > 0, "huber_c", "a number > 0 (kohya's default 0.1)")
+    need(t.huber_scale > 0, "huber_scale", "a number > 0 (1.0: off)")
+    need(t.min_timestep >= 0, "min_timestep", "an integer >= 0")
+    high = t.max_timestep if t.max_timestep is not None else MAX_TIMESTEPS
+    need(1 <= high <= MAX_TIMESTEPS, "max_timestep",
+         f"an integer in [1, {MAX_TIMESTEPS}] or null (the scheduler's num_train_timesteps)")
+    if 0 <= t.min_timestep and 1 <= high <= MAX_TIMESTEPS and not t.min_timestep < high:
+        errors.append(f"train.min_timestep: got {t.min_timestep!r}; expected less than train.max_timestep "
+                      f"({high}): timesteps are drawn from [min_timestep, max_timestep)")
+    need(t.multires_noise_iterations >= 0, "multires_noise_iterations", "an integer >= 0 (0: off; 6-10 usual)")
+    need(0 <= t.multires_noise_discount <= 1, "multires_noise_discount", "a number in [0, 1] (0.3 usual)")
 
 
 def check_caption_config(c: CaptionConfig, errors: list[str],

@@ -7,8 +7,27 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
+# What `accelerate launch` sets for the sharding modes (its FSDP and DeepSpeed configs).
+_SHARDED_LAUNCHES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+
 
 def multiprocess_without_gpu() -> bool:
     """Several processes (torchrun, `accelerate launch`) on a machine without CUDA: accelerate only
     picks its gloo CPU backend when told the run is on CPU, and the first state created fixes it."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_launch_mode() -> None:
+    """Refuse FSDP and DeepSpeed launches in one line, before any data or model is read.
+
+    Both shard or re-wrap the models, while the checkpoints and the exported adapter are read from
+    each process's own, whole adapter weights; and a LoRA run has little to shard (the frozen base is
+    held once in the compute precision, the trainable state is a few MB). Data parallel (DDP) with
+    bf16 and gradient checkpointing is the way to run large bases on several GPUs."""
+    for variable, name in _SHARDED_LAUNCHES:
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
+            raise ConfigError(f"accelerate launch: {name} is not supported for LoRA training; launch with "
+                              "configs/accelerate/multi-gpu.yaml (DDP) and, for a large base, "
+                              "train.mixed_precision=bf16 train.gradient_checkpointing=true")

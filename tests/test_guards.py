@@ -49,3 +49,20 @@ def test_loss_curve_png(tmp_path):
     image = Image.open(path)
     assert image.format == "PNG" and image.size == (700, 400)
     assert plot_loss(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
+
+
+@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_path, variable, name):
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.training.loop import train
+
+    monkeypatch.setenv(variable, "true")
+    cfg = config_from_dict({"model": {"base": str(tmp_path / "no-such-model")}, "data": {"path": str(tmp_path)},
+                               "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match=f"^accelerate launch: {name} is not supported.*multi-gpu.yaml"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv(variable, "false")
+    with pytest.raises(Exception) as other:  # without it, the run gets as far as the missing base
+        train(cfg)
+    assert "no-such-model" in str(other.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -85,3 +86,40 @@ def test_sd15_adapter_on_sdxl_base_says_so_in_one_line(trained, tiny_sdxl, tmp_p
     err = captured.err.strip()
     assert rc == 2 and "\n" not in err
     assert "example-lora.safetensors: an SD 1.x adapter does not fit an SDXL base" in err
+
+
+_ATTN = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _bad_adapter_files(tmp_path):
+    from safetensors.torch import save_file
+
+    def pair(prefix, d_out, d_in):
+        return {f"{prefix}.lora_down.weight": torch.zeros(4, d_in), f"{prefix}.lora_up.weight": torch.zeros(d_out, 4)}
+
+    files = {
+        # SD 2.x-sized layers (1024 wide) on the tiny SD 1.5 base (32 wide)
+        "sd2.safetensors": (pair(f"lora_unet_{_ATTN}", 1024, 1024),
+                            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q is 1024->1024 but this "
+                            "base's is 32->32"),
+        "te.safetensors": (pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1024, 1024),
+                           "self_attn.q_proj is 1024->1024 but this base's is 32->32"),
+        "absent.safetensors": (pair("lora_te_text_model_encoder_layers_40_self_attn_q_proj", 32, 32),
+                               "text_encoder.text_model.encoder.layers.40.self_attn.q_proj is not in this base"),
+        "loha.safetensors": ({f"lora_unet_{_ATTN}.hada_w1_a": torch.zeros(32, 4),
+                              f"lora_unet_{_ATTN}.hada_w1_b": torch.zeros(4, 32)},
+                             "a LyCORIS LoHa adapter (2 keys such as"),
+    }
+    for name, (tensors, _) in files.items():
+        save_file(tensors, str(tmp_path / name))
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    return {**{name: why for name, (_, why) in files.items()}, "cut.safetensors": "not a readable .safetensors file"}
+
+
+def test_an_adapter_that_does_not_fit_is_named_with_its_layer(tiny_sd15, tmp_path, capsys):
+    for name, why in _bad_adapter_files(tmp_path).items():
+        rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--lora", str(tmp_path / name),
+                   "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and f"--lora: {tmp_path / name}: " in err and why in err and "\n" not in err, (name, err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -309,3 +309,37 @@ def test_validation_arguments_map_to_the_validation_keys():
     assert cfg["data"]["validation_split"] == 0.1 and cfg["data"]["validation_seed"] == 3
     assert cfg["train"]["validate_every_n_steps"] == 50
     assert not any("validat" in note for note in notes)
+
+
+def test_loss_and_noise_arguments_map_to_the_train_keys():
+    cfg, notes = config_from_kohya(parse_command_line(
+        "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_alpha 4 "
+        "--network_dim 4 --max_train_steps 10 --learning_rate 1e-4 "
+        "--loss_type huber --huber_schedule exponential --huber_c 0.2 --huber_scale 2 "
+        "--min_timestep 100 --max_timestep 900 --zero_terminal_snr --debiased_estimation_loss "
+        "--multires_noise_iterations 6 --multires_noise_discount 0.4 --ip_noise_gamma 0.05 --v_pred_like_loss 0.1"))
+    t = cfg["train"]
+    assert (t["loss_type"], t["huber_schedule"], t["huber_c"], t["huber_scale"]) == ("huber", "exponential", 0.2, 2.0)
+    assert (t["min_timestep"], t["max_timestep"]) == (100, 900)
+    assert t["zero_terminal_snr"] is True and t["debiased_estimation"] is True
+    assert (t["multires_noise_iterations"], t["multires_noise_discount"], t["input_perturbation"]) == (6, 0.4, 0.05)
+    assert notes == ["--v_pred_like_loss 0.1: not supported; left out"]
+    from lora_trainer.config import config_from_dict
+
+    loaded = config_from_dict(cfg).train
+    assert (loaded.loss_type, loaded.min_timestep, loaded.multires_noise_iterations) == ("huber", 100, 6)
+
+
+def test_kohya_loss_defaults_add_nothing_and_odd_values_get_notes():
+    gui = {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "network_dim": 4, "network_alpha": 4,
+           "learning_rate": 1e-4, "max_train_steps": 10,
+           "loss_type": "l2", "huber_schedule": "snr", "huber_c": 0.1, "huber_scale": 1, "min_timestep": 0,
+           "max_timestep": 1000, "multires_noise_iterations": 0, "multires_noise_discount": 0.3,
+           "zero_terminal_snr": False, "debiased_estimation_loss": False}
+    cfg, notes = config_from_kohya(gui)
+    assert notes == [] and set(cfg["train"]) == {"lr", "max_steps"}
+    cfg, notes = config_from_kohya({**gui, "loss_type": "pseudo_huber", "min_timestep": 500, "max_timestep": 500})
+    assert "loss_type" not in cfg["train"]
+    assert (cfg["train"]["min_timestep"], cfg["train"]["max_timestep"]) == (500, 501)
+    assert any(n.startswith("--loss_type pseudo_huber: not supported") for n in notes)
+    assert any("--min_timestep 500 --max_timestep 500: every step trains at timestep 500" in n for n in notes)

@@ -58,6 +58,10 @@ _PLAIN_NAMES = {
 _CLIP_INNER = ("encoder.", "embeddings.", "final_layer_norm.")
 
 
+# Key fragments of LyCORIS's other network types, named when such a file is refused.
+_LYCORIS_MARKERS = {".hada_": "LoHa", ".lokr_": "LoKr", ".oft_": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
+
+
 def _fail(what: str, keys: Iterable[str], hint: str = "") -> NoReturn:
     keys = sorted(keys)
     shown = ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
@@ -85,6 +89,10 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
                 break
         else:
             unknown.append(shown_as + key)
+    lycoris = sorted({kind for key in unknown for marker, kind in _LYCORIS_MARKERS.items() if marker in key})
+    if lycoris:
+        raise ModelError(f"a LyCORIS {'/'.join(lycoris)} adapter ({len(unknown)} keys such as {sorted(unknown)[0]}); "
+                         "only LoRA and DoRA files are supported")
     if unknown:
         _fail("keys that are not LoRA down/up weights", unknown,
               "only LoRA and DoRA are supported (no LoRA biases or LoHa/LoKr factors)")

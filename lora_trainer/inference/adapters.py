@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelError, first_line
+from .adapter_fit import why_not_loadable
 
 
 @dataclass
@@ -139,21 +140,6 @@ def _lora_modules(pipe):
                     yield f"{component}.{name}", module
 
 
-def _family_mismatch(path: Path, pipe) -> str | None:
-    """Why an adapter failed to load when it is for the other base family (SD 1.x vs SDXL), else None."""
-    from ..export.adapter import read_adapter
-
-    try:
-        family = read_adapter(path).base
-    except (ModelError, OSError, ValueError, KeyError, RuntimeError):
-        return None
-    base = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
-    if family == base:
-        return None
-    names = {"sd15": "SD 1.x", "sdxl": "SDXL"}
-    return f"an {names[family]} adapter does not fit an {names[base]} base; use an {names[family]} --model"
-
-
 @dataclass
 class AdapterStack:
     """The adapters loaded into one pipeline, by name, with their weights and on/off state."""
@@ -190,7 +176,7 @@ class AdapterStack:
             if dora is not None:
                 _set_magnitudes(self.pipe, dora, name)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            why = _family_mismatch(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
+            why = why_not_loadable(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
             raise ModelError(f"--lora: {spec.path}: {why}") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)
         self.enabled[name] = True

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .loss_options import loss_options
 from .options import (
     KOHYA_DEFAULTS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for, parse_network_args,
     read_sample_prompts, reg_folder, resolution_side, set_key,
@@ -265,6 +266,7 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
             set_key(cfg, ours, a.int(kohya) if kind == "int" else a.float(kohya))
     if a.float("min_snr_gamma"):  # 0 is off in kohya, null here
         set_key(cfg, "train.snr_gamma", a.float("min_snr_gamma"))
+    loss_options(a, cfg, notes)
     if a.float("validation_split"):  # held-out images for a validation loss; 0 is off in both
         set_key(cfg, "data.validation_split", a.float("validation_split"))
         if a.int("validate_every_n_steps"):

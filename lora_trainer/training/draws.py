@@ -1,5 +1,6 @@
-"""The random draws of a training step (latent sample, noise, noise offset, timestep, input
-perturbation), each item from its own generator seeded by (seed, epoch, dataset item, stream).
+"""The random draws of a training step (latent sample, noise, noise offset, multi-resolution noise,
+timestep, input perturbation), each item from its own generator seeded by (seed, epoch, dataset
+item, stream). Options that are off draw nothing, so they leave the other draws unchanged.
 
 Nothing comes from the global RNG, so an item gets the same draws whichever process, batch or
 resumed run it lands in: a 2-process run equals a 1-process run of the same global batch, and a
@@ -32,15 +33,18 @@ class StepDraws:
 
 def draw_step(latent_shape: tuple[int, ...], items: list[int], seed: int, epoch: int, stream: str,
               noise_offset: float, input_perturbation: float, num_timesteps: int,
-              eps_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> StepDraws:
-    """Draws for a batch of `latent_shape` = (B, C, H, W), item by item in a fixed order."""
+              eps_dtype: torch.dtype, dtype: torch.dtype, device: torch.device, *, min_timestep: int = 0,
+              multires_iterations: int = 0, multires_discount: float = 0.3) -> StepDraws:
+    """Draws for a batch of `latent_shape` = (B, C, H, W), item by item in a fixed order; timesteps
+    are uniform in [min_timestep, num_timesteps). Multi-resolution noise is normalised per item."""
     parts = []
     one = (1, *latent_shape[1:])
     for item in items:
         g = torch.Generator(device=device).manual_seed(item_seed(seed, epoch, item, stream))
         eps = torch.randn(one, generator=g, dtype=eps_dtype, device=device)
-        noise = sample_noise(torch.empty(one, dtype=dtype, device=device), noise_offset, g)
-        t = torch.randint(0, num_timesteps, (1,), device=device, generator=g)
+        noise = sample_noise(torch.empty(one, dtype=dtype, device=device), noise_offset, g,
+                             multires_iterations, multires_discount)
+        t = torch.randint(min_timestep, num_timesteps, (1,), device=device, generator=g)
         parts.append((eps, noise, perturb(noise, input_perturbation, g), t))
     eps, noise, model_noise, timesteps = (torch.cat(column) for column in zip(*parts))
     return StepDraws(eps, noise, model_noise, timesteps)

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..fileio import write_text_atomic
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
+from ..processes import check_launch_mode
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
@@ -32,7 +33,7 @@ from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, item_seed
 from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
-from .loss import diffusion_loss, training_target
+from .loss import diffusion_loss, training_scheduler, training_target
 from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
@@ -62,6 +63,7 @@ def _check_environment(cfg: RunConfig) -> None:
     """Settings this machine cannot honour fail here, before any data or model is read."""
     import importlib.util
 
+    check_launch_mode()
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
     check_optimizer(cfg.train)
@@ -208,6 +210,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     embedding_cache = EmbeddingCache(enabled=no_cache is None)
     scaling = base.vae.config.scaling_factor
     timesteps_total = base.noise_scheduler.config.num_train_timesteps
+    if (t.max_timestep or 0) > timesteps_total or t.min_timestep >= (t.max_timestep or timesteps_total):
+        key = "max_timestep" if t.max_timestep else "min_timestep"
+        raise ConfigError(f"train.{key}: got {getattr(t, key)}; the base's schedule has {timesteps_total} timesteps, "
+                          f"and training draws from [train.min_timestep, train.max_timestep) within them")
+    noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
+    loss_options = dict(loss_type=t.loss_type, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
+                        huber_scale=t.huber_scale, debiased=t.debiased_estimation)
 
     def encode_images(pixels: torch.Tensor):
         with torch.no_grad():
@@ -229,15 +238,17 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 for i, f, c in zip(batch["index"], batch["flipped"], batch["crop_top_left"])]
         mean, std = latent_cache.distributions(keys, batch["pixel_values"], encode_images)
         d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], seed, epoch, stream, t.noise_offset,
-                      t.input_perturbation, timesteps_total, std.dtype, weight_dtype, device)
+                      t.input_perturbation, t.max_timestep or timesteps_total, std.dtype, weight_dtype, device,
+                      min_timestep=t.min_timestep, multires_iterations=t.multires_noise_iterations,
+                      multires_discount=t.multires_noise_discount)
         timesteps = d.timesteps if timesteps is None else timesteps
         latents = ((mean + std * d.eps) * scaling).to(weight_dtype)
-        noisy = base.noise_scheduler.add_noise(latents, d.model_noise, timesteps)
-        target = training_target(base.noise_scheduler, latents, d.noise, timesteps)
+        noisy = noise_scheduler.add_noise(latents, d.model_noise, timesteps)
+        target = training_target(noise_scheduler, latents, d.noise, timesteps)
         with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
             embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
             pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
-        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.snr_gamma)
+        return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options)
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []

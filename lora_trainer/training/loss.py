@@ -1,20 +1,58 @@
-"""The diffusion training objective: noise the latents, predict epsilon or v, weighted MSE."""
+"""The diffusion training objective: noise the latents (plain, offset or multi-resolution noise),
+predict epsilon or v, and score the prediction (l2, l1, huber, smooth_l1) with per-sample weights
+(min-SNR-γ, debiased estimation)."""
 
 from __future__ import annotations
+
+import copy
+import logging
+import math
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
-def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
+# SNR bounds of debiased estimation: kohya caps SNR at 1000 (it is ~1175 at t = 0 on SD's schedule);
+# the floor keeps 1/sqrt(SNR) finite where a zero-terminal-SNR schedule reaches SNR 0.
+DEBIASED_SNR_RANGE = (1e-3, 1000.0)
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None,
+                 multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
     """Gaussian noise; a noise offset adds a per-channel constant so the model can learn to shift
-    overall brightness (very dark or bright images)."""
+    overall brightness (very dark or bright images). Multi-resolution noise comes last, over the
+    offset noise, as kohya applies them."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
     if noise_offset:
         b, c = latents.shape[:2]
         offset = torch.randn((b, c, 1, 1), generator=generator, dtype=latents.dtype, device=latents.device)
         noise = noise + noise_offset * offset
+    if multires_iterations:
+        noise = pyramid_noise(noise, multires_iterations, multires_discount, generator)
     return noise
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multi-resolution noise (J. Whitaker's "pyramid" noise, kohya's --multires_noise_iterations):
+    `noise` plus, for level i = 0, 1, ..., noise drawn at the size divided by r^i (r uniform in
+    [2, 4) per level; level 0 is full size) and upsampled bilinearly, weighted by discount^i; it
+    stops after `iterations` levels or at a 1-pixel side. The sum is divided by its standard
+    deviation (over the whole tensor: call it per item to keep items independent of their batch).
+    Low frequencies get more power, so the model also learns large-scale structure and contrast."""
+    b, c, h, w = noise.shape
+    total = noise.float()
+    for i in range(iterations):
+        ratio = 1.0 if i == 0 else 2.0 + 2.0 * torch.rand((), generator=generator, device=noise.device).item()
+        size = (max(1, int(h / ratio ** i)), max(1, int(w / ratio ** i)))
+        level = torch.randn((b, c, *size), generator=generator, dtype=torch.float32, device=noise.device)
+        if size != (h, w):
+            level = F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)
+        total = total + level * discount ** i
+        if 1 in size:
+            break
+    return (total / total.std()).to(noise.dtype)
 
 
 def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -25,6 +63,32 @@ def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator | Non
         return noise
     extra = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
     return noise + amount * extra
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (Algorithm 1): shift sqrt(alpha_bar) so the last timestep is 0 (pure noise,
+    SNR 0) and scale it so the first keeps its value; return the betas of that schedule."""
+    root = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return (1.0 - alphas).to(betas.dtype)
+
+
+def training_scheduler(scheduler, zero_terminal_snr: bool):
+    """The noise schedule training uses: the base's own, or (zero_terminal_snr) a rescaled copy,
+    so that sampling and class images keep the base's schedule."""
+    if not zero_terminal_snr:
+        return scheduler
+    if scheduler.config.prediction_type == "epsilon":
+        log.warning("train.zero_terminal_snr: the base predicts epsilon; zero terminal SNR is meant for "
+                    "v-prediction (at SNR 0 the noise is the input, so epsilon there teaches nothing)")
+    rescaled = copy.deepcopy(scheduler)
+    rescaled.betas = zero_terminal_snr_betas(scheduler.betas)
+    rescaled.alphas = 1.0 - rescaled.betas
+    rescaled.alphas_cumprod = torch.cumprod(rescaled.alphas, dim=0)
+    return rescaled
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -43,18 +107,76 @@ def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
+def huber_threshold(scheduler, timesteps: torch.Tensor, schedule: str, c: float, scale: float = 1.0) -> torch.Tensor:
+    """The huber/smooth_l1 threshold of each sample, as kohya schedules it:
+    constant c·scale; exponential scale·c^(t/T) (scale at t = 0, c·scale at t = T);
+    snr (1 - c)/(1 + σ_t)² + c with σ_t = sqrt((1 - alpha_bar)/alpha_bar): near 1 for clean
+    latents, c for pure noise (scale is not used)."""
+    t = timesteps.float()
+    if schedule == "constant":
+        values = torch.full_like(t, c * scale)
+    elif schedule == "exponential":
+        values = scale * torch.exp(math.log(c) * t / scheduler.config.num_train_timesteps)
+    elif schedule == "snr":
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigma = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()  # inf at SNR 0: c exactly
+        values = (1.0 - c) / (1.0 + sigma) ** 2 + c
+    else:
+        raise ValueError(f"unknown huber schedule {schedule!r}")
+    return values
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                     c: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of every element (fp32). huber: 2c·(sqrt(d² + c²) - c), about d² for |d| << c
+    and 2c·|d| beyond; smooth_l1: the same divided by c, 2·(sqrt(d² + c²) - c) (kohya's
+    pseudo-Huber forms); `c` holds one threshold per sample."""
+    pred, target = pred.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = c.view(-1, *([1] * (pred.ndim - 1)))
+    smooth = 2.0 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
+    if loss_type == "smooth_l1":
+        return smooth
+    if loss_type == "huber":
+        return c * smooth
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def min_snr_weight(s: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR + 1)
+    for v targets. At SNR 0 (a zero-terminal-SNR schedule's last step) the epsilon weight is its
+    limit 1, not 0/0; the v weight is 0 there, as the formula says."""
+    clipped = torch.clamp(s, max=gamma)
+    if v_prediction:
+        return clipped / (s + 1.0)
+    return torch.where(s > 0, clipped / s, torch.ones_like(s))
+
+
+def debiased_weight(s: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2023, kohya's --debiased_estimation_loss): 1/sqrt(SNR), with
+    SNR clamped to DEBIASED_SNR_RANGE so neither end of the schedule gives an infinite weight."""
+    low, high = DEBIASED_SNR_RANGE
+    return 1.0 / torch.sqrt(torch.clamp(s, min=low, max=high))
+
+
 def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor, snr_gamma: float | None
+    pred: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor, snr_gamma: float | None,
+    *, loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "snr", huber_scale: float = 1.0,
+    debiased: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error, optionally min-SNR-γ weighted (Hang et al. 2023): each sample's loss
-    is scaled by min(SNR, γ)/SNR for epsilon targets and min(SNR, γ)/(SNR + 1) for v targets."""
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    if snr_gamma is None:
+    """The batch loss: each sample's mean element loss, times its weights (min-SNR-γ when
+    `snr_gamma` is set, 1/sqrt(SNR) when `debiased`), averaged over the batch."""
+    c = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale).to(pred.device) \
+        if loss_type in ("huber", "smooth_l1") else None
+    per_sample = elementwise_loss(pred, target, loss_type, c).mean(dim=list(range(1, pred.ndim)))
+    if snr_gamma is None and not debiased:
         return per_sample.mean()
     s = snr(scheduler, timesteps)
-    clipped = torch.clamp(s, max=snr_gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        weight = clipped / (s + 1.0)
-    else:
-        weight = clipped / s
-    return (per_sample * weight).mean()
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(s, snr_gamma, scheduler.config.prediction_type == "v_prediction")
+    if debiased:
+        per_sample = per_sample * debiased_weight(s)
+    return per_sample.mean()

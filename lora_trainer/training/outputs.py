@@ -70,6 +70,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         max_token_length=cfg.model.max_token_length,
         noise_offset=t.noise_offset,
         min_snr_gamma=t.snr_gamma,
+        **_loss_metadata(t),
         cache_latents=t.cache_latents,
         training_started_at=started_at,
         training_finished_at=time.time(),
@@ -83,6 +84,19 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         network_args={"conv_dim": str(cfg.lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"}
         if cfg.lora.conv_rank else None,
     )
+
+
+def _loss_metadata(t) -> dict:
+    """The loss and noise options for kohya_metadata, as kohya records them: the loss type and
+    huber settings always; multi-resolution noise and the timestep range only when in use."""
+    multires = t.multires_noise_iterations > 0
+    narrowed = t.min_timestep > 0 or t.max_timestep is not None
+    return dict(ip_noise_gamma=t.input_perturbation, loss_type=t.loss_type, huber_schedule=t.huber_schedule,
+                huber_c=t.huber_c, huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation,
+                zero_terminal_snr=t.zero_terminal_snr,
+                multires_noise_iterations=t.multires_noise_iterations if multires else None,
+                multires_noise_discount=t.multires_noise_discount if multires else None,
+                min_timestep=t.min_timestep if narrowed else None, max_timestep=t.max_timestep if narrowed else None)
 
 
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,

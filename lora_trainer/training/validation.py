@@ -4,8 +4,9 @@ random choice fixed, so that from one evaluation to the next only the adapter ch
 Each held-out image (center crop, no flip, its caption as training reads it) is scored at
 `train.validation_timesteps` evenly spaced timesteps, each with its own noise drawn from
 (validation seed, epoch 0, image × timestep, "validation"): the same draws at every evaluation,
-in every process and every resumed run. The loss is training's (noise offset, min-SNR weighting,
-v-prediction target), computed by the loop's own `batch_loss`, with no gradient and the adapters
+in every process and every resumed run. The loss is training's (noise offset, multi-resolution
+noise, loss type, min-SNR and debiased weighting, the training noise schedule, v-prediction
+target), computed by the loop's own `batch_loss`, with no gradient and the adapters
 in eval mode (LoRA dropout off). Processes share the images and add up their per-image losses,
 so 2 processes report the 1-process number.
 """
@@ -29,10 +30,12 @@ log = logging.getLogger(__name__)
 STREAM = "validation"
 
 
-def fixed_timesteps(count: int, num_timesteps: int) -> torch.Tensor:
-    """`count` timesteps at the middles of equal slices of [0, num_timesteps): 8 of 1000 are
-    62, 187, ..., 937 (neither end of the schedule, where the loss says little)."""
-    return torch.tensor([int((j + 0.5) * num_timesteps / count) for j in range(count)], dtype=torch.long)
+def fixed_timesteps(count: int, num_timesteps: int, low: int = 0) -> torch.Tensor:
+    """`count` timesteps at the middles of equal slices of [low, num_timesteps), the range training
+    draws from: 8 of [0, 1000) are 62, 187, ..., 937 (neither end of the schedule, where the loss
+    says little)."""
+    span = num_timesteps - low
+    return torch.tensor([low + int((j + 0.5) * span / count) for j in range(count)], dtype=torch.long)
 
 
 def validation_interval(cfg: RunConfig, max_steps: int) -> int:
@@ -67,7 +70,8 @@ class Validation:
         self.paths = [ex.path for ex in self.examples]
         self.max_steps = max_steps
         self.every = validation_interval(cfg, max_steps)
-        self.timesteps = fixed_timesteps(cfg.train.validation_timesteps, num_timesteps)
+        high = cfg.train.max_timestep or num_timesteps
+        self.timesteps = fixed_timesteps(cfg.train.validation_timesteps, high, cfg.train.min_timestep)
         self.chunk = cfg.train.batch_size  # no gradients: a training batch's memory is enough
         self.seed = validation_seed(cfg)
         self.batch_loss, self.modules, self.accelerator = batch_loss, list(modules), accelerator

@@ -1,0 +1,58 @@
+"""kohya's loss and noise options (loss type and huber schedule, timestep range, zero terminal SNR,
+debiased estimation, multi-resolution noise) as `train.*` keys. A value equal to our default (which
+is kohya's) is not written, so kohya_ss GUI files, which write every field, stay short."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .options import set_key
+
+if TYPE_CHECKING:
+    from .mapping import Args
+
+# kohya argument -> (our key, the values we have, our default)
+CHOICES = {"loss_type": ("train.loss_type", ("l2", "l1", "huber", "smooth_l1"), "l2"),
+           "huber_schedule": ("train.huber_schedule", ("constant", "exponential", "snr"), "snr")}
+# kohya argument -> (our key, getter, our default)
+NUMBERS = {
+    "huber_c": ("train.huber_c", "float", 0.1),
+    "huber_scale": ("train.huber_scale", "float", 1.0),
+    "multires_noise_iterations": ("train.multires_noise_iterations", "int", 0),
+    "multires_noise_discount": ("train.multires_noise_discount", "float", 0.3),
+}
+SWITCHES = {"zero_terminal_snr": "train.zero_terminal_snr", "debiased_estimation_loss": "train.debiased_estimation"}
+
+
+def loss_options(a: "Args", cfg: dict, notes: list[str]) -> None:
+    for kohya, (ours, allowed, default) in CHOICES.items():
+        value = (a.str(kohya) or default).lower()
+        if value not in allowed:
+            notes.append(f"{a.name(kohya)} {a.get(kohya)}: not supported (we have {', '.join(allowed)}); "
+                         f"{ours} stays {default}")
+        elif value != default:
+            set_key(cfg, ours, value)
+    for kohya, (ours, kind, default) in NUMBERS.items():
+        if a.has(kohya):
+            value = a.int(kohya) if kind == "int" else a.float(kohya)
+            if value != default:
+                set_key(cfg, ours, value)
+    for kohya, ours in SWITCHES.items():
+        if a.bool(kohya):
+            set_key(cfg, ours, True)
+    _timesteps(a, cfg, notes)
+
+
+def _timesteps(a: "Args", cfg: dict, notes: list[str]) -> None:
+    """kohya draws timesteps from [min_timestep, max_timestep), as we do; when the two are equal it
+    trains every step at that one timestep, which is the range [t, t + 1) here."""
+    low, high = a.int("min_timestep"), a.int("max_timestep")
+    if low is not None and high is not None and low == high:
+        low = min(low, 999)
+        notes.append(f"--min_timestep {a.get('min_timestep')} --max_timestep {a.get('max_timestep')}: every step "
+                     f"trains at timestep {low}, the range [{low}, {low + 1}) here")
+        high = low + 1
+    if low:
+        set_key(cfg, "train.min_timestep", low)
+    if high is not None and high != 1000:
+        set_key(cfg, "train.max_timestep", high)
