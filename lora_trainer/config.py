@@ -126,6 +126,11 @@ class LoraConfig:
     # DoRA (weight-decomposed LoRA): also learn a magnitude per output channel,
     # W' = m · (W + s·B·A) / ‖W + s·B·A‖ (row norms); files gain `dora_scale` / `lora_magnitude_vector`
     use_dora: bool = False
+    # LoCon (kohya's --network_args conv_dim=R conv_alpha=A): > 0 also adapts the UNet's ResNet
+    # blocks and down/up-samplers as kohya does: their 3x3 convs (resnet conv1/conv2, sampler conv) at
+    # this rank, each resnet's time_emb_proj and 1x1 conv_shortcut at lora.rank; 0: off
+    conv_rank: int = 0
+    conv_alpha: Optional[float] = None  # scale of the 3x3 convs is conv_alpha / conv_rank; None: = conv_rank
 
 
 @dataclass
@@ -256,6 +261,10 @@ class RunConfig:
         return float(self.lora.alpha if self.lora.alpha is not None else self.lora.rank)
 
     @property
+    def conv_alpha(self) -> float:
+        return float(self.lora.conv_alpha if self.lora.conv_alpha is not None else self.lora.conv_rank)
+
+    @property
     def prior_preservation(self) -> bool:
         return self.dreambooth.num_class_images > 0
 
@@ -290,6 +299,12 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
     need(bool(cfg.lora.unet_targets), "lora.unet_targets", cfg.lora.unet_targets, "a non-empty list of module names")
+    need(cfg.lora.conv_rank >= 0, "lora.conv_rank", cfg.lora.conv_rank, "an integer >= 0 (0: no LoCon; typically 4 to 32)")
+    need(cfg.lora.conv_alpha is None or cfg.lora.conv_alpha > 0, "lora.conv_alpha", cfg.lora.conv_alpha,
+         "a number > 0 or null (= conv_rank)")
+    if cfg.lora.conv_alpha is not None and cfg.lora.conv_rank == 0:
+        errors.append(f"lora.conv_alpha: got {cfg.lora.conv_alpha!r} with lora.conv_rank 0; set lora.conv_rank "
+                      "(e.g. 8) to adapt the 3x3 convs, or leave conv_alpha null")
     t = cfg.train
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1 or null")
     need(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1 or null")

@@ -189,7 +189,7 @@ def test_init_from_a_dora_file_starts_where_it_ended(dora_run, tiny_sd15):
         inject_lora(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], 4, 2.0, 0.0, "lora.unet_targets", True)
         inject_lora(pipe.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"], 4, 2.0, 0.0,
                     "lora.text_encoder_targets", True)
-        load_initial_adapter(adapter, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, 2.0, str(path))
+        load_initial_adapter(adapter, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, str(path))
         unet_out, te_out = _outputs(pipe.unet, pipe.text_encoder)
         assert (unet_out - unet_ref).abs().max() < 1e-4 and (te_out - te_ref).abs().max() < 1e-4
 

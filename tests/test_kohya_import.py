@@ -69,6 +69,8 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     lora = cfg["lora"]
     assert (lora["rank"], lora["alpha"], lora["dropout"], lora["train_text_encoder"]) == (16, 8.0, 0.1, True)
     assert "ff.net.2" in lora["unet_targets"] and "fc1" in lora["text_encoder_targets"]  # kohya's module set
+    assert {"proj_in", "proj_out"} <= set(lora["unet_targets"])
+    assert (lora["conv_rank"], lora["conv_alpha"]) == (4, 1.0)  # --network_args conv_dim=4 conv_alpha=1 (LoCon)
     t = cfg["train"]
     assert (t["lr"], t["text_encoder_lr"], t["scheduler"], t["warmup"], t["max_steps"]) == (2e-4, 1e-4, "cosine", 100, 1000)
     assert (t["batch_size"], t["grad_accum"], t["mixed_precision"], t["optimizer"]) == (2, 2, "fp16", "adamw8bit")
@@ -79,7 +81,8 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert cfg["output"] == {"dir": "out", "name": "my dog", "dtype": "fp16", "save_every_n_steps": 200}
     assert cfg["log"] == {"tensorboard": True}
     text = "\n".join(notes)
-    for kohya in ("--network_args conv_dim=4", "--xformers", "--sample_sampler euler_a", "--resume out/state",
+    assert "conv_dim" not in text and "conv_alpha" not in text
+    for kohya in ("--xformers", "--sample_sampler euler_a", "--resume out/state",
                   "--color_aug", "--frobnicate 3", "--logging_dir logs", "--ss left out", "--wandb_api_key"):
         assert kohya in text, kohya
     assert "SECRET123" not in text  # a key is never repeated

@@ -24,7 +24,9 @@ import torch
 
 from ..errors import ModelError
 from .files import LORA_ADAPTER_METADATA_KEY, load_adapter, save_adapter
-from .layouts import KOHYA_PREFIXES, canonical_path, detect_layout, diffusers_to_peft, kohya_to_peft
+from .layouts import (
+    KOHYA_PREFIXES, canonical_path, detect_layout, diffusers_to_peft, kohya_to_peft, peft_magnitude,
+)
 
 BASES = tuple(KOHYA_PREFIXES)  # "sd15" (SD 1.x/2.x names), "sdxl"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -119,9 +121,12 @@ class Adapter:
         def up(m: LoraModule) -> torch.Tensor:
             return (m.up.double() * m.scale).to(m.up.dtype) if fold_alpha else m.up
 
+        def magnitude(m: LoraModule) -> torch.Tensor | None:
+            return None if m.magnitude is None else peft_magnitude(m.magnitude, m.up.ndim)
+
         return {c: {k: v for p, m in mods.items()
                     for k, v in ((f"{p}.lora_A.weight", m.down), (f"{p}.lora_B.weight", up(m)),
-                                 (f"{p}.lora_magnitude_vector", m.magnitude)) if v is not None}
+                                 (f"{p}.lora_magnitude_vector", magnitude(m))) if v is not None}
                 for c, mods in self.modules.items() if mods}
 
     @property
@@ -244,9 +249,14 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
             if module.up.shape[1] != module.rank or module.up.ndim != module.down.ndim:
                 raise ModelError(f"{path}: {component}.{name} has down {tuple(module.down.shape)} and up "
                                  f"{tuple(module.up.shape)}, which do not multiply")
-            if module.magnitude is not None and tuple(module.magnitude.shape) != (module.up.shape[0],):
-                raise ModelError(f"{path}: {component}.{name} has a DoRA magnitude of shape "
-                                 f"{tuple(module.magnitude.shape)}; its up weight needs ({module.up.shape[0]},)")
+            if module.magnitude is not None:
+                # peft's shape: (d_out,) for a linear layer, (1, d_out, 1, 1) for a conv
+                d_out = module.up.shape[0]
+                want = (d_out,) if module.up.ndim == 2 else (1, d_out, 1, 1)
+                if tuple(module.magnitude.shape) not in (want, (d_out,)):
+                    raise ModelError(f"{path}: {component}.{name} has a DoRA magnitude of shape "
+                                     f"{tuple(module.magnitude.shape)}; its up weight needs {want}")
+                module.magnitude = module.magnitude.reshape(-1)
     if base is not None:
         if base not in BASES:
             raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")

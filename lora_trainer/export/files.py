@@ -106,6 +106,18 @@ def _adapter_metadata_json(configs: Mapping[str, dict]) -> str:
     return json.dumps(flat, indent=2, sort_keys=True)
 
 
+def _with_dora_args(header: dict[str, str]) -> dict[str, str]:
+    """`ss_network_args` with LyCORIS's DoRA arguments added (beside LoCon's conv_dim/conv_alpha),
+    unless the file already says how its DoRA scales lie."""
+    try:
+        args = json.loads(header.get("ss_network_args") or "{}")
+    except ValueError:
+        return header  # someone else's text: leave it as it is
+    if not isinstance(args, dict) or "dora_wd" in args:
+        return header
+    return {**header, "ss_network_args": json.dumps({**args, **DORA_NETWORK_ARGS})}
+
+
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     # Alphas keep their own dtype (float32): they are scalars and must stay exact. dtype None keeps
     # every tensor as it is (format conversion must not round anything).
@@ -157,9 +169,8 @@ def save_adapter(
             version = "sdxl_base_v1-0" if base == "sdxl" else "sd_v1"
             basics = kohya_metadata(rank=rank, alpha=_headline_alpha(alpha), base_model_version=version)
             header = {**{k: v for k, v in basics.items() if k.startswith("ss_")}, **header}
-        if any(k.endswith(".dora_scale") for k in tensors):  # beside any other network args (LoRA+)
-            args = json.loads(header.get("ss_network_args") or "{}")
-            header["ss_network_args"] = json.dumps({**DORA_NETWORK_ARGS, **args})
+        if any(k.endswith(".dora_scale") for k in tensors):
+            header = _with_dora_args(header)
         header = with_hashes(tensors, header)
     else:
         tensors = _cast(peft_to_diffusers(states), dtype)

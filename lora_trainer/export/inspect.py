@@ -8,10 +8,16 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 from .adapter import Adapter, read_adapter
 
 _LONG = 160  # metadata values longer than this are shortened in the text report (not in JSON)
+
+
+# Attention projections: diffusers (0.42) reads a kohya file's alpha for these only when it is their
+# component's most common alpha (other layers, LoCon's convs included, keep their own).
+_ATTENTION = re.compile(r"(\.to_[qkv]|\.to_out\.0|self_attn\.[qkv]_proj|self_attn\.out_proj)$")
 
 
 def _kind(module) -> str:
@@ -19,6 +25,20 @@ def _kind(module) -> str:
         return "linear"
     kh, kw = module.down.shape[2:]
     return f"conv {kh}x{kw}"
+
+
+def misread_attention_alphas(alphas: Mapping[str, float]) -> tuple[float, list[str]]:
+    """(the most common alpha, the attention modules with another one) of one component's
+    {module path: alpha}: the modules whose alpha diffusers (0.42) misreads in a kohya file."""
+    if not alphas:
+        return 0.0, []
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return common, sorted(p for p, a in alphas.items() if _ATTENTION.search(p) and a != common)
+
+
+def _is_conv_kxk(module) -> bool:
+    """A conv with a kernel larger than 1x1: what LoCon (kohya's conv_dim) adapts at its own rank."""
+    return module.is_conv and tuple(module.down.shape[2:]) != (1, 1)
 
 
 def _tensor_hash(path: Path) -> str:
@@ -38,11 +58,12 @@ def _counts(values) -> dict[str, int]:
 
 def _warnings(adapter: Adapter) -> list[str]:
     out = []
-    alphas = {m.alpha for _, _, m in adapter.items()}
-    if adapter.layout == "kohya" and len(alphas) > 1:
-        out.append("modules have different alphas: diffusers (0.42) applies some of them wrongly to kohya "
-                   "files; convert to the diffusers layout for diffusers, or resize/merge to one alpha")
     for component, modules in adapter.modules.items():
+        common, odd = misread_attention_alphas({p: m.alpha for p, m in modules.items()})
+        if adapter.layout == "kohya" and odd:
+            out.append(f"{component}: {len(odd)} attention module(s) have an alpha other than the most common "
+                       f"({common:g}), e.g. {odd[0]}: diffusers (0.42) applies it wrongly to kohya files; "
+                       "convert to the diffusers layout for diffusers, or resize/merge to one alpha")
         attention = [p for p in modules if re.search(r"self_attn\.[qkv]_proj$", p)]
         if adapter.layout == "kohya" and attention and not any(p.endswith("self_attn.out_proj") for p in modules):
             # diffusers tells old-style kohya text-encoder keys apart by `to_out_lora`; without one it
@@ -74,6 +95,9 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
         "ranks": _counts(m.rank for _, _, m in adapter.items()),
         "alphas": _counts(m.alpha for _, _, m in adapter.items()),
         "scales": _counts(round(m.scale, 6) for _, _, m in adapter.items()),
+        # LoCon: the rank and alpha of the convs with a kernel > 1x1 (kohya's conv_dim / conv_alpha)
+        "conv_ranks": _counts(m.rank for _, _, m in adapter.items() if _is_conv_kxk(m)),
+        "conv_alphas": _counts(m.alpha for _, _, m in adapter.items() if _is_conv_kxk(m)),
         "parameters": adapter.parameters,
         "modules": [{"component": c, "module": p, "kind": _kind(m), "rank": m.rank, "alpha": m.alpha,
                      "in": m.weight_shape[1], "out": m.weight_shape[0]} for c, p, m in adapter.items()],
@@ -106,8 +130,12 @@ def format_report(report: dict, modules: bool = False) -> str:
         f"rank        {_spread(report['ranks'], total)}",
         f"alpha       {_spread(report['alphas'], total)}",
         f"scale       {_spread(report['scales'], total)} (alpha / rank)",
-        f"parameters  {report['parameters']:,}",
     ]
+    convs = sum(report["conv_ranks"].values())
+    if convs:
+        lines.append(f"conv rank   {_spread(report['conv_ranks'], convs)}, alpha {', '.join(report['conv_alphas'])} "
+                     "(LoCon: the convs with a kernel over 1x1)")
+    lines.append(f"parameters  {report['parameters']:,}")
     if "hash_matches" in report:
         state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
         lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")

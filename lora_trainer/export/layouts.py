@@ -5,10 +5,11 @@ Both file layouts store the same math, W' = W + m · (alpha / r) · up @ down, w
 down = peft `lora_A` and up = peft `lora_B`; only the names and where alpha lives differ.
 No key is ever dropped: anything that does not fit a layout is reported by name.
 
-DoRA adds a magnitude m per output channel: peft `lora_magnitude_vector` (d_out,), the diffusers
-key `<component>.<path>.lora_magnitude_vector`, and kohya/LyCORIS `<lora_name>.dora_scale` stored
-on the output axis as (d_out, 1) (conv: (d_out, 1, 1, 1)), the shape LyCORIS writes with
-`wd_on_out` and ComfyUI tells from the input-axis (1, d_in) kind by its first dimension.
+DoRA adds a magnitude m per output channel: peft `lora_magnitude_vector` ((d_out,), for a conv
+(1, d_out, 1, 1)), the diffusers key `<component>.<path>.lora_magnitude_vector` in peft's shape, and
+kohya/LyCORIS `<lora_name>.dora_scale` stored on the output axis as (d_out, 1) (conv: (d_out, 1, 1, 1)),
+the shape LyCORIS writes with `wd_on_out` and ComfyUI tells from the input-axis (1, d_in) kind by its
+first dimension.
 """
 
 from __future__ import annotations
@@ -143,18 +144,26 @@ def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float |
 
 
 def dora_scale_from_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
-    """peft's (d_out,) magnitude as kohya's output-axis `dora_scale`: (d_out, 1[, 1, 1])."""
-    return magnitude.reshape(magnitude.shape[0], *[1] * (ndim - 1))
+    """peft's magnitude ((d_out,), conv (1, d_out, 1, 1)) as kohya's output-axis `dora_scale`:
+    (d_out, 1[, 1, 1])."""
+    return magnitude.reshape(-1, *[1] * (ndim - 1))
+
+
+def peft_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (d_out,) magnitude in peft's shape for a layer whose up weight has `ndim` dimensions:
+    (d_out,) for linear layers, (1, d_out, 1, 1) for convs (peft's conv DoRA norm is laid out so)."""
+    return magnitude.reshape(-1) if ndim == 2 else magnitude.reshape(1, -1, *[1] * (ndim - 2))
 
 
 def magnitude_from_dora_scale(scale: torch.Tensor, up: torch.Tensor, key: str) -> torch.Tensor:
-    """kohya's `dora_scale` as peft's (d_out,) magnitude; input-axis scales (1, d_in), which older
-    LyCORIS wrote, normalise columns instead of rows and have no peft equivalent."""
+    """kohya's `dora_scale` as peft's magnitude (see `peft_magnitude`); input-axis scales (1, d_in),
+    which older LyCORIS wrote, normalise columns instead of rows and have no peft equivalent."""
     d_out = up.shape[0]
     if scale.shape[0] != d_out or scale.numel() != d_out:
+        shape = f"({d_out}, 1)" if up.ndim == 2 else f"({d_out}, 1, 1, 1)"
         raise ModelError(f"{key!r} has shape {tuple(scale.shape)}: an input-axis DoRA scale (LyCORIS without "
-                         f"wd_on_out), which peft/diffusers cannot represent; only ({d_out}, 1) scales are read")
-    return scale.reshape(d_out)
+                         f"wd_on_out), which peft/diffusers cannot represent; only {shape} scales are read")
+    return peft_magnitude(scale, up.ndim)
 
 
 def _path_from_kohya(name: str, key: str, checked_later: bool = False) -> str:

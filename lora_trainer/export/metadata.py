@@ -83,7 +83,6 @@ def kohya_metadata(
     loraplus_lr_ratio: float | None = None,
     loraplus_unet_lr_ratio: float | None = None,
     loraplus_text_encoder_lr_ratio: float | None = None,
-    network_args: Mapping[str, str] | None = None,
     enable_bucket: bool | None = None,
     cache_latents: bool | None = None,
     training_started_at: float | None = None,
@@ -102,13 +101,14 @@ def kohya_metadata(
     thumbnail: str | None = None,
     date: str | None = None,
     network_module: str = "networks.lora",
+    network_args: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Build the `ss_*` and `modelspec.*` metadata of LORA_FORMATS.md; every value is a string.
 
     Arguments left as None are left out (kohya writes the string "None" instead; nothing reads it).
     `tag_frequency` is {dataset dir: {tag: count}}, `dataset_dirs` is
     {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds. `network_args` is kohya's
-    `--network_args` as {key: value string}, written as JSON (`ss_network_args`).
+    `--network_args` as key -> string (LoCon: {"conv_dim": "8", "conv_alpha": "4"}; LoRA+ ratios), stored as JSON.
     """
     if base_model_version not in ARCHITECTURES:
         raise ValueError(f"base_model_version {base_model_version!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -119,6 +119,7 @@ def kohya_metadata(
         "ss_network_module": network_module,
         "ss_network_dim": rank,
         "ss_network_alpha": float(alpha),  # kohya's alpha argument is a float: "8.0"
+        "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
         "ss_base_model_version": base_model_version,
         "ss_v2": v2,
         "ss_sd_model_name": base_model_name,
@@ -158,7 +159,6 @@ def kohya_metadata(
         "ss_loraplus_lr_ratio": loraplus_lr_ratio,
         "ss_loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
         "ss_loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
-        "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
         "ss_enable_bucket": enable_bucket,
         "ss_cache_latents": cache_latents,
         "ss_training_started_at": training_started_at,

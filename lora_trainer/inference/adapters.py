@@ -103,8 +103,8 @@ def _set_magnitudes(pipe, adapter, name: str) -> None:
         if layer is None or name not in getattr(layer, "lora_magnitude_vector", {}):
             raise ModelError(f"--lora: {adapter.metadata.get('ss_output_name', name)}: {component}.{module_path} "
                              "was not loaded as a DoRA layer")
-        weight = layer.lora_magnitude_vector[name].weight
-        weight.copy_(m.magnitude.to(weight.dtype))
+        weight = layer.lora_magnitude_vector[name].weight  # (d_out,), or (1, d_out, 1, 1) for a conv
+        weight.copy_(m.magnitude.reshape(weight.shape).to(weight.dtype))
 
 
 @contextlib.contextmanager

@@ -17,9 +17,10 @@ from .options import (
     parse_network_args, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
-# kohya's networks.lora adapts every linear layer of the UNet's transformer blocks and the text
-# encoders' attention and MLP (proj_in/proj_out too, which are 1x1 convs on SD1.x: left out here).
-KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# kohya's networks.lora adapts every Linear and 1x1 Conv2d of the UNet's transformer blocks
+# (proj_in/proj_out are 1x1 convs on SD1.x, linears on SDXL) and the text encoders' attention and
+# MLP; with `conv_dim` also the ResNet blocks and samplers (lora.conv_rank adds those).
+KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 KOHYA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
               "transformers.optimization.adafactor": "adafactor", "prodigyopt.prodigy": "prodigy"}
@@ -183,11 +184,37 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         notes.append("--network_train_text_encoder_only: not supported; the UNet is trained too")
         unet_only = False
     set_key(cfg, "lora.train_text_encoder", not unet_only)
-    for key, value in parse_network_args(a.get("network_args", [])):
+    network_args = dict(parse_network_args(a.get("network_args", [])))
+    _locon(network_args, cfg, notes)
+    for key, value in network_args.items():
         if key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
             set_key(cfg, f"train.{key}", _number(value, f"--network_args {key}"))
         else:
             notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
+
+
+def _locon(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:
+    """kohya's `--network_args conv_dim=R conv_alpha=A` (LoCon) as lora.conv_rank / lora.conv_alpha;
+    the pair is taken out of `network_args`."""
+    dim, alpha = network_args.pop("conv_dim", None), network_args.pop("conv_alpha", None)
+    if dim is None:
+        if alpha is not None:
+            notes.append(f"--network_args conv_alpha={alpha}: without conv_dim kohya adapts no 3x3 convs; left out")
+        return
+    rank = _number(dim, "--network_args conv_dim")
+    if not rank.is_integer():
+        raise ConfigError(f"--network_args conv_dim={dim}: not an integer")
+    rank = int(rank)
+    if rank <= 0:
+        notes.append(f"--network_args conv_dim={dim}: no 3x3 convs are adapted (kohya still adds the ResNet blocks' "
+                     "time_emb_proj and conv_shortcut; add them to lora.unet_targets for that)")
+        return
+    set_key(cfg, "lora.conv_rank", rank)
+    if alpha is None:
+        notes.append("--network_args conv_alpha not given: kohya's default 1 is kept (scale 1/conv_dim); "
+                     "ours would be conv_alpha = conv_rank")
+    value = _number(alpha, "--network_args conv_alpha") if alpha is not None else 1.0
+    set_key(cfg, "lora.conv_alpha", value if value else float(rank))  # as network_alpha: 0 means = dim
 
 
 def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:

@@ -80,8 +80,6 @@ KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_s
                   "caption_separator": ",", "min_bucket_reso": 256, "vae_batch_size": 1, "save_model_as": "safetensors",
                   "caption_extension": ".txt", "log_prefix": "", "persistent_data_loader_workers": False}
 NETWORK_ARG_NOTES = {
-    "conv_dim": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
-    "conv_alpha": "LoCon (adapting the 3x3 convs) is not trained here: the adapter covers the linear layers only",
     "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",
     "module_dropout": "use lora.dropout (dropout on the adapter input); left out",
 }

@@ -4,9 +4,16 @@ peft's LoRA layer holds A as `lora_A` (r × d_in, "down") and B as `lora_B` (d_o
 multiplies their product by `scaling = lora_alpha / r`; we only choose where they go.
 With DoRA (`use_dora`) peft also learns a magnitude m per output channel (`lora_magnitude_vector`,
 initialised to the row norms of W): W' = m · (W + scaling · B·A) / ‖W + scaling · B·A‖ (row-wise).
+
+A Conv2d layer (d_out × d_in × k × k) gets the same product as convolutions: A is a conv with the
+layer's kernel, stride and padding (r × d_in × k × k), B a 1x1 conv (d_out × r × 1 × 1), so
+ΔW = scaling · B·A on the weight flattened to d_out × (d_in·k·k). LoCon (kohya's `conv_dim`) puts such
+adapters on the UNet's ResNet blocks and samplers, with the 3x3 convs at their own rank and alpha.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -14,6 +21,11 @@ from peft import LoraConfig as PeftLoraConfig
 from ..errors import ConfigError
 
 ADAPTER_NAME = "default"
+# kohya's LoCon (networks/lora.py with conv_dim) adds every Linear and Conv2d of the UNet's
+# ResnetBlock2D, Downsample2D and Upsample2D blocks: the 3x3 convs at conv rank/alpha, the rest
+# (resnet time_emb_proj, 1x1 conv_shortcut) at the normal rank/alpha.
+LOCON_3X3_TARGETS = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
+LOCON_TARGETS = (*LOCON_3X3_TARGETS, "time_emb_proj", "conv_shortcut")
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -21,19 +33,35 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in module.named_modules() if hasattr(m, "lora_A") and ADAPTER_NAME in m.lora_A}
 
 
+def is_locon_3x3(path: str) -> bool:
+    """Whether the module at `path` is one of the 3x3 convs LoCon adapts at its own rank."""
+    return any(path == t or path.endswith("." + t) for t in LOCON_3X3_TARGETS)
+
+
 def inject_lora(
     module: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, key: str,
-    use_dora: bool = False,
+    use_dora: bool = False, conv_rank: int = 0, conv_alpha: float | None = None,
 ) -> int:
     """Add a trainable LoRA (or, with `use_dora`, DoRA) adapter to the layers of `module` whose names
-    end with one of `targets`; return the number of wrapped layers. `key` names the config key for errors."""
+    end with one of `targets`; return the number of wrapped layers. `key` names the config key for errors.
+    `conv_rank` > 0 adds kohya's LoCon layers (`LOCON_TARGETS`), the 3x3 convs at `conv_rank` and
+    `conv_alpha` (default: conv_rank) through peft's per-module rank_pattern/alpha_pattern."""
+    extra = {}
+    if use_dora:
+        extra["use_dora"] = True
+    if conv_rank:
+        targets = list(dict.fromkeys([*targets, *LOCON_TARGETS]))
+        # peft matches a pattern P against the end of a module path, as `(.*\.)?P$`
+        patterns = [re.escape(t) for t in LOCON_3X3_TARGETS]
+        extra["rank_pattern"] = {p: conv_rank for p in patterns}
+        extra["alpha_pattern"] = {p: float(conv_rank if conv_alpha is None else conv_alpha) for p in patterns}
     config = PeftLoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: training starts at ΔW = 0
         target_modules=list(targets),
-        **({"use_dora": True} if use_dora else {}),
+        **extra,
     )
     try:
         module.add_adapter(config, adapter_name=ADAPTER_NAME)
@@ -59,11 +87,17 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def expected_lora_parameters(module: torch.nn.Module, rank: int, use_dora: bool = False) -> int:
-    """Σ r·(d_in + d_out) over the wrapped layers (+ d_out for DoRA's magnitudes): the count a
-    LoRA of rank r must have."""
+def expected_lora_parameters(module: torch.nn.Module, rank: int, use_dora: bool = False, conv_rank: int = 0) -> int:
+    """Σ r·(d_in·k·k + d_out) over the wrapped layers (+ d_out for DoRA's magnitudes), r = `conv_rank`
+    for LoCon's 3x3 convs when it is > 0, else `rank`: the count such an adapter must have."""
     total = 0
-    for layer in lora_layers(module).values():
-        base = layer.get_base_layer()
-        total += rank * (base.in_features + base.out_features) + (base.out_features if use_dora else 0)
+    for name, layer in lora_layers(module).items():
+        weight = layer.get_base_layer().weight  # (d_out, d_in) or (d_out, d_in, k, k)
+        r = conv_rank if conv_rank and is_locon_3x3(name) else rank
+        total += r * (weight[0].numel() + weight.shape[0]) + (weight.shape[0] if use_dora else 0)
     return total
+
+
+def layer_alphas(module: torch.nn.Module) -> dict[str, float]:
+    """{module path: alpha} of the wrapped layers, as peft set them (rank/alpha patterns applied)."""
+    return {name: float(layer.lora_alpha[ADAPTER_NAME]) for name, layer in lora_layers(module).items()}

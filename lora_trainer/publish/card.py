@@ -110,14 +110,17 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
         ("LoRA rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
         ("adapted modules", "UNet " + ", ".join(cfg.lora.unet_targets)
+         + (", ResNet blocks and samplers (LoCon)" if cfg.lora.conv_rank else "")
          + ("; text encoder " + ", ".join(cfg.lora.text_encoder_targets) if cfg.lora.train_text_encoder else "")),
         ("learning rate", f"{t.lr:g} ({t.scheduler}, {t.warmup} warmup steps)"),
         ("optimizer", t.optimizer),
         ("mixed precision", t.mixed_precision),
         ("seed", t.seed),
     ]
+    if cfg.lora.conv_rank:
+        rows.insert(6, ("LoCon 3x3 conv rank / alpha", f"{cfg.lora.conv_rank} / {cfg.conv_alpha:g}"))
     if cfg.lora.train_text_encoder:
-        rows.insert(8, ("text encoder learning rate", f"{t.text_encoder_lr if t.text_encoder_lr is not None else t.lr:g}"))
+        rows.insert(8 + bool(cfg.lora.conv_rank), ("text encoder learning rate", f"{t.text_encoder_lr if t.text_encoder_lr is not None else t.lr:g}"))
     if loss is not None:
         rows.append(("final loss (mean of last 10 steps)", f"{loss:.4f}"))
     lines = ["## Training details", "", "| setting | value |", "| --- | --- |"]

@@ -49,7 +49,8 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
         "images": images,
         "training": {"steps": trained_steps(run), "images": dataset_size(run), "resolution": cfg.data.resolution,
                      "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "learningRate": cfg.train.lr,
-                     "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler},
+                     "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler,
+                     **({"convRank": cfg.lora.conv_rank, "convAlpha": cfg.conv_alpha} if cfg.lora.conv_rank else {})},
     }
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError, ModelError
 from ..export.adapter import Adapter, read_adapter
 from ..export.layouts import canonical_path
-from ..models.lora import ADAPTER_NAME, lora_layers
+from ..models.lora import ADAPTER_NAME, is_locon_3x3, lora_layers
 
 log = logging.getLogger(__name__)
 KEY = "lora.init_from"
@@ -26,9 +26,10 @@ _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 
 
 def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int,
-                         use_dora: bool = False) -> Adapter:
+                         use_dora: bool = False, conv_rank: int = 0) -> Adapter:
     """Read and check the file before any model loads: it exists, it is for this base family, its
-    rank is the run's, and it adapts the text encoders only when the run trains them."""
+    ranks are the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text
+    encoders only when the run trains them."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{KEY}: {path} not found; give the path of a .safetensors adapter file")
@@ -44,8 +45,15 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
     if adapter.is_dora != use_dora:
         raise ConfigError(f"{KEY}: {path} is a {'DoRA' if adapter.is_dora else 'plain LoRA'} adapter but "
                           f"lora.use_dora is {str(use_dora).lower()}; set lora.use_dora={str(adapter.is_dora).lower()}")
-    ranks = sorted({m.rank for _, _, m in adapter.items()})
-    if ranks != [rank]:
+    conv3 = {(c, p) for c, p, m in adapter.items()
+             if c == "unet" and is_locon_3x3(p) and m.is_conv and m.down.shape[2:] != (1, 1)}
+    conv_ranks = sorted({m.rank for c, p, m in adapter.items() if (c, p) in conv3})
+    if conv_ranks and conv_ranks != [conv_rank or rank]:
+        raise ConfigError(f"{KEY}: {path} adapts the UNet's 3x3 convs (LoCon) at rank {'/'.join(map(str, conv_ranks))} "
+                          f"but lora.conv_rank is {conv_rank}; set lora.conv_rank={conv_ranks[-1]} (and lora.conv_alpha), "
+                          "or resize the file with `lora-trainer resize --conv-rank`")
+    ranks = sorted({m.rank for c, p, m in adapter.items() if (c, p) not in conv3})
+    if ranks and ranks != [rank]:
         raise ConfigError(f"{KEY}: {path} has rank {'/'.join(map(str, ranks))} but lora.rank is {rank}; "
                           f"set lora.rank={ranks[-1] if len(ranks) == 1 else '...'} (or resize the file "
                           "with `lora-trainer resize`)")
@@ -57,11 +65,11 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
 
 
 @torch.no_grad()
-def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module], alpha: float,
-                         source: str) -> int:
-    """Copy the file's factors into the peft layers of `components` ({"unet": ..., "text_encoder": ...});
-    return the number of layers set. Layers the run adapts but the file lacks keep their fresh
-    start (ΔW = 0) and are named in a warning; layers the file has but the run does not adapt fail."""
+def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module], source: str) -> int:
+    """Copy the file's factors into the peft layers of `components` ({"unet": ..., "text_encoder": ...}),
+    rescaled to each layer's own alpha; return the number of layers set. Layers the run adapts but
+    the file lacks keep their fresh start (ΔW = 0) and are named in a warning; layers the file has
+    but the run does not adapt fail."""
     set_count, fresh = 0, []
     for component, module in components.items():
         layers = {canonical_path(component, name): layer for name, layer in lora_layers(module).items()}
@@ -70,6 +78,8 @@ def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module
         if missing:
             shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
             targets = "lora.unet_targets" if component == "unet" else "lora.text_encoder_targets"
+            if component == "unet" and any(is_locon_3x3(p) for p in missing):
+                targets = "lora.unet_targets, or set lora.conv_rank for the 3x3 convs (LoCon)"
             raise ConfigError(f"{KEY}: {source} adapts {component} layers this run does not: {shown}; "
                               f"add their names to {targets}")
         for path, layer in layers.items():
@@ -84,9 +94,11 @@ def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module
                                   f"{tuple(down.shape)} and {tuple(up.shape)} (an adapter for another model?)")
             down.copy_(lora_module.down.to(down.dtype))
             # ΔW = (alpha_file / r) · up @ down must equal (alpha / r) · up' @ down.
+            alpha = float(layer.lora_alpha[ADAPTER_NAME])
             up.copy_((lora_module.up.double() * (lora_module.alpha / alpha)).to(up.dtype))
             if lora_module.magnitude is not None:
-                layer.lora_magnitude_vector[ADAPTER_NAME].weight.copy_(lora_module.magnitude)
+                magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight  # conv: (1, d_out, 1, 1)
+                magnitude.copy_(lora_module.magnitude.reshape(magnitude.shape))
             set_count += 1
     if fresh:
         log.warning("%s: %d adapted layer(s) are not in %s and start from zero, e.g. %s",

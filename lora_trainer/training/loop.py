@@ -102,7 +102,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     # model.base stops the run before the data is scanned, and the scan knows the native size.
     cfg = _for_variant(cfg, resolve_variant(cfg.model))
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
-                                    cfg.lora.rank, cfg.lora.use_dora) if cfg.lora.init_from else None)
+                                    cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank) if cfg.lora.init_from else None)
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
@@ -164,11 +164,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     train_te = len(trained) > 1
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         names = ("unet", "text_encoder", "text_encoder_2")
-        load_initial_adapter(initial, dict(zip(names, trained)), cfg.lora_alpha, cfg.lora.init_from)
+        load_initial_adapter(initial, dict(zip(names, trained)), cfg.lora.init_from)
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)
-    log.info("trainable %s parameters: %d (rank %d, alpha %g)", "DoRA" if cfg.lora.use_dora else "LoRA",
-             counted, cfg.lora.rank, cfg.lora_alpha)
+    log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
+             counted, cfg.lora.rank, cfg.lora_alpha,
+             f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
 
     # ---- data: the order is a function of (seed, epoch), whatever the processes ----
     dataset = make_dataset(cfg, examples, t.seed)

@@ -14,6 +14,7 @@ from ..data import tag_frequency
 from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
+from ..models.lora import layer_alphas
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
 
@@ -31,10 +32,12 @@ def _final_captions(cfg: RunConfig, examples) -> list:
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
-def _loraplus_args(t) -> dict[str, str]:
-    """The LoRA+ ratios set, under kohya's network-argument names."""
+def _network_args(cfg: RunConfig) -> dict[str, str]:
+    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha` and the LoRA+ ratios set."""
+    t = cfg.train
+    args = {"conv_dim": str(cfg.lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.lora.conv_rank else {}
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-    return {key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None}
+    return {**args, **{key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None}}
 
 
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
@@ -83,7 +86,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_lr_ratio=t.loraplus_lr_ratio,
         loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
-        network_args=_loraplus_args(t),  # where kohya records LoRA+ (ss_network_args)
+        network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon and LoRA+
         cache_latents=t.cache_latents,
         training_started_at=started_at,
         training_finished_at=time.time(),
@@ -124,14 +127,17 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     states = adapter_states(unet, text_encoder, text_encoder_2)
     metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant, epoch, num_epochs)
     dtype = SAVE_DTYPES[cfg.output.dtype]
+    alpha = cfg.lora_alpha
+    if cfg.lora.conv_rank:  # LoCon's 3x3 convs have their own alpha: give each UNet module its own
+        alpha = {name: cfg.lora_alpha for name in states}
+        alpha["unet"] = layer_alphas(unet)
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
     paths = []
     for layout in layouts:
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
-        save_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, layout=layout, metadata=metadata, dtype=dtype,
-                     base=variant)
+        save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype, base=variant)
         log.info("saved %s adapter: %s", layout, path)
         paths.append(path)
     return paths
