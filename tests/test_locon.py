@@ -246,3 +246,16 @@ def test_from_kohya_maps_conv_dim_with_kohyas_default_conv_alpha():
     assert cfg["lora"]["conv_alpha"] == 8.0  # kohya: alpha 0 means alpha = dim
     cfg, notes = config_from_kohya({**args, "network_args": ["conv_alpha=4"]})
     assert "conv_rank" not in cfg["lora"] and any("without conv_dim" in n for n in notes)
+
+
+def test_network_args_hold_locon_and_loraplus_together():
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.training.outputs import _network_args
+
+    cfg = config_from_dict({"model": {"base": "m"}, "data": {"path": "d"}, "train": {"max_steps": 1,
+                            "loraplus_lr_ratio": 16, "loraplus_text_encoder_lr_ratio": 4},
+                            "lora": {"conv_rank": 2, "conv_alpha": 1}})
+    assert _network_args(cfg) == {"conv_dim": "2", "conv_alpha": "1", "loraplus_lr_ratio": "16.0",
+                                  "loraplus_text_encoder_lr_ratio": "4.0"}
+    plain = config_from_dict({"model": {"base": "m"}, "data": {"path": "d"}, "train": {"max_steps": 1}})
+    assert _network_args(plain) == {}
