@@ -104,7 +104,8 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="", help='written before each new caption, e.g. "sks dog, "')
     p.add_argument("--suffix", default="", help="written after each new caption")
     p.add_argument("--caption-extension", default=".txt",
-                   help="data.caption_extension: caption files are <image stem><this> (default %(default)s; kohya: .caption)")
+                   help="data.caption_extension: caption files are <image stem><this> "
+                        "(default %(default)s; kohya: .caption)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-caption images that have a caption file (the old one kept as e.g. .txt.bak)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(p)
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt or --caption-extension files)")
+    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files, or "
+                                       "--caption-extension)")
     add_caption_arguments(p)
     p.set_defaults(func=_caption)
 

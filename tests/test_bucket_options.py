@@ -46,9 +46,12 @@ def test_no_upscale_gives_small_images_a_bucket_of_their_own_size(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.min_bucket_side=100"], "data.min_bucket_side: got 100; expected a multiple of data.bucket_step (64)"),
-    (["data.min_bucket_side=640", "data.max_bucket_side=576"], "data.min_bucket_side: got 640, above data.max_bucket_side 576"),
-    (["data.resolution=512", "data.min_bucket_side=576"], "data.min_bucket_side: got 576, above the square bucket's side 512"),
-    (["data.resolution=512", "data.max_bucket_side=448"], "data.max_bucket_side: got 448, below the square bucket's side 512"),
+    (["data.min_bucket_side=640", "data.max_bucket_side=576"],
+     "data.min_bucket_side: got 640, above data.max_bucket_side 576"),
+    (["data.resolution=512", "data.min_bucket_side=576"],
+     "data.min_bucket_side: got 576, above the square bucket's side 512"),
+    (["data.resolution=512", "data.max_bucket_side=448"],
+     "data.max_bucket_side: got 448, below the square bucket's side 512"),
 ])
 def test_bad_bucket_limits_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -80,7 +83,8 @@ def test_from_kohya_maps_bucket_limits_and_no_upscale():
     assert notes == ["--max_bucket_reso 1000: not a multiple of the bucket step 64; data.max_bucket_side is 1024, "
                      "as kohya adjusts it"]
     cfg, notes = convert("--enable_bucket --bucket_reso_steps 32")
-    assert (cfg["data"]["min_bucket_side"], cfg["data"]["max_bucket_side"], notes) == (256, 1024, [])  # kohya's defaults
+    # kohya's default limits
+    assert (cfg["data"]["min_bucket_side"], cfg["data"]["max_bucket_side"], notes) == (256, 1024, [])
     cfg, notes = convert("--min_bucket_reso 320 --max_bucket_reso 1024 --bucket_no_upscale")
     assert "min_bucket_side" not in cfg["data"] and "buckets" not in cfg["data"]
     assert notes == ["--min_bucket_reso 320, --bucket_no_upscale: kohya uses them only with --enable_bucket, "

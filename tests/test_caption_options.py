@@ -151,8 +151,8 @@ def test_suffix_ends_every_caption_and_stays_out_of_shuffling(tmp_path):
 
 def test_a_suffix_repeated_in_generated_captions_is_a_config_error():
     with pytest.raises(ConfigError, match="data.caption.suffix: got ', in mystyle', which repeats"):
-        load_config(REPO / "configs" / "example.yaml", ["data.caption_suffix=, in mystyle",
-                                                        "data.caption.method=blip2", "data.caption.suffix=, in mystyle"])
+        load_config(REPO / "configs" / "example.yaml", ["data.caption_suffix=, in mystyle", "data.caption.method=blip2",
+                                                        "data.caption.suffix=, in mystyle"])
 
 
 def test_tag_dropout_drops_about_p_of_the_tags_and_keeps_the_leading_ones():

@@ -299,8 +299,9 @@ def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
         if repeats != 1:
             set_key(cfg, "data.repeats", repeats)
         if tokens:
-            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a caption file with it; here "
-                         f"they train uncaptioned unless the folder is named `{repeats}_{tokens}` under data.path")
+            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a caption file "
+                         f"with it; here they train uncaptioned unless the folder is named `{repeats}_{tokens}` "
+                         "under data.path")
         return
     try:
         parent = Path(os.path.commonpath([str(d.parent) for d, _, _ in dirs]))
