@@ -54,6 +54,7 @@ def test_caption_files_of_the_configured_extension_are_what_trains(tiny_sd15, ca
 
     report = check_dataset(caption_files, resolution=64, caption_extension=".caption")
     assert report.num_captioned == 4 and not report.problems
+    assert "4 readable, 4 captioned (.caption files)" in report.format_text()
     assert report.tag_frequency["geometric style"] == 4
 
 

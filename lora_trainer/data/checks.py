@@ -78,8 +78,9 @@ class DataReport:
 
     def format_text(self, max_files: int = 10, max_tags: int = 20) -> str:
         """The report as a few readable lines (what check-data prints and training logs)."""
+        files = f" ({self.caption_extension} files)" if self.caption_extension != DEFAULT_CAPTION_EXTENSION else ""
         lines = [f"dataset {self.root}: {self.num_images} image(s), {self.num_readable} readable, "
-                 f"{self.num_captioned} captioned"]
+                 f"{self.num_captioned} captioned{files}"]
         if self.folders:
             lines.append("  folders (images × repeats): " + format_folders(self.folders))
         if self.sizes:
