@@ -46,7 +46,7 @@ def _make_tiny(args) -> int:
 
 
 def _caption(args) -> int:
-    from .config import CaptionConfig, check_caption_config
+    from .config import CaptionConfig, check_caption_config, normalize_caption_extension
     from .data.captioning import caption_folder, format_caption_table
     from .errors import ConfigError
 
@@ -55,7 +55,9 @@ def _caption(args) -> int:
     check_caption_config(options, errors, key=lambda name: "--" + name.replace("_", "-"))
     if errors:
         raise ConfigError("; ".join(errors))
-    results = caption_folder(args.dir, options, show_progress=not args.quiet)
+    ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
+    results = caption_folder(args.dir, options, show_progress=not args.quiet, caption_extension=ext,
+                             extension_key="--caption-extension")
     print(format_caption_table(args.dir, results))
     return 0
 
@@ -74,10 +76,13 @@ def _from_kohya(args) -> int:
 def _check_data(args) -> int:
     import json
 
+    from .config import normalize_caption_extension
     from .data.checks import check_dataset, load_clip_tokenizer
 
+    ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
     tokenizer = load_clip_tokenizer(args.model) if args.model else load_clip_tokenizer(DEFAULT_TOKENIZER_SOURCE)
-    report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix, args.folder_repeats)
+    report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix, args.folder_repeats,
+                           caption_extension=ext, caption_suffix=args.suffix, extension_key="--caption-extension")
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     # 1 = the set cannot train (or has warnings, with --strict); 2 stays for usage/config errors.
     return 1 if not report.can_train or (args.strict and report.warnings) else 0
@@ -94,11 +99,15 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     from .config import CaptionConfig
 
     d = CaptionConfig()
-    p.add_argument("dir", help="folder of images; a .txt caption is written beside each image that has none")
+    p.add_argument("dir", help="folder of images; a caption file (.txt) is written beside each image that has none")
     p.add_argument("--model", default=d.model, help="BLIP-2 hub id or folder (default %(default)s)")
     p.add_argument("--prefix", default="", help='written before each new caption, e.g. "sks dog, "')
     p.add_argument("--suffix", default="", help="written after each new caption")
-    p.add_argument("--overwrite", action="store_true", help="re-caption images that have a .txt (old one kept as .txt.bak)")
+    p.add_argument("--caption-extension", default=".txt",
+                   help="data.caption_extension: caption files are <image stem><this> "
+                        "(default %(default)s; kohya: .caption)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-caption images that have a caption file (the old one kept as e.g. .txt.bak)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=True,
@@ -136,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(p)
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files)")
+    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files, or "
+                                       "--caption-extension)")
     add_caption_arguments(p)
     p.set_defaults(func=_caption)
 
@@ -145,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512, help="training resolution: smaller images are flagged")
     p.add_argument("--model", help="base model whose tokenizer counts caption tokens (else an estimate)")
     p.add_argument("--prefix", default="", help="data.caption_prefix: counts towards caption length and tags")
+    p.add_argument("--suffix", default="", help="data.caption_suffix: counts towards caption length and tags")
+    p.add_argument("--caption-extension", default=".txt",
+                   help="data.caption_extension: captions are read from <image stem><this> (default %(default)s)")
     p.add_argument("--folder-repeats", action=argparse.BooleanOptionalAction, default=True,
                    help="data.folder_repeats: kohya's <N>_<name> folders repeat their images N times")
     p.add_argument("--json", action="store_true", help="machine-readable report")

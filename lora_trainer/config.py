@@ -48,7 +48,8 @@ class ModelConfig:
 
 @dataclass
 class CaptionConfig:
-    """Captions generated for images that have none (BLIP-2), written as sidecar .txt files."""
+    """Captions generated for images that have none (BLIP-2), written as sidecar files
+    (`<stem><data.caption_extension>`, .txt by default)."""
 
     method: Literal["none", "blip2"] = "none"  # none: images without a caption train on the empty one
     model: str = "Salesforce/blip2-opt-2.7b"  # hub id or folder with a BLIP-2 model and processor
@@ -56,7 +57,8 @@ class CaptionConfig:
     # are left alone. data.caption_prefix, by contrast, is added at training time to every caption.
     prefix: str = ""  # e.g. a trigger "sks dog, "
     suffix: str = ""  # e.g. ", in the style of mystyle"
-    overwrite: bool = False  # re-caption images that have a .txt (kept as .txt.bak); metadata.jsonl is never touched
+    # re-caption images that have a caption file (the old one kept as e.g. .txt.bak); metadata.jsonl is never touched
+    overwrite: bool = False
     batch_size: int = 8
     prompt: str = ""  # text the caption continues, e.g. "a photo of", or "Question: ... Answer:"
     keep_prompt: bool = True  # start the caption with the prompt; false for question prompts
@@ -75,23 +77,39 @@ class CaptionConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # folder of images with .txt sidecars or metadata.jsonl
+    path: str = ""  # folder of images with caption sidecars (caption_extension) or metadata.jsonl
+    # the caption of cat.png is cat<caption_extension> beside it (unless metadata.jsonl has it); kohya's
+    # default is .caption (kohya's --caption_extension); "caption" is read as ".caption"
+    caption_extension: str = ".txt"
     resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
     center_crop: bool = True  # False: random crop
     random_flip: bool = False  # horizontal flip with p=0.5
     repeats: int = 1  # each image is seen this many times per epoch (times its folder's N, below)
     # kohya's layout: an image in a folder named <N>_<name> under path ("10_sks dog", at any depth, the
-    # nearest such folder counts) is seen N times per epoch, and if it has no caption (no .txt, no
+    # nearest such folder counts) is seen N times per epoch, and if it has no caption (no caption file, no
     # metadata.jsonl entry) it is captioned <name>; 0_<name> folders are left out. False: names mean nothing
     folder_repeats: bool = True
     caption_prefix: str = ""  # prepended to every caption, e.g. a trigger word "sks, "
+    # appended to every caption after tag shuffling and tag dropout (which never move or drop it),
+    # e.g. ", in the style of mystyle"; like caption_prefix, taken literally and never written to a file
+    caption_suffix: str = ""
     caption_dropout: float = 0.0  # probability of training on the empty caption
+    # each comma-separated tag after the first keep_tokens is left out with this probability every
+    # time the caption is used (kohya's --caption_tag_dropout_rate); text embeddings are then not cached
+    caption_tag_dropout: float = 0.0
     num_workers: int = 0  # DataLoader workers
     caption: CaptionConfig = field(default_factory=CaptionConfig)  # captioning of uncaptioned images
     # aspect-ratio buckets: images keep their aspect, cropped to the nearest of a set of sizes of
     # about resolution² pixels; every batch comes from one bucket
     buckets: bool = False
     bucket_step: int = 64  # bucket sides are multiples of this (64 for real SD UNets)
+    # no bucket side shorter / longer than this (kohya's --min_bucket_reso / --max_bucket_reso):
+    # multiples of bucket_step with the square bucket between them; null: only the 2:1 aspect limit
+    min_bucket_side: Optional[int] = None
+    max_bucket_side: Optional[int] = None
+    # an image that its bucket would enlarge (one smaller than about resolution² pixels) gets a
+    # bucket of its own size instead, sides rounded down to bucket_step (kohya's --bucket_no_upscale)
+    bucket_no_upscale: bool = False
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
     keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
     # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
@@ -285,9 +303,13 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")
     step = cfg.data.bucket_step
     need(step >= 8 and step % 8 == 0, "data.bucket_step", step, "a positive multiple of 8 (64 for real models)")
+    if step >= 8 and step % 8 == 0:
+        errors += bucket_limit_errors(cfg.data, r)
     need(cfg.data.keep_tokens >= 0, "data.keep_tokens", cfg.data.keep_tokens, "an integer >= 0")
     need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
+    need(0.0 <= cfg.data.caption_tag_dropout <= 1.0, "data.caption_tag_dropout", cfg.data.caption_tag_dropout,
+         "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
     _check_validation(cfg, errors)
@@ -295,6 +317,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.data.caption.method != "none" and trigger and trigger in cfg.data.caption.prefix:
         errors.append(f"data.caption.prefix: got {cfg.data.caption.prefix!r}, which repeats data.caption_prefix "
                       f"{cfg.data.caption_prefix!r} (added to every caption at training time); set only one of them")
+    ending = cfg.data.caption_suffix.strip().lstrip(",").strip()
+    if cfg.data.caption.method != "none" and ending and ending in cfg.data.caption.suffix:
+        errors.append(f"data.caption.suffix: got {cfg.data.caption.suffix!r}, which repeats data.caption_suffix "
+                      f"{cfg.data.caption_suffix!r} (added to every caption at training time); set only one of them")
     need(cfg.lora.rank >= 1, "lora.rank", cfg.lora.rank, "an integer >= 1 (typically 4 to 128)")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
@@ -416,6 +442,43 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
     need(0 <= t.multires_noise_discount <= 1, "multires_noise_discount", "a number in [0, 1] (0.3 usual)")
 
 
+def normalize_caption_extension(value: str, key: str = "data.caption_extension") -> str:
+    """The caption file extension with its dot (".caption" for "caption" or ".caption"), or a
+    one-line ConfigError naming `key` for one that is empty or holds a path separator."""
+    ext = value.strip()
+    if ext and not ext.startswith("."):
+        ext = "." + ext
+    if not ext.strip(".") or "/" in ext or "\\" in ext:
+        raise ConfigError(f"{key}: got {value!r}; expected a file extension such as .txt or .caption "
+                          "(the caption of cat.png is then cat.txt or cat.caption beside it)")
+    return ext
+
+
+def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
+    """Problems with data.min_bucket_side / max_bucket_side: each a multiple of bucket_step, and
+    (once the resolution is known) the square bucket between them, as kohya requires."""
+    errors = []
+    step = d.bucket_step
+    for key in ("min_bucket_side", "max_bucket_side"):
+        value = getattr(d, key)
+        if value is not None and (value < step or value % step):
+            errors.append(f"data.{key}: got {value!r}; expected a multiple of data.bucket_step ({step}) or null")
+    low, high = d.min_bucket_side, d.max_bucket_side
+    if errors or (low is None and high is None):
+        return errors
+    if low is not None and high is not None and low > high:
+        return [f"data.min_bucket_side: got {low}, above data.max_bucket_side {high}; lower it or raise the maximum"]
+    if resolution is not None:
+        side = max(step, resolution // step * step)  # the square bucket's side
+        if low is not None and low > side:
+            errors.append(f"data.min_bucket_side: got {low}, above the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or less")
+        if high is not None and high < side:
+            errors.append(f"data.max_bucket_side: got {high}, below the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or more")
+    return errors
+
+
 def check_caption_config(c: CaptionConfig, errors: list[str],
                          key: typing.Callable[[str], str] = lambda name: f"data.caption.{name}") -> None:
     """Range checks for caption options; `key` names a field as the user wrote it (config key or flag)."""
@@ -439,6 +502,10 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     errors: list[str] = []
     cfg = build_dataclass(RunConfig, data, "", errors)
     if not errors:
+        try:
+            cfg.data.caption_extension = normalize_caption_extension(cfg.data.caption_extension)
+        except ConfigError as exc:
+            errors.append(str(exc))
         _check_ranges(cfg, errors)
     if errors:
         raise ConfigError("\n".join(errors))

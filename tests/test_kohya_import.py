@@ -62,8 +62,8 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert cfg["model"] == {"base": "runwayml/stable-diffusion-v1-5", "variant": "sd15", "clip_skip": 2,
                             "max_token_length": 225}
     assert cfg["data"] == {"path": "img", "resolution": 512, "shuffle_tags": True, "keep_tokens": 1,
-                           "caption_dropout": 0.05, "random_flip": True, "center_crop": False, "buckets": True,
-                           "bucket_step": 64}
+                           "caption_dropout": 0.05, "random_flip": True, "center_crop": False, "bucket_step": 64,
+                           "buckets": True, "min_bucket_side": 256, "max_bucket_side": 1024}  # kohya's default limits
     assert cfg["dreambooth"] == {"class_data": str(Path("reg") / "1_dog"), "class_prompt": "dog",
                                  "num_class_images": 5, "prior_loss_weight": 0.8}
     lora = cfg["lora"]

@@ -15,6 +15,7 @@ from lora_trainer.data.dataset import (
     scan_dataset,
     tag_frequency,
     to_tensor,
+    training_caption,
 )
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, to_rgb
 
@@ -35,4 +36,5 @@ __all__ = [
     "tag_frequency",
     "to_rgb",
     "to_tensor",
+    "training_caption",
 ]

@@ -1,6 +1,8 @@
 """Aspect-ratio buckets: instead of square crops, each image is cropped to the bucket size
 closest to its own aspect ratio (about resolution² pixels, sides multiples of `step`), and every
-batch is drawn from one bucket, so images of one shape can be stacked."""
+batch is drawn from one bucket, so images of one shape can be stacked. Optional limits on the
+bucket sides and kohya's no-upscale rule (an image never enlarged to fill a bucket) come from
+data.min_bucket_side, max_bucket_side and bucket_no_upscale."""
 
 from __future__ import annotations
 
@@ -16,19 +18,37 @@ from PIL import Image
 _ROTATED = {5, 6, 7, 8}
 
 
-def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0, min_side: int | None = None,
+                 max_side: int | None = None) -> list[tuple[int, int]]:
     """(height, width) buckets with area ≤ resolution², each side a multiple of `step` and an aspect
     ratio within 1:max_aspect, the square included. For each width the tallest height the pixel
     budget allows is taken (and its transpose), so every bucket is as large as it can be:
-    1024 gives SDXL's familiar 1024x1024, 1152x896, 1216x832, 1344x768."""
+    1024 gives SDXL's familiar 1024x1024, 1152x896, 1216x832, 1344x768.
+    `min_side` leaves out buckets with a shorter side; `max_side` caps the long side (kohya's
+    min/max_bucket_reso); both multiples of `step`, with the square's side between them."""
     area = resolution * resolution
     side = max(step, resolution // step * step)
+    if (min_side is not None and min_side > side) or (max_side is not None and max_side < side):
+        raise ValueError(f"bucket side limits {min_side}..{max_side} leave out the square bucket {side}x{side}")
     sizes = {(side, side)}
-    for width in range(step, side + 1, step):
+    for width in range(min_side or step, side + 1, step):
         height = area // width // step * step
+        if max_side is not None:
+            height = min(height, max_side)
         if height >= width and height / width <= max_aspect:
             sizes.update({(height, width), (width, height)})
     return sorted(sizes, key=lambda hw: hw[1] / hw[0])
+
+
+def own_size_bucket(height: int, width: int, resolution: int, step: int = 64,
+                    max_side: int | None = None) -> tuple[int, int]:
+    """The bucket of an image kept at its own shape (kohya's --bucket_no_upscale): its size, scaled
+    down only as far as needed to hold at most resolution² pixels and no side over `max_side`,
+    then each side rounded down to a multiple of `step` (one step at least)."""
+    scale = min(1.0, math.sqrt(resolution * resolution / (height * width)))
+    if max_side is not None:
+        scale = min(scale, max_side / max(height, width))
+    return (max(step, int(height * scale) // step * step), max(step, int(width * scale) // step * step))
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -50,10 +70,27 @@ def upright_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def assign_buckets(paths: Sequence[str | Path], resolution: int, step: int = 64) -> list[tuple[int, int]]:
-    """The (height, width) bucket of each image."""
-    buckets = bucket_sizes(resolution, step)
-    return [nearest_bucket(*upright_size(p), buckets) for p in paths]
+def assign_buckets(paths: Sequence[str | Path], resolution: int, step: int = 64, min_side: int | None = None,
+                   max_side: int | None = None, no_upscale: bool = False) -> list[tuple[int, int]]:
+    """The (height, width) bucket of each image: the one nearest its aspect ratio, or with
+    `no_upscale`, when that bucket would enlarge the image, a bucket of the image's own shape."""
+    buckets = bucket_sizes(resolution, step, min_side=min_side, max_side=max_side)
+    chosen = []
+    for path in paths:
+        height, width = upright_size(path)
+        bucket = nearest_bucket(height, width, buckets)
+        if no_upscale and (bucket[0] > height or bucket[1] > width):
+            bucket = own_size_bucket(height, width, resolution, step, max_side)
+        chosen.append(bucket)
+    return chosen
+
+
+def bucket_side_range(resolution: int, step: int = 64, min_side: int | None = None,
+                      max_side: int | None = None) -> tuple[int, int]:
+    """(shortest, longest) side of the buckets: the limits when set, else what the buckets span
+    (recorded as kohya's ss_min_bucket_reso / ss_max_bucket_reso)."""
+    sides = [s for bucket in bucket_sizes(resolution, step, min_side=min_side, max_side=max_side) for s in bucket]
+    return (min_side if min_side is not None else min(sides), max_side if max_side is not None else max(sides))
 
 
 def describe_buckets(sizes: Sequence[tuple[int, int]]) -> str:

@@ -1,8 +1,9 @@
-"""BLIP-2 captioning: a sidecar `.txt` for every image that has no caption.
+"""BLIP-2 captioning: a sidecar caption file (`<stem>.txt`, or data.caption_extension) for every
+image that has no caption.
 
 The model loads only when some image needs a caption and is freed right after, so it is never in
 memory together with the diffusion model. Captions are the user's work once written: existing ones
-are kept unless `overwrite`, and then the old file is kept as `.txt.bak`.
+are kept unless `overwrite`, and then the old file is kept as `<stem><ext>.bak`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_trainer.config import CaptionConfig
-from lora_trainer.data.captions import read_metadata_jsonl, read_sidecar_caption
+from lora_trainer.data.captions import (
+    DEFAULT_CAPTION_EXTENSION,
+    other_caption_extension,
+    other_extension_message,
+    read_metadata_jsonl,
+    read_sidecar_caption,
+    sidecar_path,
+)
 from lora_trainer.data.dataset import _walk  # the scan's own file walk: caption exactly what trains
 from lora_trainer.data.images import load_image
 from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
@@ -38,8 +46,8 @@ class CaptionedImage:
 
     path: Path
     caption: str  # the caption the image has now ("" when none)
-    # generated: new .txt; replaced: .txt rewritten, old one in `backup`; kept: had a caption;
-    # metadata: captioned (or blank) in metadata.jsonl, which wins over any .txt; unreadable: skipped
+    # generated: new caption file; replaced: caption file rewritten, old one in `backup`; kept: had a
+    # caption; metadata: captioned (or blank) in metadata.jsonl, which wins over any file; unreadable: skipped
     status: str
     backup: Path | None = None
 
@@ -158,14 +166,18 @@ def generate_captions(captioner: Blip2Captioner, images: Sequence) -> list[str]:
 
 
 def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: bool = True,
-                   captioner: Blip2Captioner | None = None, skip_parked: bool = False) -> list[CaptionedImage]:
-    """Write `c.prefix + caption + c.suffix` beside every image under `root` that needs a caption.
+                   captioner: Blip2Captioner | None = None, skip_parked: bool = False,
+                   caption_extension: str = DEFAULT_CAPTION_EXTENSION,
+                   extension_key: str = "data.caption_extension") -> list[CaptionedImage]:
+    """Write `c.prefix + caption + c.suffix` to `<stem><caption_extension>` beside every image under
+    `root` that needs a caption.
 
-    An image needs one when it has no (or a blank) `.txt` and no metadata.jsonl entry, or has a
-    `.txt` and `c.overwrite` is set (the old file is copied to `.txt.bak` first). Each batch's files
-    are written as soon as it is captioned. The model loads only if some image needs a caption
+    An image needs one when it has no (or a blank) caption file and no metadata.jsonl entry, or has
+    one and `c.overwrite` is set (the old file is copied to `<stem><ext>.bak` first). Each batch's
+    files are written as soon as it is captioned. The model loads only if some image needs a caption
     (or `captioner` is given, and then stays loaded). `skip_parked` leaves out `0_<name>` folders,
-    as a run with data.folder_repeats does.
+    as a run with data.folder_repeats does. When no image has a caption file of this extension but
+    some have .caption/.txt/.tags files, a warning names `extension_key` (they are captioned anyway).
     """
     root = Path(root)
     if not root.is_dir():
@@ -175,21 +187,25 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     for metadata in metadata_files:
         in_metadata.update(read_metadata_jsonl(metadata))
 
+    other = other_caption_extension(image_paths, [in_metadata.get(p.resolve()) for p in image_paths],
+                                    caption_extension)
+    if other is not None:
+        logger.warning("%s: %s", root, other_extension_message(other, caption_extension, extension_key))
     results: dict[Path, CaptionedImage] = {}
     todo: list[Path] = []
     for path in image_paths:
         if path.resolve() in in_metadata:
-            # metadata.jsonl wins over sidecars, so a generated .txt would be silently ignored.
+            # metadata.jsonl wins over sidecars, so a generated file would be silently ignored.
             results[path] = CaptionedImage(path, in_metadata[path.resolve()], "metadata")
             continue
-        existing = read_sidecar_caption(path)
+        existing = read_sidecar_caption(path, caption_extension)
         if existing and not c.overwrite:
             results[path] = CaptionedImage(path, existing, "kept")
         else:
             todo.append(path)
     blank = sorted(str(r.path) for r in results.values() if r.status == "metadata" and not r.caption)
     if blank:
-        logger.warning("%d image(s) have a blank caption in metadata.jsonl, which wins over .txt files; "
+        logger.warning("%d image(s) have a blank caption in metadata.jsonl, which wins over caption files; "
                        "write their captions there: %s", len(blank), ", ".join(blank[:5]))
 
     if todo:
@@ -198,7 +214,7 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
             logger.info("captioning %d image(s) with %s", len(todo), c.model)
             captioner = load_blip2(c)
         try:
-            _caption_paths(todo, captioner, c, results, show_progress)
+            _caption_paths(todo, captioner, c, results, show_progress, caption_extension)
         finally:
             if own:
                 release(captioner)
@@ -206,7 +222,7 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
 
 
 def _caption_paths(paths: list[Path], captioner: Blip2Captioner, c: CaptionConfig,
-                   results: dict[Path, CaptionedImage], show_progress: bool) -> None:
+                   results: dict[Path, CaptionedImage], show_progress: bool, ext: str) -> None:
     device = captioner.device
     # A private RNG stream: seeded sampling here leaves the caller's random state as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -223,29 +239,29 @@ def _caption_paths(paths: list[Path], captioner: Blip2Captioner, c: CaptionConfi
                     results[path] = CaptionedImage(path, "", "unreadable")
             if images:
                 for path, text in zip(batch, generate_captions(captioner, images)):
-                    results[path] = write_caption(path, join_caption(c.prefix, text, c.suffix))
+                    results[path] = write_caption(path, join_caption(c.prefix, text, c.suffix), ext)
             bar.update(len(paths[start:start + c.batch_size]))
         bar.close()
 
 
-def write_caption(image_path: Path, caption: str) -> CaptionedImage:
-    """Write the sidecar atomically; a non-empty `.txt` already there is first copied to a backup."""
-    txt = image_path.with_suffix(".txt")
+def write_caption(image_path: Path, caption: str, ext: str = DEFAULT_CAPTION_EXTENSION) -> CaptionedImage:
+    """Write `<stem><ext>` atomically; a non-empty one already there is first copied to a backup."""
+    sidecar = sidecar_path(image_path, ext)
     backup = None
-    if txt.exists() and txt.read_bytes().strip():
-        backup = _free_backup_name(txt)
+    if sidecar.exists() and sidecar.read_bytes().strip():
+        backup = _free_backup_name(sidecar)
         with atomic_path(backup) as tmp:
-            tmp.write_bytes(txt.read_bytes())
-    write_text_atomic(txt, caption + "\n")
+            tmp.write_bytes(sidecar.read_bytes())
+    write_text_atomic(sidecar, caption + "\n")
     return CaptionedImage(image_path, caption, "replaced" if backup else "generated", backup)
 
 
-def _free_backup_name(txt: Path) -> Path:
+def _free_backup_name(sidecar: Path) -> Path:
     # An earlier run's backup may hold the user's original words: never write over it.
-    candidate = txt.with_name(txt.name + ".bak")
+    candidate = sidecar.with_name(sidecar.name + ".bak")
     n = 1
     while candidate.exists():
-        candidate = txt.with_name(f"{txt.name}.bak{n}")
+        candidate = sidecar.with_name(f"{sidecar.name}.bak{n}")
         n += 1
     return candidate
 

@@ -1,6 +1,7 @@
-"""Caption reading: `metadata.jsonl` (the HuggingFace imagefolder layout) and sidecar `.txt` files.
+"""Caption reading: `metadata.jsonl` (the HuggingFace imagefolder layout) and sidecar files.
 
-Precedence per image: a metadata.jsonl entry, else `<stem>.txt` beside the image, else "".
+Precedence per image: a metadata.jsonl entry, else `<stem><ext>` beside the image (ext is
+data.caption_extension: `.txt` by default, `.caption` in kohya's default), else "".
 """
 
 from __future__ import annotations
@@ -9,23 +10,58 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from lora_trainer.errors import DataError
 
 METADATA_FILE = "metadata.jsonl"
 # HuggingFace names the caption column freely; "text" is what its docs and most datasets use.
 CAPTION_KEYS = ("text", "caption")
+DEFAULT_CAPTION_EXTENSION = ".txt"
+# Sidecar extensions captioners and taggers write (kohya's BLIP .caption, WD14 .txt, booru .tags):
+# finding these but none of the configured one means the run would train on empty captions.
+COMMON_CAPTION_EXTENSIONS = (".caption", ".txt", ".tags")
 
 logger = logging.getLogger(__name__)
 
 
-def read_sidecar_caption(image_path: str | os.PathLike) -> str | None:
-    """The stripped text of `<stem>.txt` next to the image, or None when there is no such file."""
-    txt = Path(image_path).with_suffix(".txt")
-    if not txt.is_file():
+def sidecar_path(image_path: str | os.PathLike, ext: str = DEFAULT_CAPTION_EXTENSION) -> Path:
+    """`<stem><ext>` beside the image: cat.png -> cat.txt (kohya's naming: the image suffix replaced)."""
+    image_path = Path(image_path)
+    return image_path.with_name(image_path.stem + ext)
+
+
+def read_sidecar_caption(image_path: str | os.PathLike, ext: str = DEFAULT_CAPTION_EXTENSION) -> str | None:
+    """The stripped text of `<stem><ext>` next to the image, or None when there is no such file."""
+    sidecar = sidecar_path(image_path, ext)
+    if not sidecar.is_file():
         return None
-    return _read_text(txt).strip()
+    return _read_text(sidecar).strip()
+
+
+def other_caption_extension(image_paths: Sequence[Path], captions: Sequence[str | None],
+                            ext: str) -> tuple[str, int] | None:
+    """When no image has a `<stem><ext>` file: (extension, count) of the first of
+    COMMON_CAPTION_EXTENSIONS that images without a caption (None in `captions`, as `find_captions`
+    gives them) have files of; else None. Such a set would train on empty captions."""
+    if any(sidecar_path(p, ext).is_file() for p in image_paths):
+        return None
+    bare = [p for p, caption in zip(image_paths, captions) if caption is None]
+    for other in COMMON_CAPTION_EXTENSIONS:
+        if other != ext:
+            count = sum(sidecar_path(p, other).is_file() for p in bare)
+            if count:
+                return other, count
+    return None
+
+
+def other_extension_message(found: tuple[str, int], ext: str, key: str) -> str:
+    """The one-line warning for `other_caption_extension`'s answer; `key` is the setting as the
+    user writes it (data.caption_extension, or --caption-extension)."""
+    other, count = found
+    kohya = " (kohya's default)" if other == ".caption" else ""
+    return (f"no image has a {ext} caption file, but {count} have {other} files{kohya}; set {key}={other} "
+            f"to train on them (else they train on empty captions or their folder's name)")
 
 
 def read_metadata_jsonl(path: str | os.PathLike) -> dict[Path, str]:
@@ -61,15 +97,17 @@ def read_metadata_jsonl(path: str | os.PathLike) -> dict[Path, str]:
     return captions
 
 
-def resolve_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = ()) -> list[str]:
+def resolve_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = (),
+                     ext: str = DEFAULT_CAPTION_EXTENSION) -> list[str]:
     """Captions for `image_paths`, in order, following the precedence in the module docstring
     ("" when an image has none)."""
-    return [caption or "" for caption in find_captions(image_paths, metadata_files)]
+    return [caption or "" for caption in find_captions(image_paths, metadata_files, ext)]
 
 
-def find_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = ()) -> list[str | None]:
+def find_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = (),
+                  ext: str = DEFAULT_CAPTION_EXTENSION) -> list[str | None]:
     """Like `resolve_captions`, but None for an image with neither a metadata.jsonl entry nor a
-    `.txt` (a blank file or entry gives ""): only those may take a caption from elsewhere.
+    `<stem><ext>` file (a blank file or entry gives ""): only those may take a caption from elsewhere.
 
     Warns once about metadata entries whose image does not exist (usually a typo or a renamed file).
     """
@@ -81,7 +119,7 @@ def find_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = 
     captions: list[str | None] = []
     for image in image_paths:
         caption = from_metadata.get(image.resolve())
-        captions.append(caption if caption is not None else read_sidecar_caption(image))
+        captions.append(caption if caption is not None else read_sidecar_caption(image, ext))
 
     dangling = sorted(str(p) for p in from_metadata if not p.exists())
     if dangling:

@@ -17,8 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.data.captions import read_metadata_jsonl, read_sidecar_caption
-from lora_trainer.data.dataset import Example, _walk, tag_frequency
+from lora_trainer.data.captions import (
+    DEFAULT_CAPTION_EXTENSION,
+    other_caption_extension,
+    other_extension_message,
+    read_metadata_jsonl,
+    read_sidecar_caption,
+)
+from lora_trainer.data.dataset import Example, _walk, tag_frequency, training_caption
 from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
 from lora_trainer.data.images import load_image
 from lora_trainer.errors import DataError
@@ -34,7 +40,8 @@ _CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_", re
 @dataclass
 class Problem:
     severity: str  # "error": the set cannot train; "warning": it trains, but probably not as meant
-    kind: str  # no_images, unreadable, bad_caption_file, metadata, duplicate, too_small, missing_caption, ...
+    # no_images, unreadable, bad_caption_file, metadata, duplicate, too_small, missing_caption, caption_extension, ...
+    kind: str
     message: str  # one line
     files: list[str] = field(default_factory=list)  # relative to the dataset folder
 
@@ -43,6 +50,7 @@ class Problem:
 class DataReport:
     root: str
     resolution: int
+    caption_extension: str = DEFAULT_CAPTION_EXTENSION  # the sidecar files read: <stem><caption_extension>
     num_images: int = 0  # image files found
     num_readable: int = 0
     sizes: dict[str, Any] = field(default_factory=dict)  # smallest/largest/median "WxH"
@@ -70,8 +78,9 @@ class DataReport:
 
     def format_text(self, max_files: int = 10, max_tags: int = 20) -> str:
         """The report as a few readable lines (what check-data prints and training logs)."""
+        files = f" ({self.caption_extension} files)" if self.caption_extension != DEFAULT_CAPTION_EXTENSION else ""
         lines = [f"dataset {self.root}: {self.num_images} image(s), {self.num_readable} readable, "
-                 f"{self.num_captioned} captioned"]
+                 f"{self.num_captioned} captioned{files}"]
         if self.folders:
             lines.append("  folders (images × repeats): " + format_folders(self.folders))
         if self.sizes:
@@ -100,16 +109,19 @@ class DataReport:
 
 def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None,
                   caption_prefix: str = "", folder_repeats: bool = True,
-                  token_limit: int = CLIP_MAX_TOKENS - 2) -> DataReport:
+                  token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
+                  caption_suffix: str = "", extension_key: str = "data.caption_extension") -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
-    `caption_prefix`: prepended at training time, so it counts towards length and tags.
+    `caption_prefix`, `caption_suffix`: added at training time, so they count towards length and tags.
     `folder_repeats`: data.folder_repeats, kohya's `<N>_<name>` folders (see data/folders.py).
     `token_limit`: caption tokens training reads (model.max_token_length: 75, 150 or 225).
+    `caption_extension`: caption files are `<stem><caption_extension>`; `extension_key` is how the
+    warning about captions of another extension names the setting.
     """
     root = Path(root)
-    report = DataReport(str(root), resolution, token_limit=token_limit)
+    report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
     if not root.is_dir():
         report.problems.append(Problem("error", "no_images", "dataset folder not found"))
         return report
@@ -165,10 +177,14 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
         report.folders = describe_folders(readable, root)
     captions = _read_captions(report, list(sizes), metadata_files, rel)
     if captions is not None:
+        other = other_caption_extension(list(captions), list(captions.values()), caption_extension)
+        if other is not None:
+            report.problems.append(Problem("warning", "caption_extension",
+                                           other_extension_message(other, caption_extension, extension_key)))
         for path, caption in captions.items():
             if caption is None and folders[path] is not None and folders[path].name:
                 captions[path] = folders[path].name  # what training captions it with
-        _check_captions(report, captions, tokenizer, caption_prefix, rel)
+        _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel)
     return report
 
 
@@ -208,7 +224,7 @@ def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[P
             captions[path] = in_metadata[path.resolve()]
             continue
         try:
-            captions[path] = read_sidecar_caption(path)
+            captions[path] = read_sidecar_caption(path, report.caption_extension)
         except DataError as err:
             bad.append(str(err))
     if bad:
@@ -222,18 +238,19 @@ def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[P
     return captions
 
 
-def _check_captions(report: DataReport, captions: dict[Path, str | None], tokenizer, prefix: str, rel) -> None:
+def _check_captions(report: DataReport, captions: dict[Path, str | None], tokenizer, prefix: str, suffix: str,
+                    rel) -> None:
     missing = [rel(p) for p, c in captions.items() if c is None]
     empty = [rel(p) for p, c in captions.items() if c == ""]
     report.num_captioned = len(captions) - len(missing) - len(empty)
     if missing:
         report.problems.append(Problem("warning", "missing_caption", f"{len(missing)} image(s) have no caption "
-                                       "(no .txt, no metadata.jsonl entry); caption them with `lora-trainer "
-                                       "caption` or data.caption.method=blip2", missing))
+                                       f"(no {report.caption_extension} file, no metadata.jsonl entry); caption "
+                                       "them with `lora-trainer caption` or data.caption.method=blip2", missing))
     if empty:
         report.problems.append(Problem("warning", "empty_caption", f"{len(empty)} image(s) have an empty caption",
                                        empty))
-    trained = {p: prefix + c for p, c in captions.items() if c}
+    trained = {p: training_caption(c, prefix, suffix) for p, c in captions.items() if c}
     limit = report.token_limit
     cut = []
     for path, caption in trained.items():

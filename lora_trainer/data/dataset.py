@@ -1,5 +1,5 @@
 """Dataset stage: scan a folder into (image, caption, repeats) examples and serve them as square,
-normalised tensors with reproducible random crops, flips and caption dropout."""
+normalised tensors with reproducible random crops, flips, caption dropout and tag shuffling/dropout."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_trainer.data.captions import METADATA_FILE, find_captions
+from lora_trainer.data.captions import (
+    DEFAULT_CAPTION_EXTENSION,
+    METADATA_FILE,
+    find_captions,
+    other_caption_extension,
+    other_extension_message,
+)
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from lora_trainer.errors import DataError
@@ -35,15 +41,17 @@ class Example:
     folder: str | None = None  # that folder, relative to the dataset root; None: in no such folder
 
 
-def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True,
-                 folder_captions: bool = True) -> list[Example]:
-    """Find every image under `root` (recursively, sorted) with its caption.
+def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
+                 caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> list[Example]:
+    """Find every image under `root` (recursively, sorted) with its caption (metadata.jsonl, else
+    the `<stem><caption_extension>` file beside it).
 
     Hidden files and folders and anything under `.cache` are ignored. Each image is decoded
     once so that broken files are reported now, together in one warning, and skipped.
     `folder_repeats`: kohya's layout (see data/folders.py): an image in a `<N>_<name>` folder is
     repeated N times and `0_<name>` folders are left out; with `folder_captions` too, such an
-    image with no caption at all is captioned `<name>`.
+    image with no caption at all is captioned `<name>`. When no image has a caption file of
+    `caption_extension` but some have .caption/.txt/.tags files, one warning says which key to set.
     """
     root = Path(root)
     if not root.is_dir():
@@ -55,7 +63,7 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True,
     if not image_paths:
         where = " outside 0_<name> folders (rename one to 1_<name> to train on it)" if parked else ""
         raise DataError(f"{root}: no images found ({_EXTENSION_NAMES}){where}; "
-                        "put images with .txt captions there")
+                        f"put images with {caption_extension} captions there")
 
     good: list[Path] = []
     problems: list[str] = []
@@ -75,7 +83,11 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True,
 
     examples = []
     from_folder: Counter[tuple[str, str]] = Counter()
-    for path, caption in zip(good, find_captions(good, metadata_files)):
+    captions = find_captions(good, metadata_files, caption_extension)
+    other = other_caption_extension(good, captions, caption_extension)
+    if other is not None:
+        logger.warning("%s: %s", root, other_extension_message(other, caption_extension, "data.caption_extension"))
+    for path, caption in zip(good, captions):
         folder = repeat_folder(path, root) if folder_repeats else None
         if caption is None and folder_captions and folder is not None and folder.name:
             caption = folder.name
@@ -86,8 +98,8 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True,
         logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
     missing = sum(1 for ex in examples if not ex.caption)
     if missing:
-        logger.info("%d of %d images have no caption (no metadata.jsonl entry or .txt file); "
-                    "they train with an empty caption", missing, len(examples))
+        logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file); "
+                    "they train with an empty caption", missing, len(examples), caption_extension)
     if any(ex.folder is not None for ex in examples):
         logger.info("folders (images × repeats): %s", format_folders(describe_folders(examples, root)))
     return examples
@@ -148,13 +160,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     non-persistent workers, which copy the dataset when iteration starts).
     Items also carry `original_size` (h, w) and `crop_top_left` (y, x) for SDXL conditioning.
     `sizes` gives each example its own (h, w) crop (aspect-ratio buckets) instead of the square;
-    `shuffle_tags` reorders a caption's comma-separated tags after the first `keep_tokens`.
+    `shuffle_tags` reorders a caption's comma-separated tags after the first `keep_tokens`, and
+    `caption_tag_dropout` leaves each of those out with that probability. The prefix is one of the
+    tags; `caption_suffix` is added after both, so it is never moved or dropped.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
                  repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
-                 shuffle_tags: bool = False, keep_tokens: int = 0):
+                 shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
+                 caption_tag_dropout: float = 0.0):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
@@ -164,12 +179,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                              f"(and {min(ex.repeats for ex in examples)} from the examples)")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if not 0.0 <= caption_tag_dropout <= 1.0:
+            raise ValueError(f"caption_tag_dropout must be in [0, 1], got {caption_tag_dropout}")
         self.examples = list(examples)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.caption_prefix = caption_prefix
+        self.caption_suffix = caption_suffix
         self.caption_dropout = caption_dropout
+        self.caption_tag_dropout = caption_tag_dropout
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
@@ -216,9 +235,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             left = resized_width - left - width
 
         caption = "" if drop_caption else self._caption(example.caption)
+        # Each on its own stream, so turning one on leaves every other choice of the item as it was.
+        if self.caption_tag_dropout > 0 and caption:
+            caption = drop_tags(caption, self.keep_tokens, self.caption_tag_dropout,
+                                random.Random(f"{self.seed}:{self.epoch}:{i}:tag-dropout"))
         if self.shuffle_tags and caption:
-            # Its own stream, so shuffling leaves every other choice of the item as it was.
             caption = shuffle_tags(caption, self.keep_tokens, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
+        if not drop_caption:
+            caption = append_suffix(caption, self.caption_suffix)
         return {
             "pixel_values": to_tensor(image),
             "caption": caption,
@@ -252,6 +276,29 @@ def _item_table(repeats: Sequence[int]) -> list[int]:
         active = [j for j in active if repeats[j] > k]
         items += active
     return items
+
+
+def training_caption(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """The caption as training reads it, before caption dropout, tag dropout and shuffling:
+    prefix + caption + suffix (with no caption, the prefix and suffix without dangling commas)."""
+    head = prefix + caption if caption else prefix.strip().rstrip(",").strip()
+    return append_suffix(head, suffix)
+
+
+def append_suffix(caption: str, suffix: str) -> str:
+    """caption + suffix, taken literally (the suffix brings its own ", "); a suffix alone loses its
+    leading comma."""
+    if not suffix:
+        return caption
+    return caption + suffix if caption else suffix.strip().lstrip(",").strip()
+
+
+def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -> str:
+    """The caption with each comma-separated tag after the first `keep_tokens` left out with
+    probability `rate` (kohya's --caption_tag_dropout_rate); one draw per tag, in caption order."""
+    tags = [t.strip() for t in caption.split(",")]
+    kept = tags[:keep_tokens] + [t for t in tags[keep_tokens:] if rng.random() >= rate]
+    return ", ".join(t for t in kept if t)
 
 
 def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

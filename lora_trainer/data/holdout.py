@@ -63,5 +63,6 @@ def scan_validation_folder(cfg: RunConfig) -> list[Example]:
                         "images with captions (laid out like data.path), or set data.validation_split instead")
     instance_prompt = cfg.dreambooth.instance_prompt
     examples = scan_dataset(folder, cfg.data.folder_repeats,
-                            folder_captions=cfg.data.folder_repeats and not instance_prompt)
+                            folder_captions=cfg.data.folder_repeats and not instance_prompt,
+                            caption_extension=cfg.data.caption_extension)
     return [replace(ex, caption=instance_prompt) for ex in examples] if instance_prompt else examples

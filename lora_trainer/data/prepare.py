@@ -10,10 +10,11 @@ import logging
 import os
 from pathlib import Path
 
-from lora_trainer.config import RunConfig
+from lora_trainer.config import RunConfig, bucket_limit_errors
 from lora_trainer.data.captioning import caption_folder
 from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
-from lora_trainer.data.dataset import Example, scan_dataset
+from lora_trainer.data.dataset import Example, scan_dataset, training_caption
+from lora_trainer.errors import ConfigError
 from lora_trainer.data.holdout import held_out_flags, validation_seed
 from lora_trainer.fileio import write_text_atomic
 from lora_trainer.processes import multiprocess_without_gpu
@@ -30,6 +31,11 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
     the captions it wrote.
     """
     root = Path(cfg.data.path)
+    if cfg.data.buckets and cfg.data.resolution:  # null resolution is filled in once the base is known
+        problems = bucket_limit_errors(cfg.data, cfg.data.resolution)
+        if problems:
+            raise ConfigError("\n".join(problems))
+    ext = cfg.data.caption_extension
     first, is_main = _main_process_first()
     generated: set[Path] = set()
     with first:
@@ -40,31 +46,32 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                 # Before the scan: generated captions fill the gaps, and only images still without
                 # one take their kohya folder's name.
                 results = caption_folder(root, cfg.data.caption, show_progress=show_progress,
-                                         skip_parked=cfg.data.folder_repeats)
+                                         skip_parked=cfg.data.folder_repeats, caption_extension=ext)
                 generated = {r.path for r in results if r.status in ("generated", "replaced")}
         # data.resolution null means the base's native size, known only once the variant is: judge
         # image sizes against SD1.x's 512 unless the config already says SDXL.
         resolution = cfg.data.resolution or (1024 if cfg.model.variant == "sdxl" else 512)
         report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
-                               cfg.data.caption_prefix, cfg.data.folder_repeats, cfg.model.max_token_length)
+                               cfg.data.caption_prefix, cfg.data.folder_repeats, cfg.model.max_token_length,
+                               caption_extension=ext, caption_suffix=cfg.data.caption_suffix)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:
             logger.info("%s", report.format_text(max_files=5))
         # dreambooth.instance_prompt captions every image, so folder names would caption none.
         examples = scan_dataset(root, cfg.data.folder_repeats,
-                                folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt)
+                                folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt,
+                                caption_extension=ext)
     if is_main:
         _record_captions(cfg, examples, generated)
     return examples
 
 
 def trained_caption(cfg: RunConfig, caption: str) -> str:
-    """The caption an image trains on (before caption dropout)."""
-    if cfg.dreambooth.instance_prompt:
-        return cfg.dreambooth.instance_prompt
-    prefix = cfg.data.caption_prefix
-    return prefix + caption if caption else prefix.strip().rstrip(",").strip()
+    """The caption an image trains on (before caption dropout, tag dropout and shuffling): the
+    DreamBooth instance prompt replaces its own, and the prefix and suffix are added to either."""
+    return training_caption(cfg.dreambooth.instance_prompt or caption, cfg.data.caption_prefix,
+                            cfg.data.caption_suffix)
 
 
 def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:

@@ -11,9 +11,10 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .data_options import caption_extension_option, data_options
 from .loss_options import loss_options
 from .options import (
-    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, data_options, dataset_config_data, images_in, note_for,
+    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, images_in, note_for,
     parse_network_args, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
@@ -343,7 +344,7 @@ def _data_dirs(a: Args, cfg: dict, notes: list[str]) -> None:
     set_key(cfg, "data.path", folder)
     if a.has("in_json"):
         notes.append(f"--in_json {a.get('in_json')}: kohya's fine-tuning metadata is not read; give each image a "
-                     ".txt caption or a metadata.jsonl (file_name, text)")
+                     "caption file or a metadata.jsonl (file_name, text)")
     loose = images_in(Path(folder))
     if loose:
         notes.append(f"--train_data_dir: {len(loose)} image(s) directly in {folder} are trained here once per epoch; "
@@ -353,6 +354,7 @@ def _data_dirs(a: Args, cfg: dict, notes: list[str]) -> None:
     if a.has("resolution"):
         set_key(cfg, "data.resolution", resolution_side(a.get("resolution"), "--resolution", notes))
     data_options(a, cfg, notes)
+    caption_extension_option(a, [Path(folder)], cfg, notes)
 
 
 def _samples(a: Args, cfg: dict, notes: list[str], base_dir: Path) -> None:

@@ -1,5 +1,6 @@
-"""Data-side pieces of the kohya import: caption and bucket options, the dataset TOML's subsets,
-regularisation (class) images, sample prompt files, and the note for each argument we cannot honour."""
+"""Data-side pieces of the kohya import: the dataset TOML's subsets, regularisation (class) images,
+sample prompt files, and the note for each argument we cannot honour (caption and bucket options
+are in data_options.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ _PROMPT_FLAG = re.compile(r"(?:^|\s)--([A-Za-z]+)(?=\s|$)")
 _OUR_PROMPT_FLAGS = {"n", "w", "h", "d", "l", "s"}
 # Keys of a dataset TOML subset/dataset that the import reads itself (not through data_options).
 STRUCTURAL = {"image_dir", "num_repeats", "class_tokens", "is_reg", "subsets"}
-SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "flip_aug", "random_crop",
-                  "caption_extension", "caption_prefix", "enable_bucket", "bucket_reso_steps", "resolution", "batch_size")
+SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug",
+                  "random_crop", "caption_extension", "caption_prefix", "caption_suffix", "enable_bucket",
+                  "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "resolution",
+                  "batch_size")
 
 _LEFT_OUT = "not supported; left out"
 _ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
@@ -60,12 +63,8 @@ NOTES = {
     "ddp_timeout": "DDP settings come from accelerate; left out",
     "ddp_gradient_as_bucket_view": "DDP settings come from accelerate; left out",
     "ddp_static_graph": "DDP settings come from accelerate; left out",
-    "min_bucket_reso": "bucket sizes follow data.resolution (about resolution² pixels, up to 2:1); left out",
-    "max_bucket_reso": "bucket sizes follow data.resolution (about resolution² pixels, up to 2:1); left out",
-    "bucket_no_upscale": "images are always scaled to their bucket; left out",
-    "caption_suffix": "only a prefix (data.caption_prefix) is added at training time; left out",
     "caption_separator": "captions are split into tags at commas; left out",
-    "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT, "caption_tag_dropout_rate": _LEFT_OUT,
+    "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT,
     "caption_dropout_every_n_epochs": _LEFT_OUT, "keep_tokens_separator": _LEFT_OUT, "secondary_separator": _LEFT_OUT,
     "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT, "alpha_mask": _LEFT_OUT,
     "masked_loss": _LEFT_OUT, "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
@@ -77,8 +76,9 @@ NOTES = {
 }
 # Values equal to kohya's defaults change nothing when left out (kohya_ss GUI files write many of them).
 KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1, "max_token_length": 75,
-                  "caption_separator": ",", "min_bucket_reso": 256, "vae_batch_size": 1, "save_model_as": "safetensors",
-                  "caption_extension": ".txt", "log_prefix": "", "persistent_data_loader_workers": False}
+                  "caption_separator": ",", "min_bucket_reso": 256, "max_bucket_reso": 1024, "vae_batch_size": 1,
+                  "save_model_as": "safetensors", "caption_extension": ".caption", "log_prefix": "",
+                  "persistent_data_loader_workers": False}
 NETWORK_ARG_NOTES = {
     "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",
     "module_dropout": "use lora.dropout (dropout on the adapter input); left out",
@@ -142,31 +142,6 @@ def resolution_side(value: Any, where: str, notes: list[str]) -> int:
                  f"with data.buckets), so data.resolution is {side}, the same pixel count; the "
                  f"{sides[0]}x{sides[1]} shape is dropped")
     return side
-
-
-def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
-    """Caption, augmentation and bucket options (from the arguments or a dataset TOML subset)."""
-    if src.bool("shuffle_caption"):
-        set_key(cfg, "data.shuffle_tags", True)
-    if src.has("keep_tokens"):
-        set_key(cfg, "data.keep_tokens", src.int("keep_tokens"))
-    if src.has("caption_dropout_rate"):
-        set_key(cfg, "data.caption_dropout", src.float("caption_dropout_rate"))
-    if src.bool("flip_aug"):
-        set_key(cfg, "data.random_flip", True)
-    if src.bool("random_crop"):
-        set_key(cfg, "data.center_crop", False)
-    if src.bool("enable_bucket"):
-        set_key(cfg, "data.buckets", True)
-    if src.has("bucket_reso_steps"):
-        set_key(cfg, "data.bucket_step", src.int("bucket_reso_steps"))
-    if src.has("caption_prefix"):
-        set_key(cfg, "data.caption_prefix", src.str("caption_prefix"))
-    for key in ("caption_extension", "caption_extention"):  # kohya accepts its old misspelling too
-        ext = src.str(key)
-        if ext and ext.lstrip(".").lower() != "txt":
-            notes.append(f"{src.name(key)} {ext}: captions are read from .txt files (or metadata.jsonl); "
-                         f"rename the {ext} files to .txt")
 
 
 def reg_folder(folder: str, class_tokens: Optional[str], weight: Optional[float], cfg: dict, notes: list[str],
@@ -238,6 +213,7 @@ def read_sample_prompts(path: Path, notes: list[str]) -> list[str]:
 def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -> None:
     """The data from kohya's dataset TOML: one data.path for the training subsets, the reg subset
     as class images, and the options of the first training subset (ours hold for every image)."""
+    from .data_options import caption_extension_option, data_options, kohya_caption_extension
     from .mapping import Args
 
     general = dataset.get("general") or {}
@@ -263,16 +239,19 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
         layers.append(layer)
         if index == 1:
             data_options(layer, cfg, notes)
+            caption_extension_option(layer, [Path(str(s["image_dir"])) for s, _ in train], cfg, notes)
             if layer.has("resolution"):
                 set_key(cfg, "data.resolution", resolution_side(layer.get("resolution"), layer.name("resolution"), notes))
             if layer.has("batch_size"):
                 set_key(cfg, "train.batch_size", layer.int("batch_size"))
             seen = {k: layer.values.get(k) for k in SUBSET_OPTIONS}
+            seen["caption_extension"] = kohya_caption_extension(layer.values)  # unset means kohya's .caption
         else:
             layer.used.update(SUBSET_OPTIONS)
             for key in SUBSET_OPTIONS:
-                if layer.values.get(key) != seen[key]:
-                    notes.append(f"{layer.name(key)}: {_shown(layer.values.get(key))} differs from the first "
+                value = kohya_caption_extension(layer.values) if key == "caption_extension" else layer.values.get(key)
+                if value != seen[key]:
+                    notes.append(f"{layer.name(key)}: {_shown(value)} differs from the first "
                                  f"subset's {_shown(seen[key])}; one value holds for all images here, the first's")
         a.used.update(layer.used)
     _train_folders([s for s, _ in train], cfg, notes)
@@ -316,8 +295,9 @@ def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
         if repeats != 1:
             set_key(cfg, "data.repeats", repeats)
         if tokens:
-            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a .txt with it; here "
-                         f"they train uncaptioned unless the folder is named `{repeats}_{tokens}` under data.path")
+            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a caption file "
+                         f"with it; here they train uncaptioned unless the folder is named `{repeats}_{tokens}` "
+                         "under data.path")
         return
     try:
         parent = Path(os.path.commonpath([str(d.parent) for d, _, _ in dirs]))

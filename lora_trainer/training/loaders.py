@@ -40,13 +40,16 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
     d = cfg.data
     sizes = None
     if d.buckets:
-        sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step)
+        sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step, d.min_bucket_side,
+                               d.max_bucket_side, d.bucket_no_upscale)
         log.info("aspect buckets (w x h: images): %s", describe_buckets(sizes))
     return ImageCaptionDataset(
         examples, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
         caption_prefix=d.caption_prefix if instance else "", caption_dropout=d.caption_dropout if instance else 0.0,
         repeats=d.repeats if instance else 1, seed=seed, sizes=sizes,
         shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
+        caption_suffix=d.caption_suffix if instance else "",
+        caption_tag_dropout=d.caption_tag_dropout if instance else 0.0,
     )
 
 

@@ -123,6 +123,8 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
         return "the text encoder is being trained"
     if cfg.data.shuffle_tags:
         return "data.shuffle_tags changes the captions every epoch"
+    if cfg.data.caption_tag_dropout > 0:
+        return "data.caption_tag_dropout changes the captions every epoch"
     return None
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..data import tag_frequency
+from ..data import tag_frequency, training_caption
+from ..data.buckets import bucket_side_range
 from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
@@ -24,9 +25,9 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def _final_captions(cfg: RunConfig, examples) -> list:
-    """The captions as trained on (with the trigger prefix), for the tag counts users see."""
-    prefix = cfg.data.caption_prefix
-    return [replace(ex, caption=prefix + ex.caption if ex.caption else prefix) for ex in examples]
+    """The captions as trained on (with the trigger prefix and the suffix), for the tag counts users see."""
+    d = cfg.data
+    return [replace(ex, caption=training_caption(ex.caption, d.caption_prefix, d.caption_suffix)) for ex in examples]
 
 
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -54,6 +55,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
     for ex in _final_captions(cfg, examples):
         by_folder[group_key(ex.folder, cfg.data.path)].append(ex)
     tags = {folder: tag_frequency(group) for folder, group in by_folder.items()}
+    d = cfg.data
+    sides = bucket_side_range(d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side) if d.buckets else None
     return kohya_metadata(
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
@@ -67,6 +70,10 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         enable_bucket=cfg.data.buckets,
         epoch=epoch,
         num_epochs=num_epochs,
+        min_bucket_reso=sides[0] if sides else None,  # kohya writes the bucket options only with buckets
+        max_bucket_reso=sides[1] if sides else None,
+        bucket_no_upscale=d.bucket_no_upscale if sides else None,
+        caption_tag_dropout_rate=d.caption_tag_dropout,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,

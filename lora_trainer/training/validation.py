@@ -79,9 +79,11 @@ class Validation:
         self.dataset = None
         if self.examples:
             d = cfg.data
-            sizes = assign_buckets(self.paths, d.resolution, d.bucket_step) if d.buckets else None
+            sizes = (assign_buckets(self.paths, d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side,
+                                    d.bucket_no_upscale) if d.buckets else None)
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
-                                               caption_prefix=d.caption_prefix, seed=self.seed, sizes=sizes)
+                                               caption_prefix=d.caption_prefix, caption_suffix=d.caption_suffix,
+                                               seed=self.seed, sizes=sizes)
 
     def due(self, step: int) -> bool:
         if not self.examples:

@@ -1,0 +1,101 @@
+"""kohya's caption and bucket options (from the arguments, or a dataset TOML subset layered over
+them) as data.* keys: caption files and their extension, prefix and suffix, tag shuffling and
+dropout, augmentation, and aspect buckets with their limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import normalize_caption_extension
+from .options import IMAGE_SUFFIXES, KOHYA_DEFAULTS, set_key
+
+if TYPE_CHECKING:
+    from .mapping import Args
+
+KOHYA_CAPTION_EXTENSION = ".caption"  # what kohya reads when --caption_extension is not given
+KOHYA_BUCKET_STEP = 64  # kohya's --bucket_reso_steps default
+
+
+def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
+    """Caption, augmentation and bucket options (from the arguments or a dataset TOML subset)."""
+    if src.bool("shuffle_caption"):
+        set_key(cfg, "data.shuffle_tags", True)
+    if src.has("keep_tokens"):
+        set_key(cfg, "data.keep_tokens", src.int("keep_tokens"))
+    if src.has("caption_dropout_rate"):
+        set_key(cfg, "data.caption_dropout", src.float("caption_dropout_rate"))
+    if src.float("caption_tag_dropout_rate"):  # 0 is off in both
+        set_key(cfg, "data.caption_tag_dropout", src.float("caption_tag_dropout_rate"))
+    if src.bool("flip_aug"):
+        set_key(cfg, "data.random_flip", True)
+    if src.bool("random_crop"):
+        set_key(cfg, "data.center_crop", False)
+    # kohya joins the prefix and the suffix to the caption with a space; ours are taken literally.
+    if src.has("caption_prefix"):
+        prefix = src.str("caption_prefix")
+        set_key(cfg, "data.caption_prefix", prefix if prefix[-1:].isspace() else prefix + " ")
+    if src.has("caption_suffix"):
+        suffix = src.str("caption_suffix")
+        set_key(cfg, "data.caption_suffix", suffix if suffix[:1].isspace() else " " + suffix)
+    bucket_options(src, cfg, notes)
+
+
+def bucket_options(src: "Args", cfg: dict, notes: list[str]) -> None:
+    """--enable_bucket and its step, side limits and no-upscale rule. With buckets on, kohya's
+    default limits (256 and 1024) are kept; limits that are not multiples of the step are moved to
+    one as kohya moves them (the minimum down, the maximum up)."""
+    limits = {"min_bucket_reso": "data.min_bucket_side", "max_bucket_reso": "data.max_bucket_side"}
+    if src.has("bucket_reso_steps"):
+        set_key(cfg, "data.bucket_step", src.int("bucket_reso_steps"))
+    if not src.bool("enable_bucket"):
+        unused = [f"{src.name(key)} {src.int(key)}" for key in limits
+                  if src.has(key) and src.int(key) != KOHYA_DEFAULTS[key]]
+        unused += [src.name("bucket_no_upscale")] if src.bool("bucket_no_upscale") else []
+        if unused:
+            notes.append(f"{', '.join(unused)}: kohya uses them only with --enable_bucket, which is off; left out")
+        return
+    set_key(cfg, "data.buckets", True)
+    step = src.int("bucket_reso_steps", KOHYA_BUCKET_STEP)
+    for key, ours in limits.items():
+        value = src.int(key, KOHYA_DEFAULTS[key])
+        moved = max(step, value - value % step) if key == "min_bucket_reso" else -(-value // step) * step
+        if moved != value:
+            notes.append(f"{src.name(key)} {value}: not a multiple of the bucket step {step}; {ours} is {moved}, "
+                         "as kohya adjusts it")
+        set_key(cfg, ours, moved)
+    if src.bool("bucket_no_upscale"):
+        set_key(cfg, "data.bucket_no_upscale", True)
+
+
+def caption_extension_option(src: "Args", folders: list[Path], cfg: dict, notes: list[str]) -> None:
+    """data.caption_extension from --caption_extension (or kohya's old spelling --caption_extention,
+    which wins as in kohya). Without either, kohya reads `.caption` files: so does the config when
+    the dataset `folders` hold any; else .txt stays, with a note."""
+    given = {key: src.str(key) for key in ("caption_extention", "caption_extension")}
+    key, ext = next(((k, v) for k, v in given.items() if v), (None, None))
+    if key is not None:
+        set_key(cfg, "data.caption_extension", normalize_caption_extension(ext, src.name(key)))
+        return
+    if any(captioned_images(folder, KOHYA_CAPTION_EXTENSION) for folder in folders):
+        set_key(cfg, "data.caption_extension", KOHYA_CAPTION_EXTENSION)
+        return
+    shown = ", ".join(str(f) for f in folders)
+    found = "none were found in" if any(f.is_dir() for f in folders) else "the folders are not here to look in:"
+    notes.append(f"--caption_extension not given: kohya's default would have read .caption files, and {found} "
+                 f"{shown}; captions are read from .txt files (set data.caption_extension for another extension)")
+
+
+def kohya_caption_extension(values: dict) -> str:
+    """The caption extension kohya reads for these arguments (".caption" when none is given)."""
+    value = str(values.get("caption_extention") or values.get("caption_extension") or KOHYA_CAPTION_EXTENSION).strip()
+    return value if value.startswith(".") else "." + value
+
+
+def captioned_images(folder: Path, ext: str) -> int:
+    """How many images under `folder` have a `<stem><ext>` caption file beside them (0 when the
+    folder is not here)."""
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+               and p.with_name(p.stem + ext).is_file())
