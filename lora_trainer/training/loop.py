@@ -40,6 +40,7 @@ from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
+from .schedules import build_scheduler
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
@@ -129,8 +130,6 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
            initial) -> TrainResult:
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
     started_at = time.time()
     t = cfg.train
     set_seed(t.seed)
@@ -184,9 +183,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    # accelerate steps a prepared scheduler once per process per update; scale to match.
-    lr_scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = build_scheduler(t, optimizer, max_steps, accelerator.num_processes)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler, *loaders)
     trained = list(prepared[:len(trained)])
     optimizer, lr_scheduler, loader = prepared[len(trained):len(trained) + 3]
