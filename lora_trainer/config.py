@@ -239,6 +239,11 @@ class OutputConfig:
     # a checkpoint (full training state + that step's adapter) every n steps; 0: only the final adapter
     save_every_n_steps: int = 0
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    # also keep each of those checkpoints' adapter as DIR/<name>-step<step:08d>.safetensors (kohya's
+    # --save_every_n_steps naming; format both adds <name>-step<step:08d>.diffusers.safetensors),
+    # which stays when its checkpoint rotates out; adapter files only
+    save_step_adapters: bool = False
+    save_last_n_step_adapters: int = 0  # newest step files kept (older ones removed); 0 keeps all
     # the adapter at the end of every n-th epoch (not the last: that is the final adapter) as
     # DIR/<name>-<epoch:06d>.safetensors (kohya's naming; with format both, the diffusers layout is
     # <name>-<epoch:06d>.diffusers.safetensors); adapter files only, no training state; 0: off
@@ -354,6 +359,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.resume is None or bool(t.resume.strip()), "train.resume", t.resume,
          "'latest', the path of a checkpoint folder, or null")
     need(cfg.output.save_every_n_steps >= 0, "output.save_every_n_steps", cfg.output.save_every_n_steps, "an integer >= 0")
+    _check_step_adapters(cfg.output, errors)
     name = cfg.output.name
     need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")
     db = cfg.dreambooth
@@ -367,6 +373,19 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     elif db.class_prompt or db.class_data:
         errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
+
+
+def _check_step_adapters(o: OutputConfig, errors: list[str]) -> None:
+    if o.save_step_adapters and not o.save_every_n_steps:
+        errors.append("output.save_step_adapters: got True with output.save_every_n_steps 0, so no step is saved; "
+                      "set output.save_every_n_steps (e.g. 100) or leave it false")
+    if o.save_last_n_step_adapters < 0:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r}; "
+                      "expected an integer >= 0 (0 keeps all)")
+    elif o.save_last_n_step_adapters and not o.save_step_adapters:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r} with "
+                      "output.save_step_adapters false, so there are no step files to keep; "
+                      "set output.save_step_adapters=true or leave it 0")
 
 
 def _check_schedule(t: TrainConfig, errors: list[str]) -> None:

@@ -401,6 +401,21 @@ def _samples(a: Args, cfg: dict, notes: list[str], base_dir: Path) -> None:
             set_key(cfg, ours, a.int(kohya))
 
 
+def _step_saves(a: Args, cfg: dict, notes: list[str]) -> None:
+    """kohya's adapter file every n steps, kept: our checkpoint every n steps with its adapter kept
+    beside the final one. --save_last_n_steps is a span of steps in kohya (files older than the
+    current step minus it are removed), which is a number of files here."""
+    every = a.int("save_every_n_steps") or 0
+    if every:
+        set_key(cfg, "output.save_every_n_steps", every)
+        set_key(cfg, "output.save_step_adapters", True)
+    span = a.int("save_last_n_steps") or 0
+    if span and every:
+        set_key(cfg, "output.save_last_n_step_adapters", span // every + 1)
+    elif span:
+        notes.append(f"--save_last_n_steps {span}: no step files are saved (no --save_every_n_steps); left out")
+
+
 def _epoch_saves(a: Args, cfg: dict, notes: list[str]) -> None:
     """An adapter file every n epochs, the newest kept. kohya's save_n_epoch_ratio (that many files
     over the run) wins over save_every_n_epochs, as in kohya, when the epochs are known."""
@@ -429,8 +444,7 @@ def _outputs(a: Args, cfg: dict, notes: list[str]) -> None:
         if precision not in SAVE_PRECISIONS:
             raise ConfigError(f"--save_precision: {precision!r}; expected float, fp16 or bf16")
         set_key(cfg, "output.dtype", SAVE_PRECISIONS[precision])
-    if a.has("save_every_n_steps"):
-        set_key(cfg, "output.save_every_n_steps", a.int("save_every_n_steps"))
+    _step_saves(a, cfg, notes)
     _epoch_saves(a, cfg, notes)
     model_as = a.str("save_model_as")
     if model_as not in (None, "safetensors"):

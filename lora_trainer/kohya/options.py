@@ -51,7 +51,7 @@ NOTES = {
     "sample_sampler": "samples use the base model's own scheduler",
     "sample_at_first": "no samples are drawn before training",
     "save_n_epoch_ratio": "the epochs are counted from the steps here: set output.save_every_n_epochs",
-    "save_last_n_steps": _CHECKPOINTS, "save_last_n_epochs_state": _CHECKPOINTS,
+    "save_last_n_epochs_state": _CHECKPOINTS,
     "save_last_n_steps_state": _CHECKPOINTS,
     "save_state": "every checkpoint here holds the full training state (with output.save_every_n_steps); "
                   "epoch files (output.save_every_n_epochs) are adapters only",

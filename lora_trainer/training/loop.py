@@ -41,6 +41,7 @@ from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
 from .schedules import build_scheduler
+from .step_adapters import keep_step_adapters
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
@@ -259,10 +260,20 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     def save(state: TrainerState) -> Path:
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
-        export = lambda folder: _export(cfg, accelerator, base, trained, examples, state.step, max_steps,  # noqa: E731
-                                        started_at, suffix=f"-step{state.step:05d}", folder=folder,
-                                        epoch=state.epoch + 1, num_epochs=num_epochs)
+        suffix = f"-step{state.step:05d}"
+
+        def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
+            paths = _export(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
+                            suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
+                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
+            return paths
+
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
+
+    def saves_due(at: int) -> bool:
+        every = cfg.output.save_every_n_steps
+        return bool(every) and at % every == 0 and at < max_steps
 
     epoch_ends = EpochEnds.for_run(
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
@@ -346,7 +357,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     write_record(accelerator, log_path, record)
                 if seen == len(loader):  # the epoch's last update; its files come before this step's checkpoint
                     epoch_ends(epoch + 1, step)
-                if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
+                if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
                     log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step),
