@@ -160,8 +160,10 @@ class TrainConfig:
     lr: float = 1e-4  # UNet adapter learning rate
     text_encoder_lr: Optional[float] = None  # None: same as lr
     # adamw8bit needs bitsandbytes and CUDA; prodigy needs prodigyopt (use lr 1.0); adafactor is
-    # the transformers one with a fixed lr
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    # the transformers one with a fixed lr; lion needs lion-pytorch (pip install 'lora-trainer[lion]')
+    # and an lr 3-10x smaller than AdamW's; its betas are adam_beta1/adam_beta2 (the Lion paper's
+    # are 0.9, 0.99) and its weight decay weight_decay; lion8bit is bitsandbytes' Lion (CUDA only)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit"] = "adamw"
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -171,6 +173,14 @@ class TrainConfig:
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     warmup: int = 0  # warmup steps
+    # Schedule options (kohya's --lr_scheduler_num_cycles, --lr_scheduler_power,
+    # --lr_scheduler_min_lr_ratio). cosine_with_restarts: this many cosine cycles, each from lr
+    # down to 0, over the steps after warmup
+    scheduler_cycles: int = 1
+    scheduler_power: float = 1.0  # polynomial: the decay's exponent (1: linear; 2: falls fast, then slowly)
+    # cosine: the lr after warmup never goes below min_lr_ratio × lr (kohya's cosine_with_min_lr);
+    # 0: down to 0
+    min_lr_ratio: float = 0.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 42
@@ -247,6 +257,11 @@ class OutputConfig:
     # a checkpoint (full training state + that step's adapter) every n steps; 0: only the final adapter
     save_every_n_steps: int = 0
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    # also keep each of those checkpoints' adapter as DIR/<name>-step<step:08d>.safetensors (kohya's
+    # --save_every_n_steps naming; format both adds <name>-step<step:08d>.diffusers.safetensors),
+    # which stays when its checkpoint rotates out; adapter files only
+    save_step_adapters: bool = False
+    save_last_n_step_adapters: int = 0  # newest step files kept (older ones removed); 0 keeps all
     # the adapter at the end of every n-th epoch (not the last: that is the final adapter) as
     # DIR/<name>-<epoch:06d>.safetensors (kohya's naming; with format both, the diffusers layout is
     # <name>-<epoch:06d>.diffusers.safetensors); adapter files only, no training state; 0: off
@@ -341,6 +356,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.lr > 0, "train.lr", t.lr, "a number > 0 (e.g. 1e-4)")
     need(t.text_encoder_lr is None or t.text_encoder_lr >= 0, "train.text_encoder_lr", t.text_encoder_lr, "a number >= 0")
     need(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
+    _check_schedule(t, errors)
     need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "a number >= 0 (0 disables clipping)")
     need(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "a number >= 0 (e.g. 0.05)")
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", t.snr_gamma, "a number > 0 (e.g. 5.0) or null")
@@ -369,6 +385,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(t.resume is None or bool(t.resume.strip()), "train.resume", t.resume,
          "'latest', the path of a checkpoint folder, or null")
     need(cfg.output.save_every_n_steps >= 0, "output.save_every_n_steps", cfg.output.save_every_n_steps, "an integer >= 0")
+    _check_step_adapters(cfg.output, errors)
     name = cfg.output.name
     need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")
     db = cfg.dreambooth
@@ -384,6 +401,33 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
                       "expected the number of class images for prior preservation (e.g. 200)")
 
 
+def _check_step_adapters(o: OutputConfig, errors: list[str]) -> None:
+    if o.save_step_adapters and not o.save_every_n_steps:
+        errors.append("output.save_step_adapters: got True with output.save_every_n_steps 0, so no step is saved; "
+                      "set output.save_every_n_steps (e.g. 100) or leave it false")
+    if o.save_last_n_step_adapters < 0:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r}; "
+                      "expected an integer >= 0 (0 keeps all)")
+    elif o.save_last_n_step_adapters and not o.save_step_adapters:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r} with "
+                      "output.save_step_adapters false, so there are no step files to keep; "
+                      "set output.save_step_adapters=true or leave it 0")
+
+
+def _check_schedule(t: TrainConfig, errors: list[str]) -> None:
+    """The schedule options: in range, and set only with the schedule that reads them."""
+    for key, value, default, allowed, scheduler in (
+            ("scheduler_cycles", t.scheduler_cycles, 1, "an integer >= 1", "cosine_with_restarts"),
+            ("scheduler_power", t.scheduler_power, 1.0, "a number > 0 (1: linear)", "polynomial"),
+            ("min_lr_ratio", t.min_lr_ratio, 0.0, "a number in [0, 1) (e.g. 0.1; 0: off)", "cosine")):
+        ok = {"scheduler_cycles": value >= 1, "scheduler_power": value > 0, "min_lr_ratio": 0 <= value < 1}[key]
+        if not ok:
+            errors.append(f"train.{key}: got {value!r}; expected {allowed}")
+        elif value != default and t.scheduler != scheduler:
+            errors.append(f"train.{key}: got {value!r} with train.scheduler {t.scheduler!r}, which does not read it; "
+                          f"set train.scheduler={scheduler} or leave train.{key} at {default!r}")
+
+
 def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
     ratios = {key: getattr(t, key) for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                                                 "loraplus_text_encoder_lr_ratio")}
@@ -393,7 +437,7 @@ def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
     if t.optimizer == "prodigy" and any(v is not None for v in ratios.values()):
         key = next(k for k, v in ratios.items() if v is not None)
         errors.append(f"train.{key}: Prodigy estimates one step size for every parameter group, so it cannot train "
-                      "B at a higher rate than A; leave LoRA+ off with prodigy, or use adamw/adamw8bit/adafactor")
+                      "B at a higher rate than A; leave LoRA+ off with prodigy, or use adamw, adamw8bit, adafactor or lion")
     if t.scale_weight_norms is not None and not t.scale_weight_norms > 0:
         errors.append(f"train.scale_weight_norms: got {t.scale_weight_norms!r}; expected a number > 0 "
                       "(1.0 is kohya's suggested start) or null (off)")

@@ -78,7 +78,8 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert (t["snr_gamma"], t["noise_offset"], t["cache_latents_to_disk"], t["gradient_checkpointing"]) == (5.0, 0.05, True, True)
     assert cfg["sample"] == {"prompts": ["sks dog on a beach --n blurry --w 512 --h 768 --d 7 --l 6.5 --s 28",
                                          "a photo of a dog"], "every_n_steps": 100}
-    assert cfg["output"] == {"dir": "out", "name": "my dog", "dtype": "fp16", "save_every_n_steps": 200}
+    assert cfg["output"] == {"dir": "out", "name": "my dog", "dtype": "fp16", "save_every_n_steps": 200,
+                             "save_step_adapters": True}
     assert cfg["log"] == {"tensorboard": True}
     text = "\n".join(notes)
     assert "conv_dim" not in text and "conv_alpha" not in text

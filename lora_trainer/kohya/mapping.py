@@ -24,7 +24,11 @@ from .options import (
 KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 KOHYA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
-              "transformers.optimization.adafactor": "adafactor", "prodigyopt.prodigy": "prodigy"}
+              "transformers.optimization.adafactor": "adafactor", "prodigyopt.prodigy": "prodigy",
+              "lion": "lion", "lion8bit": "lion8bit", "lion_pytorch.lion": "lion", "bitsandbytes.optim.lion8bit": "lion8bit"}
+# What kohya's Lion runs with when --optimizer_args leaves them out (the packages' own defaults),
+# where ours (AdamW's) differ.
+LION_DEFAULTS = {"train.adam_beta2": 0.99, "train.weight_decay": 0.0}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 KOHYA_DEFAULT_LR = 2e-6  # kohya's --learning_rate default
 SECTIONS = ("model", "data", "dreambooth", "lora", "train", "sample", "output", "log")  # RunConfig's order
@@ -254,12 +258,7 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
                              "here; set train.warmup to a number of steps")
         else:
             set_key(cfg, "train.warmup", a.int("lr_warmup_steps"))
-    scheduler = a.str("lr_scheduler")
-    if scheduler is not None:
-        if scheduler in SCHEDULERS:
-            set_key(cfg, "train.scheduler", scheduler)
-        else:
-            notes.append(f"--lr_scheduler {scheduler}: not supported (we have {', '.join(SCHEDULERS)}); constant is used")
+    _scheduler(a, cfg, notes)
     for kohya, ours, kind in (("train_batch_size", "train.batch_size", "int"),
                               ("gradient_accumulation_steps", "train.grad_accum", "int"),
                               ("seed", "train.seed", "int"), ("max_grad_norm", "train.max_grad_norm", "float"),
@@ -293,19 +292,52 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
         set_key(cfg, "train.cache_latents", True)
 
 
+def _scheduler(a: Args, cfg: dict, notes: list[str]) -> None:
+    """--lr_scheduler and its options; kohya's cosine_with_min_lr is our cosine with train.min_lr_ratio.
+    An option the chosen schedule does not read is noted (kohya ignores it too) unless it is kohya's default."""
+    scheduler = a.str("lr_scheduler")
+    if scheduler == "cosine_with_min_lr":
+        set_key(cfg, "train.scheduler", "cosine")
+    elif scheduler in SCHEDULERS:
+        set_key(cfg, "train.scheduler", scheduler)
+    elif scheduler is not None:
+        notes.append(f"--lr_scheduler {scheduler}: not supported (we have {', '.join(SCHEDULERS)}, "
+                     "cosine_with_min_lr); constant is used")
+    options = (("lr_scheduler_num_cycles", "train.scheduler_cycles", "int", ("cosine_with_restarts",)),
+               ("lr_scheduler_power", "train.scheduler_power", "float", ("polynomial",)),
+               ("lr_scheduler_min_lr_ratio", "train.min_lr_ratio", "float", ("cosine_with_min_lr",)))
+    for kohya, ours, kind, readers in options:
+        if not a.has(kohya):
+            continue
+        value = a.int(kohya) if kind == "int" else a.float(kohya)
+        if scheduler in readers:
+            if kohya == "lr_scheduler_min_lr_ratio" and not 0 <= value < 1:
+                raise ConfigError(f"--{kohya}: {value!r}; expected a number in [0, 1)")
+            set_key(cfg, ours, value)
+        elif value != KOHYA_DEFAULTS.get(kohya):
+            notes.append(f"--{kohya} {a.get(kohya)}: only --lr_scheduler {' or '.join(readers)} reads it "
+                         f"(here {ours}); left out")
+    if scheduler == "cosine_with_min_lr" and not cfg["train"].get("min_lr_ratio"):
+        notes.append("--lr_scheduler cosine_with_min_lr without --lr_scheduler_min_lr_ratio: kohya needs the ratio; "
+                     "plain cosine (down to 0) is used, set train.min_lr_ratio (e.g. 0.1)")
+
+
 def _optimizer(a: Args, cfg: dict, notes: list[str]) -> None:
     name = a.str("optimizer_type", "")
     if a.bool("use_8bit_adam"):
         name = name or "AdamW8bit"
     if a.bool("use_lion_optimizer"):
-        notes.append("--use_lion_optimizer: Lion is not supported; AdamW is used")
+        name = name or "Lion"
     if name:
         ours = OPTIMIZERS.get(name.lower())
         if ours is None:
-            notes.append(f"--optimizer_type {name}: not supported (we have AdamW, AdamW8bit, Prodigy, Adafactor); "
-                         "AdamW is used, so check train.lr")
+            notes.append(f"--optimizer_type {name}: not supported (we have AdamW, AdamW8bit, Prodigy, Adafactor, "
+                         "Lion, Lion8bit); AdamW is used, so check train.lr")
         else:
             set_key(cfg, "train.optimizer", ours)
+            if ours.startswith("lion"):
+                for key, value in LION_DEFAULTS.items():
+                    set_key(cfg, key, value)  # --optimizer_args below win
     for key, value in parse_network_args(a.get("optimizer_args", [])):
         if key == "weight_decay":
             set_key(cfg, "train.weight_decay", _number(value, "--optimizer_args weight_decay"))
@@ -371,6 +403,21 @@ def _samples(a: Args, cfg: dict, notes: list[str], base_dir: Path) -> None:
             set_key(cfg, ours, a.int(kohya))
 
 
+def _step_saves(a: Args, cfg: dict, notes: list[str]) -> None:
+    """kohya's adapter file every n steps, kept: our checkpoint every n steps with its adapter kept
+    beside the final one. --save_last_n_steps is a span of steps in kohya (files older than the
+    current step minus it are removed), which is a number of files here."""
+    every = a.int("save_every_n_steps") or 0
+    if every:
+        set_key(cfg, "output.save_every_n_steps", every)
+        set_key(cfg, "output.save_step_adapters", True)
+    span = a.int("save_last_n_steps") or 0
+    if span and every:
+        set_key(cfg, "output.save_last_n_step_adapters", span // every + 1)
+    elif span:
+        notes.append(f"--save_last_n_steps {span}: no step files are saved (no --save_every_n_steps); left out")
+
+
 def _epoch_saves(a: Args, cfg: dict, notes: list[str]) -> None:
     """An adapter file every n epochs, the newest kept. kohya's save_n_epoch_ratio (that many files
     over the run) wins over save_every_n_epochs, as in kohya, when the epochs are known."""
@@ -399,8 +446,7 @@ def _outputs(a: Args, cfg: dict, notes: list[str]) -> None:
         if precision not in SAVE_PRECISIONS:
             raise ConfigError(f"--save_precision: {precision!r}; expected float, fp16 or bf16")
         set_key(cfg, "output.dtype", SAVE_PRECISIONS[precision])
-    if a.has("save_every_n_steps"):
-        set_key(cfg, "output.save_every_n_steps", a.int("save_every_n_steps"))
+    _step_saves(a, cfg, notes)
     _epoch_saves(a, cfg, notes)
     model_as = a.str("save_model_as")
     if model_as not in (None, "safetensors"):

@@ -32,7 +32,8 @@ SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "cap
 _LEFT_OUT = "not supported; left out"
 _ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
 _CHECKPOINTS = "output.keep_checkpoints keeps the newest N checkpoints (default 3)"
-_SCHEDULER_OPTION = "scheduler options are fixed here (one cosine cycle, linear decay); left out"
+_SCHEDULER_OPTION = ("not supported (the schedule options here are train.scheduler_cycles, train.scheduler_power "
+                     "and train.min_lr_ratio); left out")
 NOTES = {
     "xformers": _ATTENTION, "sdpa": _ATTENTION, "mem_eff_attn": _ATTENTION,
     "lowram": "memory placement is automatic here", "highvram": "memory placement is automatic here",
@@ -49,12 +50,11 @@ NOTES = {
     "no_metadata": "the adapter always carries its ss_* metadata",
     "huggingface_repo_id": "upload after training with `lora-trainer publish RUN_DIR --hub REPO`",
     "base_weights": "merging LoRAs into the base is done beforehand here: `lora-trainer merge`, then use the result as model.base",
-    "lr_scheduler_num_cycles": _SCHEDULER_OPTION, "lr_scheduler_power": _SCHEDULER_OPTION,
-    "lr_scheduler_args": _SCHEDULER_OPTION, "lr_scheduler_type": _SCHEDULER_OPTION, "lr_decay_steps": _SCHEDULER_OPTION,
+    "lr_scheduler_timescale": _SCHEDULER_OPTION, "lr_scheduler_args": _SCHEDULER_OPTION, "lr_scheduler_type": _SCHEDULER_OPTION, "lr_decay_steps": _SCHEDULER_OPTION,
     "sample_sampler": "samples use the base model's own scheduler",
     "sample_at_first": "no samples are drawn before training",
     "save_n_epoch_ratio": "the epochs are counted from the steps here: set output.save_every_n_epochs",
-    "save_last_n_steps": _CHECKPOINTS, "save_last_n_epochs_state": _CHECKPOINTS,
+    "save_last_n_epochs_state": _CHECKPOINTS,
     "save_last_n_steps_state": _CHECKPOINTS,
     "save_state": "every checkpoint here holds the full training state (with output.save_every_n_steps); "
                   "epoch files (output.save_every_n_epochs) are adapters only",
@@ -75,9 +75,10 @@ NOTES = {
     "prior_loss_weight": "there are no regularisation images, so there is no prior loss; left out", "dataset_repeats": "use data.repeats",
 }
 # Values equal to kohya's defaults change nothing when left out (kohya_ss GUI files write many of them).
-KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "clip_skip": 1, "max_token_length": 75,
-                  "caption_separator": ",", "min_bucket_reso": 256, "max_bucket_reso": 1024, "vae_batch_size": 1,
-                  "save_model_as": "safetensors", "caption_extension": ".caption", "log_prefix": "",
+KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "lr_scheduler_min_lr_ratio": 0,
+                  "clip_skip": 1, "max_token_length": 75, "caption_separator": ",", "min_bucket_reso": 256,
+                  "max_bucket_reso": 1024, "vae_batch_size": 1, "save_model_as": "safetensors",
+                  "caption_extension": ".caption", "log_prefix": "",
                   "persistent_data_loader_workers": False}
 NETWORK_ARG_NOTES = {
     "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",

@@ -31,9 +31,10 @@ RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")
 
 def clear_previous_run(out_dir: Path) -> None:
     """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
-    adapters) before a new run starts there, so nothing stale is mixed in or resumed from; only in
+    and step adapters) before a new run starts there, so nothing stale is mixed in or resumed from; only in
     a run folder."""
     from .epochs import epoch_files  # epochs checks free space with this module
+    from .step_adapters import step_files
 
     out_dir = Path(out_dir)
     if not (out_dir / "config.yaml").is_file():
@@ -44,8 +45,9 @@ def clear_previous_run(out_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    for files in epoch_files(out_dir, _run_name(out_dir / "config.yaml")).values():
-        for path in files:  # <name>-NNNNNN.safetensors: the old run's epoch adapters
+    name = _run_name(out_dir / "config.yaml")
+    for files in [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]:
+        for path in files:  # <name>-NNNNNN / <name>-stepNNNNNNNN.safetensors: the old run's kept adapters
             path.unlink()
 
 

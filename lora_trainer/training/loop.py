@@ -40,6 +40,8 @@ from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
+from .schedules import build_scheduler
+from .step_adapters import keep_step_adapters
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
@@ -131,8 +133,6 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
            initial) -> TrainResult:
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
     started_at = time.time()
     t = cfg.train
     set_seed(t.seed)
@@ -186,9 +186,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    # accelerate steps a prepared scheduler once per process per update; scale to match.
-    lr_scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = build_scheduler(t, optimizer, max_steps, accelerator.num_processes)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler, *loaders)
     trained = list(prepared[:len(trained)])
     optimizer, lr_scheduler, loader = prepared[len(trained):len(trained) + 3]
@@ -264,10 +262,20 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     def save(state: TrainerState) -> Path:
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
-        export = lambda folder: _export(cfg, accelerator, base, trained, examples, state.step, max_steps,  # noqa: E731
-                                        started_at, suffix=f"-step{state.step:05d}", folder=folder,
-                                        epoch=state.epoch + 1, num_epochs=num_epochs)
+        suffix = f"-step{state.step:05d}"
+
+        def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
+            paths = _export(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
+                            suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
+                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
+            return paths
+
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
+
+    def saves_due(at: int) -> bool:
+        every = cfg.output.save_every_n_steps
+        return bool(every) and at % every == 0 and at < max_steps
 
     epoch_ends = EpochEnds.for_run(
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
@@ -351,7 +359,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     write_record(accelerator, log_path, record)
                 if seen == len(loader):  # the epoch's last update; its files come before this step's checkpoint
                     epoch_ends(epoch + 1, step)
-                if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < max_steps:
+                if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
                     log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step),

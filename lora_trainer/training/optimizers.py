@@ -1,5 +1,6 @@
-"""Optimizer choice: AdamW (torch), 8-bit AdamW (bitsandbytes, CUDA only), Prodigy (prodigyopt)
-and Adafactor (transformers). Availability is checked before anything loads."""
+"""Optimizer choice: AdamW (torch), 8-bit AdamW (bitsandbytes, CUDA only), Prodigy (prodigyopt),
+Adafactor (transformers), Lion (lion-pytorch) and 8-bit Lion (bitsandbytes, CUDA only).
+Availability is checked before anything loads."""
 
 from __future__ import annotations
 
@@ -19,23 +20,31 @@ OPTIMIZER_NAMES = {
     "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
     "prodigy": "prodigyopt.prodigy.Prodigy",
     "adafactor": "transformers.optimization.Adafactor",
+    "lion": "lion_pytorch.lion_pytorch.Lion",
+    "lion8bit": "bitsandbytes.optim.lion.Lion8bit",
 }
+# Lion's update has the size lr in every weight (AdamW's is smaller where gradients are noisy), so
+# it wants an lr 3-10x smaller than AdamW's; at or above this the run warns.
+LION_HIGH_LR = 3e-4
+# (the package an optimizer needs, the extra that installs it)
+_PACKAGES = {"adamw8bit": ("bitsandbytes", "bnb"), "lion8bit": ("bitsandbytes", "bnb"),
+             "prodigy": ("prodigyopt", "prodigy"), "lion": ("lion_pytorch", "lion")}
 
 
 def check_optimizer(t: TrainConfig, cuda_available: bool | None = None) -> None:
     """Fail with one line, before any model loads, when `train.optimizer` cannot run here."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
-    if t.optimizer == "adamw8bit":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("train.optimizer: 'adamw8bit' needs the bitsandbytes package; "
-                              "pip install 'lora-trainer[bnb]' or use train.optimizer=adamw")
-        if not cuda_available:
-            raise ConfigError("train.optimizer: 'adamw8bit' (bitsandbytes) needs a CUDA GPU and this machine has "
-                              "none; use train.optimizer=adamw")
-    if t.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
-        raise ConfigError("train.optimizer: 'prodigy' needs the prodigyopt package; "
-                          "pip install 'lora-trainer[prodigy]' or use train.optimizer=adamw")
+    name = t.optimizer
+    fallback = "lion" if name == "lion8bit" else "adamw"
+    if name in _PACKAGES:
+        module, extra = _PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.optimizer: {name!r} needs the {module.replace('_', '-')} package; "
+                              f"pip install 'lora-trainer[{extra}]' or use train.optimizer={fallback}")
+    if name in ("adamw8bit", "lion8bit") and not cuda_available:
+        raise ConfigError(f"train.optimizer: {name!r} (bitsandbytes) needs a CUDA GPU and this machine has "
+                          f"none; use train.optimizer={fallback}")
 
 
 def build_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -61,4 +70,16 @@ def build_optimizer(t: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer
         # A fixed learning rate (the schedule comes from train.scheduler), as kohya uses it for LoRA.
         return Adafactor(groups, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
-    raise ConfigError(f"train.optimizer: got {t.optimizer!r}; expected adamw, adamw8bit, prodigy or adafactor")
+    if t.optimizer in ("lion", "lion8bit"):
+        if t.lr >= LION_HIGH_LR:
+            log.warning("train.optimizer=%s with train.lr=%g: Lion wants an lr 3-10x smaller than AdamW's "
+                        "(e.g. 1e-5 to 3e-5 where AdamW trains at 1e-4)", t.optimizer, t.lr)
+        if t.optimizer == "lion8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.Lion8bit(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
+        from lion_pytorch import Lion
+
+        return Lion(groups, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
+    raise ConfigError(f"train.optimizer: got {t.optimizer!r}; expected adamw, adamw8bit, prodigy, adafactor, lion "
+                      "or lion8bit")

@@ -45,6 +45,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
               prediction_type: str, variant: str, epoch: int | None = None,
               num_epochs: int | None = None) -> dict[str, str]:
     from .optimizers import OPTIMIZER_NAMES
+    from .schedules import scheduler_name
 
     t = cfg.train
     db = cfg.dreambooth
@@ -79,7 +80,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         learning_rate=t.lr,
         unet_lr=t.lr,
         text_encoder_lr=(t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if cfg.lora.train_text_encoder else None,
-        lr_scheduler=t.scheduler,
+        lr_scheduler=scheduler_name(t),  # cosine with train.min_lr_ratio is kohya's cosine_with_min_lr
         optimizer=OPTIMIZER_NAMES[t.optimizer],
         mixed_precision=t.mixed_precision,
         seed=t.seed,
