@@ -88,7 +88,7 @@ def test_lion8bit_needs_bitsandbytes_and_a_gpu(monkeypatch):
 
 
 def _kohya(**extra):
-    return config_from_kohya({"pretrained_model_name_or_path": "m", "train_data_dir": "img", "network_dim": 4,
+    return config_from_kohya({"pretrained_model_name_or_path": "m", "train_data_dir": "img", "caption_extension": ".txt", "network_dim": 4,
                               "network_alpha": 4, "learning_rate": 3e-5, "max_train_steps": 100, **extra})
 
 

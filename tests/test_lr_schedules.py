@@ -104,7 +104,7 @@ def test_schedule_options_are_checked_with_one_line_naming_the_key(override, mes
 
 
 def _kohya(**extra):
-    return config_from_kohya({"pretrained_model_name_or_path": "m", "train_data_dir": "img", "network_dim": 4,
+    return config_from_kohya({"pretrained_model_name_or_path": "m", "train_data_dir": "img", "caption_extension": ".txt", "network_dim": 4,
                               "network_alpha": 4, "learning_rate": 1e-4, "max_train_steps": 100, **extra})
 
 

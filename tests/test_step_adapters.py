@@ -110,7 +110,7 @@ def test_step_file_options_are_checked_with_one_line_naming_the_key(output, mess
 
 
 def test_from_kohya_keeps_step_files_and_turns_the_step_span_into_a_count():
-    base = {"pretrained_model_name_or_path": "m", "train_data_dir": "img", "network_dim": 4, "network_alpha": 4,
+    base = {"pretrained_model_name_or_path": "m", "train_data_dir": "img", "caption_extension": ".txt", "network_dim": 4, "network_alpha": 4,
             "learning_rate": 1e-4, "max_train_steps": 1000}
     cfg, notes = config_from_kohya({**base, "save_every_n_steps": 100, "save_last_n_steps": 250})
     # kohya at step 500 keeps the files of steps 300, 400 and 500: those within 250 steps
