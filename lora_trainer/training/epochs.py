@@ -14,12 +14,12 @@ checkpoint always comes after the epoch files before it: a resumed run neither r
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .guards import check_free_space
+from .numbered import numbered_files, remove_older
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +31,12 @@ def epoch_suffix(epoch: int) -> str:
 
 def epoch_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
     """{epoch: its files (one per layout)} of the epoch adapters named `name` in `out_dir`."""
-    pattern = re.compile(rf"{re.escape(name)}-(\d{{6}})(\.diffusers)?\.safetensors")
-    found: dict[int, list[Path]] = {}
-    if Path(out_dir).is_dir():
-        for path in sorted(Path(out_dir).iterdir()):
-            match = pattern.fullmatch(path.name)
-            if match and path.is_file():
-                found.setdefault(int(match.group(1)), []).append(path)
-    return found
+    return numbered_files(out_dir, name, "", 6)
 
 
 def remove_old_epochs(out_dir: Path, name: str, keep: int, current: int) -> list[Path]:
-    """Keep the files of the newest `keep` epochs up to `current` (0 keeps all); return those
-    removed. Files of later epochs (left by a run that got further before it was resumed from an
-    earlier checkpoint) are not counted: this run writes them again when it gets there."""
-    if keep <= 0:
-        return []
-    epochs = sorted(e for e in epoch_files(out_dir, name) if e <= current)
-    removed = []
-    for epoch in epochs[:-keep]:
-        for path in epoch_files(out_dir, name)[epoch]:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    """Keep the files of the newest `keep` epochs up to `current` (0 keeps all); return those removed."""
+    return remove_older(epoch_files(out_dir, name), keep, current)
 
 
 def due(every: int, epoch: int, step: int, max_steps: int) -> bool:

@@ -11,11 +11,11 @@ never writes them again.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 
 from ..fileio import atomic_path
+from .numbered import numbered_files, remove_older
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,7 @@ def step_suffix(step: int) -> str:
 
 def step_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
     """{step: its files (one per layout)} of the step adapters named `name` in `out_dir`."""
-    pattern = re.compile(rf"{re.escape(name)}-step(\d{{8}})(\.diffusers)?\.safetensors")
-    found: dict[int, list[Path]] = {}
-    if Path(out_dir).is_dir():
-        for path in sorted(Path(out_dir).iterdir()):
-            match = pattern.fullmatch(path.name)
-            if match and path.is_file():
-                found.setdefault(int(match.group(1)), []).append(path)
-    return found
+    return numbered_files(out_dir, name, "step", 8)
 
 
 def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path, output, step: int) -> list[Path]:
@@ -55,15 +48,5 @@ def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path
 
 
 def remove_old_step_adapters(out_dir: Path, name: str, keep: int, current: int) -> list[Path]:
-    """Keep the files of the newest `keep` steps up to `current` (0 keeps all); return those removed.
-    Files of later steps (left by a run that got further before it was resumed from an earlier
-    checkpoint) are not counted: this run writes them again when it gets there."""
-    if keep <= 0:
-        return []
-    found = step_files(out_dir, name)
-    removed = []
-    for step in sorted(s for s in found if s <= current)[:-keep]:
-        for path in found[step]:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    """Keep the files of the newest `keep` steps up to `current` (0 keeps all); return those removed."""
+    return remove_older(step_files(out_dir, name), keep, current)
