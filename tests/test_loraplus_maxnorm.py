@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import safetensors
@@ -24,6 +23,7 @@ from lora_trainer.training.loop import train
 from lora_trainer.training.loraplus import loraplus_groups
 from lora_trainer.training.maxnorm import apply_max_norm
 from lora_trainer.training.optimizers import build_optimizer
+from rank_helpers import write_rank_script
 
 FAST = ["sample.prompts=[]", "output.dtype=fp32", "train.warmup=0", "train.scheduler=constant"]
 
@@ -212,19 +212,7 @@ def test_loraplus_and_max_norm_resume_exactly(limited, tiny_sd15, example_data, 
 
 def test_two_processes_keep_identical_adapters_with_loraplus_max_norm_and_epoch_files(tiny_sd15, example_data,
                                                                                      tmp_path):
-    script = tmp_path / "per_rank.py"
-    script.write_text(textwrap.dedent("""
-        import os, sys
-        import torch
-        from lora_trainer.config import load_config
-        from lora_trainer.training.loop import train
-
-        torch.set_num_threads(1)
-        cfg = load_config(sys.argv[1], sys.argv[2:])
-        result = train(cfg, show_progress=False)
-        adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
-        torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
-    """))
+    script = write_rank_script(tmp_path)
     out = tmp_path / "two"
     # 8 images, 2 processes × batch 1: 4 steps an epoch; the epoch-1 file at step 4, the final one at 6
     args = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *FAST, "train.max_steps=6",

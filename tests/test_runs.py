@@ -21,6 +21,7 @@ from PIL import Image
 from lora_trainer.errors import ConfigError
 from lora_trainer.training.guards import RunInterrupted, TrainingStopped
 from lora_trainer.training.loop import train
+from rank_helpers import write_rank_script
 
 # 8 images, batch 2: 4 steps an epoch, so 8 steps cross an epoch boundary; checkpoints at 2, 4, 6.
 RUN = ["train.max_steps=8", "output.save_every_n_steps=2", "output.keep_checkpoints=2", "output.dtype=fp32"]
@@ -224,19 +225,7 @@ def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, m
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, example_data, tmp_path):
-    script = tmp_path / "per_rank.py"
-    script.write_text(textwrap.dedent("""
-        import os, sys
-        import torch
-        from lora_trainer.config import load_config
-        from lora_trainer.training.loop import train
-
-        torch.set_num_threads(1)
-        cfg = load_config(sys.argv[1], sys.argv[2:])
-        result = train(cfg, show_progress=False)
-        adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
-        torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
-    """))
+    script = write_rank_script(tmp_path)
     # LoRA dropout on: its masks, too, belong to the sample and not to the process.
     common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
               "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25"]
