@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                 # tiny (64 px, batch 2) and sd15-full (256 px, batch 1, rank 4)
     python benchmarks/train_step.py --cases tiny    # just one
     python benchmarks/train_step.py --cases sdxl-tiny,sdxl-tiny-nocache
+    python benchmarks/train_step.py --cases full,full-kohya,full-locon   # module sets: attention, kohya's, + LoCon
     python benchmarks/train_step.py --cases gpu-sd15-512,gpu-sd15-512-ckpt-8bit,gpu-sdxl-1024,gpu-sdxl-1024-ckpt-8bit
 
 Each case runs `train()` in its own process (so peak RSS is that case's alone) on the bundled
@@ -45,6 +46,12 @@ CASES = {
                                       "train.gradient_checkpointing=true"]),
     "full512-bf16-nocache": ("sd15-full", ["data.resolution=512", "train.batch_size=4", "train.mixed_precision=bf16",
                                            "train.cache_latents=false"]),
+    # kohya's module set (attention, feed-forward, proj_in/out) alone and with LoCon convs at rank 8.
+    "full-kohya": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no",
+                                 "lora.unet_targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out]"]),
+    "full-locon": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no",
+                                 "lora.unet_targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out]",
+                                 "lora.conv_rank=8"]),
     "sdxl-tiny": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no"]),
     "sdxl-tiny-nocache": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no",
                                    "train.cache_latents=false"]),
