@@ -133,3 +133,14 @@ def test_a_short_run_trains_with_weighted_captions(tiny_sdxl, example_data, tmp_
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     with safetensors.safe_open(str(result.adapter_paths[0]), "pt") as f:
         assert f.metadata()["ss_weighted_captions"] == "True"
+
+
+def test_non_boolean_options_are_one_line_errors_naming_the_key():
+    from lora_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "data.weighted_captions=maybe",
+                           "data.alpha_mask=2"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("data.weighted_captions: got 'maybe'")
+    assert lines[1].startswith("data.alpha_mask: got 2")

@@ -124,7 +124,8 @@ class LatentCache:
 
 class EmbeddingCache:
     """Frozen text-encoder outputs keyed by caption string (valid only while the encoders are
-    frozen). `encode` returns a tuple of batched tensors (SDXL: hidden states and pooled)."""
+    frozen; everything else that shapes an embedding, such as clip skip, the windows and
+    data.weighted_captions, is fixed for a run, and the cache lives in memory for one run). `encode` returns a tuple of batched tensors (SDXL: hidden states and pooled)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled

@@ -259,8 +259,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
             embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
             pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
-        return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options,
-                              mask=mask[0] if mask else None)
+        masked = {"mask": mask[0]} if mask else {}  # off: the call is exactly what it was
+        return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options, **masked)
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []
