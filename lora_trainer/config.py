@@ -112,6 +112,14 @@ class DataConfig:
     bucket_no_upscale: bool = False
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
     keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
+    # read `(word:1.3)`, `(word)`, `[word]` and BREAK in captions (prefix and suffix too) as infer.py reads a
+    # prompt: the text embeddings are weighted with A1111's rule (kohya's --weighted_captions); false: the
+    # brackets are literal text. Tags still split at every comma: keep commas out of brackets
+    weighted_captions: bool = False
+    # images with an alpha channel (RGBA PNG/WebP) weight the loss of each latent pixel by their alpha
+    # (resized, cropped and flipped with the image, area-averaged to the latent grid; kohya's --alpha_mask);
+    # images without one weigh 1 everywhere. The RGB trained on is unchanged (composited over white)
+    alpha_mask: bool = False
     # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
     # trained on. validation_split: this fraction of the images under path (at least one when > 0),
     # drawn by validation_seed from their file names, so the same ones in every process and resume

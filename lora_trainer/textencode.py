@@ -1,9 +1,12 @@
 """How text becomes CLIP hidden states, the one definition that training and inference share:
 A1111's 75-token windows ([BOS] 75 tokens [EOS + padding], hidden states concatenated along the
-sequence) and clip skip (which layer's hidden states are read)."""
+sequence), clip skip (which layer's hidden states are read) and A1111's emphasis syntax
+(`(word:1.3)`, `(word)`, `[word]`: parse_weights, apply_weights), read in prompts at inference and
+in captions with data.weighted_captions."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -98,6 +101,127 @@ def literal_windows(tokenizer, text: str, count: int) -> list[list[int]]:
     (a caption's `(word:1.2)` is those characters). Longer text is cut, shorter text padded with
     empty windows, so every text has the same length (count · 77)."""
     return pad_windows(tokenizer, chunk_runs(tokenizer, [(text, 1.0)], max_windows=count), count).ids
+
+
+# ---- A1111 emphasis: `(word:1.3)`, `(word)`, `[word]`; prompts at inference, captions with
+# data.weighted_captions ----
+
+ROUND, SQUARE = 1.1, 1 / 1.1  # what one pair of (...) or [...] multiplies by
+WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")  # the `:1.3)` that ends an explicitly weighted group
+BREAK_RUN = re.compile(r"\s*\bBREAK\b\s*")  # the word that starts a new window
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs.
+
+    `(x)` ×1.1, `((x))` ×1.21, `[x]` ÷1.1, `(x:1.3)` ×1.3 (instead of 1.1), nesting multiplies,
+    `\\(` `\\)` `\\[` `\\]` `\\\\` are literal, unclosed brackets apply to the end, stray closers
+    are ignored, and the word `BREAK` starts a new 75-token window (returned as ("BREAK", -1)).
+    """
+    runs: list[list] = []  # [text, weight] pairs, weights edited in place when brackets close
+    open_round: list[int] = []  # index into runs where each still-open bracket started
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    def add(piece: str) -> None:
+        parts = BREAK_RUN.split(piece)
+        for k, part in enumerate(parts):
+            if k:
+                runs.append(["BREAK", BREAK])
+            if part:
+                runs.append([part, 1.0])
+
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            runs.append([text[i + 1], 1.0])
+            i += 2
+            continue
+        if c == "(":
+            open_round.append(len(runs))
+        elif c == "[":
+            open_square.append(len(runs))
+        elif c == ")" and open_round:
+            scale(open_round.pop(), ROUND)
+        elif c == "]" and open_square:
+            scale(open_square.pop(), SQUARE)
+        elif c == ":" and open_round and (m := WEIGHT.match(text, i)):
+            scale(open_round.pop(), float(m.group(1)))
+            i = m.end()
+            continue
+        elif c in ")]":
+            pass  # a closer without an opener: A1111 drops it too
+        else:
+            j = i
+            while j < n and text[j] not in "\\()[]:":
+                j += 1
+            add(text[i:max(j, i + 1)])
+            i = max(j, i + 1)
+            continue
+        i += 1
+    for start in reversed(open_round):
+        scale(start, ROUND)
+    for start in reversed(open_square):
+        scale(start, SQUARE)
+
+    merged: list[tuple[str, float]] = []
+    for piece, weight in runs:
+        if merged and merged[-1][1] == weight and weight != BREAK:
+            merged[-1] = (merged[-1][0] + piece, weight)
+        else:
+            merged.append((piece, weight))
+    return merged or [("", 1.0)]
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's rule on windows z (..., 77, dim) with weights (..., 77): scale each position's
+    embedding by its weight, then rescale each window so its mean is what it was (emphasis shifts
+    attention without changing the overall magnitude). A window whose weights are all 1 is returned
+    exactly as it was, not a rounding of it."""
+    plain = (weights == 1).all(dim=-1, keepdim=True).unsqueeze(-1)
+    if bool(plain.all()):
+        return z
+    before = z.mean(dim=(-2, -1), keepdim=True)
+    scaled = z * weights.to(z.dtype).unsqueeze(-1)
+    ratio = before / scaled.mean(dim=(-2, -1), keepdim=True)
+    # A window whose mean is exactly 0 (a LayerNorm without bias, as in tiny test models) has no mean
+    # to restore: it keeps the plain scaling instead of 0/0.
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+    return torch.where(plain, z, scaled * ratio)
+
+
+def weighted_windows(tokenizer, text: str, count: int) -> Chunks:
+    """Exactly `count` windows of `text` read with its weight syntax (parse_weights): token ids and
+    the weight of each position. Longer text is cut, shorter text padded with empty windows, as
+    literal_windows does."""
+    return pad_windows(tokenizer, chunk_runs(tokenizer, parse_weights(text), max_windows=count), count)
+
+
+def plain_text(text: str) -> str:
+    """`text` without its weight syntax: the words the text encoder reads (token counts)."""
+    return "".join(" " if weight == BREAK else piece for piece, weight in parse_weights(text)).strip()
+
+
+def comma_in_brackets(text: str) -> bool:
+    """Whether a comma stands inside (...) or [...]: tag shuffling and dropout split captions at
+    every comma, so such a group would be torn apart (kohya warns about the same)."""
+    depth, escaped = 0, False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif c == "," and depth:
+            return True
+    return False
 
 
 def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:

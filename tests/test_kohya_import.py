@@ -332,8 +332,8 @@ def test_loss_and_noise_arguments_map_to_the_train_keys():
 
 
 def test_kohya_loss_defaults_add_nothing_and_odd_values_get_notes():
-    gui = {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "caption_extension": ".txt", "network_dim": 4, "network_alpha": 4,
-           "learning_rate": 1e-4, "max_train_steps": 10,
+    gui = {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "network_dim": 4, "network_alpha": 4,
+           "learning_rate": 1e-4, "max_train_steps": 10, "caption_extension": ".txt",
            "loss_type": "l2", "huber_schedule": "snr", "huber_c": 0.1, "huber_scale": 1, "min_timestep": 0,
            "max_timestep": 1000, "multires_noise_iterations": 0, "multires_noise_discount": 0.3,
            "zero_terminal_snr": False, "debiased_estimation_loss": False}
@@ -349,8 +349,8 @@ def test_kohya_loss_defaults_add_nothing_and_odd_values_get_notes():
 def test_epoch_saves_loraplus_and_max_norm_arguments_map():
     cfg, notes = config_from_kohya(parse_command_line(
         "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 8 "
-        "--caption_extension .txt --network_alpha 4 --learning_rate 1e-4 --max_train_epochs 10 --save_every_n_epochs 2 --save_last_n_epochs 3 "
-        "--sample_every_n_epochs 5 --scale_weight_norms 1.5 "
+        "--network_alpha 4 --learning_rate 1e-4 --max_train_epochs 10 --save_every_n_epochs 2 --save_last_n_epochs 3 "
+        "--sample_every_n_epochs 5 --scale_weight_norms 1.5 --caption_extension .txt "
         "--network_args loraplus_lr_ratio=16 loraplus_text_encoder_lr_ratio=4"))
     assert cfg["output"] == {"save_every_n_epochs": 2, "save_last_n_epochs": 3}
     assert cfg["sample"] == {"every_n_epochs": 5}
@@ -365,8 +365,8 @@ def test_epoch_saves_loraplus_and_max_norm_arguments_map():
 
 def test_save_n_epoch_ratio_gives_that_many_epoch_files_when_the_epochs_are_known():
     base = "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 8 " \
-           "--caption_extension .txt " \
-           "--network_alpha 4 --learning_rate 1e-4 --save_every_n_epochs 1 --save_n_epoch_ratio 3 "
+           "--network_alpha 4 --learning_rate 1e-4 --save_every_n_epochs 1 --save_n_epoch_ratio 3 " \
+           "--caption_extension .txt "
     cfg, notes = config_from_kohya(parse_command_line(base + "--max_train_epochs 10"))
     assert cfg["output"]["save_every_n_epochs"] == 3 and notes == []  # kohya: floor(10 / 3), wins over 1
     cfg, notes = config_from_kohya(parse_command_line(base + "--max_train_steps 500 --save_last_n_epochs 2"))

@@ -28,6 +28,7 @@ from lora_trainer.data.dataset import Example, _walk, tag_frequency, training_ca
 from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
 from lora_trainer.data.images import load_image
 from lora_trainer.errors import DataError
+from lora_trainer.textencode import plain_text
 
 CLIP_MAX_TOKENS = 77  # the SD text encoders' context, start and end tokens included
 _RATIOS = {"1:1": 1.0, "5:4": 1.25, "4:5": 0.8, "4:3": 4 / 3, "3:4": 0.75, "3:2": 1.5, "2:3": 2 / 3,
@@ -110,7 +111,8 @@ class DataReport:
 def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None,
                   caption_prefix: str = "", folder_repeats: bool = True,
                   token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
-                  caption_suffix: str = "", extension_key: str = "data.caption_extension") -> DataReport:
+                  caption_suffix: str = "", extension_key: str = "data.caption_extension",
+                  weighted_captions: bool = False) -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
@@ -119,6 +121,7 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     `token_limit`: caption tokens training reads (model.max_token_length: 75, 150 or 225).
     `caption_extension`: caption files are `<stem><caption_extension>`; `extension_key` is how the
     warning about captions of another extension names the setting.
+    `weighted_captions`: data.weighted_captions; tokens are counted without the weight syntax.
     """
     root = Path(root)
     report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
@@ -184,7 +187,7 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
         for path, caption in captions.items():
             if caption is None and folders[path] is not None and folders[path].name:
                 captions[path] = folders[path].name  # what training captions it with
-        _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel)
+        _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel, weighted_captions)
     return report
 
 
@@ -239,7 +242,7 @@ def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[P
 
 
 def _check_captions(report: DataReport, captions: dict[Path, str | None], tokenizer, prefix: str, suffix: str,
-                    rel) -> None:
+                    rel, weighted: bool = False) -> None:
     missing = [rel(p) for p, c in captions.items() if c is None]
     empty = [rel(p) for p, c in captions.items() if c == ""]
     report.num_captioned = len(captions) - len(missing) - len(empty)
@@ -254,7 +257,8 @@ def _check_captions(report: DataReport, captions: dict[Path, str | None], tokeni
     limit = report.token_limit
     cut = []
     for path, caption in trained.items():
-        n, rest = count_tokens(caption, tokenizer, limit)
+        # weighted: the encoder reads "(red:1.5)" as "red"; BREAK's padding is not counted
+        n, rest = count_tokens(plain_text(caption) if weighted else caption, tokenizer, limit)
         report.max_tokens = max(report.max_tokens, n)
         if n > limit:
             cut.append(f"{rel(path)} ({n} tokens, cut: {rest!r})")

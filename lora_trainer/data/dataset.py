@@ -23,7 +23,7 @@ from lora_trainer.data.captions import (
     other_extension_message,
 )
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
-from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
+from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, load_image_and_alpha
 from lora_trainer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -163,13 +163,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     `shuffle_tags` reorders a caption's comma-separated tags after the first `keep_tokens`, and
     `caption_tag_dropout` leaves each of those out with that probability. The prefix is one of the
     tags; `caption_suffix` is added after both, so it is never moved or dropped.
+    `alpha_mask`: items also carry `alpha_mask` (1, h, w) in [0, 1], the image's alpha resized,
+    cropped and flipped as its pixels are (ones for an image without alpha); the pixels are the same
+    either way.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
                  repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
-                 caption_tag_dropout: float = 0.0):
+                 caption_tag_dropout: float = 0.0, alpha_mask: bool = False):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
@@ -197,6 +200,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.sizes = list(sizes) if sizes is not None else None
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
+        self.alpha_mask = alpha_mask
         self._items = _item_table([ex.repeats * repeats for ex in self.examples])
 
     def set_epoch(self, epoch: int) -> None:
@@ -223,14 +227,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         flipped = self.random_flip and rng.random() < 0.5
 
         height, width = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
-        image = load_image(example.path)
+        image, alpha = load_image_and_alpha(example.path) if self.alpha_mask else (load_image(example.path), None)
         original_size = (image.height, image.width)
         image = resize_to_cover(image, height, width)
         top, left = self._crop_offsets(image, height, width, crop_u, crop_v)
         resized_width = image.width
-        image = image.crop((left, top, left + width, top + height))
+        box = (left, top, left + width, top + height)
+        image = image.crop(box)
+        # The mask takes the pixels' path exactly: same resize, crop box and flip.
+        alpha = resize_to_cover(alpha, height, width).crop(box) if alpha is not None else None
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            alpha = alpha.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if alpha is not None else None
             # The flipped crop is what cropping the mirrored image would give at this offset.
             left = resized_width - left - width
 
@@ -243,7 +251,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = shuffle_tags(caption, self.keep_tokens, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
         if not drop_caption:
             caption = append_suffix(caption, self.caption_suffix)
+        extra = {}
+        if self.alpha_mask:
+            extra["alpha_mask"] = (torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
+                                   if alpha is not None else torch.ones(1, height, width))
         return {
+            **extra,
             "pixel_values": to_tensor(image),
             "caption": caption,
             "index": index,

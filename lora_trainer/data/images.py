@@ -42,7 +42,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ) from err
 
 
+def load_image_and_alpha(path: str | os.PathLike) -> tuple[Image.Image, Image.Image | None]:
+    """`load_image`'s RGB picture (composited over white, exactly as training reads it) and the
+    image's own alpha channel as an upright 8-bit "L" image, or None when it has no alpha
+    (data.alpha_mask)."""
+    path = Path(path)
+    try:
+        return _read(path, lambda image: (to_rgb(image), image.convert("RGBA").getchannel("A")
+                                          if _has_alpha(image) else None))
+    except Exception as err:  # noqa: BLE001 (as load_image)
+        raise DataError(
+            f"{path}: cannot read image ({_describe(path, err)}); re-save it as PNG or JPEG, "
+            "or remove it from the dataset"
+        ) from err
+
+
 def _read_rgb(path: Path) -> Image.Image:
+    return _read(path, to_rgb)
+
+
+def _read(path: Path, convert):
+    """`convert` of the decoded, upright image (called while the file is open: a closed PIL image
+    can no longer be read)."""
     if path.stat().st_size == 0:
         raise ValueError("file is empty")
     with Image.open(path) as image:
@@ -54,7 +75,7 @@ def _read_rgb(path: Path) -> Image.Image:
         # Malformed EXIF is common in edited photos; the pixels are still good, so keep them.
         except (ValueError, TypeError, KeyError, SyntaxError, OSError):
             pass
-        return to_rgb(image)
+        return convert(image)
 
 
 def _describe(path: Path, err: Exception) -> str:

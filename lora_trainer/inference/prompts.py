@@ -10,99 +10,20 @@ from the same prompt in A1111 or Forge. The rule here is small and fully tested.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from ..textencode import BREAK as BREAK_WEIGHT
-from ..textencode import CHUNK, Chunks, chunk_runs, pad_windows, select_hidden  # noqa: F401 (CHUNK re-exported)
-
-ROUND, SQUARE = 1.1, 1 / 1.1  # what one pair of (...) or [...] multiplies by
-WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")  # the `:1.3)` that ends an explicitly weighted group
-BREAK = re.compile(r"\s*\bBREAK\b\s*")
-
-
-def parse_weights(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs.
-
-    `(x)` ×1.1, `((x))` ×1.21, `[x]` ÷1.1, `(x:1.3)` ×1.3 (instead of 1.1), nesting multiplies,
-    `\\(` `\\)` `\\[` `\\]` `\\\\` are literal, unclosed brackets apply to the end, stray closers
-    are ignored, and the word `BREAK` starts a new 75-token window (returned as ("BREAK", -1)).
-    """
-    runs: list[list] = []  # [text, weight] pairs, weights edited in place when brackets close
-    open_round: list[int] = []  # index into runs where each still-open bracket started
-    open_square: list[int] = []
-
-    def scale(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
-
-    def add(piece: str) -> None:
-        parts = BREAK.split(piece)
-        for k, part in enumerate(parts):
-            if k:
-                runs.append(["BREAK", BREAK_WEIGHT])
-            if part:
-                runs.append([part, 1.0])
-
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\" and i + 1 < n:
-            runs.append([text[i + 1], 1.0])
-            i += 2
-            continue
-        if c == "(":
-            open_round.append(len(runs))
-        elif c == "[":
-            open_square.append(len(runs))
-        elif c == ")" and open_round:
-            scale(open_round.pop(), ROUND)
-        elif c == "]" and open_square:
-            scale(open_square.pop(), SQUARE)
-        elif c == ":" and open_round and (m := WEIGHT.match(text, i)):
-            scale(open_round.pop(), float(m.group(1)))
-            i = m.end()
-            continue
-        elif c in ")]":
-            pass  # a closer without an opener: A1111 drops it too
-        else:
-            j = i
-            while j < n and text[j] not in "\\()[]:":
-                j += 1
-            add(text[i:max(j, i + 1)])
-            i = max(j, i + 1)
-            continue
-        i += 1
-    for start in reversed(open_round):
-        scale(start, ROUND)
-    for start in reversed(open_square):
-        scale(start, SQUARE)
-
-    merged: list[tuple[str, float]] = []
-    for piece, weight in runs:
-        if merged and merged[-1][1] == weight and weight != BREAK_WEIGHT:
-            merged[-1] = (merged[-1][0] + piece, weight)
-        else:
-            merged.append((piece, weight))
-    return merged or [("", 1.0)]
+# The syntax and the weighting rule live in lora_trainer.textencode (training reads weighted
+# captions with them); they are re-exported here, where inference users look for them.
+from ..textencode import (BREAK_RUN as BREAK, ROUND, SQUARE, WEIGHT, CHUNK, Chunks,  # noqa: F401 (re-exported)
+                          apply_weights, chunk_runs, pad_windows, parse_weights, select_hidden)
 
 
 def chunk_tokens(tokenizer, text: str) -> Chunks:
     """The prompt's weighted runs in 75-token windows (the rule lives in lora_trainer.textencode,
     shared with training)."""
     return chunk_runs(tokenizer, parse_weights(text))
-
-
-def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111's rule: scale each position's embedding by its weight, then rescale the whole chunk so
-    its mean is what it was (so emphasis shifts attention without changing overall magnitude)."""
-    if bool((weights == 1).all()):
-        return z  # exactly the unweighted embedding, not a rounding of it
-    before = z.mean()
-    z = z * weights.to(z.dtype).reshape(*weights.shape, 1)
-    return z * (before / z.mean())
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """kohya's caption and bucket options (from the arguments, or a dataset TOML subset layered over
 them) as data.* keys: caption files and their extension, prefix and suffix, tag shuffling and
-dropout, augmentation, and aspect buckets with their limits."""
+dropout, weighted captions, alpha-mask loss, augmentation, and aspect buckets with their limits."""
 
 from __future__ import annotations
 
@@ -38,7 +38,23 @@ def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
     if src.has("caption_suffix"):
         suffix = src.str("caption_suffix")
         set_key(cfg, "data.caption_suffix", suffix if suffix[:1].isspace() else " " + suffix)
+    if src.bool("weighted_captions"):
+        set_key(cfg, "data.weighted_captions", True)
+    mask_options(src, cfg, notes)
     bucket_options(src, cfg, notes)
+
+
+def mask_options(src: "Args", cfg: dict, notes: list[str]) -> None:
+    """--alpha_mask (an argument or a subset option; kohya's --masked_loss with it adds nothing) as
+    data.alpha_mask. Mask images (--masked_loss with a subset's conditioning_data_dir) are not read."""
+    if src.bool("alpha_mask"):
+        set_key(cfg, "data.alpha_mask", True)
+        src.get("masked_loss")
+        return
+    unread = [src.name(k) for k in ("masked_loss", "conditioning_data_dir") if src.has(k) and src.get(k) is not None]
+    if unread:
+        notes.append(f"{', '.join(unread)}: loss masks from mask images are not supported (only the images' own "
+                     "alpha channel: data.alpha_mask, kohya's --alpha_mask); left out")
 
 
 def bucket_options(src: "Args", cfg: dict, notes: list[str]) -> None:

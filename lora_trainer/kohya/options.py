@@ -27,7 +27,7 @@ STRUCTURAL = {"image_dir", "num_repeats", "class_tokens", "is_reg", "subsets"}
 SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug",
                   "random_crop", "caption_extension", "caption_prefix", "caption_suffix", "enable_bucket",
                   "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "resolution",
-                  "batch_size")
+                  "batch_size", "alpha_mask")
 
 _LEFT_OUT = "not supported; left out"
 _ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
@@ -45,7 +45,6 @@ NOTES = {
     "full_fp16": "adapters always train in fp32; train.mixed_precision sets the compute precision",
     "full_bf16": "adapters always train in fp32; train.mixed_precision sets the compute precision",
     "fp8_base": "fp8 bases are not supported; the frozen base is held in the compute precision",
-    "weighted_captions": "caption weights ((word:1.2)) are not applied in training; left out",
     "training_comment": "metadata text is not copied; `lora-trainer publish` writes the model card",
     "no_metadata": "the adapter always carries its ss_* metadata",
     "huggingface_repo_id": "upload after training with `lora-trainer publish RUN_DIR --hub REPO`",
@@ -66,8 +65,8 @@ NOTES = {
     "caption_separator": "captions are split into tags at commas; left out",
     "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT,
     "caption_dropout_every_n_epochs": _LEFT_OUT, "keep_tokens_separator": _LEFT_OUT, "secondary_separator": _LEFT_OUT,
-    "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT, "alpha_mask": _LEFT_OUT,
-    "masked_loss": _LEFT_OUT, "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
+    "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT,
+    "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
     "v_pred_like_loss": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
     "noise_offset_random_strength": _LEFT_OUT, "ip_noise_gamma_random_strength": _LEFT_OUT,
     "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,

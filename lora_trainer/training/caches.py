@@ -19,6 +19,8 @@ from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
+_ENTRY_NAMES = ("mean", "std", "mask")  # a latent cache entry's tensors, in order (the mask is optional)
+
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -39,12 +41,14 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 class LatentCache:
-    """VAE latent distributions (mean, std) keyed by (image path, transform).
+    """VAE latent distributions (mean, std) keyed by (image path, transform), with the loss mask
+    beside them when there is one (data.alpha_mask).
 
     The distribution, not a sample, is cached, so each step still draws fresh latents as an
     uncached run would. With `directory`, entries are also files named by the hash of the image
-    bytes, the transform (size, crop, flip) and `fingerprint` (the VAE), so an edited image, a
-    new crop or another VAE never reuses a stale entry.
+    bytes, the transform (size, crop, flip, and whatever else the key holds: the loop adds
+    "alpha_mask" when entries carry a mask) and `fingerprint` (the VAE), so an edited image, a new
+    crop or another VAE never reuses a stale entry.
     """
 
     def __init__(self, enabled: bool = True, directory: Optional[str | Path] = None, fingerprint: str = "",
@@ -53,7 +57,7 @@ class LatentCache:
         self.device = torch.device(device)
         self.directory = Path(directory) if directory is not None else None
         self.fingerprint = fingerprint
-        self._store: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._store: dict[Hashable, tuple[torch.Tensor, ...]] = {}  # (mean, std) or (mean, std, mask)
         self._file_hashes: dict[str, str] = {}
         self.hits = 0
         self.misses = 0
@@ -69,31 +73,34 @@ class LatentCache:
         name = hashlib.sha256(f"{self._file_hashes[path]}|{transform}|{self.fingerprint}".encode()).hexdigest()
         return self.directory / name[:2] / f"{name}.safetensors"
 
-    def _from_disk(self, key: tuple) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _from_disk(self, key: tuple) -> Optional[tuple[torch.Tensor, ...]]:
         path = self._disk_path(key)
         if not path.is_file():
             return None
         try:
             entry = safetensors.torch.load_file(str(path), device=str(self.device))
-            return entry["mean"], entry["std"]
+            return tuple(entry[name] for name in _ENTRY_NAMES if name in entry)
         except Exception as exc:  # a damaged entry is re-encoded, never fatal
             log.warning("latent cache entry %s unreadable (%s); encoding the image again", path, exc)
             return None
 
-    def _to_disk(self, key: tuple, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def _to_disk(self, key: tuple, entry: tuple[torch.Tensor, ...]) -> None:
         with atomic_path(self._disk_path(key)) as tmp:
-            safetensors.torch.save_file({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, str(tmp))
+            safetensors.torch.save_file({name: t.contiguous().cpu() for name, t in zip(_ENTRY_NAMES, entry)}, str(tmp))
 
     def distributions(
         self,
         keys: Sequence[tuple],
         pixels: torch.Tensor,
         encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        masks: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, ...]:
         """(mean, std) for each item of the batch; `encode` runs only on the missing ones.
-        A key is (image path, *transform)."""
+        A key is (image path, *transform). With `masks` (one per item, on the latent grid), each
+        is cached with its item's distribution and (mean, std, mask) is returned; keys must then
+        differ from those of entries without masks."""
         if not self.enabled:
-            return encode(pixels)
+            return encode(pixels) if masks is None else (*encode(pixels), masks)
         if self.directory is not None:
             for key in keys:
                 if key not in self._store and (entry := self._from_disk(key)) is not None:
@@ -106,19 +113,19 @@ class LatentCache:
             if keys[i] in self._store:  # the same image twice in one batch
                 continue
             mean, std = encode(pixels[i:i + 1])
-            self._store[keys[i]] = (mean[0], std[0])
+            entry = (mean[0], std[0]) if masks is None else (mean[0], std[0], masks[i])
+            self._store[keys[i]] = entry
             if self.directory is not None:
-                self._to_disk(keys[i], mean[0], std[0])
+                self._to_disk(keys[i], entry)
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        means = torch.stack([self._store[k][0] for k in keys])
-        stds = torch.stack([self._store[k][1] for k in keys])
-        return means, stds
+        return tuple(torch.stack([self._store[k][n] for k in keys]) for n in range(len(self._store[keys[0]])))
 
 
 class EmbeddingCache:
     """Frozen text-encoder outputs keyed by caption string (valid only while the encoders are
-    frozen). `encode` returns a tuple of batched tensors (SDXL: hidden states and pooled)."""
+    frozen; everything else that shapes an embedding, such as clip skip, the windows and
+    data.weighted_captions, is fixed for a run, and the cache lives in memory for one run). `encode` returns a tuple of batched tensors (SDXL: hidden states and pooled)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled

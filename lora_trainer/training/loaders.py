@@ -11,6 +11,7 @@ import torch
 from ..config import RunConfig
 from ..data import ImageCaptionDataset
 from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
+from ..textencode import comma_in_brackets
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,24 @@ class ShuffledBatches:
         return self.size // self.batch_size if self.drop_last else 1
 
 
+def warn_split_weights(cfg: RunConfig, examples) -> None:
+    """One warning when weighted captions would be split inside a bracket by tag shuffling, tag
+    dropout or keep_tokens (all of which cut captions at every comma)."""
+    d = cfg.data
+    if not (d.weighted_captions and (d.shuffle_tags or d.caption_tag_dropout > 0)):
+        return
+    texts = [d.caption_prefix + ex.caption + d.caption_suffix for ex in examples]
+    found = [ex.path.name for ex, text in zip(examples, texts) if comma_in_brackets(text)]
+    if found:
+        log.warning("data.weighted_captions: %d caption(s) have a comma inside brackets (first: %s), which tag "
+                    "shuffling/dropout splits apart; write each weighted group without commas",
+                    len(found), found[0])
+
+
 def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> ImageCaptionDataset:
     d = cfg.data
+    if instance:
+        warn_split_weights(cfg, examples)
     sizes = None
     if d.buckets:
         sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step, d.min_bucket_side,
@@ -49,7 +66,7 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
         repeats=d.repeats if instance else 1, seed=seed, sizes=sizes,
         shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
         caption_suffix=d.caption_suffix if instance else "",
-        caption_tag_dropout=d.caption_tag_dropout if instance else 0.0,
+        caption_tag_dropout=d.caption_tag_dropout if instance else 0.0, alpha_mask=d.alpha_mask,
     )
 
 

@@ -36,6 +36,7 @@ from .guards import RunInterrupted, check_finite, check_free_space, check_output
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, training_scheduler, training_target
+from .masks import latent_mask, latent_scale
 from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
@@ -231,7 +232,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     def encode_text(captions: list[str]):
         with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):  # validation runs without
             return encode_prompts(base, text_encoders, captions, device, cfg.model.clip_skip,
-                                  cfg.model.max_token_length)
+                                  cfg.model.max_token_length, cfg.data.weighted_captions)
 
     def batch_loss(batch, paths, epoch: int, stream: str, seed: int = t.seed,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,9 +240,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         Validation fixes the `timesteps`, and its latents are cached under keys of their own."""
         size = tuple(batch["pixel_values"].shape[-2:])
         tag = () if timesteps is None else (stream,)
+        alpha = batch.get("alpha_mask")  # data.alpha_mask: the loss mask, cached with the latents
+        alpha = latent_mask(alpha, latent_scale(base.vae)).to(device) if alpha is not None else None
+        tag += () if alpha is None else ("alpha_mask",)  # entries with a mask never meet entries without
         keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()), *tag)
                 for i, f, c in zip(batch["index"], batch["flipped"], batch["crop_top_left"])]
-        mean, std = latent_cache.distributions(keys, batch["pixel_values"], encode_images)
+        mean, std, *mask = latent_cache.distributions(keys, batch["pixel_values"], encode_images, alpha)
         d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], seed, epoch, stream, t.noise_offset,
                       t.input_perturbation, t.max_timestep or timesteps_total, std.dtype, weight_dtype, device,
                       min_timestep=t.min_timestep, multires_iterations=t.multires_noise_iterations,
@@ -253,7 +257,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
             embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
             pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
-        return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options)
+        masked = {"mask": mask[0]} if mask else {}  # off: the call is exactly what it was
+        return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options, **masked)
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []

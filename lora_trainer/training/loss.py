@@ -165,13 +165,20 @@ def debiased_weight(s: torch.Tensor) -> torch.Tensor:
 def diffusion_loss(
     pred: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor, snr_gamma: float | None,
     *, loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "snr", huber_scale: float = 1.0,
-    debiased: bool = False,
+    debiased: bool = False, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The batch loss: each sample's mean element loss, times its weights (min-SNR-γ when
-    `snr_gamma` is set, 1/sqrt(SNR) when `debiased`), averaged over the batch."""
+    `snr_gamma` is set, 1/sqrt(SNR) when `debiased`), averaged over the batch.
+
+    `mask` (B, 1, h, w) on the latent grid (data.alpha_mask) weights every element first; the mean
+    is then over all elements, as kohya's masked loss takes it (mean(loss · mask), not divided by
+    the mask's area): a mostly transparent image weighs less in the batch."""
     c = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale).to(pred.device) \
         if loss_type in ("huber", "smooth_l1") else None
-    per_sample = elementwise_loss(pred, target, loss_type, c).mean(dim=list(range(1, pred.ndim)))
+    elements = elementwise_loss(pred, target, loss_type, c)
+    if mask is not None:
+        elements = elements * mask.to(elements.device, elements.dtype)
+    per_sample = elements.mean(dim=list(range(1, pred.ndim)))
     if snr_gamma is None and not debiased:
         return per_sample.mean()
     s = snr(scheduler, timesteps)

@@ -75,6 +75,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         max_bucket_reso=sides[1] if sides else None,
         bucket_no_upscale=d.bucket_no_upscale if sides else None,
         caption_tag_dropout_rate=d.caption_tag_dropout,
+        weighted_captions=d.weighted_captions,
+        alpha_mask=d.alpha_mask,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
@@ -185,7 +187,8 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
     width = (p.width if own_size else None) or cfg.data.resolution
     height = (p.height if own_size else None) or cfg.data.resolution
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    prompts = pipeline_prompt_embeds(base, pipe, [p.prompt], negative, m.clip_skip, m.max_token_length)
+    prompts = pipeline_prompt_embeds(base, pipe, [p.prompt], negative, m.clip_skip, m.max_token_length,
+                                     cfg.data.weighted_captions)
     with torch.no_grad():
         image = pipe(**prompts, num_inference_steps=steps, guidance_scale=guidance,
                      height=height, width=width, generator=generator).images[0]

@@ -65,7 +65,7 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
         # The class prompt read as training reads captions (clip skip, long text): the class images
         # show what the base makes of the caption the class loss trains on.
         prompts = pipeline_prompt_embeds(base, pipe, [db.class_prompt] * len(batch), s.negative_prompt,
-                                         cfg.model.clip_skip, cfg.model.max_token_length)
+                                         cfg.model.clip_skip, cfg.model.max_token_length, cfg.data.weighted_captions)
         with torch.no_grad():
             images = pipe(**prompts, num_inference_steps=db.class_steps, guidance_scale=s.guidance_scale,
                           height=size, width=size, generator=generators).images
