@@ -127,3 +127,12 @@ def test_negative_prompt_is_padded_to_the_positive_length(sd15_pipe):
     assert pos.embeds.shape == neg.embeds.shape and pos.embeds.shape[1] % 77 == 0 and pos.embeds.shape[1] > 77
     short = encode_prompt(encoders, "blurry").embeds
     assert torch.equal(neg.embeds[:, :77], short)
+
+
+def test_a_zero_mean_window_is_weighted_without_nan():
+    z = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [0.5, -0.5]]])  # mean exactly 0
+    weights = torch.tensor([[1.5, 1.0, 1.0]])
+    out = apply_weights(z, weights)
+    assert torch.equal(out, z * torch.tensor([1.5, 1.0, 1.0])[:, None])
+    shifted = z + 1.0  # mean 1: restored after weighting
+    assert apply_weights(shifted, weights).mean().item() == pytest.approx(1.0)
