@@ -123,3 +123,14 @@ def test_an_adapter_that_does_not_fit_is_named_with_its_layer(tiny_sd15, tmp_pat
         err = capsys.readouterr().err.strip()
         assert rc == 2 and f"--lora: {tmp_path / name}: " in err and why in err and "\n" not in err, (name, err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_diffusers_layout_file_of_format_both_loads_by_its_dotted_name(trained, tiny_sd15, tmp_path):
+    from lora_trainer.export.adapter import read_adapter, write_adapter
+
+    dotted = tmp_path / "example-lora.diffusers.safetensors"  # what output.format: both writes
+    write_adapter(dotted, read_adapter(trained.adapter_paths[0]), layout="diffusers")
+    kohya = _run(tiny_sd15, tmp_path / "kohya", f"{trained.adapter_paths[0]}:1.0")
+    diffusers = _run(tiny_sd15, tmp_path / "diffusers", f"{dotted}:1.0")
+    assert np.abs(kohya.astype(int) - diffusers.astype(int)).max() <= 1
+    assert parse_adapter_spec(f"{dotted}:0.5").name == "example-lora_diffusers"

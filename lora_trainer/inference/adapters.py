@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class AdapterSpec:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        """The file's stem as an adapter name; peft refuses dots in names (`run.diffusers.safetensors`)."""
+        return re.sub(r"[^\w-]", "_", self.path.stem)
 
 
 def parse_adapter_spec(spec: str) -> AdapterSpec:
