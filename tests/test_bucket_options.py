@@ -90,6 +90,10 @@ def test_from_kohya_maps_bucket_limits_and_no_upscale():
     assert notes == ["--min_bucket_reso 320, --bucket_no_upscale: kohya uses them only with --enable_bucket, "
                      "which is off; left out"]
     assert config_from_dict(convert("--enable_bucket")[0]).data.max_bucket_side == 1024  # it validates
+    # a small run: kohya's default minimum (256) is over the square side, so it is left out
+    small = convert("--enable_bucket --resolution 64")[0]["data"]
+    assert (small["resolution"], small["max_bucket_side"], "min_bucket_side" in small) == (64, 1024, False)
+    assert config_from_dict(convert("--enable_bucket --resolution 64")[0]).data.min_bucket_side is None
 
 
 def test_metadata_records_the_new_options_as_kohya_does(tiny_sd15, example_data, tmp_path):

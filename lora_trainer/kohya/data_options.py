@@ -73,8 +73,12 @@ def bucket_options(src: "Args", cfg: dict, notes: list[str]) -> None:
         return
     set_key(cfg, "data.buckets", True)
     step = src.int("bucket_reso_steps", KOHYA_BUCKET_STEP)
+    resolution = cfg.get("data", {}).get("resolution")
+    side = max(step, resolution // step * step) if resolution else None  # the square bucket's side
     for key, ours in limits.items():
         value = src.int(key, KOHYA_DEFAULTS[key])
+        if not src.has(key) and side is not None and (value > side if key == "min_bucket_reso" else value < side):
+            continue  # kohya's default does not fit this resolution (a small test run): no limit that way
         moved = max(step, value - value % step) if key == "min_bucket_reso" else -(-value // step) * step
         if moved != value:
             notes.append(f"{src.name(key)} {value}: not a multiple of the bucket step {step}; {ours} is {moved}, "
