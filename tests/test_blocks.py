@@ -17,6 +17,7 @@ from locon_helpers import assert_outputs_close, inputs, load_pipeline, outputs
 from lora_trainer.config import BlockLrWeights, LoraConfig, TrainConfig, load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.files import load_adapter
+from lora_trainer.cli import main
 from lora_trainer.kohya.mapping import config_from_kohya
 from lora_trainer.models.blocks import block_index, block_lr_weights, block_plan, module_ranks, parse_lr_weights
 from lora_trainer.models.lora import candidate_layers, inject_lora, is_locon_3x3, lora_layers
@@ -137,3 +138,94 @@ def test_groups_carry_lr_times_block_weight_and_zero_blocks_are_left_out(tiny_sd
             assert moved.min().item() == pytest.approx(group["lr"], rel=1e-4) == moved.max().item()
     mid = {n for n in before if n.startswith("mid_block.")}
     assert all(torch.equal(before[n], p) for n, p in unet.named_parameters() if n in mid)
+
+
+# SD1.5 tiny UNet blocks in use: input 1, 2 (level 0), 3 (its downsampler), 4, 5, 6, 7 (level 2 resnet);
+# middle 12; output 13, 14, 15 (level 0 + upsampler), 16-18, 19-20.
+RANKS = [4, 2, 3, 1, 4, 2, 0, 4, 4, 4, 4, 4, 3, 1, 2, 3, 4, 2, 1, 4, 2, 4, 4, 4, 4]
+ALPHAS = [8.0] * 25
+ALPHAS[1], ALPHAS[16] = 1.0, 3.0
+CONV_RANKS = [2] * 25
+CONV_RANKS[13] = 1
+RUN = ["train.max_steps=2", "train.lr=1e-2", "output.dtype=fp32", "output.format=both", "sample.prompts=[]",
+       "sample.grid_weights=[]", "lora.rank=4", "lora.alpha=8", "lora.conv_rank=2",
+       f"lora.block_ranks=[{','.join(map(str, RANKS))}]", f"lora.block_alphas=[{','.join(map(str, ALPHAS))}]",
+       f"lora.conv_block_ranks=[{','.join(map(str, CONV_RANKS))}]",
+       "lora.block_lr_weights.down=[1,1,1,1,1,1,1,1,1,1,1,1]", "lora.block_lr_weights.mid=0",
+       "lora.block_lr_weights.up=linear+0.5", "train.loraplus_unet_lr_ratio=4", "train.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def block_run(tiny_sd15, example_data, tmp_path_factory):
+    result = train(run_config(tiny_sd15, example_data, tmp_path_factory.mktemp("blocks") / "sd15", *RUN),
+                   show_progress=False)
+    result.unet.eval()
+    x = inputs("sd15")
+    return result, x, outputs(SimpleNamespace(unet=result.unet, text_encoder=result.text_encoder), x)
+
+
+def test_per_block_ranks_and_alphas_reach_the_files(block_run, tiny_sd15):
+    result = block_run[0]
+    tensors, metadata = load_adapter(result.adapter_paths[0])
+    base = dict(result.unet.named_modules())
+    checked = 0
+    for path in candidate_layers(_unet(tiny_sd15), ["to_q", "to_k", "to_v", "to_out.0"], locon=True):
+        index, name = block_index(path, "sd15"), "lora_unet_" + path.replace(".", "_")
+        # the 3x3 convs: conv_block_ranks; conv alphas null: each block's alpha is its conv rank
+        r, a = (CONV_RANKS[index], float(CONV_RANKS[index])) if is_locon_3x3(path) else (RANKS[index], ALPHAS[index])
+        if index == 12 or r == 0:  # mid: lr weight 0; block 6 (no module in the tiny UNet) rank 0
+            assert f"{name}.alpha" not in tensors and path not in lora_layers(result.unet)
+            continue
+        weight = base[path].get_base_layer().weight
+        assert tensors[f"{name}.lora_down.weight"].shape == (r, *weight.shape[1:])
+        assert tensors[f"{name}.lora_up.weight"].shape[:2] == (weight.shape[0], r)
+        assert tensors[f"{name}.alpha"].item() == a
+        checked += 1
+    assert checked > 40
+    args = json.loads(metadata["ss_network_args"])
+    assert args["block_dims"] == ",".join(map(str, RANKS)) and args["mid_lr_weight"] == "0"
+    assert args["up_lr_weight"] == "linear+0.5" and args["block_alphas"].startswith("8,1,8")
+    assert args["conv_block_dims"].startswith("2,2,2") and args["conv_dim"] == "2"
+    assert metadata["ss_network_dim"] == "4"  # kohya writes --network_dim, whatever the blocks
+
+
+def test_block_run_logs_each_group_and_loads_in_diffusers(block_run, tiny_sd15, tmp_path):
+    result, x, trained = block_run
+    first = json.loads((result.output_dir / "train_log.jsonl").read_text().splitlines()[0])
+    up = parse_lr_weights("linear+0.5", 12, "k")
+    lrs = {k: v for k, v in first.items() if k.startswith("lr/")}
+    base = lrs["lr/unet_w1"]  # 1e-2 through the example config's warmup: each group scaled alike
+    assert base == pytest.approx(1e-2 / 4) and lrs["lr/unet_w1_plus"] == pytest.approx(4 * base)
+    assert lrs[f"lr/unet_w{up[0]:g}"] == pytest.approx(up[0] * base)  # output block 13
+    assert len(lrs) == 2 * len({1.0, *up[:8]})  # A and B groups per weight; tiny UNet: output blocks 13-20
+    # The kohya file's attention alphas differ per block, which diffusers (0.42) reads as the most
+    # common one (the run warns): converted to the diffusers layout it gives the trained outputs too.
+    converted = tmp_path / "converted.safetensors"
+    assert main(["convert", str(result.adapter_paths[0]), str(converted), "--to", "diffusers"]) == 0
+    for path in (result.adapter_paths[1], converted):
+        pipe = load_pipeline(tiny_sd15, "sd15")
+        pipe.load_lora_weights(str(path), adapter_name="blocks")
+        assert_outputs_close(outputs(pipe, x), trained, atol=1e-5)
+
+
+def test_from_kohya_maps_the_block_args():
+    args = {"pretrained_model_name_or_path": "base", "train_data_dir": "img", "network_dim": 8, "network_alpha": 4,
+            "network_args": ["down_lr_weight=sine+0.1", "mid_lr_weight=0.5", "up_lr_weight=1,1,0,1",
+                             "block_lr_zero_threshold=0.2", f"block_dims={','.join(map(str, RANKS))}",
+                             "block_alphas=" + ",".join(["2"] * 25), "conv_dim=4",
+                             "conv_block_dims=" + ",".join(["4"] * 25), "conv_block_alphas=" + ",".join(["1"] * 25)],
+            "_script": "train_network.py"}
+    cfg, notes = config_from_kohya(args)
+    lora = cfg["lora"]
+    assert lora["block_lr_weights"] == {"down": "sine+0.1", "mid": [0.5], "up": [1.0, 1.0, 0.0, 1.0]}
+    assert lora["block_lr_zero_threshold"] == 0.2 and lora["block_ranks"] == RANKS
+    assert lora["block_alphas"] == [2.0] * 25 and lora["conv_block_ranks"] == [4] * 25
+    assert lora["conv_block_alphas"] == [1.0] * 25
+    assert not any("lr_weight" in n or "block_" in n for n in notes)
+
+
+def test_defaults_keep_one_unet_group_and_no_block_args(trained):
+    log = json.loads((trained.output_dir / "train_log.jsonl").read_text().splitlines()[0])
+    assert [k for k in log if k.startswith("lr/")] == ["lr/unet"]
+    metadata = load_adapter(trained.adapter_paths[0])[1]
+    assert "ss_network_args" not in metadata
