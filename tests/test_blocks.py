@@ -229,3 +229,21 @@ def test_defaults_keep_one_unet_group_and_no_block_args(trained):
     assert [k for k in log if k.startswith("lr/")] == ["lr/unet"]
     metadata = load_adapter(trained.adapter_paths[0])[1]
     assert "ss_network_args" not in metadata
+
+
+def test_sdxl_block_ranks_follow_the_ldm_blocks(tiny_sdxl):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    ranks = [1 + i % 4 for i in range(23)]
+    ranks[5] = 0  # input_blocks.4 (down level 1's first attention): left out
+    lora = LoraConfig(rank=4, block_ranks=ranks, block_alphas=[float(2 * r or 1) for r in ranks])
+    plan = block_plan(lora, "sdxl", 4.0, 0.0, None)
+    paths = candidate_layers(unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in"], locon=False)
+    inject_lora(unet, ["to_q"], 4, 4.0, 0.0, "k", ranks=module_ranks(paths, is_locon_3x3, plan, "sdxl", (4, 4.0)))
+    layers = lora_layers(unet)
+    assert "down_blocks.1.attentions.0.proj_in" not in layers and "down_blocks.1.attentions.1.proj_in" in layers
+    for path, layer in layers.items():
+        index = block_index(path, "sdxl")
+        assert layer.r["default"] == ranks[index] and layer.scaling["default"] == 2.0
+    assert {block_index(p, "sdxl") for p in layers} == {6, 8, 9, 11, 13, 14, 15, 16, 17, 18}
