@@ -10,12 +10,13 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
+from .models.blocks import block_config_errors
 from .sample_prompts import parse_sample_prompt
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -141,6 +142,19 @@ class DreamboothConfig:
 
 
 @dataclass
+class BlockLrWeights:
+    """kohya's block-wise learning rates (--network_args down_lr_weight / mid_lr_weight / up_lr_weight):
+    the UNet adapter's lr × the weight of each module's block. down and up: a list (12 values on SD1.x,
+    input blocks shallow -> deep, output blocks deep -> shallow; 9 on SDXL), "1,1,0.5,...", or a preset
+    sine, cosine, linear, reverse_linear, zeros with an optional +offset ("cosine+0.5"); mid: a list
+    (1 value on SD1.x, 3 on SDXL) or one number. null: 1 for those blocks. Text encoders are unaffected."""
+
+    down: Optional[Union[list[float], str]] = None
+    mid: Optional[Union[list[float], str]] = None
+    up: Optional[Union[list[float], str]] = None
+
+
+@dataclass
 class LoraConfig:
     rank: int = 4  # r: the inner dimension of B·A
     alpha: Optional[float] = None  # scale is alpha / rank; None means alpha = rank (scale 1)
@@ -157,6 +171,20 @@ class LoraConfig:
     # this rank, each resnet's time_emb_proj and 1x1 conv_shortcut at lora.rank; 0: off
     conv_rank: int = 0
     conv_alpha: Optional[float] = None  # scale of the 3x3 convs is conv_alpha / conv_rank; None: = conv_rank
+    # Block-wise training (kohya's networks.lora block args; README: Block-wise learning rates and ranks).
+    # A block whose lr weight is at most block_lr_zero_threshold is left out of the adapter (not
+    # trained, not in the file), as kohya does
+    block_lr_weights: BlockLrWeights = field(default_factory=BlockLrWeights)
+    block_lr_zero_threshold: float = 0.0
+    # Per-block rank and alpha (kohya's block_dims / block_alphas): 25 values on SD1.x (12 input, 1
+    # middle, 12 output blocks), 23 on SDXL (embeddings, 9 input, 3 middle, 9 output, out); rank 0
+    # leaves the block out. null: lora.rank / lora.alpha everywhere
+    block_ranks: Optional[list[int]] = None
+    block_alphas: Optional[list[float]] = None
+    # The same for LoCon's 3x3 convs (kohya's conv_block_dims / conv_block_alphas); null: lora.conv_rank /
+    # conv_alpha everywhere; conv_block_alphas null with conv_alpha null: each block's alpha = its rank
+    conv_block_ranks: Optional[list[int]] = None
+    conv_block_alphas: Optional[list[float]] = None
 
 
 @dataclass
@@ -354,6 +382,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.lora.conv_alpha is not None and cfg.lora.conv_rank == 0:
         errors.append(f"lora.conv_alpha: got {cfg.lora.conv_alpha!r} with lora.conv_rank 0; set lora.conv_rank "
                       "(e.g. 8) to adapt the 3x3 convs, or leave conv_alpha null")
+    variant = cfg.model.variant if cfg.model.variant != "auto" else None  # else checked once the base is read
+    errors += block_config_errors(cfg.lora, variant)
     t = cfg.train
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1 or null")
     need(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1 or null")

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .block_args import block_args
 from .data_options import caption_extension_option, data_options
 from .loss_options import loss_options
 from .options import (
@@ -191,6 +192,7 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     set_key(cfg, "lora.train_text_encoder", not unet_only)
     network_args = dict(parse_network_args(a.get("network_args", [])))
     _locon(network_args, cfg, notes)
+    block_args(network_args, cfg, notes)
     for key, value in network_args.items():
         if key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
             set_key(cfg, f"train.{key}", _number(value, f"--network_args {key}"))

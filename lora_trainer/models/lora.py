@@ -14,6 +14,7 @@ adapters on the UNet's ResNet blocks and samplers, with the 3x3 convs at their o
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -41,15 +42,27 @@ def is_locon_3x3(path: str) -> bool:
 def inject_lora(
     module: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, key: str,
     use_dora: bool = False, conv_rank: int = 0, conv_alpha: float | None = None,
+    ranks: Mapping[str, tuple[int, float]] | None = None,
 ) -> int:
     """Add a trainable LoRA (or, with `use_dora`, DoRA) adapter to the layers of `module` whose names
     end with one of `targets`; return the number of wrapped layers. `key` names the config key for errors.
     `conv_rank` > 0 adds kohya's LoCon layers (`LOCON_TARGETS`), the 3x3 convs at `conv_rank` and
-    `conv_alpha` (default: conv_rank) through peft's per-module rank_pattern/alpha_pattern."""
+    `conv_alpha` (default: conv_rank) through peft's per-module rank_pattern/alpha_pattern.
+    `ranks` ({module path: (rank, alpha)}, see `candidate_layers`) replaces `targets` and the conv
+    options: exactly those modules, each at its own rank and alpha; rank 0 ones are left out."""
     extra = {}
     if use_dora:
         extra["use_dora"] = True
-    if conv_rank:
+    if ranks is not None:
+        kept = {path: ra for path, ra in ranks.items() if ra[0] > 0}
+        if not kept:
+            raise ConfigError(f"{key}: every targeted layer is in a block of rank 0 or lr weight 0, so nothing "
+                              "would train; raise lora.block_ranks or lora.block_lr_weights somewhere")
+        targets = sorted(kept)  # whole paths: peft matches a target as the path or its dotted suffix
+        # peft matches a pattern P as `(.*\.)?P$`; whole paths match only their own module
+        extra["rank_pattern"] = {re.escape(p): r for p, (r, _) in kept.items() if r != rank}
+        extra["alpha_pattern"] = {re.escape(p): float(a) for p, (_, a) in kept.items() if a != alpha}
+    elif conv_rank:
         targets = list(dict.fromkeys([*targets, *LOCON_TARGETS]))
         # peft matches a pattern P against the end of a module path, as `(.*\.)?P$`
         patterns = [re.escape(t) for t in LOCON_3X3_TARGETS]
@@ -81,6 +94,15 @@ def inject_lora(
         if ADAPTER_NAME in getattr(layer, "lora_magnitude_vector", {}):
             layer.lora_magnitude_vector[ADAPTER_NAME].float()
     return len(layers)
+
+
+def candidate_layers(module: torch.nn.Module, targets: list[str], locon: bool) -> list[str]:
+    """The paths of the Linear and Conv2d layers that `targets` (with `locon`, also LOCON_TARGETS)
+    name, as peft would select them: the path itself or one ending in `.<target>`."""
+    names = list(dict.fromkeys([*targets, *(LOCON_TARGETS if locon else ())]))
+    return [path for path, layer in module.named_modules()
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+            and any(path == t or path.endswith("." + t) for t in names)]
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -10,33 +10,44 @@ import torch
 from ..config import RunConfig
 from ..models.dropout import DropoutKeys, use_sample_dropout
 from ..export.inspect import misread_attention_alphas
-from ..models.lora import inject_lora, layer_alphas, trainable_parameters
+from ..models.blocks import block_lr_weights, block_plan, module_ranks
+from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
+from .block_groups import block_groups
+from .tracking import GROUP_NAMES
 
 log = logging.getLogger(__name__)
 
 
-def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list[torch.nn.Module], list[dict]]:
-    """Inject LoRA into the UNet (and the text encoders); return the trained modules and their
-    optimizer groups. LoRA dropout draws its masks per sample, from `dropout_keys`."""
+def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys
+                 ) -> tuple[list[torch.nn.Module], list[dict], list[str]]:
+    """Inject LoRA into the UNet (and the text encoders); return the trained modules, their
+    optimizer groups and a name for each group (what the logs call them). With block lr weights the
+    UNet has one group per weight (`unet_w0.5`, ...), else one. LoRA dropout draws its masks per
+    sample, from `dropout_keys`."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
     dora = cfg.lora.use_dora
     if dora:
         log.warning("lora.use_dora: DoRA files load exactly in infer.py, and in diffusers in the diffusers layout "
                     "(output.format=both); A1111 misreads the kohya file and ComfyUI approximates it "
                     "(README: DoRA)")
+    weights = block_lr_weights(cfg.lora, base.variant)
     inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
-                conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha)
-    if cfg.lora.conv_rank:
+                conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha, ranks=_block_ranks(cfg, base, weights))
+    if cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks:
         _check_kohya_alphas(cfg, base.unet)
     modules = [base.unet]
-    groups = [{"params": trainable_parameters(base.unet), "lr": t.lr}]
+    if weights is None:
+        groups, names = [{"params": trainable_parameters(base.unet), "lr": t.lr}], [GROUP_NAMES[0]]
+    else:
+        groups, names = block_groups(base.unet, weights, t.lr, base.variant, _layers_per_block(base.unet))
     if cfg.lora.train_text_encoder:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr
-        for encoder in base.text_encoders:
+        for i, encoder in enumerate(base.text_encoders, start=1):
             inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
                         "lora.text_encoder_targets", dora)
             modules.append(encoder)
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
+            names.append(GROUP_NAMES[i])
     if cfg.lora.dropout > 0:
         for name, module in zip(("unet", "text_encoder", "text_encoder_2"), modules):
             use_sample_dropout(module, cfg.lora.dropout, dropout_keys, name)
@@ -44,15 +55,36 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[list[
         base.unet.enable_gradient_checkpointing(dropout_keys.checkpoint)
         for encoder in modules[1:]:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
-    return modules, groups
+    return modules, groups, names
+
+
+def _layers_per_block(unet) -> int:
+    return int(getattr(unet.config, "layers_per_block", 2))
+
+
+def _block_ranks(cfg: RunConfig, base, weights) -> dict[str, tuple[int, float]] | None:
+    """{UNet module path: (rank, alpha)} when per-block ranks are in use (block ranks or block lr
+    weights set, as kohya), else None."""
+    plan = block_plan(cfg.lora, base.variant, cfg.lora_alpha, cfg.conv_alpha, weights)
+    if plan is None:
+        return None
+    locon = bool(cfg.lora.conv_rank or cfg.lora.conv_block_ranks)
+    paths = candidate_layers(base.unet, cfg.lora.unet_targets, locon)
+    ranks = module_ranks(paths, is_locon_3x3, plan, base.variant, (cfg.lora.rank, cfg.lora_alpha),
+                         _layers_per_block(base.unet))
+    left_out = sorted(p for p, (r, _) in ranks.items() if r == 0)
+    if left_out:
+        log.info("%d UNet layers are left out (their block has rank 0 or lr weight 0), e.g. %s",
+                 len(left_out), left_out[0])
+    return ranks
 
 
 def _check_kohya_alphas(cfg: RunConfig, unet) -> None:
     """diffusers (0.42) gives a kohya file's attention layers the UNet's most common alpha: warn when
-    LoCon's 3x3 convs outnumber the other layers and carry another alpha."""
+    some carry another one (LoCon's 3x3 convs outnumbering them, or per-block alphas)."""
     common, odd = misread_attention_alphas(layer_alphas(unet))
     if odd and cfg.output.format != "diffusers":
-        log.warning("lora.conv_alpha: the UNet has more 3x3 convs than other adapted layers, so diffusers (0.42) "
-                    "would load the kohya file's %d attention layers with alpha %g instead of %g (A1111 and "
-                    "ComfyUI read it right); use the diffusers layout there (output.format=both)",
-                    len(odd), common, cfg.lora_alpha)
+        key = "lora.block_alphas" if cfg.lora.block_alphas or cfg.lora.conv_block_ranks else "lora.conv_alpha"
+        log.warning("%s: %d attention layers have an alpha other than the UNet's most common one (%g), which "
+                    "diffusers (0.42) would load them with from the kohya file (A1111 and ComfyUI read it right); "
+                    "use the diffusers layout there (output.format=both)", key, len(odd), common)

@@ -21,6 +21,7 @@ from ..data.holdout import split_examples
 from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
+from ..models.blocks import block_config_errors
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
 from ..processes import check_launch_mode
@@ -82,6 +83,9 @@ def _check_environment(cfg: RunConfig) -> None:
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
     """The config with what depends on the base filled in: the variant, the native resolution."""
+    problems = block_config_errors(cfg.lora, variant)  # the block counts depend on the base
+    if problems:
+        raise ConfigError("\n".join(problems))
     res = cfg.data.resolution or NATIVE_RESOLUTION[variant]
     if variant == "sdxl" and res < 1024:
         log.info("SDXL trained at %d px (its native size is 1024): fine for tests and quick runs", res)
@@ -163,7 +167,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     # ---- LoRA adapters in fp32 ----
     dropout_keys = DropoutKeys()
-    trained, groups = add_adapters(cfg, base, dropout_keys)
+    trained, groups, group_names = add_adapters(cfg, base, dropout_keys)
     train_te = len(trained) > 1
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         names = ("unet", "text_encoder", "text_encoder_2")
@@ -182,7 +186,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         loaders.append(make_loader(cfg, class_set, t.seed + 1))
 
     # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio) ----
-    groups, group_names = loraplus_groups(t, trained, groups)
+    groups, group_names = loraplus_groups(t, trained, groups, group_names)
     optimizer = build_optimizer(t, groups)
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch

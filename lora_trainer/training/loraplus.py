@@ -28,22 +28,24 @@ def _is_up(name: str) -> bool:
     return ".lora_B." in name or "lora_magnitude_vector" in name
 
 
-def loraplus_groups(t: TrainConfig, modules: list[torch.nn.Module], groups: list[dict]
-                    ) -> tuple[list[dict], list[str]]:
-    """The optimizer groups and a name for each (what the logs call them). `groups[i]` trains
-    `modules[i]` (UNet first, then the text encoders). A component with a ratio gets two groups:
-    A at its lr, then B (and DoRA magnitudes) at lr × ratio."""
+def loraplus_groups(t: TrainConfig, modules: list[torch.nn.Module], groups: list[dict],
+                    names: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """The optimizer groups and a name for each (what the logs call them). `groups` train `modules`
+    (UNet first, then the text encoders); `names` (default: one group per module, `GROUP_NAMES`) tell
+    UNet groups (`unet...`, several with block lr weights) from the encoders'. A group whose component
+    has a ratio becomes two: A at its lr, then B (and DoRA magnitudes) at lr × ratio."""
     unet_ratio, te_ratio = loraplus_ratios(t)
-    out, names = [], []
-    for i, (module, group) in enumerate(zip(modules, groups)):
-        ratio = unet_ratio if i == 0 else te_ratio
+    names = list(names) if names is not None else list(GROUP_NAMES[:len(groups)])
+    param_names = {id(p): n for module in modules for n, p in module.named_parameters()}
+    out, out_names = [], []
+    for name, group in zip(names, groups):
+        ratio = unet_ratio if name.startswith(GROUP_NAMES[0]) else te_ratio
         if ratio is None:
             out.append(group)
-            names.append(GROUP_NAMES[i])
+            out_names.append(name)
             continue
-        param_names = {id(p): n for n, p in module.named_parameters()}
         up = [p for p in group["params"] if _is_up(param_names[id(p)])]
         down = [p for p in group["params"] if not _is_up(param_names[id(p)])]
         out += [{**group, "params": down}, {**group, "params": up, "lr": group["lr"] * ratio}]
-        names += [GROUP_NAMES[i], GROUP_NAMES[i] + PLUS]
-    return out, names
+        out_names += [name, name + PLUS]
+    return out, out_names

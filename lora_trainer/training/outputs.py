@@ -15,6 +15,7 @@ from ..data.buckets import bucket_side_range
 from ..data.folders import describe_folders, group_key
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
+from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
@@ -33,12 +34,28 @@ def _final_captions(cfg: RunConfig, examples) -> list:
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
 
+# lora.<key> -> kohya's network argument, for the per-block lists
+BLOCK_NETWORK_ARGS = {"block_ranks": "block_dims", "block_alphas": "block_alphas",
+                      "conv_block_ranks": "conv_block_dims", "conv_block_alphas": "conv_block_alphas"}
+
+
 def _network_args(cfg: RunConfig) -> dict[str, str]:
-    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha` and the LoRA+ ratios set."""
-    t = cfg.train
-    args = {"conv_dim": str(cfg.lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if cfg.lora.conv_rank else {}
+    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios and
+    the block arguments set, each as the string kohya's command line takes ("1,0.5,0", "cosine+0.5")."""
+    t, lora = cfg.train, cfg.lora
+    args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if lora.conv_rank else {}
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-    return {**args, **{key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None}}
+    args.update({key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None})
+    for side in ("down", "mid", "up"):
+        value = getattr(lora.block_lr_weights, side)
+        if value is not None:
+            args[f"{side}_lr_weight"] = format_values(value)
+    if lora.block_lr_zero_threshold:
+        args["block_lr_zero_threshold"] = f"{lora.block_lr_zero_threshold:g}"
+    for key, kohya in BLOCK_NETWORK_ARGS.items():
+        if getattr(lora, key) is not None:
+            args[kohya] = format_values(getattr(lora, key))
+    return args
 
 
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
@@ -96,7 +113,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_lr_ratio=t.loraplus_lr_ratio,
         loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
-        network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon and LoRA+
+        network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, blocks
         cache_latents=t.cache_latents,
         training_started_at=started_at,
         training_finished_at=time.time(),
@@ -138,7 +155,7 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     metadata = _metadata(cfg, examples, step, max_steps, started_at, prediction_type, variant, epoch, num_epochs)
     dtype = SAVE_DTYPES[cfg.output.dtype]
     alpha = cfg.lora_alpha
-    if cfg.lora.conv_rank:  # LoCon's 3x3 convs have their own alpha: give each UNet module its own
+    if cfg.lora.conv_rank or blocks_in_use(cfg.lora):  # 3x3 convs or blocks with their own alpha: per module
         alpha = {name: cfg.lora_alpha for name in states}
         alpha["unet"] = layer_alphas(unet)
     fmt = cfg.output.format
