@@ -206,6 +206,16 @@ def test_block_run_logs_each_group_and_loads_in_diffusers(block_run, tiny_sd15, 
         pipe = load_pipeline(tiny_sd15, "sd15")
         pipe.load_lora_weights(str(path), adapter_name="blocks")
         assert_outputs_close(outputs(pipe, x), trained, atol=1e-5)
+    # Our own inference reads the kohya file itself, so its per-block alphas load right.
+    from lora_trainer.inference.adapters import AdapterSpec, AdapterStack
+
+    pipe = load_pipeline(tiny_sd15, "sd15")
+    AdapterStack(pipe).load(AdapterSpec(result.adapter_paths[0]), name="blocks")
+    assert_outputs_close(outputs(pipe, x), trained, atol=1e-5)
+    plain = load_pipeline(tiny_sd15, "sd15")  # while plain diffusers misreads it (what the run warns about)
+    plain.load_lora_weights(str(result.adapter_paths[0]), adapter_name="blocks")
+    with pytest.raises(AssertionError):
+        assert_outputs_close(outputs(plain, x), trained, atol=1e-5)
 
 
 def test_from_kohya_maps_the_block_args():

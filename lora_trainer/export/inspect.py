@@ -56,16 +56,20 @@ def _counts(values) -> dict[str, int]:
     return {str(v): n for v, n in sorted(collections.Counter(values).items())}
 
 
-def _warnings(adapter: Adapter) -> list[str]:
+def kohya_load_quirks(adapter: Adapter) -> list[str]:
+    """What diffusers' (0.42) own loader gets wrong in this kohya-layout adapter, one line each
+    (empty for other layouts). `infer.py` works around them; plain diffusers users should convert."""
     out = []
+    if adapter.layout != "kohya":
+        return out
     for component, modules in adapter.modules.items():
         common, odd = misread_attention_alphas({p: m.alpha for p, m in modules.items()})
-        if adapter.layout == "kohya" and odd:
+        if odd:
             out.append(f"{component}: {len(odd)} attention module(s) have an alpha other than the most common "
                        f"({common:g}), e.g. {odd[0]}: diffusers (0.42) applies it wrongly to kohya files; "
                        "convert to the diffusers layout for diffusers, or resize/merge to one alpha")
         attention = [p for p in modules if re.search(r"self_attn\.[qkv]_proj$", p)]
-        if adapter.layout == "kohya" and attention and not any(p.endswith("self_attn.out_proj") for p in modules):
+        if attention and not any(p.endswith("self_attn.out_proj") for p in modules):
             # diffusers tells old-style kohya text-encoder keys apart by `to_out_lora`; without one it
             # drops q/k/v modules (or fails) when loading.
             out.append(f"{component} has q/k/v modules but no out_proj: diffusers (0.42) cannot load them from "
@@ -102,7 +106,7 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
         "modules": [{"component": c, "module": p, "kind": _kind(m), "rank": m.rank, "alpha": m.alpha,
                      "in": m.weight_shape[1], "out": m.weight_shape[0]} for c, p, m in adapter.items()],
         "metadata": dict(sorted(metadata.items())),
-        "warnings": _warnings(adapter),
+        "warnings": kohya_load_quirks(adapter),
     }
     if "sshs_model_hash" in metadata:
         report["hash_matches"] = _tensor_hash(path) == metadata["sshs_model_hash"]

@@ -66,26 +66,37 @@ def adapter_hash(path: str | Path) -> str | None:
         return None
 
 
-def _dora_adapter(path: Path):
-    """The file read as an `Adapter` when it is DoRA (kohya `dora_scale` or diffusers
-    `lora_magnitude_vector` keys), else None."""
+def _own_reading(path: Path):
+    """The file read as an `Adapter` when diffusers' own loader would get it wrong, else None.
+
+    diffusers (0.42) drops kohya `dora_scale` keys for SD/SDXL, misapplies a kohya file's attention
+    alphas that differ from the component's most common one (LoCon and per-block alphas), and drops
+    text-encoder q/k/v modules of a kohya file without out_proj. Such kohya files are handed to it as
+    a diffusers-layout state dict instead (`_folded_state`); diffusers-layout DoRA files load as
+    they are, with their magnitudes set afterwards."""
     import safetensors
 
     from ..export.adapter import read_adapter
+    from ..export.inspect import kohya_load_quirks
 
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            if not any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in f.keys()):
-                return None
+            keys = list(f.keys())
     except Exception:  # not a safetensors file: let diffusers say what is wrong with it
         return None
-    return read_adapter(path)
+    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
+    if not dora and not any(k.startswith("lora_") for k in keys):
+        return None  # a plain diffusers-layout file: diffusers reads it exactly
+    try:
+        adapter = read_adapter(path)
+    except ModelError:
+        return None  # not ours to read: diffusers may still know it
+    return adapter if dora or (adapter.layout == "kohya" and kohya_load_quirks(adapter)) else None
 
 
-def _kohya_dora_state(adapter) -> dict[str, torch.Tensor]:
-    """A kohya DoRA adapter as a diffusers-layout state dict: diffusers (0.42) drops kohya
-    `dora_scale` keys for SD/SDXL with only a warning. alpha / r is folded into up (a bare state
-    dict carries no alpha)."""
+def _folded_state(adapter) -> dict[str, torch.Tensor]:
+    """A kohya adapter as a diffusers-layout state dict, alpha / r folded into up (a bare state dict
+    carries no alpha, and diffusers then gives every module scale 1)."""
     from ..export.layouts import peft_to_diffusers
 
     return peft_to_diffusers(adapter.peft_states(fold_alpha=True))
@@ -171,13 +182,13 @@ class AdapterStack:
         if self.merged:
             raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
         try:
-            dora = _dora_adapter(spec.path)
-            source = _kohya_dora_state(dora) if dora is not None and dora.layout == "kohya" else str(spec.path)
+            own = _own_reading(spec.path)
+            source = _folded_state(own) if own is not None and own.layout == "kohya" else str(spec.path)
             with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(source, adapter_name=name)
-            if dora is not None:
-                _set_magnitudes(self.pipe, dora, name)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            if own is not None and any(m.magnitude is not None for _, _, m in own.items()):
+                _set_magnitudes(self.pipe, own, name)
+        except Exception as exc:  # diffusers and peft fail in many ways (IndexError, AttributeError, ...)
             why = why_not_loadable(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
             raise ModelError(f"--lora: {spec.path}: {why}") from None
         self.specs[name] = AdapterSpec(spec.path, spec.weight)

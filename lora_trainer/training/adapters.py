@@ -86,5 +86,5 @@ def _check_kohya_alphas(cfg: RunConfig, unet) -> None:
     if odd and cfg.output.format != "diffusers":
         key = "lora.block_alphas" if cfg.lora.block_alphas or cfg.lora.conv_block_ranks else "lora.conv_alpha"
         log.warning("%s: %d attention layers have an alpha other than the UNet's most common one (%g), which "
-                    "diffusers (0.42) would load them with from the kohya file (A1111 and ComfyUI read it right); "
-                    "use the diffusers layout there (output.format=both)", key, len(odd), common)
+                    "diffusers (0.42) would load them with from the kohya file (A1111, ComfyUI and infer.py read it "
+                    "right); give diffusers users the diffusers layout (output.format=both)", key, len(odd), common)
