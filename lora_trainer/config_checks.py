@@ -1,0 +1,256 @@
+"""Value checks of a run config: each problem becomes one line naming its key, collected by
+`config_from_dict` so a config with several mistakes reports them all at once."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .errors import ConfigError
+from .models.blocks import block_config_errors
+from .sample_prompts import parse_sample_prompt
+
+if TYPE_CHECKING:
+    from .config import CaptionConfig, DataConfig, OutputConfig, RunConfig, TrainConfig
+
+MAX_TIMESTEPS = 1000  # the num_train_timesteps of SD1.x and SDXL schedules
+
+
+def check_run(cfg: RunConfig, errors: list[str]) -> None:
+    """Append one line per out-of-range or inconsistent value of `cfg` to `errors`."""
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            errors.append(f"{key}: got {value!r}; expected {allowed}")
+
+    need(bool(cfg.model.base), "model.base", cfg.model.base, "a hub id, a diffusers folder or a .safetensors file")
+    need(1 <= cfg.model.clip_skip <= 12, "model.clip_skip", cfg.model.clip_skip,
+         "an integer from 1 (the model's default) to 12; 2 for anime SD1.5 bases")
+    need(bool(cfg.data.path), "data.path", cfg.data.path, "a folder of images with captions")
+    r = cfg.data.resolution
+    need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")
+    step = cfg.data.bucket_step
+    need(step >= 8 and step % 8 == 0, "data.bucket_step", step, "a positive multiple of 8 (64 for real models)")
+    if step >= 8 and step % 8 == 0:
+        errors += bucket_limit_errors(cfg.data, r)
+    need(cfg.data.keep_tokens >= 0, "data.keep_tokens", cfg.data.keep_tokens, "an integer >= 0")
+    need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
+    need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
+    need(0.0 <= cfg.data.caption_tag_dropout <= 1.0, "data.caption_tag_dropout", cfg.data.caption_tag_dropout,
+         "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
+    check_caption_config(cfg.data.caption, errors)
+    _check_validation(cfg, errors)
+    trigger = cfg.data.caption_prefix.strip().rstrip(",").strip()
+    if cfg.data.caption.method != "none" and trigger and trigger in cfg.data.caption.prefix:
+        errors.append(f"data.caption.prefix: got {cfg.data.caption.prefix!r}, which repeats data.caption_prefix "
+                      f"{cfg.data.caption_prefix!r} (added to every caption at training time); set only one of them")
+    ending = cfg.data.caption_suffix.strip().lstrip(",").strip()
+    if cfg.data.caption.method != "none" and ending and ending in cfg.data.caption.suffix:
+        errors.append(f"data.caption.suffix: got {cfg.data.caption.suffix!r}, which repeats data.caption_suffix "
+                      f"{cfg.data.caption_suffix!r} (added to every caption at training time); set only one of them")
+    need(cfg.lora.rank >= 1, "lora.rank", cfg.lora.rank, "an integer >= 1 (typically 4 to 128)")
+    need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
+    need(bool(cfg.lora.unet_targets), "lora.unet_targets", cfg.lora.unet_targets, "a non-empty list of module names")
+    need(cfg.lora.conv_rank >= 0, "lora.conv_rank", cfg.lora.conv_rank, "an integer >= 0 (0: no LoCon; typically 4 to 32)")
+    need(cfg.lora.conv_alpha is None or cfg.lora.conv_alpha > 0, "lora.conv_alpha", cfg.lora.conv_alpha,
+         "a number > 0 or null (= conv_rank)")
+    if cfg.lora.conv_alpha is not None and cfg.lora.conv_rank == 0:
+        errors.append(f"lora.conv_alpha: got {cfg.lora.conv_alpha!r} with lora.conv_rank 0; set lora.conv_rank "
+                      "(e.g. 8) to adapt the 3x3 convs, or leave conv_alpha null")
+    variant = cfg.model.variant if cfg.model.variant != "auto" else None  # else checked once the base is read
+    errors += block_config_errors(cfg.lora, variant)
+    t = cfg.train
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1 or null")
+    need(t.epochs is None or t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1 or null")
+    if t.max_steps is None and t.epochs is None:
+        errors.append("train.max_steps: neither train.max_steps nor train.epochs is set; set one of them")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "a number > 0 (e.g. 1e-4)")
+    need(t.text_encoder_lr is None or t.text_encoder_lr >= 0, "train.text_encoder_lr", t.text_encoder_lr, "a number >= 0")
+    need(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
+    _check_schedule(t, errors)
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "a number >= 0 (0 disables clipping)")
+    need(t.noise_offset >= 0, "train.noise_offset", t.noise_offset, "a number >= 0 (e.g. 0.05)")
+    need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", t.snr_gamma, "a number > 0 (e.g. 5.0) or null")
+    need(t.input_perturbation >= 0, "train.input_perturbation", t.input_perturbation, "a number >= 0 (e.g. 0.1)")
+    _check_loss(t, errors)
+    need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
+    need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
+    for i, prompt in enumerate(cfg.sample.prompts):
+        try:
+            parse_sample_prompt(prompt)
+        except ValueError as exc:
+            errors.append(f"sample.prompts[{i}]: {exc} (in {prompt!r})")
+    need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
+    need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs", cfg.sample.every_n_epochs, "an integer >= 0 (0: off)")
+    need(cfg.output.save_every_n_epochs >= 0, "output.save_every_n_epochs", cfg.output.save_every_n_epochs,
+         "an integer >= 0 (0: off)")
+    need(cfg.output.save_last_n_epochs >= 0, "output.save_last_n_epochs", cfg.output.save_last_n_epochs,
+         "an integer >= 0 (0 keeps all)")
+    if cfg.output.save_last_n_epochs and not cfg.output.save_every_n_epochs:
+        errors.append(f"output.save_last_n_epochs: got {cfg.output.save_last_n_epochs!r} with "
+                      "output.save_every_n_epochs 0, so there are no epoch files to keep; "
+                      "set output.save_every_n_epochs (e.g. 1) or leave it 0")
+    _check_loraplus_and_norms(t, errors)
+    need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints", cfg.output.keep_checkpoints,
+         "an integer >= 0 (0 keeps all)")
+    need(t.resume is None or bool(t.resume.strip()), "train.resume", t.resume,
+         "'latest', the path of a checkpoint folder, or null")
+    need(cfg.output.save_every_n_steps >= 0, "output.save_every_n_steps", cfg.output.save_every_n_steps, "an integer >= 0")
+    _check_step_adapters(cfg.output, errors)
+    name = cfg.output.name
+    need(bool(name) and "/" not in name and "\\" not in name, "output.name", name, "a file name without slashes")
+    db = cfg.dreambooth
+    need(db.num_class_images >= 0, "dreambooth.num_class_images", db.num_class_images, "an integer >= 0")
+    need(db.prior_loss_weight >= 0, "dreambooth.prior_loss_weight", db.prior_loss_weight, "a number >= 0 (1.0 usual)")
+    need(db.class_batch_size >= 1, "dreambooth.class_batch_size", db.class_batch_size, "an integer >= 1")
+    need(db.class_steps >= 1, "dreambooth.class_steps", db.class_steps, "an integer >= 1")
+    if db.num_class_images:  # prior preservation is on: it needs both the folder and the prompt
+        need(bool(db.class_data), "dreambooth.class_data", db.class_data, "a folder for the class images")
+        need(bool(db.class_prompt), "dreambooth.class_prompt", db.class_prompt, 'the class, e.g. "a photo of a dog"')
+    elif db.class_prompt or db.class_data:
+        errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
+                      "expected the number of class images for prior preservation (e.g. 200)")
+
+
+def _check_step_adapters(o: OutputConfig, errors: list[str]) -> None:
+    if o.save_step_adapters and not o.save_every_n_steps:
+        errors.append("output.save_step_adapters: got True with output.save_every_n_steps 0, so no step is saved; "
+                      "set output.save_every_n_steps (e.g. 100) or leave it false")
+    if o.save_last_n_step_adapters < 0:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r}; "
+                      "expected an integer >= 0 (0 keeps all)")
+    elif o.save_last_n_step_adapters and not o.save_step_adapters:
+        errors.append(f"output.save_last_n_step_adapters: got {o.save_last_n_step_adapters!r} with "
+                      "output.save_step_adapters false, so there are no step files to keep; "
+                      "set output.save_step_adapters=true or leave it 0")
+
+
+def _check_schedule(t: TrainConfig, errors: list[str]) -> None:
+    """The schedule options: in range, and set only with the schedule that reads them."""
+    for key, value, default, allowed, scheduler in (
+            ("scheduler_cycles", t.scheduler_cycles, 1, "an integer >= 1", "cosine_with_restarts"),
+            ("scheduler_power", t.scheduler_power, 1.0, "a number > 0 (1: linear)", "polynomial"),
+            ("min_lr_ratio", t.min_lr_ratio, 0.0, "a number in [0, 1) (e.g. 0.1; 0: off)", "cosine")):
+        ok = {"scheduler_cycles": value >= 1, "scheduler_power": value > 0, "min_lr_ratio": 0 <= value < 1}[key]
+        if not ok:
+            errors.append(f"train.{key}: got {value!r}; expected {allowed}")
+        elif value != default and t.scheduler != scheduler:
+            errors.append(f"train.{key}: got {value!r} with train.scheduler {t.scheduler!r}, which does not read it; "
+                          f"set train.scheduler={scheduler} or leave train.{key} at {default!r}")
+
+
+def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
+    ratios = {key: getattr(t, key) for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                                "loraplus_text_encoder_lr_ratio")}
+    for key, value in ratios.items():
+        if value is not None and not value > 0:
+            errors.append(f"train.{key}: got {value!r}; expected a number > 0 (16 in the LoRA+ paper) or null (off)")
+    if t.optimizer == "prodigy" and any(v is not None for v in ratios.values()):
+        key = next(k for k, v in ratios.items() if v is not None)
+        errors.append(f"train.{key}: Prodigy estimates one step size for every parameter group, so it cannot train "
+                      "B at a higher rate than A; leave LoRA+ off with prodigy, or use adamw, adamw8bit, adafactor or lion")
+    if t.scale_weight_norms is not None and not t.scale_weight_norms > 0:
+        errors.append(f"train.scale_weight_norms: got {t.scale_weight_norms!r}; expected a number > 0 "
+                      "(1.0 is kohya's suggested start) or null (off)")
+
+
+def _check_validation(cfg: RunConfig, errors: list[str]) -> None:
+    d, t = cfg.data, cfg.train
+    if not 0.0 <= d.validation_split < 1.0:
+        errors.append(f"data.validation_split: got {d.validation_split!r}; expected a fraction in [0, 1) "
+                      "(e.g. 0.1 holds out one image in ten; 0: off)")
+    if d.validation_path and d.validation_split > 0:
+        errors.append(f"data.validation_path: got {d.validation_path!r} with data.validation_split "
+                      f"{d.validation_split!r}; set only one of them")
+    elif d.validation_path and d.path:
+        held, trained = Path(d.validation_path).resolve(), Path(d.path).resolve()
+        if held == trained or trained in held.parents or held in trained.parents:
+            errors.append(f"data.validation_path: got {d.validation_path!r}, which overlaps data.path {d.path!r}, "
+                          "so held-out images would be trained on; use a folder outside data.path")
+    validating = d.validation_split > 0 or bool(d.validation_path)
+    every = t.validate_every_n_steps
+    if every is not None and every < 0:
+        errors.append(f"train.validate_every_n_steps: got {every!r}; expected an integer >= 0 "
+                      "(0: at step 0 and the end only) or null (about 10 times a run)")
+    elif every is not None and not validating:
+        errors.append(f"train.validate_every_n_steps: got {every!r} with no held-out images; "
+                      "set data.validation_split (e.g. 0.1) or data.validation_path, or leave it null")
+    if t.validation_timesteps < 1:
+        errors.append(f"train.validation_timesteps: got {t.validation_timesteps!r}; expected an integer >= 1 (e.g. 8)")
+
+
+def _check_loss(t: TrainConfig, errors: list[str]) -> None:
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            errors.append(f"train.{key}: got {getattr(t, key)!r}; expected {allowed}")
+
+    need(t.huber_c > 0, "huber_c", "a number > 0 (kohya's default 0.1)")
+    need(t.huber_scale > 0, "huber_scale", "a number > 0 (1.0: off)")
+    need(t.min_timestep >= 0, "min_timestep", "an integer >= 0")
+    high = t.max_timestep if t.max_timestep is not None else MAX_TIMESTEPS
+    need(1 <= high <= MAX_TIMESTEPS, "max_timestep",
+         f"an integer in [1, {MAX_TIMESTEPS}] or null (the scheduler's num_train_timesteps)")
+    if 0 <= t.min_timestep and 1 <= high <= MAX_TIMESTEPS and not t.min_timestep < high:
+        errors.append(f"train.min_timestep: got {t.min_timestep!r}; expected less than train.max_timestep "
+                      f"({high}): timesteps are drawn from [min_timestep, max_timestep)")
+    need(t.multires_noise_iterations >= 0, "multires_noise_iterations", "an integer >= 0 (0: off; 6-10 usual)")
+    need(0 <= t.multires_noise_discount <= 1, "multires_noise_discount", "a number in [0, 1] (0.3 usual)")
+
+
+def normalize_caption_extension(value: str, key: str = "data.caption_extension") -> str:
+    """The caption file extension with its dot (".caption" for "caption" or ".caption"), or a
+    one-line ConfigError naming `key` for one that is empty or holds a path separator."""
+    ext = value.strip()
+    if ext and not ext.startswith("."):
+        ext = "." + ext
+    if not ext.strip(".") or "/" in ext or "\\" in ext:
+        raise ConfigError(f"{key}: got {value!r}; expected a file extension such as .txt or .caption "
+                          "(the caption of cat.png is then cat.txt or cat.caption beside it)")
+    return ext
+
+
+def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
+    """Problems with data.min_bucket_side / max_bucket_side: each a multiple of bucket_step, and
+    (once the resolution is known) the square bucket between them, as kohya requires."""
+    errors = []
+    step = d.bucket_step
+    for key in ("min_bucket_side", "max_bucket_side"):
+        value = getattr(d, key)
+        if value is not None and (value < step or value % step):
+            errors.append(f"data.{key}: got {value!r}; expected a multiple of data.bucket_step ({step}) or null")
+    low, high = d.min_bucket_side, d.max_bucket_side
+    if errors or (low is None and high is None):
+        return errors
+    if low is not None and high is not None and low > high:
+        return [f"data.min_bucket_side: got {low}, above data.max_bucket_side {high}; lower it or raise the maximum"]
+    if resolution is not None:
+        side = max(step, resolution // step * step)  # the square bucket's side
+        if low is not None and low > side:
+            errors.append(f"data.min_bucket_side: got {low}, above the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or less")
+        if high is not None and high < side:
+            errors.append(f"data.max_bucket_side: got {high}, below the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or more")
+    return errors
+
+
+def check_caption_config(c: CaptionConfig, errors: list[str],
+                         key: typing.Callable[[str], str] = lambda name: f"data.caption.{name}") -> None:
+    """Range checks for caption options; `key` names a field as the user wrote it (config key or flag)."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            errors.append(f"{key(name)}: got {getattr(c, name)!r}; expected {allowed}")
+
+    need(bool(c.model.strip()), "model", "a hub id or a folder with a BLIP-2 model")
+    need(c.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(c.max_length >= 1, "max_length", "an integer >= 1 (new tokens per caption)")
+    need(0 <= c.min_length <= c.max_length, "min_length", f"an integer in [0, max_length={c.max_length}]")
+    need(c.num_beams >= 1, "num_beams", "an integer >= 1")
+    need(0.0 < c.top_p <= 1.0, "top_p", "a number in (0, 1]")
+    need(c.temperature > 0, "temperature", "a number > 0")
+    need(c.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)")
