@@ -105,6 +105,11 @@ def test_uncaptioned_images_take_the_folder_name_once_per_folder(tmp_path, caplo
     assert named == ["10_sks dog: 2 image(s) without a caption are captioned 'sks dog' (the folder's name)"]
     assert "folders (images × repeats): 10_sks dog: 5 images × 10, 5_: 1 image × 5, img: 1 image × 1" in caplog.text
     assert [ex.caption for ex in scan_dataset(root, folder_captions=False)][:2] == ["", ""]
+    # the folder's name is the adapter's trigger (modelspec.trigger_phrase, CivitAI's trainedWords)
+    from lora_trainer.training.outputs import folder_triggers
+
+    assert folder_triggers(examples) == ["sks dog"]
+    assert folder_triggers(scan_dataset(root, folder_captions=False)) == []
 
 
 def test_zero_repeat_folders_are_left_out_and_bad_counts_name_the_folder(tmp_path, caplog):

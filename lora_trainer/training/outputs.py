@@ -12,7 +12,7 @@ import torch
 from ..config import RunConfig
 from ..data import tag_frequency, training_caption
 from ..data.buckets import bucket_side_range
-from ..data.folders import describe_folders, group_key
+from ..data.folders import describe_folders, group_key, parse_folder_name
 from ..export.files import adapter_states, save_adapter
 from ..export.metadata import kohya_metadata
 from ..models.blocks import blocks_in_use, format_values
@@ -37,6 +37,17 @@ BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 # lora.<key> -> kohya's network argument, for the per-block lists
 BLOCK_NETWORK_ARGS = {"block_ranks": "block_dims", "block_alphas": "block_alphas",
                       "conv_block_ranks": "conv_block_dims", "conv_block_alphas": "conv_block_alphas"}
+
+
+def folder_triggers(examples) -> list[str]:
+    """The names of kohya `<N>_<name>` folders whose images trained on that name as their caption
+    (kohya's class tokens, e.g. "sks dog"): the words that switch such an adapter on."""
+    names = set()
+    for ex in examples:
+        parsed = parse_folder_name(Path(ex.folder).name) if ex.folder else None
+        if parsed and parsed[1] and ex.caption.strip() == parsed[1].strip():
+            names.add(parsed[1].strip())
+    return sorted(names)
 
 
 def _network_args(cfg: RunConfig) -> dict[str, str]:
@@ -120,7 +131,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         output_name=cfg.output.name,
         tag_frequency=tags,
         dataset_dirs={row["folder"]: {"n_repeats": row["n_repeats"], "img_count": row["img_count"]} for row in folders},
-        trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",") or None,
+        trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",")
+        or ", ".join(folder_triggers(examples)) or None,
         prediction_type="v" if prediction_type == "v_prediction" else "epsilon",
         title=cfg.output.name,
     )
