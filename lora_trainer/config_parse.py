@@ -21,7 +21,9 @@ def _describe(tp: Any) -> str:
         parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(parts) + " or null"
     if origin is list:
-        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+        return "a list of " + plural.get(item, _describe(item))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -81,7 +83,7 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str]) -> Any
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}

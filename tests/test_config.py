@@ -52,6 +52,14 @@ def test_bad_key_or_value_names_key_value_and_allowed(override, key, shown):
     assert len(message.splitlines()) == 1
 
 
+def test_section_given_a_value_is_named_on_the_command_line_without_a_trailing_dot():
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "example.yaml", ["lora.block_lr_weights=[1,2]", "lora.block_ranks=4"])
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("command line: lora.block_lr_weights: expected a mapping of keys")
+    assert lines[1] == "command line: lora.block_ranks: got 4; expected a list of integers or null"
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as err:
         load_config(None, [*BASE, "train.max_steps=1", "lora.rnak=4", "train.lr=fast", "sample.stpes=3"])
