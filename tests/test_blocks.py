@@ -69,6 +69,8 @@ def test_presets_threshold_and_counts():
     assert parse_lr_weights("linear", 9, "k") == pytest.approx([i / 8 for i in range(9)])
     assert parse_lr_weights("reverse_linear", 9, "k")[0] == 1 and parse_lr_weights("zeros+0.1", 9, "k") == [0.1] * 9
     assert parse_lr_weights("1,0.5, 0", 3, "k") == [1, 0.5, 0]
+    with pytest.raises(ConfigError, match="the part after \\+ must be a number"):  # before the base is known too
+        parse_lr_weights("cosine+abc", None, "k")
     lora = LoraConfig(block_lr_weights=BlockLrWeights(down=[0.1] + [1] * 8, mid="0.2,0.3,0.05"), block_lr_zero_threshold=0.1)
     weights = block_lr_weights(lora, "sdxl")  # embeddings and `out` always at 1
     assert weights == [1.0, 0.0] + [1.0] * 8 + [0.2, 0.3, 0.0] + [1.0] * 9 + [1.0] and len(weights) == 23

@@ -82,7 +82,8 @@ def parse_lr_weights(value: Values, n: int | None, key: str, presets: bool = Tru
         if not presets:
             raise ConfigError(f"{key}: got {value!r}; presets ({', '.join(PRESETS)}) are for down and up only, "
                               "give mid as numbers")
-        return _preset(value.strip(), n or 2, key) if n else None
+        weights = _preset(value.strip(), n or 2, key)  # a bad +offset is refused before the base is known
+        return weights if n else None
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
     try:
         weights = [float(v) for v in items]
