@@ -40,26 +40,33 @@ def read_sidecar_caption(image_path: str | os.PathLike, ext: str = DEFAULT_CAPTI
 
 
 def other_caption_extension(image_paths: Sequence[Path], captions: Sequence[str | None],
-                            ext: str) -> tuple[str, int] | None:
-    """When no image has a `<stem><ext>` file: (extension, count) of the first of
-    COMMON_CAPTION_EXTENSIONS that images without a caption (None in `captions`, as `find_captions`
-    gives them) have files of; else None. Such a set would train on empty captions."""
-    if any(sidecar_path(p, ext).is_file() for p in image_paths):
+                            ext: str) -> tuple[str, int, bool] | None:
+    """(extension, count, mixed) of the first of COMMON_CAPTION_EXTENSIONS that images without a
+    caption (None in `captions`, as `find_captions` gives them) have files of, else None: those
+    images would train on empty captions (or their folder's name). `mixed` is True when other
+    images do have a `<stem><ext>` file (a stray .txt beside kohya's .caption files)."""
+    bare = [p for p, caption in zip(image_paths, captions)
+            if caption is None and not sidecar_path(p, ext).is_file()]
+    if not bare:
         return None
-    bare = [p for p, caption in zip(image_paths, captions) if caption is None]
     for other in COMMON_CAPTION_EXTENSIONS:
         if other != ext:
             count = sum(sidecar_path(p, other).is_file() for p in bare)
             if count:
-                return other, count
+                mixed = any(sidecar_path(p, ext).is_file() for p in image_paths)
+                return other, count, mixed
     return None
 
 
-def other_extension_message(found: tuple[str, int], ext: str, key: str) -> str:
+def other_extension_message(found: tuple[str, int, bool], ext: str, key: str) -> str:
     """The one-line warning for `other_caption_extension`'s answer; `key` is the setting as the
     user writes it (data.caption_extension, or --caption-extension)."""
-    other, count = found
+    other, count, mixed = found
     kohya = " (kohya's default)" if other == ".caption" else ""
+    if mixed:
+        return (f"{count} image(s) have no {ext} caption file but a {other} file{kohya}, which is not read; "
+                f"set {key}={other} if those are the captions, or give every image a {ext} file "
+                f"(else they train on empty captions or their folder's name)")
     return (f"no image has a {ext} caption file, but {count} have {other} files{kohya}; set {key}={other} "
             f"to train on them (else they train on empty captions or their folder's name)")
 
