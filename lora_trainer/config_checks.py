@@ -33,6 +33,12 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     need(step >= 8 and step % 8 == 0, "data.bucket_step", step, "a positive multiple of 8 (64 for real models)")
     if step >= 8 and step % 8 == 0:
         errors += bucket_limit_errors(cfg.data, r)
+    if not cfg.data.buckets:
+        for key, value in (("min_bucket_side", cfg.data.min_bucket_side), ("max_bucket_side", cfg.data.max_bucket_side),
+                           ("bucket_no_upscale", cfg.data.bucket_no_upscale or None)):
+            if value is not None:
+                errors.append(f"data.{key}: got {value!r} with data.buckets false, which does not read it; "
+                              f"set data.buckets=true or leave data.{key} {'false' if key == 'bucket_no_upscale' else 'null'}")
     need(cfg.data.keep_tokens >= 0, "data.keep_tokens", cfg.data.keep_tokens, "an integer >= 0")
     need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")

@@ -59,6 +59,17 @@ def test_bad_bucket_limits_are_one_line_config_errors(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.bucket_no_upscale=true", "data.bucket_no_upscale: got True with data.buckets false, which does not read it; "
+                                    "set data.buckets=true or leave data.bucket_no_upscale false"),
+    ("data.max_bucket_side=128", "data.max_bucket_side: got 128 with data.buckets false"),
+])
+def test_bucket_options_without_buckets_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "example.yaml", ["data.buckets=false", override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_bucket_limits_are_checked_against_the_native_resolution_before_models_load(tiny_sd15, example_data,
                                                                                     tmp_path):
     from lora_trainer.training.loop import train
