@@ -150,3 +150,12 @@ def test_a_run_with_the_kohya_dataset_options(tiny_sd15, example_data, tmp_path,
     assert (meta["ss_caption_tag_dropout_rate"], meta["ss_min_bucket_reso"], meta["ss_max_bucket_reso"],
             meta["ss_bucket_no_upscale"]) == ("0.25", "32", "128", "True")
     assert json.loads(meta["ss_tag_frequency"])["data"]["flat"] == 4
+
+
+def test_check_does_not_call_small_images_upscaled_with_no_upscale(tmp_path):
+    from lora_trainer.data.checks import check_dataset
+
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "small.png")
+    (tmp_path / "small.txt").write_text("a red square", encoding="utf-8")
+    assert "too_small" in {p.kind for p in check_dataset(tmp_path, resolution=64).problems}
+    assert "too_small" not in {p.kind for p in check_dataset(tmp_path, resolution=64, no_upscale=True).problems}

@@ -112,7 +112,7 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
                   caption_prefix: str = "", folder_repeats: bool = True,
                   token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
                   caption_suffix: str = "", extension_key: str = "data.caption_extension",
-                  weighted_captions: bool = False) -> DataReport:
+                  weighted_captions: bool = False, no_upscale: bool = False) -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
@@ -122,6 +122,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     `caption_extension`: caption files are `<stem><caption_extension>`; `extension_key` is how the
     warning about captions of another extension names the setting.
     `weighted_captions`: data.weighted_captions; tokens are counted without the weight syntax.
+    `no_upscale`: data.buckets with data.bucket_no_upscale; small images keep their size, so they
+    are not flagged as upscaled.
     """
     root = Path(root)
     report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
@@ -167,7 +169,7 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
                                        "skipped in training", unreadable))
     if not sizes:
         return report
-    _add_sizes(report, sizes, rel)
+    _add_sizes(report, sizes, rel, no_upscale)
     groups = [paths for paths in by_hash.values() if len(paths) > 1]
     if groups:
         report.problems.append(Problem(
@@ -191,7 +193,7 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     return report
 
 
-def _add_sizes(report: DataReport, sizes: dict[Path, tuple[int, int]], rel) -> None:
+def _add_sizes(report: DataReport, sizes: dict[Path, tuple[int, int]], rel, no_upscale: bool = False) -> None:
     by_area = sorted(sizes.values(), key=lambda wh: (wh[0] * wh[1], wh))
     report.sizes = {"smallest": "%dx%d" % by_area[0], "largest": "%dx%d" % by_area[-1],
                     "median": "%dx%d" % (statistics.median_low(w for w, _ in by_area),
@@ -199,7 +201,7 @@ def _add_sizes(report: DataReport, sizes: dict[Path, tuple[int, int]], rel) -> N
     ratios = Counter(aspect_name(w, h) for w, h in sizes.values())
     report.aspect_ratios = dict(ratios.most_common())
     small = [f"{rel(p)} ({w}x{h})" for p, (w, h) in sizes.items() if min(w, h) < report.resolution]
-    if small:
+    if small and not no_upscale:
         report.problems.append(Problem("warning", "too_small", f"{len(small)} image(s) have a side under "
                                        f"{report.resolution} px and are upscaled (blurry)", small))
 

@@ -54,7 +54,8 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
         report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
                                cfg.data.caption_prefix, cfg.data.folder_repeats, cfg.model.max_token_length,
                                caption_extension=ext, caption_suffix=cfg.data.caption_suffix,
-                               weighted_captions=cfg.data.weighted_captions)
+                               weighted_captions=cfg.data.weighted_captions,
+                               no_upscale=cfg.data.buckets and cfg.data.bucket_no_upscale)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:
