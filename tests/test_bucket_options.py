@@ -159,3 +159,17 @@ def test_check_does_not_call_small_images_upscaled_with_no_upscale(tmp_path):
     (tmp_path / "small.txt").write_text("a red square", encoding="utf-8")
     assert "too_small" in {p.kind for p in check_dataset(tmp_path, resolution=64).problems}
     assert "too_small" not in {p.kind for p in check_dataset(tmp_path, resolution=64, no_upscale=True).problems}
+
+
+def test_from_kohya_reads_a_dataset_tomls_resolution_before_the_bucket_limits(tmp_path):
+    images = tmp_path / "1_dog"
+    images.mkdir()
+    Image.new("RGB", (64, 64), "red").save(images / "a.png")
+    (images / "a.txt").write_text("a dog", encoding="utf-8")
+    args = {"pretrained_model_name_or_path": "m", "network_module": "networks.lora", "network_dim": 4,
+            "network_alpha": 4, "learning_rate": 1e-4, "max_train_steps": 10, "caption_extension": ".txt"}
+    dataset = {"general": {"enable_bucket": True},
+               "datasets": [{"resolution": 64, "subsets": [{"image_dir": str(images), "num_repeats": 1}]}]}
+    cfg, _ = config_from_kohya(args, dataset)
+    assert (cfg["data"]["resolution"], "min_bucket_side" in cfg["data"]) == (64, False)
+    assert config_from_dict(cfg).data.max_bucket_side == 1024  # it validates

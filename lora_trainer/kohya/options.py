@@ -238,10 +238,11 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
                      where=f"dataset config (subset {subset['image_dir']}) ")
         layers.append(layer)
         if index == 1:
-            data_options(layer, cfg, notes)
-            caption_extension_option(layer, [Path(str(s["image_dir"])) for s, _ in train], cfg, notes)
+            # The resolution first: the bucket options read it (kohya's default limits vs a small side).
             if layer.has("resolution"):
                 set_key(cfg, "data.resolution", resolution_side(layer.get("resolution"), layer.name("resolution"), notes))
+            data_options(layer, cfg, notes)
+            caption_extension_option(layer, [Path(str(s["image_dir"])) for s, _ in train], cfg, notes)
             if layer.has("batch_size"):
                 set_key(cfg, "train.batch_size", layer.int("batch_size"))
             seen = {k: layer.values.get(k) for k in SUBSET_OPTIONS}
