@@ -73,7 +73,7 @@ def test_captions_of_another_extension_are_named_in_one_warning(caption_files, c
     # One stray .txt: the other three .caption files are still named (they are not read).
     (caption_files / "01_red_circle.txt").write_text("a red circle", encoding="utf-8")
     found = {p.kind: p.message for p in check_dataset(caption_files, resolution=64).problems}
-    assert found["caption_extension"].startswith("3 image(s) have no .txt caption file but a .caption file")
+    assert found["caption_extension"].startswith("3 image(s) have no .txt file but a .caption file")
     # Every image with a .txt: the .caption files beside them are not mentioned.
     for png in caption_files.glob("*.png"):
         png.with_suffix(".txt").write_text("x", encoding="utf-8")

@@ -64,7 +64,7 @@ def other_extension_message(found: tuple[str, int, bool], ext: str, key: str) ->
     other, count, mixed = found
     kohya = " (kohya's default)" if other == ".caption" else ""
     if mixed:
-        return (f"{count} image(s) have no {ext} caption file but a {other} file{kohya}, which is not read; "
+        return (f"{count} image(s) have no {ext} file but a {other} file{kohya}, which is not read; "
                 f"set {key}={other} if those are the captions, or give every image a {ext} file "
                 f"(else they train on empty captions or their folder's name)")
     return (f"no image has a {ext} caption file, but {count} have {other} files{kohya}; set {key}={other} "
