@@ -76,6 +76,16 @@ def test_resume_is_bit_identical(uninterrupted, tiny_sd15, example_data, tmp_pat
     assert log_steps == [5, 6, 7, 8]
 
 
+def test_resume_with_another_rank_is_a_one_line_error(uninterrupted, tiny_sd15, example_data, tmp_path):
+    result, _ = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(result.output_dir / "checkpoints" / "step-000004", out / "checkpoints" / "step-000004")
+    cfg = run_config(tiny_sd15, example_data, out, *RUN, "train.resume=latest", "sample.prompts=[]", "lora.rank=8")
+    with pytest.raises(ConfigError, match=r"holds a different adapter \(\d+ weights of another shape, e\.g\. .*: "
+                                          r"\(4, .*\) there, \(8, .*\) now\); resume with the config that wrote it"):
+        train(cfg, show_progress=False)
+
+
 def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(uninterrupted, tiny_sd15, example_data, tmp_path):
     _, reference = uninterrupted
     out = tmp_path / "out"

@@ -62,6 +62,13 @@ def register_adapter_only_hooks(accelerator) -> None:
                 raise ConfigError(f"train.resume: {input_dir} holds a different adapter "
                                   f"({len(missing)} mismatched weights, e.g. {sorted(missing)[0]}); "
                                   "resume with the config that wrote it")
+            resized = sorted(name for name, p in params.items() if p.shape != state[name].shape)
+            if resized:  # same layers at another rank (lora.rank, conv_rank or block ranks changed)
+                first = resized[0]
+                raise ConfigError(f"train.resume: {input_dir} holds a different adapter ({len(resized)} weights of "
+                                  f"another shape, e.g. {first}: {tuple(state[first].shape)} there, "
+                                  f"{tuple(params[first].shape)} now); resume with the config that wrote it "
+                                  "(lora.rank, lora.conv_rank and the block ranks as they were)")
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(state[name])
