@@ -357,7 +357,7 @@ def test_epoch_saves_loraplus_and_max_norm_arguments_map():
     t = cfg["train"]
     assert (t["scale_weight_norms"], t["loraplus_lr_ratio"], t["loraplus_text_encoder_lr_ratio"]) == (1.5, 16.0, 4.0)
     assert "loraplus_unet_lr_ratio" not in t
-    assert notes == []
+    assert notes == ["--sample_every_n_epochs 5: no --sample_prompts, so nothing is drawn until sample.prompts is set"]
     # the result is a valid config
     load_config(None, [f"{section}.{k}={v}" for section in ("output", "sample", "train")
                        for k, v in cfg[section].items() if not isinstance(v, list)] + ["model.base=m", "data.path=d"])

@@ -402,6 +402,9 @@ def _samples(a: Args, cfg: dict, notes: list[str], base_dir: Path) -> None:
     for kohya, ours in (("sample_every_n_steps", "sample.every_n_steps"),
                         ("sample_every_n_epochs", "sample.every_n_epochs")):
         if a.has(kohya):
+            if a.int(kohya) and not a.has("sample_prompts"):  # kohya draws nothing without prompts either
+                notes.append(f"{a.name(kohya)} {a.int(kohya)}: no --sample_prompts, so nothing is drawn until "
+                             "sample.prompts is set")
             set_key(cfg, ours, a.int(kohya))
 
 
