@@ -27,6 +27,23 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# Names kohya users type for values that are spelled otherwise here.
+_KOHYA_SPELLINGS = {("train.scheduler", "cosine_with_min_lr"): "cosine, with train.min_lr_ratio set"}
+
+
+def _hint(dotted: str, value: Any, tp: Any) -> str:
+    """" (did you mean ...?)" for a choice given in another case (kohya's `Lion`, `AdamW8bit`) or a
+    kohya name spelled otherwise here; "" when there is nothing to suggest."""
+    if not isinstance(value, str):
+        return ""
+    known = _KOHYA_SPELLINGS.get((dotted, value.lower()))
+    if known:
+        return f" (kohya's {value!r} is {known} here)"
+    choices = [a for t in (tp, *typing.get_args(tp)) if typing.get_origin(t) is Literal for a in typing.get_args(t)]
+    same = [c for c in choices if isinstance(c, str) and c.lower() == value.lower()]
+    return f" (did you mean {same[0]!r}?)" if same else ""
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ValueError."""
     origin = typing.get_origin(tp)
@@ -101,7 +118,7 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str]) -> Any
         try:
             kwargs[key] = _coerce(value, tp)
         except ValueError:
-            errors.append(f"{dotted}: got {value!r}; expected {_describe(tp)}")
+            errors.append(f"{dotted}: got {value!r}; expected {_describe(tp)}{_hint(dotted, value, tp)}")
     return cls(**kwargs)
 
 

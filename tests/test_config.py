@@ -120,3 +120,10 @@ def test_error_names_the_command_line_when_the_bad_key_was_an_override(tmp_path)
     assert any(line.startswith(f"{path}: train.max_stpes: unknown key") for line in lines)
     assert any(line.startswith("command line: trian: unknown key") for line in lines)
     assert any(line.startswith("command line: lora.rank: got 'abc'") for line in lines)
+
+
+def test_a_choice_in_kohyas_spelling_gets_a_hint():
+    with pytest.raises(ConfigError, match=r"train.optimizer: got 'Lion'; expected one of .* \(did you mean 'lion'\?\)"):
+        load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.optimizer=Lion"])
+    with pytest.raises(ConfigError, match=r"kohya's 'cosine_with_min_lr' is cosine, with train.min_lr_ratio set"):
+        load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.scheduler=cosine_with_min_lr"])

@@ -255,7 +255,7 @@ def test_network_args_hold_locon_and_loraplus_together():
     cfg = config_from_dict({"model": {"base": "m"}, "data": {"path": "d"}, "train": {"max_steps": 1,
                             "loraplus_lr_ratio": 16, "loraplus_text_encoder_lr_ratio": 4},
                             "lora": {"conv_rank": 2, "conv_alpha": 1}})
-    assert _network_args(cfg) == {"conv_dim": "2", "conv_alpha": "1", "loraplus_lr_ratio": "16.0",
-                                  "loraplus_text_encoder_lr_ratio": "4.0"}
+    assert _network_args(cfg) == {"conv_dim": "2", "conv_alpha": "1", "loraplus_lr_ratio": "16",
+                                  "loraplus_text_encoder_lr_ratio": "4"}
     plain = config_from_dict({"model": {"base": "m"}, "data": {"path": "d"}, "train": {"max_steps": 1}})
     assert _network_args(plain) == {}

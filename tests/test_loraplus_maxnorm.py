@@ -192,7 +192,7 @@ def test_max_norm_run_logs_the_layers_it_scaled(limited):
     assert last["max_norm/average_key_norm"] == pytest.approx(sum(norms) / len(norms))
     meta = safetensors.safe_open(str(limited.adapter_paths[0]), "pt").metadata()
     assert (meta["ss_scale_weight_norms"], meta["ss_loraplus_lr_ratio"]) == ("0.2", "4.0")
-    assert json.loads(meta["ss_network_args"]) == {"loraplus_lr_ratio": "4.0"}
+    assert json.loads(meta["ss_network_args"]) == {"loraplus_lr_ratio": "4"}
 
 
 def test_loraplus_and_max_norm_resume_exactly(limited, tiny_sd15, example_data, tmp_path):

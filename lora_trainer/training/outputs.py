@@ -56,7 +56,7 @@ def _network_args(cfg: RunConfig) -> dict[str, str]:
     t, lora = cfg.train, cfg.lora
     args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if lora.conv_rank else {}
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-    args.update({key: str(getattr(t, key)) for key in keys if getattr(t, key) is not None})
+    args.update({key: f"{getattr(t, key):g}" for key in keys if getattr(t, key) is not None})
     for side in ("down", "mid", "up"):
         value = getattr(lora.block_lr_weights, side)
         if value is not None:
