@@ -86,6 +86,19 @@ def test_resume_with_another_rank_is_a_one_line_error(uninterrupted, tiny_sd15, 
         train(cfg, show_progress=False)
 
 
+def test_resume_with_another_optimizer_is_a_one_line_error(uninterrupted, tiny_sd15, example_data, tmp_path):
+    result, _ = uninterrupted
+    saved = json.loads((result.output_dir / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert saved["optimizer"] == "adamw"
+    out = tmp_path / "out"
+    shutil.copytree(result.output_dir / "checkpoints" / "step-000004", out / "checkpoints" / "step-000004")
+    cfg = run_config(tiny_sd15, example_data, out, *RUN, "train.resume=latest", "sample.prompts=[]",
+                     "train.optimizer=adafactor")
+    with pytest.raises(ConfigError, match=r"^train.resume: .*step-000004 was saved by train.optimizer=adamw, not "
+                                          r"adafactor; resume with train.optimizer=adamw"):
+        train(cfg, show_progress=False)
+
+
 def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(uninterrupted, tiny_sd15, example_data, tmp_path):
     _, reference = uninterrupted
     out = tmp_path / "out"

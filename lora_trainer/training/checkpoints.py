@@ -32,6 +32,7 @@ class TrainerState:
     batches_in_epoch: int  # batches of that epoch already consumed (per process)
     class_epoch: int = 0  # DreamBooth class images: epoch of their own loader in progress
     class_batches: int = 0  # and batches of it consumed (per process)
+    optimizer: str = ""  # train.optimizer that wrote its state ("" in checkpoints from before it was kept)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
@@ -139,7 +140,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainerState:
+def load_checkpoint(accelerator, path: Path, optimizer: str = "") -> TrainerState:
+    """Restore the run state saved in `path`; `optimizer` (train.optimizer) must be the one that
+    saved it: another optimizer's state would load without complaint and train wrongly."""
+    state = TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+    if optimizer and state.optimizer and state.optimizer != optimizer:
+        raise ConfigError(f"train.resume: {path} was saved by train.optimizer={state.optimizer}, not {optimizer}; "
+                          f"resume with train.optimizer={state.optimizer}, or start a new run for {optimizer}")
     try:
         accelerator.load_state(str(path))
     except ValueError as exc:  # torch's optimizer refuses another grouping of the parameters
@@ -147,4 +154,4 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
             raise
         raise ConfigError(f"train.resume: {path} was saved with other optimizer groups ({exc}); resume with the "
                           "config that wrote it (train.loraplus_* and lora.train_text_encoder as they were)") from None
-    return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+    return state

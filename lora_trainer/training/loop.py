@@ -202,7 +202,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     register_adapter_only_hooks(accelerator)
     state = TrainerState(0, 0, 0)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, t.optimizer)
         log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
@@ -270,6 +270,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     checkpoint_bytes = counted * 4 * 4
 
     def save(state: TrainerState) -> Path:
+        state = replace(state, optimizer=t.optimizer)
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
         suffix = f"-step{state.step:05d}"
 
