@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..models.blocks import PRESETS
-from .options import set_key
+from .options import parse_number, set_key
 
 
 def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:
@@ -28,10 +28,7 @@ def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> Non
             set_key(cfg, f"lora.block_lr_weights.{side}", network_args.pop(key) if preset else numbers(key))
     if "block_lr_zero_threshold" in network_args:
         value = network_args.pop("block_lr_zero_threshold")
-        try:
-            set_key(cfg, "lora.block_lr_zero_threshold", float(value))
-        except ValueError:
-            raise ConfigError(f"--network_args block_lr_zero_threshold={value}: not a number") from None
+        set_key(cfg, "lora.block_lr_zero_threshold", parse_number(value, "--network_args block_lr_zero_threshold"))
     blocks_on = "block_dims" in network_args or "block_lr_weights" in cfg.get("lora", {})
     for kohya, ours, kind in (("block_dims", "block_ranks", int), ("block_alphas", "block_alphas", float),
                               ("conv_block_dims", "conv_block_ranks", int),

@@ -16,7 +16,7 @@ from .data_options import caption_extension_option, data_options
 from .loss_options import loss_options
 from .options import (
     KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, images_in, note_for,
-    parse_network_args, read_sample_prompts, reg_folder, resolution_side, set_key,
+    parse_network_args, parse_number, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
 # kohya's networks.lora adapts every Linear and 1x1 Conv2d of the UNet's transformer blocks
@@ -195,7 +195,7 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     block_args(network_args, cfg, notes)
     for key, value in network_args.items():
         if key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
-            set_key(cfg, f"train.{key}", _number(value, f"--network_args {key}"))
+            set_key(cfg, f"train.{key}", parse_number(value, f"--network_args {key}"))
         else:
             notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
 
@@ -208,7 +208,7 @@ def _locon(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:
         if alpha is not None:
             notes.append(f"--network_args conv_alpha={alpha}: without conv_dim kohya adapts no 3x3 convs; left out")
         return
-    rank = _number(dim, "--network_args conv_dim")
+    rank = parse_number(dim, "--network_args conv_dim")
     if not rank.is_integer():
         raise ConfigError(f"--network_args conv_dim={dim}: not an integer")
     rank = int(rank)
@@ -220,7 +220,7 @@ def _locon(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:
     if alpha is None:
         notes.append("--network_args conv_alpha not given: kohya's default 1 is kept (scale 1/conv_dim); "
                      "ours would be conv_alpha = conv_rank")
-    value = _number(alpha, "--network_args conv_alpha") if alpha is not None else 1.0
+    value = parse_number(alpha, "--network_args conv_alpha") if alpha is not None else 1.0
     set_key(cfg, "lora.conv_alpha", value if value else float(rank))  # as network_alpha: 0 means = dim
 
 
@@ -342,15 +342,15 @@ def _optimizer(a: Args, cfg: dict, notes: list[str]) -> None:
                     set_key(cfg, key, value)  # --optimizer_args below win
     for key, value in parse_network_args(a.get("optimizer_args", [])):
         if key == "weight_decay":
-            set_key(cfg, "train.weight_decay", _number(value, "--optimizer_args weight_decay"))
+            set_key(cfg, "train.weight_decay", parse_number(value, "--optimizer_args weight_decay"))
         elif key == "betas":
-            betas = [_number(b, "--optimizer_args betas") for b in value.strip("()[] ").split(",") if b.strip()]
+            betas = [parse_number(b, "--optimizer_args betas") for b in value.strip("()[] ").split(",") if b.strip()]
             if len(betas) != 2:
                 raise ConfigError(f"--optimizer_args betas={value}: expected two numbers, e.g. betas=0.9,0.999")
             set_key(cfg, "train.adam_beta1", betas[0])
             set_key(cfg, "train.adam_beta2", betas[1])
         elif key == "eps":
-            set_key(cfg, "train.adam_epsilon", _number(value, "--optimizer_args eps"))
+            set_key(cfg, "train.adam_epsilon", parse_number(value, "--optimizer_args eps"))
         else:
             notes.append(f"--optimizer_args {key}={value}: not supported; the optimizer's default is used")
 
@@ -359,14 +359,7 @@ def _text_encoder_lrs(a: Args) -> list[float]:
     """--text_encoder_lr as a list: newer kohya takes one rate per SDXL text encoder."""
     value = a.get("text_encoder_lr")
     values = value if isinstance(value, list) else [] if value is None else [value]
-    return [_number(str(v), "--text_encoder_lr") for v in values]
-
-
-def _number(text: str, where: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{where}: {text!r} is not a number") from None
+    return [parse_number(str(v), "--text_encoder_lr") for v in values]
 
 
 def _data_dirs(a: Args, cfg: dict, notes: list[str]) -> None:

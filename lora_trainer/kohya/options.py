@@ -87,6 +87,14 @@ NETWORK_ARG_NOTES = {
 LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
+def parse_number(text: str, where: str) -> float:
+    """A kohya argument's value as a number, or a one-line ConfigError naming `where`."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a number") from None
+
+
 def set_key(cfg: dict, dotted: str, value: Any) -> None:
     """cfg["train"]["lr"] = value for "train.lr"."""
     *sections, key = dotted.split(".")
