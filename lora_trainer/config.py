@@ -120,6 +120,11 @@ class DataConfig:
     # (resized, cropped and flipped with the image, area-averaged to the latent grid; kohya's --alpha_mask);
     # images without one weigh 1 everywhere. The RGB trained on is unchanged (composited over white)
     alpha_mask: bool = False
+    # a folder of loss masks, one per training image with its file stem (kohya's --masked_loss with a
+    # conditioning_data_dir): white trains, black is ignored, grey weighs between (the first channel of
+    # an RGB mask, as kohya reads it). Beside the image's own folder path under it, or directly in it;
+    # the same size as its image; resized, cropped and flipped with it. Not with alpha_mask
+    mask_dir: Optional[str] = None
     # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
     # trained on. validation_split: this fraction of the images under path (at least one when > 0),
     # drawn by validation_seed from their file names, so the same ones in every process and resume

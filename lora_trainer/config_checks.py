@@ -44,6 +44,10 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
     need(0.0 <= cfg.data.caption_tag_dropout <= 1.0, "data.caption_tag_dropout", cfg.data.caption_tag_dropout,
          "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
+    if cfg.data.mask_dir is not None and (cfg.data.alpha_mask or not cfg.data.mask_dir.strip()):
+        errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}" + (
+            " with data.alpha_mask true; the loss mask comes from one of them: set only one" if cfg.data.alpha_mask
+            else "; expected a folder of mask images named like the training images, or null"))
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
     _check_validation(cfg, errors)

@@ -24,6 +24,7 @@ from lora_trainer.data.captions import (
 )
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, load_image_and_alpha
+from lora_trainer.data.masks import read_mask
 from lora_trainer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Example:
     caption: str
     repeats: int = 1  # times per epoch, from its `<N>_<name>` folder (data.repeats multiplies it)
     folder: str | None = None  # that folder, relative to the dataset root; None: in no such folder
+    mask: Path | None = None  # its loss-mask image (data.mask_dir); None: no mask image
 
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
@@ -165,7 +167,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     tags; `caption_suffix` is added after both, so it is never moved or dropped.
     `alpha_mask`: items also carry `alpha_mask` (1, h, w) in [0, 1], the image's alpha resized,
     cropped and flipped as its pixels are (ones for an image without alpha); the pixels are the same
-    either way.
+    either way. Examples with a `mask` file (data.mask_dir) give items a `loss_mask` (1, h, w) in [0, 1]
+    taken the same path, and `mask_id`, the mask file's SHA-256.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
@@ -236,9 +239,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image = image.crop(box)
         # The mask takes the pixels' path exactly: same resize, crop box and flip.
         alpha = resize_to_cover(alpha, height, width).crop(box) if alpha is not None else None
+        mask, mask_id = read_mask(example.mask) if example.mask is not None else (None, None)
+        mask = resize_to_cover(mask, height, width).crop(box) if mask is not None else None
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             alpha = alpha.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if alpha is not None else None
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
             # The flipped crop is what cropping the mirrored image would give at this offset.
             left = resized_width - left - width
 
@@ -255,6 +261,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.alpha_mask:
             extra["alpha_mask"] = (torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
                                    if alpha is not None else torch.ones(1, height, width))
+        if mask is not None:
+            extra.update(loss_mask=torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], mask_id=mask_id)
         return {
             **extra,
             "pixel_values": to_tensor(image),

@@ -90,6 +90,7 @@ def kohya_metadata(
     caption_tag_dropout_rate: float | None = None,
     weighted_captions: bool | None = None,
     alpha_mask: bool | None = None,
+    masked_loss: bool | None = None,
     cache_latents: bool | None = None,
     training_started_at: float | None = None,
     training_finished_at: float | None = None,
@@ -171,8 +172,8 @@ def kohya_metadata(
         "ss_bucket_no_upscale": bucket_no_upscale,
         "ss_caption_tag_dropout_rate": caption_tag_dropout_rate,
         "ss_weighted_captions": weighted_captions,
-        # kohya records --masked_loss (on whenever --alpha_mask trains) and alpha_mask per subset
-        "ss_masked_loss": alpha_mask,
+        # kohya records --masked_loss (on whenever --alpha_mask or mask images train) and alpha_mask per subset
+        "ss_masked_loss": masked_loss if masked_loss is not None else alpha_mask,
         "ss_alpha_mask": alpha_mask,
         "ss_cache_latents": cache_latents,
         "ss_training_started_at": training_started_at,

@@ -105,6 +105,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         caption_tag_dropout_rate=d.caption_tag_dropout,
         weighted_captions=d.weighted_captions,
         alpha_mask=d.alpha_mask,
+        masked_loss=d.alpha_mask or d.mask_dir is not None,  # alpha or mask images: kohya's --masked_loss
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
