@@ -166,3 +166,44 @@ def test_a_run_without_a_mask_for_every_image_stops_before_loading_the_model(tin
     cfg = run_config(tiny_sd15, data, tmp_path / "out", f"data.mask_dir={masks}", "train.max_steps=1")
     with pytest.raises(DataError, match=r"no mask in .* for 1 of 8 image\(s\) \(05_purple_square.png\)"):
         train(cfg, show_progress=False)
+
+
+def _kohya(extra: str, dataset: dict | None = None):
+    from lora_trainer.kohya.mapping import config_from_kohya
+    from lora_trainer.kohya.setup import parse_command_line
+
+    line = ("python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 4 "
+            "--network_alpha 4 --learning_rate 1e-4 --max_train_steps 10 --caption_extension .txt ")
+    return config_from_kohya(parse_command_line(line + extra), dataset)
+
+
+def test_from_kohya_maps_masked_loss_with_conditioning_data_dir():
+    cfg, notes = _kohya("--masked_loss --conditioning_data_dir masks")
+    assert cfg["data"]["mask_dir"] == "masks" and "alpha_mask" not in cfg["data"] and notes == []
+    cfg, notes = _kohya("--masked_loss --alpha_mask --conditioning_data_dir masks")  # kohya reads the images first
+    assert cfg["data"]["mask_dir"] == "masks" and "alpha_mask" not in cfg["data"]
+    assert notes == ["--alpha_mask: with --masked_loss kohya weights the loss by the mask images in "
+                     "--conditioning_data_dir (data.mask_dir), not by the alpha channel; left out"]
+    cfg, notes = _kohya("--conditioning_data_dir masks")
+    assert "mask_dir" not in cfg.get("data", {})
+    assert notes == ["--conditioning_data_dir masks: kohya reads the mask images only with --masked_loss, which is "
+                     "off; left out (data.mask_dir would read them)"]
+
+
+def test_from_kohya_dataset_subsets_with_mask_folders(tmp_path):
+    def dataset(*subsets):
+        return {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "img" / image), "num_repeats": int(image[0]),
+                                           "conditioning_data_dir": str(tmp_path / masks)} for image, masks in subsets]}]}
+
+    # one folder per subset, named as the subsets' image folders: their parent is data.mask_dir
+    cfg, notes = _kohya("--masked_loss", dataset(("5_dog", "masks/5_dog"), ("2_cat", "masks/2_cat")))
+    assert cfg["data"]["mask_dir"] == str(tmp_path / "masks")
+    assert not any("conditioning_data_dir" in n for n in notes)
+    cfg, notes = _kohya("--masked_loss", dataset(("5_dog", "m"), ("2_cat", "m")))  # one shared folder
+    assert cfg["data"]["mask_dir"] == str(tmp_path / "m") and not any("conditioning_data_dir" in n for n in notes)
+    cfg, notes = _kohya("--masked_loss", dataset(("5_dog", "dog-masks"), ("2_cat", "cat-masks")))
+    assert cfg["data"]["mask_dir"] == str(tmp_path / "dog-masks")
+    assert [n for n in notes if "conditioning_data_dir" in n] == [
+        f"dataset config conditioning_data_dir: the subsets keep their masks in 2 folders; data.mask_dir is one folder "
+        f"({tmp_path / 'dog-masks'}), where a mask is looked for under its image's folder name, then at the top: "
+        "gather the masks as <mask_dir>/<image folder>/<name>"]
