@@ -48,6 +48,11 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}" + (
             " with data.alpha_mask true; the loss mask comes from one of them: set only one" if cfg.data.alpha_mask
             else "; expected a folder of mask images named like the training images, or null"))
+    need(cfg.data.caption_dropout_every_n_epochs >= 0, "data.caption_dropout_every_n_epochs",
+         cfg.data.caption_dropout_every_n_epochs, "an integer >= 0 (0: off; 2: every second epoch trains uncaptioned)")
+    sep = cfg.data.keep_tokens_separator
+    need(not sep or (bool(sep.strip()) and "," not in sep), "data.keep_tokens_separator", sep,
+         "a marker that is not a comma or blank, e.g. '|||', or '' (off)")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
     _check_validation(cfg, errors)

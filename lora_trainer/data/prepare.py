@@ -76,7 +76,7 @@ def trained_caption(cfg: RunConfig, caption: str) -> str:
     """The caption an image trains on (before caption dropout, tag dropout and shuffling): the
     DreamBooth instance prompt replaces its own, and the prefix and suffix are added to either."""
     return training_caption(cfg.dreambooth.instance_prompt or caption, cfg.data.caption_prefix,
-                            cfg.data.caption_suffix)
+                            cfg.data.caption_suffix, cfg.data.keep_tokens_separator)
 
 
 def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:

@@ -1,6 +1,7 @@
 """kohya's caption and bucket options (from the arguments, or a dataset TOML subset layered over
 them) as data.* keys: caption files and their extension, prefix and suffix, tag shuffling and
-dropout, weighted captions, alpha-mask loss, augmentation, and aspect buckets with their limits."""
+dropout (keep_tokens and its separator, dropout every n epochs), weighted captions, loss masks
+(alpha channel or mask images), augmentation, and aspect buckets with their limits."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
         set_key(cfg, "data.keep_tokens", src.int("keep_tokens"))
     if src.has("caption_dropout_rate"):
         set_key(cfg, "data.caption_dropout", src.float("caption_dropout_rate"))
+    if src.int("caption_dropout_every_n_epochs"):  # 0 is off in both
+        set_key(cfg, "data.caption_dropout_every_n_epochs", src.int("caption_dropout_every_n_epochs"))
+    if src.has("keep_tokens_separator"):
+        set_key(cfg, "data.keep_tokens_separator", src.str("keep_tokens_separator"))
     if src.float("caption_tag_dropout_rate"):  # 0 is off in both
         set_key(cfg, "data.caption_tag_dropout", src.float("caption_tag_dropout_rate"))
     if src.bool("flip_aug"):

@@ -27,7 +27,8 @@ STRUCTURAL = {"image_dir", "num_repeats", "class_tokens", "is_reg", "subsets"}
 SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug",
                   "random_crop", "caption_extension", "caption_prefix", "caption_suffix", "enable_bucket",
                   "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "resolution",
-                  "batch_size", "alpha_mask", "masked_loss")
+                  "batch_size", "alpha_mask", "masked_loss", "keep_tokens_separator",
+                  "caption_dropout_every_n_epochs")
 
 _LEFT_OUT = "not supported; left out"
 _ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
@@ -64,7 +65,7 @@ NOTES = {
     "ddp_static_graph": "DDP settings come from accelerate; left out",
     "caption_separator": "captions are split into tags at commas; left out",
     "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT,
-    "caption_dropout_every_n_epochs": _LEFT_OUT, "keep_tokens_separator": _LEFT_OUT, "secondary_separator": _LEFT_OUT,
+    "secondary_separator": _LEFT_OUT,
     "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT,
     "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
     "v_pred_like_loss": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
