@@ -48,6 +48,11 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}" + (
             " with data.alpha_mask true; the loss mask comes from one of them: set only one" if cfg.data.alpha_mask
             else "; expected a folder of mask images named like the training images, or null"))
+    elif cfg.data.mask_dir and cfg.data.path:
+        masks, images = Path(cfg.data.mask_dir).resolve(), Path(cfg.data.path).resolve()
+        if masks == images or images in masks.parents:
+            errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}, inside data.path {cfg.data.path!r}, so the masks "
+                          "would train as images; use a folder outside data.path")
     need(cfg.data.caption_dropout_every_n_epochs >= 0, "data.caption_dropout_every_n_epochs",
          cfg.data.caption_dropout_every_n_epochs, "an integer >= 0 (0: off; 2: every second epoch trains uncaptioned)")
     sep = cfg.data.keep_tokens_separator

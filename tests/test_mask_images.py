@@ -120,6 +120,9 @@ def test_missing_or_mis_sized_masks_and_bad_settings_are_one_line_errors(tmp_pat
         attach_masks(examples, tmp_path, masks)
     with pytest.raises(ConfigError, match=r"data.mask_dir: got 'm' with data.alpha_mask true; .* set only one"):
         load_config(None, ["model.base=b", "data.path=d", "data.mask_dir=m", "data.alpha_mask=true"])
+    with pytest.raises(ConfigError, match=r"data.mask_dir: got 'd/masks', inside data.path 'd', so the masks would "
+                                          r"train as images; use a folder outside data.path"):
+        load_config(None, ["model.base=b", "data.path=d", "data.mask_dir=d/masks"])
 
 
 def _masked_copy(example_data, folder):

@@ -26,14 +26,17 @@ if TYPE_CHECKING:  # the dataset reads masks through this module
 _SHOWN = 3  # file names listed in an error before "..."
 
 
-def find_mask(image: Path, root: Path, mask_dir: Path) -> Path | None:
+def find_mask(image: Path, root: Path, mask_dir: Path, listings: dict | None = None) -> Path | None:
     """The mask of `image` (under `root`) in `mask_dir`: `<its folder under root>/<stem>.<ext>`, else
-    `<stem>.<ext>` at the top; the first extension of IMAGE_EXTENSIONS (any case) that exists."""
+    `<stem>.<ext>` at the top; the first extension of IMAGE_EXTENSIONS (any case) that exists.
+    `listings` keeps each folder's file names between calls."""
+    listings = {} if listings is None else listings
     relative = image.relative_to(root).parent
     for folder in dict.fromkeys((mask_dir / relative, mask_dir)):
-        if not folder.is_dir():
-            continue
-        by_name = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+        if folder not in listings:
+            listings[folder] = ({p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+                                if folder.is_dir() else {})
+        by_name = listings[folder]
         for ext in IMAGE_EXTENSIONS:
             found = by_name.get(f"{image.stem}{ext}".lower())
             if found is not None:
@@ -49,7 +52,8 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
     if not folder.is_dir():
         raise DataError(f"{key}: {folder} is not a folder; point it at the folder of mask images "
                         "(one per training image, with its file name)")
-    masks = [find_mask(ex.path, root, folder) for ex in examples]
+    listings: dict = {}
+    masks = [find_mask(ex.path, root, folder, listings) for ex in examples]
     missing = [ex.path.relative_to(root).as_posix() for ex, mask in zip(examples, masks) if mask is None]
     if missing:
         raise DataError(f"{key}: no mask in {folder} for {len(missing)} of {len(examples)} image(s) "
