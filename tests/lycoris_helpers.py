@@ -79,6 +79,11 @@ def module_tensors(kind: str, weight: torch.Tensor, g, rank: int = 4, alpha: flo
         t["dora_scale"] = (weight.double().transpose(0, 1).reshape(in_dim, -1).norm(dim=1)
                            * (1 + _rand(g, in_dim))).reshape(1, in_dim, *[1] * len(k)).float().double()
         return t, delta, None
+    if kind == "lora_dora":  # a plain LoRA module with an input-axis dora_scale (older LyCORIS LoCon)
+        t, delta, _ = module_tensors("lora", weight, g, rank, alpha)
+        t["dora_scale"] = (weight.double().transpose(0, 1).reshape(in_dim, -1).norm(dim=1)
+                           * (1 + _rand(g, in_dim))).reshape(1, in_dim, *[1] * len(k)).float().double()
+        return t, delta, None
     if kind in ("lokr", "lokr_full", "lokr_cp"):
         a1, c1 = 2, 2  # w1 is (2, 2): out = 2·b, in = 2·d
         b_out, d_in = out_dim // a1, in_dim // c1

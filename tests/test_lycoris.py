@@ -180,6 +180,18 @@ def test_sdxl_lycoris_with_ldm_names_and_both_text_encoders(tiny_sdxl, tmp_path)
     _close(_outputs(gen.pipe, sdxl=True), want)
 
 
+def test_a_lora_file_with_input_axis_dora_scales_is_merged_as_lycoris_does(tiny_sd15, tmp_path):
+    pipe, _ = load_base(str(tiny_sd15), "cpu", torch.float32)
+    path = tmp_path / "old-dora.safetensors"
+    reference = write_lycoris(pipe, "sd15", path, [("unet", f"{T}.attn1.to_q", "lora_dora"),
+                                                   ("unet", f"{B}.resnets.0.conv1", "lora_dora")], seed=5)
+    assert not any(k.partition(".")[2] not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+                   for k in safetensors.torch.load_file(str(path)))
+    merge_by_hand(pipe, reference, 0.5)
+    gen = Generator(tiny_sd15, [f"{path}:0.5"], device="cpu")
+    _close(_outputs(gen.pipe), _outputs(pipe))
+
+
 def test_merge_command_bakes_lycoris_into_the_saved_model(sd15, tiny_sd15, random_adapters, tmp_path):
     from diffusers import UNet2DConditionModel
 

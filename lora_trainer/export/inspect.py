@@ -77,16 +77,6 @@ def kohya_load_quirks(adapter: Adapter) -> list[str]:
     return out
 
 
-def _keys(path: Path) -> list[str]:
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:  # unreadable: read_adapter says so in one line
-        return []
-
-
 def _inspect_lycoris(path: Path, base: str | None) -> dict:
     """The report of a LyCORIS file: its types, ranks and counts (see `export/lycoris.py`)."""
     from .lycoris import lycoris_summary, read_lycoris
@@ -106,10 +96,10 @@ def _inspect_lycoris(path: Path, base: str | None) -> dict:
 
 def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
-    from .lycoris import is_lycoris
+    from .lycoris import needs_lycoris_reader
 
     path = Path(path)
-    if path.is_file() and is_lycoris(_keys(path)):
+    if path.is_file() and needs_lycoris_reader(path):
         return _inspect_lycoris(path, base)
     adapter = read_adapter(path, base=base)
     components = {}

@@ -22,6 +22,7 @@ plain LoRA files keep the LoRA reader (`adapter.py`), bit for bit.
 from __future__ import annotations
 
 import collections
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,27 @@ def is_lycoris(keys) -> bool:
     """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...)."""
     prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
     return any(k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY for k in keys)
+
+
+def needs_lycoris_reader(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` is read here rather than as LoRA: LyCORIS-only parts, or a LoRA
+    file whose `dora_scale` lies on the input axis (1, d_in), which peft cannot represent."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if is_lycoris(keys):
+                return True
+            prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
+            for key in keys:
+                if key.startswith(prefixes) and key.endswith(".dora_scale"):
+                    shape = f.get_slice(key).get_shape()
+                    if len(shape) >= 2 and shape[0] == 1 and math.prod(shape) > 1:
+                        return True
+    except Exception:  # unreadable: the LoRA reader says what is wrong with it
+        return False
+    return False
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -161,16 +161,9 @@ def _lora_modules(pipe):
 
 def _lycoris_reading(path: Path, pipe):
     """The file read as a LyCORIS adapter when it is one (else None), checked against the base family."""
-    import safetensors
+    from ..export.lycoris import needs_lycoris_reader, read_lycoris
 
-    from ..export.lycoris import is_lycoris, read_lycoris
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # not a safetensors file: the LoRA path says what is wrong with it
-        return None
-    if not is_lycoris(keys):
+    if not needs_lycoris_reader(path):
         return None
     base = pipe_family(pipe)
     adapter = read_lycoris(path, fallback=base)
