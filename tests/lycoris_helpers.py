@@ -100,6 +100,9 @@ def module_tensors(kind: str, weight: torch.Tensor, g, rank: int = 4, alpha: flo
         t["lokr_w2_a"], t["lokr_w2_b"] = _rand(g, b_out, rank), _rand(g, rank, d_in * (k[0] * k[1] if k else 1))
         w2 = (t["lokr_w2_a"] @ t["lokr_w2_b"]).reshape(b_out, d_in, *k)
         return t, _kron_by_hand(t["lokr_w1"], w2) * scale, None
+    if kind == "full_nobias":
+        t = {"diff": _rand(g, *shape, std=0.02)}
+        return t, t["diff"], None
     if kind == "full":
         t = {"diff": _rand(g, *shape, std=0.02), "diff_b": _rand(g, out_dim, std=0.02)}
         return t, t["diff"], t["diff_b"]

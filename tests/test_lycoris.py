@@ -208,6 +208,39 @@ def test_merge_command_bakes_lycoris_into_the_saved_model(sd15, tiny_sd15, rando
                                    rtol=1e-5, atol=2e-5)
 
 
+def test_resize_turns_loha_and_lokr_into_a_lora_by_svd(sd15, tiny_sd15, tmp_path, capsys):
+    pipe, _ = load_base(str(tiny_sd15), "cpu", torch.float32)
+    layers = [("unet", f"{T}.attn1.to_q", "loha"), ("unet", f"{B}.resnets.0.conv1", "loha"),
+              ("unet", f"{B}.attentions.0.proj_in", "loha"), ("unet", f"{B}.resnets.0.conv2", "loha_cp"),
+              ("unet", f"{B}.downsamplers.0.conv", "lokr"), ("unet", f"{T}.attn1.to_v", "lokr_full"),
+              ("unet", "mid_block.resnets.1.conv1", "locon_cp"), ("unet", f"{T}.attn1.to_out.0", "full_nobias"),
+              ("text_encoder", "encoder.layers.1.mlp.fc1", "lokr")]
+    path = tmp_path / "lyco.safetensors"
+    write_lycoris(pipe, "sd15", path, layers, seed=6)
+    exact, low = tmp_path / "exact.safetensors", tmp_path / "low.safetensors"
+    assert main(["resize", str(path), str(exact), "--rank", "512", "--dtype", "fp32"]) == 0
+    assert "retained Frobenius norm 100.00% overall" in capsys.readouterr().out
+    want = _outputs(Generator(tiny_sd15, [f"{path}:0.9"], device="cpu").pipe)
+    _close(_outputs(Generator(tiny_sd15, [f"{exact}:0.9"], device="cpu").pipe), want, atol=1e-4)
+
+    assert main(["resize", str(path), str(low), "--rank", "2", "--dtype", "fp32"]) == 0
+    line = capsys.readouterr().out
+    kept = float(line.split("retained Frobenius norm ")[1].split("%")[0])
+    assert 10 < kept < 99.9
+    from lora_trainer.export.adapter import read_adapter
+
+    lora = read_adapter(low)
+    assert lora.base == "sd15" and {m.rank for _, _, m in lora.items()} == {2}
+    assert lora.modules["unet"][f"{B}.resnets.0.conv1"].down.shape == (2, 32, 3, 3)
+    assert lora.modules["unet"][f"{B}.attentions.0.proj_in"].down.shape == (2, 32, 1, 1)
+
+    _, every_type, _ = sd15  # holds (IA)^3, DoRA and diff_b modules, which depend on the base or a bias
+    assert main(["resize", str(every_type), str(tmp_path / "no.safetensors"), "--rank", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "cannot become a LoRA without the base" in err[0] and str(every_type) in err[0]
+    assert not (tmp_path / "no.safetensors").exists()
+
+
 def test_inspect_names_types_ranks_and_counts(sd15, capsys):
     _, path, _ = sd15
     assert main(["inspect", str(path)]) == 0
