@@ -97,7 +97,7 @@ class WeightPatches:
                 continue
             weight, bias = _weights_of(self._layer(key))
             device = weight.device
-            work = torch.float64 if device.type == "cpu" else torch.float32
+            work = torch.float32  # float64 is 3-9x slower on CPUs and gains nothing after the cast back
             w = weight0.to(device, work)
             b = None if bias0 is None else bias0.to(device, work)
             changed = False
