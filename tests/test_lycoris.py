@@ -140,6 +140,17 @@ def test_generator_merges_lycoris_exactly_as_by_hand_and_restores_the_base(sd15,
     assert _equal_states(_state(gen.pipe), base)
 
 
+def test_infer_command_draws_with_a_lycoris_file(sd15, tiny_sd15, tmp_path):
+    from PIL import Image
+
+    _, path, _ = sd15
+    out = tmp_path / "img"
+    assert main(["infer", "--model", str(tiny_sd15), "--lora", f"{path}:0.6", "--prompt", "a cube", "--steps", "2",
+                 "--width", "32", "--height", "32", "--device", "cpu", "--out", str(out)]) == 0
+    (png,) = out.glob("*.png")
+    assert "<lora:every-type:0.6>" in Image.open(png).info["parameters"]
+
+
 def test_lycoris_stacks_with_a_lora_and_merge_unmerge_is_exact(sd15, tiny_sd15, random_adapters):
     _, path, reference = sd15
     by_hand = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5"], device="cpu")
@@ -157,6 +168,9 @@ def test_lycoris_stacks_with_a_lora_and_merge_unmerge_is_exact(sd15, tiny_sd15, 
     gen.unmerge()
     assert _equal_states(_state(gen.pipe), before)
     _close(_outputs(gen.pipe), want)
+
+    # loaded the other way round (peft then wraps layers whose weights already hold ΔW): the same
+    _close(_outputs(Generator(tiny_sd15, [f"{path}:-0.4", f"{random_adapters['a']}:0.5"], device="cpu").pipe), want)
 
     # the LoRA switched off leaves the LyCORIS part alone
     lyco_only = Generator(tiny_sd15, device="cpu")
