@@ -193,7 +193,8 @@ class LycorisModule:
         try:
             product = self._product(dtype, weight.device)
         except RuntimeError as exc:  # factors whose shapes do not multiply
-            raise ModelError(f"{self.name} ({self.kind}): its factors do not fit together ({first_line(exc)})") from None
+            raise ModelError(f"{self.name} ({self.kind}): its factors do not fit together "
+                             f"({first_line(exc)})") from None
         if product.numel() != weight.numel() or product.shape[0] != shape[0]:
             raise ModelError(f"{self.name} ({self.kind}) makes a {tuple(product.shape)} change but the layer's "
                              f"weight is {shape}; it was made for another model")
@@ -260,7 +261,8 @@ def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) 
     pairs = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
     for options in need:
         if not any(o in parts for o in options):
-            raise ModelError(f"{path}: {name} is a {kind} module without {' or '.join(options)}; the file is incomplete")
+            raise ModelError(f"{path}: {name} is a {kind} module without {' or '.join(options)}; "
+                             "the file is incomplete")
     for a, b in pairs.items():
         if (a in parts) != (b in parts):
             raise ModelError(f"{path}: {name} has {a if a in parts else b} without {b if a in parts else a}")
@@ -317,7 +319,11 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         prefix = next(p for p in KOHYA_COMPONENTS if name.startswith(p + "_"))
         component = KOHYA_COMPONENTS[prefix]
         module = LycorisModule(name, kind, parts, None if alpha is None else float(alpha), dora)
-        modules.setdefault(component, {})[module_path(component, name[len(prefix) + 1:])] = module
+        layer = module_path(component, name[len(prefix) + 1:])
+        if layer in modules.get(component, {}):
+            raise ModelError(f"{path}: {name} and {modules[component][layer].name} name the same layer "
+                             f"({component}.{layer}); keep one of them")
+        modules.setdefault(component, {})[layer] = module
     if not modules:
         raise ModelError(f"{path}: the adapter holds no tensors")
     if base is None:
@@ -339,7 +345,8 @@ def lycoris_summary(adapter: LycorisAdapter) -> dict:
     """What `inspect` reports for a LyCORIS file: types, ranks, alphas and counts per component."""
     ranks = collections.Counter(m.rank for _, _, m in adapter.items() if m.rank is not None)
     alphas = collections.Counter(m.alpha for _, _, m in adapter.items() if m.alpha is not None)
-    components = {c: {"modules": len(mods), "types": dict(sorted(collections.Counter(m.kind for m in mods.values()).items())),
+    components = {c: {"modules": len(mods),
+                      "types": dict(sorted(collections.Counter(m.kind for m in mods.values()).items())),
                       "parameters": sum(m.parameters for m in mods.values())}
                   for c, mods in adapter.modules.items()}
     return {"types": adapter.kinds, "components": components,

@@ -61,7 +61,7 @@ class WeightPatches:
         by_prefix: dict[str, dict[str, str]] = {}
         found: dict[Key, object] = {}
         for component, _, module in adapter.items():
-            prefix = next(p for p in sorted(KOHYA_COMPONENTS, key=len, reverse=True) if module.name.startswith(p + "_"))
+            prefix = next(p for p in KOHYA_COMPONENTS if module.name.startswith(p + "_"))
             model = getattr(self.pipe, component, None)
             if not isinstance(model, torch.nn.Module):
                 raise ModelError(f"{source}: {module.name} adapts {component}, which this base does not have")
@@ -75,6 +75,9 @@ class WeightPatches:
             if module.bias_delta() is not None and (bias is None or bias.shape != module.parts["diff_b"].shape):
                 raise ModelError(f"{source}: {module.name}.diff_b changes a bias the layer "
                                  f"{'does not have' if bias is None else 'has in another shape'}")
+            if (component, path) in found:
+                raise ModelError(f"{source}: {module.name} and {found[(component, path)].name} name the same "
+                                 f"layer ({component}.{path}); keep one of them")
             found[(component, path)] = module
         return found
 
@@ -89,12 +92,10 @@ class WeightPatches:
         self.adapters[name] = modules
         return len(modules)
 
-    def apply(self, weights: dict[str, float | None], only: set[Key] | None = None) -> None:
+    def apply(self, weights: dict[str, float]) -> None:
         """Rebuild the touched layers from their originals with the adapters in `weights`
-        ({name: weight}; a name left out or with None is off). `only` limits the layers rebuilt."""
+        ({name: weight}; a name left out is off), in load order."""
         for key, (weight0, bias0) in self.originals.items():
-            if only is not None and key not in only:
-                continue
             weight, bias = _weights_of(self._layer(key))
             device = weight.device
             work = torch.float32  # float64 is 3-9x slower on CPUs and gains nothing after the cast back
