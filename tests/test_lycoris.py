@@ -109,6 +109,28 @@ def test_every_module_type_gives_the_delta_w_computed_by_hand(sd15):
     assert lokr_full.alpha == 2.0 and lokr_full.rank is None and lokr_full.scale == 1.0  # two whole factors: no alpha/r
 
 
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3, 3)])
+def test_ia3_on_the_input_axis_and_dora_on_the_output_axis(shape):
+    from lora_trainer.export.lycoris import LycorisModule
+
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(*shape, generator=g, dtype=torch.float64)
+    gain = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    ia3 = LycorisModule("lora_unet_x", "IA3", {"weight": gain, "on_input": torch.tensor(1)})
+    by_hand = weight.clone()
+    for i in range(shape[1]):
+        by_hand[:, i] *= 1 + 0.5 * gain[i]
+    torch.testing.assert_close(ia3.merged(weight, 0.5), by_hand)
+
+    diff = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.1
+    magnitude = torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.5
+    full = LycorisModule("lora_unet_x", "full", {"diff": diff}, dora_scale=magnitude.reshape(-1, *[1] * (len(shape) - 1)))
+    combined = weight + diff
+    rows = torch.stack([magnitude[o] * combined[o] / combined[o].norm() for o in range(shape[0])])
+    torch.testing.assert_close(full.merged(weight, 0.3), weight + 0.3 * (rows - weight), rtol=1e-6, atol=1e-9)
+    assert torch.equal(full.merged(weight, 0.0), weight)
+
+
 def test_generator_merges_lycoris_exactly_as_by_hand_and_restores_the_base(sd15, tiny_sd15, caplog):
     _, path, reference = sd15
     by_hand, _ = load_base(str(tiny_sd15), "cpu", torch.float32)
