@@ -215,6 +215,21 @@ def test_sdxl_lycoris_with_ldm_names_and_both_text_encoders(tiny_sdxl, tmp_path)
     gen = Generator(tiny_sdxl, [f"{path}:0.8"], device="cpu")
     _close(_outputs(gen.pipe, sdxl=True), want)
 
+    # the same file with the UNet in diffusers spelling (as some trainers write SDXL files)
+    renamed = {}
+    for component, layer_path, _ in SDXL_LAYERS:
+        if component == "unet":
+            renamed[kohya_name("sdxl", component, layer_path)] = "lora_unet_" + layer_path.replace(".", "_")
+    spelled = {}
+    for key, tensor in keys.items():
+        name, _, part = key.partition(".")
+        spelled[f"{renamed.get(name, name)}.{part}"] = tensor
+    assert spelled.keys() != keys.keys()
+    diffusers_names = tmp_path / "xl-diffusers-names.safetensors"
+    safetensors.torch.save_file(spelled, str(diffusers_names))
+    gen = Generator(tiny_sdxl, [f"{diffusers_names}:0.8"], device="cpu")
+    _close(_outputs(gen.pipe, sdxl=True), want)
+
 
 def test_a_lora_file_with_input_axis_dora_scales_is_merged_as_lycoris_does(tiny_sd15, tmp_path):
     pipe, _ = load_base(str(tiny_sd15), "cpu", torch.float32)
