@@ -152,13 +152,14 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
         f"modules     {total}: {'; '.join(parts)}",
     ]
     if ranked:
-        lines.append(f"rank        {_spread(report['ranks'], ranked)}" + (" low-rank" if ranked != total else ""))
+        lines.append(f"rank        {_spread(report['ranks'], ranked)}" + (
+            f"; {total - ranked} without a rank (full, (IA)^3, LoKr of two whole factors)" if ranked != total else ""))
     if report["alphas"]:
         lines.append(f"alpha       {_spread(report['alphas'], sum(report['alphas'].values()))}")
     if report["cp"]:
         lines.append(f"cp          {report['cp']} modules with a CP core (lora_mid / hada_t1,t2 / lokr_t2)")
     if report["dora"]:
-        lines.append("dora        " + str(sum(m["dora"] for m in report["modules"])) + " modules have a dora_scale")
+        lines.append(f"dora        {sum(m['dora'] for m in report['modules'])} of the modules have a dora_scale")
     lines.append(f"parameters  {report['parameters']:,}")
     if "hash_matches" in report:
         state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
@@ -170,8 +171,9 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
         lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
     if modules:
         lines.append("modules:")
-        lines += [f"  {m['component']}.{m['module']}  {m['type']}  out {m['out']}  rank {m['rank']}  alpha {m['alpha']}"
-                  for m in report["modules"]]
+        lines += [f"  {m['component']}.{m['module']}  {m['type']}{' DoRA' if m['dora'] else ''}  out {m['out']}"
+                  + (f"  rank {m['rank']}" if m["rank"] is not None else "")
+                  + (f"  alpha {m['alpha']:g}" if m["alpha"] is not None else "") for m in report["modules"]]
     return lines
 
 
