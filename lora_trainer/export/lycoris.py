@@ -15,8 +15,9 @@ read as one weight change ΔW per layer, with the same shape as the layer's weig
   taken per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
   W' = W + m · (W_d − W), so weight 0 is the base and weight 1 the file's own weight.
 
-A file is read as LyCORIS when a key names one of these parts that a plain LoRA/DoRA file never has;
-plain LoRA files keep the LoRA reader (`adapter.py`), bit for bit.
+A file is read as LyCORIS when a key names one of these parts that a plain LoRA/DoRA file never has,
+or when a LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other
+LoRA file keeps the LoRA reader (`adapter.py`), bit for bit.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class LycorisModule:
-    """One layer's parts as the file stores them (float64 copies are made when ΔW is built)."""
+    """One layer's parts as the file stores them (cast to the working dtype when ΔW is built)."""
 
     name: str  # the kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
     kind: str  # "LoRA", "LoHa", "LoKr", "full", "IA3"
