@@ -59,13 +59,26 @@ def _inspect(args) -> int:
 
 def _resize(args) -> int:
     from .export.adapter import read_adapter, write_adapter
+    from .export.lycoris import needs_lycoris_reader, read_lycoris
+    from .export.lycoris_lowrank import lycoris_to_lora
     from .export.resize import resize_adapter
 
-    adapter = read_adapter(args.input, base=args.variant)
-    adapter.refuse_dora("resized", args.input)
-    resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
-                                     param=args.dynamic_param)
-    layout = args.to or adapter.layout
+    if Path(args.input).is_file() and needs_lycoris_reader(args.input):  # LoHa/LoKr/... -> LoRA by SVD
+        from .errors import ModelError
+
+        lycoris = read_lycoris(args.input, base=args.variant)
+        try:
+            resized, report = lycoris_to_lora(lycoris, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
+                                              param=args.dynamic_param)
+        except ModelError as exc:
+            raise ModelError(f"{args.input}: {exc}") from None
+        layout = args.to or "kohya"
+    else:
+        adapter = read_adapter(args.input, base=args.variant)
+        adapter.refuse_dora("resized", args.input)
+        resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
+                                         param=args.dynamic_param)
+        layout = args.to or adapter.layout
     out = write_adapter(args.output, resized, layout, _dtype(args.dtype), overwrite=args.overwrite)
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout)")
@@ -139,7 +152,8 @@ def add_adapter_commands(sub) -> None:
     _variant(p)
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("resize", help="change an adapter's rank by SVD, reporting the kept Frobenius norm")
+    p = sub.add_parser("resize", help="change an adapter's rank by SVD, reporting the kept Frobenius norm; "
+                       "a LyCORIS (LoHa, LoKr, full) input becomes a plain LoRA")
     p.add_argument("input")
     p.add_argument("output")
     _ranks(p, required=True)

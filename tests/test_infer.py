@@ -108,7 +108,7 @@ def _bad_adapter_files(tmp_path):
                                "text_encoder.text_model.encoder.layers.40.self_attn.q_proj is not in this base"),
         "loha.safetensors": ({f"lora_unet_{_ATTN}.hada_w1_a": torch.zeros(32, 4),
                               f"lora_unet_{_ATTN}.hada_w1_b": torch.zeros(4, 32)},
-                             "a LyCORIS LoHa adapter (2 keys such as"),
+                             f"lora_unet_{_ATTN} is a LoHa module without hada_w2_a; the file is incomplete"),
     }
     for name, (tensors, _) in files.items():
         save_file(tensors, str(tmp_path / name))

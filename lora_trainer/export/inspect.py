@@ -77,9 +77,30 @@ def kohya_load_quirks(adapter: Adapter) -> list[str]:
     return out
 
 
+def _inspect_lycoris(path: Path, base: str | None) -> dict:
+    """The report of a LyCORIS file: its types, ranks and counts (see `export/lycoris.py`)."""
+    from .lycoris import lycoris_summary, read_lycoris
+
+    adapter = read_lycoris(path, base=base)
+    dtypes = _counts(str(t.dtype).removeprefix("torch.") for _, _, m in adapter.items()
+                     for k, t in m.parts.items() if t.is_floating_point())
+    report = {"file": str(path), "size_bytes": path.stat().st_size, "layout": "lycoris", "base": adapter.base,
+              "base_from": adapter.base_reason, "dtypes": dtypes, **lycoris_summary(adapter),
+              "metadata": dict(sorted(adapter.metadata.items())),
+              "warnings": ["diffusers (0.42) load_lora_weights does not read LyCORIS files for SD/SDXL; infer.py "
+                           "and `lora-trainer merge` merge them into the base weights"]}
+    if "sshs_model_hash" in adapter.metadata:
+        report["hash_matches"] = _tensor_hash(path) == adapter.metadata["sshs_model_hash"]
+    return report
+
+
 def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
+    from .lycoris import needs_lycoris_reader
+
     path = Path(path)
+    if path.is_file() and needs_lycoris_reader(path):
+        return _inspect_lycoris(path, base)
     adapter = read_adapter(path, base=base)
     components = {}
     for component, modules in adapter.modules.items():
@@ -119,8 +140,47 @@ def _spread(counts: dict[str, int], total: int) -> str:
     return ", ".join(f"{value} ×{n}" for value, n in counts.items())
 
 
+def _lycoris_lines(report: dict, modules: bool) -> list[str]:
+    total = len(report["modules"])
+    parts = [f"{name} {info['modules']} ({', '.join(f'{k} {n}' for k, n in info['types'].items())})"
+             for name, info in report["components"].items()]
+    ranked = sum(report["ranks"].values())
+    lines = [
+        f"file        {report['file']} ({report['size_bytes'] / 1024:.1f} KiB, {', '.join(report['dtypes'])})",
+        f"layout      lycoris (kohya names; LyCORIS types: {', '.join(f'{k} {n}' for k, n in report['types'].items())})",
+        f"base        {report['base']} (from {report['base_from']})",
+        f"modules     {total}: {'; '.join(parts)}",
+    ]
+    if ranked:
+        lines.append(f"rank        {_spread(report['ranks'], ranked)}" + (
+            f"; {total - ranked} without a rank (full, (IA)^3, LoKr of two whole factors)" if ranked != total else ""))
+    if report["alphas"]:
+        lines.append(f"alpha       {_spread(report['alphas'], sum(report['alphas'].values()))}")
+    if report["cp"]:
+        lines.append(f"cp          {report['cp']} modules with a CP core (lora_mid / hada_t1,t2 / lokr_t2)")
+    if report["dora"]:
+        lines.append(f"dora        {sum(m['dora'] for m in report['modules'])} of the modules have a dora_scale")
+    lines.append(f"parameters  {report['parameters']:,}")
+    if "hash_matches" in report:
+        state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
+        lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
+    lines += [f"note        {w}" for w in report["warnings"]]
+    lines.append(f"metadata    {len(report['metadata'])} keys")
+    for key, value in report["metadata"].items():
+        value = " ".join(value.split())
+        lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
+    if modules:
+        lines.append("modules:")
+        lines += [f"  {m['component']}.{m['module']}  {m['type']}{' DoRA' if m['dora'] else ''}  out {m['out']}"
+                  + (f"  rank {m['rank']}" if m["rank"] is not None else "")
+                  + (f"  alpha {m['alpha']:g}" if m["alpha"] is not None else "") for m in report["modules"]]
+    return lines
+
+
 def format_report(report: dict, modules: bool = False) -> str:
     """The text `lora-trainer inspect` prints; `modules` lists every module."""
+    if report["layout"] == "lycoris":
+        return "\n".join(_lycoris_lines(report, modules))
     total = len(report["modules"])
     parts = []
     for name, info in report["components"].items():

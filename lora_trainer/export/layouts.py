@@ -92,7 +92,8 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
     lycoris = sorted({kind for key in unknown for marker, kind in _LYCORIS_MARKERS.items() if marker in key})
     if lycoris:
         raise ModelError(f"a LyCORIS {'/'.join(lycoris)} adapter ({len(unknown)} keys such as {sorted(unknown)[0]}); "
-                         "only LoRA and DoRA files are supported")
+                         "this command reads only LoRA and DoRA files (infer.py, `lora-trainer merge` and "
+                         "`lora-trainer inspect` read LyCORIS files)")
     if unknown:
         _fail("keys that are not LoRA down/up weights", unknown,
               "only LoRA and DoRA are supported (no LoRA biases or LoHa/LoKr factors)")
@@ -162,7 +163,8 @@ def magnitude_from_dora_scale(scale: torch.Tensor, up: torch.Tensor, key: str) -
     if scale.shape[0] != d_out or scale.numel() != d_out:
         shape = f"({d_out}, 1)" if up.ndim == 2 else f"({d_out}, 1, 1, 1)"
         raise ModelError(f"{key!r} has shape {tuple(scale.shape)}: an input-axis DoRA scale (LyCORIS without "
-                         f"wd_on_out), which peft/diffusers cannot represent; only {shape} scales are read")
+                         f"wd_on_out), which peft/diffusers cannot represent; only {shape} scales are read here "
+                         "(infer.py and `lora-trainer merge` merge such files into the base weights)")
     return peft_magnitude(scale, up.ndim)
 
 

@@ -4,6 +4,8 @@ reloading, fused into the weights (merge) and restored bit for bit (unmerge).
 diffusers' `load_lora_weights` reads both our layouts and other trainers' files (kohya, diffusers);
 the weighted sum W + Σ mᵢ·(alphaᵢ/rᵢ)·BᵢAᵢ is computed by peft, unmerged or fused. DoRA files
 load too (a weight m scales ΔW inside the normalisation: m · (W + w·ΔW) / ‖W + w·ΔW‖, as peft does).
+LyCORIS files (LoHa, LoKr, full, (IA)^3, CP cores) are merged into the base weights instead
+(`lycoris.py`), undoably, and stack with the others.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import struct
 import warnings
@@ -20,7 +23,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelError, first_line
-from .adapter_fit import why_not_loadable
+from .adapter_fit import FAMILY_NAMES, pipe_family, why_not_loadable
+from .lycoris import WeightPatches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +159,20 @@ def _lora_modules(pipe):
                     yield f"{component}.{name}", module
 
 
+def _lycoris_reading(path: Path, pipe):
+    """The file read as a LyCORIS adapter when it is one (else None), checked against the base family."""
+    from ..export.lycoris import needs_lycoris_reader, read_lycoris
+
+    if not needs_lycoris_reader(path):
+        return None
+    base = pipe_family(pipe)
+    adapter = read_lycoris(path, fallback=base)
+    if adapter.base != base:
+        raise ModelError(f"{path}: an {FAMILY_NAMES[adapter.base]} LyCORIS adapter does not fit an "
+                         f"{FAMILY_NAMES[base]} base; use an {FAMILY_NAMES[adapter.base]} --model")
+    return adapter
+
+
 @dataclass
 class AdapterStack:
     """The adapters loaded into one pipeline, by name, with their weights and on/off state."""
@@ -161,10 +181,33 @@ class AdapterStack:
     specs: dict[str, AdapterSpec] = field(default_factory=dict)
     enabled: dict[str, bool] = field(default_factory=dict)
     _saved_base: dict[str, torch.Tensor] | None = None  # base weights before a merge, for an exact unmerge
+    _patches: WeightPatches | None = None  # LyCORIS adapters, merged into the base weights
+
+    def __post_init__(self) -> None:
+        self._patches = WeightPatches(self.pipe)
 
     @property
     def merged(self) -> bool:
         return self._saved_base is not None
+
+    def _peft_names(self) -> list[str]:
+        return [n for n in self.specs if n not in self._patches.adapters]
+
+    def _load_lycoris(self, spec: AdapterSpec, name: str, adapter) -> str:
+        layers = self._patches.add(name, adapter, f"--lora: {spec.path}")
+        self.specs[name] = AdapterSpec(spec.path, spec.weight)
+        self.enabled[name] = True
+        try:
+            self._apply()
+        except Exception as exc:  # a layer of another shape: take it out again, the others stay as they were
+            del self._patches.adapters[name], self.specs[name], self.enabled[name]
+            self._apply()
+            raise ModelError(f"--lora: {spec.path}: {first_line(exc)}") from None
+        kinds = ", ".join(f"{n} {k}" for k, n in adapter.kinds.items())
+        log.info("--lora %s: LyCORIS adapter (%s) merged into the base weights of %d layers at weight %g; "
+                 "the original weights are kept and put back when it is reweighted or switched off",
+                 spec.path.name, kinds, layers, spec.weight)
+        return name
 
     def load(self, spec: AdapterSpec, name: str | None = None) -> str:
         """Load one adapter file under `name` (default: the file's stem, made unique)."""
@@ -181,6 +224,12 @@ class AdapterStack:
             name = f"{base}_{k}"
         if self.merged:
             raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
+        try:
+            lycoris = _lycoris_reading(spec.path, self.pipe)
+        except ModelError as exc:
+            raise ModelError(f"--lora: {exc}") from None
+        if lycoris is not None:
+            return self._load_lycoris(spec, name, lycoris)
         try:
             own = _own_reading(spec.path)
             source = _folded_state(own) if own is not None and own.layout == "kohya" else str(spec.path)
@@ -201,13 +250,17 @@ class AdapterStack:
             raise ModelError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.specs) or 'none'}")
 
     def _apply(self) -> None:
-        """Push names/weights to peft: disabled adapters are left out of the active set."""
-        active = [n for n in self.specs if self.enabled[n]]
+        """Push names/weights to peft (disabled adapters are left out of the active set) and rebuild
+        the layers LyCORIS adapters change."""
+        peft = self._peft_names()
+        active = [n for n in peft if self.enabled[n]]
         if active:
             self.pipe.enable_lora()
             self.pipe.set_adapters(active, adapter_weights=[self.specs[n].weight for n in active])
-        elif self.specs:
+        elif peft:
             self.pipe.disable_lora()
+        if self._patches.originals:
+            self._patches.apply({n: self.specs[n].weight for n in self._patches.adapters if self.enabled[n]})
 
     def _while_unmerged(self, change) -> None:
         was_merged = self.merged
@@ -231,8 +284,9 @@ class AdapterStack:
         return [self.specs[n] for n in self.specs if self.enabled[n]]
 
     def merge(self) -> None:
-        """Fuse the active adapters, at their weights, into the base weights (faster sampling)."""
-        if self.merged or not self.active():
+        """Fuse the active adapters, at their weights, into the base weights (faster sampling).
+        LyCORIS adapters are always merged."""
+        if self.merged or not any(self.enabled[n] for n in self._peft_names()):
             return
         # peft's unmerge subtracts ΔW again, which is exact only up to rounding: keep the touched
         # base weights so unmerge can put back the very same bits.
@@ -255,7 +309,9 @@ class AdapterStack:
     def bake(self) -> None:
         """Fuse and drop the adapter layers for good: the pipeline becomes a plain merged model."""
         self.merge()
-        self.pipe.unload_lora_weights()
+        if self._peft_names():
+            self.pipe.unload_lora_weights()
+        self._patches.forget()
         self._saved_base = None
         self.specs.clear()
         self.enabled.clear()

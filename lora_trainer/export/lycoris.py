@@ -1,0 +1,363 @@
+"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`)
+read as one weight change ΔW per layer, with the same shape as the layer's weight:
+
+- LoRA / LoCon: ΔW = (alpha / r) · up @ down; with a CP core `lora_mid` (r × r × kh × kw) the up and
+  down 1×1 factors wrap the core: ΔW[o, i, h, w] = Σ up[o, a] · mid[a, b, h, w] · down[b, i].
+- LoHa: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r, r = rank of w1_b; with CP cores
+  `hada_t1`/`hada_t2` each factor is rebuilt as above (w*_a, w*_b are then r × d_out, r × d_in).
+- LoKr: ΔW = kron(w1, w2), each factor stored whole (`lokr_w1`) or as a low-rank pair
+  (`lokr_w1_a @ lokr_w1_b`; w2 may have a CP core `lokr_t2`). alpha / r applies only when a factor is
+  low-rank (r = the rank of w2's pair, else w1's); with two whole factors the scale is 1.
+- full: ΔW = `diff`, and the bias changes by `diff_b`.
+- (IA)^3: a per-channel gain g (`weight`, on the input axis when `on_input` is 1, else the output
+  axis): ΔW = W ⊙ g, so W' = W ⊙ (1 + m·g) at weight m. The bias is not scaled.
+- DoRA (`dora_scale` beside any of these but (IA)^3): W_d = dora_scale · (W + ΔW) / ‖W + ΔW‖, the norm
+  taken per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
+  W' = W + m · (W_d − W), so weight 0 is the base and weight 1 the file's own weight.
+
+A file is read as LyCORIS when a key names one of these parts that a plain LoRA/DoRA file never has,
+or when a LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other
+LoRA file keeps the LoRA reader (`adapter.py`), bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from ..errors import ModelError, first_line
+from .files import load_adapter
+from .layouts import KOHYA_COMPONENTS, _path_from_kohya
+from .sdxl_names import diffusers_from_ldm
+
+# Parts of a module, by the key suffix after `<lora_name>.`, and the LyCORIS type they belong to.
+PARTS = {
+    "lora_down.weight": "LoRA", "lora_up.weight": "LoRA", "lora_mid.weight": "LoRA",
+    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
+    "hada_t1": "LoHa", "hada_t2": "LoHa",
+    "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr", "lokr_w2": "LoKr", "lokr_w2_a": "LoKr",
+    "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
+    "diff": "full", "diff_b": "full",
+    "weight": "IA3", "on_input": "IA3",
+}
+SHARED = ("alpha", "dora_scale")
+# Parts of LyCORIS types this tool does not read, named in the refusal.
+UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "OFT", "a1.weight": "GLoRA",
+               "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA", "lokr_t1": "LoKr with a CP w1",
+               "w_norm": "norm-layer training", "b_norm": "norm-layer training"}
+# A key with one of these parts makes a kohya-layout file a LyCORIS file.
+_LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.weight"} | set(UNSUPPORTED)
+
+
+def is_lycoris(keys) -> bool:
+    """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...)."""
+    prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
+    return any(k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY for k in keys)
+
+
+def needs_lycoris_reader(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` is read here rather than as LoRA: LyCORIS-only parts, or a LoRA
+    file whose `dora_scale` lies on the input axis (1, d_in), which peft cannot represent."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if is_lycoris(keys):
+                return True
+            prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
+            for key in keys:
+                if key.startswith(prefixes) and key.endswith(".dora_scale"):
+                    shape = f.get_slice(key).get_shape()
+                    if len(shape) >= 2 and shape[0] == 1 and math.prod(shape) > 1:
+                        return True
+    except Exception:  # unreadable: the LoRA reader says what is wrong with it
+        return False
+    return False
+
+
+def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A CP-decomposed conv weight: core (r1 × r2 × kh × kw) with a (r1 × d_out), b (r2 × d_in)."""
+    return torch.einsum("ijhw,ip,jq->pqhw", core, a, b)
+
+
+@dataclass
+class LycorisModule:
+    """One layer's parts as the file stores them (cast to the working dtype when ΔW is built)."""
+
+    name: str  # the kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    kind: str  # "LoRA", "LoHa", "LoKr", "full", "IA3"
+    parts: dict[str, torch.Tensor]
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
+
+    def _get(self, part: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.parts[part].to(device, dtype)
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the low-rank factors (None for full, (IA)^3 and LoKr with two whole factors)."""
+        p = self.parts
+        if self.kind == "LoRA":
+            return p["lora_down.weight"].shape[0]
+        if self.kind == "LoHa":
+            return p["hada_w1_b"].shape[0]
+        if self.kind == "LoKr":
+            if "lokr_w2_b" in p:
+                return p["lokr_w2_b"].shape[0]
+            return p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else None
+        return None
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank where the type has one (a file without alpha: 1)."""
+        rank = self.rank
+        if self.kind in ("full", "IA3") or rank is None or self.alpha is None:
+            return 1.0
+        return self.alpha / rank
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for k, t in self.parts.items() if k != "on_input") + \
+            (self.dora_scale.numel() if self.dora_scale is not None else 0)
+
+    def out_features(self) -> int | None:
+        """d_out as the file tells it ((IA)^3 on the input axis cannot tell)."""
+        p = self.parts
+        if self.kind == "LoRA":
+            return p["lora_up.weight"].shape[0]
+        if self.kind == "LoHa":
+            a = p["hada_w1_a"]
+            return a.shape[1] if "hada_t1" in p else a.shape[0]
+        if self.kind == "LoKr":
+            w1 = p["lokr_w1"].shape[0] if "lokr_w1" in p else p["lokr_w1_a"].shape[0]
+            if "lokr_w2" in p:
+                return w1 * p["lokr_w2"].shape[0]
+            return w1 * (p["lokr_w2_a"].shape[1] if "lokr_t2" in p else p["lokr_w2_a"].shape[0])
+        if self.kind == "full":
+            return p["diff"].shape[0]
+        return None if self.on_input else p["weight"].numel()
+
+    @property
+    def on_input(self) -> bool:
+        return self.kind == "IA3" and bool(int(self.parts.get("on_input", torch.tensor(0)).item()))
+
+    def _product(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """ΔW (without scale) as the factors give it: 2-D (d_out × d_in·kh·kw) or 4-D."""
+        p = self.parts
+
+        def g(part: str) -> torch.Tensor:
+            return self._get(part, dtype, device)
+
+        if self.kind == "LoRA":
+            up, down = g("lora_up.weight"), g("lora_down.weight")
+            if "lora_mid.weight" in p:
+                return _tucker(g("lora_mid.weight"), up.flatten(1).T, down.flatten(1))
+            return up.flatten(1) @ down.flatten(1)
+        if self.kind == "LoHa":
+            if "hada_t1" in p:
+                return (_tucker(g("hada_t1"), g("hada_w1_a"), g("hada_w1_b"))
+                        * _tucker(g("hada_t2"), g("hada_w2_a"), g("hada_w2_b")))
+            return (g("hada_w1_a") @ g("hada_w1_b")) * (g("hada_w2_a") @ g("hada_w2_b"))
+        if self.kind == "LoKr":
+            w1 = g("lokr_w1") if "lokr_w1" in p else g("lokr_w1_a") @ g("lokr_w1_b")
+            if "lokr_w2" in p:
+                w2 = g("lokr_w2")
+            elif "lokr_t2" in p:
+                w2 = _tucker(g("lokr_t2"), g("lokr_w2_a"), g("lokr_w2_b"))
+            else:
+                w2 = g("lokr_w2_a") @ g("lokr_w2_b")
+            if w2.ndim == 4:  # a conv's w2 carries the kernel; w1 scales whole kernels
+                w1 = w1[:, :, None, None]
+            return torch.kron(w1.contiguous(), w2.contiguous())
+        return g("diff")
+
+    def delta(self, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """ΔW at weight 1 for a layer whose current weight is `weight`, in `dtype` and `weight`'s shape
+        ((IA)^3 scales `weight` itself). A shape that does not fit is a one-line ModelError."""
+        shape = tuple(weight.shape)
+        if self.kind == "IA3":
+            gain = self._get("weight", dtype, weight.device).flatten()
+            axis = 1 if self.on_input else 0
+            if gain.numel() != shape[axis]:
+                raise ModelError(f"{self.name}.weight has {gain.numel()} gains but the layer has {shape[axis]} "
+                                 f"{'inputs' if axis else 'outputs'}; it was made for another model")
+            view = [1] * len(shape)
+            view[axis] = -1
+            return weight.to(dtype) * gain.reshape(view)
+        try:
+            product = self._product(dtype, weight.device)
+        except RuntimeError as exc:  # factors whose shapes do not multiply
+            raise ModelError(f"{self.name} ({self.kind}): its factors do not fit together "
+                             f"({first_line(exc)})") from None
+        if product.numel() != weight.numel() or product.shape[0] != shape[0]:
+            raise ModelError(f"{self.name} ({self.kind}) makes a {tuple(product.shape)} change but the layer's "
+                             f"weight is {shape}; it was made for another model")
+        return product.reshape(shape) * self.scale
+
+    def bias_delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        return self.parts["diff_b"].to(dtype) if "diff_b" in self.parts else None  # moved by the caller
+
+    def merged(self, weight: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The layer weight with this module applied at `multiplier`, in `dtype`."""
+        base = weight.to(dtype)
+        delta = self.delta(weight, dtype)
+        if self.dora_scale is None:
+            return base + multiplier * delta
+        combined = base + delta
+        scale = self.dora_scale.to(weight.device, dtype)
+        if scale.shape[0] == weight.shape[0] and scale.numel() == weight.shape[0]:
+            norm = combined.reshape(combined.shape[0], -1).norm(dim=1)
+            view = (-1,) + (1,) * (weight.ndim - 1)
+        elif scale.numel() == weight.shape[1]:
+            norm = combined.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+            view = (1, -1) + (1,) * (weight.ndim - 2)
+        else:
+            raise ModelError(f"{self.name}.dora_scale has shape {tuple(scale.shape)}, which fits neither the "
+                             f"outputs nor the inputs of the layer's {tuple(weight.shape)} weight")
+        decomposed = combined * (scale.reshape(view) / (norm.reshape(view) + torch.finfo(torch.float32).eps))
+        return base + multiplier * (decomposed - base)
+
+
+@dataclass
+class LycorisAdapter:
+    """{component: {module path: LycorisModule}} of one file, plus its metadata."""
+
+    modules: dict[str, dict[str, LycorisModule]]
+    base: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    base_reason: str = ""
+
+    def items(self) -> Iterator[tuple[str, str, LycorisModule]]:
+        for component, modules in self.modules.items():
+            for path, module in modules.items():
+                yield component, path, module
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(m.kind for _, _, m in self.items()).items()))
+
+    @property
+    def parameters(self) -> int:
+        return sum(m.parameters for _, _, m in self.items())
+
+
+def _split(key: str) -> tuple[str, str]:
+    name, _, part = key.partition(".")
+    return name, part
+
+
+def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """Every part a type needs is there (one line naming the file and module otherwise)."""
+    need = {"LoRA": [("lora_down.weight",), ("lora_up.weight",)],
+            "LoHa": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
+            "LoKr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
+            "full": [("diff",)], "IA3": [("weight",)]}[kind]
+    pairs = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
+    for options in need:
+        if not any(o in parts for o in options):
+            raise ModelError(f"{path}: {name} is a {kind} module without {' or '.join(options)}; "
+                             "the file is incomplete")
+    for a, b in pairs.items():
+        if (a in parts) != (b in parts):
+            raise ModelError(f"{path}: {name} has {a if a in parts else b} without {b if a in parts else a}")
+    if kind == "LoHa" and ("hada_t1" in parts) != ("hada_t2" in parts):
+        raise ModelError(f"{path}: {name} has only one of hada_t1/hada_t2")
+
+
+def module_path(component: str, kohya_name: str, layers_per_block: int = 2) -> str:
+    """The diffusers module path of a kohya name (without its prefix) by the built-in vocabulary;
+    the inference side resolves it against the real model instead."""
+    path = _path_from_kohya(kohya_name, kohya_name, checked_later=True)
+    if component == "unet":
+        try:
+            path = diffusers_from_ldm(path, layers_per_block)
+        except ModelError:
+            pass
+    return path
+
+
+def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str | None = None) -> LycorisAdapter:
+    """Read a kohya-layout LyCORIS file. Unknown or unsupported parts are a one-line ModelError
+    naming the file and the key; `base` ('sd15'/'sdxl') skips detection, `fallback` is the base
+    when the keys and metadata cannot tell."""
+    from .adapter import BASES, detect_base
+
+    path = Path(path)
+    tensors, metadata = load_adapter(path)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, part = _split(key)
+        prefix = next((p for p in KOHYA_COMPONENTS if name.startswith(p + "_")), None)
+        if prefix is None or not part:
+            raise ModelError(f"{path}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_); "
+                             "only kohya-layout LyCORIS files are read")
+        if part in UNSUPPORTED:
+            raise ModelError(f"{path}: {key!r} is a LyCORIS {UNSUPPORTED[part]} part, which this tool does not "
+                             "read (it reads LoRA/LoCon, LoHa, LoKr, full and (IA)^3)")
+        if part not in PARTS and part not in SHARED:
+            raise ModelError(f"{path}: {key!r} is no LoRA/LyCORIS part this tool knows (it reads LoRA/LoCon, LoHa, "
+                             "LoKr, full and (IA)^3 modules)")
+        grouped.setdefault(name, {})[part] = tensor
+    modules: dict[str, dict[str, LycorisModule]] = {}
+    for name, parts in grouped.items():
+        kinds = {PARTS[p] for p in parts if p in PARTS}
+        if len(kinds) != 1:
+            what = " and ".join(sorted(kinds)) if kinds else "only " + "/".join(sorted(parts))
+            raise ModelError(f"{path}: module {name} has {what} parts; each module must be one type")
+        kind = kinds.pop()
+        _check_parts(path, name, kind, parts)
+        alpha = parts.pop("alpha", None)
+        dora = parts.pop("dora_scale", None)
+        if dora is not None and kind == "IA3":
+            raise ModelError(f"{path}: {name} has a dora_scale on an (IA)^3 module, which LyCORIS never writes")
+        prefix = next(p for p in KOHYA_COMPONENTS if name.startswith(p + "_"))
+        component = KOHYA_COMPONENTS[prefix]
+        module = LycorisModule(name, kind, parts, None if alpha is None else float(alpha), dora)
+        layer = module_path(component, name[len(prefix) + 1:])
+        if layer in modules.get(component, {}):
+            raise ModelError(f"{path}: {name} and {modules[component][layer].name} name the same layer "
+                             f"({component}.{layer}); keep one of them")
+        modules.setdefault(component, {})[layer] = module
+    if not modules:
+        raise ModelError(f"{path}: the adapter holds no tensors")
+    if base is None:
+        paths = {c: set(m) for c, m in modules.items()}
+        try:
+            base, reason = detect_base(list(tensors), metadata, paths, {})
+        except ModelError as exc:
+            if fallback is None:
+                raise ModelError(f"{path}: {exc}") from None
+            base, reason = fallback, "the base it is loaded into"
+    elif base not in BASES:
+        raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")
+    else:
+        reason = "given"
+    return LycorisAdapter(modules, base, dict(metadata), reason)
+
+
+def lycoris_summary(adapter: LycorisAdapter) -> dict:
+    """What `inspect` reports for a LyCORIS file: types, ranks, alphas and counts per component."""
+    ranks = collections.Counter(m.rank for _, _, m in adapter.items() if m.rank is not None)
+    alphas = collections.Counter(m.alpha for _, _, m in adapter.items() if m.alpha is not None)
+    components = {c: {"modules": len(mods),
+                      "types": dict(sorted(collections.Counter(m.kind for m in mods.values()).items())),
+                      "parameters": sum(m.parameters for m in mods.values())}
+                  for c, mods in adapter.modules.items()}
+    return {"types": adapter.kinds, "components": components,
+            "ranks": {str(k): n for k, n in sorted(ranks.items())},
+            "alphas": {f"{k:g}": n for k, n in sorted(alphas.items())},
+            "dora": any(m.dora_scale is not None for _, _, m in adapter.items()),
+            "cp": sum(1 for _, _, m in adapter.items() if {"lora_mid.weight", "hada_t1", "lokr_t2"} & set(m.parts)),
+            "parameters": adapter.parameters,
+            "modules": [{"component": c, "module": p, "type": m.kind, "rank": m.rank, "alpha": m.alpha,
+                         "out": m.out_features(), "dora": m.dora_scale is not None} for c, p, m in adapter.items()]}
+
+
+__all__ = ["LycorisAdapter", "LycorisModule", "is_lycoris", "lycoris_summary", "module_path", "read_lycoris"]

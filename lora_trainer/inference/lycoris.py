@@ -1,0 +1,122 @@
+"""LyCORIS adapters (LoHa, LoKr, full, (IA)^3, LoCon with CP cores) on a loaded pipeline: merged
+into the base weights of the pipeline this run uses, W' = W + m·ΔW (see `export/lycoris.py`).
+
+peft has no layer type for most of them, so they are not injected: the touched layers' original
+weights are kept on the CPU, and every change of weight, on/off state or unload rebuilds those
+layers from the originals, so nothing drifts and the base comes back bit for bit. They stack with
+peft LoRA adapters: peft wraps a layer but keeps its weight in `base_layer`, which is the weight
+changed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ModelError
+from ..export.layouts import KOHYA_COMPONENTS, canonical_path
+from ..export.lycoris import LycorisAdapter
+from ..export.sdxl_names import ldm_from_diffusers
+
+Key = tuple[str, str]  # (component, module path in the pipeline's model)
+
+
+def _kohya_names(component: str, model: torch.nn.Module) -> dict[str, str]:
+    """{kohya name without prefix: module path} for every layer with a weight, in every spelling a
+    file may use (diffusers and LDM UNet names; CLIP paths with and without `text_model.`)."""
+    names: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or ".base_layer" in path or ".lora_" in path:
+            continue
+        spellings = {path, canonical_path(component, path)}
+        if component == "unet":
+            try:
+                spellings.add(ldm_from_diffusers(path))
+            except ModelError:
+                pass
+        for spelling in spellings:
+            names.setdefault(spelling.replace(".", "_"), path)
+    return names
+
+
+def _weights_of(layer: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter | None]:
+    base = getattr(layer, "base_layer", layer)  # a peft LoRA wrapper keeps the frozen layer here
+    return base.weight, base.bias
+
+
+@dataclass
+class WeightPatches:
+    """The LyCORIS adapters merged into one pipeline, by name, in load order."""
+
+    pipe: object
+    adapters: dict[str, dict[Key, object]] = field(default_factory=dict)  # name -> {layer: LycorisModule}
+    originals: dict[Key, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def _layer(self, key: Key) -> torch.nn.Module:
+        return getattr(self.pipe, key[0]).get_submodule(key[1])
+
+    def resolve(self, adapter: LycorisAdapter, source: str) -> dict[Key, object]:
+        """Each module of `adapter` matched to a layer of the pipeline, or a one-line error."""
+        by_prefix: dict[str, dict[str, str]] = {}
+        found: dict[Key, object] = {}
+        for component, _, module in adapter.items():
+            prefix = next(p for p in KOHYA_COMPONENTS if module.name.startswith(p + "_"))
+            model = getattr(self.pipe, component, None)
+            if not isinstance(model, torch.nn.Module):
+                raise ModelError(f"{source}: {module.name} adapts {component}, which this base does not have")
+            if prefix not in by_prefix:
+                by_prefix[prefix] = _kohya_names(component, model)
+            path = by_prefix[prefix].get(module.name[len(prefix) + 1:])
+            if path is None:
+                raise ModelError(f"{source}: {module.name} names no layer of this base's {component}; "
+                                 "it was made for another model")
+            weight, bias = _weights_of(model.get_submodule(path))
+            if module.bias_delta() is not None and (bias is None or bias.shape != module.parts["diff_b"].shape):
+                raise ModelError(f"{source}: {module.name}.diff_b changes a bias the layer "
+                                 f"{'does not have' if bias is None else 'has in another shape'}")
+            if (component, path) in found:
+                raise ModelError(f"{source}: {module.name} and {found[(component, path)].name} name the same "
+                                 f"layer ({component}.{path}); keep one of them")
+            found[(component, path)] = module
+        return found
+
+    def add(self, name: str, adapter: LycorisAdapter, source: str) -> int:
+        """Register `adapter` under `name` (nothing changes until `apply`); returns its layer count."""
+        modules = self.resolve(adapter, source)
+        for key in modules:
+            if key not in self.originals:
+                w, b = _weights_of(self._layer(key))
+                self.originals[key] = (w.detach().to("cpu", copy=True),
+                                       None if b is None else b.detach().to("cpu", copy=True))
+        self.adapters[name] = modules
+        return len(modules)
+
+    def apply(self, weights: dict[str, float]) -> None:
+        """Rebuild the touched layers from their originals with the adapters in `weights`
+        ({name: weight}; a name left out is off), in load order."""
+        for key, (weight0, bias0) in self.originals.items():
+            weight, bias = _weights_of(self._layer(key))
+            device = weight.device
+            work = torch.float32  # float64 is 3-9x slower on CPUs and gains nothing after the cast back
+            w = weight0.to(device, work)
+            b = None if bias0 is None else bias0.to(device, work)
+            changed = False
+            for name, modules in self.adapters.items():
+                m = weights.get(name)
+                module = modules.get(key)
+                if module is None or m is None:
+                    continue
+                w = module.merged(w, m, work)
+                if b is not None and module.bias_delta() is not None:
+                    b = b + m * module.bias_delta(work).to(device)
+                changed = True
+            with torch.no_grad():
+                weight.copy_(w.to(weight.dtype) if changed else weight0.to(device))
+                if bias is not None and bias0 is not None:
+                    bias.copy_(b.to(bias.dtype) if changed else bias0.to(device))
+
+    def forget(self) -> None:
+        """Keep the merged weights as they are and drop the originals (the pipeline is baked)."""
+        self.adapters.clear()
+        self.originals.clear()
