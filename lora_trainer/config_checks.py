@@ -217,8 +217,9 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
     need(t.v_pred_like_loss is None or t.v_pred_like_loss > 0, "v_pred_like_loss",
          "a number > 0 (e.g. 0.1) or null (off)")
     if t.v_pred_like_loss is not None and t.scale_v_pred_loss_like_noise_pred:
-        errors.append(f"train.v_pred_like_loss: got {t.v_pred_like_loss!r} with train.scale_v_pred_loss_like_noise_pred "
-                      "true; the first is for epsilon bases, the second for v-prediction bases: set only one")
+        errors.append(f"train.v_pred_like_loss: got {t.v_pred_like_loss!r} with "
+                      "train.scale_v_pred_loss_like_noise_pred true; the first is for epsilon bases, the second "
+                      "for v-prediction bases: set only one")
 
 
 # lora.* keys that shape the UNet's adapter, meaningless when lora.train_unet is false

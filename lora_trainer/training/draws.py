@@ -1,6 +1,7 @@
 """The random draws of a training step (latent sample, noise, noise offset and its random strength,
-multi-resolution noise, timestep, input perturbation and its random strength), each item from its own generator seeded by (seed, epoch, dataset
-item, stream). Options that are off draw nothing, so they leave the other draws unchanged.
+multi-resolution noise, timestep, input perturbation and its random strength), each item from its
+own generator seeded by (seed, epoch, dataset item, stream). Options that are off draw nothing, so
+they leave the other draws unchanged.
 
 Nothing comes from the global RNG, so an item gets the same draws whichever process, batch or
 resumed run it lands in: a 2-process run equals a 1-process run of the same global batch, and a
