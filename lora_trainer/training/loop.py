@@ -60,7 +60,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     trainable_parameters: int = 0
-    unet: Any = None  # the trained modules, adapters in place (for notebooks and tests)
+    unet: Any = None  # the modules, adapters in place (lora.train_unet false: the base's frozen UNet)
     text_encoder: Any = None
     text_encoder_2: Any = None  # SDXL
     resumed_from: Path | None = None  # the checkpoint the run continued from
