@@ -94,6 +94,8 @@ class DataConfig:
     # e.g. ", in the style of mystyle"; like caption_prefix, taken literally and never written to a file
     caption_suffix: str = ""
     caption_dropout: float = 0.0  # probability of training on the empty caption
+    # every caption of epochs n, 2n, ... (counted from 1) is dropped (kohya's --caption_dropout_every_n_epochs); 0: off
+    caption_dropout_every_n_epochs: int = 0
     # each comma-separated tag after the first keep_tokens is left out with this probability every
     # time the caption is used (kohya's --caption_tag_dropout_rate); text embeddings are then not cached
     caption_tag_dropout: float = 0.0
@@ -112,6 +114,10 @@ class DataConfig:
     bucket_no_upscale: bool = False
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
     keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
+    # kohya's keep_tokens_separator, e.g. "|||": in a caption holding it (`sks dog ||| red, blue`) the
+    # tags before it, and after a second one, stay in place and are never dropped (instead of the
+    # first keep_tokens); the separator is taken out of the text. "": off
+    keep_tokens_separator: str = ""
     # read `(word:1.3)`, `(word)`, `[word]` and BREAK in captions (prefix and suffix too) as infer.py reads a
     # prompt: the text embeddings are weighted with A1111's rule (kohya's --weighted_captions); false: the
     # brackets are literal text. Tags still split at every comma: keep commas out of brackets
@@ -120,6 +126,11 @@ class DataConfig:
     # (resized, cropped and flipped with the image, area-averaged to the latent grid; kohya's --alpha_mask);
     # images without one weigh 1 everywhere. The RGB trained on is unchanged (composited over white)
     alpha_mask: bool = False
+    # a folder of loss masks, one per training image with its file stem (kohya's --masked_loss with a
+    # conditioning_data_dir): white trains, black is ignored, grey weighs between (the first channel of
+    # an RGB mask, as kohya reads it). Beside the image's own folder path under it, or directly in it;
+    # the same size as its image; resized, cropped and flipped with it. Not with alpha_mask
+    mask_dir: Optional[str] = None
     # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
     # trained on. validation_split: this fraction of the images under path (at least one when > 0),
     # drawn by validation_seed from their file names, so the same ones in every process and resume

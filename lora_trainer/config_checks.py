@@ -44,6 +44,20 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
     need(0.0 <= cfg.data.caption_tag_dropout <= 1.0, "data.caption_tag_dropout", cfg.data.caption_tag_dropout,
          "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
+    if cfg.data.mask_dir is not None and (cfg.data.alpha_mask or not cfg.data.mask_dir.strip()):
+        errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}" + (
+            " with data.alpha_mask true; the loss mask comes from one of them: set only one" if cfg.data.alpha_mask
+            else "; expected a folder of mask images named like the training images, or null"))
+    elif cfg.data.mask_dir and cfg.data.path:
+        masks, images = Path(cfg.data.mask_dir).resolve(), Path(cfg.data.path).resolve()
+        if masks == images or images in masks.parents:
+            errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}, inside data.path {cfg.data.path!r}, so the masks "
+                          "would train as images; use a folder outside data.path")
+    need(cfg.data.caption_dropout_every_n_epochs >= 0, "data.caption_dropout_every_n_epochs",
+         cfg.data.caption_dropout_every_n_epochs, "an integer >= 0 (0: off; 2: every second epoch trains uncaptioned)")
+    sep = cfg.data.keep_tokens_separator
+    need(not sep or (bool(sep.strip()) and "," not in sep), "data.keep_tokens_separator", sep,
+         "a marker that is not a comma or blank, e.g. '|||', or '' (off)")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
     _check_validation(cfg, errors)

@@ -102,7 +102,7 @@ def test_alpha_mask_trains_and_leaves_unmasked_images_bit_identical(tiny_sd15, e
     assert (meta["ss_alpha_mask"], meta["ss_masked_loss"]) == ("True", "True")
 
 
-def test_kohya_alpha_mask_maps_and_mask_images_get_a_note():
+def test_kohya_alpha_mask_maps_and_masked_loss_without_masks_gets_a_note():
     from lora_trainer.kohya.mapping import config_from_kohya
     from lora_trainer.kohya.setup import parse_command_line
 
@@ -112,4 +112,5 @@ def test_kohya_alpha_mask_maps_and_mask_images_get_a_note():
     assert cfg["data"]["alpha_mask"] is True and notes == []
     cfg, notes = config_from_kohya(parse_command_line(line + "--masked_loss"))
     assert "alpha_mask" not in cfg.get("data", {})
-    assert len(notes) == 1 and notes[0].startswith("--masked_loss: loss masks from mask images are not supported")
+    assert len(notes) == 1 and notes[0].startswith("--masked_loss: no conditioning_data_dir (mask images) and no "
+                                                   "--alpha_mask, so there is no mask to read; left out")

@@ -229,11 +229,38 @@ def test_from_kohya_maps_the_block_args():
             "_script": "train_network.py"}
     cfg, notes = config_from_kohya(args)
     lora = cfg["lora"]
-    assert lora["block_lr_weights"] == {"down": "sine+0.1", "mid": [0.5], "up": [1.0, 1.0, 0.0, 1.0]}
+    # kohya fills a short list with 1.0 to the base's 12 up blocks; the import does it and says so
+    assert lora["block_lr_weights"] == {"down": "sine+0.1", "mid": [0.5], "up": [1.0, 1.0, 0.0, 1.0] + [1.0] * 8}
     assert lora["block_lr_zero_threshold"] == 0.2 and lora["block_ranks"] == RANKS
     assert lora["block_alphas"] == [2.0] * 25 and lora["conv_block_ranks"] == [4] * 25
     assert lora["conv_block_alphas"] == [1.0] * 25
-    assert not any("lr_weight" in n or "block_" in n for n in notes)
+    assert [n for n in notes if "lr_weight" in n or "block_" in n] == [
+        "--network_args up_lr_weight: 4 values; SD1.x has 12 up blocks, so the missing 8 are 1.0, as kohya fills them"]
+
+
+def test_from_kohya_fits_lr_weight_lists_of_another_length_to_the_base():
+    """kohya's networks.lora cuts a long down/mid/up list and fills a short one with 1.0; the config
+    refuses other counts, so from-kohya writes the fitted list, with a note per list."""
+    def convert(script, *network_args):
+        return config_from_kohya({"pretrained_model_name_or_path": "base", "train_data_dir": "img",
+                                  "network_args": list(network_args), "_script": script})
+
+    cfg, notes = convert("sdxl_train_network.py", "down_lr_weight=" + ",".join(["0.5"] * 11), "mid_lr_weight=0",
+                         "up_lr_weight=0.25,0.75")
+    weights = cfg["lora"]["block_lr_weights"]
+    assert weights == {"down": [0.5] * 9, "mid": [0.0, 1.0, 1.0], "up": [0.25, 0.75] + [1.0] * 7}
+    assert sum("lr_weight" in n for n in notes) == 3
+    assert any("down_lr_weight: 11 values; SDXL has 9 down blocks, so the values after the 9th are left out" in n
+               for n in notes)
+    lora = LoraConfig(block_lr_weights=BlockLrWeights(**weights))  # the run's strict count check takes it
+    assert block_lr_weights(lora, "sdxl") == [1.0, *[0.5] * 9, 0.0, 1.0, 1.0, 0.25, 0.75, *[1.0] * 8]
+    # exact counts pass untouched; with the base unknown (a TOML without the script) a wrong count is noted
+    cfg, notes = convert("train_network.py", "down_lr_weight=" + ",".join(["2"] * 12), "mid_lr_weight=3")
+    assert cfg["lora"]["block_lr_weights"] == {"down": [2.0] * 12, "mid": [3.0]}
+    assert not any("lr_weight" in n for n in notes)
+    cfg, notes = convert(None, "up_lr_weight=1,0")
+    assert cfg["lora"]["block_lr_weights"] == {"up": [1.0, 0.0]}
+    assert any("up_lr_weight: 2 values" in n and "set model.variant" in n for n in notes)
 
 
 def test_defaults_keep_one_unet_group_and_no_block_args(trained):

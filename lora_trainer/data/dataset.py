@@ -24,6 +24,7 @@ from lora_trainer.data.captions import (
 )
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, load_image_and_alpha
+from lora_trainer.data.masks import read_mask
 from lora_trainer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Example:
     caption: str
     repeats: int = 1  # times per epoch, from its `<N>_<name>` folder (data.repeats multiplies it)
     folder: str | None = None  # that folder, relative to the dataset root; None: in no such folder
+    mask: Path | None = None  # its loss-mask image (data.mask_dir); None: no mask image
 
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
@@ -163,16 +165,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     `shuffle_tags` reorders a caption's comma-separated tags after the first `keep_tokens`, and
     `caption_tag_dropout` leaves each of those out with that probability. The prefix is one of the
     tags; `caption_suffix` is added after both, so it is never moved or dropped.
+    `keep_tokens_separator` (kohya's): in a caption that holds it, the tags before it (and after a
+    second one) stay in place and are never dropped, instead of the first `keep_tokens`; the
+    separator itself never reaches the text encoder. `caption_dropout_every_n_epochs` n: every
+    caption of epochs n, 2n, ... (counted from 1) is dropped.
     `alpha_mask`: items also carry `alpha_mask` (1, h, w) in [0, 1], the image's alpha resized,
     cropped and flipped as its pixels are (ones for an image without alpha); the pixels are the same
-    either way.
+    either way. Examples with a `mask` file (data.mask_dir) give items a `loss_mask` (1, h, w) in [0, 1]
+    taken the same path, and `mask_id`, the mask file's SHA-256.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
                  repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
-                 caption_tag_dropout: float = 0.0, alpha_mask: bool = False):
+                 caption_tag_dropout: float = 0.0, alpha_mask: bool = False, keep_tokens_separator: str = "",
+                 caption_dropout_every_n_epochs: int = 0):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
@@ -201,6 +209,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
         self.alpha_mask = alpha_mask
+        self.keep_tokens_separator = keep_tokens_separator
+        self.caption_dropout_every_n_epochs = caption_dropout_every_n_epochs
         self._items = _item_table([ex.repeats * repeats for ex in self.examples])
 
     def set_epoch(self, epoch: int) -> None:
@@ -223,6 +233,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
         # Fixed draw order (dropout, crop, flip) keeps each choice independent of the options.
         drop_caption = rng.random() < self.caption_dropout
+        every = self.caption_dropout_every_n_epochs  # kohya counts epochs from 1: epochs n, 2n, ... drop all
+        drop_caption = drop_caption or (every > 0 and (self.epoch + 1) % every == 0)
         crop_u, crop_v = rng.random(), rng.random()
         flipped = self.random_flip and rng.random() < 0.5
 
@@ -236,25 +248,34 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image = image.crop(box)
         # The mask takes the pixels' path exactly: same resize, crop box and flip.
         alpha = resize_to_cover(alpha, height, width).crop(box) if alpha is not None else None
+        mask, mask_id = read_mask(example.mask) if example.mask is not None else (None, None)
+        mask = resize_to_cover(mask, height, width).crop(box) if mask is not None else None
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             alpha = alpha.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if alpha is not None else None
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
             # The flipped crop is what cropping the mirrored image would give at this offset.
             left = resized_width - left - width
 
         caption = "" if drop_caption else self._caption(example.caption)
+        head, caption, tail = split_fixed(caption, self.keep_tokens_separator)
+        keep = 0 if head is not None else self.keep_tokens  # the separator, when present, says what stays
         # Each on its own stream, so turning one on leaves every other choice of the item as it was.
         if self.caption_tag_dropout > 0 and caption:
-            caption = drop_tags(caption, self.keep_tokens, self.caption_tag_dropout,
+            caption = drop_tags(caption, keep, self.caption_tag_dropout,
                                 random.Random(f"{self.seed}:{self.epoch}:{i}:tag-dropout"))
         if self.shuffle_tags and caption:
-            caption = shuffle_tags(caption, self.keep_tokens, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
+            caption = shuffle_tags(caption, keep, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
+        if head is not None:
+            caption = join_tags(head, caption, tail)
         if not drop_caption:
             caption = append_suffix(caption, self.caption_suffix)
         extra = {}
         if self.alpha_mask:
             extra["alpha_mask"] = (torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
                                    if alpha is not None else torch.ones(1, height, width))
+        if mask is not None:
+            extra.update(loss_mask=torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None], mask_id=mask_id)
         return {
             **extra,
             "pixel_values": to_tensor(image),
@@ -291,11 +312,13 @@ def _item_table(repeats: Sequence[int]) -> list[int]:
     return items
 
 
-def training_caption(caption: str, prefix: str = "", suffix: str = "") -> str:
+def training_caption(caption: str, prefix: str = "", suffix: str = "", separator: str = "") -> str:
     """The caption as training reads it, before caption dropout, tag dropout and shuffling:
-    prefix + caption + suffix (with no caption, the prefix and suffix without dangling commas)."""
+    prefix + caption + suffix (with no caption, the prefix and suffix without dangling commas), a
+    keep_tokens `separator` in it taken out."""
     head = prefix + caption if caption else prefix.strip().rstrip(",").strip()
-    return append_suffix(head, suffix)
+    fixed, middle, tail = split_fixed(head, separator)
+    return append_suffix(head if fixed is None else join_tags(fixed, middle, tail), suffix)
 
 
 def append_suffix(caption: str, suffix: str) -> str:
@@ -304,6 +327,22 @@ def append_suffix(caption: str, suffix: str) -> str:
     if not suffix:
         return caption
     return caption + suffix if caption else suffix.strip().lstrip(",").strip()
+
+
+def split_fixed(caption: str, separator: str) -> tuple[str | None, str, str]:
+    """(fixed head, the tags to shuffle and drop, fixed tail) of a caption written with kohya's
+    keep_tokens_separator: `sks dog ||| red, blue ||| best quality` keeps `sks dog` first and
+    `best quality` last; without the separator (or with none set): (None, caption, "")."""
+    if not separator or separator not in caption:
+        return None, caption, ""
+    head, rest = caption.split(separator, 1)
+    middle, _, tail = rest.partition(separator)
+    return head, middle, tail.replace(separator, ",")
+
+
+def join_tags(*parts: str) -> str:
+    """Comma-separated parts as one caption of tags, empty tags left out."""
+    return ", ".join(t.strip() for part in parts for t in part.split(",") if t.strip())
 
 
 def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -> str:

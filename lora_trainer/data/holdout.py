@@ -11,6 +11,7 @@ from typing import Sequence
 
 from lora_trainer.config import RunConfig
 from lora_trainer.data.dataset import Example, scan_dataset
+from lora_trainer.data.masks import attach_masks
 from lora_trainer.errors import DataError
 
 
@@ -65,4 +66,6 @@ def scan_validation_folder(cfg: RunConfig) -> list[Example]:
     examples = scan_dataset(folder, cfg.data.folder_repeats,
                             folder_captions=cfg.data.folder_repeats and not instance_prompt,
                             caption_extension=cfg.data.caption_extension)
+    if cfg.data.mask_dir:  # scored as trained: held-out images need their masks too
+        examples = attach_masks(examples, folder, cfg.data.mask_dir)
     return [replace(ex, caption=instance_prompt) for ex in examples] if instance_prompt else examples

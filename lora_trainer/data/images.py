@@ -57,6 +57,33 @@ def load_image_and_alpha(path: str | os.PathLike) -> tuple[Image.Image, Image.Im
         ) from err
 
 
+def load_mask(path: str | os.PathLike) -> Image.Image:
+    """A loss-mask image (data.mask_dir) as an upright 8-bit "L" image: grayscale as it is, 16-bit and
+    float scaled to 8 bits, and of colour images the first (red) channel with any alpha ignored, as
+    kohya reads its masks. Raises DataError as `load_image` does."""
+    path = Path(path)
+    try:
+        return _read(path, mask_channel)
+    except Exception as err:  # noqa: BLE001 (as load_image)
+        raise DataError(
+            f"{path}: cannot read mask image ({_describe(path, err)}); re-save it as a grayscale PNG"
+        ) from err
+
+
+def mask_channel(image: Image.Image) -> Image.Image:
+    """The 8-bit weight channel of an already loaded mask image (see `load_mask`)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        return _gray_to_rgb(_scale_int_gray(np.asarray(image))).getchannel("R")
+    if image.mode == "F":
+        return _gray_to_rgb(_scale_float_gray(np.asarray(image))).getchannel("R")
+    if image.mode == "L":
+        return image.copy()
+    if image.mode in ("LA", "La"):
+        return image.getchannel("L")
+    # Palette, RGBA, CMYK, 1-bit...: PIL's plain conversion (no compositing), then the red channel.
+    return image.convert("RGB").getchannel("R")
+
+
 def _read_rgb(path: Path) -> Image.Image:
     return _read(path, to_rgb)
 

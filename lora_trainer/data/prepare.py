@@ -1,6 +1,6 @@
 """The dataset as a training run takes it, before any diffusion model loads: caption the images
-that have none (BLIP-2, when asked), check the set (logged as one summary), scan it, and record
-the captions trained on in the run folder (`captions.jsonl`)."""
+that have none (BLIP-2, when asked), check the set (logged as one summary), scan it (with its mask
+images, data.mask_dir), and record the captions trained on in the run folder (`captions.jsonl`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
 from lora_trainer.data.dataset import Example, scan_dataset, training_caption
 from lora_trainer.errors import ConfigError
 from lora_trainer.data.holdout import held_out_flags, validation_seed
+from lora_trainer.data.masks import attach_masks
 from lora_trainer.fileio import write_text_atomic
 from lora_trainer.processes import multiprocess_without_gpu
 
@@ -64,6 +65,8 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
         examples = scan_dataset(root, cfg.data.folder_repeats,
                                 folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt,
                                 caption_extension=ext)
+        if cfg.data.mask_dir:
+            examples = attach_masks(examples, root, cfg.data.mask_dir)
     if is_main:
         _record_captions(cfg, examples, generated)
     return examples
@@ -73,7 +76,7 @@ def trained_caption(cfg: RunConfig, caption: str) -> str:
     """The caption an image trains on (before caption dropout, tag dropout and shuffling): the
     DreamBooth instance prompt replaces its own, and the prefix and suffix are added to either."""
     return training_caption(cfg.dreambooth.instance_prompt or caption, cfg.data.caption_prefix,
-                            cfg.data.caption_suffix)
+                            cfg.data.caption_suffix, cfg.data.keep_tokens_separator)
 
 
 def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Path]) -> None:

@@ -93,8 +93,10 @@ def kohya_metadata(
     max_bucket_reso: int | None = None,
     bucket_no_upscale: bool | None = None,
     caption_tag_dropout_rate: float | None = None,
+    caption_dropout_every_n_epochs: int | None = None,
     weighted_captions: bool | None = None,
     alpha_mask: bool | None = None,
+    masked_loss: bool | None = None,
     cache_latents: bool | None = None,
     training_started_at: float | None = None,
     training_finished_at: float | None = None,
@@ -186,9 +188,10 @@ def kohya_metadata(
         "ss_max_bucket_reso": max_bucket_reso,
         "ss_bucket_no_upscale": bucket_no_upscale,
         "ss_caption_tag_dropout_rate": caption_tag_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": caption_dropout_every_n_epochs,
         "ss_weighted_captions": weighted_captions,
-        # kohya records --masked_loss (on whenever --alpha_mask trains) and alpha_mask per subset
-        "ss_masked_loss": alpha_mask,
+        # kohya records --masked_loss (on whenever --alpha_mask or mask images train) and alpha_mask per subset
+        "ss_masked_loss": masked_loss if masked_loss is not None else alpha_mask,
         "ss_alpha_mask": alpha_mask,
         "ss_cache_latents": cache_latents,
         "ss_training_started_at": training_started_at,

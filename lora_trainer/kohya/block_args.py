@@ -1,10 +1,14 @@
 """kohya's block network arguments (networks.lora: down/mid/up_lr_weight, block_lr_zero_threshold,
-block_dims, block_alphas, conv_block_dims, conv_block_alphas) as lora.block_* config keys."""
+block_dims, block_alphas, conv_block_dims, conv_block_alphas) as lora.block_* config keys.
+
+kohya fits lr-weight lists of another length to the base (a long one is cut, a short one filled with
+1.0); the config takes exact counts only, so the import does that fitting and says so. The per-block
+rank and alpha lists kohya takes at their exact length only, as the config does."""
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..models.blocks import PRESETS
+from ..models.blocks import LR_WEIGHT_COUNTS, PRESETS
 from .options import parse_number, set_key
 
 
@@ -25,7 +29,8 @@ def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> Non
         if key in network_args:
             value = network_args[key].strip()
             preset = side != "mid" and value.split("+")[0] in PRESETS
-            set_key(cfg, f"lora.block_lr_weights.{side}", network_args.pop(key) if preset else numbers(key))
+            weights = network_args.pop(key) if preset else fit_lr_weights(key, numbers(key), side, cfg, notes)
+            set_key(cfg, f"lora.block_lr_weights.{side}", weights)
     if "block_lr_zero_threshold" in network_args:
         value = network_args.pop("block_lr_zero_threshold")
         set_key(cfg, "lora.block_lr_zero_threshold", parse_number(value, "--network_args block_lr_zero_threshold"))
@@ -45,3 +50,31 @@ def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> Non
                          "conv_block_dims; left out")
             continue
         set_key(cfg, f"lora.{ours}", numbers(kohya, kind))
+
+
+_VARIANT_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+
+
+def fit_lr_weights(key: str, weights: list[float], side: str, cfg: dict, notes: list[str]) -> list[float]:
+    """`weights` cut or filled with 1.0 to the base's count of `side` blocks, as kohya's networks.lora
+    does (with a note); unchanged, with a note when the count is wrong, if the base is not known."""
+    variant = cfg.get("model", {}).get("variant")
+    position = ("down", "mid", "up").index(side)
+    if variant not in LR_WEIGHT_COUNTS:
+        counts = sorted({counts[position] for counts in LR_WEIGHT_COUNTS.values()})
+        if len(weights) not in counts:
+            notes.append(f"--network_args {key}: {len(weights)} values; kohya cuts or fills the list (with 1.0) to "
+                         f"the base's count ({' or '.join(map(str, counts))}), but the base is not known here: "
+                         f"set model.variant and give lora.block_lr_weights.{side} that many values")
+        return weights
+    n = LR_WEIGHT_COUNTS[variant][position]
+    if len(weights) == n:
+        return weights
+    base = _VARIANT_NAMES[variant]
+    if len(weights) > n:
+        notes.append(f"--network_args {key}: {len(weights)} values; {base} has {n} {side} blocks, so the values after "
+                     f"the {n}th are left out, as kohya leaves them out")
+        return weights[:n]
+    notes.append(f"--network_args {key}: {len(weights)} values; {base} has {n} {side} blocks, so the missing "
+                 f"{n - len(weights)} are 1.0, as kohya fills them")
+    return weights + [1.0] * (n - len(weights))

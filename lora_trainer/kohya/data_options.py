@@ -1,6 +1,7 @@
 """kohya's caption and bucket options (from the arguments, or a dataset TOML subset layered over
 them) as data.* keys: caption files and their extension, prefix and suffix, tag shuffling and
-dropout, weighted captions, alpha-mask loss, augmentation, and aspect buckets with their limits."""
+dropout (keep_tokens and its separator, dropout every n epochs), weighted captions, loss masks
+(alpha channel or mask images), augmentation, and aspect buckets with their limits."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
         set_key(cfg, "data.keep_tokens", src.int("keep_tokens"))
     if src.has("caption_dropout_rate"):
         set_key(cfg, "data.caption_dropout", src.float("caption_dropout_rate"))
+    if src.int("caption_dropout_every_n_epochs"):  # 0 is off in both
+        set_key(cfg, "data.caption_dropout_every_n_epochs", src.int("caption_dropout_every_n_epochs"))
+    if src.has("keep_tokens_separator"):
+        set_key(cfg, "data.keep_tokens_separator", src.str("keep_tokens_separator"))
     if src.float("caption_tag_dropout_rate"):  # 0 is off in both
         set_key(cfg, "data.caption_tag_dropout", src.float("caption_tag_dropout_rate"))
     if src.bool("flip_aug"):
@@ -45,16 +50,41 @@ def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
 
 
 def mask_options(src: "Args", cfg: dict, notes: list[str]) -> None:
-    """--alpha_mask (an argument or a subset option; kohya's --masked_loss with it adds nothing) as
-    data.alpha_mask. Mask images (--masked_loss with a subset's conditioning_data_dir) are not read."""
-    if src.bool("alpha_mask"):
-        set_key(cfg, "data.alpha_mask", True)
-        src.get("masked_loss")
+    """kohya's loss masks: --masked_loss with a conditioning_data_dir (an argument, or a subset option)
+    as data.mask_dir, which kohya reads over the alpha channel when both are given; else --alpha_mask
+    (an argument or a subset option; --masked_loss with it adds nothing) as data.alpha_mask."""
+    masked, alpha = src.bool("masked_loss"), src.bool("alpha_mask")
+    folder = src.str("conditioning_data_dir")
+    if masked and folder:
+        set_key(cfg, "data.mask_dir", folder)
+        if alpha:
+            notes.append(f"{src.name('alpha_mask')}: with --masked_loss kohya weights the loss by the mask images in "
+                         f"{src.name('conditioning_data_dir')} (data.mask_dir), not by the alpha channel; left out")
         return
-    unread = [src.name(k) for k in ("masked_loss", "conditioning_data_dir") if src.has(k) and src.get(k) is not None]
-    if unread:
-        notes.append(f"{', '.join(unread)}: loss masks from mask images are not supported (only the images' own "
-                     "alpha channel: data.alpha_mask, kohya's --alpha_mask); left out")
+    if alpha:
+        set_key(cfg, "data.alpha_mask", True)
+    if folder:
+        notes.append(f"{src.name('conditioning_data_dir')} {folder}: kohya reads the mask images only with "
+                     "--masked_loss, which is off; left out (data.mask_dir would read them)")
+    elif masked and not alpha:
+        notes.append(f"{src.name('masked_loss')}: no conditioning_data_dir (mask images) and no --alpha_mask, so "
+                     "there is no mask to read; left out (set data.mask_dir to a folder of mask images)")
+
+
+def subset_mask_dir(subsets: list[tuple[dict, "Args"]], cfg: dict, notes: list[str]) -> None:
+    """data.mask_dir for several training subsets, each with its own conditioning_data_dir: their
+    common parent when each folder is named as its subset's image folder (the run looks for a mask
+    under the image's folder name first), else the first subset's, with a note."""
+    dirs = [(Path(str(subset["image_dir"])), layer.str("conditioning_data_dir")) for subset, layer in subsets]
+    if "mask_dir" not in cfg.get("data", {}) or len({d for _, d in dirs}) == 1:
+        return
+    parents = {Path(d).parent for _, d in dirs if d}
+    if all(d and Path(d).name == image.name for image, d in dirs) and len(parents) == 1:
+        set_key(cfg, "data.mask_dir", str(parents.pop()))
+        return
+    notes.append(f"dataset config conditioning_data_dir: the subsets keep their masks in {len({d for _, d in dirs})} "
+                 f"folders; data.mask_dir is one folder ({cfg['data']['mask_dir']}), where a mask is looked for under "
+                 "its image's folder name, then at the top: gather the masks as <mask_dir>/<image folder>/<name>")
 
 
 def bucket_options(src: "Args", cfg: dict, notes: list[str]) -> None:

@@ -27,7 +27,8 @@ STRUCTURAL = {"image_dir", "num_repeats", "class_tokens", "is_reg", "subsets"}
 SUBSET_OPTIONS = ("shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug",
                   "random_crop", "caption_extension", "caption_prefix", "caption_suffix", "enable_bucket",
                   "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "resolution",
-                  "batch_size", "alpha_mask")
+                  "batch_size", "alpha_mask", "masked_loss", "keep_tokens_separator",
+                  "caption_dropout_every_n_epochs")
 
 _LEFT_OUT = "not supported; left out"
 _ATTENTION = "attention runs through torch's scaled_dot_product_attention here; nothing to set"
@@ -64,7 +65,7 @@ NOTES = {
     "ddp_static_graph": "DDP settings come from accelerate; left out",
     "caption_separator": "captions are split into tags at commas; left out",
     "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT,
-    "caption_dropout_every_n_epochs": _LEFT_OUT, "keep_tokens_separator": _LEFT_OUT, "secondary_separator": _LEFT_OUT,
+    "secondary_separator": _LEFT_OUT,
     "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT,
     "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
     "tokenizer_cache_dir": "tokenizers come with the base model",
@@ -234,7 +235,7 @@ def read_sample_prompts(path: Path, notes: list[str]) -> list[str]:
 def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -> None:
     """The data from kohya's dataset TOML: one data.path for the training subsets, the reg subset
     as class images, and the options of the first training subset (ours hold for every image)."""
-    from .data_options import caption_extension_option, data_options, kohya_caption_extension
+    from .data_options import caption_extension_option, data_options, kohya_caption_extension, subset_mask_dir
     from .mapping import Args
 
     general = dataset.get("general") or {}
@@ -253,7 +254,7 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
     train = [(s, d) for s, d in subsets if not s.get("is_reg")]
     if not train:
         raise ConfigError("dataset config: no training subset (every [[datasets.subsets]] is is_reg, or none is given)")
-    layers, seen = [], {}
+    layers, seen, mask_dirs = [], {}, []
     for index, (subset, ds) in enumerate(train, 1):
         layer = Args({**a.values, **general, **{k: v for k, v in ds.items() if k != "subsets"}, **subset},
                      where=f"dataset config (subset {subset['image_dir']}) ")
@@ -270,12 +271,15 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
             seen["caption_extension"] = kohya_caption_extension(layer.values)  # unset means kohya's .caption
         else:
             layer.used.update(SUBSET_OPTIONS)
+            layer.get("conditioning_data_dir")  # a folder per subset: subset_mask_dir below
             for key in SUBSET_OPTIONS:
                 value = kohya_caption_extension(layer.values) if key == "caption_extension" else layer.values.get(key)
                 if value != seen[key]:
                     notes.append(f"{layer.name(key)}: {_shown(value)} differs from the first "
                                  f"subset's {_shown(seen[key])}; one value holds for all images here, the first's")
+        mask_dirs.append((subset, layer))
         a.used.update(layer.used)
+    subset_mask_dir(mask_dirs, cfg, notes)
     _train_folders([s for s, _ in train], cfg, notes)
     reg = [s for s, _ in subsets if s.get("is_reg")]
     for extra in reg[1:]:

@@ -100,6 +100,8 @@ def _public_config(run: Run, base_model: str) -> str:
     cfg.output.dir = f"outputs/{run.name}"
     if cfg.dreambooth.class_data:
         cfg.dreambooth.class_data = Path(cfg.dreambooth.class_data).name
+    if cfg.data.mask_dir:
+        cfg.data.mask_dir = Path(cfg.data.mask_dir).name
     return dump_config(cfg)
 
 

@@ -67,6 +67,8 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
         shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
         caption_suffix=d.caption_suffix if instance else "",
         caption_tag_dropout=d.caption_tag_dropout if instance else 0.0, alpha_mask=d.alpha_mask,
+        keep_tokens_separator=d.keep_tokens_separator,
+        caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs if instance else 0,
     )
 
 

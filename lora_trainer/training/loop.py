@@ -237,10 +237,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         size = tuple(batch["pixel_values"].shape[-2:])
         tag = () if timesteps is None else (stream,)
         alpha = batch.get("alpha_mask")  # data.alpha_mask: the loss mask, cached with the latents
-        alpha = latent_mask(alpha, latent_scale(base.vae)).to(device) if alpha is not None else None
         tag += () if alpha is None else ("alpha_mask",)  # entries with a mask never meet entries without
-        keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()), *tag)
-                for i, f, c in zip(batch["index"], batch["flipped"], batch["crop_top_left"])]
+        if alpha is None:
+            alpha = batch.get("loss_mask")  # data.mask_dir: keyed by the mask file's content below
+        alpha = latent_mask(alpha, latent_scale(base.vae)).to(device) if alpha is not None else None
+        mask_ids = [(f"mask:{m}",) for m in batch["mask_id"]] if "mask_id" in batch else [()] * len(batch["index"])
+        keys = [(str(paths[int(i)]), size, bool(f), tuple(c.tolist()), *tag, *m)
+                for i, f, c, m in zip(batch["index"], batch["flipped"], batch["crop_top_left"], mask_ids)]
         mean, std, *mask = latent_cache.distributions(keys, batch["pixel_values"], encode_images, alpha)
         d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], seed, epoch, stream, t.noise_offset,
                       t.input_perturbation, t.max_timestep or timesteps_total, std.dtype, weight_dtype, device,

@@ -28,7 +28,8 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 def _final_captions(cfg: RunConfig, examples) -> list:
     """The captions as trained on (with the trigger prefix and the suffix), for the tag counts users see."""
     d = cfg.data
-    return [replace(ex, caption=training_caption(ex.caption, d.caption_prefix, d.caption_suffix)) for ex in examples]
+    return [replace(ex, caption=training_caption(ex.caption, d.caption_prefix, d.caption_suffix,
+                                                      d.keep_tokens_separator)) for ex in examples]
 
 
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -103,8 +104,10 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         max_bucket_reso=sides[1] if sides else None,
         bucket_no_upscale=d.bucket_no_upscale if sides else None,
         caption_tag_dropout_rate=d.caption_tag_dropout,
+        caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs or None,  # written only when on
         weighted_captions=d.weighted_captions,
         alpha_mask=d.alpha_mask,
+        masked_loss=d.alpha_mask or d.mask_dir is not None,  # alpha or mask images: kohya's --masked_loss
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,

@@ -83,7 +83,8 @@ class Validation:
                                     d.bucket_no_upscale) if d.buckets else None)
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
                                                caption_prefix=d.caption_prefix, caption_suffix=d.caption_suffix,
-                                               seed=self.seed, sizes=sizes, alpha_mask=d.alpha_mask)
+                                               seed=self.seed, sizes=sizes, alpha_mask=d.alpha_mask,
+                                               keep_tokens_separator=d.keep_tokens_separator)
 
     def due(self, step: int) -> bool:
         if not self.examples:
