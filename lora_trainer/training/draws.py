@@ -32,6 +32,15 @@ class StepDraws:
     timesteps: torch.Tensor
 
 
+def extra_draw_options(t) -> dict:
+    """draw_step's keywords for kohya's random strengths and adaptive noise scale in the train config
+    `t`, only those that are on (a run without them calls draw_step as it always did)."""
+    options = (("offset_random_strength", t.noise_offset_random_strength),
+               ("adaptive_noise_scale", t.adaptive_noise_scale),
+               ("perturbation_random_strength", t.input_perturbation_random_strength))
+    return {key: value for key, value in options if value}
+
+
 def draw_step(latent_shape: tuple[int, ...], items: list[int], seed: int, epoch: int, stream: str,
               noise_offset: float, input_perturbation: float, num_timesteps: int,
               eps_dtype: torch.dtype, dtype: torch.dtype, device: torch.device, *, min_timestep: int = 0,

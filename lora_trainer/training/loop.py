@@ -32,13 +32,13 @@ from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest
                           register_adapter_only_hooks, save_checkpoint)
 from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
-from .draws import draw_step, item_seed
+from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
 from .guards import (RunInterrupted, check_environment, check_finite, check_free_space, check_output_dir,
                      check_schedule_options, clear_previous_run)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
-from .loss import diffusion_loss, training_scheduler, training_target
+from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
 from .masks import latent_mask, latent_scale
 from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer
@@ -213,12 +213,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
     loss_options = dict(loss_type=t.loss_type, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
                         huber_scale=t.huber_scale, debiased=t.debiased_estimation)
-    # kohya's extra noise and loss options, passed only when set: off, the calls are what they were
-    draw_extras = {k: v for k, v in (("offset_random_strength", t.noise_offset_random_strength),
-                                     ("adaptive_noise_scale", t.adaptive_noise_scale),
-                                     ("perturbation_random_strength", t.input_perturbation_random_strength)) if v}
-    loss_options.update({k: v for k, v in (("scale_v_like_noise", t.scale_v_pred_loss_like_noise_pred),
-                                           ("v_pred_like", t.v_pred_like_loss)) if v})
+    draw_extras = extra_draw_options(t)  # kohya's extra options, only those set: off, the calls are as they were
+    loss_options.update(extra_weight_options(t))
 
     def encode_images(pixels: torch.Tensor):
         with torch.no_grad():

@@ -186,6 +186,13 @@ def snr_scale(s: torch.Tensor) -> torch.Tensor:
     return s / (s + 1.0)
 
 
+def extra_weight_options(t) -> dict:
+    """diffusion_loss's keywords for kohya's v-prediction scalings in the train config `t`, only
+    those that are on (a run without them calls diffusion_loss as it always did)."""
+    options = (("scale_v_like_noise", t.scale_v_pred_loss_like_noise_pred), ("v_pred_like", t.v_pred_like_loss))
+    return {key: value for key, value in options if value}
+
+
 def diffusion_loss(
     pred: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor, snr_gamma: float | None,
     *, loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "snr", huber_scale: float = 1.0,
