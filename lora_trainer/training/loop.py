@@ -139,6 +139,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     # ---- model: frozen base in the compute dtype ----
     weight_dtype = weight_dtype_for(cfg.model, t.mixed_precision)
     base = load_base(cfg.model, weight_dtype)
+    check_schedule_options(t, base.noise_scheduler)  # the timestep range, the v-prediction options
     check_clip_skip(cfg.model.clip_skip, base.text_encoders)
     device = accelerator.device
     for module in (base.vae, base.unet, *base.text_encoders):
@@ -209,7 +210,6 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     embedding_cache = EmbeddingCache(enabled=no_cache is None)
     scaling = base.vae.config.scaling_factor
     timesteps_total = base.noise_scheduler.config.num_train_timesteps
-    check_schedule_options(t, base.noise_scheduler)  # the timestep range, the v-prediction options
     noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
     loss_options = dict(loss_type=t.loss_type, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
                         huber_scale=t.huber_scale, debiased=t.debiased_estimation)
