@@ -172,6 +172,9 @@ class LoraConfig:
     unet_targets: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
     text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
     train_text_encoder: bool = False
+    # false (with train_text_encoder true): text-encoder-only training (kohya's --network_train_text_encoder_only);
+    # the UNet stays frozen without an adapter, the loss flows through it, the file holds lora_te* keys only
+    train_unet: bool = True
     init_from: Optional[str] = None  # start from this adapter file (kohya or diffusers layout; same rank)
     # DoRA (weight-decomposed LoRA): also learn a magnitude per output channel,
     # W' = m · (W + s·B·A) / ‖W + s·B·A‖ (row norms); files gain `dora_scale` / `lora_magnitude_vector`
@@ -235,9 +238,15 @@ class TrainConfig:
     cache_latents_to_disk: bool = False  # keep the latent cache between runs (keyed by file content + crop)
     cache_dir: Optional[str] = None  # where the disk cache lives; None: <data.path>/.cache/lora-trainer
     noise_offset: float = 0.0
+    # kohya's --noise_offset_random_strength: each item's offset strength uniform in [0, noise_offset)
+    noise_offset_random_strength: bool = False
+    # kohya's --adaptive_noise_scale: offset noise_offset + this × |latent channel mean|, clamped at 0; null: off
+    adaptive_noise_scale: Optional[float] = None
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (5.0 is the paper's value); null: off
     # extra noise on the model input only (0.1 in the paper; kohya's ip_noise_gamma); 0: off
     input_perturbation: float = 0.0
+    # kohya's --ip_noise_gamma_random_strength: each item's strength uniform in [0, input_perturbation)
+    input_perturbation_random_strength: bool = False
     # The per-element loss (kohya's --loss_type): l2 (mean squared error), l1, or the robust huber /
     # smooth_l1, which grow like l2 for errors below a threshold c and like l1 above it
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
@@ -257,6 +266,10 @@ class TrainConfig:
     # Weight each sample's loss by 1/sqrt(SNR_t) (kohya's --debiased_estimation_loss; SNR clamped to
     # [0.001, 1000]); combines with snr_gamma by multiplication
     debiased_estimation: bool = False
+    # epsilon bases, kohya's --v_pred_like_loss: loss · (1 + this · (SNR + 1) / SNR), SNR in [0.001, 1000]; null: off
+    v_pred_like_loss: Optional[float] = None
+    # v-prediction bases, kohya's --scale_v_pred_loss_like_noise_pred: each loss × SNR / (SNR + 1)
+    scale_v_pred_loss_like_noise_pred: bool = False
     # Multi-resolution ("pyramid") noise: the noise plus upsampled noise drawn at lower resolutions,
     # the i-th level weighted by multires_noise_discount^i, renormalised to unit std; 0: off (6-10 usual)
     multires_noise_iterations: int = 0

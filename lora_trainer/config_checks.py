@@ -79,6 +79,7 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.lora.conv_alpha is not None and cfg.lora.conv_rank == 0:
         errors.append(f"lora.conv_alpha: got {cfg.lora.conv_alpha!r} with lora.conv_rank 0; set lora.conv_rank "
                       "(e.g. 8) to adapt the 3x3 convs, or leave conv_alpha null")
+    _check_train_unet(cfg, errors)
     variant = cfg.model.variant if cfg.model.variant != "auto" else None  # else checked once the base is read
     errors += block_config_errors(cfg.lora, variant)
     t = cfg.train
@@ -219,7 +220,45 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
                       f"({high}): timesteps are drawn from [min_timestep, max_timestep)")
     need(t.multires_noise_iterations >= 0, "multires_noise_iterations", "an integer >= 0 (0: off; 6-10 usual)")
     need(0 <= t.multires_noise_discount <= 1, "multires_noise_discount", "a number in [0, 1] (0.3 usual)")
+    for key, value, base in (("noise_offset_random_strength", t.noise_offset_random_strength, "noise_offset"),
+                             ("adaptive_noise_scale", t.adaptive_noise_scale, "noise_offset"),
+                             ("input_perturbation_random_strength", t.input_perturbation_random_strength,
+                              "input_perturbation")):
+        if value not in (None, False) and not getattr(t, base) > 0:
+            errors.append(f"train.{key}: got {value!r} with train.{base} {getattr(t, base)!r}, which it "
+                          f"{'scales' if key.endswith('strength') else 'adds to'}; set train.{base} (e.g. 0.1) "
+                          f"or leave train.{key} {'false' if key.endswith('strength') else 'null'}")
+    need(t.v_pred_like_loss is None or t.v_pred_like_loss > 0, "v_pred_like_loss",
+         "a number > 0 (e.g. 0.1) or null (off)")
+    if t.v_pred_like_loss is not None and t.scale_v_pred_loss_like_noise_pred:
+        errors.append(f"train.v_pred_like_loss: got {t.v_pred_like_loss!r} with "
+                      "train.scale_v_pred_loss_like_noise_pred true; the first is for epsilon bases, the second "
+                      "for v-prediction bases: set only one")
 
+
+# lora.* keys that shape the UNet's adapter, meaningless when lora.train_unet is false
+_UNET_ONLY_KEYS = ("conv_rank", "conv_alpha", "block_lr_zero_threshold", "block_ranks", "block_alphas",
+                   "conv_block_ranks", "conv_block_alphas")
+
+
+def _check_train_unet(cfg: RunConfig, errors: list[str]) -> None:
+    """Text-encoder-only training (lora.train_unet false) needs the text encoder trained, and
+    refuses the options that only shape the UNet's adapter."""
+    lora = cfg.lora
+    if lora.train_unet:
+        return
+    if not lora.train_text_encoder:
+        errors.append("lora.train_unet: got False with lora.train_text_encoder false, so nothing would train; "
+                      "set lora.train_text_encoder=true (text-encoder-only training) or lora.train_unet=true")
+        return
+    weights = lora.block_lr_weights
+    found = [(f"lora.block_lr_weights.{side}", getattr(weights, side)) for side in ("down", "mid", "up")]
+    found += [(f"lora.{key}", getattr(lora, key)) for key in _UNET_ONLY_KEYS]
+    found.append(("train.loraplus_unet_lr_ratio", cfg.train.loraplus_unet_lr_ratio))
+    for key, value in found:
+        if value not in (None, 0, 0.0):
+            errors.append(f"{key}: got {value!r} with lora.train_unet false; it shapes the UNet's adapter, which a "
+                          f"text-encoder-only run does not have: leave it unset or set lora.train_unet=true")
 
 def normalize_caption_extension(value: str, key: str = "data.caption_extension") -> str:
     """The caption file extension with its dot (".caption" for "caption" or ".caption"), or a

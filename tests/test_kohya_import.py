@@ -324,11 +324,53 @@ def test_loss_and_noise_arguments_map_to_the_train_keys():
     assert (t["min_timestep"], t["max_timestep"]) == (100, 900)
     assert t["zero_terminal_snr"] is True and t["debiased_estimation"] is True
     assert (t["multires_noise_iterations"], t["multires_noise_discount"], t["input_perturbation"]) == (6, 0.4, 0.05)
-    assert notes == ["--v_pred_like_loss 0.1: not supported; left out"]
+    assert t["v_pred_like_loss"] == 0.1 and notes == []
     from lora_trainer.config import config_from_dict
 
     loaded = config_from_dict(cfg).train
     assert (loaded.loss_type, loaded.min_timestep, loaded.multires_noise_iterations) == ("huber", 100, 6)
+
+
+def test_noise_strength_options_map_with_what_they_modify():
+    command = ("python train_network.py --pretrained_model_name_or_path m --train_data_dir d --caption_extension .txt "
+               "--network_alpha 4 --network_dim 4 --max_train_steps 10 --learning_rate 1e-4 ")
+    cfg, notes = config_from_kohya(parse_command_line(
+        command + "--noise_offset 0.1 --noise_offset_random_strength --adaptive_noise_scale -0.05 "
+        "--ip_noise_gamma 0.1 --ip_noise_gamma_random_strength --v_parameterization "
+        "--scale_v_pred_loss_like_noise_pred"))
+    t = cfg["train"]
+    assert (t["noise_offset_random_strength"], t["adaptive_noise_scale"]) == (True, -0.05)
+    assert t["input_perturbation_random_strength"] is True and t["scale_v_pred_loss_like_noise_pred"] is True
+    assert [n for n in notes if "v_parameterization" not in n] == []
+    from lora_trainer.config import config_from_dict
+
+    loaded = config_from_dict(cfg).train
+    assert loaded.adaptive_noise_scale == -0.05 and loaded.input_perturbation_random_strength
+    # without the option they modify: kohya ignores the switches and refuses the scale; noted, left out
+    cfg, notes = config_from_kohya(parse_command_line(
+        command + "--noise_offset_random_strength --adaptive_noise_scale 0.1 --ip_noise_gamma_random_strength"))
+    assert not {"noise_offset_random_strength", "adaptive_noise_scale", "input_perturbation_random_strength"} & set(
+        cfg["train"])
+    assert len(notes) == 3 and all("nothing to act on" in n and n.endswith("left out") for n in notes)
+
+
+def test_text_encoder_only_maps_to_train_unet_false():
+    command = ("python sdxl_train_network.py --pretrained_model_name_or_path m --train_data_dir d "
+               "--caption_extension .txt --network_alpha 4 --network_dim 4 --max_train_steps 10 ")
+    cfg, notes = config_from_kohya(parse_command_line(
+        command + "--learning_rate 1e-4 --text_encoder_lr 5e-5 --network_train_text_encoder_only "
+        '--network_args "conv_dim=4" "down_lr_weight=cosine" "loraplus_unet_lr_ratio=8" "loraplus_lr_ratio=4"'))
+    lora, train = cfg["lora"], cfg["train"]
+    assert lora["train_unet"] is False and lora["train_text_encoder"] is True
+    assert train["text_encoder_lr"] == 5e-5 and train["loraplus_lr_ratio"] == 4
+    assert not {"conv_rank", "conv_alpha", "block_lr_weights"} & set(lora) and "loraplus_unet_lr_ratio" not in train
+    assert any(n.startswith("--network_train_text_encoder_only: the UNet gets no adapter") for n in notes)
+    assert not any("not supported" in n for n in notes)
+    from lora_trainer.config import config_from_dict
+
+    assert config_from_dict(cfg).lora.train_unet is False
+    with pytest.raises(ConfigError, match=r"^--network_train_text_encoder_only: with --network_train_unet_only"):
+        config_from_kohya(parse_command_line(command + "--network_train_text_encoder_only --network_train_unet_only"))
 
 
 def test_kohya_loss_defaults_add_nothing_and_odd_values_get_notes():

@@ -76,6 +76,11 @@ def kohya_metadata(
     zero_terminal_snr: bool | None = None,
     multires_noise_iterations: int | None = None,
     multires_noise_discount: float | None = None,
+    noise_offset_random_strength: bool | None = None,
+    ip_noise_gamma_random_strength: bool | None = None,
+    adaptive_noise_scale: float | None = None,
+    v_pred_like_loss: float | None = None,
+    scale_v_pred_loss_like_noise_pred: bool | None = None,
     min_timestep: int | None = None,
     max_timestep: int | None = None,
     prior_loss_weight: float | None = None,
@@ -110,6 +115,8 @@ def kohya_metadata(
     date: str | None = None,
     network_module: str = "networks.lora",
     network_args: Mapping[str, str] | None = None,
+    network_train_unet_only: bool | None = None,
+    network_train_text_encoder_only: bool | None = None,
 ) -> dict[str, str]:
     """Build the `ss_*` and `modelspec.*` metadata of LORA_FORMATS.md; every value is a string.
 
@@ -128,6 +135,9 @@ def kohya_metadata(
         "ss_network_dim": rank,
         "ss_network_alpha": float(alpha),  # kohya's alpha argument is a float: "8.0"
         "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
+        # which models the adapter holds (kohya's --network_train_unet_only / _text_encoder_only)
+        "ss_network_train_unet_only": network_train_unet_only,
+        "ss_network_train_text_encoder_only": network_train_text_encoder_only,
         "ss_base_model_version": base_model_version,
         "ss_v2": v2,
         "ss_sd_model_name": base_model_name,
@@ -160,6 +170,12 @@ def kohya_metadata(
         "ss_zero_terminal_snr": zero_terminal_snr,
         "ss_multires_noise_iterations": multires_noise_iterations,
         "ss_multires_noise_discount": multires_noise_discount,
+        "ss_noise_offset_random_strength": noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": ip_noise_gamma_random_strength,
+        "ss_adaptive_noise_scale": adaptive_noise_scale,
+        # kohya's argument names (kohya itself does not record these two)
+        "ss_v_pred_like_loss": v_pred_like_loss,
+        "ss_scale_v_pred_loss_like_noise_pred": scale_v_pred_loss_like_noise_pred,
         "ss_min_timestep": min_timestep,
         "ss_max_timestep": max_timestep,
         "ss_prior_loss_weight": prior_loss_weight,

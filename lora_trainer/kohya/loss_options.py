@@ -1,5 +1,6 @@
 """kohya's loss and noise options (loss type and huber schedule, timestep range, zero terminal SNR,
-debiased estimation, multi-resolution noise) as `train.*` keys. A value equal to our default (which
+debiased estimation, multi-resolution noise, random noise strengths, adaptive noise scale, the
+v-prediction loss scalings) as `train.*` keys. A value equal to our default (which
 is kohya's) is not written, so kohya_ss GUI files, which write every field, stay short."""
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ NUMBERS = {
     "multires_noise_iterations": ("train.multires_noise_iterations", "int", 0),
     "multires_noise_discount": ("train.multires_noise_discount", "float", 0.3),
 }
-SWITCHES = {"zero_terminal_snr": "train.zero_terminal_snr", "debiased_estimation_loss": "train.debiased_estimation"}
+SWITCHES = {"zero_terminal_snr": "train.zero_terminal_snr", "debiased_estimation_loss": "train.debiased_estimation",
+            "scale_v_pred_loss_like_noise_pred": "train.scale_v_pred_loss_like_noise_pred"}
+# kohya argument -> (our key, the kohya argument it modifies, its getter): kept only with that argument set
+MODIFIERS = {"noise_offset_random_strength": ("train.noise_offset_random_strength", "noise_offset", "bool"),
+             "adaptive_noise_scale": ("train.adaptive_noise_scale", "noise_offset", "float"),
+             "ip_noise_gamma_random_strength": ("train.input_perturbation_random_strength", "ip_noise_gamma", "bool")}
 
 
 def loss_options(a: "Args", cfg: dict, notes: list[str]) -> None:
@@ -40,6 +46,17 @@ def loss_options(a: "Args", cfg: dict, notes: list[str]) -> None:
     for kohya, ours in SWITCHES.items():
         if a.bool(kohya):
             set_key(cfg, ours, True)
+    if a.float("v_pred_like_loss"):  # 0 is off in kohya, null here
+        set_key(cfg, "train.v_pred_like_loss", a.float("v_pred_like_loss"))
+    for kohya, (ours, modified, kind) in MODIFIERS.items():
+        if not a.has(kohya):
+            continue
+        value = a.bool(kohya) if kind == "bool" else a.float(kohya)
+        if not a.float(modified):
+            notes.append(f"{a.name(kohya)}: without --{modified} it has nothing to act on "
+                         f"({'kohya refuses it' if kind == 'float' else 'kohya ignores it'}); left out")
+        elif value is not False:
+            set_key(cfg, ours, value)
     _timesteps(a, cfg, notes)
 
 

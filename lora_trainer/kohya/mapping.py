@@ -15,7 +15,7 @@ from .block_args import block_args
 from .data_options import caption_extension_option, data_options
 from .loss_options import loss_options
 from .options import (
-    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, images_in, note_for,
+    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, drop_unet_options, images_in, note_for,
     parse_network_args, parse_number, read_sample_prompts, reg_folder, resolution_side, set_key,
 )
 
@@ -186,10 +186,14 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     if te_lrs[:1] == [0.0] and not a.bool("network_train_unet_only"):
         notes.append("--text_encoder_lr 0: the text encoder is not trained (older kohya versions trained it at "
                      "learning_rate: set lora.train_text_encoder=true and train.text_encoder_lr for that)")
-    if a.bool("network_train_text_encoder_only"):
-        notes.append("--network_train_text_encoder_only: not supported; the UNet is trained too")
-        unet_only = False
+    te_only = a.bool("network_train_text_encoder_only")
+    if te_only and unet_only:
+        raise ConfigError("--network_train_text_encoder_only: with " + (
+            "--network_train_unet_only" if a.bool("network_train_unet_only") else "--text_encoder_lr 0")
+            + " nothing would train (kohya trains nothing either); keep one of them")
     set_key(cfg, "lora.train_text_encoder", not unet_only)
+    if te_only:
+        set_key(cfg, "lora.train_unet", False)
     network_args = dict(parse_network_args(a.get("network_args", [])))
     _locon(network_args, cfg, notes)
     block_args(network_args, cfg, notes)
@@ -198,6 +202,8 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
             set_key(cfg, f"train.{key}", parse_number(value, f"--network_args {key}"))
         else:
             notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
+    if te_only:
+        drop_unet_options(cfg, notes)
 
 
 def _locon(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:

@@ -67,9 +67,6 @@ NOTES = {
     "color_aug": _LEFT_OUT, "face_crop_aug_range": _LEFT_OUT,
     "secondary_separator": _LEFT_OUT,
     "enable_wildcard": _LEFT_OUT, "token_warmup_min": _LEFT_OUT, "token_warmup_step": _LEFT_OUT,
-    "scale_v_pred_loss_like_noise_pred": _LEFT_OUT,
-    "v_pred_like_loss": _LEFT_OUT, "adaptive_noise_scale": _LEFT_OUT,
-    "noise_offset_random_strength": _LEFT_OUT, "ip_noise_gamma_random_strength": _LEFT_OUT,
     "torch_compile": _LEFT_OUT, "dynamo_backend": _LEFT_OUT,
     "tokenizer_cache_dir": "tokenizers come with the base model",
     "prior_loss_weight": "there are no regularisation images, so there is no prior loss; left out", "dataset_repeats": "use data.repeats",
@@ -86,6 +83,9 @@ NETWORK_ARG_NOTES = {
 }
 # LoRA+ network arguments, mapped to train.<same name>.
 LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+# lora.* keys that only shape the UNet's adapter (left out of a text-encoder-only run)
+UNET_ONLY_LORA_KEYS = ("conv_rank", "conv_alpha", "block_lr_weights", "block_lr_zero_threshold", "block_ranks",
+                       "block_alphas", "conv_block_ranks", "conv_block_alphas")
 
 
 def parse_number(text: str, where: str) -> float:
@@ -94,6 +94,19 @@ def parse_number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not a number") from None
+
+
+def drop_unet_options(cfg: dict, notes: list[str]) -> None:
+    """With --network_train_text_encoder_only kohya builds no UNet adapter, so the options that shape
+    one do nothing there; here they are refused, so they are left out with a note."""
+    dropped = [(section, key) for section, keys in (("lora", UNET_ONLY_LORA_KEYS),
+                                                    ("train", ("loraplus_unet_lr_ratio",)))
+               for key in keys if key in cfg.get(section, {})]
+    for section, key in dropped:
+        del cfg[section][key]
+    if dropped:
+        notes.append("--network_train_text_encoder_only: the UNet gets no adapter, so "
+                     + ", ".join(f"{s}.{k}" for s, k in dropped) + " (UNet options) are left out")
 
 
 def set_key(cfg: dict, dotted: str, value: Any) -> None:

@@ -93,6 +93,18 @@ def _usage(run: Run, base_model: str, repo_id: str, files: CardFiles, advice: We
     ]
 
 
+def _adapted_modules(cfg) -> str:
+    """The card's "adapted modules" row: the UNet's targets and/or the text encoder's."""
+    parts = []
+    if cfg.lora.train_unet:
+        parts.append("UNet " + ", ".join(cfg.lora.unet_targets)
+                     + (", ResNet blocks and samplers (LoCon)" if cfg.lora.conv_rank else ""))
+    if cfg.lora.train_text_encoder:
+        parts.append("text encoder " + ", ".join(cfg.lora.text_encoder_targets)
+                     + ("" if cfg.lora.train_unet else " (text encoder only; the UNet is the base's)"))
+    return "; ".join(parts)
+
+
 def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
     cfg, t = run.cfg, run.cfg.train
     images = dataset_size(run)
@@ -109,10 +121,9 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
         ("LoRA rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
-        ("adapted modules", "UNet " + ", ".join(cfg.lora.unet_targets)
-         + (", ResNet blocks and samplers (LoCon)" if cfg.lora.conv_rank else "")
-         + ("; text encoder " + ", ".join(cfg.lora.text_encoder_targets) if cfg.lora.train_text_encoder else "")),
-        ("learning rate", f"{t.lr:g} ({t.scheduler}, {t.warmup} warmup steps)"),
+        ("adapted modules", _adapted_modules(cfg)),
+        ("learning rate", f"{t.lr:g} ({t.scheduler}, {t.warmup} warmup steps)" if cfg.lora.train_unet
+         else f"{t.scheduler}, {t.warmup} warmup steps"),
         ("optimizer", t.optimizer),
         ("mixed precision", t.mixed_precision),
         ("seed", t.seed),

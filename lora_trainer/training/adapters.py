@@ -1,4 +1,4 @@
-"""The trained adapters of a run: LoRA (or DoRA) injected into the UNet and, when asked, the text
+"""The trained adapters of a run: LoRA (or DoRA) injected into the UNet and/or, when asked, the text
 encoders, with per-sample dropout masks and a checkpointing function that keeps them."""
 
 from __future__ import annotations
@@ -13,49 +13,56 @@ from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
 from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
 from .block_groups import block_groups
+from .components import Trained
 from .tracking import GROUP_NAMES
 
 log = logging.getLogger(__name__)
 
 
-def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys
-                 ) -> tuple[list[torch.nn.Module], list[dict], list[str]]:
-    """Inject LoRA into the UNet (and the text encoders); return the trained modules, their
-    optimizer groups and a name for each group (what the logs call them). With block lr weights the
-    UNet has one group per weight (`unet_w0.5`, ...), else one. LoRA dropout draws its masks per
-    sample, from `dropout_keys`."""
+def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Trained, list[dict], list[str]]:
+    """Inject LoRA into the UNet (unless lora.train_unet is false) and the text encoders (when
+    lora.train_text_encoder); return the trained modules by component, their optimizer groups and a
+    name for each group (what the logs call them). With block lr weights the UNet has one group per
+    weight (`unet_w0.5`, ...), else one. LoRA dropout draws its masks per sample, from `dropout_keys`."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
     dora = cfg.lora.use_dora
     if dora:
         log.warning("lora.use_dora: DoRA files load exactly in infer.py, and in diffusers in the diffusers layout "
                     "(output.format=both); A1111 misreads the kohya file and ComfyUI approximates it "
                     "(README: DoRA)")
-    weights = block_lr_weights(cfg.lora, base.variant)
-    inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
-                conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha, ranks=_block_ranks(cfg, base, weights))
-    if cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks:
-        _check_kohya_alphas(cfg, base.unet)
-    modules = [base.unet]
-    if weights is None:
-        groups, names = [{"params": trainable_parameters(base.unet), "lr": t.lr}], [GROUP_NAMES[0]]
+    named: dict[str, torch.nn.Module] = {}
+    groups, names = [], []
+    if cfg.lora.train_unet:
+        weights = block_lr_weights(cfg.lora, base.variant)
+        inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
+                    conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha, ranks=_block_ranks(cfg, base, weights))
+        if cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks:
+            _check_kohya_alphas(cfg, base.unet)
+        named["unet"] = base.unet
+        if weights is None:
+            groups, names = [{"params": trainable_parameters(base.unet), "lr": t.lr}], [GROUP_NAMES[0]]
+        else:
+            groups, names = block_groups(base.unet, weights, t.lr, base.variant, _layers_per_block(base.unet))
     else:
-        groups, names = block_groups(base.unet, weights, t.lr, base.variant, _layers_per_block(base.unet))
+        log.info("lora.train_unet false: the UNet stays frozen without an adapter; only the text encoder(s) train")
     if cfg.lora.train_text_encoder:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr
         for i, encoder in enumerate(base.text_encoders, start=1):
             inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
                         "lora.text_encoder_targets", dora)
-            modules.append(encoder)
+            named[GROUP_NAMES[i]] = encoder
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
             names.append(GROUP_NAMES[i])
     if cfg.lora.dropout > 0:
-        for name, module in zip(("unet", "text_encoder", "text_encoder_2"), modules):
+        for name, module in named.items():
             use_sample_dropout(module, cfg.lora.dropout, dropout_keys, name)
     if t.gradient_checkpointing:
+        # the frozen UNet too: a text-encoder-only run still backpropagates through it
         base.unet.enable_gradient_checkpointing(dropout_keys.checkpoint)
-        for encoder in modules[1:]:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
-    return modules, groups, names
+        for name, encoder in named.items():
+            if name != "unet":
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
+    return Trained(named), groups, names
 
 
 def _layers_per_block(unet) -> int:

@@ -153,5 +153,6 @@ def load_checkpoint(accelerator, path: Path, optimizer: str = "") -> TrainerStat
         if "parameter group" not in str(exc):
             raise
         raise ConfigError(f"train.resume: {path} was saved with other optimizer groups ({exc}); resume with the "
-                          "config that wrote it (train.loraplus_* and lora.train_text_encoder as they were)") from None
+                          "config that wrote it (train.loraplus_*, lora.train_unet and lora.train_text_encoder "
+                          "as they were)") from None
     return state

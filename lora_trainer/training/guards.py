@@ -6,7 +6,9 @@ import math
 import shutil
 from pathlib import Path
 
-from ..config import OutputConfig
+import torch
+
+from ..config import OutputConfig, RunConfig, TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 
 
@@ -95,3 +97,39 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
             f"{folder}: only {free / 2**20:.0f} MiB free, {what} needs about {needed_bytes / 2**20:.0f} MiB; "
             "free some space or set output.dir elsewhere"
         )
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """Settings this machine cannot honour fail here, before any data or model is read."""
+    import importlib.util
+
+    from ..processes import check_launch_mode
+    from .optimizers import check_optimizer
+
+    check_launch_mode()
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
+    check_optimizer(cfg.train)
+    for key, on, module, extra in (("log.tensorboard", cfg.log.tensorboard, "tensorboard", "tensorboard"),
+                                   ("log.wandb", cfg.log.wandb, "wandb", "wandb")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key}: true needs the {module} package; pip install 'lora-trainer[{extra}]' "
+                              f"or set {key}=false")
+
+
+def check_schedule_options(t: TrainConfig, scheduler) -> None:
+    """The options that depend on the base's noise schedule: the timestep range within its length,
+    and kohya's v-prediction options against its prediction type (kohya refuses the same)."""
+    total = scheduler.config.num_train_timesteps
+    if (t.max_timestep or 0) > total or t.min_timestep >= (t.max_timestep or total):
+        key = "max_timestep" if t.max_timestep else "min_timestep"
+        raise ConfigError(f"train.{key}: got {getattr(t, key)}; the base's schedule has {total} timesteps, "
+                          f"and training draws from [train.min_timestep, train.max_timestep) within them")
+    v_base = scheduler.config.prediction_type == "v_prediction"
+    if t.scale_v_pred_loss_like_noise_pred and not v_base:
+        raise ConfigError("train.scale_v_pred_loss_like_noise_pred: got True, but the base predicts "
+                          f"{scheduler.config.prediction_type}; it rescales a v-prediction loss, so leave it false "
+                          "(for an epsilon base see train.v_pred_like_loss)")
+    if t.v_pred_like_loss is not None and v_base:
+        raise ConfigError(f"train.v_pred_like_loss: got {t.v_pred_like_loss!r}, but the base predicts v already; "
+                          "leave it null (for a v-prediction base see train.scale_v_pred_loss_like_noise_pred)")

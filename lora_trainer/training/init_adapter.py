@@ -26,10 +26,10 @@ _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 
 
 def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int,
-                         use_dora: bool = False, conv_rank: int = 0) -> Adapter:
+                         use_dora: bool = False, conv_rank: int = 0, train_unet: bool = True) -> Adapter:
     """Read and check the file before any model loads: it exists, it is for this base family, its
     ranks are the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text
-    encoders only when the run trains them."""
+    encoders only when the run trains them (the UNet likewise)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{KEY}: {path} not found; give the path of a .safetensors adapter file")
@@ -60,6 +60,9 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
     encoders = [c for c in adapter.modules if c != "unet" and adapter.modules[c]]
     if encoders and not train_text_encoder:
         raise ConfigError(f"{KEY}: {path} also adapts {', '.join(encoders)}; set lora.train_text_encoder=true "
+                          "(otherwise that part of the adapter would be lost)")
+    if adapter.modules.get("unet") and not train_unet:
+        raise ConfigError(f"{KEY}: {path} adapts the UNet but lora.train_unet is false; set lora.train_unet=true "
                           "(otherwise that part of the adapter would be lost)")
     return adapter
 

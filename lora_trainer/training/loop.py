@@ -6,6 +6,7 @@ resume from bit for bit, and stops cleanly on a non-finite loss or Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,23 +25,23 @@ from ..fileio import write_text_atomic
 from ..models.blocks import block_config_errors
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
-from ..processes import check_launch_mode
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import EmbeddingCache, LatentCache, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
+from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
-from .draws import draw_step, item_seed
+from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
-from .guards import RunInterrupted, check_finite, check_free_space, check_output_dir, clear_previous_run
+from .guards import (RunInterrupted, check_environment, check_finite, check_free_space, check_output_dir,
+                     check_schedule_options, clear_previous_run)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
-from .loss import diffusion_loss, training_scheduler, training_target
+from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
 from .masks import latent_mask, latent_scale
 from .maxnorm import apply_max_norm
-from .optimizers import build_optimizer, check_optimizer
-from .outputs import export_adapter, save_samples, save_sweep
+from .optimizers import build_optimizer
 from .plots import plot_loss
 from .schedules import build_scheduler
 from .step_adapters import keep_step_adapters
@@ -59,26 +60,11 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     trainable_parameters: int = 0
-    unet: Any = None  # the trained modules, adapters in place (for notebooks and tests)
+    unet: Any = None  # the modules, adapters in place (lora.train_unet false: the base's frozen UNet)
     text_encoder: Any = None
     text_encoder_2: Any = None  # SDXL
     resumed_from: Path | None = None  # the checkpoint the run continued from
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
-
-
-def _check_environment(cfg: RunConfig) -> None:
-    """Settings this machine cannot honour fail here, before any data or model is read."""
-    import importlib.util
-
-    check_launch_mode()
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
-    check_optimizer(cfg.train)
-    for key, on, module, extra in (("log.tensorboard", cfg.log.tensorboard, "tensorboard", "tensorboard"),
-                                   ("log.wandb", cfg.log.wandb, "wandb", "wandb")):
-        if on and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{key}: true needs the {module} package; pip install 'lora-trainer[{extra}]' "
-                              f"or set {key}=false")
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
@@ -98,7 +84,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
 
     `loss_hook(step, loss) -> loss` sees each micro-batch loss before the backward pass (tests
     inject a NaN or a Ctrl-C through it)."""
-    _check_environment(cfg)
+    check_environment(cfg)
     out_dir = Path(cfg.output.dir)
     # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
     check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None)
@@ -109,7 +95,8 @@ def train(cfg: RunConfig, show_progress: bool = True,
     # model.base stops the run before the data is scanned, and the scan knows the native size.
     cfg = _for_variant(cfg, resolve_variant(cfg.model))
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
-                                    cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank) if cfg.lora.init_from else None)
+                                    cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet)
+               if cfg.lora.init_from else None)
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
@@ -152,6 +139,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     # ---- model: frozen base in the compute dtype ----
     weight_dtype = weight_dtype_for(cfg.model, t.mixed_precision)
     base = load_base(cfg.model, weight_dtype)
+    check_schedule_options(t, base.noise_scheduler)  # the timestep range, the v-prediction options
     check_clip_skip(cfg.model.clip_skip, base.text_encoders)
     device = accelerator.device
     for module in (base.vae, base.unet, *base.text_encoders):
@@ -168,10 +156,9 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     # ---- LoRA adapters in fp32 ----
     dropout_keys = DropoutKeys()
     trained, groups, group_names = add_adapters(cfg, base, dropout_keys)
-    train_te = len(trained) > 1
+    train_te = cfg.lora.train_text_encoder
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
-        names = ("unet", "text_encoder", "text_encoder_2")
-        load_initial_adapter(initial, dict(zip(names, trained)), cfg.lora.init_from)
+        load_initial_adapter(initial, trained.named, cfg.lora.init_from)
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)
     log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
@@ -186,17 +173,20 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         loaders.append(make_loader(cfg, class_set, t.seed + 1))
 
     # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio) ----
-    groups, group_names = loraplus_groups(t, trained, groups, group_names)
+    groups, group_names = loraplus_groups(t, trained.modules, groups, group_names)
     optimizer = build_optimizer(t, groups)
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     lr_scheduler = build_scheduler(t, optimizer, max_steps, accelerator.num_processes)
-    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler, *loaders)
-    trained = list(prepared[:len(trained)])
-    optimizer, lr_scheduler, loader = prepared[len(trained):len(trained) + 3]
-    unet = trained[0]
-    text_encoders = trained[1:] if train_te else base.text_encoders
+    # Only trained modules are prepared: DDP refuses a module with nothing to train (a frozen UNet).
+    count = len(trained.modules)
+    prepared = accelerator.prepare(*trained.modules, optimizer, lr_scheduler, *loaders)
+    trained = trained.replace(list(prepared[:count]))
+    optimizer, lr_scheduler, loader = prepared[count:count + 3]
+    unet, text_encoders = trained.unet(base), trained.text_encoders(base)
+    # a frozen UNet is not prepared, so mixed precision's autocast is put around its call here
+    unet_autocast = accelerator.autocast if not cfg.lora.train_unet else contextlib.nullcontext
 
     # ---- resume: adapter, optimizer, scheduler, RNG states, data position ----
     register_adapter_only_hooks(accelerator)
@@ -220,13 +210,11 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     embedding_cache = EmbeddingCache(enabled=no_cache is None)
     scaling = base.vae.config.scaling_factor
     timesteps_total = base.noise_scheduler.config.num_train_timesteps
-    if (t.max_timestep or 0) > timesteps_total or t.min_timestep >= (t.max_timestep or timesteps_total):
-        key = "max_timestep" if t.max_timestep else "min_timestep"
-        raise ConfigError(f"train.{key}: got {getattr(t, key)}; the base's schedule has {timesteps_total} timesteps, "
-                          f"and training draws from [train.min_timestep, train.max_timestep) within them")
     noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
     loss_options = dict(loss_type=t.loss_type, huber_c=t.huber_c, huber_schedule=t.huber_schedule,
                         huber_scale=t.huber_scale, debiased=t.debiased_estimation)
+    draw_extras = extra_draw_options(t)  # kohya's extra options, only those set: off, the calls are as they were
+    loss_options.update(extra_weight_options(t))
 
     def encode_images(pixels: torch.Tensor):
         with torch.no_grad():
@@ -256,14 +244,16 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         d = draw_step(tuple(mean.shape), [int(i) for i in batch["item"]], seed, epoch, stream, t.noise_offset,
                       t.input_perturbation, t.max_timestep or timesteps_total, std.dtype, weight_dtype, device,
                       min_timestep=t.min_timestep, multires_iterations=t.multires_noise_iterations,
-                      multires_discount=t.multires_noise_discount)
+                      multires_discount=t.multires_noise_discount, **draw_extras,
+                      **({"latent_parts": (mean, std, scaling)} if "adaptive_noise_scale" in draw_extras else {}))
         timesteps = d.timesteps if timesteps is None else timesteps
         latents = ((mean + std * d.eps) * scaling).to(weight_dtype)
         noisy = noise_scheduler.add_noise(latents, d.model_noise, timesteps)
         target = training_target(noise_scheduler, latents, d.noise, timesteps)
         with dropout_keys.batch([item_seed(t.seed, epoch, int(i), f"{stream}:dropout") for i in batch["item"]]):
             embeddings = embedding_cache.embeddings(batch["caption"], encode_text)
-            pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
+            with unet_autocast():
+                pred = unet(noisy, timesteps, **unet_conditioning(embeddings, batch, size, device)).sample
         masked = {"mask": mask[0]} if mask else {}  # off: the call is exactly what it was
         return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options, **masked)
 
@@ -278,8 +268,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         suffix = f"-step{state.step:05d}"
 
         def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
-            paths = _export(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
-                            suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            paths = export_trained(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
+                                   suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
             if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
                 keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
             return paths
@@ -292,12 +282,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     epoch_ends = EpochEnds.for_run(
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
-        export=lambda n, at: _export(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
-                                     suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
-        sample=lambda n, at: log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders,
-                                                                         at, f"epoch_{n:06d}"), at))
+        export=lambda n, at: export_trained(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
+                                            suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
+        sample=lambda n, at: log_images(accelerator, "samples",
+                                        draw_samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
 
-    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained, accelerator)
+    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator)
     if held_out and accelerator.is_main_process:
         log.info("%s", validation.describe())
 
@@ -311,7 +301,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     last_good = checkpoint or latest_checkpoint(out_dir)
     bar = tqdm(total=max_steps, initial=step, desc="training",
                disable=not (show_progress and accelerator.is_main_process))
-    for module in trained:
+    for module in trained.modules:
         module.train()
     step_started = time.perf_counter()
     try:
@@ -322,7 +312,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
                 seen += 1
-                with accelerator.accumulate(*trained):
+                with accelerator.accumulate(*trained.modules):
                     loss = batch_loss(batch, instance_paths, epoch, "instance")
                     if prior:
                         instance_loss = loss
@@ -343,7 +333,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     if t.scale_weight_norms and accelerator.sync_gradients:  # the same on every process
-                        norms = apply_max_norm([accelerator.unwrap_model(m) for m in trained], t.scale_weight_norms)
+                        norms = apply_max_norm(list(trained.unwrapped(accelerator).values()), t.scale_weight_norms)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -375,8 +365,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
-                    log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step),
-                               step)
+                    log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
                 if step >= max_steps:
                     break
             else:
@@ -395,42 +384,14 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_free_space(out_dir, counted * 4, "the adapter")
-    paths = _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
-                    epoch=num_epochs, num_epochs=num_epochs)
+    paths = export_trained(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
+                           epoch=num_epochs, num_epochs=num_epochs)
     if cfg.sample.prompts:
-        log_images(accelerator, "samples", _samples(cfg, accelerator, base, unet, text_encoders, step), step)
-        if cfg.sample.grid_weights and accelerator.is_main_process:
-            with accelerator.autocast():
-                save_sweep(cfg, base, *_unwrapped(accelerator, unet, text_encoders))
+        log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
+        if cfg.sample.grid_weights:
+            draw_sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
                        val_losses=validation.losses)
-
-
-def _unwrapped(accelerator, unet, text_encoders):
-    """(unet, text_encoder, text_encoder_2 or None) without the DDP wrappers."""
-    encoders = [accelerator.unwrap_model(m) for m in text_encoders]
-    return accelerator.unwrap_model(unet), encoders[0], encoders[1] if len(encoders) > 1 else None
-
-
-def _export(cfg, accelerator, base, trained, examples, step, max_steps, started_at, suffix="", folder=None,
-            epoch=None, num_epochs=None):
-    if not accelerator.is_main_process:
-        return []
-    unet, *encoders = [accelerator.unwrap_model(m) for m in trained]
-    return export_adapter(
-        cfg, unet, encoders[0] if encoders else None, examples, step, max_steps, started_at,
-        prediction_type=base.prediction_type, suffix=suffix, folder=folder,
-        text_encoder_2=encoders[1] if len(encoders) > 1 else None, variant=base.variant,
-        epoch=epoch, num_epochs=num_epochs,
-    )
-
-
-def _samples(cfg, accelerator, base, unet, text_encoders, step, folder_name=None) -> list:
-    if not cfg.sample.prompts or not accelerator.is_main_process:
-        return []
-    unet, text_encoder, text_encoder_2 = _unwrapped(accelerator, unet, text_encoders)
-    with accelerator.autocast():
-        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name)

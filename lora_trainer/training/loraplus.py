@@ -31,7 +31,7 @@ def _is_up(name: str) -> bool:
 def loraplus_groups(t: TrainConfig, modules: list[torch.nn.Module], groups: list[dict],
                     names: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """The optimizer groups and a name for each (what the logs call them). `groups` train `modules`
-    (UNet first, then the text encoders); `names` (default: one group per module, `GROUP_NAMES`) tell
+    (in GROUP_NAMES order); `names` (default: one group per module, `GROUP_NAMES`) tell
     UNet groups (`unet...`, several with block lr weights) from the encoders'. A group whose component
     has a ratio becomes two: A at its lr, then B (and DoRA magnitudes) at lr × ratio."""
     unet_ratio, te_ratio = loraplus_ratios(t)

@@ -1,6 +1,6 @@
 """The diffusion training objective: noise the latents (plain, offset or multi-resolution noise),
 predict epsilon or v, and score the prediction (l2, l1, huber, smooth_l1) with per-sample weights
-(min-SNR-γ, debiased estimation)."""
+(min-SNR-γ, kohya's v-prediction scalings, debiased estimation)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,27 @@ DEBIASED_SNR_RANGE = (1e-3, 1000.0)
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None,
-                 multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
+                 multires_iterations: int = 0, multires_discount: float = 0.3, *, random_strength: bool = False,
+                 adaptive_scale: float | None = None) -> torch.Tensor:
     """Gaussian noise; a noise offset adds a per-channel constant so the model can learn to shift
     overall brightness (very dark or bright images). Multi-resolution noise comes last, over the
-    offset noise, as kohya applies them."""
+    offset noise, as kohya applies them.
+
+    kohya's offset options: `random_strength` draws the offset's strength uniformly in
+    [0, noise_offset) (before the offset itself); `adaptive_scale` adds adaptive_scale × |mean of
+    each channel of `latents`| to it, clamped at 0, so a latent far from zero mean gets a larger
+    offset. Only then are the contents of `latents` read (else only its shape)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
     if noise_offset:
         b, c = latents.shape[:2]
+        strength = noise_offset
+        if random_strength:
+            strength = noise_offset * torch.rand((), generator=generator, device=latents.device).item()
+        if adaptive_scale is not None:  # one strength per item and channel
+            channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs()
+            strength = torch.clamp(strength + adaptive_scale * channel_mean, min=0.0).to(latents.dtype)
         offset = torch.randn((b, c, 1, 1), generator=generator, dtype=latents.dtype, device=latents.device)
-        noise = noise + noise_offset * offset
+        noise = noise + strength * offset
     if multires_iterations:
         noise = pyramid_noise(noise, multires_iterations, multires_discount, generator)
     return noise
@@ -55,12 +67,16 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
     return (total / total.std()).to(noise.dtype)
 
 
-def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator | None = None,
+            random_strength: bool = False) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023): the UNet input is noised with noise + amount·ξ while
     the target stays `noise`, which reduces the train/sample mismatch ("exposure bias").
-    With amount 0 nothing is drawn, so runs without it keep their random stream."""
+    `random_strength` (kohya's --ip_noise_gamma_random_strength) draws the amount uniformly in
+    [0, amount) first. With amount 0 nothing is drawn, so runs without it keep their random stream."""
     if not amount:
         return noise
+    if random_strength:
+        amount = amount * torch.rand((), generator=generator, device=noise.device).item()
     extra = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
     return noise + amount * extra
 
@@ -162,13 +178,33 @@ def debiased_weight(s: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.sqrt(torch.clamp(s, min=low, max=high))
 
 
+def snr_scale(s: torch.Tensor) -> torch.Tensor:
+    """SNR / (SNR + 1) (= alpha_bar, the ratio of an epsilon error to a v error), with SNR clamped to
+    DEBIASED_SNR_RANGE: kohya caps it at 1000; the floor keeps its inverse finite at SNR 0."""
+    low, high = DEBIASED_SNR_RANGE
+    s = torch.clamp(s, min=low, max=high)
+    return s / (s + 1.0)
+
+
+def extra_weight_options(t) -> dict:
+    """diffusion_loss's keywords for kohya's v-prediction scalings in the train config `t`, only
+    those that are on (a run without them calls diffusion_loss as it always did)."""
+    options = (("scale_v_like_noise", t.scale_v_pred_loss_like_noise_pred), ("v_pred_like", t.v_pred_like_loss))
+    return {key: value for key, value in options if value}
+
+
 def diffusion_loss(
     pred: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor, snr_gamma: float | None,
     *, loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = "snr", huber_scale: float = 1.0,
-    debiased: bool = False, mask: torch.Tensor | None = None,
+    debiased: bool = False, mask: torch.Tensor | None = None, scale_v_like_noise: bool = False,
+    v_pred_like: float | None = None,
 ) -> torch.Tensor:
-    """The batch loss: each sample's mean element loss, times its weights (min-SNR-γ when
-    `snr_gamma` is set, 1/sqrt(SNR) when `debiased`), averaged over the batch.
+    """The batch loss: each sample's mean element loss, times its weights, averaged over the batch.
+    The weights come in kohya's order: min-SNR-γ (`snr_gamma`); SNR/(SNR + 1) (`scale_v_like_noise`,
+    kohya's scale_v_pred_loss_like_noise_pred: a v loss weighted like an epsilon loss); the
+    v-prediction-like term, loss · (1 + v_pred_like · (SNR + 1)/SNR) (`v_pred_like`, kohya's
+    v_pred_like_loss: an epsilon loss plus that much of the v loss the same error would give);
+    1/sqrt(SNR) (`debiased`).
 
     `mask` (B, 1, h, w) on the latent grid (data.alpha_mask) weights every element first; the mean
     is then over all elements, as kohya's masked loss takes it (mean(loss · mask), not divided by
@@ -179,11 +215,15 @@ def diffusion_loss(
     if mask is not None:
         elements = elements * mask.to(elements.device, elements.dtype)
     per_sample = elements.mean(dim=list(range(1, pred.ndim)))
-    if snr_gamma is None and not debiased:
+    if snr_gamma is None and not debiased and not scale_v_like_noise and v_pred_like is None:
         return per_sample.mean()
     s = snr(scheduler, timesteps)
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(s, snr_gamma, scheduler.config.prediction_type == "v_prediction")
+    if scale_v_like_noise:
+        per_sample = per_sample * snr_scale(s).to(per_sample.device)
+    if v_pred_like is not None:
+        per_sample = per_sample + per_sample / snr_scale(s).to(per_sample.device) * v_pred_like
     if debiased:
         per_sample = per_sample * debiased_weight(s)
     return per_sample.mean()

@@ -111,7 +111,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
-        unet_lr=t.lr,
+        unet_lr=t.lr if cfg.lora.train_unet else None,
         text_encoder_lr=(t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if cfg.lora.train_text_encoder else None,
         lr_scheduler=scheduler_name(t),  # cosine with train.min_lr_ratio is kohya's cosine_with_min_lr
         optimizer=OPTIMIZER_NAMES[t.optimizer],
@@ -128,6 +128,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
         network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, blocks
+        # which models the file adapts, under kohya's argument names
+        network_train_unet_only=not cfg.lora.train_text_encoder,
+        network_train_text_encoder_only=not cfg.lora.train_unet,
         cache_latents=t.cache_latents,
         training_started_at=started_at,
         training_finished_at=time.time(),
@@ -142,13 +145,17 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
 
 
 def _loss_metadata(t) -> dict:
-    """The loss and noise options for kohya_metadata, as kohya records them: the loss type and
-    huber settings always; multi-resolution noise and the timestep range only when in use."""
+    """The loss and noise options for kohya_metadata, as kohya records them: the loss type, huber
+    settings and random-strength switches always; multi-resolution noise, the adaptive noise scale,
+    the v-prediction options and the timestep range only when in use."""
     multires = t.multires_noise_iterations > 0
     narrowed = t.min_timestep > 0 or t.max_timestep is not None
     return dict(ip_noise_gamma=t.input_perturbation, loss_type=t.loss_type, huber_schedule=t.huber_schedule,
                 huber_c=t.huber_c, huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation,
-                zero_terminal_snr=t.zero_terminal_snr,
+                zero_terminal_snr=t.zero_terminal_snr, noise_offset_random_strength=t.noise_offset_random_strength,
+                ip_noise_gamma_random_strength=t.input_perturbation_random_strength,
+                adaptive_noise_scale=t.adaptive_noise_scale, v_pred_like_loss=t.v_pred_like_loss,
+                scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred or None,
                 multires_noise_iterations=t.multires_noise_iterations if multires else None,
                 multires_noise_discount=t.multires_noise_discount if multires else None,
                 min_timestep=t.min_timestep if narrowed else None, max_timestep=t.max_timestep if narrowed else None)

@@ -5,8 +5,8 @@ Each held-out image (center crop, no flip, its caption as training reads it) is 
 `train.validation_timesteps` evenly spaced timesteps, each with its own noise drawn from
 (validation seed, epoch 0, image × timestep, "validation"): the same draws at every evaluation,
 in every process and every resumed run. The loss is training's (noise offset, multi-resolution
-noise, loss type, min-SNR and debiased weighting, the training noise schedule, v-prediction
-target), computed by the loop's own `batch_loss`, with no gradient and the adapters
+noise, random noise strengths, loss type, min-SNR, v-prediction-like and debiased weighting, the
+training noise schedule, v-prediction target), computed by the loop's own `batch_loss`, with no gradient and the adapters
 in eval mode (LoRA dropout off). Processes share the images and add up their per-image losses,
 so 2 processes report the 1-process number.
 """

@@ -1,0 +1,94 @@
+"""The modules a run trains, by component ("unet", "text_encoder", "text_encoder_2"), and what the
+loop makes of them: the UNet and text encoders a step calls, the adapter files, the sample images.
+
+A run trains the UNet, the UNet and its text encoder(s), or (lora.train_unet false) the text
+encoder(s) only; nothing here assumes which comes first. A component that is not trained is called
+as the base's frozen module, without an adapter, and is left out of the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from .outputs import export_adapter, save_samples, save_sweep
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def trained_components(cfg: RunConfig, num_text_encoders: int) -> list[str]:
+    """The components `cfg` trains, in COMPONENTS order."""
+    names = ["unet"] if cfg.lora.train_unet else []
+    if cfg.lora.train_text_encoder:
+        names += list(COMPONENTS[1:1 + num_text_encoders])
+    return names
+
+
+@dataclass
+class Trained:
+    """The trained modules by component, in COMPONENTS order; after accelerate's `prepare` they may
+    be wrapped (DDP), which `unwrapped` takes off."""
+
+    named: dict[str, torch.nn.Module]
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.named.values())
+
+    def replace(self, modules: list[torch.nn.Module]) -> "Trained":
+        """The same components with `modules` (what `prepare` returned, in the same order)."""
+        return Trained(dict(zip(self.named, modules)))
+
+    def unet(self, base) -> torch.nn.Module:
+        """The UNet a step calls: the trained one, or the base's frozen one."""
+        return self.named.get("unet", base.unet)
+
+    def text_encoders(self, base) -> list[torch.nn.Module]:
+        """The text encoders a step calls: the trained ones, or the base's frozen ones."""
+        trained = [self.named[name] for name in COMPONENTS[1:] if name in self.named]
+        return trained or list(base.text_encoders)
+
+    def unwrapped(self, accelerator) -> dict[str, torch.nn.Module]:
+        return {name: accelerator.unwrap_model(module) for name, module in self.named.items()}
+
+    def pipeline_modules(self, accelerator, base) -> tuple:
+        """(unet, text_encoder, text_encoder_2 or None), unwrapped, the base's where not trained: what
+        samples are drawn with."""
+        own = self.unwrapped(accelerator)
+        encoders = own.get("text_encoder", base.text_encoders[0]), own.get(
+            "text_encoder_2", base.text_encoders[1] if len(base.text_encoders) > 1 else None)
+        return (own.get("unet", base.unet), *encoders)
+
+
+def export_trained(cfg: RunConfig, accelerator, base, trained: Trained, examples, step: int, max_steps: int,
+                   started_at: float, suffix: str = "", folder: Path | None = None, epoch: int | None = None,
+                   num_epochs: int | None = None) -> list[Path]:
+    """The adapter file(s) of the trained components (main process only; others get [])."""
+    if not accelerator.is_main_process:
+        return []
+    own = trained.unwrapped(accelerator)
+    return export_adapter(
+        cfg, own.get("unet"), own.get("text_encoder"), examples, step, max_steps, started_at,
+        prediction_type=base.prediction_type, suffix=suffix, folder=folder,
+        text_encoder_2=own.get("text_encoder_2"), variant=base.variant, epoch=epoch, num_epochs=num_epochs,
+    )
+
+
+def draw_samples(cfg: RunConfig, accelerator, base, trained: Trained, step: int,
+                 folder_name: str | None = None) -> list:
+    """sample.prompts drawn with the adapters as they are (main process only; others get [])."""
+    if not cfg.sample.prompts or not accelerator.is_main_process:
+        return []
+    unet, text_encoder, text_encoder_2 = trained.pipeline_modules(accelerator, base)
+    with accelerator.autocast():
+        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name)
+
+
+def draw_sweep(cfg: RunConfig, accelerator, base, trained: Trained) -> None:
+    """samples/sweep.png (main process only)."""
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            save_sweep(cfg, base, *trained.pipeline_modules(accelerator, base))
