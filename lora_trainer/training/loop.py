@@ -43,7 +43,7 @@ from .optimizers import build_optimizer, check_optimizer
 from .outputs import export_adapter, save_samples, save_sweep
 from .plots import plot_loss
 from .schedules import build_scheduler
-from .step_adapters import keep_step_adapters
+from .step_adapters import keep_step_adapters, step_suffix
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
@@ -275,7 +275,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     def save(state: TrainerState) -> Path:
         state = replace(state, optimizer=t.optimizer)
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
-        suffix = f"-step{state.step:05d}"
+        suffix = step_suffix(state.step)  # the kept copy has the same name
 
         def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
             paths = _export(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
