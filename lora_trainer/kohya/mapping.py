@@ -194,7 +194,9 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     _locon(network_args, cfg, notes)
     block_args(network_args, cfg, notes)
     for key, value in network_args.items():
-        if key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
+        if key == "loraplus_text_encoder_lr_ratio" and unet_only:
+            notes.append(f"--network_args {key}={value}: the text encoder is not trained; left out")
+        elif key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
             set_key(cfg, f"train.{key}", parse_number(value, f"--network_args {key}"))
         else:
             notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
