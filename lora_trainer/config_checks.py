@@ -136,6 +136,12 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     elif db.class_prompt or db.class_data:
         errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
+    elif db.prior_loss_weight >= 0 and db.class_batch_size >= 1 and db.class_steps >= 1:
+        for key in ("prior_loss_weight", "class_batch_size", "class_steps"):
+            if _unread(db, key):
+                errors.append(f"dreambooth.{key}: got {getattr(db, key)!r} with dreambooth.num_class_images 0 "
+                              "(no prior preservation); set num_class_images, class_prompt and class_data, or "
+                              f"leave it at {_default(db, key)!r}")
 
 
 def config_warnings(cfg: RunConfig) -> list[str]:

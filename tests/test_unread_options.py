@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lora_trainer.config import config_from_dict, dump_config, load_config
 from lora_trainer.errors import ConfigError
@@ -42,6 +43,9 @@ def _load(**sections):
     ({"train": {"max_steps": 10, "validation_timesteps": 4}}, "train.validation_timesteps: got 4 with no held-out"),
     ({"lora": {"block_lr_zero_threshold": 0.1}},
      "lora.block_lr_zero_threshold: got 0.1 without lora.block_lr_weights"),
+    ({"dreambooth": {"prior_loss_weight": 0.5}},
+     "dreambooth.prior_loss_weight: got 0.5 with dreambooth.num_class_images 0 (no prior preservation)"),
+    ({"dreambooth": {"class_steps": 50}}, "dreambooth.class_steps: got 50 with dreambooth.num_class_images 0"),
     ({"lora": {"conv_alpha": 4}}, "lora.conv_alpha: got 4.0 with lora.conv_rank 0"),  # already refused before
     ({"data": {"path": "d", "max_bucket_side": 1024}}, "data.max_bucket_side: got 1024 with data.buckets false"),
 ])
@@ -62,13 +66,15 @@ def test_an_option_nothing_reads_is_a_one_line_error_naming_it(sections, message
     {"data": {"path": "d", "validation_split": 0.2, "validation_seed": 3}, "train": {"validation_timesteps": 4,
                                                                                     "max_steps": 10}},
     {"lora": {"block_lr_zero_threshold": 0.1, "block_lr_weights": {"mid": [0.05]}}},
+    {"dreambooth": {"num_class_images": 10, "class_prompt": "a dog", "class_data": "c", "prior_loss_weight": 0.5,
+                    "class_steps": 50, "class_batch_size": 2}},
     # the default, written out (every resolved config.yaml holds all keys), means nothing to refuse
     {"train": {"max_steps": 10, "loss_type": "l2", "huber_c": 0.1, "huber_schedule": "snr", "huber_scale": 1.0,
                "multires_noise_discount": 0.3, "warmup": 0, "scheduler": "constant"}},
 ])
 def test_the_same_options_where_they_are_read_are_accepted(sections):
     cfg = _load(**sections)
-    assert config_from_dict(__import__("yaml").safe_load(dump_config(cfg))) == cfg  # and its config.yaml reloads
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg  # and its config.yaml reloads
 
 
 def test_sampling_cadence_without_prompts_and_a_text_encoder_ratio_without_one_warn(caplog):
