@@ -7,6 +7,7 @@ value (name, value, what is allowed) before anything heavy happens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -14,10 +15,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .config_checks import (  # noqa: F401 (re-exported)
-    MAX_TIMESTEPS, bucket_limit_errors, check_caption_config, check_run, normalize_caption_extension,
+    MAX_TIMESTEPS, bucket_limit_errors, check_caption_config, check_run, config_warnings, normalize_caption_extension,
 )
 from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -395,20 +398,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, ...)")
     data = merge_dicts(data, parse_overrides(overrides or []))
+    # Each problem names where its key was set: the file, or a key=value on the command line.
+    given = [item.split("=", 1)[0].strip() for item in overrides or []]
+
+    def source(line: str) -> str:
+        key = line.split(":", 1)[0]
+        return "command line" if path is None or any(k == key or k.startswith(key + ".") for k in given) \
+            else str(path)
+
     try:
-        return config_from_dict(data)
+        cfg = config_from_dict(data)
     except ConfigError as exc:
         if path is None:
             raise
-        # Each problem names where its key was set: the file, or a key=value on the command line.
-        given = [item.split("=", 1)[0].strip() for item in overrides or []]
-
-        def source(line: str) -> str:
-            key = line.split(":", 1)[0]
-            return "command line" if any(k == key or k.startswith(key + ".") for k in given) else str(path)
-
         lines = [f"{source(line)}: {line}" for line in str(exc).splitlines()]
         raise ConfigError("\n".join(lines)) from None
+    for line in config_warnings(cfg):
+        log.warning("%s: %s", source(line), line)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -98,6 +99,7 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", t.snr_gamma, "a number > 0 (e.g. 5.0) or null")
     need(t.input_perturbation >= 0, "train.input_perturbation", t.input_perturbation, "a number >= 0 (e.g. 0.1)")
     _check_loss(t, errors)
+    _check_cache_and_optimizer(t, errors)
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
     for i, prompt in enumerate(cfg.sample.prompts):
@@ -135,6 +137,29 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     elif db.class_prompt or db.class_data:
         errors.append("dreambooth.num_class_images: got 0 with class_prompt/class_data set; "
                       "expected the number of class images for prior preservation (e.g. 200)")
+    elif db.prior_loss_weight >= 0 and db.class_batch_size >= 1 and db.class_steps >= 1:
+        for key in ("prior_loss_weight", "class_batch_size", "class_steps"):
+            if _unread(db, key):
+                errors.append(f"dreambooth.{key}: got {getattr(db, key)!r} with dreambooth.num_class_images 0 "
+                              "(no prior preservation); set num_class_images, class_prompt and class_data, or "
+                              f"leave it at {_default(db, key)!r}")
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """One line per option set that this run does not read but that may be meant for later (a config
+    kept as a template, or filled in by from-kohya): the run goes on, the log says so."""
+    lines = []
+    if not cfg.sample.prompts:
+        for key in ("every_n_steps", "every_n_epochs"):
+            value = getattr(cfg.sample, key)
+            if value > 0:
+                lines.append(f"sample.{key}: got {value!r} with no sample.prompts, so no samples are drawn; "
+                             "set sample.prompts to see them")
+    ratio = cfg.train.loraplus_text_encoder_lr_ratio
+    if ratio is not None and not cfg.lora.train_text_encoder:
+        lines.append(f"train.loraplus_text_encoder_lr_ratio: got {ratio!r} with lora.train_text_encoder false, so "
+                     "no text-encoder adapter uses it; set lora.train_text_encoder=true for that")
+    return lines
 
 
 def _check_step_adapters(o: OutputConfig, errors: list[str]) -> None:
@@ -152,6 +177,9 @@ def _check_step_adapters(o: OutputConfig, errors: list[str]) -> None:
 
 def _check_schedule(t: TrainConfig, errors: list[str]) -> None:
     """The schedule options: in range, and set only with the schedule that reads them."""
+    if t.warmup > 0 and t.scheduler == "constant":  # diffusers' constant schedule has no warmup (kohya refuses it)
+        errors.append(f"train.warmup: got {t.warmup!r} with train.scheduler 'constant', which has no warmup; "
+                      "set train.scheduler=constant_with_warmup or leave train.warmup at 0")
     for key, value, default, allowed, scheduler in (
             ("scheduler_cycles", t.scheduler_cycles, 1, "an integer >= 1", "cosine_with_restarts"),
             ("scheduler_power", t.scheduler_power, 1.0, "a number > 0 (1: linear)", "polynomial"),
@@ -162,6 +190,23 @@ def _check_schedule(t: TrainConfig, errors: list[str]) -> None:
         elif value != default and t.scheduler != scheduler:
             errors.append(f"train.{key}: got {value!r} with train.scheduler {t.scheduler!r}, which does not read it; "
                           f"set train.scheduler={scheduler} or leave train.{key} at {default!r}")
+
+
+def _check_cache_and_optimizer(t: TrainConfig, errors: list[str]) -> None:
+    """Cache and optimizer options that only some settings read."""
+    if t.cache_latents_to_disk and not t.cache_latents:
+        errors.append("train.cache_latents_to_disk: got True with train.cache_latents false, so nothing is cached; "
+                      "set train.cache_latents=true or leave cache_latents_to_disk false")
+    elif t.cache_dir and not t.cache_latents_to_disk:
+        errors.append(f"train.cache_dir: got {t.cache_dir!r} with train.cache_latents_to_disk false, so nothing is "
+                      "written there; set train.cache_latents_to_disk=true or leave cache_dir null")
+    # Adafactor takes neither betas nor eps; Lion (both packages) takes betas but no eps
+    unread = {"adafactor": ("adam_beta1", "adam_beta2", "adam_epsilon"), "lion": ("adam_epsilon",),
+              "lion8bit": ("adam_epsilon",)}.get(t.optimizer, ())
+    for key in unread:
+        if _unread(t, key):
+            errors.append(f"train.{key}: got {getattr(t, key)!r} with train.optimizer {t.optimizer!r}, which does not "
+                          f"read it; leave train.{key} at {_default(t, key)!r}")
 
 
 def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
@@ -202,6 +247,13 @@ def _check_validation(cfg: RunConfig, errors: list[str]) -> None:
                       "set data.validation_split (e.g. 0.1) or data.validation_path, or leave it null")
     if t.validation_timesteps < 1:
         errors.append(f"train.validation_timesteps: got {t.validation_timesteps!r}; expected an integer >= 1 (e.g. 8)")
+    elif not validating:
+        for section, key in ((d, "validation_seed"), (t, "validation_timesteps")):
+            if _unread(section, key):
+                name = f"{'data' if section is d else 'train'}.{key}"
+                errors.append(f"{name}: got {getattr(section, key)!r} with no held-out images; set "
+                              f"data.validation_split (e.g. 0.1) or data.validation_path, or leave it at "
+                              f"{_default(section, key)!r}")
 
 
 def _check_loss(t: TrainConfig, errors: list[str]) -> None:
@@ -234,6 +286,29 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
         errors.append(f"train.v_pred_like_loss: got {t.v_pred_like_loss!r} with "
                       "train.scale_v_pred_loss_like_noise_pred true; the first is for epsilon bases, the second "
                       "for v-prediction bases: set only one")
+    if t.loss_type in ("l2", "l1"):  # the huber threshold shapes only the huber and smooth_l1 losses
+        for key in ("huber_c", "huber_schedule", "huber_scale"):
+            if t.huber_c > 0 and t.huber_scale > 0 and _unread(t, key):
+                errors.append(f"train.{key}: got {getattr(t, key)!r} with train.loss_type {t.loss_type!r}, which does "
+                              f"not read it; set train.loss_type=huber (or smooth_l1) or leave train.{key} at "
+                              f"{_default(t, key)!r}")
+    if t.multires_noise_iterations == 0 and 0 <= t.multires_noise_discount <= 1 and \
+            _unread(t, "multires_noise_discount"):
+        errors.append(f"train.multires_noise_discount: got {t.multires_noise_discount!r} with "
+                      "train.multires_noise_iterations 0 (no multi-resolution noise); set train.multires_noise_iterations "
+                      f"(6-10 usual) or leave the discount at {_default(t, 'multires_noise_discount')!r}")
+
+
+def _default(section: Any, key: str) -> Any:
+    """The declared default of `section`'s field `key` (config.py, which imports this module)."""
+    field = next(f for f in dataclasses.fields(section) if f.name == key)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def _unread(section: Any, key: str) -> bool:
+    """Whether `key` differs from its default: a value the user set (a value equal to the default
+    changes nothing, and every resolved config.yaml holds all of them)."""
+    return getattr(section, key) != _default(section, key)
 
 
 # lora.* keys that shape the UNet's adapter, meaningless when lora.train_unet is false

@@ -159,3 +159,54 @@ def test_sdxl_kohya_adapter_stacks_on_sdxl_base(tiny_sdxl, tmp_path):
     assert not torch.allclose(on, off, atol=1e-4) and torch.equal(off, disabled)
     image = gen.txt2img("a (red:1.2) circle", steps=2, width=64, height=64)[0]
     assert image.image.size == (64, 64)
+
+
+class _CountingOpen:
+    """safetensors.safe_open that records, per file, each opening that reads a tensor."""
+
+    def __init__(self, real):
+        self.real, self.reads = real, []
+
+    def __call__(self, filename, *args, **kwargs):
+        outer, handle = self, self.real(filename, *args, **kwargs)
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, key):
+                outer.reads.append((id(self), str(filename)))
+                return handle.get_tensor(key)
+
+            def get_tensors(self):
+                outer.reads.append((id(self), str(filename)))
+                return handle.get_tensors()
+
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+        return Handle()
+
+    def openings_that_read(self, path) -> int:
+        return len({opening for opening, name in self.reads if name == str(path)})
+
+
+def test_a_kohya_file_is_read_once_and_loads_as_its_delta_w(tiny_sd15, random_adapters, base_parts, monkeypatch):
+    import safetensors
+
+    counting = _CountingOpen(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", counting)  # ours
+    monkeypatch.setattr(safetensors.torch, "safe_open", counting)  # safetensors.torch.load_file (diffusers)
+    path = random_adapters["a"]  # kohya, one alpha (2) for rank 4: nothing diffusers would misread
+    pipe = Generator(tiny_sd15, [f"{path}:1.0"], device="cpu").pipe
+    assert counting.openings_that_read(path) == 1
+    unet, _ = base_parts
+    deltas = _delta_w(path)
+    want_model = type(unet).from_config(unet.config)
+    want_model.load_state_dict(unet.state_dict())
+    _add_by_hand(want_model, deltas["unet"], 1.0)
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(want_model), rtol=1e-4, atol=1e-5)

@@ -115,6 +115,52 @@ def test_resize_to_lower_rank_keeps_the_reported_energy(locon_file, sd15_pipe, t
     _fused_weights_match(sd15_pipe, path, "dynamic")  # mixed ranks load right in diffusers
 
 
+def test_resize_rewrites_the_rank_metadata_of_a_locon_block_file(sd15_pipe, tmp_path, capsys):
+    import json
+
+    from lora_trainer.export.files import LORA_ADAPTER_METADATA_KEY
+
+    # LoCon with per-block ranks: linears rank 4 (2 in the first down block), 3x3 convs rank 4
+    adapter = random_adapter(sd15_pipe, "sd15", rank=4, alpha=8.0, seed=3, unet_targets=["to_q", "to_v", "conv1"],
+                             te_targets=["q_proj"])
+    for path, m in adapter.modules["unet"].items():
+        if path.startswith("down_blocks.0.") and not m.is_conv:
+            adapter.modules["unet"][path] = LoraModule(m.down[:2].clone(), m.up[:, :2].clone(), 8.0)
+    args = {"conv_dim": "4", "conv_alpha": "8", "block_dims": "4,2,4", "block_alphas": "8,8,8",
+            "conv_block_dims": "4,4,1", "conv_block_alphas": "8,8,8", "loraplus_lr_ratio": "16", "up_lr_weight": "1,0.5"}
+    source = write_adapter(tmp_path / "blocks.safetensors", adapter, dtype=torch.float32, metadata={
+        "ss_network_dim": "4", "ss_network_alpha": "8.0", "ss_network_args": json.dumps(args)})
+
+    fixed = tmp_path / "fixed.safetensors"
+    assert main(["resize", str(source), str(fixed), "--rank", "3", "--conv-rank", "2", "--dtype", "fp32"]) == 0
+    out = read_adapter(fixed)
+    ranks = {(p, m.is_conv): m.rank for _, p, m in out.items()}
+    assert set(ranks.values()) == {2, 3}  # first down block's linears 2, other linears 3, convs 2
+    alpha = next(iter({m.alpha for _, _, m in out.items()}))
+    shown = f"{alpha:g}"
+    assert (out.metadata["ss_network_dim"], out.metadata["ss_network_alpha"]) == ("3", str(float(alpha)))
+    assert json.loads(out.metadata["ss_network_args"]) == {
+        "conv_dim": "2", "conv_alpha": shown, "block_dims": "3,2,3", "block_alphas": ",".join([shown] * 3),
+        "conv_block_dims": "2,2,1", "conv_block_alphas": ",".join([shown] * 3),
+        "loraplus_lr_ratio": "16", "up_lr_weight": "1,0.5"}  # what is not a rank or alpha stays
+
+    dynamic = tmp_path / "dynamic.diffusers.safetensors"
+    assert main(["resize", str(source), str(dynamic), "--rank", "4", "--dynamic", "sv_fro", "--dynamic-param",
+                 "0.9", "--to", "diffusers", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    out = read_adapter(dynamic)
+    network_args = json.loads(out.metadata["ss_network_args"])
+    assert out.metadata["ss_network_dim"] == "Dynamic" and network_args["conv_dim"] == "Dynamic"
+    assert network_args["block_dims"] == network_args["conv_block_dims"] == "Dynamic"
+    # the diffusers LoraConfig rebuilds exactly the new ranks, not the source's
+    config = json.loads(out.metadata[LORA_ADAPTER_METADATA_KEY])
+    for _, path, m in (t for t in out.items() if t[0] == "unet"):
+        pattern = next((r for key, r in config["unet.rank_pattern"].items() if path.endswith(key.replace("\\", ""))),
+                       config["unet.r"])
+        assert pattern == m.rank, path
+    assert len({m.rank for _, _, m in out.items()}) > 1
+
+
 def test_merge_exact_equals_stacking_in_diffusers(sd15_pipe, tmp_path, capsys):
     a = random_adapter(sd15_pipe, "sd15", 4, 8.0, seed=1, unet_targets=["to_q", "to_v", "conv1", "proj_in"],
                        te_targets=["q_proj", "v_proj", "out_proj"])

@@ -64,7 +64,7 @@ def test_epoch_files_hold_that_epochs_adapter_and_metadata(straight):
     assert (final["ss_epoch"], final["ss_steps"]) == ("4", "8")
     # The end of epoch 3 is step 6, where a checkpoint exported the same adapter independently.
     epoch3 = _tensors(straight / f"{NAME}-000003.safetensors")
-    at_step6 = _tensors(straight / "checkpoints" / "step-000006" / f"{NAME}-step00006.safetensors")
+    at_step6 = _tensors(straight / "checkpoints" / "step-000006" / f"{NAME}-step00000006.safetensors")
     assert epoch3.keys() == at_step6.keys() and all(torch.equal(epoch3[k], at_step6[k]) for k in epoch3)
     epoch2 = _tensors(straight / f"{NAME}-000002.safetensors")
     assert any(not torch.equal(epoch2[k], epoch3[k]) for k in epoch3 if k.endswith("lora_up.weight"))

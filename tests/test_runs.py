@@ -55,7 +55,7 @@ def test_checkpoints_keep_the_newest_with_a_usable_adapter(uninterrupted):
     assert folders == ["step-000004", "step-000006"]  # step 2 rotated out; none at the final step
     state = json.loads((result.output_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["epoch"] == 1 and state["batches_in_epoch"] == 2
-    exported = result.output_dir / "checkpoints" / "step-000006" / "example-lora-step00006.safetensors"
+    exported = result.output_dir / "checkpoints" / "step-000006" / "example-lora-step00000006.safetensors"
     tensors = safetensors.torch.load_file(str(exported))
     assert any(k.endswith("lora_down.weight") for k in tensors)
     # Only the adapter is stored, never the frozen base.

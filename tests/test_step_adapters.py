@@ -17,6 +17,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.kohya.setup import config_from_kohya
 from lora_trainer.training.guards import RunInterrupted
 from lora_trainer.training.loop import train
+from lora_trainer.training.step_adapters import step_suffix
 
 # 8 steps, a checkpoint every 2 (only the newest kept): step files of 2, 4, 6 (8 is the final
 # adapter), the newest 2 kept.
@@ -46,7 +47,9 @@ def test_step_files_are_named_like_kohya_and_outlive_their_checkpoints(straight)
                                 for tail in (".diffusers", "")]
     assert [p.name for p in (straight / "checkpoints").iterdir()] == ["step-000006"]  # step 4's rotated out
     kept = straight / f"{NAME}-step00000006.safetensors"
-    exported = straight / "checkpoints" / "step-000006" / f"{NAME}-step00006.safetensors"
+    exported = straight / "checkpoints" / "step-000006" / kept.name  # one name inside and beside the checkpoint
+    assert sorted(p.name for p in exported.parent.glob("*.safetensors") if p.name.startswith(NAME)) == \
+        [f"{NAME}{step_suffix(6)}{tail}.safetensors" for tail in (".diffusers", "")]
     assert kept.read_bytes() == exported.read_bytes()  # the checkpoint's adapter, metadata and all
     with safetensors.safe_open(str(kept), "pt") as f:
         assert (f.metadata()["ss_steps"], f.metadata()["ss_output_name"]) == ("6", NAME)

@@ -1,7 +1,8 @@
 """Adapters on a loaded pipeline: each under its own name and weight, switchable off without
 reloading, fused into the weights (merge) and restored bit for bit (unmerge).
 
-diffusers' `load_lora_weights` reads both our layouts and other trainers' files (kohya, diffusers);
+diffusers' `load_lora_weights` loads both our layouts and other trainers' files (kohya files are read
+here once and handed to it as diffusers-layout tensors; diffusers-layout files it reads itself);
 the weighted sum W + Σ mᵢ·(alphaᵢ/rᵢ)·BᵢAᵢ is computed by peft, unmerged or fused. DoRA files
 load too (a weight m scales ΔW inside the normalisation: m · (W + w·ΔW) / ‖W + w·ΔW‖, as peft does).
 LyCORIS files (LoHa, LoKr, full, (IA)^3, CP cores) are merged into the base weights instead
@@ -73,20 +74,20 @@ def adapter_hash(path: str | Path) -> str | None:
 
 
 def _own_reading(path: Path):
-    """The file read as an `Adapter` when diffusers' own loader would get it wrong, else None.
+    """The file read as an `Adapter` when we hand it to diffusers ourselves, else None.
 
-    diffusers (0.42) drops kohya `dora_scale` keys for SD/SDXL, misapplies a kohya file's attention
-    alphas that differ from the component's most common one (LoCon and per-block alphas), and drops
-    text-encoder q/k/v modules of a kohya file without out_proj. Such kohya files are handed to it as
-    a diffusers-layout state dict instead (`_folded_state`); diffusers-layout DoRA files load as
-    they are, with their magnitudes set afterwards."""
+    Every kohya file we can read is: its tensors are read here once and given to diffusers as a
+    diffusers-layout state dict (`_folded_state`), so diffusers never reads the file again and none
+    of its kohya quirks apply (see `export.inspect.kohya_load_quirks`: dropped `dora_scale` keys,
+    attention alphas other than the most common one, text-encoder q/k/v without out_proj).
+    diffusers-layout DoRA files are read too, for their magnitudes, set after diffusers loads them;
+    other diffusers-layout files are left to diffusers, which reads them exactly."""
     import safetensors
 
     from ..export.adapter import read_adapter
-    from ..export.inspect import kohya_load_quirks
 
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:  # the header only: no tensor is read
             keys = list(f.keys())
     except Exception:  # not a safetensors file: let diffusers say what is wrong with it
         return None
@@ -94,18 +95,23 @@ def _own_reading(path: Path):
     if not dora and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
     try:
-        adapter = read_adapter(path)
+        return read_adapter(path)
     except ModelError:
         return None  # not ours to read: diffusers may still know it
-    return adapter if dora or (adapter.layout == "kohya" and kohya_load_quirks(adapter)) else None
 
 
 def _folded_state(adapter) -> dict[str, torch.Tensor]:
     """A kohya adapter as a diffusers-layout state dict, alpha / r folded into up (a bare state dict
-    carries no alpha, and diffusers then gives every module scale 1)."""
+    carries no alpha, and diffusers then gives every module scale 1). The folded up is float32, so
+    a half-precision file is not rounded a second time (its layers compute in their own dtype)."""
     from ..export.layouts import peft_to_diffusers
 
-    return peft_to_diffusers(adapter.peft_states(fold_alpha=True))
+    states = adapter.peft_states()
+    for component, modules in adapter.modules.items():
+        for module_path, m in modules.items():
+            key = f"{module_path}.lora_B.weight"
+            states[component][key] = (m.up.double() * m.scale).float()
+    return peft_to_diffusers(states)
 
 
 @torch.no_grad()

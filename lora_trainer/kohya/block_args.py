@@ -33,7 +33,12 @@ def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> Non
             set_key(cfg, f"lora.block_lr_weights.{side}", weights)
     if "block_lr_zero_threshold" in network_args:
         value = network_args.pop("block_lr_zero_threshold")
-        set_key(cfg, "lora.block_lr_zero_threshold", parse_number(value, "--network_args block_lr_zero_threshold"))
+        threshold = parse_number(value, "--network_args block_lr_zero_threshold")
+        if "block_lr_weights" in cfg.get("lora", {}):
+            set_key(cfg, "lora.block_lr_zero_threshold", threshold)
+        elif threshold:  # kohya compares it with the lr weights only
+            notes.append(f"--network_args block_lr_zero_threshold={value}: kohya uses it only with "
+                         "down/mid/up_lr_weight; left out")
     blocks_on = "block_dims" in network_args or "block_lr_weights" in cfg.get("lora", {})
     for kohya, ours, kind in (("block_dims", "block_ranks", int), ("block_alphas", "block_alphas", float),
                               ("conv_block_dims", "conv_block_ranks", int),

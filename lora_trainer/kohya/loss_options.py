@@ -28,21 +28,38 @@ SWITCHES = {"zero_terminal_snr": "train.zero_terminal_snr", "debiased_estimation
 MODIFIERS = {"noise_offset_random_strength": ("train.noise_offset_random_strength", "noise_offset", "bool"),
              "adaptive_noise_scale": ("train.adaptive_noise_scale", "noise_offset", "float"),
              "ip_noise_gamma_random_strength": ("train.input_perturbation_random_strength", "ip_noise_gamma", "bool")}
+# kohya argument -> what must be set for it to count (kohya ignores it otherwise; our config refuses it)
+READ_ONLY_WITH = {"huber_schedule": "--loss_type huber or smooth_l1", "huber_c": "--loss_type huber or smooth_l1",
+                  "huber_scale": "--loss_type huber or smooth_l1",
+                  "multires_noise_discount": "--multires_noise_iterations"}
 
 
 def loss_options(a: "Args", cfg: dict, notes: list[str]) -> None:
+    train = cfg.setdefault("train", {})
+
+    def keep(kohya: str, ours: str, value) -> None:
+        """Set `ours`, or note that kohya would not read this argument here."""
+        if kohya.startswith("huber"):
+            read = train.get("loss_type") in ("huber", "smooth_l1")
+        else:
+            read = kohya != "multires_noise_discount" or bool(train.get("multires_noise_iterations"))
+        if read:
+            set_key(cfg, ours, value)
+        else:
+            notes.append(f"{a.name(kohya)} {a.get(kohya)}: only read with {READ_ONLY_WITH[kohya]}; left out")
+
     for kohya, (ours, allowed, default) in CHOICES.items():
         value = (a.str(kohya) or default).lower()
         if value not in allowed:
             notes.append(f"{a.name(kohya)} {a.get(kohya)}: not supported (we have {', '.join(allowed)}); "
                          f"{ours} stays {default}")
         elif value != default:
-            set_key(cfg, ours, value)
+            keep(kohya, ours, value)
     for kohya, (ours, kind, default) in NUMBERS.items():
         if a.has(kohya):
             value = a.int(kohya) if kind == "int" else a.float(kohya)
             if value != default:
-                set_key(cfg, ours, value)
+                keep(kohya, ours, value)
     for kohya, ours in SWITCHES.items():
         if a.bool(kohya):
             set_key(cfg, ours, True)

@@ -184,6 +184,10 @@ def block_config_errors(lora, variant: Optional[str]) -> list[str]:
     if lora.block_lr_zero_threshold < 0:
         errors.append(f"lora.block_lr_zero_threshold: got {lora.block_lr_zero_threshold!r}; expected a number >= 0 "
                       "(blocks whose lr weight is at most this are not trained)")
+    elif lora.block_lr_zero_threshold > 0 and not _lr_weights_set(lora):
+        errors.append(f"lora.block_lr_zero_threshold: got {lora.block_lr_zero_threshold!r} without "
+                      "lora.block_lr_weights, so no block has a weight to compare; set lora.block_lr_weights "
+                      "(down/mid/up) or leave the threshold at 0")
     for key in ("block_ranks", "conv_block_ranks"):
         values = getattr(lora, key)
         if values is not None and any(r < 0 for r in values):

@@ -44,7 +44,7 @@ from .maxnorm import apply_max_norm
 from .optimizers import build_optimizer
 from .plots import plot_loss
 from .schedules import build_scheduler
-from .step_adapters import keep_step_adapters
+from .step_adapters import keep_step_adapters, step_suffix
 from .prior import class_examples, generate_class_images
 from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
@@ -265,7 +265,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     def save(state: TrainerState) -> Path:
         state = replace(state, optimizer=t.optimizer)
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
-        suffix = f"-step{state.step:05d}"
+        suffix = step_suffix(state.step)  # the kept copy has the same name
 
         def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
             paths = export_trained(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,

@@ -169,7 +169,7 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
     both: kohya at DIR/<name>.safetensors and diffusers at DIR/<name>.diffusers.safetensors.
-    `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00100",
+    `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00000100",
     "-000002" for an epoch). `epoch` (counted from 1) and `num_epochs` go to ss_epoch/ss_num_epochs.
     """
     out_dir = Path(folder) if folder is not None else Path(cfg.output.dir)
