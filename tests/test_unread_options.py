@@ -97,6 +97,19 @@ def test_sampling_cadence_without_prompts_and_a_text_encoder_ratio_without_one_w
     assert caplog.messages == []
 
 
+def test_a_finished_runs_config_is_reread_without_its_warnings(tmp_path, caplog):
+    cfg = load_config(None, ["model.base=m", "data.path=d", "train.max_steps=10", "sample.every_n_steps=5"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.config"):
+        assert load_config(path, warn=False) == cfg  # what publish does with a run's config.yaml
+        assert caplog.messages == []
+        load_config(path)
+    assert caplog.messages == [f"{path}: sample.every_n_steps: got 5 with no sample.prompts, so no samples are "
+                               "drawn; set sample.prompts to see them"]
+
+
 @pytest.mark.parametrize("name", ["example", "sd15-style", "sd15-dreambooth", "sdxl-style", "sdxl-dreambooth"])
 def test_shipped_configs_load_without_a_warning(name, caplog):
     with caplog.at_level(logging.WARNING, logger="lora_trainer.config"):

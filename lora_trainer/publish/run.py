@@ -131,7 +131,7 @@ def read_run(run_dir: str | Path) -> Run:
         raise PublishError(f"{config_path}: not found; {run_dir} is not a training run folder "
                            "(python train.py CONFIG output.dir=DIR writes one)")
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, warn=False)  # the run warned when it started
     except ConfigError as exc:
         raise PublishError(f"{config_path}: cannot be read as a run config ({str(exc).splitlines()[0]})") from None
     adapter = run_dir / f"{cfg.output.name}.safetensors"

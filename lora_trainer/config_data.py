@@ -1,0 +1,100 @@
+"""The `data` section of the run config (with its `data.caption` subsection): the images, their
+captions and how they are read. Declared here to keep config.py short; config.py re-exports both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class CaptionConfig:
+    """Captions generated for images that have none (BLIP-2), written as sidecar files
+    (`<stem><data.caption_extension>`, .txt by default)."""
+
+    method: Literal["none", "blip2"] = "none"  # none: images without a caption train on the empty one
+    model: str = "Salesforce/blip2-opt-2.7b"  # hub id or folder with a BLIP-2 model and processor
+    # Written into each generated file (so they show and can be edited there); hand-written captions
+    # are left alone. data.caption_prefix, by contrast, is added at training time to every caption.
+    prefix: str = ""  # e.g. a trigger "sks dog, "
+    suffix: str = ""  # e.g. ", in the style of mystyle"
+    # re-caption images that have a caption file (the old one kept as e.g. .txt.bak); metadata.jsonl is never touched
+    overwrite: bool = False
+    batch_size: int = 8
+    prompt: str = ""  # text the caption continues, e.g. "a photo of", or "Question: ... Answer:"
+    keep_prompt: bool = True  # start the caption with the prompt; false for question prompts
+    max_length: int = 40  # most new tokens per caption
+    min_length: int = 5  # fewest new tokens (stops empty captions)
+    num_beams: int = 1  # beam search when > 1
+    do_sample: bool = False  # nucleus sampling instead of greedy/beam search
+    top_p: float = 0.9  # with do_sample
+    temperature: float = 1.0  # with do_sample
+    repetition_penalty: float = 1.0  # > 1 discourages "a dog dog dog"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
+    load_in_8bit: bool = False  # bitsandbytes 8-bit weights (CUDA only): the 2.7b model in ~4 GB
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # same seed, images and batch size: same captions
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder of images with caption sidecars (caption_extension) or metadata.jsonl
+    # the caption of cat.png is cat<caption_extension> beside it (unless metadata.jsonl has it); kohya's
+    # default is .caption (kohya's --caption_extension); "caption" is read as ".caption"
+    caption_extension: str = ".txt"
+    resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
+    center_crop: bool = True  # False: random crop
+    random_flip: bool = False  # horizontal flip with p=0.5
+    repeats: int = 1  # each image is seen this many times per epoch (times its folder's N, below)
+    # kohya's layout: an image in a folder named <N>_<name> under path ("10_sks dog", at any depth, the
+    # nearest such folder counts) is seen N times per epoch, and if it has no caption (no caption file, no
+    # metadata.jsonl entry) it is captioned <name>; 0_<name> folders are left out. False: names mean nothing
+    folder_repeats: bool = True
+    caption_prefix: str = ""  # prepended to every caption, e.g. a trigger word "sks, "
+    # appended to every caption after tag shuffling and tag dropout (which never move or drop it),
+    # e.g. ", in the style of mystyle"; like caption_prefix, taken literally and never written to a file
+    caption_suffix: str = ""
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    # every caption of epochs n, 2n, ... (counted from 1) is dropped (kohya's --caption_dropout_every_n_epochs); 0: off
+    caption_dropout_every_n_epochs: int = 0
+    # each comma-separated tag after the first keep_tokens is left out with this probability every
+    # time the caption is used (kohya's --caption_tag_dropout_rate); text embeddings are then not cached
+    caption_tag_dropout: float = 0.0
+    num_workers: int = 0  # DataLoader workers
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # captioning of uncaptioned images
+    # aspect-ratio buckets: images keep their aspect, cropped to the nearest of a set of sizes of
+    # about resolution² pixels; every batch comes from one bucket
+    buckets: bool = False
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for real SD UNets)
+    # no bucket side shorter / longer than this (kohya's --min_bucket_reso / --max_bucket_reso):
+    # multiples of bucket_step with the square bucket between them; null: only the 2:1 aspect limit
+    min_bucket_side: Optional[int] = None
+    max_bucket_side: Optional[int] = None
+    # an image that its bucket would enlarge (one smaller than about resolution² pixels) gets a
+    # bucket of its own size instead, sides rounded down to bucket_step (kohya's --bucket_no_upscale)
+    bucket_no_upscale: bool = False
+    shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is used
+    keep_tokens: int = 0  # with shuffle_tags: this many leading tags (e.g. the trigger word) stay in place
+    # kohya's keep_tokens_separator, e.g. "|||": in a caption holding it (`sks dog ||| red, blue`) the
+    # tags before it, and after a second one, stay in place and are never dropped (instead of the
+    # first keep_tokens); the separator is taken out of the text. "": off
+    keep_tokens_separator: str = ""
+    # read `(word:1.3)`, `(word)`, `[word]` and BREAK in captions (prefix and suffix too) as infer.py reads a
+    # prompt: the text embeddings are weighted with A1111's rule (kohya's --weighted_captions); false: the
+    # brackets are literal text. Tags still split at every comma: keep commas out of brackets
+    weighted_captions: bool = False
+    # images with an alpha channel (RGBA PNG/WebP) weight the loss of each latent pixel by their alpha
+    # (resized, cropped and flipped with the image, area-averaged to the latent grid; kohya's --alpha_mask);
+    # images without one weigh 1 everywhere. The RGB trained on is unchanged (composited over white)
+    alpha_mask: bool = False
+    # a folder of loss masks, one per training image with its file stem (kohya's --masked_loss with a
+    # conditioning_data_dir): white trains, black is ignored, grey weighs between (the first channel of
+    # an RGB mask, as kohya reads it). Beside the image's own folder path under it, or directly in it;
+    # the same size as its image; resized, cropped and flipped with it. Not with alpha_mask
+    mask_dir: Optional[str] = None
+    # Held-out images for a validation loss (scored as train.validate_every_n_steps says), never
+    # trained on. validation_split: this fraction of the images under path (at least one when > 0),
+    # drawn by validation_seed from their file names, so the same ones in every process and resume
+    validation_split: float = 0.0
+    validation_path: Optional[str] = None  # or a folder of held-out images with captions; not with validation_split
+    validation_seed: Optional[int] = None  # draws the held-out images and their fixed noise; null: train.seed
