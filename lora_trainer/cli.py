@@ -83,7 +83,8 @@ def _check_data(args) -> int:
     tokenizer = load_clip_tokenizer(args.model) if args.model else load_clip_tokenizer(DEFAULT_TOKENIZER_SOURCE)
     report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix, args.folder_repeats,
                            caption_extension=ext, caption_suffix=args.suffix, extension_key="--caption-extension",
-                           weighted_captions=args.weighted_captions)
+                           weighted_captions=args.weighted_captions, mask_dir=args.mask_dir,
+                           separator=args.keep_tokens_separator)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     # 1 = the set cannot train (or has warnings, with --strict); 2 stays for usage/config errors.
     return 1 if not report.can_train or (args.strict and report.warnings) else 0
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data.folder_repeats: kohya's <N>_<name> folders repeat their images N times")
     p.add_argument("--weighted-captions", action="store_true",
                    help="data.weighted_captions: count caption tokens without the (word:1.3) weight syntax")
+    p.add_argument("--keep-tokens-separator", default="",
+                   help="data.keep_tokens_separator: taken out of captions, so not counted")
+    p.add_argument("--mask-dir", help="data.mask_dir: check that every image has a readable mask of its size")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.set_defaults(func=_check_data)

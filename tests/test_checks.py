@@ -109,6 +109,32 @@ def test_check_data_command_exit_codes_and_json(planted, tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nope")]) == 1
 
 
+def test_check_data_checks_the_masks_training_would_read(tmp_path, capsys):
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    (data / "10_dog").mkdir(parents=True)
+    (masks / "10_dog").mkdir(parents=True)
+    for i, name in enumerate(["a", "b"]):
+        _noise_png(data / "10_dog" / f"{name}.png", i)
+        (data / "10_dog" / f"{name}.txt").write_text("sks ||| dog", encoding="utf-8")
+    Image.new("L", (64, 64), 255).save(masks / "10_dog" / "a.png")
+    Image.new("L", (64, 64), 0).save(masks / "b.png")  # kohya's layout: directly in the mask folder
+    report = check_dataset(data, 64, mask_dir=masks, separator="|||")
+    assert report.can_train and not [p for p in report.problems if p.kind == "masks"]
+    assert report.tag_frequency == {"sks": 2, "dog": 2}  # the separator is not a tag
+
+    Image.new("L", (32, 64), 0).save(masks / "b.png")
+    assert main(["check-data", str(data), "--resolution", "64", "--mask-dir", str(masks)]) == 1
+    out = capsys.readouterr().out
+    assert "1 mask(s) in" in out and "b.png is" in out and "resize each mask to its image's size" in out
+    (masks / "b.png").unlink()
+    report = check_dataset(data, 64, mask_dir=masks)
+    [problem] = [p for p in report.problems if p.kind == "masks"]
+    assert "no mask in" in problem.message and "10_dog/b.png" in problem.message
+    report = check_dataset(data, 64, mask_dir=data / "10_dog")
+    assert not report.can_train and "inside the dataset folder" in report.problems[-1].message
+    assert not [p for p in check_dataset(data, 64).problems if p.kind == "masks"]  # no mask_dir: not checked
+
+
 def test_long_caption_limit_follows_max_token_length(planted):
     report = check_dataset(planted, resolution=64, token_limit=150)
     assert "long_caption" not in {p.kind for p in report.problems}

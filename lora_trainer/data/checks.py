@@ -27,6 +27,7 @@ from lora_trainer.data.captions import (
 from lora_trainer.data.dataset import Example, _walk, tag_frequency, training_caption
 from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
 from lora_trainer.data.images import load_image
+from lora_trainer.data.masks import attach_masks
 from lora_trainer.errors import DataError
 from lora_trainer.textencode import plain_text
 
@@ -112,7 +113,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
                   caption_prefix: str = "", folder_repeats: bool = True,
                   token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
                   caption_suffix: str = "", extension_key: str = "data.caption_extension",
-                  weighted_captions: bool = False, no_upscale: bool = False) -> DataReport:
+                  weighted_captions: bool = False, no_upscale: bool = False,
+                  mask_dir: str | os.PathLike | None = None, separator: str = "") -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
@@ -124,6 +126,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     `weighted_captions`: data.weighted_captions; tokens are counted without the weight syntax.
     `no_upscale`: data.buckets with data.bucket_no_upscale; small images keep their size, so they
     are not flagged as upscaled.
+    `mask_dir`: data.mask_dir; every readable image needs a readable mask of its size there.
+    `separator`: data.keep_tokens_separator, taken out of captions by training, so not counted.
     """
     root = Path(root)
     report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
@@ -180,6 +184,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
                 for p, f in folders.items() if p in sizes]
     if any(ex.folder is not None for ex in readable):
         report.folders = describe_folders(readable, root)
+    if mask_dir is not None:
+        _check_masks(report, readable, root, Path(mask_dir))
     captions = _read_captions(report, list(sizes), metadata_files, rel)
     if captions is not None:
         other = other_caption_extension(list(captions), list(captions.values()), caption_extension)
@@ -189,8 +195,22 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
         for path, caption in captions.items():
             if caption is None and folders[path] is not None and folders[path].name:
                 captions[path] = folders[path].name  # what training captions it with
-        _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel, weighted_captions)
+        _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel, weighted_captions,
+                        separator)
     return report
+
+
+def _check_masks(report: DataReport, examples: list[Example], root: Path, mask_dir: Path) -> None:
+    """The loss masks training would read (data.mask_dir): an error for a mask folder inside the
+    dataset (its masks would train as images), or images without a readable mask of their size."""
+    if mask_dir.resolve() == root.resolve() or root.resolve() in mask_dir.resolve().parents:
+        report.problems.append(Problem("error", "masks", f"mask folder {mask_dir} is inside the dataset folder, "
+                                       "so its masks would train as images; move it out"))
+        return
+    try:
+        attach_masks(examples, root, mask_dir, key="mask folder")
+    except DataError as err:
+        report.problems.append(Problem("error", "masks", str(err)))
 
 
 def _add_sizes(report: DataReport, sizes: dict[Path, tuple[int, int]], rel, no_upscale: bool = False) -> None:
@@ -244,7 +264,7 @@ def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[P
 
 
 def _check_captions(report: DataReport, captions: dict[Path, str | None], tokenizer, prefix: str, suffix: str,
-                    rel, weighted: bool = False) -> None:
+                    rel, weighted: bool = False, separator: str = "") -> None:
     missing = [rel(p) for p, c in captions.items() if c is None]
     empty = [rel(p) for p, c in captions.items() if c == ""]
     report.num_captioned = len(captions) - len(missing) - len(empty)
@@ -255,7 +275,7 @@ def _check_captions(report: DataReport, captions: dict[Path, str | None], tokeni
     if empty:
         report.problems.append(Problem("warning", "empty_caption", f"{len(empty)} image(s) have an empty caption",
                                        empty))
-    trained = {p: training_caption(c, prefix, suffix) for p, c in captions.items() if c}
+    trained = {p: training_caption(c, prefix, suffix, separator) for p, c in captions.items() if c}
     limit = report.token_limit
     cut = []
     for path, caption in trained.items():
