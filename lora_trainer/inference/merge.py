@@ -3,6 +3,7 @@ any diffusers user (or a later `--model`) loads without adapter support."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..fileio import new_dir_mode
 from .adapters import AdapterSpec, AdapterStack
 from .pipelines import load_base
 
@@ -38,6 +40,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, new_dir_mode())  # mkdtemp's folder is private (0o700)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
