@@ -26,6 +26,11 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise ConfigError(f"--out: {out} must be a .safetensors file name with --single-file")
     if not loras:
         raise ConfigError("merge: give at least one --lora FILE[:WEIGHT] to merge into the base")
+    if single_file and out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give a .safetensors file name with --single-file")
+    if not single_file and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder name for the merged model "
+                          "(or --single-file to write one checkpoint file)")
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--out: {out} exists; choose a new name or pass --overwrite")
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
