@@ -223,7 +223,10 @@ def _diffusers_alphas(metadata: Mapping[str, str], states: Mapping[str, Mapping[
 def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
     """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection."""
     tensors, metadata = load_adapter(path)
-    layout = detect_layout(tensors)
+    try:
+        layout = detect_layout(tensors)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     if layout == "kohya":
         states, alphas = kohya_to_peft(tensors)
     else:
@@ -278,15 +281,27 @@ def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
 
 
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`path` as a place for a new adapter file, or a one-line ModelError; the commands call it before
+    minutes of SVDs, write_adapter again before writing."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: adapter files end in .safetensors (what A1111, ComfyUI and diffusers look for); "
+                         "give the output that name")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; give the adapter's file name, e.g. {path / 'adapter.safetensors'}")
+    if path.exists() and not overwrite:
+        raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    return path
+
+
 def write_adapter(path: str | os.PathLike, adapter: Adapter, layout: str = "kohya",
                   dtype: torch.dtype | None = torch.float16, metadata: Mapping[str, str] | None = None,
                   overwrite: bool = False) -> Path:
     """Write `adapter` atomically in `layout`; `metadata` (default: the adapter's, minus hashes and
     layout keys) goes in the header. dtype None keeps each tensor's dtype. An existing file is
     replaced only with `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    path = check_output(path, overwrite)
     if layout not in ("kohya", "diffusers"):
         raise ModelError(f"layout {layout!r} is not kohya or diffusers")
     extra = set(adapter.modules) - set(KOHYA_PREFIXES[adapter.base])
