@@ -58,13 +58,13 @@ def _inspect(args) -> int:
 
 
 def _resize(args) -> int:
-    from .export.adapter import check_output, read_adapter, write_adapter
+    from .export.adapter import check_output, read_adapter_for, write_adapter
     from .export.lowrank import check_ranks
     from .export.resize import resize_adapter
 
     check_ranks(args.rank, args.conv_rank)  # flag errors before the file is read
     check_output(args.output, args.overwrite)
-    adapter = read_adapter(args.input, base=args.variant)
+    adapter = read_adapter_for(args.input, args.variant)
     adapter.refuse_dora("resized", args.input)
     resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
                                      param=args.dynamic_param)
@@ -76,14 +76,14 @@ def _resize(args) -> int:
 
 
 def _merge_loras(args) -> int:
-    from .export.adapter import check_output, read_adapter, write_adapter
+    from .export.adapter import check_output, read_adapter_for, write_adapter
     from .export.lowrank import check_ranks
     from .export.merge import merge_adapters
 
     check_ranks(args.rank, args.conv_rank)
     check_output(args.out, args.overwrite)
     specs = [_weighted(s) for s in args.adapters]
-    inputs = [(read_adapter(path, base=args.variant), weight) for path, weight in specs]
+    inputs = [(read_adapter_for(path, args.variant), weight) for path, weight in specs]
     merged, report = merge_adapters(inputs, rank=args.rank, conv_rank=args.conv_rank, names=[p for p, _ in specs])
     merged.metadata["modelspec.title"] = Path(args.out).stem
     layout = args.to or inputs[0][0].layout

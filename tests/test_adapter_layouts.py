@@ -247,9 +247,14 @@ def test_wrong_inputs_and_outputs_of_the_tools_are_one_line_and_write_nothing(tm
         (["merge-loras", str(src), "--out", str(tmp_path / "o.safetensors"), "--conv-rank", "2"], "--conv-rank needs --rank"),
         (["inspect", str(_save_raw(tmp_path / "weights.safetensors", {"conv_in.weight": torch.ones(2, 2)}))],
          "weights.safetensors: keys of neither"),
+        # --variant is for files whose base cannot be told; one that contradicts the file is refused
+        (["convert", str(_save_raw(tmp_path / "v1.safetensors", good, {"ss_base_model_version": "sd_v1"})),
+          str(tmp_path / "o.safetensors"), "--to", "diffusers", "--variant", "sdxl"],
+         "--variant sdxl: " + str(tmp_path / "v1.safetensors") + " is an sd15 adapter (told by: metadata)"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["weights.safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["weights.safetensors", "v1.safetensors"])
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "diffusers", "--variant", "sd15"]) == 0

@@ -274,6 +274,22 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
     return Adapter(modules, base, dict(metadata), layout, reason)
 
 
+def read_adapter_for(path: str | os.PathLike, variant: str | None = None) -> Adapter:
+    """read_adapter for the commands' `--variant`, which is for files whose base cannot be told:
+    a variant that contradicts what the file's keys, metadata or shapes say is refused, since the
+    modules would be written under the other family's names (a file no base can load)."""
+    adapter = read_adapter(path, base=variant)
+    if variant is not None:
+        try:
+            found = read_adapter(path)
+        except ModelError:  # the base cannot be told: what --variant is for
+            return adapter
+        if found.base != variant:
+            raise ModelError(f"--variant {variant}: {path} is an {found.base} adapter (told by: {found.base_reason}); "
+                             "leave out --variant, which is for files whose base cannot be told")
+    return adapter
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .adapter import Adapter, read_adapter
+from .adapter import Adapter, read_adapter_for
 
 _LONG = 160  # metadata values longer than this are shortened in the text report (not in JSON)
 
@@ -80,7 +80,7 @@ def kohya_load_quirks(adapter: Adapter) -> list[str]:
 def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
     path = Path(path)
-    adapter = read_adapter(path, base=base)
+    adapter = read_adapter_for(path, base)
     components = {}
     for component, modules in adapter.modules.items():
         kinds = collections.Counter(_kind(m) for m in modules.values())
