@@ -29,6 +29,7 @@ def _one_line_error(capsys) -> str:
     (["--sweep-adapter", "style"], "--sweep-adapter needs --sweep"),
     (["--refiner-start", "0.5"], "--refiner-start needs --refiner"),
     (["--mask-blur", "-2"], "--mask-blur: -2"),
+    (["--sweep", "0,1", "--merge", "--num-images", "2"], "leave out --merge, --num-images"),
     (["--clip-skip", "0"], "--clip-skip: 0"),
     (["--device", "gpu0"], "--device: 'gpu0' is not a device"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is visible")]))

@@ -110,6 +110,11 @@ def run_infer(args) -> list[Path]:
                                ("--refiner-start", args.refiner_start, "--refiner")):
         if value is not None and not getattr(args, needs[2:].replace("-", "_")):
             raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
+    if args.sweep:
+        ignored = [flag for flag, on in (("--merge", args.merge), ("--num-images", args.num_images != 1),
+                                         ("--batch-size", args.batch_size != 1)) if on]
+        if ignored:
+            raise ConfigError(f"--sweep draws one image per prompt and weight, unmerged; leave out {', '.join(ignored)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
     weights = parse_weights_list(args.sweep) if args.sweep else None
