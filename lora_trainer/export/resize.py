@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 
-from ..errors import ModelError
 from .adapter import Adapter, carried_metadata, module_from_product
 from .lowrank import FitReport, check_dynamic, check_ranks, choose_rank, fit, svd_of_product, truncated_factors
 
