@@ -50,6 +50,8 @@ def _caption(args) -> int:
     from .data.captioning import caption_folder, format_caption_table
     from .errors import ConfigError
 
+    if args.min_length is None:  # --max-length 3 alone must not fail on the default --min-length
+        args.min_length = max(0, min(CaptionConfig().min_length, args.max_length))
     options = CaptionConfig(method="blip2", **{k: v for k, v in vars(args).items() if k in CAPTION_FLAGS})
     errors: list[str] = []
     check_caption_config(options, errors, key=lambda name: "--" + name.replace("_", "-"))
@@ -115,7 +117,8 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=True,
                    help="start the caption with the prompt (--no-keep-prompt for question prompts)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="most new tokens per caption")
-    p.add_argument("--min-length", type=int, default=d.min_length, help="fewest new tokens per caption")
+    p.add_argument("--min-length", type=int, default=None,
+                   help=f"fewest new tokens per caption (default {d.min_length}, or --max-length when smaller)")
     p.add_argument("--num-beams", type=int, default=d.num_beams, help="beam search when > 1")
     p.add_argument("--do-sample", action="store_true", help="nucleus sampling (seeded) instead of greedy/beams")
     p.add_argument("--top-p", type=float, default=d.top_p)

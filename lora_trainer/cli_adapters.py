@@ -58,11 +58,14 @@ def _inspect(args) -> int:
 
 
 def _resize(args) -> int:
-    from .export.adapter import read_adapter, write_adapter
+    from .export.adapter import check_output, read_adapter_for, write_adapter
+    from .export.lowrank import check_ranks
     from .export.lycoris import needs_lycoris_reader, read_lycoris
     from .export.lycoris_lowrank import lycoris_to_lora
     from .export.resize import resize_adapter
 
+    check_ranks(args.rank, args.conv_rank)  # flag errors before the file is read
+    check_output(args.output, args.overwrite)
     if Path(args.input).is_file() and needs_lycoris_reader(args.input):  # LoHa/LoKr/... -> LoRA by SVD
         from .errors import ModelError
 
@@ -74,7 +77,7 @@ def _resize(args) -> int:
             raise ModelError(f"{args.input}: {exc}") from None
         layout = args.to or "kohya"
     else:
-        adapter = read_adapter(args.input, base=args.variant)
+        adapter = read_adapter_for(args.input, args.variant)
         adapter.refuse_dora("resized", args.input)
         resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
                                          param=args.dynamic_param)
@@ -86,11 +89,14 @@ def _resize(args) -> int:
 
 
 def _merge_loras(args) -> int:
-    from .export.adapter import read_adapter, write_adapter
+    from .export.adapter import check_output, read_adapter_for, write_adapter
+    from .export.lowrank import check_ranks
     from .export.merge import merge_adapters
 
+    check_ranks(args.rank, args.conv_rank)
+    check_output(args.out, args.overwrite)
     specs = [_weighted(s) for s in args.adapters]
-    inputs = [(read_adapter(path, base=args.variant), weight) for path, weight in specs]
+    inputs = [(read_adapter_for(path, args.variant), weight) for path, weight in specs]
     merged, report = merge_adapters(inputs, rank=args.rank, conv_rank=args.conv_rank, names=[p for p, _ in specs])
     merged.metadata["modelspec.title"] = Path(args.out).stem
     layout = args.to or inputs[0][0].layout
@@ -101,9 +107,10 @@ def _merge_loras(args) -> int:
 
 
 def _extract(args) -> int:
-    from .export.adapter import write_adapter
+    from .export.adapter import check_output, write_adapter
     from .export.extract import extract_adapter
 
+    check_output(args.out, args.overwrite)
     adapter, report, skipped = extract_adapter(args.base, args.tuned, args.rank, conv_rank=args.conv_rank,
                                                min_diff=args.min_diff, device=args.device)
     adapter.metadata["modelspec.title"] = Path(args.out).stem

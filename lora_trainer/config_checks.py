@@ -344,6 +344,12 @@ def normalize_caption_extension(value: str, key: str = "data.caption_extension")
     if not ext.strip(".") or "/" in ext or "\\" in ext:
         raise ConfigError(f"{key}: got {value!r}; expected a file extension such as .txt or .caption "
                           "(the caption of cat.png is then cat.txt or cat.caption beside it)")
+    from .data.images import IMAGE_EXTENSIONS
+
+    if ext.lower() in IMAGE_EXTENSIONS:
+        # cat.png's caption file would be cat.png itself: read as text, or written over with --overwrite
+        raise ConfigError(f"{key}: got {value!r}, an image extension; caption files need their own, "
+                          "such as .txt or .caption")
     return ext
 
 
@@ -383,7 +389,10 @@ def check_caption_config(c: CaptionConfig, errors: list[str],
     need(bool(c.model.strip()), "model", "a hub id or a folder with a BLIP-2 model")
     need(c.batch_size >= 1, "batch_size", "an integer >= 1")
     need(c.max_length >= 1, "max_length", "an integer >= 1 (new tokens per caption)")
-    need(0 <= c.min_length <= c.max_length, "min_length", f"an integer in [0, max_length={c.max_length}]")
+    default_min = type(c)().min_length
+    need(0 <= c.min_length <= c.max_length, "min_length", f"an integer in [0, max_length={c.max_length}]"
+         + (f" (it is the default, {default_min}: lower it with {key('max_length')})" if c.min_length == default_min
+            else ""))
     need(c.num_beams >= 1, "num_beams", "an integer >= 1")
     need(0.0 < c.top_p <= 1.0, "top_p", "a number in (0, 1]")
     need(c.temperature > 0, "temperature", "a number > 0")

@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file under the process umask (usually 0o644).
+    Temporary files are created 0o600; without this every output would stay private to its owner,
+    unreadable by a UI or server that runs as another user."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode `mkdir` gives a new folder under the process umask (usually 0o755); see new_file_mode."""
+    return 0o777 & ~_umask()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as `path`; rename it over `path` on success.
 
-    On any exception the temporary file is removed and `path` is left as it was.
+    On any exception the temporary file is removed and `path` is left as it was. The file gets the
+    mode of the file it replaces, else the umask's default for a new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +42,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            mode = new_file_mode()
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -85,7 +85,9 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
     """Read a `parameters` text (ours or A1111's) back into a GenerationInfo; unknown settings go to
     `extra`, `<lora:name:weight>` tags in the prompt become `adapters` (hashes from 'Lora hashes')."""
     lines = text.strip().split("\n")
-    settings = _split_settings(lines[-1]) if len(lines) > 1 and "Steps:" in lines[-1] else {}
+    # An empty prompt leaves the settings line alone (the text starts with the newline after it).
+    is_settings = "Steps:" in lines[-1] and (len(lines) > 1 or bool(re.match(r"Steps: \d+(,|$)", lines[-1])))
+    settings = _split_settings(lines[-1]) if is_settings else {}
     body = lines[:-1] if settings else lines
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in body:

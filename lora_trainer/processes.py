@@ -31,3 +31,24 @@ def check_launch_mode() -> None:
             raise ConfigError(f"accelerate launch: {name} is not supported for LoRA training; launch with "
                               "configs/accelerate/multi-gpu.yaml (DDP) and, for a large base, "
                               "train.mixed_precision=bf16 train.gradient_checkpointing=true")
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """`device` when torch can place tensors there, else a one-line ConfigError naming `flag`: a typo,
+    or a GPU this machine (or this torch build) does not have."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{flag}: {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            build = "" if torch.backends.cuda.is_built() else f" (this torch {torch.__version__} is built without CUDA)"
+            raise ConfigError(f"{flag}: {device!r} but no CUDA GPU is visible{build}; use {flag} cpu")
+        if where.index is not None and where.index >= count:
+            raise ConfigError(f"{flag}: {device!r} but only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    elif where.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag}: 'mps' but Apple's Metal backend is not available here; use {flag} cpu")
+    elif where.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"{flag}: {device!r} is not supported here; use cpu, cuda, cuda:N or mps")
+    return device

@@ -17,6 +17,12 @@ COMMA_BACKTRACK = 20  # a full window breaks after a comma this close to its end
 BREAK = -1.0  # the weight of a run that stands for A1111's BREAK (start a new window)
 
 
+def is_break(text: str, weight: float) -> bool:
+    """Whether a (text, weight) run of parse_weights is BREAK. Both parts count, as in A1111: a
+    prompt may weight its own words -1 (`(blurry:-1)`), and that is no BREAK."""
+    return weight == BREAK and text == "BREAK"
+
+
 @dataclass
 class Chunks:
     """Token windows of one text for one tokenizer: ids and weights, each CHUNK + 2 long."""
@@ -28,7 +34,7 @@ class Chunks:
 def _tokens(tokenizer, runs: Iterable[tuple[str, float]]) -> Iterator[tuple[Optional[int], float]]:
     """(token, weight) for each token of each run; (None, BREAK) for a BREAK run."""
     for text, weight in runs:
-        if weight == BREAK:
+        if is_break(text, weight):
             yield None, BREAK
             continue
         # verbose=False: text past 77 tokens is what the windows are for; no "too long" warning
@@ -124,7 +130,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
     def scale(start: int, factor: float) -> None:
         for run in runs[start:]:
-            run[1] *= factor
+            if not is_break(*run):  # a BREAK inside brackets still starts a new window
+                run[1] *= factor
 
     def add(piece: str) -> None:
         parts = BREAK_RUN.split(piece)
@@ -170,7 +177,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
     merged: list[tuple[str, float]] = []
     for piece, weight in runs:
-        if merged and merged[-1][1] == weight and weight != BREAK:
+        if merged and merged[-1][1] == weight and not is_break(piece, weight) and not is_break(*merged[-1]):
             merged[-1] = (merged[-1][0] + piece, weight)
         else:
             merged.append((piece, weight))
@@ -203,7 +210,7 @@ def weighted_windows(tokenizer, text: str, count: int) -> Chunks:
 
 def plain_text(text: str) -> str:
     """`text` without its weight syntax: the words the text encoder reads (token counts)."""
-    return "".join(" " if weight == BREAK else piece for piece, weight in parse_weights(text)).strip()
+    return "".join(" " if is_break(piece, weight) else piece for piece, weight in parse_weights(text)).strip()
 
 
 def comma_in_brackets(text: str) -> bool:

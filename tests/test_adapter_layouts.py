@@ -226,3 +226,36 @@ def test_convert_casts_dtype_and_never_overwrites_without_asking(sd15, tmp_path,
     back, _ = load_adapter(tmp_path / "k2.safetensors")
     assert {t.dtype for k, t in back.items() if not k.endswith(".alpha")} == {torch.bfloat16}
     assert {t.dtype for k, t in back.items() if k.endswith(".alpha")} == {torch.float32}
+
+
+def test_wrong_inputs_and_outputs_of_the_tools_are_one_line_and_write_nothing(tmp_path, capsys):
+    good = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(2, 8),
+            "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(8, 2)}
+    src = _save_raw(tmp_path / "in.safetensors", good)
+    folder = tmp_path / "diffusers-folder"
+    folder.mkdir()
+    _save_raw(folder / "pytorch_lora_weights.safetensors", good)
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")  # a pickle
+    (tmp_path / "taken.safetensors").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    cases = [
+        (["inspect", str(folder)], "is a folder; give the adapter's .safetensors file (it holds pytorch_lora_weights"),
+        (["convert", str(tmp_path / "old.ckpt"), str(tmp_path / "o.safetensors"), "--to", "kohya"], "is a pickle (.ckpt)"),
+        (["convert", str(src), str(tmp_path / "o.ckpt"), "--to", "kohya"], "adapter files end in .safetensors"),
+        (["convert", str(src), str(tmp_path / "taken.safetensors"), "--to", "diffusers", "--overwrite"], "is a folder"),
+        (["resize", str(src), str(tmp_path / "o.safetensors"), "--rank", "0"], "--rank 0: expected an integer >= 1"),
+        (["merge-loras", str(src), "--out", str(tmp_path / "o.safetensors"), "--conv-rank", "2"], "--conv-rank needs --rank"),
+        (["inspect", str(_save_raw(tmp_path / "weights.safetensors", {"conv_in.weight": torch.ones(2, 2)}))],
+         "weights.safetensors: keys of neither"),
+        # --variant is for files whose base cannot be told; one that contradicts the file is refused
+        (["convert", str(_save_raw(tmp_path / "v1.safetensors", good, {"ss_base_model_version": "sd_v1"})),
+          str(tmp_path / "o.safetensors"), "--to", "diffusers", "--variant", "sdxl"],
+         "--variant sdxl: " + str(tmp_path / "v1.safetensors") + " is an sd15 adapter (told by: metadata)"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["weights.safetensors", "v1.safetensors"])
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--to", "diffusers", "--variant", "sd15"]) == 0

@@ -96,7 +96,7 @@ def test_check_data_reads_the_extension_and_counts_the_suffix(caption_files, cap
     assert err.startswith("error: --caption-extension: got 'a/b'") and "\n" not in err
 
 
-@pytest.mark.parametrize("value", ["", ".", "sub/x", "..\\\\x"])
+@pytest.mark.parametrize("value", ["", ".", "sub/x", "..\\\\x", ".png", "JPG"])
 def test_a_bad_caption_extension_is_a_one_line_config_error(value):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "example.yaml", [f"data.caption_extension={value}"])

@@ -141,6 +141,7 @@ def test_caption_command_prints_table_and_summary(tiny_blip2, folder, capsys):
     (["--dtype", "fp16", "--device", "cpu"], "data.caption.dtype (--dtype): got 'fp16', which needs a GPU"),
     (["--load-in-8bit", "--device", "cpu"], "data.caption.load_in_8bit (--load-in-8bit): true needs a CUDA GPU"),
     (["--model", "/nonexistent/blip2"], "data.caption.model (--model): cannot load a BLIP-2 model from"),
+    (["--caption-extension", ".png"], "--caption-extension: got '.png', an image extension"),
 ])
 def test_bad_caption_options_are_one_line_errors(folder, capsys, args, expected):
     rc = main(["caption", str(folder), "--quiet", *args])
@@ -195,3 +196,25 @@ def test_make_tiny_blip2_variant_loads_with_from_pretrained(tmp_path, capsys):
     assert processor.num_query_tokens == model.config.num_query_tokens == 4
     assert model.config.image_token_index == image_token < model.config.text_config.vocab_size
     assert sum(p.numel() for p in model.parameters()) < 500_000
+
+
+def test_caption_files_in_utf16_are_read_and_kept_and_latin1_is_named(tiny_blip2, folder, capsys):
+    (folder / "c.txt").write_bytes("café, naïve\r\n".encode("utf-16"))  # Notepad's "Unicode", with its BOM
+    (folder / "sub" / "d.txt").write_bytes("\ufeffd words".encode("utf-8"))
+    saved = (folder / "c.txt").read_bytes()
+    results = {r.path.name: r for r in caption_folder(folder, CaptionConfig(model=str(tiny_blip2)), show_progress=False)}
+    assert (results["c.png"].status, results["c.png"].caption) == ("kept", "café, naïve")
+    assert results["d.png"].caption == "d words" and (folder / "c.txt").read_bytes() == saved
+
+    (folder / "c.txt").write_bytes("café au lait".encode("latin-1"))
+    capsys.readouterr()
+    assert main(["caption", str(folder), "--model", str(tiny_blip2), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("c.txt: not UTF-8 text (invalid continuation byte at byte 3); re-save it as UTF-8")
+
+
+def test_max_length_alone_below_the_default_min_length_works(tiny_blip2, folder, capsys):
+    assert main(["caption", str(folder), "--model", str(tiny_blip2), "--quiet", "--max-length", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 image(s): 3 generated, 1 kept"
+    assert main(["caption", str(folder), "--quiet", "--max-length", "3", "--min-length", "4"]) == 2
+    assert "--min-length: got 4; expected an integer in [0, max_length=3]" in capsys.readouterr().err

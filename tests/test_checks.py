@@ -107,6 +107,12 @@ def test_check_data_command_exit_codes_and_json(planted, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["can_train"] is False and report["problems"][-1]["kind"] == "metadata"
     assert main(["check-data", str(tmp_path / "nope")]) == 1
+    assert "error: dataset folder not found" in capsys.readouterr().out
+    # a file given for the folder is called a file, by check-data, caption and training alike
+    assert main(["check-data", str(planted / "good1.png")]) == 1
+    assert "error: a file, not a dataset folder" in capsys.readouterr().out
+    assert main(["caption", str(planted / "good1.png"), "--quiet"]) == 2
+    assert "good1.png: is a file, not a folder; give a folder of images" in capsys.readouterr().err
 
 
 def test_check_data_checks_the_masks_training_would_read(tmp_path, capsys):

@@ -13,7 +13,7 @@ from lora_trainer.inference.generate import Generator, Request
 from lora_trainer.inference.images import canny, extend_canvas
 from lora_trainer.inference.schedulers import SAMPLERS
 from lora_trainer.inference.sweep import sweep_grid
-from lora_trainer.pnginfo import a1111_parameters, parse_a1111_parameters
+from lora_trainer.pnginfo import GenerationInfo, a1111_parameters, parse_a1111_parameters
 
 FAST = dict(steps=3, width=64, height=64, seed=7)
 
@@ -186,3 +186,10 @@ def test_a_missing_controlnet_hint_names_a_controlnet(tiny_sd15, picture, tmp_pa
                "--controlnet", str(tmp_path / "nope"), "--control-image", str(tmp_path / "map.png")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: --controlnet:") and "sd-controlnet" in err and "\n" not in err
+
+
+def test_png_parameters_of_an_empty_prompt_read_back():
+    info = parse_a1111_parameters(a1111_parameters(GenerationInfo(prompt="", steps=3, seed=9, width=64, height=64)))
+    assert (info.prompt, info.steps, info.seed, info.width) == ("", 3, 9, 64)
+    lone = parse_a1111_parameters("Steps: in the hills, a path")  # a prompt that merely starts like one
+    assert lone.prompt == "Steps: in the hills, a path"

@@ -21,6 +21,9 @@ from lora_trainer.inference.prompts import CHUNK, apply_weights, chunk_tokens, e
     ("(x:word)", [("x:word", 1.1)]),
     ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
     ("BREAKFAST", [("BREAKFAST", 1.0)]),
+    # a weight of -1 is a weight, not BREAK; a BREAK inside brackets is still a BREAK
+    ("(blurry:-1) sky", [("blurry", -1.0), (" sky", 1.0)]),
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.0), ("b", 1.1)]),
     ("", [("", 1.0)]),
 ])
 def test_weight_syntax_follows_a1111(text, want):
@@ -62,6 +65,14 @@ def test_full_window_breaks_after_a_recent_comma(sd15_pipe):
     assert first[70] == comma and first[71:] == [tok.eos_token_id] + [tok.pad_token_id] * 3  # ends at the comma
     assert chunks.ids[1][1:11] == one * 10
     assert chunk_tokens(tok, "a BREAK b").ids[1][1] == tok("b", add_special_tokens=False).input_ids[0]
+    assert len(chunk_tokens(tok, "(a BREAK b)").ids) == 2
+
+
+def test_a_word_weighted_minus_one_stays_in_its_window(sd15_pipe):
+    tok = sd15_pipe.tokenizer
+    q = tok("q", add_special_tokens=False).input_ids[0]
+    chunks = chunk_tokens(tok, "(q:-1) q")
+    assert len(chunks.ids) == 1 and chunks.ids[0][1:3] == [q, q] and chunks.weights[0][1:3] == [-1.0, 1.0]
 
 
 def test_unweighted_prompt_matches_diffusers_encode_prompt(sd15_pipe):

@@ -26,6 +26,10 @@ def test_dry_run_writes_a_card_whose_front_matter_parses_and_points_at_real_imag
     printed = capsys.readouterr()
     assert "would upload" in printed.out and "README.md" in printed.out
 
+    from lora_trainer.fileio import new_dir_mode, new_file_mode
+
+    assert out.stat().st_mode & 0o777 == new_dir_mode()  # not the temp folder's private 0o700
+    assert (out / "README.md").stat().st_mode & 0o777 == new_file_mode()
     card = (out / "README.md").read_text(encoding="utf-8")
     meta = front_matter(card)
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # model.base was a local folder
@@ -159,6 +163,8 @@ def test_civitai_zip_holds_the_listed_files_and_loads_with_our_inference(trained
     name = trained.adapter_paths[0].name
     with zipfile.ZipFile(out) as z:
         assert sorted(z.namelist()) == sorted([name, "images/00.png", "images/sweep.png", "civitai.json", "prompts.json", "README.txt"])
+        # unpacked readable by everyone (rw-r--r--), not private like the temp files they came from
+        assert {z.getinfo(n).external_attr >> 16 for n in z.namelist()} == {0o100644}
         z.extractall(tmp_path / "unzipped")
     root = tmp_path / "unzipped"
     fields = json.loads((root / "civitai.json").read_text())

@@ -128,6 +128,8 @@ def test_upload_in_offline_mode_says_so(trained, tmp_path, monkeypatch, fake_tok
     (["publish", "{run}", "--hub", "a/b", "--dry-run", "--out", "{run}"], "would replace the run folder"),
     (["package", "{run}", "--civitai", "{tmp}/x.tar"], "expected a path ending in .zip"),
     (["package", "{run}", "--civitai", "{tmp}/x.zip", "--weight", "-1"], "--weight: got -1"),
+    (["publish", "{run}", "--hub", "a/b", "--dry-run", "--out", "{tmp}/o", "--weight", "2", "--weight-range", "0.3,0.9"],
+     "--weight 2 is outside --weight-range 0.3,0.9"),
 ])
 def test_bad_publish_inputs_are_one_line_errors(trained, tmp_path, fake_token, capsys, args, expected):
     args = [a.format(tmp=tmp_path, run=trained.output_dir) for a in args]

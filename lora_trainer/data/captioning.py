@@ -181,7 +181,8 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found; give a folder of images to caption")
+        what = "is a file, not a folder" if root.exists() else "dataset folder not found"
+        raise DataError(f"{root}: {what}; give a folder of images to caption")
     image_paths, metadata_files, _ = _walk(root, skip_parked)
     in_metadata: dict[Path, str] = {}
     for metadata in metadata_files:

@@ -6,6 +6,7 @@ data.caption_extension: `.txt` by default, `.caption` in kohya's default), else 
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -136,10 +137,21 @@ def find_captions(image_paths: Iterable[Path], metadata_files: Iterable[Path] = 
     return captions
 
 
+def _encoding(data: bytes) -> str:
+    """UTF-8 (its byte-order mark, which Windows editors often write, dropped), or UTF-16/32 when the
+    file starts with their byte-order mark (Notepad's "Unicode" saves UTF-16)."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8-sig"
+
+
 def _read_text(path: Path) -> str:
-    # utf-8-sig: caption files saved by Windows editors often start with a byte-order mark.
     try:
-        return path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
+        # universal newlines, as text-mode reading gives
+        return data.decode(_encoding(data)).replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
                         "re-save it as UTF-8") from err

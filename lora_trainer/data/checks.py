@@ -132,7 +132,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     root = Path(root)
     report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
     if not root.is_dir():
-        report.problems.append(Problem("error", "no_images", "dataset folder not found"))
+        what = "a file, not a dataset folder" if root.exists() else "dataset folder not found"
+        report.problems.append(Problem("error", "no_images", what))
         return report
 
     def rel(path: Path) -> str:

@@ -57,7 +57,8 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found; set data.path to a folder of images")
+        what = "is a file, not a folder" if root.exists() else "dataset folder not found"
+        raise DataError(f"{root}: {what}; set data.path to a folder of images")
     image_paths, metadata_files, parked = _walk(root, skip_parked=folder_repeats)
     if parked:
         logger.warning("leaving out %d folder(s) named 0_<name> (0 repeats, kohya's way to park images): %s",

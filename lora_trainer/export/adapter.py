@@ -223,7 +223,10 @@ def _diffusers_alphas(metadata: Mapping[str, str], states: Mapping[str, Mapping[
 def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
     """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection."""
     tensors, metadata = load_adapter(path)
-    layout = detect_layout(tensors)
+    try:
+        layout = detect_layout(tensors)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     if layout == "kohya":
         states, alphas = kohya_to_peft(tensors)
     else:
@@ -271,11 +274,41 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
     return Adapter(modules, base, dict(metadata), layout, reason)
 
 
+def read_adapter_for(path: str | os.PathLike, variant: str | None = None) -> Adapter:
+    """read_adapter for the commands' `--variant`, which is for files whose base cannot be told:
+    a variant that contradicts what the file's keys, metadata or shapes say is refused, since the
+    modules would be written under the other family's names (a file no base can load)."""
+    adapter = read_adapter(path, base=variant)
+    if variant is not None:
+        try:
+            found = read_adapter(path)
+        except ModelError:  # the base cannot be told: what --variant is for
+            return adapter
+        if found.base != variant:
+            raise ModelError(f"--variant {variant}: {path} is an {found.base} adapter (told by: {found.base_reason}); "
+                             "leave out --variant, which is for files whose base cannot be told")
+    return adapter
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """The metadata worth keeping in a derived file: everything but hashes and layout-specific keys."""
     return {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`path` as a place for a new adapter file, or a one-line ModelError; the commands call it before
+    minutes of SVDs, write_adapter again before writing."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: adapter files end in .safetensors (what A1111, ComfyUI and diffusers look for); "
+                         "give the output that name")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; give the adapter's file name, e.g. {path / 'adapter.safetensors'}")
+    if path.exists() and not overwrite:
+        raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    return path
 
 
 def write_adapter(path: str | os.PathLike, adapter: Adapter, layout: str = "kohya",
@@ -284,9 +317,7 @@ def write_adapter(path: str | os.PathLike, adapter: Adapter, layout: str = "kohy
     """Write `adapter` atomically in `layout`; `metadata` (default: the adapter's, minus hashes and
     layout keys) goes in the header. dtype None keeps each tensor's dtype. An existing file is
     replaced only with `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    path = check_output(path, overwrite)
     if layout not in ("kohya", "diffusers"):
         raise ModelError(f"layout {layout!r} is not kohya or diffusers")
     extra = set(adapter.modules) - set(KOHYA_PREFIXES[adapter.base])

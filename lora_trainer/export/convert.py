@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .adapter import read_adapter, write_adapter
+from .adapter import check_output, read_adapter_for, write_adapter
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: torch.dtype | None = None,
@@ -26,5 +26,6 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
         raise ModelError(f"--to {to!r} is not kohya or diffusers")
     if Path(src).resolve() == Path(dst).resolve():
         raise ModelError(f"{dst} is the input file; write the converted adapter to another name")
-    adapter = read_adapter(src, base=base)
+    check_output(dst, overwrite)
+    adapter = read_adapter_for(src, base)
     return write_adapter(dst, adapter, layout=to, dtype=dtype, overwrite=overwrite)

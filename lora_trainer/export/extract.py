@@ -21,6 +21,7 @@ import safetensors
 import torch
 
 from ..errors import ModelError
+from ..processes import check_device
 from .adapter import Adapter, LoraModule, module_from_product
 from .layouts import COMPONENTS, canonical_path
 from .lowrank import FitReport, fit, svd_of_matrix, truncated_factors
@@ -97,6 +98,7 @@ def extract_adapter(base: str | Path, tuned: str | Path, rank: int, *, conv_rank
     conv_rank = rank if conv_rank is None else conv_rank
     if rank < 1 or conv_rank < 0:
         raise ModelError(f"--rank {rank} must be >= 1 and --conv-rank {conv_rank} >= 0")
+    check_device(device)
     for folder in (base, tuned):
         if not folder.is_dir():
             raise ModelError(f"{folder} is not a folder; extract takes two diffusers pipeline folders")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .adapter import Adapter, read_adapter
+from .adapter import Adapter, read_adapter_for
 
 _LONG = 160  # metadata values longer than this are shortened in the text report (not in JSON)
 
@@ -101,7 +101,7 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     path = Path(path)
     if path.is_file() and needs_lycoris_reader(path):
         return _inspect_lycoris(path, base)
-    adapter = read_adapter(path, base=base)
+    adapter = read_adapter_for(path, base)
     components = {}
     for component, modules in adapter.modules.items():
         kinds = collections.Counter(_kind(m) for m in modules.values())

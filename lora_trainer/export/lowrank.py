@@ -31,6 +31,16 @@ def svd_of_matrix(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
 
 
+def check_ranks(rank: int | None, conv_rank: int | None) -> None:
+    """--rank and --conv-rank as resize and merge-loras take them: integers >= 1, --conv-rank only with --rank."""
+    bad = [f"--{name} {value}" for name, value in (("rank", rank), ("conv-rank", conv_rank))
+           if value is not None and value < 1]
+    if bad:
+        raise ModelError(f"{' and '.join(bad)}: expected an integer >= 1")
+    if conv_rank is not None and rank is None:
+        raise ModelError("--conv-rank needs --rank (without --rank every module keeps all its ranks)")
+
+
 def check_dynamic(dynamic: str | None, param: float | None) -> None:
     """Validate a dynamic-rank rule before any work, with the message the CLI shows."""
     if dynamic is None:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ModelError
 from .adapter import Adapter, LoraModule, module_from_product
-from .lowrank import FitReport, choose_rank, fit, svd_of_product, truncated_factors
+from .lowrank import FitReport, check_ranks, choose_rank, fit, svd_of_product, truncated_factors
 from .metadata import ARCHITECTURES, kohya_metadata
 
 _VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -53,8 +53,7 @@ def merge_adapters(inputs: Sequence[tuple[Adapter, float]], rank: int | None = N
     if len(bases) > 1:
         listed = ", ".join(f"{n} ({a.base})" for n, (a, _) in zip(names, inputs))
         raise ModelError(f"cannot merge adapters for different bases: {listed}")
-    if rank is not None and (rank < 1 or (conv_rank is not None and conv_rank < 1)):
-        raise ModelError(f"--rank {rank} / --conv-rank {conv_rank} must be integers >= 1")
+    check_ranks(rank, conv_rank)
 
     grouped: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
     for name, (adapter, weight) in zip(names, inputs):

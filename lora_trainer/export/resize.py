@@ -9,9 +9,8 @@ from __future__ import annotations
 import collections
 import json
 
-from ..errors import ModelError
 from .adapter import Adapter, carried_metadata, module_from_product
-from .lowrank import FitReport, check_dynamic, choose_rank, fit, svd_of_product, truncated_factors
+from .lowrank import FitReport, check_dynamic, check_ranks, choose_rank, fit, svd_of_product, truncated_factors
 
 
 def resize_adapter(adapter: Adapter, rank: int, *, conv_rank: int | None = None, dynamic: str | None = None,
@@ -22,8 +21,7 @@ def resize_adapter(adapter: Adapter, rank: int, *, conv_rank: int | None = None,
     3×3 conv modules (default `rank`). The output shares one alpha, chosen as kohya does for a fixed
     rank (alpha' = (alpha / r) · r', so the scale users know is unchanged); factors absorb the rest.
     """
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ModelError(f"--rank {rank} / --conv-rank {conv_rank} must be integers >= 1")
+    check_ranks(rank, conv_rank)
     check_dynamic(dynamic, param)
     adapter.refuse_dora("resized", adapter.metadata.get("ss_output_name", "the adapter"))
     conv_rank = rank if conv_rank is None else conv_rank

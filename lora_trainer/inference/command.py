@@ -53,7 +53,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-preprocess", default="none", choices=PREPROCESSORS,
                    help="canny: detect edges; none: the image is already a map (depth, pose, seg, scribble, normal)")
     p.add_argument("--refiner", help="SDXL refiner model, run as a second stage")
-    p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the steps done by the base")
+    p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps done by the base (default 0.8)")
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
@@ -104,6 +104,17 @@ def run_infer(args) -> list[Path]:
         raise ConfigError("--mask and --outpaint: give one (outpainting makes its own mask)")
     if args.control_image and not args.controlnet:
         raise ConfigError("--control-image needs --controlnet MODEL")
+    # Flags that only mean something with another one: silently ignoring them would hide a typo'd run.
+    for flag, value, needs in (("--strength", args.strength, "--init-image"),
+                               ("--sweep-adapter", args.sweep_adapter, "--sweep"),
+                               ("--refiner-start", args.refiner_start, "--refiner")):
+        if value is not None and not getattr(args, needs[2:].replace("-", "_")):
+            raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
+    if args.sweep:
+        ignored = [flag for flag, on in (("--merge", args.merge), ("--num-images", args.num_images != 1),
+                                         ("--batch-size", args.batch_size != 1)) if on]
+        if ignored:
+            raise ConfigError(f"--sweep draws one image per prompt and weight, unmerged; leave out {', '.join(ignored)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
     weights = parse_weights_list(args.sweep) if args.sweep else None
@@ -120,9 +131,10 @@ def run_infer(args) -> list[Path]:
     request = Request(prompt=args.prompt[0], negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                       batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
-                      clip_skip=args.clip_skip or 1, init_image=init, strength=strength, mask=mask,
-                      mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
-                      control_preprocess=args.control_preprocess, refiner_start=args.refiner_start)
+                      clip_skip=1 if args.clip_skip is None else args.clip_skip, init_image=init, strength=strength,
+                      mask=mask, mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
+                      control_preprocess=args.control_preprocess,
+                      refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
     if args.clip_skip is None:

@@ -17,9 +17,11 @@ from PIL import Image
 
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
+from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, parse_adapter_spec
 from .images import extend_canvas, paste_outside_mask, preprocess_control
-from .pipelines import default_device_dtype, encoders_of, job_pipeline, load_base, load_controlnet, load_refiner
+from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
+                        load_controlnet, load_refiner)
 from .prompts import encode_pair
 from .schedulers import a1111_name, check_sampler, make_scheduler
 
@@ -67,6 +69,7 @@ def check_request(req: Request) -> None:
         (0 <= req.strength <= 1, "--strength", req.strength, "a number from 0 to 1"),
         (req.clip_skip >= 1, "--clip-skip", req.clip_skip, "1 (no skip) or more"),
         (0 < req.refiner_start < 1, "--refiner-start", req.refiner_start, "a number between 0 and 1"),
+        (req.mask_blur >= 0, "--mask-blur", req.mask_blur, "0 (a hard seam) or more pixels"),
     ]
     for size, flag in ((req.width, "--width"), (req.height, "--height")):
         checks.append((size is None or (size > 0 and size % 8 == 0), flag, size, "a positive multiple of 8"))
@@ -92,6 +95,8 @@ class Generator:
             self.adapters.load(parse_adapter_spec(spec) if isinstance(spec, str) else spec)
         self.controlnet_name = Path(str(controlnet)).name if controlnet else None
         self.controlnet = load_controlnet(str(controlnet), self.device, self.dtype) if controlnet else None
+        if self.controlnet is not None:
+            check_controlnet_fits(self.controlnet, self.pipe, self.variant, str(controlnet))
         self.refiner_name = Path(str(refiner)).name if refiner else None
         self.refiner = None
         if refiner:
@@ -122,6 +127,10 @@ class Generator:
     def _embeds(self, pipe, req: Request) -> dict[str, torch.Tensor]:
         sdxl = self.variant == "sdxl"
         zero_negative = sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+        most = max_clip_skip([encoder for _, encoder in encoders_of(pipe)])
+        if req.clip_skip > most:
+            raise ConfigError(f"--clip-skip: got {req.clip_skip}; expected 1 to {most} "
+                              f"(this model's text encoder has {most} layers)")
         pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative)
         out = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
         if sdxl:

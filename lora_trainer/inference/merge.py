@@ -3,6 +3,7 @@ any diffusers user (or a later `--model`) loads without adapter support."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..fileio import new_dir_mode
 from .adapters import AdapterSpec, AdapterStack
 from .pipelines import load_base
 
@@ -24,6 +26,11 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise ConfigError(f"--out: {out} must be a .safetensors file name with --single-file")
     if not loras:
         raise ConfigError("merge: give at least one --lora FILE[:WEIGHT] to merge into the base")
+    if single_file and out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give a .safetensors file name with --single-file")
+    if not single_file and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder name for the merged model "
+                          "(or --single-file to write one checkpoint file)")
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--out: {out} exists; choose a new name or pass --overwrite")
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
@@ -38,6 +45,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, new_dir_mode())  # mkdtemp's folder is private (0o700)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             old = out.with_name(f".{out.name}.old")

@@ -33,7 +33,9 @@ PIPELINES = {
 
 def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[str, torch.dtype]:
     """CUDA in fp16 when there is a GPU, else the CPU in fp32 (fp16 on CPU is slow and lossy)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..processes import check_device
+
+    device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     return device, dtype
@@ -96,6 +98,24 @@ def load_controlnet(model: str, device: str, dtype: torch.dtype):
     return net.to(device)
 
 
+def _family(unet_config) -> str:
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def check_controlnet_fits(net, pipe, variant: str, model: str) -> None:
+    """A ControlNet for another base family (or another text encoder width) fails deep inside the
+    UNet's first step with a shape error; name the mismatch instead."""
+    names = {"sd15": "SD 1.x", "sdxl": "SDXL"}
+    family = _family(net.config)
+    if family != variant:
+        raise ModelError(f"--controlnet: {model} is a ControlNet for {names[family]}, but --model is "
+                         f"{names[variant]}; use a ControlNet trained for {names[variant]}")
+    want, have = pipe.unet.config.cross_attention_dim, net.config.cross_attention_dim
+    if want != have:
+        raise ModelError(f"--controlnet: {model} reads text features of width {have}, but this base's are {want}; "
+                         "it was trained for another base (e.g. SD 2.x)")
+
+
 def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
     """The SDXL refiner as an img2img pipeline sharing the base's VAE and second text encoder
     (as the official refiner does) when their shapes match."""
@@ -107,6 +127,9 @@ def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
             pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model, **diffusers_dtype(dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"--refiner: cannot load {model!r}: {first_line(exc)}") from None
+    if getattr(pipe, "text_encoder_2", None) is None or _family(pipe.unet.config) != "sdxl":
+        raise ModelError(f"--refiner: {model} is not an SDXL refiner (an SDXL img2img model with text_encoder_2); "
+                         "use e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
     with quiet_diffusers():
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,10 @@ the upload form's fields as JSON, so a user fills CivitAI's form by copying, not
 from __future__ import annotations
 
 import json
+import shutil
+import stat
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -81,6 +84,24 @@ def readme_text(fields: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Members are unpacked with these permissions (rw-r--r--) whatever the source files' modes: zipfile
+# would store 0o600 for text members and copy the mode of each file it adds.
+_MEMBER_ATTR = (stat.S_IFREG | 0o644) << 16
+
+
+def _add_file(z: zipfile.ZipFile, source: Path, name: str, compress: int) -> None:
+    info = zipfile.ZipInfo.from_file(source, name)
+    info.external_attr, info.compress_type = _MEMBER_ATTR, compress
+    with open(source, "rb") as src, z.open(info, "w") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _add_text(z: zipfile.ZipFile, name: str, text: str) -> None:
+    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info.external_attr, info.compress_type = _MEMBER_ATTR, zipfile.ZIP_DEFLATED
+    z.writestr(info, text)
+
+
 def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, description: str | None = None,
                           overwrite: bool = False) -> list[str]:
     """Write the zip atomically; return the names inside it."""
@@ -98,15 +119,13 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
         adapter = write_kohya(run, Path(tmp) / model_file, dtype=torch.float16)  # what CivitAI users expect
         with atomic_path(out_zip) as tmp_zip, zipfile.ZipFile(tmp_zip, "w") as z:
             # safetensors and PNG do not compress; text does
-            z.write(adapter, model_file, compress_type=zipfile.ZIP_STORED)
+            _add_file(z, adapter, model_file, zipfile.ZIP_STORED)
             sources = [s.path for s in run.samples] + ([advice.grid] if advice.grid is not None else [])
             for name, source in zip(images, sources):
-                z.write(source, name, compress_type=zipfile.ZIP_STORED)
-            z.writestr("civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n",
-                       compress_type=zipfile.ZIP_DEFLATED)
-            z.writestr("prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n",
-                       compress_type=zipfile.ZIP_DEFLATED)
-            z.writestr("README.txt", readme_text(fields), compress_type=zipfile.ZIP_DEFLATED)
+                _add_file(z, source, name, zipfile.ZIP_STORED)
+            _add_text(z, "civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
+            _add_text(z, "prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n")
+            _add_text(z, "README.txt", readme_text(fields))
             names = z.namelist()
     return names
 

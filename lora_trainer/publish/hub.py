@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import dump_config
 from ..errors import PublishError, first_line
-from ..fileio import write_text_atomic
+from ..fileio import new_dir_mode, write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
 from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
@@ -144,6 +144,7 @@ def build_hub_folder(run: Run, out: str | Path, opts: HubOptions, overwrite: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, new_dir_mode())  # mkdtemp's folder is private (0o700)
         notes = _write_folder(run, tmp, opts)
         manifest = {p: _sha256(tmp / p) for p in _listing(tmp)}
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -204,6 +204,10 @@ def weight_advice(run: Run, weight: float | None = None, weight_range: tuple[flo
             raise PublishError(f"{name}: got {value}; expected a number in (0, 4], e.g. 0.8")
     if weight_range is not None:
         low, high = sorted(weight_range)
+        if weight is not None and not low <= weight <= high:
+            # the card would say "0.3 – 0.9, start at 2"
+            raise PublishError(f"--weight {weight:g} is outside --weight-range {low:g},{high:g}; "
+                               "give a weight inside the range")
         return WeightAdvice(low, high, weight if weight is not None else _round((low + high) / 2), "user")
     if weight is not None:
         return WeightAdvice(max(0.05, _round(weight - 0.2)), _round(weight + 0.2), weight, "user")
