@@ -151,7 +151,7 @@ def test_the_run_logs_text_encoder_groups_validates_and_draws_samples(sd15_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.name]
     states = torch.load(checkpoint / "adapter_state.pt", weights_only=True)  # one trained module: the encoder
     assert len(states) == 1 and all(k.startswith("encoder.layers.") and ".lora_" in k for k in states[0])
-    with safetensors.safe_open(str(checkpoint / "example-lora-step00002.safetensors"), "pt") as f:
+    with safetensors.safe_open(str(checkpoint / "example-lora-step00000002.safetensors"), "pt") as f:
         assert all(k.startswith("lora_te_") for k in f.keys())
 
 

@@ -111,7 +111,17 @@ def _folded_state(adapter) -> dict[str, torch.Tensor]:
         for module_path, m in modules.items():
             key = f"{module_path}.lora_B.weight"
             states[component][key] = (m.up.double() * m.scale).float()
-    return peft_to_diffusers(states)
+    # diffusers 0.42 tells a text encoder's state dict apart only by its attention projections' keys or
+    # by `lora_linear_layer`, so one adapting only the MLPs (fc1/fc2) would not load as peft keys
+    return {_text_encoder_key(k): v for k, v in peft_to_diffusers(states).items()}
+
+
+def _text_encoder_key(key: str) -> str:
+    """A text-encoder key in the `lora_linear_layer` spelling diffusers reads for every module."""
+    if not key.startswith(("text_encoder.", "text_encoder_2.")):
+        return key
+    return key.replace(".lora_A.weight", ".lora_linear_layer.down.weight").replace(
+        ".lora_B.weight", ".lora_linear_layer.up.weight")
 
 
 @torch.no_grad()
