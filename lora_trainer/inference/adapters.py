@@ -296,6 +296,20 @@ class AdapterStack:
         self._check(name)
         self._while_unmerged(lambda: self.enabled.__setitem__(name, bool(on)))
 
+    def unload(self, name: str) -> None:
+        """Take one adapter out for good (its layers and memory), leaving the others as they were;
+        the base weights it changed come back bit for bit. `--compare` loads, draws and unloads
+        each compared file in turn, so only one of them is in memory at a time."""
+        self._check(name)
+        if self.merged:
+            raise ModelError(f"cannot unload {name!r} while adapters are merged; unmerge first")
+        del self.specs[name], self.enabled[name]
+        if name in self._patches.adapters:
+            self._patches.remove(name)
+        else:
+            self.pipe.delete_adapters(name)
+        self._apply()
+
     def active(self) -> list[AdapterSpec]:
         return [self.specs[n] for n in self.specs if self.enabled[n]]
 

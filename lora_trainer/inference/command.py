@@ -56,6 +56,10 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps done by the base (default 0.8)")
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
+    p.add_argument("--compare", nargs="+", action="extend", metavar="FILE[:WEIGHT]",
+                   help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files, "
+                        "then the final one), one seed; --lora adapters stay loaded in every cell; "
+                        "with --sweep: files × weights for one prompt")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
@@ -96,6 +100,7 @@ def run_infer(args) -> list[Path]:
     from ..pnginfo import save_png
     from .generate import Generator, Request, check_request, save_results
     from .images import extend_canvas
+    from .compare import compare_grid, expand_compare, save_comparison
     from .sweep import parse_weights_list, sweep_grid
 
     if (args.mask or args.outpaint) and not args.init_image:
@@ -115,6 +120,16 @@ def run_infer(args) -> list[Path]:
                                          ("--batch-size", args.batch_size != 1)) if on]
         if ignored:
             raise ConfigError(f"--sweep draws one image per prompt and weight, unmerged; leave out {', '.join(ignored)}")
+    if args.compare is not None:
+        both = [flag for flag, on in (("--merge", args.merge), ("--sweep-adapter", args.sweep_adapter),
+                                      ("--num-images", args.num_images != 1), ("--batch-size", args.batch_size != 1))
+                if on]
+        if both:
+            raise ConfigError(f"--compare draws one image per cell with the compared file loaded unmerged; "
+                              f"leave out {', '.join(both)}")
+        if args.sweep and len(args.prompt) != 1:
+            raise ConfigError(f"--compare with --sweep draws one prompt (rows = files, columns = weights); "
+                              f"give one --prompt, not {len(args.prompt)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
     weights = parse_weights_list(args.sweep) if args.sweep else None
@@ -137,11 +152,16 @@ def run_infer(args) -> list[Path]:
                       refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
+    compared = expand_compare(args.compare) if args.compare is not None else None
+    if compared and weights is not None and any(spec.weight != 1 for spec in compared):
+        raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")
     if args.clip_skip is None:
         clip_skip_hint(adapters)
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir)
     out = Path(args.out)
+    if compared is not None:
+        return save_comparison(compare_grid(gen, compared, args.prompt, request, weights), out)
     if weights is not None:
         sweep = sweep_grid(gen, args.prompt, weights, args.sweep_adapter, request)
         k = 0

@@ -116,6 +116,21 @@ class WeightPatches:
                 if bias is not None and bias0 is not None:
                     bias.copy_(b.to(bias.dtype) if changed else bias0.to(device))
 
+    def remove(self, name: str) -> None:
+        """Drop adapter `name`: the layers only it changed get their original weights back and their
+        kept copies are freed; the caller's `apply` rebuilds the layers others still change."""
+        modules = self.adapters.pop(name)
+        still_used = {key for other in self.adapters.values() for key in other}
+        for key in modules:
+            if key in still_used or key not in self.originals:
+                continue
+            weight0, bias0 = self.originals.pop(key)
+            weight, bias = _weights_of(self._layer(key))
+            with torch.no_grad():
+                weight.copy_(weight0.to(weight.device))
+                if bias is not None and bias0 is not None:
+                    bias.copy_(bias0.to(bias.device))
+
     def forget(self) -> None:
         """Keep the merged weights as they are and drop the originals (the pipeline is baked)."""
         self.adapters.clear()

@@ -1,0 +1,203 @@
+"""Adapter files side by side (`infer --compare`): the epoch and step files of a run, or any list of
+adapters, in one labelled grid of prompts × files with one seed, so only the adapter differs.
+
+The base loads once; each compared file is loaded, drawn for every prompt (and weight) and unloaded
+again before the next, so one of them is in memory at a time, while the other `--lora` adapters stay
+loaded in every cell. A run folder expands to its files in training order: epochs, then steps, then
+the final adapter.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import ConfigError, ModelError
+from ..imagegrid import Grid, labelled_grid
+from ..pnginfo import GenerationInfo, save_png
+from .adapter_fit import FAMILY_NAMES, pipe_family
+from .adapters import AdapterSpec, parse_adapter_spec
+from .generate import Generated, Generator, Request
+
+# `<name>-000003` per epoch, `<name>-step00000100` per steps (kohya's names), either layout.
+_NUMBERED = re.compile(r"(?P<name>.+?)-(?:(?P<epoch>\d{6})|step(?P<step>\d{8}))(?P<diffusers>\.diffusers)?")
+_GLOB_CHARS = set("*?[")
+
+
+def _parts(path: Path) -> tuple[str, str | None, int | None]:
+    """(run name, 'epoch' | 'step' | None, number) told by a file's name."""
+    stem = path.name.removesuffix(".safetensors")
+    match = _NUMBERED.fullmatch(stem)
+    if not match:
+        return stem.removesuffix(".diffusers"), None, None
+    kind = "epoch" if match["epoch"] else "step"
+    return match["name"], kind, int(match[kind])
+
+
+def column_label(path: Path) -> str:
+    """'epoch 3' or 'step 100' when the file's name says so, else its stem."""
+    _, kind, number = _parts(path)
+    return f"{kind} {number}" if kind else path.name.removesuffix(".safetensors")
+
+
+def training_order(paths: list[Path]) -> list[Path]:
+    """Epoch files by epoch, then step files by step, then the rest (final adapters) by name; where
+    a file is there in both layouts (`output.format: both`) only the kohya one is kept."""
+    names = {p.name for p in paths}
+    kept = [p for p in paths if not (p.name.endswith(".diffusers.safetensors")
+                                     and p.name.replace(".diffusers.safetensors", ".safetensors") in names)]
+    rank = {"epoch": 0, "step": 1, None: 2}
+    return sorted(set(kept), key=lambda p: (rank[_parts(p)[1]], _parts(p)[2] or 0, p.name))
+
+
+def _run_name(folder: Path, files: list[Path]) -> str:
+    """The run whose files a folder holds: config.yaml's `output.name`, else the one numbered name."""
+    config = folder / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            name = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("output") or {}).get("name")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+            name = None
+        if name and any(_parts(p)[0] == name for p in files):
+            return str(name)
+    numbered = sorted({_parts(p)[0] for p in files if _parts(p)[1]})
+    finals = sorted({_parts(p)[0] for p in files})
+    candidates = numbered or finals
+    if len(candidates) > 1:
+        raise ConfigError(f"--compare: {folder} holds the adapters of several runs ({', '.join(candidates)}); "
+                          f"give one with a glob, e.g. '{folder / candidates[0]}*.safetensors'")
+    return candidates[0]
+
+
+def expand_folder(folder: Path) -> list[Path]:
+    """A run folder's epoch and step files in training order, then its final adapter."""
+    files = [p for p in folder.glob("*.safetensors") if p.is_file()]
+    if not files:
+        raise ConfigError(f"--compare: {folder} holds no adapter files (*.safetensors); give the run's "
+                          "output.dir or the files themselves")
+    name = _run_name(folder, files)
+    return training_order([p for p in files if _parts(p)[0] == name])
+
+
+def expand_compare(items: list[str]) -> list[AdapterSpec]:
+    """`--compare` values as adapter specs: FILE[:WEIGHT], a run folder or a glob (its files in
+    training order); a weight after a folder or glob applies to each of its files."""
+    specs: list[AdapterSpec] = []
+    for item in items:
+        spec = parse_adapter_spec(item)
+        path = spec.path
+        if path.is_dir():
+            paths = expand_folder(path)
+        elif not path.exists() and _GLOB_CHARS & set(str(path)):
+            paths = training_order([Path(p) for p in glob.glob(str(path)) if Path(p).is_file()])
+            if not paths:
+                raise ConfigError(f"--compare: no file matches {path}; check the folder and the pattern")
+        elif path.is_file():
+            paths = [path]
+        else:
+            raise ConfigError(f"--compare: {path}: file not found; give adapter files, a run folder or a glob")
+        specs += [AdapterSpec(p, spec.weight) for p in paths]
+    return specs
+
+
+def _family(path: Path, base: str) -> str | None:
+    """The base family a file is for, when it can be told (an unreadable file is reported on load)."""
+    from ..export.adapter import read_adapter
+    from ..export.lycoris import needs_lycoris_reader, read_lycoris
+
+    try:
+        return read_lycoris(path, fallback=base).base if needs_lycoris_reader(path) else read_adapter(path).base
+    except (ModelError, OSError, ValueError, KeyError, RuntimeError):
+        return None
+
+
+def check_families(specs: list[AdapterSpec], pipe) -> None:
+    """Refuse a file for the other base family before any image is drawn (each file is read once
+    on the CPU for this), rather than after the columns before it."""
+    base = pipe_family(pipe)
+    for spec in specs:
+        family = _family(spec.path, base)
+        if family is not None and family != base:
+            raise ModelError(f"--compare: {spec.path}: an {FAMILY_NAMES[family]} adapter does not fit an "
+                             f"{FAMILY_NAMES[base]} base; use an {FAMILY_NAMES[family]} --model or leave the file out")
+
+
+@dataclass
+class Comparison:
+    grid: Grid
+    cells: list[list[Generated]]  # [row][column], as in the grid
+    names: list[str]  # each cell's file name part: "<row>-<col>-<file stem>"
+    info: GenerationInfo  # the first cell's parameters, less the compared adapter, plus "Compare"
+
+
+def _describe(spec: AdapterSpec, weight: float | None = None) -> str:
+    weight = spec.weight if weight is None else weight
+    return f"{spec.path}" + (f":{weight:g}" if weight != 1 else "")
+
+
+def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[str], request: Request,
+                 weights: list[float] | None = None) -> Comparison:
+    """Draw every prompt with every file (rows = prompts, columns = files), or with `weights` one
+    prompt as rows = files × columns = weights, all with `request.seed`. The adapters already loaded
+    stay as they are in every cell."""
+    if not specs:
+        raise ConfigError("--compare: give at least one adapter file")
+    if weights is not None and len(prompts) != 1:
+        raise ConfigError("--compare with --sweep draws one prompt (rows = files, columns = weights); "
+                          f"give one --prompt, not {len(prompts)}")
+    check_families(specs, generator.pipe)
+    fixed = set(generator.adapters.specs)
+    jobs = [(prompt, None) for prompt in prompts] if weights is None else [(prompts[0], w) for w in weights]
+    by_file: list[list[Generated]] = []
+    for spec in specs:
+        try:
+            name = generator.adapters.load(spec)
+        except ModelError as exc:
+            raise ModelError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
+        try:
+            column = []
+            for prompt, weight in jobs:
+                if weight is not None:  # a sweep; otherwise the file keeps the weight it loaded with
+                    generator.set_weight(name, weight)
+                one = replace(request, prompt=prompt, batch_size=1, batch_count=1)
+                column.append(generator.generate(one)[0])
+            by_file.append(column)
+        finally:
+            generator.adapters.unload(name)
+    labels = [column_label(s.path) for s in specs]
+    if weights is None:
+        if any(s.weight != 1 for s in specs):
+            labels = [f"{label}: {s.weight:g}" for label, s in zip(labels, specs)]
+        cells = [list(row) for row in zip(*by_file)]  # rows = prompts
+        grid = labelled_grid([[c.image for c in row] for row in cells], prompts, labels)
+        names = [[f"{r:02d}-{c:02d}-{s.path.name.removesuffix('.safetensors')}" for c, s in enumerate(specs)]
+                 for r in range(len(prompts))]
+    else:
+        cells = by_file  # rows = files
+        grid = labelled_grid([[c.image for c in row] for row in cells], labels, [f"weight {w:g}" for w in weights])
+        names = [[f"{r:02d}-{c:02d}-{s.path.name.removesuffix('.safetensors')}" for c in range(len(weights))]
+                 for r, s in enumerate(specs)]
+    first = cells[0][0].info
+    info = replace(first, adapters=[a for a in first.adapters if a[0] in fixed], extra=dict(first.extra))
+    info.extra["Compare"] = ", ".join(_describe(s, 1.0 if weights else None) for s in specs)
+    if weights is not None:
+        info.extra["Sweep"] = ",".join(f"{w:g}" for w in weights)
+    return Comparison(grid, cells, [n for row in names for n in row], info)
+
+
+def save_comparison(comparison: Comparison, out_dir: str | Path) -> list[Path]:
+    """OUT/compare-NNN.png (the grid, its parameters listing the files) and each cell's PNG with
+    its own parameters in OUT/compare-NNN/, every file written atomically; returns the grid first."""
+    out_dir = Path(out_dir)
+    k = 0
+    while (out_dir / f"compare-{k:03d}.png").exists() or (out_dir / f"compare-{k:03d}").exists():
+        k += 1
+    folder = out_dir / f"compare-{k:03d}"
+    cells = [cell for row in comparison.cells for cell in row]
+    paths = [save_png(cell.image, folder / f"{name}.png", cell.info) for cell, name in zip(cells, comparison.names)]
+    # the grid last: its presence says the cells beside it are complete
+    return [save_png(comparison.grid.image, out_dir / f"compare-{k:03d}.png", comparison.info), *paths]
