@@ -307,7 +307,9 @@ class AdapterStack:
         if name in self._patches.adapters:
             self._patches.remove(name)
         else:
-            self.pipe.delete_adapters(name)
+            with warnings.catch_warnings():  # peft says which adapter it makes active next: _apply decides
+                warnings.filterwarnings("ignore", message=".*which is now deleted")
+                self.pipe.delete_adapters(name)
         self._apply()
 
     def active(self) -> list[AdapterSpec]:
