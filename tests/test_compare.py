@@ -92,6 +92,8 @@ def test_the_kept_adapter_is_in_every_cell_and_the_stack_is_as_before(gen, rando
             assert not np.array_equal(np.asarray(c1.image), np.asarray(c2.image))
             assert [n for n, _, _ in c1.info.adapters][0] == "b"
     assert list(gen.adapters.specs) == ["b"] and gen.adapters.specs["b"].weight == 0.8
+    layers = [m for part in (gen.pipe.unet, gen.pipe.text_encoder) for m in part.modules() if hasattr(m, "lora_A")]
+    assert layers and all(set(m.lora_A) <= {"b"} for m in layers)  # the compared files' layers are freed
     after = np.asarray(gen.generate(Request(prompt=PROMPTS[0], steps=3, seed=5, width=64, height=64))[0].image)
     assert np.array_equal(before, after)  # every compared file is gone again
     boxes = with_b.grid.boxes

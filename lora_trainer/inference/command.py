@@ -156,7 +156,7 @@ def run_infer(args) -> list[Path]:
     if compared and weights is not None and any(spec.weight != 1 for spec in compared):
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")
     if args.clip_skip is None:
-        clip_skip_hint(adapters)
+        clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir)
     out = Path(args.out)
