@@ -169,17 +169,38 @@ def test_bad_compare_input_is_one_line_before_loading(tmp_path, capsys, random_a
     assert not (tmp_path / "out").exists()
 
 
-def test_a_file_for_another_base_stops_before_any_image(tiny_sd15, tiny_sdxl, random_adapters, tmp_path, capsys,
-                                                        monkeypatch):
+_ATTN = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _bad_file(kind: str, tiny_sdxl, tmp_path):
+    """(file, what the error says) for a file that cannot load into the tiny SD 1.5 base."""
+    from safetensors.torch import save_file
+
     from lora_trainer.testing.inference_models import make_random_adapter
 
-    xl = make_random_adapter(tiny_sdxl, tmp_path / "xl.safetensors", variant="sdxl", text_encoder=False)
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "sdxl":
+        make_random_adapter(tiny_sdxl, path, variant="sdxl", text_encoder=False)
+        return path, "an SDXL adapter does not fit an SD 1.x base"
+    if kind == "sd2-sized":  # 1024-wide layers on the 32-wide tiny base
+        save_file({f"lora_unet_{_ATTN}.lora_down.weight": torch.zeros(4, 1024),
+                   f"lora_unet_{_ATTN}.lora_up.weight": torch.zeros(1024, 4)}, str(path))
+        return path, "transformer_blocks.0.attn1.to_q is 1024->1024 but this base's is 32->32"
+    save_file({f"lora_unet_{_ATTN}.hada_w1_a": torch.zeros(32, 4), f"lora_unet_{_ATTN}.hada_w1_b": torch.zeros(4, 32)},
+              str(path))
+    return path, "is a LoHa module without hada_w2_a; the file is incomplete"
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd2-sized", "incomplete-loha"])
+def test_a_file_that_does_not_fit_stops_before_any_image(tiny_sd15, tiny_sdxl, random_adapters, tmp_path, capsys,
+                                                         monkeypatch, kind):
+    bad, why = _bad_file(kind, tiny_sdxl, tmp_path)
     drawn = []
     real = Generator.generate
     monkeypatch.setattr(Generator, "generate", lambda self, *x, **k: drawn.append(1) or real(self, *x, **k))
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", *FAST, "--compare", str(random_adapters["a"]),
-               str(xl), "--out", str(tmp_path / "out")])
+               str(bad), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err, err
-    assert f"--compare: {xl}: an SDXL adapter does not fit an SD 1.x base" in err
+    assert f"--compare: {bad}: " in err and why in err, err
     assert not drawn and not (tmp_path / "out").exists()

@@ -104,26 +104,47 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
     return specs
 
 
-def _family(path: Path, base: str) -> str | None:
-    """The base family a file is for, when it can be told (an unreadable file is reported on load)."""
+def _why_not(path: Path, pipe) -> str | None:
+    """Why `path` will not load into `pipe`, found by reading it on the CPU: the other base family,
+    or a layer the base lacks or has in another shape. A LoRA file our reader cannot read is left to
+    the loader, which may still know it; a LyCORIS file is only ever read here, so its errors stand."""
     from ..export.adapter import read_adapter
     from ..export.lycoris import needs_lycoris_reader, read_lycoris
+    from .adapter_fit import _shape_mismatch
+    from .lycoris import WeightPatches
 
-    try:
-        return read_lycoris(path, fallback=base).base if needs_lycoris_reader(path) else read_adapter(path).base
-    except (ModelError, OSError, ValueError, KeyError, RuntimeError):
-        return None
-
-
-def check_families(specs: list[AdapterSpec], pipe) -> None:
-    """Refuse a file for the other base family before any image is drawn (each file is read once
-    on the CPU for this), rather than after the columns before it."""
     base = pipe_family(pipe)
+    lycoris = needs_lycoris_reader(path)
+    if lycoris:
+        try:
+            adapter = read_lycoris(path, fallback=base)
+            if adapter.base == base:
+                WeightPatches(pipe).resolve(adapter, str(path))  # matches every module to a layer, changes nothing
+        except ModelError as exc:
+            return str(exc).removeprefix(f"{path}: ")
+        family = adapter.base
+    else:
+        try:
+            try:
+                adapter = read_adapter(path)
+            except ModelError:  # too few keys to tell the family: check the layers against this base
+                adapter = read_adapter(path, base=base)
+        except (ModelError, OSError, ValueError, KeyError, RuntimeError):
+            return None
+        family = adapter.base
+    if family != base:
+        return (f"an {FAMILY_NAMES[family]} adapter does not fit an {FAMILY_NAMES[base]} base; "
+                f"use an {FAMILY_NAMES[family]} --model or leave the file out")
+    return None if lycoris else _shape_mismatch(adapter, pipe)
+
+
+def check_fits(specs: list[AdapterSpec], pipe) -> None:
+    """Refuse a file that will not load before any image is drawn (each is read once on the CPU
+    for this), rather than after the columns before it."""
     for spec in specs:
-        family = _family(spec.path, base)
-        if family is not None and family != base:
-            raise ModelError(f"--compare: {spec.path}: an {FAMILY_NAMES[family]} adapter does not fit an "
-                             f"{FAMILY_NAMES[base]} base; use an {FAMILY_NAMES[family]} --model or leave the file out")
+        why = _why_not(spec.path, pipe)
+        if why:
+            raise ModelError(f"--compare: {spec.path}: {why}")
 
 
 @dataclass
@@ -149,7 +170,7 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
     if weights is not None and len(prompts) != 1:
         raise ConfigError("--compare with --sweep draws one prompt (rows = files, columns = weights); "
                           f"give one --prompt, not {len(prompts)}")
-    check_families(specs, generator.pipe)
+    check_fits(specs, generator.pipe)
     fixed = set(generator.adapters.specs)
     jobs = [(prompt, None) for prompt in prompts] if weights is None else [(prompts[0], w) for w in weights]
     by_file: list[list[Generated]] = []
