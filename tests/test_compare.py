@@ -15,7 +15,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.inference import adapters as adapters_mod
 from lora_trainer.inference import generate as generate_mod
 from lora_trainer.inference.adapters import AdapterSpec
-from lora_trainer.inference.compare import column_label, compare_grid, expand_compare
+from lora_trainer.inference.compare import column_label, compare_grid, expand_compare, file_labels
 from lora_trainer.inference.generate import Generator, Request
 
 FAST = ["--steps", "3", "--seed", "5", "--width", "64", "--height", "64", "--device", "cpu"]
@@ -72,6 +72,7 @@ def test_each_cell_is_the_plain_infer_image_of_its_file(tiny_sd15, random_adapte
         assert np.array_equal(_pixels(cell), _pixels(plain)), cell.name
         assert Image.open(cell).text["parameters"] == Image.open(plain).text["parameters"]
     assert not np.array_equal(_pixels(cells[0]), _pixels(cells[1]))  # only the file differs, and it shows
+    assert all(Image.open(c).text["parameters"].split(", Seed: ")[1].startswith("5,") for c in cells)
     # the grid holds the cells: 2 rows × 2 columns below/right of the labels, 2 px apart
     g = _pixels(grid)
     assert g.shape[0] > 2 * 66 and g.shape[1] > 2 * 66
@@ -146,6 +147,10 @@ def test_a_run_folder_expands_to_epochs_then_steps_then_final(tmp_path):
     (run / "config.yaml").unlink()  # the one numbered name is the run's
     assert [s.path.stem for s in expand_compare([str(run)])] == order
     (run / "you-000001.safetensors").write_bytes(b"")
+    mixed = [AdapterSpec(run / "me-000001.safetensors", 0.5), AdapterSpec(run / "you-000001.safetensors"),
+             AdapterSpec(run / "me.safetensors")]
+    assert file_labels(mixed) == ["me epoch 1: 0.5", "you epoch 1: 1", "me: 1"]
+    assert file_labels(specs[:2]) == ["epoch 1: 0.5", "epoch 2: 0.5"]
     with pytest.raises(ConfigError, match="adapters of several runs \\(me, you\\)"):
         expand_compare([str(run)])
 

@@ -42,6 +42,17 @@ def column_label(path: Path) -> str:
     return f"{kind} {number}" if kind else path.name.removesuffix(".safetensors")
 
 
+def file_labels(specs: list[AdapterSpec], with_weights: bool = True) -> list[str]:
+    """Each file's label: `column_label`, with the run's name when files of several runs are
+    compared, and ': WEIGHT' on every label when some weight is not 1."""
+    labels = [column_label(s.path) for s in specs]
+    if len({_parts(s.path)[0] for s in specs}) > 1:  # "epoch 2" alone would not say whose
+        labels = [f"{_parts(s.path)[0]} {label}" if _parts(s.path)[1] else label for s, label in zip(specs, labels)]
+    if with_weights and any(s.weight != 1 for s in specs):
+        labels = [f"{label}: {s.weight:g}" for label, s in zip(labels, specs)]
+    return labels
+
+
 def training_order(paths: list[Path]) -> list[Path]:
     """Epoch files by epoch, then step files by step, then the rest (final adapters) by name; where
     a file is there in both layouts (`output.format: both`) only the kohya one is kept."""
@@ -189,10 +200,8 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
             by_file.append(column)
         finally:
             generator.adapters.unload(name)
-    labels = [column_label(s.path) for s in specs]
+    labels = file_labels(specs, with_weights=weights is None)
     if weights is None:
-        if any(s.weight != 1 for s in specs):
-            labels = [f"{label}: {s.weight:g}" for label, s in zip(labels, specs)]
         cells = [list(row) for row in zip(*by_file)]  # rows = prompts
         grid = labelled_grid([[c.image for c in row] for row in cells], prompts, labels)
         names = [[f"{r:02d}-{c:02d}-{s.path.name.removesuffix('.safetensors')}" for c, s in enumerate(specs)]
