@@ -107,3 +107,23 @@ def test_one_unreadable_caption_file_is_an_error_and_the_others_are_still_checke
     assert kinds["long_caption"].files[0].startswith("a.png (90 tokens")
     assert kinds["missing_caption"].files == ["c.png"]
     assert "b.png" not in kinds["missing_caption"].files
+
+
+def test_class_folder_images_of_unread_formats_are_named(mixed, tmp_path, caplog):
+    from conftest import run_config
+
+    from lora_trainer.training.prior import generate_class_images
+
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for i in range(2):
+        _noise(10 + i).save(classes / f"c{i}.png")
+    _noise(12).save(classes / "dog.gif")
+    cfg = run_config(tmp_path / "unused-base", mixed, tmp_path / "out", "dreambooth.instance_prompt=sks",
+                     "dreambooth.class_prompt=a dog", f"dreambooth.class_data={classes}",
+                     "dreambooth.num_class_images=2")
+    with caplog.at_level(logging.WARNING):
+        assert generate_class_images(cfg, base=None) == []  # two PNGs are enough: nothing generated
+    [warning] = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert warning.startswith(f"{classes}: 1 image file(s)") and warning.endswith("(gif) are skipped; convert "
+                                                                                 f"them to PNG or JPEG ({READ}): dog.gif")
