@@ -54,6 +54,22 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
     return AdapterSpec(Path(spec), 1.0)
 
 
+def check_adapter_file(path: Path) -> None:
+    """Refuse, by name and before any model loads, an adapter path that cannot be read: missing, a
+    folder, or a pickle (`.ckpt`, `.pt`, `.bin`, ...), which would run whatever code it carries."""
+    from ..export.files import PICKLE_SUFFIXES
+
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
+        raise ModelError(f"--lora: {path} is a folder; give the adapter's .safetensors file{hint}")
+    if not path.is_file():
+        raise ModelError(f"--lora: {path}: file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"--lora: {path}: a pickle ({path.suffix}), which can run code when loaded and is not "
+                         "read here; save it as .safetensors first")
+
+
 def adapter_hash(path: str | Path) -> str | None:
     """The AddNet/A1111 hash of an adapter: SHA-256 of the tensor bytes (after the header), from the
     file's `sshs_model_hash` when present. A1111 shows its first 12 hex under 'Lora hashes'."""
@@ -61,6 +77,8 @@ def adapter_hash(path: str | Path) -> str | None:
     try:
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > path.stat().st_size:  # not a safetensors file: never read a bogus length
+                return None
             header = json.loads(f.read(header_len))
             stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
             if stored:
@@ -227,12 +245,7 @@ class AdapterStack:
 
     def load(self, spec: AdapterSpec, name: str | None = None) -> str:
         """Load one adapter file under `name` (default: the file's stem, made unique)."""
-        if spec.path.is_dir():
-            files = sorted(p.name for p in spec.path.glob("*.safetensors"))
-            hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
-            raise ModelError(f"--lora: {spec.path} is a folder; give the adapter's .safetensors file{hint}")
-        if not spec.path.is_file():
-            raise ModelError(f"--lora: {spec.path}: file not found")
+        check_adapter_file(spec.path)
         name = name or spec.name
         base, k = name, 1
         while name in self.specs:
