@@ -91,7 +91,7 @@ def adapter_hash(path: str | Path) -> str | None:
         return None
 
 
-def _own_reading(path: Path):
+def _own_reading(path: Path, pipe):
     """The file read as an `Adapter` when we hand it to diffusers ourselves, else None.
 
     Every kohya file we can read is: its tensors are read here once and given to diffusers as a
@@ -99,7 +99,9 @@ def _own_reading(path: Path):
     of its kohya quirks apply (see `export.inspect.kohya_load_quirks`: dropped `dora_scale` keys,
     attention alphas other than the most common one, text-encoder q/k/v without out_proj).
     diffusers-layout DoRA files are read too, for their magnitudes, set after diffusers loads them;
-    other diffusers-layout files are left to diffusers, which reads them exactly."""
+    other diffusers-layout files are left to diffusers, which reads them exactly. A file whose keys
+    and metadata do not tell SD 1.x from SDXL is read for the pipeline's family (else diffusers would
+    read it, dropping a kohya file's `dora_scale`)."""
     import safetensors
 
     from ..export.adapter import read_adapter
@@ -112,10 +114,12 @@ def _own_reading(path: Path):
     dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
     if not dora and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
-    try:
-        return read_adapter(path)
-    except ModelError:
-        return None  # not ours to read: diffusers may still know it
+    for base in (None, pipe_family(pipe)):
+        try:
+            return read_adapter(path, base=base)
+        except ModelError:
+            continue
+    return None  # not ours to read: diffusers may still know it
 
 
 def _folded_state(adapter) -> dict[str, torch.Tensor]:
@@ -260,7 +264,7 @@ class AdapterStack:
         if lycoris is not None:
             return self._load_lycoris(spec, name, lycoris)
         try:
-            own = _own_reading(spec.path)
+            own = _own_reading(spec.path, self.pipe)
             source = _folded_state(own) if own is not None and own.layout == "kohya" else str(spec.path)
             with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(source, adapter_name=name)
