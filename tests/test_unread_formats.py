@@ -127,3 +127,15 @@ def test_class_folder_images_of_unread_formats_are_named(mixed, tmp_path, caplog
     [warning] = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
     assert warning.startswith(f"{classes}: 1 image file(s)") and warning.endswith("(gif) are skipped; convert "
                                                                                  f"them to PNG or JPEG ({READ}): dog.gif")
+
+
+def test_a_mask_in_a_format_not_read_is_named(mixed, tmp_path):
+    from lora_trainer.data.masks import attach_masks
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (48, 40), 255).save(masks / "a.png")
+    Image.new("L", (48, 40), 255).save(masks / "b.tiff")  # as image editors often save them
+    with pytest.raises(DataError, match=r"no mask in .* for 1 of 2 image\(s\) \(b\.png\); .*; b\.tiff is in a format "
+                                        r"not read: convert to PNG \(png, jpg, jpeg, webp, bmp are read\)$"):
+        attach_masks(scan_dataset(mixed), mixed, masks)
