@@ -29,8 +29,8 @@ from lora_trainer.data.captions import (
     read_sidecar_caption,
     sidecar_path,
 )
-from lora_trainer.data.dataset import _walk, unread_files_note  # the scan's own walk: caption exactly what trains
-from lora_trainer.data.images import load_image
+from lora_trainer.data.dataset import _walk  # the scan's own file walk: caption exactly what trains
+from lora_trainer.data.images import load_image, unread_files_note
 from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
 from lora_trainer.fileio import atomic_path, write_text_atomic
 from lora_trainer.hubcheck import check_hub_model

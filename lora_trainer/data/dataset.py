@@ -29,7 +29,7 @@ from lora_trainer.data.images import (
     is_unread_image_file,
     load_image,
     load_image_and_alpha,
-    unread_formats_message,
+    unread_files_note,
 )
 from lora_trainer.data.masks import read_mask
 from lora_trainer.errors import DataError
@@ -146,13 +146,6 @@ def _walk(root: Path, skip_parked: bool = False) -> tuple[list[Path], list[Path]
     for paths in (images, metadata, parked, unread):
         paths.sort(key=lambda p: p.relative_to(root).as_posix())
     return images, metadata, parked, unread
-
-
-def unread_files_note(unread: Sequence[Path], root: Path, shown: int = 10) -> str:
-    """`unread_formats_message` followed by the first `shown` of the files (relative to root)."""
-    names = [p.relative_to(root).as_posix() for p in unread]
-    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
-    return f"{unread_formats_message(names)}: {', '.join(names[:shown])}{more}"
 
 
 def dataset_summary(examples: Sequence[Example]) -> dict:

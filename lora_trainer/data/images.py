@@ -45,6 +45,13 @@ def unread_formats_message(files: Sequence[str]) -> str:
             f"skipped; convert them to PNG or JPEG (formats read: {read})")
 
 
+def unread_files_note(unread: Sequence[Path], root: Path, shown: int = 10) -> str:
+    """`unread_formats_message` followed by the first `shown` of the files (relative to root)."""
+    names = [p.relative_to(root).as_posix() for p in unread]
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return f"{unread_formats_message(names)}: {', '.join(names[:shown])}{more}"
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read `path` fully into memory as an upright RGB image (EXIF orientation applied).
 
