@@ -60,6 +60,13 @@ def _caption(args) -> int:
     ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
     results = caption_folder(args.dir, options, show_progress=not args.quiet, caption_extension=ext,
                              extension_key="--caption-extension")
+    if not results:  # as check-data: exit 1 when the folder holds nothing to work on
+        from .data.images import IMAGE_EXTENSIONS
+
+        read = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+        print(f"error: {args.dir}: no images to caption (formats read: {read}); put the images in this folder "
+              "or a subfolder", file=sys.stderr)
+        return 1
     print(format_caption_table(args.dir, results))
     return 0
 

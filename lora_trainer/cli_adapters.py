@@ -89,14 +89,14 @@ def _resize(args) -> int:
 
 
 def _merge_loras(args) -> int:
-    from .export.adapter import check_output, read_adapter_for, write_adapter
+    from .export.adapter import check_output, write_adapter
     from .export.lowrank import check_ranks
     from .export.merge import merge_adapters
 
     check_ranks(args.rank, args.conv_rank)
     check_output(args.out, args.overwrite)
     specs = [_weighted(s) for s in args.adapters]
-    inputs = [(read_adapter_for(path, args.variant), weight) for path, weight in specs]
+    inputs = [(_merge_input(path, args.variant), weight) for path, weight in specs]
     merged, report = merge_adapters(inputs, rank=args.rank, conv_rank=args.conv_rank, names=[p for p, _ in specs])
     merged.metadata["modelspec.title"] = Path(args.out).stem
     layout = args.to or inputs[0][0].layout
@@ -104,6 +104,25 @@ def _merge_loras(args) -> int:
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout, {len(list(merged.items()))} modules)")
     return 0
+
+
+def _merge_input(path: str, variant: str | None):
+    """An input of merge-loras as a LoRA `Adapter`: a LyCORIS file (LoHa, LoKr, full, LoCon with CP
+    cores) becomes the LoRA that holds each module's ΔW exactly (by SVD), as `resize` makes it."""
+    from .export.adapter import read_adapter_for
+    from .export.lycoris import needs_lycoris_reader, read_lycoris
+    from .export.lycoris_lowrank import lycoris_to_lora
+
+    if not (Path(path).is_file() and needs_lycoris_reader(path)):
+        return read_adapter_for(path, variant)
+    from .errors import ModelError
+
+    try:
+        lora, _ = lycoris_to_lora(read_lycoris(path, base=variant), None)
+    except ModelError as exc:
+        text = str(exc)
+        raise ModelError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
+    return lora
 
 
 def _extract(args) -> int:

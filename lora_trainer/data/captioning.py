@@ -30,7 +30,7 @@ from lora_trainer.data.captions import (
     sidecar_path,
 )
 from lora_trainer.data.dataset import _walk  # the scan's own file walk: caption exactly what trains
-from lora_trainer.data.images import load_image
+from lora_trainer.data.images import load_image, unread_files_note
 from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
 from lora_trainer.fileio import atomic_path, write_text_atomic
 from lora_trainer.hubcheck import check_hub_model
@@ -183,7 +183,9 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "dataset folder not found"
         raise DataError(f"{root}: {what}; give a folder of images to caption")
-    image_paths, metadata_files, _ = _walk(root, skip_parked)
+    image_paths, metadata_files, _, unread = _walk(root, skip_parked)
+    if unread:
+        logger.warning("%s: %s", root, unread_files_note(unread, root))
     in_metadata: dict[Path, str] = {}
     for metadata in metadata_files:
         in_metadata.update(read_metadata_jsonl(metadata))

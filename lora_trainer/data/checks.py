@@ -26,7 +26,7 @@ from lora_trainer.data.captions import (
 )
 from lora_trainer.data.dataset import Example, _walk, tag_frequency, training_caption
 from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
-from lora_trainer.data.images import load_image
+from lora_trainer.data.images import IMAGE_EXTENSIONS, load_image, unread_formats_message
 from lora_trainer.data.masks import attach_masks
 from lora_trainer.errors import DataError
 from lora_trainer.textencode import plain_text
@@ -42,7 +42,7 @@ _CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_", re
 @dataclass
 class Problem:
     severity: str  # "error": the set cannot train; "warning": it trains, but probably not as meant
-    # no_images, unreadable, bad_caption_file, metadata, duplicate, too_small, missing_caption, caption_extension, ...
+    # no_images, unread_format, unreadable, bad_caption_file, metadata, duplicate, too_small, missing_caption, ...
     kind: str
     message: str  # one line
     files: list[str] = field(default_factory=list)  # relative to the dataset folder
@@ -139,13 +139,18 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     def rel(path: Path) -> str:
         return path.relative_to(root).as_posix()
 
-    image_paths, metadata_files, parked = _walk(root, skip_parked=folder_repeats)
+    image_paths, metadata_files, parked, unread = _walk(root, skip_parked=folder_repeats)
     report.num_images = len(image_paths)
     if parked:
         report.problems.append(Problem("warning", "parked_folder", f"{len(parked)} folder(s) named 0_<name> "
                                        "(0 repeats) are left out of training", [rel(p) for p in parked]))
+    if unread:
+        names = [rel(p) for p in unread]
+        report.problems.append(Problem("warning" if image_paths else "error", "unread_format",
+                                       unread_formats_message(names), names))
     if not image_paths:
-        report.problems.append(Problem("error", "no_images", "no images found (png, jpg, jpeg, webp, bmp)"))
+        read = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+        report.problems.append(Problem("error", "no_images", f"no images found ({read})"))
         return report
     try:
         folders = {p: repeat_folder(p, root) if folder_repeats else None for p in image_paths}
@@ -235,7 +240,9 @@ def aspect_name(width: int, height: int) -> str:
 
 
 def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[Path], rel):
-    """{path: caption or None (no caption file or entry)}; None when a caption file stops training."""
+    """{path: caption or None (no caption file or entry)}; None when metadata.jsonl is broken (which
+    caption applies to which image is then unknown). A caption file that cannot be read is an error
+    naming it, and its image is left out of the map, so the other captions are still checked."""
     in_metadata: dict[Path, str] = {}
     try:
         for metadata in metadata_files:
@@ -254,9 +261,8 @@ def _read_captions(report: DataReport, paths: list[Path], metadata_files: list[P
         except DataError as err:
             bad.append(str(err))
     if bad:
-        report.problems.append(Problem("error", "bad_caption_file", f"{len(bad)} caption file(s) cannot be read: "
-                                       + " | ".join(bad)))
-        return None
+        report.problems.append(Problem("error", "bad_caption_file", f"{len(bad)} caption file(s) cannot be read "
+                                       "(training stops on them): " + " | ".join(bad)))
     dangling = sorted(p.name for p in in_metadata if not p.exists())
     if dangling:
         report.problems.append(Problem("warning", "dangling_metadata", f"{len(dangling)} metadata.jsonl "

@@ -23,7 +23,14 @@ from lora_trainer.data.captions import (
     other_extension_message,
 )
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
-from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, load_image_and_alpha
+from lora_trainer.data.images import (
+    IMAGE_EXTENSIONS,
+    is_image_file,
+    is_unread_image_file,
+    load_image,
+    load_image_and_alpha,
+    unread_files_note,
+)
 from lora_trainer.data.masks import read_mask
 from lora_trainer.errors import DataError
 
@@ -59,14 +66,17 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "dataset folder not found"
         raise DataError(f"{root}: {what}; set data.path to a folder of images")
-    image_paths, metadata_files, parked = _walk(root, skip_parked=folder_repeats)
+    image_paths, metadata_files, parked, unread = _walk(root, skip_parked=folder_repeats)
     if parked:
         logger.warning("leaving out %d folder(s) named 0_<name> (0 repeats, kohya's way to park images): %s",
                        len(parked), ", ".join(p.relative_to(root).as_posix() for p in parked))
     if not image_paths:
         where = " outside 0_<name> folders (rename one to 1_<name> to train on it)" if parked else ""
+        found = f"; {unread_files_note(unread, root)}" if unread else ""
         raise DataError(f"{root}: no images found ({_EXTENSION_NAMES}){where}; "
-                        f"put images with {caption_extension} captions there")
+                        f"put images with {caption_extension} captions there{found}")
+    if unread:
+        logger.warning("%s: %s", root, unread_files_note(unread, root))
 
     good: list[Path] = []
     problems: list[str] = []
@@ -108,12 +118,14 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     return examples
 
 
-def _walk(root: Path, skip_parked: bool = False) -> tuple[list[Path], list[Path], list[Path]]:
+def _walk(root: Path, skip_parked: bool = False) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
     """Image files and metadata.jsonl files under root, skipping hidden entries and .cache, and
-    with `skip_parked` the `0_<name>` folders, which are returned third."""
+    with `skip_parked` the `0_<name>` folders, which are returned third; fourth, the image files of
+    a format training does not read (GIF, TIFF, HEIC, ...), for the caller to report."""
     images: list[Path] = []
     metadata: list[Path] = []
     parked: list[Path] = []
+    unread: list[Path] = []
     for folder, subfolders, files in os.walk(root):
         # Pruning in place stops os.walk from descending into caches, .git and the like.
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != ".cache")
@@ -128,11 +140,12 @@ def _walk(root: Path, skip_parked: bool = False) -> tuple[list[Path], list[Path]
                 metadata.append(path)
             elif is_image_file(name):
                 images.append(path)
+            elif is_unread_image_file(name):
+                unread.append(path)
     # Sort on the relative path so the order (and so every seeded choice) is the same on any OS.
-    images.sort(key=lambda p: p.relative_to(root).as_posix())
-    metadata.sort(key=lambda p: p.relative_to(root).as_posix())
-    parked.sort(key=lambda p: p.relative_to(root).as_posix())
-    return images, metadata, parked
+    for paths in (images, metadata, parked, unread):
+        paths.sort(key=lambda p: p.relative_to(root).as_posix())
+    return images, metadata, parked, unread
 
 
 def dataset_summary(examples: Sequence[Example]) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -13,6 +14,13 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from lora_trainer.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Image formats people drop into datasets that training does not read (animated, layered, HDR,
+# camera raw, or needing a codec plugin): a file of one of these is reported, never passed over
+# in silence. Any other file (captions, notes, latent caches) is simply not an image.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".apng", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".jpe",
+                           ".jp2", ".j2k", ".tga", ".ico", ".psd", ".svg", ".exr", ".hdr", ".qoi", ".dds",
+                           ".ppm", ".pgm", ".pbm", ".pnm", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
+                           ".orf", ".rw2")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _SRGB = ImageCms.createProfile("sRGB")
@@ -21,6 +29,27 @@ _SRGB = ImageCms.createProfile("sRGB")
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has one of IMAGE_EXTENSIONS (any case)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_unread_image_file(path: str | os.PathLike) -> bool:
+    """True for an image file of a format training does not read (UNREAD_IMAGE_EXTENSIONS, any case)."""
+    return Path(path).suffix.lower() in UNREAD_IMAGE_EXTENSIONS
+
+
+def unread_formats_message(files: Sequence[str]) -> str:
+    """One line for image files training does not read: how many, which formats, what to do, and
+    the formats it reads (the file names are listed by the caller)."""
+    formats = sorted({Path(f).suffix.lower().lstrip(".") for f in files})
+    read = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+    return (f"{len(files)} image file(s) in a format training does not read ({', '.join(formats)}) are "
+            f"skipped; convert them to PNG or JPEG (formats read: {read})")
+
+
+def unread_files_note(unread: Sequence[Path], root: Path, shown: int = 10) -> str:
+    """`unread_formats_message` followed by the first `shown` of the files (relative to root)."""
+    names = [p.relative_to(root).as_posix() for p in unread]
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return f"{unread_formats_message(names)}: {', '.join(names[:shown])}{more}"
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

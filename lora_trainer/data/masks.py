@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from PIL import Image
 
 from lora_trainer.data.buckets import upright_size
-from lora_trainer.data.images import IMAGE_EXTENSIONS, load_mask
+from lora_trainer.data.images import IMAGE_EXTENSIONS, is_unread_image_file, load_mask
 from lora_trainer.errors import DataError
 
 if TYPE_CHECKING:  # the dataset reads masks through this module
@@ -56,9 +56,15 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
     masks = [find_mask(ex.path, root, folder, listings) for ex in examples]
     missing = [ex.path.relative_to(root).as_posix() for ex, mask in zip(examples, masks) if mask is None]
     if missing:
+        # a mask saved as TIFF or GIF (common from image editors) is there but not read: say so
+        stems = {Path(m).stem.lower() for m in missing}
+        unread = sorted(p.name for names in listings.values() for p in names.values()
+                        if p.stem.lower() in stems and is_unread_image_file(p))
+        formats = (f"; {_listed(unread)} {'is' if len(unread) == 1 else 'are'} in a format not read: convert "
+                   f"to PNG ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} are read)") if unread else ""
         raise DataError(f"{key}: no mask in {folder} for {len(missing)} of {len(examples)} image(s) "
                         f"({_listed(missing)}); add a mask of the same name (e.g. {Path(missing[0]).stem}.png, "
-                        "white = train, black = ignore) for each, as kohya needs one per image")
+                        f"white = train, black = ignore) for each, as kohya needs one per image{formats}")
     wrong = []
     for ex, mask in zip(examples, masks):
         try:

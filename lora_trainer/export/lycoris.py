@@ -1,5 +1,6 @@
-"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`)
-read as one weight change ΔW per layer, with the same shape as the layer's weight:
+"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`, or
+LyCORIS' own `lycoris_<UNet module path>`) read as one weight change ΔW per layer, with the same
+shape as the layer's weight:
 
 - LoRA / LoCon: ΔW = (alpha / r) · up @ down; with a CP core `lora_mid` (r × r × kh × kw) the up and
   down 1×1 factors wrap the core: ΔW[o, i, h, w] = Σ up[o, a] · mid[a, b, h, w] · down[b, i].
@@ -53,12 +54,25 @@ UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "OFT", "a
                "w_norm": "norm-layer training", "b_norm": "norm-layer training"}
 # A key with one of these parts makes a kohya-layout file a LyCORIS file.
 _LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.weight"} | set(UNSUPPORTED)
+# LyCORIS' own network wrapper (`create_lycoris`, used by SimpleTuner) names each layer of the model
+# it wraps `lycoris_<module path, dots as underscores>`; for SD that model is the UNet, with diffusers
+# module names, and ComfyUI reads the prefix as the UNet's. Such files are read here whatever their type.
+LYCORIS_PREFIX = "lycoris"
+PREFIXES = {**KOHYA_COMPONENTS, LYCORIS_PREFIX: "unet"}
+_PREFIX_NAMES = "lora_unet_, lora_te_, lora_te1_, lora_te2_, lycoris_"
+
+
+def component_prefix(name: str) -> str | None:
+    """The prefix (`lora_unet`, `lora_te1`, `lycoris`, ...) a module name starts with, or None."""
+    return next((p for p in PREFIXES if name.startswith(p + "_")), None)
 
 
 def is_lycoris(keys) -> bool:
-    """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...)."""
+    """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...),
+    or use LyCORIS' own `lycoris_` prefix."""
     prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
-    return any(k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY for k in keys)
+    return any(k.startswith(LYCORIS_PREFIX + "_") or (k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY)
+               for k in keys)
 
 
 def needs_lycoris_reader(path: str | os.PathLike) -> bool:
@@ -294,10 +308,13 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, part = _split(key)
-        prefix = next((p for p in KOHYA_COMPONENTS if name.startswith(p + "_")), None)
+        prefix = component_prefix(name)
         if prefix is None or not part:
-            raise ModelError(f"{path}: key {key!r} has no kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_); "
+            raise ModelError(f"{path}: key {key!r} has no kohya or LyCORIS prefix ({_PREFIX_NAMES}); "
                              "only kohya-layout LyCORIS files are read")
+        if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
+            raise ModelError(f"{path}: key {key!r} names a text-encoder layer under LyCORIS' own prefix, which "
+                             "names UNet layers only (text encoders: lora_te_, lora_te1_, lora_te2_)")
         if part in UNSUPPORTED:
             raise ModelError(f"{path}: {key!r} is a LyCORIS {UNSUPPORTED[part]} part, which this tool does not "
                              "read (it reads LoRA/LoCon, LoHa, LoKr, full and (IA)^3)")
@@ -317,8 +334,8 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         dora = parts.pop("dora_scale", None)
         if dora is not None and kind == "IA3":
             raise ModelError(f"{path}: {name} has a dora_scale on an (IA)^3 module, which LyCORIS never writes")
-        prefix = next(p for p in KOHYA_COMPONENTS if name.startswith(p + "_"))
-        component = KOHYA_COMPONENTS[prefix]
+        prefix = component_prefix(name)
+        component = PREFIXES[prefix]
         module = LycorisModule(name, kind, parts, None if alpha is None else float(alpha), dora)
         layer = module_path(component, name[len(prefix) + 1:])
         if layer in modules.get(component, {}):
@@ -360,4 +377,4 @@ def lycoris_summary(adapter: LycorisAdapter) -> dict:
                          "out": m.out_features(), "dora": m.dora_scale is not None} for c, p, m in adapter.items()]}
 
 
-__all__ = ["LycorisAdapter", "LycorisModule", "is_lycoris", "lycoris_summary", "module_path", "read_lycoris"]
+__all__ = ["PREFIXES", "LycorisAdapter", "LycorisModule", "component_prefix", "is_lycoris", "lycoris_summary", "module_path", "read_lycoris"]

@@ -1,6 +1,7 @@
 """A LyCORIS file (LoHa, LoKr, full, LoCon with CP cores) as a plain LoRA: each module's ΔW, then its
 best rank-r part by SVD (`lowrank.py`), so tools and consumers that read only LoRA can use it.
-`lora-trainer resize` does this when its input is a LyCORIS file.
+`lora-trainer resize` does this when its input is a LyCORIS file, and `merge-loras` (at each ΔW's
+own rank, exactly) before it merges one.
 
 ΔW of (IA)^3 and DoRA modules depends on the base weights, and a LoRA cannot hold `diff_b`'s bias
 change: such modules are refused by name. LoHa and LoKr store a conv's ΔW flattened to
@@ -40,11 +41,12 @@ def layer_shape(component: str, path: str, module: LycorisModule, base: str) -> 
     return (out, n)
 
 
-def lycoris_to_lora(adapter: LycorisAdapter, rank: int, *, conv_rank: int | None = None, dynamic: str | None = None,
-                    param: float | None = None) -> tuple[Adapter, FitReport]:
+def lycoris_to_lora(adapter: LycorisAdapter, rank: int | None, *, conv_rank: int | None = None,
+                    dynamic: str | None = None, param: float | None = None) -> tuple[Adapter, FitReport]:
     """A LoRA `Adapter` whose modules are the best rank-`rank` (3×3 convs: `conv_rank`) parts of
-    the LyCORIS modules' ΔW, and the report of the Frobenius norm each keeps."""
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+    the LyCORIS modules' ΔW, and the report of the Frobenius norm each keeps. `rank` None keeps each
+    ΔW at its own rank: the LoRA then changes every layer exactly as the file does (merge-loras)."""
+    if (rank is not None and rank < 1) or (conv_rank is not None and conv_rank < 1):
         raise ModelError(f"--rank {rank} / --conv-rank {conv_rank} must be integers >= 1")
     check_dynamic(dynamic, param)
     for component, path, module in adapter.items():
@@ -63,7 +65,7 @@ def lycoris_to_lora(adapter: LycorisAdapter, rank: int, *, conv_rank: int | None
         u, s, vh = svd_of_matrix(delta)
         is_3x3 = len(shape) == 4 and shape[2:] != (1, 1)
         before = int((s > s[0] * 1e-9).sum()) if len(s) and s[0] > 0 else 0  # ΔW's own rank (LoHa's can reach r²)
-        keep = choose_rank(s, conv_rank if is_3x3 else rank, dynamic, param)
+        keep = max(before, 1) if rank is None else choose_rank(s, conv_rank if is_3x3 else rank, dynamic, param)
         report.modules.append(fit(component, path, s, before, keep))
         parts.append((component, path, shape, truncated_factors(u, s, vh, keep)))
 
@@ -75,7 +77,8 @@ def lycoris_to_lora(adapter: LycorisAdapter, rank: int, *, conv_rank: int | None
 
     metadata = {k: v for k, v in carried_metadata(adapter.metadata).items() if k != "ss_network_args"}
     kinds = "/".join(adapter.kinds)
-    note = f"converted from LyCORIS {kinds} by SVD, at most rank {rank}; retained Frobenius norm {100 * report.retained:.2f}%"
+    limit = "at each module's own rank" if rank is None else f"at most rank {rank}"
+    note = f"converted from LyCORIS {kinds} by SVD, {limit}; retained Frobenius norm {100 * report.retained:.2f}%"
     metadata.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(common_rank) if len({f.rank for f in report.modules}) == 1 else "Dynamic",

@@ -54,6 +54,22 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
     return AdapterSpec(Path(spec), 1.0)
 
 
+def check_adapter_file(path: Path) -> None:
+    """Refuse, by name and before any model loads, an adapter path that cannot be read: missing, a
+    folder, or a pickle (`.ckpt`, `.pt`, `.bin`, ...), which would run whatever code it carries."""
+    from ..export.files import PICKLE_SUFFIXES
+
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
+        raise ModelError(f"--lora: {path} is a folder; give the adapter's .safetensors file{hint}")
+    if not path.is_file():
+        raise ModelError(f"--lora: {path}: file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"--lora: {path}: a pickle ({path.suffix}), which can run code when loaded and is not "
+                         "read here; save it as .safetensors first")
+
+
 def adapter_hash(path: str | Path) -> str | None:
     """The AddNet/A1111 hash of an adapter: SHA-256 of the tensor bytes (after the header), from the
     file's `sshs_model_hash` when present. A1111 shows its first 12 hex under 'Lora hashes'."""
@@ -61,6 +77,8 @@ def adapter_hash(path: str | Path) -> str | None:
     try:
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > path.stat().st_size:  # not a safetensors file: never read a bogus length
+                return None
             header = json.loads(f.read(header_len))
             stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
             if stored:
@@ -73,7 +91,7 @@ def adapter_hash(path: str | Path) -> str | None:
         return None
 
 
-def _own_reading(path: Path):
+def _own_reading(path: Path, pipe):
     """The file read as an `Adapter` when we hand it to diffusers ourselves, else None.
 
     Every kohya file we can read is: its tensors are read here once and given to diffusers as a
@@ -81,7 +99,9 @@ def _own_reading(path: Path):
     of its kohya quirks apply (see `export.inspect.kohya_load_quirks`: dropped `dora_scale` keys,
     attention alphas other than the most common one, text-encoder q/k/v without out_proj).
     diffusers-layout DoRA files are read too, for their magnitudes, set after diffusers loads them;
-    other diffusers-layout files are left to diffusers, which reads them exactly."""
+    other diffusers-layout files are left to diffusers, which reads them exactly. A file whose keys
+    and metadata do not tell SD 1.x from SDXL is read for the pipeline's family (else diffusers would
+    read it, dropping a kohya file's `dora_scale`)."""
     import safetensors
 
     from ..export.adapter import read_adapter
@@ -94,10 +114,12 @@ def _own_reading(path: Path):
     dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
     if not dora and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
-    try:
-        return read_adapter(path)
-    except ModelError:
-        return None  # not ours to read: diffusers may still know it
+    for base in (None, pipe_family(pipe)):
+        try:
+            return read_adapter(path, base=base)
+        except ModelError:
+            continue
+    return None  # not ours to read: diffusers may still know it
 
 
 def _folded_state(adapter) -> dict[str, torch.Tensor]:
@@ -227,12 +249,7 @@ class AdapterStack:
 
     def load(self, spec: AdapterSpec, name: str | None = None) -> str:
         """Load one adapter file under `name` (default: the file's stem, made unique)."""
-        if spec.path.is_dir():
-            files = sorted(p.name for p in spec.path.glob("*.safetensors"))
-            hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
-            raise ModelError(f"--lora: {spec.path} is a folder; give the adapter's .safetensors file{hint}")
-        if not spec.path.is_file():
-            raise ModelError(f"--lora: {spec.path}: file not found")
+        check_adapter_file(spec.path)
         name = name or spec.name
         base, k = name, 1
         while name in self.specs:
@@ -247,7 +264,7 @@ class AdapterStack:
         if lycoris is not None:
             return self._load_lycoris(spec, name, lycoris)
         try:
-            own = _own_reading(spec.path)
+            own = _own_reading(spec.path, self.pipe)
             source = _folded_state(own) if own is not None and own.layout == "kohya" else str(spec.path)
             with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(source, adapter_name=name)

@@ -49,9 +49,10 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outpaint", metavar="L,R,T,B", help="extend --init-image by these pixels and paint the new area")
     p.add_argument("--controlnet", help="ControlNet model (hub id or diffusers folder)")
     p.add_argument("--control-image", help="control map, or a photo with --control-preprocess canny")
-    p.add_argument("--control-scale", type=float, default=1.0)
-    p.add_argument("--control-preprocess", default="none", choices=PREPROCESSORS,
-                   help="canny: detect edges; none: the image is already a map (depth, pose, seg, scribble, normal)")
+    p.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    p.add_argument("--control-preprocess", default=None, choices=PREPROCESSORS,
+                   help="canny: detect edges; none (the default): the image is already a map "
+                        "(depth, pose, seg, scribble, normal)")
     p.add_argument("--refiner", help="SDXL refiner model, run as a second stage")
     p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps done by the base (default 0.8)")
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
@@ -112,7 +113,9 @@ def run_infer(args) -> list[Path]:
     # Flags that only mean something with another one: silently ignoring them would hide a typo'd run.
     for flag, value, needs in (("--strength", args.strength, "--init-image"),
                                ("--sweep-adapter", args.sweep_adapter, "--sweep"),
-                               ("--refiner-start", args.refiner_start, "--refiner")):
+                               ("--refiner-start", args.refiner_start, "--refiner"),
+                               ("--control-scale", args.control_scale, "--controlnet"),
+                               ("--control-preprocess", args.control_preprocess, "--controlnet")):
         if value is not None and not getattr(args, needs[2:].replace("-", "_")):
             raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
     if args.sweep:
@@ -147,8 +150,9 @@ def run_infer(args) -> list[Path]:
                       guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                       batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
                       clip_skip=1 if args.clip_skip is None else args.clip_skip, init_image=init, strength=strength,
-                      mask=mask, mask_blur=args.mask_blur, control_image=control, control_scale=args.control_scale,
-                      control_preprocess=args.control_preprocess,
+                      mask=mask, mask_blur=args.mask_blur, control_image=control,
+                      control_scale=1.0 if args.control_scale is None else args.control_scale,
+                      control_preprocess=args.control_preprocess or "none",
                       refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]

@@ -18,7 +18,7 @@ from PIL import Image
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
-from .adapters import AdapterSpec, AdapterStack, adapter_hash, parse_adapter_spec
+from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
 from .images import extend_canvas, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
@@ -88,11 +88,14 @@ class Generator:
                  config_dir: str | Path | None = None):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model = str(model)
+        specs = [parse_adapter_spec(spec) if isinstance(spec, str) else spec for spec in loras]
+        for spec in specs:  # a missing file or a pickle is named before minutes of model loading
+            check_adapter_file(spec.path)
         self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
                                             config_dir=str(config_dir) if config_dir else None)
         self.adapters = AdapterStack(self.pipe)
-        for spec in loras:
-            self.adapters.load(parse_adapter_spec(spec) if isinstance(spec, str) else spec)
+        for spec in specs:
+            self.adapters.load(spec)
         self.controlnet_name = Path(str(controlnet)).name if controlnet else None
         self.controlnet = load_controlnet(str(controlnet), self.device, self.dtype) if controlnet else None
         if self.controlnet is not None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelError
-from ..export.layouts import KOHYA_COMPONENTS, canonical_path
-from ..export.lycoris import LycorisAdapter
+from ..export.layouts import canonical_path
+from ..export.lycoris import LycorisAdapter, component_prefix
 from ..export.sdxl_names import ldm_from_diffusers
 
 Key = tuple[str, str]  # (component, module path in the pipeline's model)
@@ -61,7 +61,7 @@ class WeightPatches:
         by_prefix: dict[str, dict[str, str]] = {}
         found: dict[Key, object] = {}
         for component, _, module in adapter.items():
-            prefix = next(p for p in KOHYA_COMPONENTS if module.name.startswith(p + "_"))
+            prefix = component_prefix(module.name)
             model = getattr(self.pipe, component, None)
             if not isinstance(model, torch.nn.Module):
                 raise ModelError(f"{source}: {module.name} adapts {component}, which this base does not have")

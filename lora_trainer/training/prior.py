@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data import Example, is_image_file
+from ..data.images import is_unread_image_file, unread_formats_message
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
 
     db, size = cfg.dreambooth, cfg.data.resolution
     folder = Path(db.class_data)
+    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and is_unread_image_file(p)) \
+        if folder.is_dir() else []
+    if unread:  # else class images the user put there would be generated over in silence
+        log.warning("%s: %s: %s", folder, unread_formats_message(unread), ", ".join(unread[:10]))
     missing = db.num_class_images - len(existing_class_images(folder))
     if missing <= 0:
         return []

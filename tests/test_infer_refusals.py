@@ -1,0 +1,77 @@
+"""infer flags that would do nothing are refused in one line: ControlNet options without
+--controlnet (whose defaults still apply with it), and pickled adapters, named before any model loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.cli import main
+from lora_trainer.errors import ModelError
+
+
+def _infer(tmp_path, model, *extra) -> int:
+    return main(["infer", "--model", str(model), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
+                 "--out", str(tmp_path / "out"), *extra])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--control-scale", "0.5"], "--control-scale needs --controlnet"),
+    (["--control-preprocess", "none"], "--control-preprocess needs --controlnet"),
+    (["--control-preprocess", "canny"], "--control-preprocess needs --controlnet"),
+])
+def test_controlnet_options_without_a_controlnet_are_refused(tmp_path, capsys, extra, needle):
+    # the base does not exist: the flags are refused before anything would load it
+    assert _infer(tmp_path, tmp_path / "no-model-needed", *extra) == 2
+    assert needle in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_a_pickled_adapter_is_refused_by_name_before_the_base_loads(tmp_path, capsys, suffix):
+    pickle = tmp_path / f"style{suffix}"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pickle)
+    # a base that does not exist: had it been loaded first, the error would be about the base
+    assert _infer(tmp_path, tmp_path / "no-model-needed", "--lora", f"{pickle}:0.7") == 2
+    err = _one_line_error(capsys)
+    assert err == (f"error: --lora: {pickle}: a pickle ({suffix}), which can run code when loaded and is not read "
+                   "here; save it as .safetensors first")
+    assert main(["merge", "--model", str(tmp_path / "no-model-needed"), "--lora", str(pickle),
+                 "--out", str(tmp_path / "merged")]) == 2
+    assert f"--lora: {pickle}: a pickle ({suffix})" in _one_line_error(capsys)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_missing_adapter_is_named_before_the_base_loads(tmp_path):
+    from lora_trainer.inference.generate import Generator
+
+    with pytest.raises(ModelError, match=r"^--lora: .*gone\.safetensors: file not found$"):
+        Generator(tmp_path / "no-model-needed", [f"{tmp_path / 'gone.safetensors'}:0.5"], device="cpu")
+
+
+def test_with_a_controlnet_the_defaults_are_scale_1_and_no_preprocessing(tiny_sd15, tiny_controlnet, tmp_path):
+    from lora_trainer.pnginfo import parse_a1111_parameters
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "map.png")
+    common = ["--controlnet", str(tiny_controlnet), "--control-image", str(tmp_path / "map.png")]
+    images = {}
+    for name, extra in [("default", []), ("explicit", ["--control-scale", "1", "--control-preprocess", "none"]),
+                        ("half", ["--control-scale", "0.5"])]:
+        assert _infer(tmp_path / name, tiny_sd15, *common, *extra) == 0
+        [png] = sorted((tmp_path / name / "out").glob("*.png"))
+        images[name] = np.asarray(Image.open(png), dtype=np.int16)
+        if name == "default":
+            info = parse_a1111_parameters(Image.open(png).text["parameters"])
+            assert info.extra["ControlNet 0"].startswith("Module: none, Model: ")
+            assert info.extra["ControlNet 0"].endswith("Weight: 1")
+    assert np.array_equal(images["default"], images["explicit"])
+    assert not np.array_equal(images["default"], images["half"])  # the scale does reach the pipeline
