@@ -159,11 +159,13 @@ def test_a_run_folder_expands_to_epochs_then_steps_then_final(tmp_path):
     ("glob", "--compare: no file matches"), ("missing", "nothing.safetensors: file not found"),
     ("empty", "holds no adapter files"), ("merge", "leave out --merge"), ("batch", "leave out --batch-size"),
     ("sweep-prompts", "give one --prompt, not 2"), ("sweep-weight", "leave out :WEIGHT"),
+    ("pickle", "old.ckpt: a pickle (.ckpt)"),
 ])
 def test_bad_compare_input_is_one_line_before_loading(tmp_path, capsys, random_adapters, what, needle):
     a = str(random_adapters["a"])
     (tmp_path / "empty").mkdir()
-    compare = {"glob": [str(tmp_path / "run-*.safetensors")], "missing": [str(tmp_path / "nothing.safetensors")],
+    (tmp_path / "old.ckpt").write_bytes(b"not read")
+    compare = {"pickle": [str(tmp_path / "*.ckpt")], "glob": [str(tmp_path / "run-*.safetensors")], "missing": [str(tmp_path / "nothing.safetensors")],
                "empty": [str(tmp_path / "empty")], "sweep-weight": [f"{a}:0.5"]}.get(what, [a])
     extra = {"merge": ["--merge"], "batch": ["--batch-size", "2"], "sweep-prompts": ["--sweep", "0,1", "--prompt", "y"],
              "sweep-weight": ["--sweep", "0,1"]}.get(what, [])

@@ -40,7 +40,7 @@ def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
     return None
 
 
-def _shape_mismatch(adapter, pipe) -> str | None:
+def shape_mismatch(adapter, pipe) -> str | None:
     """The first module of `adapter` that the pipeline lacks, or whose layer has another shape."""
     for component, modules in adapter.modules.items():
         model = getattr(pipe, component, None)
@@ -79,4 +79,4 @@ def why_not_loadable(path: Path, pipe) -> str | None:
     if family != base:
         return (f"an {FAMILY_NAMES[family]} adapter does not fit an {FAMILY_NAMES[base]} base; "
                 f"use an {FAMILY_NAMES[family]} --model")
-    return _shape_mismatch(adapter, pipe)
+    return shape_mismatch(adapter, pipe)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
+from ..export.files import PICKLE_SUFFIXES
 from ..imagegrid import Grid, labelled_grid
 from ..pnginfo import GenerationInfo, save_png
 from .adapter_fit import FAMILY_NAMES, pipe_family
@@ -111,6 +112,10 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
             paths = [path]
         else:
             raise ConfigError(f"--compare: {path}: file not found; give adapter files, a run folder or a glob")
+        for p in paths:
+            if p.suffix.lower() in PICKLE_SUFFIXES:
+                raise ConfigError(f"--compare: {p}: a pickle ({p.suffix}), which can run code when loaded and is not "
+                                  "read here; save it as .safetensors first")
         specs += [AdapterSpec(p, spec.weight) for p in paths]
     return specs
 
@@ -121,7 +126,7 @@ def _why_not(path: Path, pipe) -> str | None:
     the loader, which may still know it; a LyCORIS file is only ever read here, so its errors stand."""
     from ..export.adapter import read_adapter
     from ..export.lycoris import needs_lycoris_reader, read_lycoris
-    from .adapter_fit import _shape_mismatch
+    from .adapter_fit import shape_mismatch
     from .lycoris import WeightPatches
 
     base = pipe_family(pipe)
@@ -146,7 +151,7 @@ def _why_not(path: Path, pipe) -> str | None:
     if family != base:
         return (f"an {FAMILY_NAMES[family]} adapter does not fit an {FAMILY_NAMES[base]} base; "
                 f"use an {FAMILY_NAMES[family]} --model or leave the file out")
-    return None if lycoris else _shape_mismatch(adapter, pipe)
+    return None if lycoris else shape_mismatch(adapter, pipe)
 
 
 def check_fits(specs: list[AdapterSpec], pipe) -> None:
