@@ -159,7 +159,7 @@ def test_a_run_folder_expands_to_epochs_then_steps_then_final(tmp_path):
     ("glob", "--compare: no file matches"), ("missing", "nothing.safetensors: file not found"),
     ("empty", "holds no adapter files"), ("merge", "leave out --merge"), ("batch", "leave out --batch-size"),
     ("sweep-prompts", "give one --prompt, not 2"), ("sweep-weight", "leave out :WEIGHT"),
-    ("pickle", "old.ckpt: a pickle (.ckpt)"),
+    ("pickle", "old.ckpt is a pickle (.ckpt)"),
 ])
 def test_bad_compare_input_is_one_line_before_loading(tmp_path, capsys, random_adapters, what, needle):
     a = str(random_adapters["a"])

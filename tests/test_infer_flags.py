@@ -10,18 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from infer_helpers import one_line_error as _one_line_error
+from infer_helpers import run_infer as _infer
 from lora_trainer.cli import main
-
-
-def _infer(tmp_path, model, *extra) -> tuple[int, str]:
-    return main(["infer", "--model", str(model), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
-                 "--out", str(tmp_path / "out"), *extra])
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("extra, needle", [

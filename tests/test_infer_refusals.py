@@ -8,19 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from infer_helpers import one_line_error as _one_line_error
+from infer_helpers import run_infer as _infer
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
-
-
-def _infer(tmp_path, model, *extra) -> int:
-    return main(["infer", "--model", str(model), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
-                 "--out", str(tmp_path / "out"), *extra])
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -42,11 +33,11 @@ def test_a_pickled_adapter_is_refused_by_name_before_the_base_loads(tmp_path, ca
     # a base that does not exist: had it been loaded first, the error would be about the base
     assert _infer(tmp_path, tmp_path / "no-model-needed", "--lora", f"{pickle}:0.7") == 2
     err = _one_line_error(capsys)
-    assert err == (f"error: --lora: {pickle}: a pickle ({suffix}), which can run code when loaded and is not read "
-                   "here; save it as .safetensors first")
+    assert err == (f"error: --lora: {pickle} is a pickle ({suffix}), which can run code when loaded and is not "
+                   "read here; save it as .safetensors first")
     assert main(["merge", "--model", str(tmp_path / "no-model-needed"), "--lora", str(pickle),
                  "--out", str(tmp_path / "merged")]) == 2
-    assert f"--lora: {pickle}: a pickle ({suffix})" in _one_line_error(capsys)
+    assert f"--lora: {pickle} is a pickle ({suffix})" in _one_line_error(capsys)
     assert not (tmp_path / "merged").exists()
 
 

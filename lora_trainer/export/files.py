@@ -189,18 +189,27 @@ def save_adapter(
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an adapter file; a missing or unreadable file is a one-line ModelError."""
-    path = Path(path)
+def adapter_path_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an adapter file before opening it (a folder, missing, a pickle),
+    as the end of a sentence that starts with the path; None when it can be tried."""
     if path.is_dir():
         files = sorted(p.name for p in path.glob("*.safetensors"))
         inside = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
-        raise ModelError(f"adapter file {path} is a folder; give the adapter's .safetensors file{inside}")
+        return f"is a folder; give the adapter's .safetensors file{inside}"
     if not path.is_file():
-        raise ModelError(f"adapter file {path} does not exist")
+        return "does not exist"
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"adapter file {path} is a pickle ({path.suffix}), which can run code when loaded and "
-                         "is not read here; save it as .safetensors first")
+        return (f"is a pickle ({path.suffix}), which can run code when loaded and is not read here; save it as "
+                ".safetensors first")
+    return None
+
+
+def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file; a missing or unreadable file is a one-line ModelError."""
+    path = Path(path)
+    problem = adapter_path_problem(path)
+    if problem is not None:
+        raise ModelError(f"adapter file {path} {problem}")
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})

@@ -161,19 +161,26 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
     if report["dora"]:
         lines.append(f"dora        {sum(m['dora'] for m in report['modules'])} of the modules have a dora_scale")
     lines.append(f"parameters  {report['parameters']:,}")
-    if "hash_matches" in report:
-        state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
-        lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
-    lines += [f"note        {w}" for w in report["warnings"]]
-    lines.append(f"metadata    {len(report['metadata'])} keys")
-    for key, value in report["metadata"].items():
-        value = " ".join(value.split())
-        lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
+    lines += _hash_and_metadata_lines(report, "note")
     if modules:
         lines.append("modules:")
         lines += [f"  {m['component']}.{m['module']}  {m['type']}{' DoRA' if m['dora'] else ''}  out {m['out']}"
                   + (f"  rank {m['rank']}" if m["rank"] is not None else "")
                   + (f"  alpha {m['alpha']:g}" if m["alpha"] is not None else "") for m in report["modules"]]
+    return lines
+
+
+def _hash_and_metadata_lines(report: dict, warning_label: str) -> list[str]:
+    """The hash check, the warnings (under `warning_label`) and the metadata of an inspect report."""
+    lines = []
+    if "hash_matches" in report:
+        state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
+        lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
+    lines += [f"{warning_label:<12}{w}" for w in report["warnings"]]
+    lines.append(f"metadata    {len(report['metadata'])} keys")
+    for key, value in report["metadata"].items():
+        value = " ".join(value.split())
+        lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
     return lines
 
 
@@ -200,14 +207,7 @@ def format_report(report: dict, modules: bool = False) -> str:
         lines.append(f"conv rank   {_spread(report['conv_ranks'], convs)}, alpha {', '.join(report['conv_alphas'])} "
                      "(LoCon: the convs with a kernel over 1x1)")
     lines.append(f"parameters  {report['parameters']:,}")
-    if "hash_matches" in report:
-        state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
-        lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
-    lines += [f"warning     {w}" for w in report["warnings"]]
-    lines.append(f"metadata    {len(report['metadata'])} keys")
-    for key, value in report["metadata"].items():
-        value = " ".join(value.split())
-        lines.append(f"  {key}: {value if len(value) <= _LONG else value[:_LONG] + f'... ({len(value)} chars)'}")
+    lines += _hash_and_metadata_lines(report, "warning")
     if modules:
         lines.append("modules:")
         lines += [f"  {m['component']}.{m['module']}  {m['kind']} {m['in']}->{m['out']}  rank {m['rank']}  alpha {m['alpha']:g}"

@@ -57,17 +57,13 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
 def check_adapter_file(path: Path) -> None:
     """Refuse, by name and before any model loads, an adapter path that cannot be read: missing, a
     folder, or a pickle (`.ckpt`, `.pt`, `.bin`, ...), which would run whatever code it carries."""
-    from ..export.files import PICKLE_SUFFIXES
+    from ..export.files import adapter_path_problem
 
-    if path.is_dir():
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        hint = f" (it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})" if files else ""
-        raise ModelError(f"--lora: {path} is a folder; give the adapter's .safetensors file{hint}")
-    if not path.is_file():
+    problem = adapter_path_problem(path)
+    if problem == "does not exist":
         raise ModelError(f"--lora: {path}: file not found")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"--lora: {path}: a pickle ({path.suffix}), which can run code when loaded and is not "
-                         "read here; save it as .safetensors first")
+    if problem is not None:
+        raise ModelError(f"--lora: {path} {problem}")
 
 
 def adapter_hash(path: str | Path) -> str | None:

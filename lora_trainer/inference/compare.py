@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
-from ..export.files import PICKLE_SUFFIXES
+from ..export.files import PICKLE_SUFFIXES, adapter_path_problem
 from ..imagegrid import Grid, labelled_grid
 from ..pnginfo import GenerationInfo, save_png
 from .adapter_fit import FAMILY_NAMES, pipe_family
@@ -114,8 +114,7 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
             raise ConfigError(f"--compare: {path}: file not found; give adapter files, a run folder or a glob")
         for p in paths:
             if p.suffix.lower() in PICKLE_SUFFIXES:
-                raise ConfigError(f"--compare: {p}: a pickle ({p.suffix}), which can run code when loaded and is not "
-                                  "read here; save it as .safetensors first")
+                raise ConfigError(f"--compare: {p} {adapter_path_problem(p)}")
         specs += [AdapterSpec(p, spec.weight) for p in paths]
     return specs
 
