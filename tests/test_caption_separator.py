@@ -117,6 +117,9 @@ def test_run_records_the_options_and_keeps_the_embedding_cache(tiny_sd15, exampl
     assert len(result.losses) == 8  # 8 images in batches of 2: the second epoch trains uncaptioned
     # captions are either the fixed text or empty: the cache, keyed by the text, stays right and on
     assert not any("text embeddings are not cached" in r.message for r in caplog.records)
+    # the dataset report the run logs counts tags as check-data --keep-tokens-separator does
+    report = next(r.getMessage() for r in caplog.records if "tags:" in r.getMessage())
+    assert "|||" not in report and "geometric style (8)" in report
     with safetensors.safe_open(str(result.adapter_paths[0]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_caption_dropout_every_n_epochs"] == "2"

@@ -127,6 +127,8 @@ def test_check_data_checks_the_masks_training_would_read(tmp_path, capsys):
     report = check_dataset(data, 64, mask_dir=masks, separator="|||")
     assert report.can_train and not [p for p in report.problems if p.kind == "masks"]
     assert report.tag_frequency == {"sks": 2, "dog": 2}  # the separator is not a tag
+    # a check that passes says so: which folder, how many masks
+    assert f"masks: one for each of the 2 readable image(s), of its size, in {masks}" in report.format_text()
 
     Image.new("L", (32, 64), 0).save(masks / "b.png")
     assert main(["check-data", str(data), "--resolution", "64", "--mask-dir", str(masks)]) == 1
@@ -136,6 +138,7 @@ def test_check_data_checks_the_masks_training_would_read(tmp_path, capsys):
     report = check_dataset(data, 64, mask_dir=masks)
     [problem] = [p for p in report.problems if p.kind == "masks"]
     assert "no mask in" in problem.message and "10_dog/b.png" in problem.message
+    assert report.masks == "" and "masks:" not in report.format_text()
     report = check_dataset(data, 64, mask_dir=data / "10_dog")
     assert not report.can_train and "inside the dataset folder" in report.problems[-1].message
     assert not [p for p in check_dataset(data, 64).problems if p.kind == "masks"]  # no mask_dir: not checked

@@ -352,6 +352,19 @@ def test_noise_strength_options_map_with_what_they_modify():
     assert not {"noise_offset_random_strength", "adaptive_noise_scale", "input_perturbation_random_strength"} & set(
         cfg["train"])
     assert len(notes) == 3 and all("nothing to act on" in n and n.endswith("left out") for n in notes)
+    assert "kohya refuses it" in notes[1]
+
+
+def test_gui_zero_noise_modifiers_are_off_without_a_note():
+    """kohya_ss GUI files write adaptive_noise_scale = 0 and the switches false beside noise_offset = 0:
+    all off, nothing to say (the scale was noted as refused by kohya, or written as 0.0 with an offset)."""
+    command = ("python train_network.py --pretrained_model_name_or_path m --train_data_dir d --caption_extension .txt "
+               "--network_alpha 4 --network_dim 4 --max_train_steps 10 --learning_rate 1e-4 --adaptive_noise_scale 0 ")
+    for offset in ("--noise_offset 0", "--noise_offset 0.05"):
+        cfg, notes = config_from_kohya(parse_command_line(command + offset))
+        assert "adaptive_noise_scale" not in cfg["train"] and notes == []
+    cfg, notes = config_from_kohya(parse_command_line(command + "--noise_offset 0 --adaptive_noise_scale 0.1"))
+    assert "adaptive_noise_scale" not in cfg["train"] and len(notes) == 1 and "kohya ignores it" in notes[0]
 
 
 def test_text_encoder_only_maps_to_train_unet_false():

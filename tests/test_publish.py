@@ -262,3 +262,27 @@ def test_sdxl_run_is_tagged_sdxl_and_packaged_for_sdxl(tmp_path, fake_token):
     assert fields["baseModel"] == "SDXL 1.0" and fields["trainedWords"] == ["a photo of sks person"]
     assert fields["recommendedWeight"] == {"default": 0.7, "min": 0.5, "max": 0.9, "source": "user"}
     assert fields["negativePrompt"] == "blurry"
+
+
+def test_public_config_names_local_folders_and_files_by_name_only(trained, tmp_path):
+    """The run's validation folder, init_from file, single-file config folder and latent cache
+    folder were published with their full local paths (as class_data and mask_dir were not)."""
+    import copy
+
+    from lora_trainer.publish.hub import _public_config
+    from lora_trainer.publish.run import read_run
+
+    run = read_run(trained.output_dir)
+    run.cfg = copy.deepcopy(run.cfg)
+    local = tmp_path / "private" / "me"
+    run.cfg.data.validation_path = str(local / "held-out")
+    run.cfg.data.mask_dir = str(local / "masks")
+    run.cfg.lora.init_from = str(local / "old.safetensors")
+    run.cfg.model.config_dir = str(local / "sd15-config")
+    run.cfg.train.cache_latents_to_disk, run.cfg.train.cache_dir = True, str(local / "cache")
+    config = yaml.safe_load(_public_config(run, "stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    assert str(tmp_path) not in yaml.safe_dump(config)
+    assert (config["data"]["validation_path"], config["data"]["mask_dir"]) == ("held-out", "masks")
+    assert (config["lora"]["init_from"], config["model"]["config_dir"]) == ("old.safetensors", "sd15-config")
+    assert config["train"]["cache_dir"] is None and config["train"]["cache_latents_to_disk"] is True
+

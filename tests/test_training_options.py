@@ -113,6 +113,28 @@ def test_disk_cache_key_changes_with_the_image_content(tmp_path):
     assert calls == [1, 1]
 
 
+def test_disk_cache_is_read_on_an_indexed_cpu_device(tmp_path, caplog):
+    """A process of a multi-process CPU run holds its tensors on "cpu:0"; its disk cache entries
+    were refused there ("device cpu:0 is invalid") and every image was encoded again."""
+    from lora_trainer.training.caches import LatentCache
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return pixels.mean(dim=1, keepdim=True), pixels.std(dim=1, keepdim=True)
+
+    pixels = torch.randn(1, 3, 8, 8)
+    key = [(str(image), (8, 8), False, (0, 0))]
+    first = LatentCache(directory=tmp_path / "c", device="cpu:0").distributions(key, pixels, encode)
+    again = LatentCache(directory=tmp_path / "c", device="cpu:0")
+    second = again.distributions(key, pixels, encode)
+    assert calls == [1] and again.disk_hits == 1 and "unreadable" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("optimizer, lr", [("adafactor", "1e-3"), ("prodigy", "1.0")])
 def test_optional_optimizers_train(optimizer, lr, tiny_sd15, example_data, tmp_path):
     if optimizer == "prodigy":

@@ -65,6 +65,7 @@ class DataReport:
     # kohya's <N>_<name> folders: [{"folder", "img_count", "n_repeats"}], the other images under the
     # root's name; empty when there are none (or folder repeats are off)
     folders: list[dict[str, Any]] = field(default_factory=list)
+    masks: str = ""  # with a mask folder whose masks all check out: where they are and how many
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -91,6 +92,8 @@ class DataReport:
                          f"(training resolution {self.resolution})")
         if self.aspect_ratios:
             lines.append("  aspect ratios: " + ", ".join(f"{k} x{v}" for k, v in self.aspect_ratios.items()))
+        if self.masks:
+            lines.append(f"  masks: {self.masks}")
         if self.num_captioned:
             how = "tokenizer" if self.token_counter == "tokenizer" else "estimated; give --model to count exactly"
             lines.append(f"  longest caption: {self.max_tokens} tokens of {self.token_limit} ({how})")
@@ -217,6 +220,8 @@ def _check_masks(report: DataReport, examples: list[Example], root: Path, mask_d
         attach_masks(examples, root, mask_dir, key="mask folder")
     except DataError as err:
         report.problems.append(Problem("error", "masks", str(err)))
+        return
+    report.masks = f"one for each of the {len(examples)} readable image(s), of its size, in {mask_dir}"
 
 
 def _add_sizes(report: DataReport, sizes: dict[Path, tuple[int, int]], rel, no_upscale: bool = False) -> None:

@@ -56,7 +56,8 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                                cfg.data.caption_prefix, cfg.data.folder_repeats, cfg.model.max_token_length,
                                caption_extension=ext, caption_suffix=cfg.data.caption_suffix,
                                weighted_captions=cfg.data.weighted_captions,
-                               no_upscale=cfg.data.buckets and cfg.data.bucket_no_upscale)
+                               no_upscale=cfg.data.buckets and cfg.data.bucket_no_upscale,
+                               separator=cfg.data.keep_tokens_separator)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:

@@ -69,10 +69,14 @@ def loss_options(a: "Args", cfg: dict, notes: list[str]) -> None:
         if not a.has(kohya):
             continue
         value = a.bool(kohya) if kind == "bool" else a.float(kohya)
+        if not value:  # false or 0 (kohya_ss GUI files write adaptive_noise_scale = 0): off, as here
+            continue
         if not a.float(modified):
+            # kohya refuses adaptive_noise_scale only when --noise_offset is absent; at 0 it is unused
+            refused = kind == "float" and not a.has(modified)
             notes.append(f"{a.name(kohya)}: without --{modified} it has nothing to act on "
-                         f"({'kohya refuses it' if kind == 'float' else 'kohya ignores it'}); left out")
-        elif value is not False:
+                         f"({'kohya refuses it' if refused else 'kohya ignores it'}); left out")
+        else:
             set_key(cfg, ours, value)
     _timesteps(a, cfg, notes)
 

@@ -98,10 +98,13 @@ def _public_config(run: Run, base_model: str) -> str:
     cfg.model.base = base_model
     cfg.data.path = Path(cfg.data.path).name or cfg.data.path
     cfg.output.dir = f"outputs/{run.name}"
-    if cfg.dreambooth.class_data:
-        cfg.dreambooth.class_data = Path(cfg.dreambooth.class_data).name
-    if cfg.data.mask_dir:
-        cfg.data.mask_dir = Path(cfg.data.mask_dir).name
+    # local folders and files by their names only; the latent cache's location is this machine's
+    for section, key in (("dreambooth", "class_data"), ("data", "mask_dir"), ("data", "validation_path"),
+                         ("lora", "init_from"), ("model", "config_dir")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, Path(value).name)
+    cfg.train.cache_dir = None
     return dump_config(cfg)
 
 

@@ -78,8 +78,10 @@ class LatentCache:
         if not path.is_file():
             return None
         try:
-            entry = safetensors.torch.load_file(str(path), device=str(self.device))
-            return tuple(entry[name] for name in _ENTRY_NAMES if name in entry)
+            # read on the CPU, then moved: safetensors refuses an indexed CPU device ("cpu:0"),
+            # which is what a process of a multi-process CPU run trains on
+            entry = safetensors.torch.load_file(str(path))
+            return tuple(entry[name].to(self.device) for name in _ENTRY_NAMES if name in entry)
         except Exception as exc:  # a damaged entry is re-encoded, never fatal
             log.warning("latent cache entry %s unreadable (%s); encoding the image again", path, exc)
             return None
