@@ -134,3 +134,12 @@ def test_merge_loras_refuses_lycoris_modules_that_depend_on_the_base(base, tmp_p
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and str(path) in err[0] and "is (IA)^3" in err[0]
     assert not out.exists()
+
+
+def test_convert_refuses_a_lycoris_file_and_names_resize(loha_file, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(loha_file), str(out), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "a LyCORIS LoHa/LoKr adapter" in err and "`lora-trainer resize IN OUT --rank R` turns it into a plain LoRA" in err
+    assert not out.exists()

@@ -92,8 +92,9 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
     lycoris = sorted({kind for key in unknown for marker, kind in _LYCORIS_MARKERS.items() if marker in key})
     if lycoris:
         raise ModelError(f"a LyCORIS {'/'.join(lycoris)} adapter ({len(unknown)} keys such as {sorted(unknown)[0]}); "
-                         "this command reads only LoRA and DoRA files (infer.py, `lora-trainer merge` and "
-                         "`lora-trainer inspect` read LyCORIS files)")
+                         "this command reads only LoRA and DoRA files (infer.py, `lora-trainer merge`, `inspect` "
+                         "and `merge-loras` read LyCORIS files; `lora-trainer resize IN OUT --rank R` turns it into "
+                         "a plain LoRA)")
     if unknown:
         _fail("keys that are not LoRA down/up weights", unknown,
               "only LoRA and DoRA are supported (no LoRA biases or LoHa/LoKr factors)")
