@@ -221,9 +221,9 @@ class LycorisModule:
     def merged(self, weight: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The layer weight with this module applied at `multiplier`, in `dtype`."""
         base = weight.to(dtype)
-        delta = self.delta(weight, dtype)
+        delta = self.delta(weight, dtype)  # a new tensor: scaled in place, no layer-sized temporaries
         if self.dora_scale is None:
-            return base + multiplier * delta
+            return delta.mul_(multiplier).add_(base)
         combined = base + delta
         scale = self.dora_scale.to(weight.device, dtype)
         if scale.shape[0] == weight.shape[0] and scale.numel() == weight.shape[0]:
