@@ -93,9 +93,9 @@ def test_latent_cache_memory_disk_and_none_give_the_same_losses(tiny_sd15, examp
     assert _losses(tmp_path / "again") == losses["disk"]
 
 
-def test_disk_cache_key_changes_with_the_image_content(tmp_path):
-    from lora_trainer.training.caches import LatentCache
-
+def _one_image_cache_case(tmp_path):
+    """An 8x8 image, the list of batch sizes a stand-in encoder is called with, that encoder (mean
+    and std over channels), pixels, and the image's cache key."""
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(image)
     calls = []
@@ -104,8 +104,13 @@ def test_disk_cache_key_changes_with_the_image_content(tmp_path):
         calls.append(len(pixels))
         return pixels.mean(dim=1, keepdim=True), pixels.std(dim=1, keepdim=True)
 
-    pixels = torch.randn(1, 3, 8, 8)
-    key = [(str(image), (8, 8), False, (0, 0))]
+    return image, calls, encode, torch.randn(1, 3, 8, 8), [(str(image), (8, 8), False, (0, 0))]
+
+
+def test_disk_cache_key_changes_with_the_image_content(tmp_path):
+    from lora_trainer.training.caches import LatentCache
+
+    image, calls, encode, pixels, key = _one_image_cache_case(tmp_path)
     LatentCache(directory=tmp_path / "c").distributions(key, pixels, encode)
     LatentCache(directory=tmp_path / "c").distributions(key, pixels, encode)  # a new run reads the file
     Image.new("RGB", (8, 8), (9, 9, 9)).save(image)  # the user edits the image
@@ -118,16 +123,7 @@ def test_disk_cache_is_read_on_an_indexed_cpu_device(tmp_path, caplog):
     were refused there ("device cpu:0 is invalid") and every image was encoded again."""
     from lora_trainer.training.caches import LatentCache
 
-    image = tmp_path / "a.png"
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)
-    calls = []
-
-    def encode(pixels):
-        calls.append(len(pixels))
-        return pixels.mean(dim=1, keepdim=True), pixels.std(dim=1, keepdim=True)
-
-    pixels = torch.randn(1, 3, 8, 8)
-    key = [(str(image), (8, 8), False, (0, 0))]
+    image, calls, encode, pixels, key = _one_image_cache_case(tmp_path)
     first = LatentCache(directory=tmp_path / "c", device="cpu:0").distributions(key, pixels, encode)
     again = LatentCache(directory=tmp_path / "c", device="cpu:0")
     second = again.distributions(key, pixels, encode)
