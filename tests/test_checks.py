@@ -139,6 +139,10 @@ def test_check_data_checks_the_masks_training_would_read(tmp_path, capsys):
     [problem] = [p for p in report.problems if p.kind == "masks"]
     assert "no mask in" in problem.message and "10_dog/b.png" in problem.message
     assert report.masks == "" and "masks:" not in report.format_text()
+    Image.new("L", (64, 32), 0).save(masks / "10_dog" / "a.png")  # and a's mask of another size: both named
+    [problem] = [p for p in check_dataset(data, 64, mask_dir=masks).problems if p.kind == "masks"]
+    assert "no mask in" in problem.message and "10_dog/b.png" in problem.message
+    assert "; and mask folder: 1 mask(s) in" in problem.message and "a.png is 64x32, its image a.png 64x64" in problem.message
     report = check_dataset(data, 64, mask_dir=data / "10_dog")
     assert not report.can_train and "inside the dataset folder" in report.problems[-1].message
     assert not [p for p in check_dataset(data, 64).problems if p.kind == "masks"]  # no mask_dir: not checked

@@ -55,6 +55,7 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
     listings: dict = {}
     masks = [find_mask(ex.path, root, folder, listings) for ex in examples]
     missing = [ex.path.relative_to(root).as_posix() for ex, mask in zip(examples, masks) if mask is None]
+    problems = []  # both kinds in one message, so a user fixes them in one go
     if missing:
         # a mask saved as TIFF or GIF (common from image editors) is there but not read: say so
         stems = {Path(m).stem.lower() for m in missing}
@@ -62,11 +63,13 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
                         if p.stem.lower() in stems and is_unread_image_file(p))
         formats = (f"; {_listed(unread)} {'is' if len(unread) == 1 else 'are'} in a format not read: convert "
                    f"to PNG ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} are read)") if unread else ""
-        raise DataError(f"{key}: no mask in {folder} for {len(missing)} of {len(examples)} image(s) "
+        problems.append(f"{key}: no mask in {folder} for {len(missing)} of {len(examples)} image(s) "
                         f"({_listed(missing)}); add a mask of the same name (e.g. {Path(missing[0]).stem}.png, "
                         f"white = train, black = ignore) for each, as kohya needs one per image{formats}")
     wrong = []
     for ex, mask in zip(examples, masks):
+        if mask is None:
+            continue
         try:
             size = upright_size(mask)
         except Exception as err:  # noqa: BLE001 (broken files raise whatever their decoder hits)
@@ -76,8 +79,10 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
         if size != expected:
             wrong.append(f"{mask.name} is {size[1]}x{size[0]}, its image {ex.path.name} {expected[1]}x{expected[0]}")
     if wrong:
-        raise DataError(f"{key}: {len(wrong)} mask(s) in {folder} differ in size from their image "
+        problems.append(f"{key}: {len(wrong)} mask(s) in {folder} differ in size from their image "
                         f"({_listed(wrong)}); resize each mask to its image's size (kohya refuses them too)")
+    if problems:
+        raise DataError("; and ".join(problems))
     return [replace(ex, mask=mask) for ex, mask in zip(examples, masks)]
 
 
