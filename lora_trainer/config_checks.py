@@ -280,6 +280,9 @@ def _check_loss(t: TrainConfig, errors: list[str]) -> None:
             errors.append(f"train.{key}: got {value!r} with train.{base} {getattr(t, base)!r}, which it "
                           f"{'scales' if key.endswith('strength') else 'adds to'}; set train.{base} (e.g. 0.1) "
                           f"or leave train.{key} {'false' if key.endswith('strength') else 'null'}")
+    if t.adaptive_noise_scale is not None and t.adaptive_noise_scale == 0:  # (0.0 == False: the loop skips it)
+        errors.append("train.adaptive_noise_scale: got 0.0, which adds nothing to the noise offset; set a scale "
+                      "(e.g. 0.05, or negative) or leave it null")
     need(t.v_pred_like_loss is None or t.v_pred_like_loss > 0, "v_pred_like_loss",
          "a number > 0 (e.g. 0.1) or null (off)")
     if t.v_pred_like_loss is not None and t.scale_v_pred_loss_like_noise_pred:

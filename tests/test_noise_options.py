@@ -227,6 +227,8 @@ def test_defaults_record_kohyas_switches_off(baseline):
 @pytest.mark.parametrize("overrides, key", [
     (["train.noise_offset_random_strength=true"], "train.noise_offset_random_strength"),
     (["train.adaptive_noise_scale=0.5"], "train.adaptive_noise_scale"),
+    (["train.noise_offset=0.1", "train.adaptive_noise_scale=0"], "train.adaptive_noise_scale"),
+    (["train.adaptive_noise_scale=0"], "train.adaptive_noise_scale"),
     (["train.input_perturbation_random_strength=true"], "train.input_perturbation_random_strength"),
     (["train.v_pred_like_loss=0"], "train.v_pred_like_loss"),
     (["train.v_pred_like_loss=-1"], "train.v_pred_like_loss"),
