@@ -117,9 +117,10 @@ class Adapter:
 
     def peft_states(self, fold_alpha: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """{component: peft state dict} (`lora_A`/`lora_B` weights, DoRA magnitudes). `fold_alpha`
-        multiplies up by alpha / r, for consumers of a bare state dict, which carries no alpha."""
+        multiplies up by alpha / r, for consumers of a bare state dict, which carries no alpha; the
+        folded up is float32, so a half-precision file is not rounded a second time."""
         def up(m: LoraModule) -> torch.Tensor:
-            return (m.up.double() * m.scale).to(m.up.dtype) if fold_alpha else m.up
+            return (m.up.double() * m.scale).float() if fold_alpha else m.up
 
         def magnitude(m: LoraModule) -> torch.Tensor | None:
             return None if m.magnitude is None else peft_magnitude(m.magnitude, m.up.ndim)

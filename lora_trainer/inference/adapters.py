@@ -124,11 +124,7 @@ def _folded_state(adapter) -> dict[str, torch.Tensor]:
     a half-precision file is not rounded a second time (its layers compute in their own dtype)."""
     from ..export.layouts import peft_to_diffusers
 
-    states = adapter.peft_states()
-    for component, modules in adapter.modules.items():
-        for module_path, m in modules.items():
-            key = f"{module_path}.lora_B.weight"
-            states[component][key] = (m.up.double() * m.scale).float()
+    states = adapter.peft_states(fold_alpha=True)
     # diffusers 0.42 tells a text encoder's state dict apart only by its attention projections' keys or
     # by `lora_linear_layer`, so one adapting only the MLPs (fc1/fc2) would not load as peft keys
     return {_text_encoder_key(k): v for k, v in peft_to_diffusers(states).items()}
