@@ -14,7 +14,7 @@ from lycoris_helpers import dora_merged, get_layer, kohya_name, merge_by_hand, w
 
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
-from lora_trainer.export.lycoris import read_lycoris
+from lora_trainer.export.lycoris import LycorisModule, read_lycoris
 from lora_trainer.inference.adapters import AdapterSpec
 from lora_trainer.inference.generate import Generator, Request
 from lora_trainer.inference.pipelines import load_base
@@ -199,6 +199,22 @@ def test_lycoris_stacks_with_a_lora_and_merge_unmerge_is_exact(sd15, tiny_sd15, 
     merge_by_hand(lyco_only.pipe, reference, -0.4)
     gen.set_enabled("a", False)
     _close(_outputs(gen.pipe), _outputs(lyco_only.pipe))
+
+
+def test_changing_only_a_lora_rebuilds_no_lycoris_layer(sd15, tiny_sd15, random_adapters, monkeypatch):
+    _, path, reference = sd15
+    gen = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5", f"{path}:-0.4"], device="cpu")
+    rebuilt = []
+    real = LycorisModule.merged
+    monkeypatch.setattr(LycorisModule, "merged", lambda self, *a, **k: rebuilt.append(self.name) or real(self, *a, **k))
+    gen.set_weight("a", 0.9)
+    gen.set_enabled("a", False)
+    assert rebuilt == []  # the LyCORIS layers already hold -0.4
+    lyco_only = Generator(tiny_sd15, device="cpu")
+    merge_by_hand(lyco_only.pipe, reference, -0.4)
+    _close(_outputs(gen.pipe), _outputs(lyco_only.pipe))
+    gen.set_weight("every-type", 1.0)  # its own weight: every layer it changes is rebuilt
+    assert len(rebuilt) == len(reference)
 
 
 def test_sdxl_lycoris_with_ldm_names_and_both_text_encoders(tiny_sdxl, tmp_path):

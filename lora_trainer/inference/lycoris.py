@@ -52,6 +52,9 @@ class WeightPatches:
     pipe: object
     adapters: dict[str, dict[Key, object]] = field(default_factory=dict)  # name -> {layer: LycorisModule}
     originals: dict[Key, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # the {name: weight} the layers hold now (None: unknown): a change to a peft adapter alone
+    # rebuilds nothing here
+    applied: dict[str, float] | None = None
 
     def _layer(self, key: Key) -> torch.nn.Module:
         return getattr(self.pipe, key[0]).get_submodule(key[1])
@@ -84,6 +87,7 @@ class WeightPatches:
     def add(self, name: str, adapter: LycorisAdapter, source: str) -> int:
         """Register `adapter` under `name` (nothing changes until `apply`); returns its layer count."""
         modules = self.resolve(adapter, source)
+        self.applied = None
         for key in modules:
             if key not in self.originals:
                 w, b = _weights_of(self._layer(key))
@@ -94,7 +98,11 @@ class WeightPatches:
 
     def apply(self, weights: dict[str, float]) -> None:
         """Rebuild the touched layers from their originals with the adapters in `weights`
-        ({name: weight}; a name left out is off), in load order."""
+        ({name: weight}; a name left out is off), in load order. Nothing is done when the layers
+        already hold these adapters at these weights."""
+        if weights == self.applied:
+            return
+        self.applied = None  # until every layer is rebuilt
         for key, (weight0, bias0) in self.originals.items():
             weight, bias = _weights_of(self._layer(key))
             device = weight.device
@@ -115,11 +123,13 @@ class WeightPatches:
                 weight.copy_(w.to(weight.dtype) if changed else weight0.to(device))
                 if bias is not None and bias0 is not None:
                     bias.copy_(b.to(bias.dtype) if changed else bias0.to(device))
+        self.applied = dict(weights)
 
     def remove(self, name: str) -> None:
         """Drop adapter `name`: the layers only it changed get their original weights back and their
         kept copies are freed; the caller's `apply` rebuilds the layers others still change."""
         modules = self.adapters.pop(name)
+        self.applied = None
         still_used = {key for other in self.adapters.values() for key in other}
         for key in modules:
             if key in still_used or key not in self.originals:
@@ -135,3 +145,4 @@ class WeightPatches:
         """Keep the merged weights as they are and drop the originals (the pipeline is baked)."""
         self.adapters.clear()
         self.originals.clear()
+        self.applied = None
