@@ -210,3 +210,16 @@ def test_from_kohya_dataset_subsets_with_mask_folders(tmp_path):
         f"dataset config conditioning_data_dir: the subsets keep their masks in 2 folders; data.mask_dir is one folder "
         f"({tmp_path / 'dog-masks'}), where a mask is looked for under its image's folder name, then at the top: "
         "gather the masks as <mask_dir>/<image folder>/<name>"]
+
+
+def test_a_runs_mask_is_hashed_once_and_a_new_run_hashes_it_again(tmp_path):
+    from lora_trainer.data.masks import read_mask
+
+    path = tmp_path / "a.png"
+    Image.new("L", (8, 8), 255).save(path)
+    digests: dict = {}
+    first = read_mask(path, digests)[1]
+    assert digests == {path: first}
+    Image.new("L", (8, 8), 0).save(path)  # edited between runs: this run keeps its key, a new run sees the edit
+    assert read_mask(path, digests)[1] == first
+    assert read_mask(path)[1] != first and read_mask(path, {})[1] != first

@@ -223,6 +223,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
         self.alpha_mask = alpha_mask
+        self._mask_digests: dict[Path, str] = {}  # mask file -> SHA-256, once per run (see read_mask)
         self.keep_tokens_separator = keep_tokens_separator
         self.caption_dropout_every_n_epochs = caption_dropout_every_n_epochs
         self._items = _item_table([ex.repeats * repeats for ex in self.examples])
@@ -262,7 +263,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image = image.crop(box)
         # The mask takes the pixels' path exactly: same resize, crop box and flip.
         alpha = resize_to_cover(alpha, height, width).crop(box) if alpha is not None else None
-        mask, mask_id = read_mask(example.mask) if example.mask is not None else (None, None)
+        mask, mask_id = read_mask(example.mask, self._mask_digests) if example.mask is not None else (None, None)
         mask = resize_to_cover(mask, height, width).crop(box) if mask is not None else None
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -86,13 +86,19 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
     return [replace(ex, mask=mask) for ex, mask in zip(examples, masks)]
 
 
-def read_mask(path: Path) -> tuple[Image.Image, str]:
+def read_mask(path: Path, digests: dict[Path, str] | None = None) -> tuple[Image.Image, str]:
     """The mask as an 8-bit "L" image (see `load_mask`) and the SHA-256 of the file, which keys the
-    latent cache entries that carry it, so an edited mask never meets a stale entry."""
-    try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read mask image ({err.strerror or err}); check data.mask_dir") from err
+    latent cache entries that carry it, so an edited mask never meets a stale entry. `digests`
+    keeps each file's hash for the run, as the latent cache keeps its images' hashes: a mask is
+    hashed once, not at every step that draws its image."""
+    digest = digests.get(path) if digests is not None else None
+    if digest is None:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as err:
+            raise DataError(f"{path}: cannot read mask image ({err.strerror or err}); check data.mask_dir") from err
+        if digests is not None:
+            digests[path] = digest
     return load_mask(path), digest
 
 
