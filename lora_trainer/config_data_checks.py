@@ -1,0 +1,77 @@
+"""Checks of the `data` section's own values (config_data.py) that the CLI and the data stage call
+too: the caption extension, the bucket side limits, the captioning options. Re-exported by
+config_checks.py and config.py."""
+
+from __future__ import annotations
+
+import typing
+from typing import TYPE_CHECKING, Optional
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config_data import CaptionConfig, DataConfig
+
+
+def normalize_caption_extension(value: str, key: str = "data.caption_extension") -> str:
+    """The caption file extension with its dot (".caption" for "caption" or ".caption"), or a
+    one-line ConfigError naming `key` for one that is empty or holds a path separator."""
+    ext = value.strip()
+    if ext and not ext.startswith("."):
+        ext = "." + ext
+    if not ext.strip(".") or "/" in ext or "\\" in ext:
+        raise ConfigError(f"{key}: got {value!r}; expected a file extension such as .txt or .caption "
+                          "(the caption of cat.png is then cat.txt or cat.caption beside it)")
+    from .data.images import IMAGE_EXTENSIONS
+
+    if ext.lower() in IMAGE_EXTENSIONS:
+        # cat.png's caption file would be cat.png itself: read as text, or written over with --overwrite
+        raise ConfigError(f"{key}: got {value!r}, an image extension; caption files need their own, "
+                          "such as .txt or .caption")
+    return ext
+
+
+def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
+    """Problems with data.min_bucket_side / max_bucket_side: each a multiple of bucket_step, and
+    (once the resolution is known) the square bucket between them, as kohya requires."""
+    errors = []
+    step = d.bucket_step
+    for key in ("min_bucket_side", "max_bucket_side"):
+        value = getattr(d, key)
+        if value is not None and (value < step or value % step):
+            errors.append(f"data.{key}: got {value!r}; expected a multiple of data.bucket_step ({step}) or null")
+    low, high = d.min_bucket_side, d.max_bucket_side
+    if errors or (low is None and high is None):
+        return errors
+    if low is not None and high is not None and low > high:
+        return [f"data.min_bucket_side: got {low}, above data.max_bucket_side {high}; lower it or raise the maximum"]
+    if resolution is not None:
+        side = max(step, resolution // step * step)  # the square bucket's side
+        if low is not None and low > side:
+            errors.append(f"data.min_bucket_side: got {low}, above the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or less")
+        if high is not None and high < side:
+            errors.append(f"data.max_bucket_side: got {high}, below the square bucket's side {side} "
+                          f"(data.resolution {resolution}); set it to {side} or more")
+    return errors
+
+
+def check_caption_config(c: CaptionConfig, errors: list[str],
+                         key: typing.Callable[[str], str] = lambda name: f"data.caption.{name}") -> None:
+    """Range checks for caption options; `key` names a field as the user wrote it (config key or flag)."""
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            errors.append(f"{key(name)}: got {getattr(c, name)!r}; expected {allowed}")
+
+    need(bool(c.model.strip()), "model", "a hub id or a folder with a BLIP-2 model")
+    need(c.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(c.max_length >= 1, "max_length", "an integer >= 1 (new tokens per caption)")
+    default_min = type(c)().min_length
+    need(0 <= c.min_length <= c.max_length, "min_length", f"an integer in [0, max_length={c.max_length}]"
+         + (f" (it is the default, {default_min}: lower it with {key('max_length')})" if c.min_length == default_min
+            else ""))
+    need(c.num_beams >= 1, "num_beams", "an integer >= 1")
+    need(0.0 < c.top_p <= 1.0, "top_p", "a number in (0, 1]")
+    need(c.temperature > 0, "temperature", "a number > 0")
+    need(c.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)")
