@@ -22,7 +22,8 @@ class Layers(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.tokens, self.vector, self.conv = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6), torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.tokens, self.vector = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+        self.conv = torch.nn.Conv2d(8, 6, 3, padding=1)
 
     def forward(self, x, v, img):
         return self.tokens(x), self.vector(v), self.conv(img)

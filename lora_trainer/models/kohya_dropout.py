@@ -51,6 +51,14 @@ def rank_mask(keys: tuple[int, ...], rows: int, layer: str, rank: int, p: float)
     return torch.stack(masks)
 
 
+def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU mask on `device`; to a GPU through pinned memory, so that the copy does not make the host
+    wait for the GPU at every adapted layer."""
+    if device.type == "cuda":
+        return mask.pin_memory().to(device, non_blocking=True)
+    return mask.to(device)
+
+
 class _LayerHooks:
     """The kohya dropouts of one peft LoRA layer."""
 
@@ -88,9 +96,11 @@ class _LayerHooks:
         if p:
             rows = sample_rows(keys, output.shape[0], self.name)
             mask = rank_mask(keys, rows, self.name, output.shape[1 if output.dim() == 4 else -1], p)
-            # (n, r) over (n, r) linear, (n, tokens, r) text/attention, (n, r, h, w) conv outputs
-            shape = (-1, mask.shape[1], 1, 1) if output.dim() == 4 else (-1,) + (1,) * (output.dim() - 2) + (mask.shape[1],)
-            output = output * (mask.to(output.device, output.dtype) / (1.0 - p)).view(shape)
+            # the mask is (rows, r); A·x is (rows, r) for time_emb_proj, (rows, tokens, r) for attention
+            # and text encoders, (rows, r, h, w) for convs: every token or pixel of a row alike
+            r = mask.shape[1]
+            shape = (-1, r, 1, 1) if output.dim() == 4 else (-1,) + (1,) * (output.dim() - 2) + (r,)
+            output = output * (_to_device(mask, output.device).to(output.dtype) / (1.0 - p)).view(shape)
         return output
 
     def _keep_base(self, module, args, output):
@@ -102,11 +112,15 @@ class _LayerHooks:
             return None
         keys = self.shared.keys
         rows = sample_rows(keys, output.shape[0], self.name)
-        skipped = [s for s in skipped_samples(keys, self.name, self.rates.module) for _ in range(rows)]
+        skipped = skipped_samples(keys, self.name, self.rates.module)
         if not any(skipped):
             return None
-        mask = torch.tensor(skipped, device=output.device).view(-1, *(1,) * (output.dim() - 1))
-        return torch.where(mask, base.to(output.dtype), output)
+        # filled in place on the device: a copy from the host would make the GPU stream wait
+        mask = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
+        for i, skip in enumerate(skipped):
+            if skip:
+                mask[i * rows:(i + 1) * rows] = True
+        return torch.where(mask.view(-1, *(1,) * (output.dim() - 1)), base.to(output.dtype), output)
 
 
 def use_kohya_dropout(module: torch.nn.Module, rates: KohyaDropout, keys: DropoutKeys, component: str) -> int:

@@ -53,7 +53,8 @@ def folder_triggers(examples) -> list[str]:
 
 def _network_args(cfg: RunConfig) -> dict[str, str]:
     """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios, rank
-    and module dropout and the block arguments set, each as the string kohya's command line takes ("1,0.5,0", "cosine+0.5")."""
+    and module dropout and the block arguments set, each as the string kohya's command line takes
+    ("1,0.5,0", "cosine+0.5")."""
     t, lora = cfg.train, cfg.lora
     args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if lora.conv_rank else {}
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
