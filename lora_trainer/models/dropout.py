@@ -7,6 +7,7 @@ training loop gives every sample a key derived from (seed, epoch, item, stream),
 the noise, so a 2-process run equals a 1-process run with dropout too, a resumed run continues
 exactly, and gradient checkpointing's recomputation draws the same masks again (the loop installs
 `DropoutKeys.checkpoint` / `transformers_kwargs()` as the checkpointing function for that).
+kohya_dropout.py adds kohya's neuron, rank and module dropouts on the same keys.
 """
 
 from __future__ import annotations
