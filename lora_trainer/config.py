@@ -79,7 +79,14 @@ class BlockLrWeights:
 class LoraConfig:
     rank: int = 4  # r: the inner dimension of B·A
     alpha: Optional[float] = None  # scale is alpha / rank; None means alpha = rank (scale 1)
-    dropout: float = 0.0
+    dropout: float = 0.0  # peft's lora_dropout: each element of the adapter's input x is dropped
+    # kohya's dropouts (sd-scripts networks/lora.py; README: LoRA dropout), training only, masks per sample:
+    # neuron_dropout (kohya's --network_dropout): each element of the down projection's output A·x, the
+    # rest ×1/(1-p); rank_dropout: whole rank channels of A·x for a sample, the scale ×1/(1-p);
+    # module_dropout: a sample skips a layer's adapter (the layer gives W·x). 0: off
+    neuron_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
     text_encoder_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
     train_text_encoder: bool = False

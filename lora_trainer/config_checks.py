@@ -73,7 +73,8 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
                       f"{cfg.data.caption_suffix!r} (added to every caption at training time); set only one of them")
     need(cfg.lora.rank >= 1, "lora.rank", cfg.lora.rank, "an integer >= 1 (typically 4 to 128)")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "a number > 0 or null (= rank)")
-    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "a number in [0, 1)")
+    for key in ("dropout", "neuron_dropout", "rank_dropout", "module_dropout"):
+        need(0.0 <= getattr(cfg.lora, key) < 1.0, f"lora.{key}", getattr(cfg.lora, key), "a number in [0, 1) (0: off)")
     need(bool(cfg.lora.unet_targets), "lora.unet_targets", cfg.lora.unet_targets, "a non-empty list of module names")
     need(cfg.lora.conv_rank >= 0, "lora.conv_rank", cfg.lora.conv_rank, "an integer >= 0 (0: no LoCon; typically 4 to 32)")
     need(cfg.lora.conv_alpha is None or cfg.lora.conv_alpha > 0, "lora.conv_alpha", cfg.lora.conv_alpha,

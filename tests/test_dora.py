@@ -17,7 +17,7 @@ from lora_trainer.errors import ConfigError, ModelError
 from lora_trainer.training.loop import train
 
 RUN = ["lora.use_dora=true", "lora.train_text_encoder=true", "train.text_encoder_lr=5e-3", "lora.dropout=0.1",
-       "train.gradient_checkpointing=true", "train.max_steps=4", "output.save_every_n_steps=2",
+       "lora.rank_dropout=0.2", "lora.module_dropout=0.2", "train.gradient_checkpointing=true", "train.max_steps=4", "output.save_every_n_steps=2",
        "output.dtype=fp32", "output.format=both", "sample.prompts=[]"]
 MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 KOHYA = "lora_unet_" + MODULE.replace(".", "_")
@@ -51,7 +51,8 @@ def _outputs(unet, text_encoder):
 
 @pytest.fixture(scope="module")
 def dora_run(tiny_sd15, example_data, tmp_path_factory):
-    """4 steps of DoRA on UNet and text encoder, with per-sample dropout and gradient checkpointing."""
+    """4 steps of DoRA on UNet and text encoder, with per-sample dropout (lora.dropout, kohya's rank and
+    module dropout) and gradient checkpointing."""
     out = tmp_path_factory.mktemp("dora") / "out"
     result = train(run_config(tiny_sd15, example_data, out, *RUN), show_progress=False)
     return result, _adapter(result), _outputs(result.unet, result.text_encoder)
@@ -78,7 +79,9 @@ def test_files_carry_the_magnitudes_in_each_layout(dora_run):
     layer = result.unet.get_submodule(MODULE)
     assert scale.shape == (32, 1)  # output axis, as LyCORIS writes with wd_on_out
     assert torch.equal(scale[:, 0], layer.lora_magnitude_vector["default"].weight.detach())
-    assert json.loads(meta["ss_network_args"]) == {"dora_wd": "True", "wd_on_out": "True"}
+    # LyCORIS's DoRA arguments beside the run's dropouts (LyCORIS reads rank/module_dropout by the same names)
+    assert json.loads(meta["ss_network_args"]) == {"rank_dropout": "0.2", "module_dropout": "0.2",
+                                                   "dora_wd": "True", "wd_on_out": "True"}
     with safetensors.safe_open(str(diffusers), "pt") as f:
         magnitude = f.get_tensor(f"unet.{MODULE}.lora_magnitude_vector")
         config = json.loads(f.metadata()["lora_adapter_metadata"])

@@ -68,21 +68,34 @@ def test_peft_layers_use_it_and_gradient_checkpointing_recomputes_the_same_masks
 
 def test_training_with_dropout_gives_the_same_adapter_with_or_without_gradient_checkpointing(
         tiny_sd15, example_data, tmp_path):
+    """lora.dropout with kohya's neuron, rank and module dropouts (models/kohya_dropout.py) on."""
+    import json
+
+    import safetensors
     from conftest import run_config
     from lora_trainer.training.loop import train
+
+    kohya = ["lora.neuron_dropout=0.1", "lora.rank_dropout=0.25", "lora.module_dropout=0.25"]
 
     def adapter(out, *extra):
         # two 77-token windows per caption: the text encoder's batch has 2 rows per sample
         cfg = run_config(tiny_sd15, example_data, tmp_path / out, "lora.dropout=0.3", "lora.train_text_encoder=true",
                          "model.max_token_length=150", "train.max_steps=3", "train.lr=1e-2", "sample.prompts=[]",
-                         *extra)
+                         *kohya, *extra)
         result = train(cfg, show_progress=False)
         return {k: v.detach().clone() for m in (result.unet, result.text_encoder)
                 for k, v in m.named_parameters() if v.requires_grad}
 
     plain = adapter("plain")
     checkpointed = adapter("gc", "train.gradient_checkpointing=true")
-    undropped = adapter("nodrop", "lora.dropout=0")
+    kohya_off = [k.split("=")[0] + "=0" for k in kohya]
+    undropped = adapter("nodrop", "lora.dropout=0", *kohya_off)
+    input_only = adapter("input-only", *kohya_off)  # the kohya dropouts act in a run, too
+    assert max((plain[k] - input_only[k]).abs().max().item() for k in plain) > 1e-4
+    with safetensors.safe_open(str(tmp_path / "plain" / "example-lora.safetensors"), "pt") as f:
+        meta = f.metadata()  # recorded as kohya does
+    assert json.loads(meta["ss_network_args"]) == {"rank_dropout": "0.25", "module_dropout": "0.25"}
+    assert meta["ss_network_dropout"] == "0.1"
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)

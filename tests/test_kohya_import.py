@@ -67,7 +67,9 @@ def test_sd15_command_line_with_continuations_maps_every_argument(sd15_setup):
     assert cfg["dreambooth"] == {"class_data": str(Path("reg") / "1_dog"), "class_prompt": "dog",
                                  "num_class_images": 5, "prior_loss_weight": 0.8}
     lora = cfg["lora"]
-    assert (lora["rank"], lora["alpha"], lora["dropout"], lora["train_text_encoder"]) == (16, 8.0, 0.1, True)
+    # --network_dropout drops the down projection's output (lora.neuron_dropout), not the input (lora.dropout)
+    assert (lora["rank"], lora["alpha"], lora["neuron_dropout"], lora["train_text_encoder"]) == (16, 8.0, 0.1, True)
+    assert "dropout" not in lora
     assert "ff.net.2" in lora["unet_targets"] and "fc1" in lora["text_encoder_targets"]  # kohya's module set
     assert {"proj_in", "proj_out"} <= set(lora["unet_targets"])
     assert (lora["conv_rank"], lora["conv_alpha"]) == (4, 1.0)  # --network_args conv_dim=4 conv_alpha=1 (LoCon)

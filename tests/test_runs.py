@@ -249,9 +249,11 @@ def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, m
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, example_data, tmp_path):
     script = write_rank_script(tmp_path)
-    # LoRA dropout on: its masks, too, belong to the sample and not to the process.
+    # LoRA dropout and kohya's neuron/rank/module dropouts on: their masks, too, belong to the sample
+    # and not to the process.
     common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
-              "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25"]
+              "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25", "lora.neuron_dropout=0.1",
+              "lora.rank_dropout=0.25", "lora.module_dropout=0.25"]
     two = tmp_path / "two"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",

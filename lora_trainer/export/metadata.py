@@ -115,6 +115,7 @@ def kohya_metadata(
     date: str | None = None,
     network_module: str = "networks.lora",
     network_args: Mapping[str, str] | None = None,
+    network_dropout: float | None = None,
     network_train_unet_only: bool | None = None,
     network_train_text_encoder_only: bool | None = None,
 ) -> dict[str, str]:
@@ -123,7 +124,8 @@ def kohya_metadata(
     Arguments left as None are left out (kohya writes the string "None" instead; nothing reads it).
     `tag_frequency` is {dataset dir: {tag: count}}, `dataset_dirs` is
     {dir: {"n_repeats": n, "img_count": m}}; times are unix seconds. `network_args` is kohya's
-    `--network_args` as key -> string (LoCon: {"conv_dim": "8", "conv_alpha": "4"}; LoRA+ ratios), stored as JSON.
+    `--network_args` as key -> string (LoCon: {"conv_dim": "8", "conv_alpha": "4"}; LoRA+ ratios; rank_dropout,
+    module_dropout), stored as JSON; `network_dropout` is kohya's --network_dropout (dropout of the down output).
     """
     if base_model_version not in ARCHITECTURES:
         raise ValueError(f"base_model_version {base_model_version!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -135,6 +137,7 @@ def kohya_metadata(
         "ss_network_dim": rank,
         "ss_network_alpha": float(alpha),  # kohya's alpha argument is a float: "8.0"
         "ss_network_args": json.dumps(dict(network_args)) if network_args else None,
+        "ss_network_dropout": network_dropout,
         # which models the adapter holds (kohya's --network_train_unet_only / _text_encoder_only)
         "ss_network_train_unet_only": network_train_unet_only,
         "ss_network_train_text_encoder_only": network_train_text_encoder_only,

@@ -173,8 +173,8 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         notes.append("--network_alpha not given: kohya's default 1 is kept (scale 1/rank); ours would be alpha = rank")
     alpha = a.float("network_alpha", 1.0)
     set_key(cfg, "lora.alpha", alpha if alpha else float(cfg["lora"]["rank"]))  # kohya: alpha 0 means alpha = dim
-    if a.has("network_dropout"):
-        set_key(cfg, "lora.dropout", a.float("network_dropout"))
+    if a.float("network_dropout"):  # kohya's dropout of the down projection's output, not of the input
+        set_key(cfg, "lora.neuron_dropout", a.float("network_dropout"))
     set_key(cfg, "lora.unet_targets", list(KOHYA_UNET_TARGETS))
     set_key(cfg, "lora.text_encoder_targets", list(KOHYA_TEXT_ENCODER_TARGETS))
     if a.has("network_weights"):
@@ -202,6 +202,8 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
             notes.append(f"--network_args {key}={value}: the text encoder is not trained; left out")
         elif key in LORAPLUS_ARGS:  # LoRA+: B at lr × ratio, the same three names here
             set_key(cfg, f"train.{key}", parse_number(value, f"--network_args {key}"))
+        elif key in ("rank_dropout", "module_dropout"):  # kohya's per-layer dropouts, the same names here
+            set_key(cfg, f"lora.{key}", parse_number(value, f"--network_args {key}"))
         else:
             notes.append(note_for(f"--network_args {key}={value}", key, True, NETWORK_ARG_NOTES))
     if te_only:

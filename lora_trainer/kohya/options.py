@@ -78,8 +78,8 @@ KOHYA_DEFAULTS = {"lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "lr_sch
                   "caption_extension": ".caption", "log_prefix": "",
                   "persistent_data_loader_workers": False}
 NETWORK_ARG_NOTES = {
-    "rank_dropout": "use lora.dropout (dropout on the adapter input); left out",
-    "module_dropout": "use lora.dropout (dropout on the adapter input); left out",
+    "dropout": "kohya's networks.lora does not read it (its down-output dropout is --network_dropout, "
+               "lora.neuron_dropout here); left out",
 }
 # LoRA+ network arguments, mapped to train.<same name>.
 LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")

@@ -7,6 +7,7 @@ training loop gives every sample a key derived from (seed, epoch, item, stream),
 the noise, so a 2-process run equals a 1-process run with dropout too, a resumed run continues
 exactly, and gradient checkpointing's recomputation draws the same masks again (the loop installs
 `DropoutKeys.checkpoint` / `transformers_kwargs()` as the checkpointing function for that).
+kohya_dropout.py adds kohya's neuron, rank and module dropouts on the same keys.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ import torch
 import torch.utils.checkpoint
 
 from .lora import ADAPTER_NAME, lora_layers
+
+
+def keyed_seed(*parts) -> int:
+    """A 63-bit generator seed that is a function of `parts` (sample key, layer name, row, ...) only."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_rows(keys: Sequence[int], n: int, layer: str) -> int:
+    """How many consecutive rows of a batch of `n` each sample owns: a text encoder reads a long
+    caption as several 77-token windows, batched sample-major (sample 0's windows, then sample 1's...)."""
+    rows, remainder = divmod(n, len(keys))
+    if remainder or not rows:
+        raise RuntimeError(f"LoRA dropout in {layer}: {len(keys)} sample keys for a batch of {n}")
+    return rows
 
 
 class DropoutKeys:
@@ -60,23 +76,15 @@ class SampleDropout(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, layer={self.layer!r}"
 
-    def _seed(self, key: int, row: int) -> int:
-        digest = hashlib.sha256(f"{key}:{self.layer}:{row}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") >> 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keys = self.shared.keys
         if not self.training or self.p == 0 or keys is None:
             return x
-        # A text encoder reads a long caption as several 77-token windows, batched sample-major
-        # (sample 0's windows, then sample 1's...): each sample owns x.shape[0] / len(keys) rows.
-        rows, remainder = divmod(x.shape[0], len(keys))
-        if remainder or not rows:
-            raise RuntimeError(f"LoRA dropout in {self.layer}: {len(keys)} sample keys for a batch of {x.shape[0]}")
+        rows = sample_rows(keys, x.shape[0], self.layer)
         masks = []
         for key in keys:
             for row in range(rows):
-                g = torch.Generator(device=x.device).manual_seed(self._seed(key, row))
+                g = torch.Generator(device=x.device).manual_seed(keyed_seed(key, self.layer, row))
                 masks.append(torch.rand(x.shape[1:], generator=g, device=x.device) >= self.p)
         return x * torch.stack(masks).to(x.dtype) / (1.0 - self.p)
 

@@ -9,6 +9,7 @@ import torch
 
 from ..config import RunConfig
 from ..models.dropout import DropoutKeys, use_sample_dropout
+from ..models.kohya_dropout import KohyaDropout, use_kohya_dropout
 from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
 from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
@@ -23,7 +24,8 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
     """Inject LoRA into the UNet (unless lora.train_unet is false) and the text encoders (when
     lora.train_text_encoder); return the trained modules by component, their optimizer groups and a
     name for each group (what the logs call them). With block lr weights the UNet has one group per
-    weight (`unet_w0.5`, ...), else one. LoRA dropout draws its masks per sample, from `dropout_keys`."""
+    weight (`unet_w0.5`, ...), else one. LoRA dropout (lora.dropout and kohya's neuron, rank and module
+    dropouts) draws its masks per sample, from `dropout_keys`."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
     dora = cfg.lora.use_dora
     if dora:
@@ -53,9 +55,12 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
             named[GROUP_NAMES[i]] = encoder
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
             names.append(GROUP_NAMES[i])
-    if cfg.lora.dropout > 0:
-        for name, module in named.items():
+    kohya = KohyaDropout(cfg.lora.neuron_dropout, cfg.lora.rank_dropout, cfg.lora.module_dropout)
+    for name, module in named.items():
+        if cfg.lora.dropout > 0:
             use_sample_dropout(module, cfg.lora.dropout, dropout_keys, name)
+        if kohya:  # after use_sample_dropout: it hooks the final lora_dropout modules
+            use_kohya_dropout(module, kohya, dropout_keys, name)
     if t.gradient_checkpointing:
         # the frozen UNet too: a text-encoder-only run still backpropagates through it
         base.unet.enable_gradient_checkpointing(dropout_keys.checkpoint)

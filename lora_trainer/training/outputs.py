@@ -52,12 +52,14 @@ def folder_triggers(examples) -> list[str]:
 
 
 def _network_args(cfg: RunConfig) -> dict[str, str]:
-    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios and
-    the block arguments set, each as the string kohya's command line takes ("1,0.5,0", "cosine+0.5")."""
+    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios, rank
+    and module dropout and the block arguments set, each as the string kohya's command line takes
+    ("1,0.5,0", "cosine+0.5")."""
     t, lora = cfg.train, cfg.lora
     args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if lora.conv_rank else {}
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
     args.update({key: f"{getattr(t, key):g}" for key in keys if getattr(t, key) is not None})
+    args.update({key: f"{getattr(lora, key):g}" for key in ("rank_dropout", "module_dropout") if getattr(lora, key)})
     for side in ("down", "mid", "up"):
         value = getattr(lora.block_lr_weights, side)
         if value is not None:
@@ -127,7 +129,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_lr_ratio=t.loraplus_lr_ratio,
         loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
-        network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, blocks
+        network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, dropouts, blocks
+        network_dropout=cfg.lora.neuron_dropout or None,  # kohya's --network_dropout; written only when on
         # which models the file adapts, under kohya's argument names
         network_train_unet_only=not cfg.lora.train_text_encoder,
         network_train_text_encoder_only=not cfg.lora.train_unet,
