@@ -221,9 +221,12 @@ def _diffusers_alphas(metadata: Mapping[str, str], states: Mapping[str, Mapping[
     return alphas
 
 
-def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
-    """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection."""
-    tensors, metadata = load_adapter(path)
+def read_adapter(path: str | os.PathLike, base: str | None = None, fallback: str | None = None,
+                 header_only: bool = False) -> Adapter:
+    """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection; `fallback` is
+    the base when the keys, metadata and shapes cannot tell. `header_only` reads no weights: the
+    modules' tensors are shape-only 'meta' tensors (see `load_adapter`), for checks."""
+    tensors, metadata = load_adapter(path, header_only=header_only)
     try:
         layout = detect_layout(tensors)
     except ModelError as exc:
@@ -271,7 +274,9 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
         try:
             base, reason = detect_base(list(tensors), metadata, paths, shapes)
         except ModelError as exc:
-            raise ModelError(f"{path}: {exc}") from None
+            if fallback is None:
+                raise ModelError(f"{path}: {exc}") from None
+            base, reason = fallback, "the base it is loaded into"
     return Adapter(modules, base, dict(metadata), layout, reason)
 
 

@@ -110,12 +110,10 @@ def _own_reading(path: Path, pipe):
     dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
     if not dora and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
-    for base in (None, pipe_family(pipe)):
-        try:
-            return read_adapter(path, base=base)
-        except ModelError:
-            continue
-    return None  # not ours to read: diffusers may still know it
+    try:
+        return read_adapter(path, fallback=pipe_family(pipe))
+    except ModelError:
+        return None  # not ours to read: diffusers may still know it
 
 
 def _folded_state(adapter) -> dict[str, torch.Tensor]:
