@@ -10,6 +10,7 @@ from PIL import Image
 
 from infer_helpers import one_line_error as _one_line_error
 from infer_helpers import run_infer as _infer
+from infer_helpers import unwritable_folder
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
 
@@ -66,3 +67,11 @@ def test_with_a_controlnet_the_defaults_are_scale_1_and_no_preprocessing(tiny_sd
             assert info.extra["ControlNet 0"].endswith("Weight: 1")
     assert np.array_equal(images["default"], images["explicit"])
     assert not np.array_equal(images["default"], images["half"])  # the scale does reach the pipeline
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_base_loads(tmp_path, capsys):
+    out = unwritable_folder(tmp_path)
+    assert main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"error: --out: {out} cannot be written to (") and err.endswith(
+        "; give a folder you can write to"), err

@@ -23,6 +23,7 @@ from typing import Iterator, Mapping
 import torch
 
 from ..errors import ModelError
+from ..fileio import unwritable_reason
 from .files import LORA_ADAPTER_METADATA_KEY, load_adapter, save_adapter
 from .layouts import (
     KOHYA_PREFIXES, canonical_path, detect_layout, diffusers_to_peft, kohya_to_peft, peft_magnitude,
@@ -314,6 +315,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise ModelError(f"{path} is a folder; give the adapter's file name, e.g. {path / 'adapter.safetensors'}")
     if path.exists() and not overwrite:
         raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    unwritable = unwritable_reason(path.parent)
+    if unwritable:
+        raise ModelError(f"{path.parent} {unwritable}; write {path.name} to a folder you can write to")
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..fileio import unwritable_reason
 from .adapters import parse_adapter_spec
 from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
@@ -135,6 +136,9 @@ def run_infer(args) -> list[Path]:
                               f"give one --prompt, not {len(args.prompt)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
+    unwritable = unwritable_reason(args.out)
+    if unwritable:
+        raise ConfigError(f"--out: {args.out} {unwritable}; give a folder you can write to")
     weights = parse_weights_list(args.sweep) if args.sweep else None
     init = read_image(args.init_image, "--init-image") if args.init_image else None
     mask = read_mask(args.mask, init.size) if args.mask else None
