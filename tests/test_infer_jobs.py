@@ -171,6 +171,17 @@ def test_bad_infer_flags_are_one_line_errors(tiny_sd15, tmp_path, capsys, extra,
     assert rc == 2 and needle in err and "\n" not in err
 
 
+@pytest.mark.parametrize("name, meant", [("eular", "euler"), ("dpmpp_2m_karras", "dpm++_2m_karras"),
+                                         ("euler_ancestral", "euler_a"), ("k_euler_a", "euler_a"), ("karras", None)])
+def test_an_unknown_sampler_name_suggests_the_one_meant(tmp_path, capsys, name, meant):
+    # refused before the base would load
+    rc = main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--scheduler", name,
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and f"--scheduler: {name!r} is not a known sampler; " in err, err
+    assert (f"did you mean {meant}? choose one of ddim," in err) if meant else ("did you mean" not in err)
+
+
 def test_outpaint_with_another_size_is_refused_rather_than_squashed(tiny_sd15, picture, tmp_path, capsys):
     picture.save(tmp_path / "init.png")
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "out"),
