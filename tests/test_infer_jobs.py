@@ -182,6 +182,25 @@ def test_an_unknown_sampler_name_suggests_the_one_meant(tmp_path, capsys, name, 
     assert (f"did you mean {meant}? choose one of ddim," in err) if meant else ("did you mean" not in err)
 
 
+def test_a_mask_of_another_shape_is_refused_and_one_of_the_same_shape_is_scaled(tmp_path, capsys):
+    from lora_trainer.inference.images import read_mask
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    Image.new("L", (32, 48), 255).save(tmp_path / "tall.png")
+    rc = main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "tall.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err == (
+        f"error: --mask: {tmp_path / 'tall.png'} is 32x48 but --init-image is 64x64, another shape, so it would be "
+        "stretched over other pixels; give a 64x64 mask (or one of the same shape)")
+    assert not (tmp_path / "out").exists()
+    half = Image.new("L", (32, 32))
+    half.paste(255, (0, 0, 16, 32))  # the left half
+    half.save(tmp_path / "half.png")
+    scaled = np.asarray(read_mask(tmp_path / "half.png", (64, 64)))
+    assert scaled.shape == (64, 64) and (scaled[:, :32] == 255).all() and (scaled[:, 32:] == 0).all()
+
+
 def test_outpaint_with_another_size_is_refused_rather_than_squashed(tiny_sd15, picture, tmp_path, capsys):
     picture.save(tmp_path / "init.png")
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "out"),

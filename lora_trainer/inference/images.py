@@ -23,9 +23,17 @@ def read_image(path: str | Path, flag: str) -> Image.Image:
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
-    """A mask as "L": white = repaint, black = keep; resized to the init image's size."""
+    """A mask as "L": white = repaint, black = keep; resized to the init image's size when it has
+    its shape (a mask drawn at another resolution, as A1111 takes it). A mask of another shape is
+    refused: stretched, it would mark other pixels than the ones drawn."""
     mask = read_image(path, "--mask").convert("L")
-    return mask if mask.size == size else mask.resize(size, Image.NEAREST)
+    if mask.size == size:
+        return mask
+    (w, h), (mw, mh) = size, mask.size
+    if abs(mw * h / w - mh) > 1:  # more than rounding apart
+        raise ConfigError(f"--mask: {path} is {mw}x{mh} but --init-image is {w}x{h}, another shape, so it would be "
+                          f"stretched over other pixels; give a {w}x{h} mask (or one of the same shape)")
+    return mask.resize(size, Image.NEAREST)
 
 
 # ----------------------------------------------------------------------------- canny
