@@ -274,6 +274,7 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="corrupt.safetensors is not a readable") as info:
         load_adapter(bad)
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith("damaged or incomplete (an interrupted download or copy?): download or copy it again")
 
 
 def test_text_encoder_state_is_read_without_a_vocabulary_lookup(tiny_sd15):

@@ -65,3 +65,9 @@ def test_single_file_error_names_the_infer_flags(tiny_sd15, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert err.startswith("error: --model: ") and "--config-dir" in err and "model.config_dir" not in err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:4096])  # a download that stopped early
+    assert main(["infer", "--model", str(cut), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --model: {cut} is not a readable .safetensors file (") and "\n" not in err, err
+    assert err.endswith("download or copy it again"), err

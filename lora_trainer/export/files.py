@@ -17,7 +17,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import ModelError
+from ..errors import DAMAGED, ModelError
 from ..fileio import atomic_path
 from .layouts import COMPONENTS, KOHYA_PREFIXES, peft_to_diffusers, peft_to_kohya
 from .metadata import check_metadata, kohya_metadata, with_hashes
@@ -236,7 +236,7 @@ def load_adapter(path: str | os.PathLike, header_only: bool = False) -> tuple[di
             tensors = {key: read(key) for key in f.keys()}
     except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise ModelError(f"adapter file {path} is not a readable .safetensors file ({reason})") from e
+        raise ModelError(f"adapter file {path} is not a readable .safetensors file ({reason}); {DAMAGED}") from e
     return tensors, metadata
 
 

@@ -20,7 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import ModelError
+from ..errors import DAMAGED, ModelError, first_line
 from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def detect_single_file_variant(path: str | os.PathLike) -> str:
         with safetensors.safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
     except Exception as exc:
-        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({exc})") from None
+        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({first_line(exc)}); {DAMAGED}") from None
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(f"model.base: {path} has no {UNET_PREFIX}* tensors; it is not a Stable Diffusion "
                          "checkpoint in the original layout (is it a LoRA?)")
