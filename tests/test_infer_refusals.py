@@ -75,3 +75,17 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_base_loads(t
     err = _one_line_error(capsys)
     assert err.startswith(f"error: --out: {out} cannot be written to (") and err.endswith(
         "; give a folder you can write to"), err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lora", "{a}:nan"], "'nan' is not a weight; write FILE:WEIGHT with a finite number"),
+    (["--lora", "{a}:inf"], "'inf' is not a weight; write FILE:WEIGHT with a finite number"),
+    (["--lora", "{a}", "--sweep", "0,nan"], "--sweep: '0,nan' is not a comma-separated list of numbers"),
+])
+def test_a_weight_that_is_not_a_finite_number_is_refused_before_the_base_loads(tmp_path, capsys, random_adapters,
+                                                                              extra, needle):
+    extra = [e.format(a=random_adapters["a"]) for e in extra]
+    assert _infer(tmp_path, tmp_path / "no-model-needed", *extra) == 2
+    assert needle in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import struct
 import warnings
@@ -46,7 +47,11 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
     path, sep, weight = spec.rpartition(":")
     if sep and path:
         try:
-            return AdapterSpec(Path(path), float(weight))
+            value = float(weight)
+            if not math.isfinite(value):  # 'nan' and 'inf' parse, and would draw black images
+                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a finite number, "
+                                  f"e.g. {path}:0.8")
+            return AdapterSpec(Path(path), value)
         except ValueError:
             if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
                 raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "

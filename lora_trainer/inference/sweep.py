@@ -4,6 +4,7 @@ judge how strong an adapter is and where it starts to overfit. Training and publ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
@@ -21,6 +22,8 @@ class Sweep:
 def parse_weights_list(text: str) -> list[float]:
     try:
         weights = [float(part) for part in text.split(",") if part.strip()]
+        if not all(math.isfinite(w) for w in weights):  # 'nan' and 'inf' parse, and would draw black images
+            raise ValueError
     except ValueError:
         raise ConfigError(f"--sweep: {text!r} is not a comma-separated list of numbers, e.g. 0,0.25,0.5,0.75,1") from None
     if not weights:
