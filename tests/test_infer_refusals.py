@@ -89,3 +89,15 @@ def test_a_weight_that_is_not_a_finite_number_is_refused_before_the_base_loads(t
     assert needle in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
+
+def test_a_whole_checkpoint_given_as_an_adapter_is_named_as_one(tiny_sd15, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4)}, str(checkpoint))
+    assert _infer(tmp_path, tiny_sd15, "--lora", str(checkpoint)) == 2
+    assert _one_line_error(capsys) == (
+        f"error: --lora: {checkpoint}: a whole Stable Diffusion checkpoint (its UNet, VAE and text encoder weights), "
+        "not an adapter; give it as the base model (--model / model.base), or make an adapter of it with "
+        "`lora-trainer extract`")
