@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import dump_config
 from ..errors import PublishError, first_line
-from ..fileio import new_dir_mode, write_text_atomic
+from ..fileio import new_dir_mode, unwritable_reason, write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
 from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
@@ -144,6 +144,9 @@ def build_hub_folder(run: Run, out: str | Path, opts: HubOptions, overwrite: boo
     if run.dir.resolve() == out.resolve() or out.resolve() in run.dir.resolve().parents:
         raise PublishError(f"--out {out}: would replace the run folder itself; choose a folder inside or beside it")
     _check_replaceable(out, overwrite)
+    unwritable = unwritable_reason(out.parent)
+    if unwritable:
+        raise PublishError(f"--out: {out.parent} {unwritable}; give a folder you can write to")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
