@@ -143,6 +143,9 @@ def test_png_parameters_round_trip(gen, tmp_path):
     assert len(info.adapters[0][2]) == 12  # A1111's short adapter hash
     assert a1111_parameters(info) == text
     assert main(args) == 0 and (tmp_path / "00001-11.png").exists()  # a second run never overwrites
+    # the numbers go on across runs whatever the seed, so the folder lists its images in the order made
+    assert main(["3" if a == "11" else a for a in args]) == 0  # --seed 3
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-11.png", "00001-11.png", "00002-3.png"]
 
 
 def test_sdxl_refiner_runs_as_second_stage(tiny_sdxl, tmp_path):

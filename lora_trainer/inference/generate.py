@@ -251,11 +251,20 @@ class Generator:
         return self.generate(Request(prompt=prompt, init_image=canvas, mask=mask, **kw))
 
 
-def save_results(results: list[Generated], out_dir: str | Path, start: int = 0) -> list[Path]:
-    """Write OUT/NNNNN-SEED.png for each result, numbering from `start`, never over an existing file."""
+def next_image_number(out_dir: Path) -> int:
+    """One past the highest NNNNN of the OUT/NNNNN-SEED.png files already there (0 in a new folder),
+    so that a folder's images number on across runs in the order they were made, whatever their seeds,
+    as A1111 numbers its outputs."""
+    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if out_dir.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def save_results(results: list[Generated], out_dir: str | Path, start: int | None = None) -> list[Path]:
+    """Write OUT/NNNNN-SEED.png for each result, numbering from `start` (default: after the folder's
+    last image, `next_image_number`), never over an existing file."""
     out_dir = Path(out_dir)
     paths = []
-    k = start
+    k = next_image_number(out_dir) if start is None else start
     for result in results:
         while (path := out_dir / f"{k:05d}-{result.info.seed}.png").exists():
             k += 1
