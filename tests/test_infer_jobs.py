@@ -64,6 +64,18 @@ def test_inpainting_keeps_everything_outside_the_mask(gen, picture):
     assert not np.array_equal(image[:, :32], np.asarray(picture)[:, :32])
 
 
+def test_inpainting_an_image_whose_sides_are_not_multiples_of_8_keeps_its_size_and_pixels(gen, picture):
+    odd = picture.crop((0, 0, 60, 52))
+    mask = Image.new("L", odd.size, 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 29, 51), fill=255)
+    out = gen.generate(Request(prompt="a blue square", init_image=odd, mask=mask, strength=1.0, steps=2, seed=7,
+                               mask_blur=0))[0]
+    image = np.asarray(out.image)
+    assert out.image.size == (60, 52) and (out.info.width, out.info.height) == (60, 52)
+    assert np.array_equal(image[:, 30:], np.asarray(odd)[:, 30:])  # kept as they were, not resampled
+    assert not np.array_equal(image[:, :30], np.asarray(odd)[:, :30])
+
+
 def test_outpainting_extends_the_canvas_and_keeps_the_original(gen, picture):
     canvas, mask = extend_canvas(picture, 16, 4, 0, 8)  # right grows to 8 so the width is a multiple of 8
     assert canvas.size == (88, 72) and np.asarray(mask)[:64, 16:80].max() == 0 and np.asarray(mask)[:, :16].min() == 255

@@ -118,6 +118,19 @@ def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: i
     return Image.fromarray(pixels), Image.fromarray(mask)
 
 
+def pad_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
+    """`image` grown right and down to sides that are multiples of `multiple` (what the VAE takes),
+    the new pixels repeating the edge; unchanged when its sides already are. Inpainting pads rather
+    than resizes, so the original pixels can be cut out again unchanged."""
+    w, h = image.size
+    size = (-(-w // multiple) * multiple, -(-h // multiple) * multiple)
+    if size == image.size:
+        return image
+    pixels = np.asarray(image)
+    pad = ((0, size[1] - h), (0, size[0] - w)) + ((0, 0),) * (pixels.ndim - 2)
+    return Image.fromarray(np.pad(pixels, pad, mode="edge"), mode=image.mode)
+
+
 def paste_outside_mask(result: Image.Image, original: Image.Image, mask: Image.Image, blur: int = 0) -> Image.Image:
     """Keep the original pixels where the mask is black, as A1111 does after inpainting: the VAE
     round trip would otherwise shift colours there. `blur` softens the seam (pixels the blurred
