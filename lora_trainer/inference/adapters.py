@@ -59,6 +59,15 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
     return AdapterSpec(Path(spec), 1.0)
 
 
+def adapter_named(specs: dict[str, AdapterSpec], key: str) -> str | None:
+    """The name of the adapter `key` means, among `specs` ({name: spec}): its name, its file's stem
+    (`run.v2`, whose name is `run_v2`) or file name, or the path given; None when none."""
+    for name, spec in specs.items():
+        if key in (name, spec.path.stem, spec.path.name, str(spec.path)):
+            return name
+    return None
+
+
 def check_adapter_file(path: Path) -> None:
     """Refuse, by name and before any model loads, an adapter path that cannot be read: missing, a
     folder, or a pickle (`.ckpt`, `.pt`, `.bin`, ...), which would run whatever code it carries."""

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..fileio import unwritable_reason
-from .adapters import parse_adapter_spec
+from .adapters import adapter_named, parse_adapter_spec
 from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
 
@@ -160,6 +160,9 @@ def run_infer(args) -> list[Path]:
                       refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
+    if args.sweep_adapter and adapter_named({a.name: a for a in adapters}, args.sweep_adapter) is None:
+        raise ConfigError(f"--sweep-adapter: {args.sweep_adapter!r} is none of the --lora files; give one's name "
+                          f"(its file's stem): {', '.join(a.path.stem for a in adapters) or 'no --lora given'}")
     compared = expand_compare(args.compare) if args.compare is not None else None
     if compared and weights is not None and any(spec.weight != 1 for spec in compared):
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo
+from .adapters import adapter_named
 from .generate import Generator, Request
 from ..imagegrid import Grid, labelled_grid
 
@@ -39,9 +40,9 @@ def sweep_grid(generator: Generator, prompts: list[str], weights: list[float], a
     names = list(generator.adapters.specs)
     if not names:
         raise ConfigError("--sweep needs at least one --lora to sweep")
-    name = adapter or names[0]
-    if name not in names:
-        raise ConfigError(f"--sweep-adapter: {name!r} is not loaded; loaded: {', '.join(names)}")
+    name = adapter_named(generator.adapters.specs, adapter) if adapter else names[0]
+    if name is None:
+        raise ConfigError(f"--sweep-adapter: {adapter!r} is not loaded; loaded: {', '.join(names)}")
     request = request or Request(prompt="")
     before = generator.adapters.specs[name].weight
     rows, first = [], None
