@@ -210,7 +210,7 @@ def _header_tensor(f, key: str) -> torch.Tensor:
     except single values (alphas, flags), which are read."""
     part = f.get_slice(key)
     shape = part.get_shape()
-    if math.prod(shape) <= 1:
+    if math.prod(shape) <= 1 or part.get_dtype() not in _DTYPES:  # a dtype torch has no name for here: read it
         return f.get_tensor(key)
     return torch.empty(shape, dtype=_DTYPES[part.get_dtype()], device="meta")
 
