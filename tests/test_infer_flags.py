@@ -86,3 +86,15 @@ def test_sweep_adapter_takes_the_files_stem_and_names_the_choices_before_loading
         assert _infer(tmp_path, tiny_sd15, *loras, "--sweep-adapter", name) == 0
     params = [Image.open(p).text["parameters"] for p in sorted((tmp_path / "out").glob("sweep-*.png"))]
     assert len(params) == 2 and all(p.endswith("Sweep: \"style_v2: 0,1\"") for p in params), params
+
+
+def test_a_pipeline_given_as_a_controlnet_and_a_controlnet_given_as_the_base_are_named(tiny_sd15, tiny_controlnet,
+                                                                                        tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "map.png")
+    assert _infer(tmp_path, tiny_sd15, "--controlnet", str(tiny_sd15), "--control-image", str(tmp_path / "map.png")) == 2
+    assert _one_line_error(capsys) == (f"error: --controlnet: '{tiny_sd15}' is a whole pipeline's folder "
+                                       "(model_index.json), not a single model's; point it at a diffusers folder "
+                                       "with config.json")
+    assert _infer(tmp_path, tiny_controlnet) == 2
+    assert _one_line_error(capsys) == (f"error: --model: '{tiny_controlnet}' is a single model's folder (config.json), "
+                                       "not a whole pipeline's; point it at a diffusers folder with model_index.json")
