@@ -269,6 +269,10 @@ def load_single_file(path: str | os.PathLike, variant: str, dtype: torch.dtype,
     folder = Path(config_dir) if config_dir else CONFIGS / variant
     if not (folder / "unet" / "config.json").is_file():
         raise ModelError(f"model.config_dir: {folder} has no unet/config.json; point it at a diffusers pipeline folder")
+    if (variant == "sdxl") != (folder / "text_encoder_2" / "config.json").is_file():  # the other family's configs
+        has = "SDXL" if variant == "sd15" else "SD 1.x"
+        raise ModelError(f"model.config_dir: {folder} describes an {has} pipeline but {path} is an "
+                         f"{'SDXL' if variant == 'sdxl' else 'SD 1.x'} checkpoint; give a folder of its own family")
     state = safetensors.torch.load_file(str(path))
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
