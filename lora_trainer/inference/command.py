@@ -59,8 +59,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
     p.add_argument("--compare", nargs="+", action="extend", metavar="FILE[:WEIGHT]",
-                   help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files, "
-                        "then the final one), one seed; --lora adapters stay loaded in every cell; "
+                   help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files in "
+                        "training order, then the final one), one seed; --lora adapters stay loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
