@@ -47,19 +47,32 @@ def seconds_per_step(gen: Generator, size: int, steps: int, repeats: int) -> flo
     return statistics.median((run(steps) - run(1)) / (steps - 1) for _ in range(repeats))
 
 
+def speed_options(description: str) -> argparse.ArgumentParser:
+    """The options the adapter speed benchmarks share (this one and lycoris_load.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", choices=list(SIZES), default="sd15",
+                        help="sd15: the tiny model, 64 px; sd15-full: real SD1.5 layer sizes, 256 px (random weights)")
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank")
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps per timed image")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per figure (the median is shown)")
+    return parser
+
+
+def base_model(name: str) -> Path:
+    """benchmarks/.models/NAME, built offline on first use."""
+    model = MODELS / name
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(name, model)
+    return model
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=list(SIZES), default="sd15")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = speed_options(__doc__.splitlines()[0])
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model = MODELS / args.model
-    if not (model / "model_index.json").is_file():
-        make_tiny_model(args.model, model)
+    model = base_model(args.model)
     adapters = []
     for k in range(3):
         path = MODELS / f"{args.model}-r{args.rank}-{k}.safetensors"

@@ -12,7 +12,6 @@ benchmarks/.models/ (random weights: speed only).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora_trainer.export.layouts import KOHYA_PREFIXES, canonical_path  # noqa: E402
 from lora_trainer.inference.adapters import AdapterSpec  # noqa: E402
 from lora_trainer.inference.generate import Generator  # noqa: E402
-from lora_trainer.testing.tiny import make_tiny_model  # noqa: E402
 
-from inference import MODELS, SIZES, seconds_per_step  # noqa: E402  (benchmarks/inference.py)
+from inference import MODELS, SIZES, base_model, seconds_per_step, speed_options  # noqa: E402  (benchmarks/inference.py)
 
 ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
@@ -73,16 +71,8 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=list(SIZES), default="sd15")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    model = MODELS / args.model
-    if not (model / "model_index.json").is_file():
-        make_tiny_model(args.model, model)
+    args = speed_options(__doc__.splitlines()[0]).parse_args()
+    model = base_model(args.model)
     loha, lora = MODELS / f"{args.model}-loha-r{args.rank}.safetensors", MODELS / f"{args.model}-locon-r{args.rank}.safetensors"
     layers = write_files(model, args.rank, loha, lora)
     size = SIZES[args.model]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -22,6 +23,8 @@ from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa:
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_DOTTED_KEY = re.compile(r"\b(?:model|data|dreambooth|lora|train|sample|output|log)(?:\.[a-z_0-9]+)+")
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -314,13 +317,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, war
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, ...)")
     data = merge_dicts(data, parse_overrides(overrides or []))
-    # Each problem names where its key was set: the file, or a key=value on the command line.
-    given = [item.split("=", 1)[0].strip() for item in overrides or []]
+    # Each problem names where its key was set: the file, or a key=value on the command line. A
+    # problem between two keys (train.warmup with train.scheduler) that an override of the other key
+    # caused names that override beside the file, which holds the first.
+    given = {item.split("=", 1)[0].strip(): item.strip() for item in overrides or []}
+
+    def overridden(key: str) -> list[str]:
+        return [item for k, item in given.items() if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
 
     def source(line: str) -> str:
         key = line.split(":", 1)[0]
-        return "command line" if path is None or any(k == key or k.startswith(key + ".") for k in given) \
-            else str(path)
+        if path is None or any(k == key or k.startswith(key + ".") for k in given):
+            return "command line"
+        others = [item for named in _DOTTED_KEY.findall(line.split(":", 1)[-1]) for item in overridden(named)]
+        return f"{path} with the command line override {', '.join(dict.fromkeys(others))}" if others else str(path)
 
     try:
         cfg = config_from_dict(data)

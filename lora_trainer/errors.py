@@ -25,3 +25,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of a library exception's message (or its type), for one-line user errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# What to do about a file that cannot be parsed: most often a download or copy that stopped early.
+DAMAGED = "it is damaged or incomplete (an interrupted download or copy?): download or copy it again"

@@ -28,6 +28,26 @@ def new_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (which may not exist yet: writing creates it), as
+    the end of a sentence that starts with its name; None when they can. Commands ask before their
+    long work, so that a read-only place fails in one line at the start, not after minutes.
+    A test file is created and removed in the nearest existing folder; nothing else is made."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be made: {existing} is a file"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"cannot be written to ({exc.strerror or exc} in {existing})"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as `path`; rename it over `path` on success.

@@ -16,3 +16,23 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+def unwritable_folder(tmp_path):
+    """A folder no file can be written into: a read-only one, or (for root, who writes anyway) one
+    under /proc."""
+    from pathlib import Path
+
+    import pytest
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (locked / "probe").touch()
+    except OSError:
+        return locked / "sub"
+    (locked / "probe").unlink()
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no folder here is read-only to this user")
+    return Path("/proc/lora-trainer-test/out")

@@ -263,3 +263,19 @@ def test_merge_weight_that_is_not_a_number_is_one_line(tmp_path, capsys):
     rc = main(["merge-loras", f"{tmp_path}/a.safetensors:abc", "--out", str(tmp_path / "m.safetensors")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "'abc' is not a weight" in err and "\n" not in err
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(random_adapters, tmp_path, capsys):
+    from infer_helpers import unwritable_folder
+
+    folder = unwritable_folder(tmp_path)
+    a = str(random_adapters["a"])
+    for args in (["convert", a, str(folder / "a.safetensors"), "--to", "diffusers"],
+                 ["resize", a, str(folder / "a.safetensors"), "--rank", "2"],
+                 ["merge-loras", f"{a}:0.5", "--out", str(folder / "a.safetensors")],
+                 # the base does not exist: the output is refused before it would load
+                 ["merge", "--model", str(tmp_path / "no-model"), "--lora", a, "--out", str(folder / "merged")]):
+        rc = main(args)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and "Traceback" not in err, err
+        assert f"{folder} cannot be written to (" in err and "you can write to" in err, err

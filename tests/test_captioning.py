@@ -158,7 +158,7 @@ def test_caption_prefix_repeating_the_trigger_is_a_config_error():
         load_config(REPO / "configs" / "example.yaml", ["data.caption.beams=2"])
 
 
-def test_training_captions_missing_images_first_and_records_them(tiny_sd15, tiny_blip2, example_data, tmp_path,
+def test_training_captions_missing_images_first_records_them_and_warns_once_of_unread_files(tiny_sd15, tiny_blip2, example_data, tmp_path,
                                                                  caplog):
     from lora_trainer.training.loop import train
 
@@ -167,6 +167,8 @@ def test_training_captions_missing_images_first_and_records_them(tiny_sd15, tiny
     for png in sorted(example_data.glob("*.png"))[:4]:
         shutil.copy(png, data / png.name)
     (data / "01_red_circle.txt").write_text("hand written", encoding="utf-8")
+    _noise_png(data / "anim.png", 3)
+    (data / "anim.png").rename(data / "anim.gif")  # a format training does not read: said once
     out = tmp_path / "out"
     cfg = run_config(tiny_sd15, data, out, "data.caption.method=blip2", f"data.caption.model={tiny_blip2}",
                      "data.caption.prefix=sks, ", "data.caption_prefix=", "train.max_steps=2", "sample.prompts=[]")
@@ -184,6 +186,9 @@ def test_training_captions_missing_images_first_and_records_them(tiny_sd15, tiny
     assert tags["sks"] == 3 and tags["hand written"] == 1
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"dataset {data}")]
     assert len(summary) == 1 and "4 captioned" in summary[0] and "result: can train" in summary[0]
+    unread = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "format training does not read" in r.getMessage()]
+    assert len(unread) == 1 and unread[0].endswith("(formats read: png, jpg, jpeg, webp, bmp): anim.gif")
 
 
 def test_make_tiny_blip2_variant_loads_with_from_pretrained(tmp_path, capsys):

@@ -1,8 +1,11 @@
 """`infer --compare`: adapter files side by side. Each cell equals a plain `infer` image of that
 file (with the other --lora adapters) pixel for pixel; the base loads once and each file once; a run
-folder expands to epochs, steps, final; bad input stops in one line before any image is drawn."""
+folder expands in training order (by the steps each file records, else epochs, steps,
+final); each file's weights are read once; bad input stops in one line before any image is drawn."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +156,46 @@ def test_a_run_folder_expands_to_epochs_then_steps_then_final(tmp_path):
     assert file_labels(specs[:2]) == ["epoch 1: 0.5", "epoch 2: 0.5"]
     with pytest.raises(ConfigError, match="adapters of several runs \\(me, you\\)"):
         expand_compare([str(run)])
+
+
+def _numbered(path, steps: int | None):
+    from safetensors.torch import save_file
+
+    save_file({f"lora_unet_{_ATTN}.alpha": torch.tensor(1.0)}, str(path),
+              metadata=None if steps is None else {"ss_steps": str(steps)})
+
+
+def test_epoch_and_step_files_interleave_by_the_step_their_header_records(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"me-000001": 20, "me-000002": 40, "me-step00000030": 30, "me-step00000010": 10, "me": 45,
+             "me-step00000040": 40}
+    for name, steps in saved.items():
+        _numbered(run / f"{name}.safetensors", steps)
+    order = ["me-step00000010", "me-000001", "me-step00000030", "me-000002", "me-step00000040", "me"]
+    assert [s.path.stem for s in expand_compare([str(run)])] == order
+    assert [s.path.stem for s in expand_compare([str(run / "me-*")])] == order[:-1]
+    _numbered(run / "me-000001.safetensors", None)  # one file that does not say: the names decide, for all
+    assert [s.path.stem for s in expand_compare([str(run)])] == [
+        "me-000001", "me-000002", "me-step00000010", "me-step00000030", "me-step00000040", "me"]
+
+
+def test_compared_files_are_read_once_and_checked_from_their_headers(gen, random_adapters, third, tmp_path,
+                                                                     monkeypatch):
+    from lora_trainer.export import adapter as adapter_io, lycoris as lycoris_io
+
+    t = "down_blocks.1.attentions.0.transformer_blocks.0"
+    loha = tmp_path / "loha.safetensors"
+    write_lycoris(gen.pipe, "sd15", loha, [("unet", f"{t}.attn1.to_q", "loha")], seed=4)
+    reads = []
+    for module in (adapter_io, lycoris_io):
+        real = module.load_adapter
+        monkeypatch.setattr(module, "load_adapter", lambda path, header_only=False, real=real: (
+            reads.append((Path(path).name, header_only)) or real(path, header_only=header_only)))
+    compare_grid(gen, [AdapterSpec(random_adapters["a"]), AdapterSpec(loha), AdapterSpec(third)], PROMPTS[:1], REQ)
+    files = ["a.safetensors", "loha.safetensors", "c.safetensors"]
+    assert [name for name, header in reads if header] == files  # the check before anything is drawn
+    assert [name for name, header in reads if not header] == files  # the weights, once, to load each
 
 
 @pytest.mark.parametrize("what, needle", [

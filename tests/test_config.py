@@ -122,6 +122,21 @@ def test_error_names_the_command_line_when_the_bad_key_was_an_override(tmp_path)
     assert any(line.startswith("command line: lora.rank: got 'abc'") for line in lines)
 
 
+def test_an_error_between_two_keys_names_the_override_that_caused_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: x\ndata:\n  path: d\ntrain:\n  max_steps: 3\n"
+                    "  scheduler: constant_with_warmup\n  warmup: 4\n")
+    assert load_config(path).train.warmup == 4  # the file alone is fine
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.scheduler=constant"])
+    assert str(err.value) == (
+        f"{path} with the command line override train.scheduler=constant: train.warmup: got 4 with "
+        "train.scheduler 'constant', which has no warmup; set train.scheduler=constant_with_warmup or leave "
+        "train.warmup at 0")
+    with pytest.raises(ConfigError, match=r"^command line: train.warmup: got 4 with"):
+        load_config(path, ["train.scheduler=constant", "train.warmup=4"])
+
+
 def test_a_choice_in_kohyas_spelling_gets_a_hint():
     with pytest.raises(ConfigError, match=r"train.optimizer: got 'Lion'; expected one of .* \(did you mean 'lion'\?\)"):
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.optimizer=Lion"])

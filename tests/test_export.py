@@ -274,6 +274,7 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="corrupt.safetensors is not a readable") as info:
         load_adapter(bad)
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith("damaged or incomplete (an interrupted download or copy?): download or copy it again")
 
 
 def test_text_encoder_state_is_read_without_a_vocabulary_lookup(tiny_sd15):
@@ -291,3 +292,19 @@ def test_text_encoder_state_is_read_without_a_vocabulary_lookup(tiny_sd15):
         warnings.simplefilter("error")
         states = adapter_states(te)["unet"]  # any component name: the model is what matters
     assert states and all("lora_" in k for k in states)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_a_header_only_reading_has_the_files_modules_shapes_and_alphas_without_its_weights(random_adapters,
+                                                                                          tmp_path, layout):
+    from lora_trainer.export.adapter import read_adapter, write_adapter
+
+    path = tmp_path / f"{layout}.safetensors"
+    write_adapter(path, read_adapter(random_adapters["a"]), layout=layout)
+    full, header = read_adapter(path), read_adapter(path, header_only=True)
+    assert (header.base, header.layout) == (full.base, full.layout)
+    pairs = list(zip(full.items(), header.items(), strict=True))
+    assert pairs and all(f[:2] == h[:2] for f, h in pairs)
+    for (_, _, f), (_, _, h) in pairs:
+        assert h.down.is_meta and h.up.is_meta  # nothing of the weights was read
+        assert (h.down.shape, h.up.shape, h.down.dtype, h.alpha) == (f.down.shape, f.up.shape, f.down.dtype, f.alpha)

@@ -69,3 +69,32 @@ def test_extract_on_a_gpu_the_machine_lacks_is_one_line(tmp_path, capsys):
     rc = main(["extract", "--base", str(tmp_path / "a"), "--tuned", str(tmp_path / "b"), "--rank", "4",
                "--device", "cuda", "--out", str(tmp_path / "x.safetensors")])
     assert rc == 2 and "--device: 'cuda' but no CUDA GPU is visible" in _one_line_error(capsys)
+
+
+def test_sweep_adapter_takes_the_files_stem_and_names_the_choices_before_loading(tiny_sd15, random_adapters,
+                                                                                 tmp_path, capsys):
+    import shutil
+
+    dotted = tmp_path / "style.v2.safetensors"  # its adapter name is style_v2 (peft refuses dots)
+    shutil.copy(random_adapters["b"], dotted)
+    loras = ["--lora", str(random_adapters["a"]), "--lora", str(dotted), "--sweep", "0,1"]
+    assert _infer(tmp_path, tmp_path / "no-model-needed", *loras, "--sweep-adapter", "style") == 2
+    assert _one_line_error(capsys) == ("error: --sweep-adapter: 'style' is none of the --lora files; give one's name "
+                                       "(its file's stem): a, style.v2")
+    assert not (tmp_path / "out").exists()
+    for name in ("style.v2", str(dotted)):
+        assert _infer(tmp_path, tiny_sd15, *loras, "--sweep-adapter", name) == 0
+    params = [Image.open(p).text["parameters"] for p in sorted((tmp_path / "out").glob("sweep-*.png"))]
+    assert len(params) == 2 and all(p.endswith("Sweep: \"style_v2: 0,1\"") for p in params), params
+
+
+def test_a_pipeline_given_as_a_controlnet_and_a_controlnet_given_as_the_base_are_named(tiny_sd15, tiny_controlnet,
+                                                                                        tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "map.png")
+    assert _infer(tmp_path, tiny_sd15, "--controlnet", str(tiny_sd15), "--control-image", str(tmp_path / "map.png")) == 2
+    assert _one_line_error(capsys) == (f"error: --controlnet: '{tiny_sd15}' is a whole pipeline's folder "
+                                       "(model_index.json), not a single model's; point it at a diffusers folder "
+                                       "with config.json")
+    assert _infer(tmp_path, tiny_controlnet) == 2
+    assert _one_line_error(capsys) == (f"error: --model: '{tiny_controlnet}' is a single model's folder (config.json), "
+                                       "not a whole pipeline's; point it at a diffusers folder with model_index.json")

@@ -64,6 +64,18 @@ def test_inpainting_keeps_everything_outside_the_mask(gen, picture):
     assert not np.array_equal(image[:, :32], np.asarray(picture)[:, :32])
 
 
+def test_inpainting_an_image_whose_sides_are_not_multiples_of_8_keeps_its_size_and_pixels(gen, picture):
+    odd = picture.crop((0, 0, 60, 52))
+    mask = Image.new("L", odd.size, 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 29, 51), fill=255)
+    out = gen.generate(Request(prompt="a blue square", init_image=odd, mask=mask, strength=1.0, steps=2, seed=7,
+                               mask_blur=0))[0]
+    image = np.asarray(out.image)
+    assert out.image.size == (60, 52) and (out.info.width, out.info.height) == (60, 52)
+    assert np.array_equal(image[:, 30:], np.asarray(odd)[:, 30:])  # kept as they were, not resampled
+    assert not np.array_equal(image[:, :30], np.asarray(odd)[:, :30])
+
+
 def test_outpainting_extends_the_canvas_and_keeps_the_original(gen, picture):
     canvas, mask = extend_canvas(picture, 16, 4, 0, 8)  # right grows to 8 so the width is a multiple of 8
     assert canvas.size == (88, 72) and np.asarray(mask)[:64, 16:80].max() == 0 and np.asarray(mask)[:, :16].min() == 255
@@ -143,6 +155,9 @@ def test_png_parameters_round_trip(gen, tmp_path):
     assert len(info.adapters[0][2]) == 12  # A1111's short adapter hash
     assert a1111_parameters(info) == text
     assert main(args) == 0 and (tmp_path / "00001-11.png").exists()  # a second run never overwrites
+    # the numbers go on across runs whatever the seed, so the folder lists its images in the order made
+    assert main(["3" if a == "11" else a for a in args]) == 0  # --seed 3
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-11.png", "00001-11.png", "00002-3.png"]
 
 
 def test_sdxl_refiner_runs_as_second_stage(tiny_sdxl, tmp_path):
@@ -169,6 +184,36 @@ def test_bad_infer_flags_are_one_line_errors(tiny_sd15, tmp_path, capsys, extra,
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name, meant", [("eular", "euler"), ("dpmpp_2m_karras", "dpm++_2m_karras"),
+                                         ("euler_ancestral", "euler_a"), ("k_euler_a", "euler_a"), ("karras", None)])
+def test_an_unknown_sampler_name_suggests_the_one_meant(tmp_path, capsys, name, meant):
+    # refused before the base would load
+    rc = main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--scheduler", name,
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and f"--scheduler: {name!r} is not a known sampler; " in err, err
+    assert (f"did you mean {meant}? choose one of ddim," in err) if meant else ("did you mean" not in err)
+
+
+def test_a_mask_of_another_shape_is_refused_and_one_of_the_same_shape_is_scaled(tmp_path, capsys):
+    from lora_trainer.inference.images import read_mask
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    Image.new("L", (32, 48), 255).save(tmp_path / "tall.png")
+    rc = main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "tall.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err == (
+        f"error: --mask: {tmp_path / 'tall.png'} is 32x48 but --init-image is 64x64, another shape, so it would be "
+        "stretched over other pixels; give a 64x64 mask (or one of the same shape)")
+    assert not (tmp_path / "out").exists()
+    half = Image.new("L", (32, 32))
+    half.paste(255, (0, 0, 16, 32))  # the left half
+    half.save(tmp_path / "half.png")
+    scaled = np.asarray(read_mask(tmp_path / "half.png", (64, 64)))
+    assert scaled.shape == (64, 64) and (scaled[:, :32] == 255).all() and (scaled[:, 32:] == 0).all()
 
 
 def test_outpaint_with_another_size_is_refused_rather_than_squashed(tiny_sd15, picture, tmp_path, capsys):

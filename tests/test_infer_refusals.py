@@ -10,6 +10,7 @@ from PIL import Image
 
 from infer_helpers import one_line_error as _one_line_error
 from infer_helpers import run_infer as _infer
+from infer_helpers import unwritable_folder
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
 
@@ -66,3 +67,37 @@ def test_with_a_controlnet_the_defaults_are_scale_1_and_no_preprocessing(tiny_sd
             assert info.extra["ControlNet 0"].endswith("Weight: 1")
     assert np.array_equal(images["default"], images["explicit"])
     assert not np.array_equal(images["default"], images["half"])  # the scale does reach the pipeline
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_base_loads(tmp_path, capsys):
+    out = unwritable_folder(tmp_path)
+    assert main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"error: --out: {out} cannot be written to (") and err.endswith(
+        "; give a folder you can write to"), err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lora", "{a}:nan"], "'nan' is not a weight; write FILE:WEIGHT with a finite number"),
+    (["--lora", "{a}:inf"], "'inf' is not a weight; write FILE:WEIGHT with a finite number"),
+    (["--lora", "{a}", "--sweep", "0,nan"], "--sweep: '0,nan' is not a comma-separated list of numbers"),
+])
+def test_a_weight_that_is_not_a_finite_number_is_refused_before_the_base_loads(tmp_path, capsys, random_adapters,
+                                                                              extra, needle):
+    extra = [e.format(a=random_adapters["a"]) for e in extra]
+    assert _infer(tmp_path, tmp_path / "no-model-needed", *extra) == 2
+    assert needle in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_whole_checkpoint_given_as_an_adapter_is_named_as_one(tiny_sd15, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4)}, str(checkpoint))
+    assert _infer(tmp_path, tiny_sd15, "--lora", str(checkpoint)) == 2
+    assert _one_line_error(capsys) == (
+        f"error: --lora: {checkpoint}: a whole Stable Diffusion checkpoint (its UNet, VAE and text encoder weights), "
+        "not an adapter; give it as the base model (--model / model.base), or make an adapter of it with "
+        "`lora-trainer extract`")

@@ -65,3 +65,20 @@ def test_single_file_error_names_the_infer_flags(tiny_sd15, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert err.startswith("error: --model: ") and "--config-dir" in err and "model.config_dir" not in err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:4096])  # a download that stopped early
+    assert main(["infer", "--model", str(cut), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --model: {cut} is not a readable .safetensors file (") and "\n" not in err, err
+    assert err.endswith("download or copy it again"), err
+
+
+def test_a_config_dir_of_the_other_family_is_named(tiny_sd15, tiny_sdxl, tmp_path, capsys):
+    path = _single_file(tiny_sd15, tmp_path / "base.safetensors")
+    capsys.readouterr()
+    rc = main(["infer", "--model", str(path), "--config-dir", str(tiny_sdxl), "--prompt", "x",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err == (
+        f"error: --config-dir: {tiny_sdxl} describes an SDXL pipeline but {path} is an SD 1.x checkpoint; "
+        "give a folder of its own family")

@@ -122,6 +122,18 @@ def test_rebuilding_keeps_a_card_the_user_edited_unless_asked(trained, tmp_path,
     assert (out / "README.md").read_text().startswith("---\n")
 
 
+def test_a_repo_folder_or_zip_that_cannot_be_written_is_one_line(trained, tmp_path, fake_token, capsys):
+    from infer_helpers import unwritable_folder
+
+    folder = unwritable_folder(tmp_path)
+    capsys.readouterr()
+    for args in (["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--dry-run", "--out", str(folder / "repo")],
+                 ["package", str(trained.output_dir), "--civitai", str(folder / "my.zip")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{folder} cannot be written to (" in err and "you can write to" in err, err
+
+
 def test_without_a_sweep_grid_the_card_gives_the_default_range(trained, tmp_path, fake_token):
     run = copy_run(trained, tmp_path / "run")
     (run / "samples" / "sweep.png").unlink()  # a run trained with sample.grid_weights=[]

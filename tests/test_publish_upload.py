@@ -111,6 +111,7 @@ def test_upload_without_a_token_is_a_one_line_error(trained, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: no HuggingFace token") and err.count("\n") == 1
     assert fake_hub.requests == []
+    assert not (tmp_path / "repo").exists()  # said before the repo folder is built
 
 
 def test_upload_in_offline_mode_says_so(trained, tmp_path, monkeypatch, fake_token, capsys):
@@ -118,8 +119,9 @@ def test_upload_in_offline_mode_says_so(trained, tmp_path, monkeypatch, fake_tok
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code = main(["publish", str(trained.output_dir), "--hub", "alice/geoshape", "--out", str(tmp_path / "repo")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2 and "HF_HUB_OFFLINE is set" in err and "--dry-run" in err and err.count("\n") == 1
+    assert out == "" and not (tmp_path / "repo").exists()  # said before "uploading ..." and the folder
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -168,7 +168,7 @@ def generate_captions(captioner: Blip2Captioner, images: Sequence) -> list[str]:
 def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: bool = True,
                    captioner: Blip2Captioner | None = None, skip_parked: bool = False,
                    caption_extension: str = DEFAULT_CAPTION_EXTENSION,
-                   extension_key: str = "data.caption_extension") -> list[CaptionedImage]:
+                   extension_key: str = "data.caption_extension", warn_unread: bool = True) -> list[CaptionedImage]:
     """Write `c.prefix + caption + c.suffix` to `<stem><caption_extension>` beside every image under
     `root` that needs a caption.
 
@@ -178,13 +178,15 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     (or `captioner` is given, and then stays loaded). `skip_parked` leaves out `0_<name>` folders,
     as a run with data.folder_repeats does. When no image has a caption file of this extension but
     some have .caption/.txt/.tags files, a warning names `extension_key` (they are captioned anyway).
+    Image files of formats that are not read are named in a warning unless `warn_unread` is False
+    (training's own scan of the folder names them right after).
     """
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "dataset folder not found"
         raise DataError(f"{root}: {what}; give a folder of images to caption")
     image_paths, metadata_files, _, unread = _walk(root, skip_parked)
-    if unread:
+    if unread and warn_unread:
         logger.warning("%s: %s", root, unread_files_note(unread, root))
     in_metadata: dict[Path, str] = {}
     for metadata in metadata_files:

@@ -47,7 +47,8 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                 # Before the scan: generated captions fill the gaps, and only images still without
                 # one take their kohya folder's name.
                 results = caption_folder(root, cfg.data.caption, show_progress=show_progress,
-                                         skip_parked=cfg.data.folder_repeats, caption_extension=ext)
+                                         skip_parked=cfg.data.folder_repeats, caption_extension=ext,
+                                         warn_unread=False)  # scan_dataset below names them
                 generated = {r.path for r in results if r.status in ("generated", "replaced")}
         # data.resolution null means the base's native size, known only once the variant is: judge
         # image sizes against SD1.x's 512 unless the config already says SDXL.

@@ -23,6 +23,7 @@ from typing import Iterator, Mapping
 import torch
 
 from ..errors import ModelError
+from ..fileio import unwritable_reason
 from .files import LORA_ADAPTER_METADATA_KEY, load_adapter, save_adapter
 from .layouts import (
     KOHYA_PREFIXES, canonical_path, detect_layout, diffusers_to_peft, kohya_to_peft, peft_magnitude,
@@ -221,9 +222,12 @@ def _diffusers_alphas(metadata: Mapping[str, str], states: Mapping[str, Mapping[
     return alphas
 
 
-def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
-    """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection."""
-    tensors, metadata = load_adapter(path)
+def read_adapter(path: str | os.PathLike, base: str | None = None, fallback: str | None = None,
+                 header_only: bool = False) -> Adapter:
+    """Read a kohya or diffusers adapter file. `base` ('sd15'/'sdxl') skips detection; `fallback` is
+    the base when the keys, metadata and shapes cannot tell. `header_only` reads no weights: the
+    modules' tensors are shape-only 'meta' tensors (see `load_adapter`), for checks."""
+    tensors, metadata = load_adapter(path, header_only=header_only)
     try:
         layout = detect_layout(tensors)
     except ModelError as exc:
@@ -271,7 +275,9 @@ def read_adapter(path: str | os.PathLike, base: str | None = None) -> Adapter:
         try:
             base, reason = detect_base(list(tensors), metadata, paths, shapes)
         except ModelError as exc:
-            raise ModelError(f"{path}: {exc}") from None
+            if fallback is None:
+                raise ModelError(f"{path}: {exc}") from None
+            base, reason = fallback, "the base it is loaded into"
     return Adapter(modules, base, dict(metadata), layout, reason)
 
 
@@ -309,6 +315,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise ModelError(f"{path} is a folder; give the adapter's file name, e.g. {path / 'adapter.safetensors'}")
     if path.exists() and not overwrite:
         raise ModelError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+    unwritable = unwritable_reason(path.parent)
+    if unwritable:
+        raise ModelError(f"{path.parent} {unwritable}; write {path.name} to a folder you can write to")
     return path
 
 

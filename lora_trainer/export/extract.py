@@ -20,7 +20,7 @@ from typing import Callable
 import safetensors
 import torch
 
-from ..errors import ModelError
+from ..errors import DAMAGED, ModelError, first_line
 from ..processes import check_device
 from .adapter import Adapter, LoraModule, module_from_product
 from .layouts import COMPONENTS, canonical_path
@@ -61,7 +61,7 @@ class _Tensors:
             try:
                 handle = stack.enter_context(safetensors.safe_open(str(path), framework="pt", device="cpu"))
             except Exception as exc:  # safetensors raises several error types
-                raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from None
+                raise ModelError(f"{path}: not a readable .safetensors file ({first_line(exc)}); {DAMAGED}") from None
             self.where.update({key: handle for key in handle.keys()})
 
     def shape(self, key: str) -> tuple[int, ...]:

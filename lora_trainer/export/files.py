@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import ModelError
+from ..errors import DAMAGED, ModelError
 from ..fileio import atomic_path
 from .layouts import COMPONENTS, KOHYA_PREFIXES, peft_to_diffusers, peft_to_kohya
 from .metadata import check_metadata, kohya_metadata, with_hashes
@@ -204,8 +205,26 @@ def adapter_path_problem(path: Path) -> str | None:
     return None
 
 
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an adapter file; a missing or unreadable file is a one-line ModelError."""
+def _header_tensor(f, key: str) -> torch.Tensor:
+    """A tensor as the header describes it: a 'meta' tensor of its shape and dtype, holding no data,
+    except single values (alphas, flags), which are read."""
+    part = f.get_slice(key)
+    shape = part.get_shape()
+    if math.prod(shape) <= 1 or part.get_dtype() not in _DTYPES:  # a dtype torch has no name for here: read it
+        return f.get_tensor(key)
+    return torch.empty(shape, dtype=_DTYPES[part.get_dtype()], device="meta")
+
+
+# safetensors' dtype names (the header's) -> torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def load_adapter(path: str | os.PathLike, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file; a missing or unreadable file is a one-line ModelError.
+    `header_only` reads the keys, shapes and metadata but no weights (see `_header_tensor`): enough
+    to check that a file fits a model before it is read for good."""
     path = Path(path)
     problem = adapter_path_problem(path)
     if problem is not None:
@@ -213,10 +232,11 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            read = (lambda key: _header_tensor(f, key)) if header_only else f.get_tensor
+            tensors = {key: read(key) for key in f.keys()}
     except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise ModelError(f"adapter file {path} is not a readable .safetensors file ({reason})") from e
+        raise ModelError(f"adapter file {path} is not a readable .safetensors file ({reason}); {DAMAGED}") from e
     return tensors, metadata
 
 

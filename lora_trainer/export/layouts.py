@@ -259,6 +259,10 @@ def diffusers_to_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str
     return states
 
 
+# The original (A1111/ComfyUI) checkpoint layout: the UNet, the VAE, SD 1.x's and SDXL's text encoders.
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+
+
 def detect_layout(tensors: Mapping[str, torch.Tensor]) -> str:
     """'kohya' or 'diffusers'; a mix, or keys of neither, is an error naming the odd keys."""
     kohya = [k for k in tensors if k.startswith(tuple(p + "_" for p in KOHYA_COMPONENTS))]
@@ -268,6 +272,10 @@ def detect_layout(tensors: Mapping[str, torch.Tensor]) -> str:
     if kohya and diffusers:
         _fail("the adapter mixes kohya and diffusers keys; diffusers keys", diffusers)
     known = kohya or diffusers
+    if not known and any(k.startswith(_CHECKPOINT_PREFIXES) for k in tensors):
+        raise ModelError("a whole Stable Diffusion checkpoint (its UNet, VAE and text encoder weights), not an "
+                         "adapter; give it as the base model (--model / model.base), or make an adapter of it "
+                         "with `lora-trainer extract`")
     if len(known) != len(tensors):
         _fail("keys of neither the kohya nor the diffusers layout", set(tensors) - set(known))
     return "kohya" if kohya else "diffusers"

@@ -297,14 +297,15 @@ def module_path(component: str, kohya_name: str, layers_per_block: int = 2) -> s
     return path
 
 
-def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str | None = None) -> LycorisAdapter:
+def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str | None = None,
+                 header_only: bool = False) -> LycorisAdapter:
     """Read a kohya-layout LyCORIS file. Unknown or unsupported parts are a one-line ModelError
     naming the file and the key; `base` ('sd15'/'sdxl') skips detection, `fallback` is the base
-    when the keys and metadata cannot tell."""
+    when the keys and metadata cannot tell; `header_only` reads shapes but no weights, for checks."""
     from .adapter import BASES, detect_base
 
     path = Path(path)
-    tensors, metadata = load_adapter(path)
+    tensors, metadata = load_adapter(path, header_only=header_only)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, part = _split(key)

@@ -4,7 +4,8 @@ diffusers' own failure messages ("Error(s) in loading state_dict", "keys have no
 renamed") name neither the layer nor the cause. When a load fails, the file is read with our own
 reader and held against the pipeline: an unreadable or non-LoRA file, an adapter for the other base
 family, or a layer whose shape differs from the base's (an adapter trained on another model, such
-as SD 2.x on an SD 1.5 base) is each named as such.
+as SD 2.x on an SD 1.5 base) is each named as such. `infer --compare` asks the same before it
+draws anything, so that no file fails after the columns before it.
 """
 
 from __future__ import annotations
@@ -60,23 +61,43 @@ def shape_mismatch(adapter, pipe) -> str | None:
     return None
 
 
-def why_not_loadable(path: Path, pipe) -> str | None:
-    """The reason `path` cannot load into `pipe`, when one can be named; None when it looks right."""
+def _reason(exc: ModelError, path: Path) -> str:
+    """A reader's error without the file's name in front (the caller names the file)."""
+    text = str(exc).replace(f"adapter file {path} is ", "")
+    return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
+
+
+def why_not_loadable(path: Path, pipe, unreadable_is_a_reason: bool = True) -> str | None:
+    """The reason `path` cannot load into `pipe`, when one can be named; None when it looks right.
+
+    Only the file's header is read (keys, shapes, metadata; no weights), so checking a file before
+    loading it does not read it twice. A LyCORIS file is held against the layers it will be merged
+    into; a LoRA file against the base family and the shapes of its layers. A LoRA file our reader
+    cannot read is a reason when `unreadable_is_a_reason`; else (a check before loading) it is left
+    to diffusers' loader, which may still know it. A LyCORIS file is only ever read by us, so its
+    reader's errors always stand."""
     from ..export.adapter import read_adapter
+    from ..export.lycoris import needs_lycoris_reader, read_lycoris
+    from .lycoris import WeightPatches
 
     base = pipe_family(pipe)
-    try:
-        adapter = read_adapter(path, base=base)  # the file as such: readable, LoRA keys, shapes that multiply
-    except ModelError as exc:
-        text = str(exc).replace(f"adapter file {path} is ", "")
-        return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return None
-    try:
-        family = read_adapter(path).base  # detected from keys and metadata
-    except ModelError:  # too few keys to tell: the layer check below still applies
-        family = base
-    if family != base:
-        return (f"an {FAMILY_NAMES[family]} adapter does not fit an {FAMILY_NAMES[base]} base; "
-                f"use an {FAMILY_NAMES[family]} --model")
-    return shape_mismatch(adapter, pipe)
+    lycoris = needs_lycoris_reader(path)
+    if lycoris:
+        try:
+            adapter = read_lycoris(path, fallback=base, header_only=True)
+            if adapter.base == base:
+                WeightPatches(pipe).resolve(adapter, str(path))  # matches every module to a layer, changes nothing
+        except ModelError as exc:
+            return _reason(exc, path)
+    else:
+        try:
+            # keys, metadata and shapes tell the family; when too few keys do, the layers are checked
+            adapter = read_adapter(path, fallback=base, header_only=True)
+        except ModelError as exc:
+            return _reason(exc, path) if unreadable_is_a_reason else None
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None
+    if adapter.base != base:
+        return (f"an {FAMILY_NAMES[adapter.base]} adapter does not fit an {FAMILY_NAMES[base]} base; "
+                f"use an {FAMILY_NAMES[adapter.base]} --model or leave the file out")
+    return None if lycoris else shape_mismatch(adapter, pipe)

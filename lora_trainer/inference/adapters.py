@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import struct
 import warnings
@@ -46,12 +47,25 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
     path, sep, weight = spec.rpartition(":")
     if sep and path:
         try:
-            return AdapterSpec(Path(path), float(weight))
+            value = float(weight)
+            if not math.isfinite(value):  # 'nan' and 'inf' parse, and would draw black images
+                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a finite number, "
+                                  f"e.g. {path}:0.8")
+            return AdapterSpec(Path(path), value)
         except ValueError:
             if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
                 raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "
                                   f"e.g. {path}:0.8") from None
     return AdapterSpec(Path(spec), 1.0)
+
+
+def adapter_named(specs: dict[str, AdapterSpec], key: str) -> str | None:
+    """The name of the adapter `key` means, among `specs` ({name: spec}): its name, its file's stem
+    (`run.v2`, whose name is `run_v2`) or file name, or the path given; None when none."""
+    for name, spec in specs.items():
+        if key in (name, spec.path.stem, spec.path.name, str(spec.path)):
+            return name
+    return None
 
 
 def check_adapter_file(path: Path) -> None:
@@ -110,12 +124,10 @@ def _own_reading(path: Path, pipe):
     dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
     if not dora and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
-    for base in (None, pipe_family(pipe)):
-        try:
-            return read_adapter(path, base=base)
-        except ModelError:
-            continue
-    return None  # not ours to read: diffusers may still know it
+    try:
+        return read_adapter(path, fallback=pipe_family(pipe))
+    except ModelError:
+        return None  # not ours to read: diffusers may still know it
 
 
 def _folded_state(adapter) -> dict[str, torch.Tensor]:

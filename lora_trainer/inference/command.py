@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .adapters import parse_adapter_spec
+from ..fileio import unwritable_reason
+from .adapters import adapter_named, parse_adapter_spec
 from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
 
@@ -58,8 +59,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
     p.add_argument("--compare", nargs="+", action="extend", metavar="FILE[:WEIGHT]",
-                   help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files, "
-                        "then the final one), one seed; --lora adapters stay loaded in every cell; "
+                   help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files in "
+                        "training order, then the final one), one seed; --lora adapters stay loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
@@ -135,6 +136,9 @@ def run_infer(args) -> list[Path]:
                               f"give one --prompt, not {len(args.prompt)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; give a folder for the PNGs")
+    unwritable = unwritable_reason(args.out)
+    if unwritable:
+        raise ConfigError(f"--out: {args.out} {unwritable}; give a folder you can write to")
     weights = parse_weights_list(args.sweep) if args.sweep else None
     init = read_image(args.init_image, "--init-image") if args.init_image else None
     mask = read_mask(args.mask, init.size) if args.mask else None
@@ -156,6 +160,9 @@ def run_infer(args) -> list[Path]:
                       refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
+    if args.sweep_adapter and adapter_named({a.name: a for a in adapters}, args.sweep_adapter) is None:
+        raise ConfigError(f"--sweep-adapter: {args.sweep_adapter!r} is none of the --lora files; give one's name "
+                          f"(its file's stem): {', '.join(a.path.stem for a in adapters) or 'no --lora given'}")
     compared = expand_compare(args.compare) if args.compare is not None else None
     if compared and weights is not None and any(spec.weight != 1 for spec in compared):
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")

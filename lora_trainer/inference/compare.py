@@ -3,8 +3,8 @@ adapters, in one labelled grid of prompts × files with one seed, so only the ad
 
 The base loads once; each compared file is loaded, drawn for every prompt (and weight) and unloaded
 again before the next, so one of them is in memory at a time, while the other `--lora` adapters stay
-loaded in every cell. A run folder expands to its files in training order: epochs, then steps, then
-the final adapter.
+loaded in every cell. A run folder expands to its files in training order: by the training step
+each file records, else epochs, then steps, then the final adapter.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..errors import ConfigError, ModelError
 from ..export.files import PICKLE_SUFFIXES, adapter_path_problem
 from ..imagegrid import Grid, labelled_grid
 from ..pnginfo import GenerationInfo, save_png
-from .adapter_fit import FAMILY_NAMES, pipe_family
+from .adapter_fit import why_not_loadable
 from .adapters import AdapterSpec, parse_adapter_spec
 from .generate import Generated, Generator, Request
 
@@ -54,14 +54,31 @@ def file_labels(specs: list[AdapterSpec], with_weights: bool = True) -> list[str
     return labels
 
 
+def trained_steps(path: Path) -> int | None:
+    """The optimizer steps an adapter had trained when it was saved, from its header's `ss_steps`
+    (this trainer's files and kohya's carry it), or None when the file does not say."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:  # the header only
+            return int((f.metadata() or {})["ss_steps"])
+    except Exception:  # unreadable, no metadata, no or a bad ss_steps: the name decides
+        return None
+
+
 def training_order(paths: list[Path]) -> list[Path]:
-    """Epoch files by epoch, then step files by step, then the rest (final adapters) by name; where
-    a file is there in both layouts (`output.format: both`) only the kohya one is kept."""
+    """The files in the order they were trained: by the step their header records (`ss_steps`),
+    when every file has one, so that epoch and step files interleave as they were saved; else epoch
+    files by epoch, then step files by step. Ties, and files the name does not number (final
+    adapters), follow in that order, then by name. Where a file is there in both layouts
+    (`output.format: both`) only the kohya one is kept."""
     names = {p.name for p in paths}
-    kept = [p for p in paths if not (p.name.endswith(".diffusers.safetensors")
-                                     and p.name.replace(".diffusers.safetensors", ".safetensors") in names)]
+    kept = sorted({p for p in paths if not (p.name.endswith(".diffusers.safetensors")
+                                            and p.name.replace(".diffusers.safetensors", ".safetensors") in names)})
     rank = {"epoch": 0, "step": 1, None: 2}
-    return sorted(set(kept), key=lambda p: (rank[_parts(p)[1]], _parts(p)[2] or 0, p.name))
+    steps = {p: trained_steps(p) for p in kept}
+    by_steps = all(n is not None for n in steps.values())
+    return sorted(kept, key=lambda p: (steps[p] if by_steps else 0, rank[_parts(p)[1]], _parts(p)[2] or 0, p.name))
 
 
 def _run_name(folder: Path, files: list[Path]) -> str:
@@ -119,45 +136,12 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
     return specs
 
 
-def _why_not(path: Path, pipe) -> str | None:
-    """Why `path` will not load into `pipe`, found by reading it on the CPU: the other base family,
-    or a layer the base lacks or has in another shape. A LoRA file our reader cannot read is left to
-    the loader, which may still know it; a LyCORIS file is only ever read here, so its errors stand."""
-    from ..export.adapter import read_adapter
-    from ..export.lycoris import needs_lycoris_reader, read_lycoris
-    from .adapter_fit import shape_mismatch
-    from .lycoris import WeightPatches
-
-    base = pipe_family(pipe)
-    lycoris = needs_lycoris_reader(path)
-    if lycoris:
-        try:
-            adapter = read_lycoris(path, fallback=base)
-            if adapter.base == base:
-                WeightPatches(pipe).resolve(adapter, str(path))  # matches every module to a layer, changes nothing
-        except ModelError as exc:
-            return str(exc).removeprefix(f"{path}: ")
-        family = adapter.base
-    else:
-        try:
-            try:
-                adapter = read_adapter(path)
-            except ModelError:  # too few keys to tell the family: check the layers against this base
-                adapter = read_adapter(path, base=base)
-        except (ModelError, OSError, ValueError, KeyError, RuntimeError):
-            return None
-        family = adapter.base
-    if family != base:
-        return (f"an {FAMILY_NAMES[family]} adapter does not fit an {FAMILY_NAMES[base]} base; "
-                f"use an {FAMILY_NAMES[family]} --model or leave the file out")
-    return None if lycoris else shape_mismatch(adapter, pipe)
-
-
 def check_fits(specs: list[AdapterSpec], pipe) -> None:
-    """Refuse a file that will not load before any image is drawn (each is read once on the CPU
-    for this), rather than after the columns before it."""
+    """Refuse a file that will not load before any image is drawn, rather than after the columns
+    before it. Only each file's header is read for this (keys, shapes, metadata): its weights are
+    read once, when it is loaded for its column."""
     for spec in specs:
-        why = _why_not(spec.path, pipe)
+        why = why_not_loadable(spec.path, pipe, unreadable_is_a_reason=False)
         if why:
             raise ModelError(f"--compare: {spec.path}: {why}")
 

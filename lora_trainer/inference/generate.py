@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
-from .images import extend_canvas, paste_outside_mask, preprocess_control
+from .images import extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
 from .prompts import encode_pair
@@ -152,8 +152,12 @@ class Generator:
         if job == "inpaint":
             # The mask follows the image when --width/--height resize it, so the two stay aligned.
             mask = req.mask if req.mask.size == init.size else req.mask.resize(init.size, Image.NEAREST)
+            # Sides that are not multiples of 8 are padded (and cut back after), not resized, so
+            # the kept pixels stay the original ones; a padded mask is black (kept) there.
+            kw["crop"] = init.size
+            init, mask = pad_to_multiple(init), pad_to_multiple(mask)
             # Without an explicit size diffusers would resize to the model's default resolution.
-            kw.update(mask_image=mask, width=init.width // 8 * 8, height=init.height // 8 * 8)
+            kw.update(image=init, mask_image=mask, width=init.width, height=init.height)
         if self.controlnet is not None:
             if req.control_image is None:
                 raise ConfigError("--controlnet needs --control-image (the map that guides the image)")
@@ -207,6 +211,7 @@ class Generator:
         pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
         embeds = self._embeds(pipe, req)
         kw = self._call_kwargs(req, job)
+        crop = kw.pop("crop", None)  # an inpainted image's own size, before padding
         use_refiner = self.refiner is not None and job != "inpaint"
         if use_refiner:
             self.refiner.scheduler = make_scheduler(req.sampler, self.refiner.scheduler.config)
@@ -227,7 +232,8 @@ class Generator:
                 images = pipe(**embeds, **kw, **common, output_type=output_type).images
             for i, (seed, image) in enumerate(zip(seeds, images)):
                 if job == "inpaint" and output_type == "pil":
-                    image = paste_outside_mask(image, kw["image"], req.mask, req.mask_blur)
+                    image = paste_outside_mask(image, kw["image"], kw["mask_image"], req.mask_blur)
+                    image = image.crop((0, 0, *crop))
                 size = image.size if output_type == "pil" else (image.shape[-1] * 8, image.shape[-2] * 8)
                 results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i)))
         return results
@@ -251,11 +257,20 @@ class Generator:
         return self.generate(Request(prompt=prompt, init_image=canvas, mask=mask, **kw))
 
 
-def save_results(results: list[Generated], out_dir: str | Path, start: int = 0) -> list[Path]:
-    """Write OUT/NNNNN-SEED.png for each result, numbering from `start`, never over an existing file."""
+def next_image_number(out_dir: Path) -> int:
+    """One past the highest NNNNN of the OUT/NNNNN-SEED.png files already there (0 in a new folder),
+    so that a folder's images number on across runs in the order they were made, whatever their seeds,
+    as A1111 numbers its outputs."""
+    numbers = [int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if out_dir.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def save_results(results: list[Generated], out_dir: str | Path, start: int | None = None) -> list[Path]:
+    """Write OUT/NNNNN-SEED.png for each result, numbering from `start` (default: after the folder's
+    last image, `next_image_number`), never over an existing file."""
     out_dir = Path(out_dir)
     paths = []
-    k = start
+    k = next_image_number(out_dir) if start is None else start
     for result in results:
         while (path := out_dir / f"{k:05d}-{result.info.seed}.png").exists():
             k += 1

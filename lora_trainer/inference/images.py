@@ -23,9 +23,17 @@ def read_image(path: str | Path, flag: str) -> Image.Image:
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
-    """A mask as "L": white = repaint, black = keep; resized to the init image's size."""
+    """A mask as "L": white = repaint, black = keep; resized to the init image's size when it has
+    its shape (a mask drawn at another resolution, as A1111 takes it). A mask of another shape is
+    refused: stretched, it would mark other pixels than the ones drawn."""
     mask = read_image(path, "--mask").convert("L")
-    return mask if mask.size == size else mask.resize(size, Image.NEAREST)
+    if mask.size == size:
+        return mask
+    (w, h), (mw, mh) = size, mask.size
+    if abs(mw * h / w - mh) > 1:  # more than rounding apart
+        raise ConfigError(f"--mask: {path} is {mw}x{mh} but --init-image is {w}x{h}, another shape, so it would be "
+                          f"stretched over other pixels; give a {w}x{h} mask (or one of the same shape)")
+    return mask.resize(size, Image.NEAREST)
 
 
 # ----------------------------------------------------------------------------- canny
@@ -108,6 +116,19 @@ def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: i
     mask = np.full(pixels.shape[:2], 255, dtype=np.uint8)
     mask[top:top + h, left:left + w] = 0
     return Image.fromarray(pixels), Image.fromarray(mask)
+
+
+def pad_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
+    """`image` grown right and down to sides that are multiples of `multiple` (what the VAE takes),
+    the new pixels repeating the edge; unchanged when its sides already are. Inpainting pads rather
+    than resizes, so the original pixels can be cut out again unchanged."""
+    w, h = image.size
+    size = (-(-w // multiple) * multiple, -(-h // multiple) * multiple)
+    if size == image.size:
+        return image
+    pixels = np.asarray(image)
+    pad = ((0, size[1] - h), (0, size[0] - w)) + ((0, 0),) * (pixels.ndim - 2)
+    return Image.fromarray(np.pad(pixels, pad, mode="edge"), mode=image.mode)
 
 
 def paste_outside_mask(result: Image.Image, original: Image.Image, mask: Image.Image, blur: int = 0) -> Image.Image:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..fileio import new_dir_mode
+from ..fileio import new_dir_mode, unwritable_reason
 from .adapters import AdapterSpec, AdapterStack, check_adapter_file
 from .pipelines import load_base
 
@@ -33,6 +33,9 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
                           "(or --single-file to write one checkpoint file)")
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--out: {out} exists; choose a new name or pass --overwrite")
+    unwritable = unwritable_reason(out.parent)
+    if unwritable:
+        raise ConfigError(f"--out: {out.parent} {unwritable}; give a place you can write to")
     for spec in loras:  # before the base loads
         check_adapter_file(spec.path)
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)

@@ -29,10 +29,29 @@ SAMPLERS: dict[str, tuple[str, dict, str]] = {
 }
 
 
+# ComfyUI's and kohya's spellings of the same samplers, for the suggestion in an error
+_OTHER_SPELLINGS = {"dpmpp": "dpm++", "euler_ancestral": "euler_a", "uni_pc": "unipc", "plms": "pndm"}
+
+
+def _suggestion(key: str) -> str | None:
+    """The known sampler an unknown name most likely means: another tool's spelling, or a typo."""
+    import difflib
+
+    key = key.removeprefix("k_").removeprefix("sample_")  # k-diffusion's names: k_euler_a, sample_euler
+    for other, ours in _OTHER_SPELLINGS.items():
+        key = key.replace(other, ours)
+    if key in SAMPLERS:
+        return key
+    close = difflib.get_close_matches(key, SAMPLERS, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def check_sampler(name: str) -> str:
     key = name.strip().lower().replace(" ", "_").replace("-", "_")
     if key not in SAMPLERS:
-        raise ConfigError(f"--scheduler: {name!r} is not a known sampler; choose one of {', '.join(SAMPLERS)}")
+        hint = _suggestion(key)
+        mean = f"did you mean {hint}? " if hint else ""
+        raise ConfigError(f"--scheduler: {name!r} is not a known sampler; {mean}choose one of {', '.join(SAMPLERS)}")
     return key
 
 

@@ -4,10 +4,12 @@ judge how strong an adapter is and where it starts to overfit. Training and publ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo
+from .adapters import adapter_named
 from .generate import Generator, Request
 from ..imagegrid import Grid, labelled_grid
 
@@ -21,6 +23,8 @@ class Sweep:
 def parse_weights_list(text: str) -> list[float]:
     try:
         weights = [float(part) for part in text.split(",") if part.strip()]
+        if not all(math.isfinite(w) for w in weights):  # 'nan' and 'inf' parse, and would draw black images
+            raise ValueError
     except ValueError:
         raise ConfigError(f"--sweep: {text!r} is not a comma-separated list of numbers, e.g. 0,0.25,0.5,0.75,1") from None
     if not weights:
@@ -36,9 +40,9 @@ def sweep_grid(generator: Generator, prompts: list[str], weights: list[float], a
     names = list(generator.adapters.specs)
     if not names:
         raise ConfigError("--sweep needs at least one --lora to sweep")
-    name = adapter or names[0]
-    if name not in names:
-        raise ConfigError(f"--sweep-adapter: {name!r} is not loaded; loaded: {', '.join(names)}")
+    name = adapter_named(generator.adapters.specs, adapter) if adapter else names[0]
+    if name is None:
+        raise ConfigError(f"--sweep-adapter: {adapter!r} is not loaded; loaded: {', '.join(names)}")
     request = request or Request(prompt="")
     before = generator.adapters.specs[name].weight
     rows, first = [], None

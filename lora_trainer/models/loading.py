@@ -128,6 +128,12 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
                              "use the .safetensors version of the checkpoint")
         return
     if path.exists() and not (path / index_file).is_file():
+        # the commonest mix-up: a whole pipeline where one model goes (a ControlNet), or the reverse
+        other = {"model_index.json": "config.json", "config.json": "model_index.json"}.get(index_file)
+        if other and (path / other).is_file():
+            what = ("a whole pipeline's folder (model_index.json), not a single model's"
+                    if other == "model_index.json" else "a single model's folder (config.json), not a whole pipeline's")
+            raise ModelError(f"{key}: {base!r} is {what}; point it at a diffusers folder with {index_file}")
         raise ModelError(f"{key}: {base!r} is a folder without {index_file}; point it at a diffusers folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         example = _HUB_EXAMPLES.get(key, "runwayml/stable-diffusion-v1-5")

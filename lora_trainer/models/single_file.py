@@ -20,7 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import ModelError
+from ..errors import DAMAGED, ModelError, first_line
 from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def detect_single_file_variant(path: str | os.PathLike) -> str:
         with safetensors.safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
     except Exception as exc:
-        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({exc})") from None
+        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({first_line(exc)}); {DAMAGED}") from None
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(f"model.base: {path} has no {UNET_PREFIX}* tensors; it is not a Stable Diffusion "
                          "checkpoint in the original layout (is it a LoRA?)")
@@ -269,6 +269,10 @@ def load_single_file(path: str | os.PathLike, variant: str, dtype: torch.dtype,
     folder = Path(config_dir) if config_dir else CONFIGS / variant
     if not (folder / "unet" / "config.json").is_file():
         raise ModelError(f"model.config_dir: {folder} has no unet/config.json; point it at a diffusers pipeline folder")
+    if (variant == "sdxl") != (folder / "text_encoder_2" / "config.json").is_file():  # the other family's configs
+        has = "SDXL" if variant == "sd15" else "SD 1.x"
+        raise ModelError(f"model.config_dir: {folder} describes an {has} pipeline but {path} is an "
+                         f"{'SDXL' if variant == 'sdxl' else 'SD 1.x'} checkpoint; give a folder of its own family")
     state = safetensors.torch.load_file(str(path))
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))

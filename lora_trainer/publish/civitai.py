@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PublishError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
 from .run import Run, WeightAdvice, dataset_size, prompt_guide, recommended_prompts, trained_steps, trigger_words
@@ -110,6 +110,9 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
         raise PublishError(f"--civitai: got {str(out_zip)!r}; expected a path ending in .zip")
     if out_zip.exists() and not overwrite:
         raise PublishError(f"--civitai: {out_zip} exists; pass --overwrite to replace it")
+    unwritable = unwritable_reason(out_zip.parent)
+    if unwritable:
+        raise PublishError(f"--civitai: {out_zip.parent} {unwritable}; give a zip path in a folder you can write to")
     model_file = f"{run.name}.safetensors"
     images = [f"images/{i:02d}.png" for i in range(len(run.samples))]
     if advice.grid is not None:

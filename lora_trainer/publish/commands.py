@@ -18,9 +18,12 @@ def _weight_range(text: str) -> tuple[float, float]:
 
 
 def run_publish(args) -> int:
-    from .hub import HubOptions, build_hub_folder, upload_folder
+    from .hub import HubOptions, build_hub_folder, check_repo_id, upload_folder, upload_token
     from .run import read_run
 
+    if not args.dry_run:  # before the folder is built: an upload that cannot happen is said first
+        check_repo_id(args.hub)
+        upload_token()
     run = read_run(args.run_dir)
     opts = HubOptions(repo_id=args.hub, license=args.license, base_model=args.base_model,
                       description=args.description, weight=args.weight, weight_range=args.weight_range)

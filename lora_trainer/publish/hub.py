@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import dump_config
 from ..errors import PublishError, first_line
-from ..fileio import new_dir_mode, write_text_atomic
+from ..fileio import new_dir_mode, unwritable_reason, write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
 from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
@@ -144,6 +144,9 @@ def build_hub_folder(run: Run, out: str | Path, opts: HubOptions, overwrite: boo
     if run.dir.resolve() == out.resolve() or out.resolve() in run.dir.resolve().parents:
         raise PublishError(f"--out {out}: would replace the run folder itself; choose a folder inside or beside it")
     _check_replaceable(out, overwrite)
+    unwritable = unwritable_reason(out.parent)
+    if unwritable:
+        raise PublishError(f"--out: {out.parent} {unwritable}; give a folder you can write to")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -171,18 +174,26 @@ def _endpoint() -> str | None:
     return endpoint or None
 
 
-def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Create `repo_id` (kept if it exists) and upload `folder` in one commit; return the repo URL."""
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+def upload_token() -> str:
+    """The token an upload will use, or a one-line PublishError saying why there can be no upload
+    (offline, no token); `publish` asks before it builds the repo folder."""
+    from huggingface_hub import constants, get_token
 
-    check_repo_id(repo_id)
     if constants.HF_HUB_OFFLINE:
         raise PublishError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run")
     token = get_token()
     if not token:
         raise PublishError("no HuggingFace token: set HF_TOKEN or run `hf auth login` with a token that can write")
-    api = HfApi(endpoint=_endpoint(), token=token)
+    return token
+
+
+def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Create `repo_id` (kept if it exists) and upload `folder` in one commit; return the repo URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    api = HfApi(endpoint=_endpoint(), token=upload_token())
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
