@@ -68,6 +68,8 @@ def test_reused_buffers_give_the_bits_of_new_tensors_and_of_the_formula(every_ty
         formula = _by_formula(module, weight, 0.7)
         if formula is not None:
             assert torch.equal(got, formula), module.name
+            at_one = module.merged(weight, 1.0, F32, out=torch.empty_like(weight), scratch=scratch)
+            assert torch.equal(at_one, _by_formula(module, weight, 1.0)), module.name
             checked += 1
         # a second adapter on the same layer is merged in the same tensor
         assert torch.equal(module.merged(out, -0.3, F32, out=out, scratch=scratch), module.merged(want, -0.3, F32))

@@ -241,8 +241,8 @@ class LycorisModule:
         delta = self.delta(base, dtype, scratch)  # this module's own tensor: every step below is in place
         if out is None:
             out = delta if scratch is None else torch.empty_like(delta)
-        if self.dora_scale is None:
-            return torch.add(delta.mul_(multiplier), base, out=out)
+        if self.dora_scale is None:  # ×1 changes no bit: skipped, as for the scale
+            return torch.add(delta.mul_(multiplier) if multiplier != 1.0 else delta, base, out=out)
         combined = torch.add(base, delta, out=delta)
         scale = self.dora_scale.to(weight.device, dtype)
         if scale.shape[0] == weight.shape[0] and scale.numel() == weight.shape[0]:
