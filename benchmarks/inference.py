@@ -47,13 +47,21 @@ def seconds_per_step(gen: Generator, size: int, steps: int, repeats: int) -> flo
     return statistics.median((run(steps) - run(1)) / (steps - 1) for _ in range(repeats))
 
 
+def _steps(text: str) -> int:
+    steps = int(text)
+    if steps == 1 or steps < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 2 or more (or 0 where a benchmark skips the steps)")
+    return steps
+
+
 def speed_options(description: str) -> argparse.ArgumentParser:
     """The options the adapter speed benchmarks share (this one and lycoris_load.py)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=list(SIZES), default="sd15",
                         help="sd15: the tiny model, 64 px; sd15-full: real SD1.5 layer sizes, 256 px (random weights)")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank")
-    parser.add_argument("--steps", type=int, default=6, help="denoising steps per timed image")
+    parser.add_argument("--steps", type=_steps, default=6,
+                        help="denoising steps per timed image (at least 2: one step is timed apart and subtracted)")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per figure (the median is shown)")
     return parser
 

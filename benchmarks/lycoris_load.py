@@ -4,10 +4,13 @@ plain LoRA of the same rank and module set, which peft injects instead.
 
     python benchmarks/lycoris_load.py                      # tiny model
     python benchmarks/lycoris_load.py --model sd15-full    # real SD1.5 layer sizes (random weights)
+    python benchmarks/lycoris_load.py --model sd15-full --kinds loha,lokr,full --steps 0   # load only
 
 The adapters cover every attention projection and every ResNet 3x3 conv of the UNet (kohya's
-LoCon set, about what a CivitAI LoHa adapts). Models and files are built offline into
-benchmarks/.models/ (random weights: speed only).
+LoCon set, about what a CivitAI LoHa adapts). `--kinds` picks the files: `loha`, `lokr` (a whole
+8x8 w1 and a low-rank w2), `full` (ΔW stored whole: as big as those layers, 2.3 GB at SD1.5 size)
+and `locon` (a plain LoRA/LoCon, which peft injects). `--steps 0` skips the denoising steps. Models
+and files are built offline into benchmarks/.models/ (random weights: speed only) and reused.
 """
 
 from __future__ import annotations
@@ -38,30 +41,51 @@ def _layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
             or (isinstance(m, torch.nn.Conv2d) and ".resnets." in path and m.kernel_size == (3, 3))}
 
 
-def write_files(model: Path, rank: int, loha: Path, lora: Path) -> int:
-    """A LoHa and a LoRA file of `rank` over `_layers` of the model's UNet; returns the layer count."""
+KINDS = ("loha", "lokr", "full", "locon")
+LABELS = {"loha": "LoHa (merged)", "lokr": "LoKr (merged)", "full": "full (merged)", "locon": "LoRA/LoCon (peft)"}
+
+
+def _module(kind: str, layer: torch.nn.Module, rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The parts of one `kind` module (without the kohya name) for `layer`."""
+    shape = tuple(layer.weight.shape)
+    out_dim, flat_in = shape[0], layer.weight[0].numel()
+
+    def rand(*size, std):
+        return torch.randn(*size, generator=g) * std
+
+    if kind == "loha":
+        return {"hada_w1_a": rand(out_dim, rank, std=0.05), "hada_w1_b": rand(rank, flat_in, std=0.05),
+                "hada_w2_a": rand(out_dim, rank, std=0.05), "hada_w2_b": rand(rank, flat_in, std=0.05),
+                "alpha": torch.tensor(float(rank))}
+    if kind == "lokr":  # ΔW = kron(w1, w2_a @ w2_b), w1 whole (8 x 8)
+        return {"lokr_w1": rand(8, 8, std=0.1), "lokr_w2_a": rand(out_dim // 8, rank, std=0.05),
+                "lokr_w2_b": rand(rank, flat_in // 8, std=0.05), "alpha": torch.tensor(float(rank))}
+    if kind == "full":
+        return {"diff": rand(*shape, std=0.001)}
+    up_shape = (out_dim, rank, 1, 1) if len(shape) == 4 else (out_dim, rank)
+    return {"lora_down.weight": rand(rank, *shape[1:], std=0.01), "lora_up.weight": rand(*up_shape, std=0.01),
+            "alpha": torch.tensor(float(rank))}
+
+
+def write_files(model: Path, rank: int, files: dict[str, Path]) -> int:
+    """A file of `rank` per kind ({kind: path}) over `_layers` of the model's UNet, unless it is there
+    already (the files are the same for a seed); returns the layer count."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    g = torch.Generator().manual_seed(0)
-    hada, plain = {}, {}
-    for path, layer in _layers(unet).items():
-        name = f"{KOHYA_PREFIXES['sd15']['unet']}_{canonical_path('unet', path).replace('.', '_')}"
-        out_dim = layer.weight.shape[0]
-        flat_in = layer.weight[0].numel()
-        for part, shape in (("hada_w1_a", (out_dim, rank)), ("hada_w1_b", (rank, flat_in)),
-                            ("hada_w2_a", (out_dim, rank)), ("hada_w2_b", (rank, flat_in))):
-            hada[f"{name}.{part}"] = torch.randn(*shape, generator=g) * 0.05
-        hada[f"{name}.alpha"] = torch.tensor(float(rank))
-        down_shape = (rank, *layer.weight.shape[1:])
-        up_shape = (out_dim, rank, 1, 1) if layer.weight.dim() == 4 else (out_dim, rank)
-        plain[f"{name}.lora_down.weight"] = torch.randn(*down_shape, generator=g) * 0.01
-        plain[f"{name}.lora_up.weight"] = torch.randn(*up_shape, generator=g) * 0.01
-        plain[f"{name}.alpha"] = torch.tensor(float(rank))
-    safetensors.torch.save_file(hada, str(loha), metadata={"ss_network_module": "lycoris.kohya"})
-    safetensors.torch.save_file(plain, str(lora), metadata={"ss_network_module": "networks.lora",
-                                                            "ss_base_model_version": "sd_v1"})
-    return len(_layers(unet))
+    layers = _layers(unet)
+    for kind, path in files.items():
+        if path.is_file():
+            continue
+        g = torch.Generator().manual_seed(KINDS.index(kind))
+        tensors = {}
+        for layer_path, layer in layers.items():
+            name = f"{KOHYA_PREFIXES['sd15']['unet']}_{canonical_path('unet', layer_path).replace('.', '_')}"
+            tensors.update({f"{name}.{part}": t for part, t in _module(kind, layer, rank, g).items()})
+        metadata = ({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"} if kind == "locon"
+                    else {"ss_network_module": "lycoris.kohya"})
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return len(layers)
 
 
 def timed(fn) -> float:
@@ -71,28 +95,36 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    args = speed_options(__doc__.splitlines()[0]).parse_args()
+    parser = speed_options(__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="loha,lokr,locon",
+                        help=f"comma-separated, of {', '.join(KINDS)} (full writes a file as big as the layers)")
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds: {args.kinds!r}; choose among {', '.join(KINDS)}")
+
     model = base_model(args.model)
-    loha, lora = MODELS / f"{args.model}-loha-r{args.rank}.safetensors", MODELS / f"{args.model}-locon-r{args.rank}.safetensors"
-    layers = write_files(model, args.rank, loha, lora)
+    files = {kind: MODELS / f"{args.model}-{kind}-r{args.rank}.safetensors" for kind in kinds}
+    layers = write_files(model, args.rank, files)
     size = SIZES[args.model]
     print(f"model {args.model}, {size} px, rank {args.rank}, {layers} UNet layers (attention + ResNet 3x3 convs)")
 
     gen = Generator(model, device="cpu")
-    base = seconds_per_step(gen, size, args.steps, args.repeats)
+    base = seconds_per_step(gen, size, args.steps, args.repeats) if args.steps else None
     rows = {}
-    for label, path in (("LoHa (merged)", loha), ("LoRA/LoCon (peft)", lora)):
+    for kind, path in files.items():
         start = time.perf_counter()
         name = gen.adapters.load(AdapterSpec(path, 0.8))
         load = time.perf_counter() - start
         reweight = statistics.median(timed(lambda w=w: gen.adapters.set_weight(name, w)) for w in (0.5, 0.7, 0.9))
-        step = seconds_per_step(gen, size, args.steps, args.repeats)
+        step = seconds_per_step(gen, size, args.steps, args.repeats) if args.steps else None
         gen.adapters.unload(name)
-        rows[label] = (load, reweight, step)
-    print(f"{'base':>18}: step {base * 1000:7.1f} ms")
+        rows[LABELS[kind]] = (load, reweight, step)
+    if base is not None:
+        print(f"{'base':>18}: step {base * 1000:7.1f} ms")
     for label, (load, reweight, step) in rows.items():
-        print(f"{label:>18}: load {load:6.2f} s, set_weight {reweight:6.2f} s, step {step * 1000:7.1f} ms "
-              f"(×{step / base:.2f} of base)")
+        steps = "" if step is None else f", step {step * 1000:7.1f} ms (×{step / base:.2f} of base)"
+        print(f"{label:>18}: load {load:6.2f} s, set_weight {reweight:6.2f} s{steps}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from ..errors import ModelError, first_line
 from .files import load_adapter
 from .layouts import KOHYA_COMPONENTS, _path_from_kohya
+from .scratch import Scratch, work_tensor
 from .sdxl_names import diffusers_from_ldm
 
 # Parts of a module, by the key suffix after `<lora_name>.`, and the LyCORIS type they belong to.
@@ -162,23 +163,28 @@ class LycorisModule:
     def on_input(self) -> bool:
         return self.kind == "IA3" and bool(int(self.parts.get("on_input", torch.tensor(0)).item()))
 
-    def _product(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        """ΔW (without scale) as the factors give it: 2-D (d_out × d_in·kh·kw) or 4-D."""
+    def _product(self, dtype: torch.dtype, device: torch.device | str = "cpu", scratch: Scratch | None = None,
+                 ) -> torch.Tensor:
+        """ΔW (without scale) as the factors give it: 2-D (d_out × d_in·kh·kw) or 4-D, a tensor of its
+        own (never a part of the file), in `scratch`'s buffer "a" when given."""
         p = self.parts
 
         def g(part: str) -> torch.Tensor:
             return self._get(part, dtype, device)
 
+        def matmul(a: torch.Tensor, b: torch.Tensor, slot: str = "a") -> torch.Tensor:
+            return torch.matmul(a, b, out=work_tensor(scratch, slot, (a.shape[0], b.shape[-1]), dtype, device))
+
         if self.kind == "LoRA":
             up, down = g("lora_up.weight"), g("lora_down.weight")
             if "lora_mid.weight" in p:
                 return _tucker(g("lora_mid.weight"), up.flatten(1).T, down.flatten(1))
-            return up.flatten(1) @ down.flatten(1)
+            return matmul(up.flatten(1), down.flatten(1))
         if self.kind == "LoHa":
             if "hada_t1" in p:
                 return (_tucker(g("hada_t1"), g("hada_w1_a"), g("hada_w1_b"))
                         * _tucker(g("hada_t2"), g("hada_w2_a"), g("hada_w2_b")))
-            return (g("hada_w1_a") @ g("hada_w1_b")) * (g("hada_w2_a") @ g("hada_w2_b"))
+            return matmul(g("hada_w1_a"), g("hada_w1_b")).mul_(matmul(g("hada_w2_a"), g("hada_w2_b"), "b"))
         if self.kind == "LoKr":
             w1 = g("lokr_w1") if "lokr_w1" in p else g("lokr_w1_a") @ g("lokr_w1_b")
             if "lokr_w2" in p:
@@ -189,12 +195,18 @@ class LycorisModule:
                 w2 = g("lokr_w2_a") @ g("lokr_w2_b")
             if w2.ndim == 4:  # a conv's w2 carries the kernel; w1 scales whole kernels
                 w1 = w1[:, :, None, None]
-            return torch.kron(w1.contiguous(), w2.contiguous())
-        return g("diff")
+            if w1.ndim != w2.ndim:
+                return torch.kron(w1.contiguous(), w2.contiguous())
+            shape = tuple(i * j for i, j in zip(w1.shape, w2.shape))
+            return torch.kron(w1.contiguous(), w2.contiguous(), out=work_tensor(scratch, "a", shape, dtype, device))
+        diff = g("diff")
+        return work_tensor(scratch, "a", diff.shape, dtype, device).copy_(diff)
 
-    def delta(self, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor, dtype: torch.dtype = torch.float64, scratch: Scratch | None = None,
+              ) -> torch.Tensor:
         """ΔW at weight 1 for a layer whose current weight is `weight`, in `dtype` and `weight`'s shape
-        ((IA)^3 scales `weight` itself). A shape that does not fit is a one-line ModelError."""
+        ((IA)^3 scales `weight` itself): a new tensor, or `scratch`'s buffer "a" (overwritten by the
+        next module). A shape that does not fit is a one-line ModelError."""
         shape = tuple(weight.shape)
         if self.kind == "IA3":
             gain = self._get("weight", dtype, weight.device).flatten()
@@ -204,27 +216,34 @@ class LycorisModule:
                                  f"{'inputs' if axis else 'outputs'}; it was made for another model")
             view = [1] * len(shape)
             view[axis] = -1
-            return weight.to(dtype) * gain.reshape(view)
+            out = work_tensor(scratch, "a", shape, dtype, weight.device)
+            return torch.mul(weight.to(dtype), gain.reshape(view), out=out)
         try:
-            product = self._product(dtype, weight.device)
+            product = self._product(dtype, weight.device, scratch)
         except RuntimeError as exc:  # factors whose shapes do not multiply
             raise ModelError(f"{self.name} ({self.kind}): its factors do not fit together "
                              f"({first_line(exc)})") from None
         if product.numel() != weight.numel() or product.shape[0] != shape[0]:
             raise ModelError(f"{self.name} ({self.kind}) makes a {tuple(product.shape)} change but the layer's "
                              f"weight is {shape}; it was made for another model")
-        return product.reshape(shape) * self.scale
+        # the product is this module's own tensor: scaled in place (×1 changes no bit, so it is skipped)
+        return product.reshape(shape).mul_(self.scale) if self.scale != 1.0 else product.reshape(shape)
 
     def bias_delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
         return self.parts["diff_b"].to(dtype) if "diff_b" in self.parts else None  # moved by the caller
 
-    def merged(self, weight: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The layer weight with this module applied at `multiplier`, in `dtype`."""
+    def merged(self, weight: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float64,
+               out: torch.Tensor | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+        """The layer weight with this module applied at `multiplier`, in `dtype`: in `out` when given
+        (it may be `weight` itself), else a new tensor. With `scratch`, ΔW is built in its reused
+        buffers; the numbers are the same to the bit either way."""
         base = weight.to(dtype)
-        delta = self.delta(weight, dtype)  # a new tensor: scaled in place, no layer-sized temporaries
-        if self.dora_scale is None:
-            return delta.mul_(multiplier).add_(base)
-        combined = base + delta
+        delta = self.delta(base, dtype, scratch)  # this module's own tensor: every step below is in place
+        if out is None:
+            out = delta if scratch is None else torch.empty_like(delta)
+        if self.dora_scale is None:  # ×1 changes no bit: skipped, as for the scale
+            return torch.add(delta.mul_(multiplier) if multiplier != 1.0 else delta, base, out=out)
+        combined = torch.add(base, delta, out=delta)
         scale = self.dora_scale.to(weight.device, dtype)
         if scale.shape[0] == weight.shape[0] and scale.numel() == weight.shape[0]:
             norm = combined.reshape(combined.shape[0], -1).norm(dim=1)
@@ -235,8 +254,8 @@ class LycorisModule:
         else:
             raise ModelError(f"{self.name}.dora_scale has shape {tuple(scale.shape)}, which fits neither the "
                              f"outputs nor the inputs of the layer's {tuple(weight.shape)} weight")
-        decomposed = combined * (scale.reshape(view) / (norm.reshape(view) + torch.finfo(torch.float32).eps))
-        return base + multiplier * (decomposed - base)
+        decomposed = combined.mul_(scale.reshape(view) / (norm.reshape(view) + torch.finfo(torch.float32).eps))
+        return torch.add(base, decomposed.sub_(base).mul_(multiplier), out=out)
 
 
 @dataclass

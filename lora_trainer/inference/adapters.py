@@ -242,7 +242,8 @@ class AdapterStack:
         try:
             self._apply()
         except Exception as exc:  # a layer of another shape: take it out again, the others stay as they were
-            del self._patches.adapters[name], self.specs[name], self.enabled[name]
+            self._patches.remove(name)
+            del self.specs[name], self.enabled[name]
             self._apply()
             raise ModelError(f"--lora: {spec.path}: {first_line(exc)}") from None
         kinds = ", ".join(f"{n} {k}" for k, n in adapter.kinds.items())

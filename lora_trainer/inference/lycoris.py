@@ -6,6 +6,12 @@ weights are kept on the CPU, and every change of weight, on/off state or unload 
 layers from the originals, so nothing drifts and the base comes back bit for bit. They stack with
 peft LoRA adapters: peft wraps a layer but keeps its weight in `base_layer`, which is the weight
 changed here.
+
+A layer on the CPU hands its own weight tensor over as the original (no copy) and gets a new one
+for the merged weight; only a layer on another device is copied to the CPU. Besides saving a copy,
+this never writes into the base's tensors, which are often the model file mapped into memory,
+where the first write to each page copies it. ΔW is built in buffers reused from layer to layer
+(`export/scratch.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from ..errors import ModelError
 from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, component_prefix
+from ..export.scratch import Scratch
 from ..export.sdxl_names import ldm_from_diffusers
 
 Key = tuple[str, str]  # (component, module path in the pipeline's model)
@@ -43,6 +50,17 @@ def _kohya_names(component: str, model: torch.nn.Module) -> dict[str, str]:
 def _weights_of(layer: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter | None]:
     base = getattr(layer, "base_layer", layer)  # a peft LoRA wrapper keeps the frozen layer here
     return base.weight, base.bias
+
+
+def _kept(weight: torch.Tensor) -> torch.Tensor:
+    """The original of a layer weight as kept: on the CPU the tensor itself (the layer gets another
+    one when it is first rebuilt), else a CPU copy."""
+    return weight.detach() if weight.device.type == "cpu" else weight.detach().to("cpu", copy=True)
+
+
+def _is(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` are the same memory (the layer still holds its kept original)."""
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 @dataclass
@@ -91,8 +109,7 @@ class WeightPatches:
         for key in modules:
             if key not in self.originals:
                 w, b = _weights_of(self._layer(key))
-                self.originals[key] = (w.detach().to("cpu", copy=True),
-                                       None if b is None else b.detach().to("cpu", copy=True))
+                self.originals[key] = (_kept(w), None if b is None else b.detach().to("cpu", copy=True))
         self.adapters[name] = modules
         return len(modules)
 
@@ -103,11 +120,18 @@ class WeightPatches:
         if weights == self.applied:
             return
         self.applied = None  # until every layer is rebuilt
+        work = torch.float32  # float64 is 3-9x slower on CPUs and gains nothing after the cast back
+        scratch = Scratch(max(w.numel() for w, _ in self.originals.values()) if self.originals else 0)
         for key, (weight0, bias0) in self.originals.items():
             weight, bias = _weights_of(self._layer(key))
             device = weight.device
-            work = torch.float32  # float64 is 3-9x slower on CPUs and gains nothing after the cast back
-            w = weight0.to(device, work)
+            # the layer's own tensor for the merged weight: the kept original is never written
+            fresh = _is(weight, weight0)
+            target = torch.empty_like(weight) if fresh else weight.detach()
+            w = weight0 if weight0.device == device and weight0.dtype == work else \
+                scratch.get("base", weight0.shape, work, device).copy_(weight0)
+            # each adapter's ΔW is added in `target` itself when it holds float32, else in a buffer
+            into = target if target.dtype == work else scratch.get("merged", weight0.shape, work, device)
             b = None if bias0 is None else bias0.to(device, work)
             changed = False
             for name, modules in self.adapters.items():
@@ -115,12 +139,17 @@ class WeightPatches:
                 module = modules.get(key)
                 if module is None or m is None:
                     continue
-                w = module.merged(w, m, work)
+                w = module.merged(w, m, work, out=into, scratch=scratch)
                 if b is not None and module.bias_delta() is not None:
                     b = b + m * module.bias_delta(work).to(device)
                 changed = True
             with torch.no_grad():
-                weight.copy_(w.to(weight.dtype) if changed else weight0.to(device))
+                if not changed:
+                    target.copy_(weight0)
+                elif into is not target:
+                    target.copy_(into)
+                if fresh:
+                    weight.data = target
                 if bias is not None and bias0 is not None:
                     bias.copy_(b.to(bias.dtype) if changed else bias0.to(device))
         self.applied = dict(weights)
@@ -137,7 +166,10 @@ class WeightPatches:
             weight0, bias0 = self.originals.pop(key)
             weight, bias = _weights_of(self._layer(key))
             with torch.no_grad():
-                weight.copy_(weight0.to(weight.device))
+                if weight0.device == weight.device and weight0.dtype == weight.dtype:
+                    weight.data = weight0  # the very tensor it had: the merged one is freed
+                else:
+                    weight.copy_(weight0.to(weight.device))
                 if bias is not None and bias0 is not None:
                     bias.copy_(bias0.to(bias.device))
 
