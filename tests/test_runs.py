@@ -21,7 +21,7 @@ from PIL import Image
 from lora_trainer.errors import ConfigError
 from lora_trainer.training.guards import RunInterrupted, TrainingStopped
 from lora_trainer.training.loop import train
-from rank_helpers import write_rank_script
+from rank_helpers import TWO_PROCESS_RUNS
 
 # 8 images, batch 2: 4 steps an epoch, so 8 steps cross an epoch boundary; checkpoints at 2, 4, 6.
 RUN = ["train.max_steps=8", "output.save_every_n_steps=2", "output.keep_checkpoints=2", "output.dtype=fp32"]
@@ -247,24 +247,16 @@ def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, m
     assert list(runs[0].glob("run-*.wandb"))
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, example_data, tmp_path):
-    script = write_rank_script(tmp_path)
-    # LoRA dropout on: its masks, too, belong to the sample and not to the process.
-    common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
-              "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25"]
-    two = tmp_path / "two"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
-         str(script), str(REPO / "configs" / "example.yaml"), *common, f"output.dir={two}", "train.batch_size=1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_runs, tiny_sd15, example_data,
+                                                                    tmp_path):
+    options, _ = TWO_PROCESS_RUNS["global_batch"]  # 6 steps, a checkpoint at 4, LoRA dropout on
+    two = two_process_runs["global_batch"]  # 2 processes × batch 1
     rank0, rank1 = (torch.load(two / f"rank{r}.pt") for r in (0, 1))
     _assert_same(rank0, rank1)
     # only the main process writes: one log line per step, one checkpoint
     assert len((two / "train_log.jsonl").read_text().splitlines()) == 6
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-000004"]
-    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *common[2:], "train.batch_size=2"),
+    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *options, "train.batch_size=2"),
                 show_progress=False)
     for name, value in _adapter(one).items():
         torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
