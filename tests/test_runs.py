@@ -41,8 +41,48 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
+KILLED_ON_SECOND_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    import lora_trainer.training.checkpoints as checkpoints
+    from lora_trainer.config import load_config
+    from lora_trainer.training.loop import train
+
+    torch.set_num_threads(1)
+    publish, calls = checkpoints._publish, []
+
+    def killed_on_second(tmp, final, state):
+        calls.append(state.step)
+        if len(calls) == 2:  # the folder is written, not yet published
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, final, state)
+
+    checkpoints._publish = killed_on_second
+    train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
+""")
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_sd15, example_data, tmp_path_factory):
+def killed_run(tiny_sd15, example_data, tmp_path_factory):
+    """A run SIGKILLed while publishing its second checkpoint, in its own process. Started before the
+    module's in-process runs (see `uninterrupted`): the process spends most of its time importing,
+    on a core those runs leave idle."""
+    folder = tmp_path_factory.mktemp("killed")
+    out, script = folder / "out", folder / "killed.py"
+    script.write_text(KILLED_ON_SECOND_SAVE)
+    overrides = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *RUN, "sample.prompts=[]"]
+    # stderr to a file, not a pipe: nobody reads a pipe until the test, and a full one would stall the run
+    with open(folder / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script), str(REPO / "configs" / "example.yaml"), *overrides],
+                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    yield proc, folder
+    if proc.poll() is None:  # the test did not run
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(killed_run, tiny_sd15, example_data, tmp_path_factory):
     """The reference: 8 steps straight through, with tensorboard, samples and the sweep grid."""
     out = tmp_path_factory.mktemp("straight") / "out"
     result = train(run_config(tiny_sd15, example_data, out, *RUN, "log.tensorboard=true"), show_progress=False)
@@ -99,33 +139,13 @@ def test_resume_with_another_optimizer_is_a_one_line_error(uninterrupted, tiny_s
         train(cfg, show_progress=False)
 
 
-def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(uninterrupted, tiny_sd15, example_data, tmp_path):
+def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(killed_run, uninterrupted, tiny_sd15,
+                                                                   example_data):
     _, reference = uninterrupted
-    out = tmp_path / "out"
-    script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent("""
-        import os, signal, sys
-        import torch
-        import lora_trainer.training.checkpoints as checkpoints
-        from lora_trainer.config import load_config
-        from lora_trainer.training.loop import train
-
-        torch.set_num_threads(1)
-        publish, calls = checkpoints._publish, []
-
-        def killed_on_second(tmp, final, state):
-            calls.append(state.step)
-            if len(calls) == 2:  # the folder is written, not yet published
-                os.kill(os.getpid(), signal.SIGKILL)
-            publish(tmp, final, state)
-
-        checkpoints._publish = killed_on_second
-        train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
-    """))
-    overrides = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *RUN, "sample.prompts=[]"]
-    proc = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "example.yaml"), *overrides],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc, folder = killed_run
+    proc.wait(timeout=300)
+    out = folder / "out"
+    assert proc.returncode == -9, (folder / "stderr.txt").read_text()[-2000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-000004.tmp", "step-000002"]
     resumed = train(run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]", "train.resume=latest"),
                     show_progress=False)
