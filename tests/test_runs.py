@@ -41,6 +41,19 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def rank1_logging():
+    """The root logger's level after the CLI sets up logging in a process of rank 1 (logging is set up
+    once per process, so in a process of its own), started with the module to run beside it."""
+    code = "import logging; from lora_trainer.cli import _setup_logging; _setup_logging(False); print(logging.getLogger().level)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env(RANK="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    yield proc
+    if proc.poll() is None:  # the test did not run
+        proc.kill()
+    proc.communicate()
+
+
 KILLED_ON_SECOND_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
@@ -298,7 +311,6 @@ def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, 
     _assert_same(_adapter(resumed), _adapter(straight))
 
 
-def test_only_the_main_process_logs_info():
-    code = "import logging; from lora_trainer.cli import _setup_logging; _setup_logging(False); print(logging.getLogger().level)"
-    out = subprocess.run([sys.executable, "-c", code], env=_env(RANK="1"), capture_output=True, text=True, cwd=REPO)
-    assert out.stdout.strip() == str(logging.WARNING)  # rank 0 keeps INFO: every other test's runs show it
+def test_only_the_main_process_logs_info(rank1_logging):
+    out, err = rank1_logging.communicate(timeout=300)
+    assert out.strip() == str(logging.WARNING), err[-2000:]  # rank 0 keeps INFO: every other test's runs show it
