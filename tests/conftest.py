@@ -87,3 +87,11 @@ def tiny_controlnet(tiny_sd15, tmp_path_factory) -> Path:
     from lora_trainer.testing.inference_models import make_controlnet
 
     return make_controlnet(tiny_sd15, tmp_path_factory.mktemp("controlnet") / "model")
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tiny_sd15, example_data, tmp_path_factory) -> dict[str, Path]:
+    """The multi-process tests' runs (rank_helpers.TWO_PROCESS_RUNS), all under one launch of 2 processes."""
+    from rank_helpers import launch_two_process_runs
+
+    return launch_two_process_runs(REPO, tiny_sd15, example_data, tmp_path_factory.mktemp("two-processes"))

@@ -1,8 +1,12 @@
-"""The per-process script of the multi-process tests: train from a config and save this rank's
-trained UNet adapter as `<output.dir>/rank<RANK>.pt`, for comparing processes with each other."""
+"""The multi-process tests' runs: the per-process script (train from a config and save this rank's
+trained UNet adapter as `<output.dir>/rank<RANK>.pt`), and the runs of several test files launched
+together under one `torch.distributed.run`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -19,8 +23,83 @@ PER_RANK_SCRIPT = textwrap.dedent("""
     torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
 """)
 
+# Each process runs the runs one after the other, each with its own config: a run named with a
+# script goes through that script as `torchrun SCRIPT CONFIG ARGS...` would run it.
+SEVERAL_RUNS_SCRIPT = textwrap.dedent("""
+    import os, runpy, sys
+    import torch
+    from accelerate.state import PartialState
+    from lora_trainer.config import load_config
+    from lora_trainer.training.loop import train
+
+    torch.set_num_threads(1)
+    # Each run ends its accelerator, which destroys the process group, and a group made again in the
+    # same processes cannot always reach its peers (gloo: "Connection reset by peer"): the runs share
+    # one group, destroyed after the last.
+    PartialState.destroy_process_group = lambda self, group=None: None
+    config, runs = sys.argv[1], [run.split("\\n") for run in sys.argv[2:]]
+    for script, *args in runs:
+        if script:
+            sys.argv = [script, config, *args]
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as exc:
+                if exc.code:
+                    raise
+            continue
+        cfg = load_config(config, args)
+        result = train(cfg, show_progress=False)
+        adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
+        torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
+    torch.distributed.destroy_process_group()
+""")
+
+# The 2-process runs the tests compare with 1 process (batch 1 per process there, batch 2 here):
+# name -> (options, script). Started once per session (see `two_process_runs`): each start of
+# 2 processes imports torch, diffusers and peft again, which costs far more than these runs.
+TWO_PROCESS_RUNS = {
+    # test_runs: LoRA dropout on, as its masks, too, belong to the sample and not to the process
+    "global_batch": (["train.max_steps=6", "sample.prompts=[]", "output.save_every_n_steps=4", "output.dtype=fp32",
+                      # LoRA dropout and kohya's neuron/rank/module dropouts: their masks, too, belong to the
+                      # sample and not to the process
+                      "lora.dropout=0.25", "lora.neuron_dropout=0.1", "lora.rank_dropout=0.25",
+                      "lora.module_dropout=0.25"], None),
+    # test_text_encoder_only: through train.py, DDP wrapping only the text encoder; random noise strengths
+    "text_encoder_only": (["lora.train_unet=false", "lora.train_text_encoder=true", "train.text_encoder_lr=5e-3",
+                           "output.dtype=fp32", "output.format=both", "sample.prompts=[]", "train.max_steps=3",
+                           "train.noise_offset=0.1", "train.noise_offset_random_strength=true",
+                           "train.input_perturbation=0.1", "train.input_perturbation_random_strength=true",
+                           "train.adaptive_noise_scale=0.2"], "train.py"),
+    # test_loraplus_maxnorm: 8 images, 2 processes × batch 1: 4 steps an epoch; the epoch-1 file at
+    # step 4, the final one at 6
+    "loraplus_max_norm": (["sample.prompts=[]", "output.dtype=fp32", "train.warmup=0", "train.scheduler=constant",
+                           "train.max_steps=6", "train.loraplus_lr_ratio=4", "train.scale_weight_norms=0.05",
+                           "output.save_every_n_epochs=1"], None),
+    # test_validation: 3 held-out images over 2 processes: one process pads its last round
+    "validation": (["train.max_steps=2", "sample.prompts=[]", "data.validation_split=0.375",
+                    "train.validate_every_n_steps=1", "train.validation_timesteps=2"], None),
+}
+
 
 def write_rank_script(folder: Path) -> Path:
     script = Path(folder) / "per_rank.py"
     script.write_text(PER_RANK_SCRIPT)
     return script
+
+
+def launch_two_process_runs(repo: Path, model: Path, data: Path, folder: Path) -> dict[str, Path]:
+    """Runs every TWO_PROCESS_RUNS entry in 2 processes, batch 1 each; returns each run's output.dir."""
+    script = Path(folder) / "several_runs.py"
+    script.write_text(SEVERAL_RUNS_SCRIPT)
+    outs = {name: Path(folder) / name for name in TWO_PROCESS_RUNS}
+    runs = ["\n".join([str(repo / path) if path else "", f"model.base={model}", f"data.path={data}",
+                       f"output.dir={outs[name]}", *options, "train.batch_size=1"])
+            for name, (options, path) in TWO_PROCESS_RUNS.items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+         str(script), str(repo / "configs" / "example.yaml"), *runs],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outs

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import safetensors
 import torch
-from conftest import REPO, run_config
+from conftest import run_config
 
 from lora_trainer.config import TrainConfig, load_config
 from lora_trainer.errors import ConfigError
@@ -23,7 +20,7 @@ from lora_trainer.training.loop import train
 from lora_trainer.training.loraplus import loraplus_groups
 from lora_trainer.training.maxnorm import apply_max_norm
 from lora_trainer.training.optimizers import build_optimizer
-from rank_helpers import write_rank_script
+from rank_helpers import TWO_PROCESS_RUNS
 
 FAST = ["sample.prompts=[]", "output.dtype=fp32", "train.warmup=0", "train.scheduler=constant"]
 
@@ -210,19 +207,11 @@ def test_loraplus_and_max_norm_resume_exactly(limited, tiny_sd15, example_data, 
         {k: v for k, v in json.loads(theirs).items() if k not in drop}
 
 
-def test_two_processes_keep_identical_adapters_with_loraplus_max_norm_and_epoch_files(tiny_sd15, example_data,
-                                                                                     tmp_path):
-    script = write_rank_script(tmp_path)
-    out = tmp_path / "two"
+def test_two_processes_keep_identical_adapters_with_loraplus_max_norm_and_epoch_files(two_process_runs):
+    options, _ = TWO_PROCESS_RUNS["loraplus_max_norm"]
+    assert set(FAST) <= set(options) and "train.scale_weight_norms=0.05" in options
     # 8 images, 2 processes × batch 1: 4 steps an epoch; the epoch-1 file at step 4, the final one at 6
-    args = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *FAST, "train.max_steps=6",
-            "train.batch_size=1", "train.loraplus_lr_ratio=4", "train.scale_weight_norms=0.05",
-            "output.save_every_n_epochs=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29641", str(script), str(REPO / "configs" / "example.yaml"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = two_process_runs["loraplus_max_norm"]
     rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ from PIL import Image
 from lora_trainer.errors import ConfigError
 from lora_trainer.training.guards import RunInterrupted, TrainingStopped
 from lora_trainer.training.loop import train
-from rank_helpers import write_rank_script
+from rank_helpers import TWO_PROCESS_RUNS
 
 # 8 images, batch 2: 4 steps an epoch, so 8 steps cross an epoch boundary; checkpoints at 2, 4, 6.
 RUN = ["train.max_steps=8", "output.save_every_n_steps=2", "output.keep_checkpoints=2", "output.dtype=fp32"]
@@ -41,8 +41,61 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def rank1_logging():
+    """The root logger's level after the CLI sets up logging in a process of rank 1 (logging is set up
+    once per process, so in a process of its own), started with the module to run beside it."""
+    code = "import logging; from lora_trainer.cli import _setup_logging; _setup_logging(False); print(logging.getLogger().level)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env(RANK="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    yield proc
+    if proc.poll() is None:  # the test did not run
+        proc.kill()
+    proc.communicate()
+
+
+KILLED_ON_SECOND_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    import lora_trainer.training.checkpoints as checkpoints
+    from lora_trainer.config import load_config
+    from lora_trainer.training.loop import train
+
+    torch.set_num_threads(1)
+    publish, calls = checkpoints._publish, []
+
+    def killed_on_second(tmp, final, state):
+        calls.append(state.step)
+        if len(calls) == 2:  # the folder is written, not yet published
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, final, state)
+
+    checkpoints._publish = killed_on_second
+    train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
+""")
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_sd15, example_data, tmp_path_factory):
+def killed_run(tiny_sd15, example_data, tmp_path_factory):
+    """A run SIGKILLed while publishing its second checkpoint, in its own process. Started before the
+    module's in-process runs (see `uninterrupted`): the process spends most of its time importing,
+    on a core those runs leave idle."""
+    folder = tmp_path_factory.mktemp("killed")
+    out, script = folder / "out", folder / "killed.py"
+    script.write_text(KILLED_ON_SECOND_SAVE)
+    overrides = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *RUN, "sample.prompts=[]"]
+    # stderr to a file, not a pipe: nobody reads a pipe until the test, and a full one would stall the run
+    with open(folder / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script), str(REPO / "configs" / "example.yaml"), *overrides],
+                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    yield proc, folder
+    if proc.poll() is None:  # the test did not run
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(killed_run, tiny_sd15, example_data, tmp_path_factory):
     """The reference: 8 steps straight through, with tensorboard, samples and the sweep grid."""
     out = tmp_path_factory.mktemp("straight") / "out"
     result = train(run_config(tiny_sd15, example_data, out, *RUN, "log.tensorboard=true"), show_progress=False)
@@ -99,33 +152,13 @@ def test_resume_with_another_optimizer_is_a_one_line_error(uninterrupted, tiny_s
         train(cfg, show_progress=False)
 
 
-def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(uninterrupted, tiny_sd15, example_data, tmp_path):
+def test_sigkill_while_saving_resumes_from_the_previous_checkpoint(killed_run, uninterrupted, tiny_sd15,
+                                                                   example_data):
     _, reference = uninterrupted
-    out = tmp_path / "out"
-    script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent("""
-        import os, signal, sys
-        import torch
-        import lora_trainer.training.checkpoints as checkpoints
-        from lora_trainer.config import load_config
-        from lora_trainer.training.loop import train
-
-        torch.set_num_threads(1)
-        publish, calls = checkpoints._publish, []
-
-        def killed_on_second(tmp, final, state):
-            calls.append(state.step)
-            if len(calls) == 2:  # the folder is written, not yet published
-                os.kill(os.getpid(), signal.SIGKILL)
-            publish(tmp, final, state)
-
-        checkpoints._publish = killed_on_second
-        train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
-    """))
-    overrides = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *RUN, "sample.prompts=[]"]
-    proc = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "example.yaml"), *overrides],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc, folder = killed_run
+    proc.wait(timeout=300)
+    out = folder / "out"
+    assert proc.returncode == -9, (folder / "stderr.txt").read_text()[-2000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-000004.tmp", "step-000002"]
     resumed = train(run_config(tiny_sd15, example_data, out, *RUN, "sample.prompts=[]", "train.resume=latest"),
                     show_progress=False)
@@ -247,26 +280,16 @@ def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, m
     assert list(runs[0].glob("run-*.wandb"))
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_sd15, example_data, tmp_path):
-    script = write_rank_script(tmp_path)
-    # LoRA dropout and kohya's neuron/rank/module dropouts on: their masks, too, belong to the sample
-    # and not to the process.
-    common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=6", "sample.prompts=[]",
-              "output.save_every_n_steps=4", "output.dtype=fp32", "lora.dropout=0.25", "lora.neuron_dropout=0.1",
-              "lora.rank_dropout=0.25", "lora.module_dropout=0.25"]
-    two = tmp_path / "two"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
-         str(script), str(REPO / "configs" / "example.yaml"), *common, f"output.dir={two}", "train.batch_size=1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_runs, tiny_sd15, example_data,
+                                                                    tmp_path):
+    options, _ = TWO_PROCESS_RUNS["global_batch"]  # 6 steps, a checkpoint at 4, LoRA and kohya dropouts on
+    two = two_process_runs["global_batch"]  # 2 processes × batch 1
     rank0, rank1 = (torch.load(two / f"rank{r}.pt") for r in (0, 1))
     _assert_same(rank0, rank1)
     # only the main process writes: one log line per step, one checkpoint
     assert len((two / "train_log.jsonl").read_text().splitlines()) == 6
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-000004"]
-    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *common[2:], "train.batch_size=2"),
+    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *options, "train.batch_size=2"),
                 show_progress=False)
     for name, value in _adapter(one).items():
         torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
@@ -288,7 +311,6 @@ def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, 
     _assert_same(_adapter(resumed), _adapter(straight))
 
 
-def test_only_the_main_process_logs_info():
-    code = "import logging; from lora_trainer.cli import _setup_logging; _setup_logging(False); print(logging.getLogger().level)"
-    out = subprocess.run([sys.executable, "-c", code], env=_env(RANK="1"), capture_output=True, text=True, cwd=REPO)
-    assert out.stdout.strip() == str(logging.WARNING)  # rank 0 keeps INFO: every other test's runs show it
+def test_only_the_main_process_logs_info(rank1_logging):
+    out, err = rank1_logging.communicate(timeout=300)
+    assert out.strip() == str(logging.WARNING), err[-2000:]  # rank 0 keeps INFO: every other test's runs show it

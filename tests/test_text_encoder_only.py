@@ -199,27 +199,15 @@ def test_model_card_names_the_text_encoder_only(tiny_sd15, example_data, tmp_pat
     assert _adapted_modules(run_config(tiny_sd15, example_data, tmp_path)).startswith("UNet to_q")
 
 
-def test_two_processes_train_the_one_process_adapter(tiny_sd15, example_data, tmp_path):
+def test_two_processes_train_the_one_process_adapter(two_process_runs, tiny_sd15, example_data, tmp_path):
     """DDP wraps only the text encoder (the frozen UNet is left unprepared), and the random noise
     strengths come from each item's generator: 2 processes × batch 1 = 1 process × batch 2."""
-    import os
-    import subprocess
-    import sys
+    from rank_helpers import TWO_PROCESS_RUNS
 
-    from conftest import REPO
-
-    options = [*TE_ONLY, "sample.prompts=[]", "train.max_steps=3", "train.noise_offset=0.1",
-               "train.noise_offset_random_strength=true", "train.input_perturbation=0.1",
-               "train.input_perturbation_random_strength=true", "train.adaptive_noise_scale=0.2"]
+    options, script = TWO_PROCESS_RUNS["text_encoder_only"]  # run through train.py
+    assert script == "train.py" and set(TE_ONLY) <= set(options) and "train.adaptive_noise_scale=0.2" in options
     one = _train(run_config(tiny_sd15, example_data, tmp_path / "one", *options, "train.batch_size=2"))
-    out = tmp_path / "two"
-    args = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", *options,
-            "train.batch_size=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29657", str(REPO / "train.py"), str(REPO / "configs" / "example.yaml"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = two_process_runs["text_encoder_only"]
     with safetensors.safe_open(str(out / "example-lora.safetensors"), "pt") as a, \
             safetensors.safe_open(str(one.adapter_paths[0]), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())

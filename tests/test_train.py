@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import safetensors
 import torch
 from conftest import REPO, run_config
@@ -32,27 +33,29 @@ def _unet_inputs():
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g)
 
 
-def test_cli_trains_example_config_and_loss_falls(tiny_sd15, example_data, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "train.py", "configs/example.yaml", f"model.base={tiny_sd15}", f"data.path={example_data}",
-         f"output.dir={out}", "train.max_steps=30", "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    adapter = out / "example-lora.safetensors"
-    assert adapter.is_file()
-    assert f"adapter: {adapter}" in proc.stdout
-    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(losses) == 30
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
-    assert (out / "config.yaml").is_file()
-    assert sorted(p.name for p in (out / "samples" / "step_00030").iterdir()) == ["00.png"]
-    # The resolved config is complete: loading it again gives the same run.
-    from lora_trainer.config import load_config
+@pytest.fixture(scope="module", autouse=True)
+def cli_run(tiny_sd15, example_data, tmp_path_factory):
+    """`python train.py` on the example config, started before this module's in-process runs: the
+    process spends most of its time importing, on a core those runs leave idle. The last test reads it."""
+    folder = tmp_path_factory.mktemp("cli")
+    out = folder / "run"
+    # files, not pipes: nobody reads a pipe until the last test, and a full one would stall the run
+    with open(folder / "stdout.txt", "w") as stdout, open(folder / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", "configs/example.yaml", f"model.base={tiny_sd15}",
+             f"data.path={example_data}", f"output.dir={out}", "train.max_steps=4", "--quiet"],
+            cwd=REPO, stdout=stdout, stderr=stderr, text=True,
+        )
+    yield proc, folder
+    if proc.poll() is None:  # its test did not run
+        proc.kill()
+        proc.wait()
 
-    resolved = load_config(out / "config.yaml")
-    assert resolved.train.max_steps == 30 and resolved.model.base == str(tiny_sd15)
+
+def test_example_config_loss_falls(trained):
+    losses = trained.losses
+    assert len(losses) == 40
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
 
 
 def test_trainable_parameter_count_is_sum_of_r_times_din_plus_dout(trained, tiny_sd15):
@@ -175,3 +178,23 @@ def test_resolution_null_trains_at_the_bases_native_size(tiny_sd15, example_data
     result = train(cfg, show_progress=False)
     assert load_config(tmp_path / "native" / "config.yaml").data.resolution == 512
     assert result.steps == 1
+
+
+def test_cli_trains_example_config(cli_run, tiny_sd15):
+    # A few steps: the loss falling over the example config's run is test_example_config_loss_falls.
+    proc, folder = cli_run
+    proc.wait(timeout=600)
+    out, stdout = folder / "run", (folder / "stdout.txt").read_text()
+    assert proc.returncode == 0, (folder / "stderr.txt").read_text()[-3000:]
+    adapter = out / "example-lora.safetensors"
+    assert adapter.is_file()
+    assert f"adapter: {adapter}" in stdout
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "samples" / "step_00004").iterdir()) == ["00.png"]
+    # The resolved config is complete: loading it again gives the same run.
+    from lora_trainer.config import load_config
+
+    resolved = load_config(out / "config.yaml")
+    assert resolved.train.max_steps == 4 and resolved.model.base == str(tiny_sd15)

@@ -6,18 +6,14 @@ when it is off."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import safetensors
 import torch
-from conftest import REPO, run_config
+from conftest import run_config
 from PIL import Image
 
 from lora_trainer.data import Example, scan_dataset
@@ -277,29 +273,14 @@ def test_ctrl_c_in_a_validation_pass_keeps_the_steps_log_line(split_run, tiny_sd
     assert rows[2]["loss"] == full[2]["loss"] and rows[2]["lr"] == full[2]["lr"]
 
 
-def test_two_processes_report_the_one_process_val_loss(tiny_sd15, example_data, tmp_path):
-    script = tmp_path / "per_rank.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        import torch
-        from lora_trainer.config import load_config
-        from lora_trainer.training.loop import train
+def test_two_processes_report_the_one_process_val_loss(two_process_runs, tiny_sd15, example_data, tmp_path):
+    from rank_helpers import TWO_PROCESS_RUNS
 
-        torch.set_num_threads(1)
-        train(load_config(sys.argv[1], sys.argv[2:]), show_progress=False)
-    """))
     # 3 held-out images over 2 processes: one process pads its last round.
-    common = [f"model.base={tiny_sd15}", f"data.path={example_data}", "train.max_steps=2", "sample.prompts=[]",
-              "data.validation_split=0.375", "train.validate_every_n_steps=1", "train.validation_timesteps=2"]
-    two = tmp_path / "two"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
-         str(script), str(REPO / "configs" / "example.yaml"), *common, f"output.dir={two}", "train.batch_size=1"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *common[2:], "train.batch_size=2"),
+    options, _ = TWO_PROCESS_RUNS["validation"]
+    assert "data.validation_split=0.375" in options and "train.validate_every_n_steps=1" in options
+    two = two_process_runs["validation"]  # 2 processes × batch 1
+    one = train(run_config(tiny_sd15, example_data, tmp_path / "one", *options, "train.batch_size=2"),
                 show_progress=False)
     logged = {r["step"]: r["val_loss"] for r in _rows(two) if "val_loss" in r}
     assert sorted(logged) == [0, 1, 2]

@@ -22,10 +22,7 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     """Draw loss per step (raw and a moving average) and the validation loss where it was computed;
     None when matplotlib or the log is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no backend or figure manager to set up
     except ImportError:
         return None
     log_path = Path(log_path)
@@ -38,7 +35,11 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     steps = [r["step"] for r in trained]
     losses = [r["loss"] for r in trained]
     validated = [r for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    # fixed margins: tight_layout draws the whole figure once more to measure the labels, which
+    # took as long as drawing it
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.96)
+    ax = fig.add_subplot()
     ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
     ax.plot(steps, _smooth(losses, max(1, len(losses) // 20)), color="#c33", linewidth=1.6, label="moving average")
     if validated:
@@ -47,9 +48,7 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper right")  # "best" searches every position against every point
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return Path(png_path)
