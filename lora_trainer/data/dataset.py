@@ -51,7 +51,8 @@ class Example:
 
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
-                 caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> list[Example]:
+                 caption_extension: str = DEFAULT_CAPTION_EXTENSION,
+                 report_missing: bool = True) -> list[Example]:
     """Find every image under `root` (recursively, sorted) with its caption (metadata.jsonl, else
     the `<stem><caption_extension>` file beside it).
 
@@ -61,6 +62,7 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     repeated N times and `0_<name>` folders are left out; with `folder_captions` too, such an
     image with no caption at all is captioned `<name>`. When no image has a caption file of
     `caption_extension` but some have .caption/.txt/.tags files, one warning says which key to set.
+    `report_missing`: log how many train uncaptioned (not when an instance prompt captions all).
     """
     root = Path(root)
     if not root.is_dir():
@@ -110,7 +112,7 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     for (folder, name), n in from_folder.items():
         logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
     missing = sum(1 for ex in examples if not ex.caption)
-    if missing:
+    if missing and report_missing:
         logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file); "
                     "they train with an empty caption", missing, len(examples), caption_extension)
     if any(ex.folder is not None for ex in examples):
