@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ class TrainingStopped(LoraTrainerError):
 
 
 class RunInterrupted(LoraTrainerError):
-    """Stopped by the user (Ctrl-C) after saving a checkpoint; the message says how to continue."""
+    """Stopped by the user (Ctrl-C or SIGTERM) after saving a checkpoint; the message says how to continue."""
 
     def __init__(self, step: int, checkpoint: Path | None):
         self.step, self.checkpoint = step, checkpoint
@@ -26,6 +28,37 @@ class RunInterrupted(LoraTrainerError):
         else:
             super().__init__(f"interrupted at step {step}; saved {checkpoint}; continue with train.resume=latest "
                              "(same config and output.dir)")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a job scheduler's time limit, `docker stop`) stop a run
+    the same way: KeyboardInterrupt, which the loop turns into a checkpoint of the last finished
+    step. The signal is also remembered, because Python drops an exception raised while a
+    finalizer runs (torch frees tensors through weakref callbacks, so a Ctrl-C often lands in
+    one): `check()`, called at every batch, raises it again, so no stop request is lost."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:  # a handler set elsewhere, or an ignored signal, stays
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
 
 
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")

@@ -34,8 +34,8 @@ from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
-from .guards import (RunInterrupted, check_environment, check_finite, check_free_space, check_output_dir,
-                     check_schedule_options, clear_previous_run)
+from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space,
+                     check_output_dir, check_schedule_options, clear_previous_run)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -105,7 +105,9 @@ def train(cfg: RunConfig, show_progress: bool = True,
     examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
     accelerator = make_accelerator(cfg, out_dir)
     try:
-        return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
+        with StopSignals() as stop:
+            return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
+                          initial, stop)
     finally:
         accelerator.end_training()
         release_accelerate_state()
@@ -123,7 +125,7 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
 
 
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
-           initial) -> TrainResult:
+           initial, stop: StopSignals) -> TrainResult:
     from accelerate.utils import set_seed
     started_at = time.time()
     t = cfg.train
@@ -311,6 +313,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         while step < max_steps:
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
+                stop.check()  # a Ctrl-C that Python dropped in a finalizer during the last step
                 seen += 1
                 with accelerator.accumulate(*trained.modules):
                     loss = batch_loss(batch, instance_paths, epoch, "instance")
