@@ -14,9 +14,18 @@ from lora_trainer.training.plots import plot_loss
 
 def test_another_runs_folder_is_not_overwritten(tmp_path):
     check_output_dir(tmp_path / "new", overwrite=False, resuming=False)
+    for i, made in enumerate(("train_log.jsonl", "samples/step_00002/00.png",
+                              "checkpoints/step-000002/trainer_state.json", "mine.safetensors")):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "config.yaml").write_text("x: 1")
+        check_output_dir(run, overwrite=False, resuming=False)  # stopped before its first step: nothing to lose
+        (run / made).parent.mkdir(parents=True, exist_ok=True)
+        (run / made).write_text("")
+        with pytest.raises(ConfigError, match="output.overwrite=true"):
+            check_output_dir(run, overwrite=False, resuming=False)
     (tmp_path / "config.yaml").write_text("x: 1")
-    with pytest.raises(ConfigError, match="output.overwrite=true"):
-        check_output_dir(tmp_path, overwrite=False, resuming=False)
+    (tmp_path / "train_log.jsonl").write_text("")
     check_output_dir(tmp_path, overwrite=True, resuming=False)
     check_output_dir(tmp_path, overwrite=False, resuming=True)
 

@@ -103,11 +103,20 @@ def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
         raise ConfigError(f"output.dir: {out_dir} is a file; give a folder for the run's outputs")
     if resuming or overwrite:
         return
-    if (Path(out_dir) / "config.yaml").is_file():
+    if (Path(out_dir) / "config.yaml").is_file() and _trained_anything(Path(out_dir)):
         raise ConfigError(
             f"output.dir: {out_dir} already holds a run (config.yaml); choose another output.dir, "
             "continue it with train.resume=latest, or replace it with output.overwrite=true"
         )
+
+
+def _trained_anything(out_dir: Path) -> bool:
+    """Whether the run in `out_dir` left a checkpoint, a log line, samples or an adapter. One stopped
+    before its first step (Ctrl-C while class images were drawn) leaves only its config and
+    captions.jsonl, which the next run rewrites: its own message says to run the same command again."""
+    checkpoints = out_dir / "checkpoints"
+    return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (out_dir / "train_log.jsonl").exists()
+            or (out_dir / "samples").exists() or any(out_dir.glob("*.safetensors")))
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
