@@ -51,6 +51,16 @@ def test_free_space_check(tmp_path):
         check_free_space(tmp_path, 2**62, "a checkpoint")
 
 
+def test_free_space_message_gives_small_sizes_in_kib(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 200 * 2**10))
+    with pytest.raises(TrainingStopped, match=r"only 200 KiB free, the adapter needs about 150 KiB; free some"):
+        check_free_space(tmp_path, 150 * 2**10, "the adapter")
+    with pytest.raises(TrainingStopped, match=r"the adapter needs about 2.5 MiB"):
+        check_free_space(tmp_path, int(2.5 * 2**20), "the adapter")
+
+
 def test_loss_curve_png(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps({"step": i + 1, "loss": 1.0 / (i + 1)}) + "\n" for i in range(30)))

@@ -136,9 +136,16 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < 2 * needed_bytes:
         raise TrainingStopped(
-            f"{folder}: only {free / 2**20:.0f} MiB free, {what} needs about {needed_bytes / 2**20:.0f} MiB; "
+            f"{folder}: only {_size(free)} free, {what} needs about {_size(needed_bytes)}; "
             "free some space or set output.dir elsewhere"
         )
+
+
+def _size(n: int) -> str:
+    """Bytes for a message: small adapters and nearly full disks are not "0 MiB"."""
+    if n >= 10 * 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def check_environment(cfg: RunConfig) -> None:
