@@ -127,3 +127,22 @@ def test_a_choice_in_kohyas_spelling_gets_a_hint():
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.optimizer=Lion"])
     with pytest.raises(ConfigError, match=r"kohya's 'cosine_with_min_lr' is cosine, with train.min_lr_ratio set"):
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.scheduler=cosine_with_min_lr"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.resolutoin=64", "data.resolutoin: unknown key; did you mean data.resolution?"),
+    ("train.rank=8", "train.rank: unknown key; did you mean lora.rank?"),
+    ("train.learning_rate=1e-4",
+     "train.learning_rate: unknown key; did you mean train.lr (kohya/diffusers: learning_rate)?"),
+    ("lora.network_dim=8", "lora.network_dim: unknown key; did you mean lora.rank (kohya/diffusers: network_dim)?"),
+    ("trian.lr=1e-4", "trian: unknown key; did you mean train?"),
+])
+def test_a_mistyped_misplaced_or_kohya_key_gets_the_key_it_means(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*BASE, "train.max_steps=1", override])
+    assert str(err.value) == message
+
+
+def test_an_unknown_key_like_no_other_lists_the_sections_keys():
+    with pytest.raises(ConfigError, match=r"^lora.zzz: unknown key; allowed keys here: alpha, .*use_dora$"):
+        load_config(None, [*BASE, "train.max_steps=1", "lora.zzz=1"])
