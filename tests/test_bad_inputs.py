@@ -86,3 +86,22 @@ def test_a_missing_base_stops_before_the_data_is_scanned(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: model.base: '/nonexistent' does not exist") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_paths_not_found_say_which_folder_they_were_read_from(tiny_sd15, tmp_path, capsys, monkeypatch):
+    """configs/example.yaml run from outside the repository: its relative data.path and model.base
+    are read from the folder the command runs in, and the errors say so."""
+    import huggingface_hub.constants
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # 'tiny-models/sd15' is a hub id too
+    config = str(REPO / "configs" / "example.yaml")
+    note = f"(looked for in {elsewhere}: relative paths are read from the folder the command runs in)"
+    for overrides, start in (([], "error: model.base: 'tiny-models/sd15' is not in the local Hugging Face cache"),
+                             ([f"model.base={tiny_sd15}"], "error: datasets/example: dataset folder not found")):
+        rc = main(["train", config, *overrides, f"output.dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(start) and note in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ from lora_trainer.data.images import (
     unread_files_note,
 )
 from lora_trainer.data.masks import read_mask
-from lora_trainer.errors import DataError
+from lora_trainer.errors import DataError, looked_in
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     """
     root = Path(root)
     if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "dataset folder not found"
+        what = "is a file, not a folder" if root.exists() else f"dataset folder not found{looked_in(root)}"
         raise DataError(f"{root}: {what}; set data.path to a folder of images")
     image_paths, metadata_files, parked, unread = _walk(root, skip_parked=folder_repeats)
     if parked:
