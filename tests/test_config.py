@@ -146,3 +146,20 @@ def test_a_mistyped_misplaced_or_kohya_key_gets_the_key_it_means(override, messa
 def test_an_unknown_key_like_no_other_lists_the_sections_keys():
     with pytest.raises(ConfigError, match=r"^lora.zzz: unknown key; allowed keys here: alpha, .*use_dora$"):
         load_config(None, [*BASE, "train.max_steps=1", "lora.zzz=1"])
+
+
+def test_outputs_and_class_images_inside_the_dataset_are_refused(tmp_path):
+    """A run folder or class images under data.path would be scanned as training images next time
+    (the samples, loss.png, the class images captioned with the instance prompt)."""
+    data = tmp_path / "data"
+    db = ["dreambooth.instance_prompt=sks", "dreambooth.class_prompt=a dog", "dreambooth.num_class_images=2"]
+    what = {"output.dir": "the run's samples and loss curve", "dreambooth.class_data": "the class images"}
+    for key, inside in (("output.dir", data), ("output.dir", data / "out"), ("dreambooth.class_data", data / "class")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["model.base=some/model", f"data.path={data}", "train.max_steps=1",
+                               f"output.dir={tmp_path / 'out'}", f"dreambooth.class_data={tmp_path / 'class'}",
+                               *db, f"{key}={inside}"])
+        assert str(err.value) == (f"{key}: got {str(inside)!r}, inside data.path {str(data)!r}, so {what[key]} "
+                                  "would train as images; use a folder outside data.path")
+    load_config(None, ["model.base=some/model", f"data.path={data}", "train.max_steps=1",
+                       f"output.dir={tmp_path / 'data-out'}", f"dreambooth.class_data={tmp_path / 'class'}", *db])

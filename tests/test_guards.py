@@ -76,8 +76,9 @@ def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_pat
     from lora_trainer.training.loop import train
 
     monkeypatch.setenv(variable, "true")
-    cfg = config_from_dict({"model": {"base": str(tmp_path / "no-such-model")}, "data": {"path": str(tmp_path)},
-                               "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
+    cfg = config_from_dict({"model": {"base": str(tmp_path / "no-such-model")},
+                            "data": {"path": str(tmp_path / "data")},
+                            "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
     with pytest.raises(ConfigError, match=f"^accelerate launch: {name} is not supported.*multi-gpu.yaml"):
         train(cfg)
     assert not (tmp_path / "out").exists()
