@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -117,6 +118,31 @@ def _trained_anything(out_dir: Path) -> bool:
     checkpoints = out_dir / "checkpoints"
     return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (out_dir / "train_log.jsonl").exists()
             or (out_dir / "samples").exists() or any(out_dir.glob("*.safetensors")))
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail before any model loads when `folder` cannot be written to: a read-only or foreign folder
+    would otherwise stop the run at its first save or cache write. A missing folder is not made
+    here: its nearest existing parent is tried, where it will be made."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); "
+                          f"set {key} to a folder you can write to") from None
+
+
+def check_writable_folders(cfg: RunConfig) -> None:
+    """output.dir, and the latent disk cache (by default inside the dataset, which may be read-only)."""
+    from .caches import latent_cache_dir
+
+    check_writable(Path(cfg.output.dir), "output.dir")
+    if cfg.train.cache_latents_to_disk:
+        check_writable(latent_cache_dir(cfg), "train.cache_dir")
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:

@@ -27,15 +27,15 @@ from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weig
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
-from .caches import EmbeddingCache, LatentCache, module_fingerprint
+from .caches import EmbeddingCache, LatentCache, latent_cache_dir, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
 from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
-from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space,
-                     check_output_dir, check_schedule_options, clear_previous_run)
+from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
+                     check_schedule_options, check_writable_folders, clear_previous_run)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -97,6 +97,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
                                     cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet)
                if cfg.lora.init_from else None)
+    check_writable_folders(cfg)  # made here if missing: not before a bad model.base, after it the data is read
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
@@ -203,7 +204,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     # ---- caches of the frozen work ----
     cache_dir = None
     if t.cache_latents and t.cache_latents_to_disk:
-        cache_dir = Path(t.cache_dir or Path(cfg.data.path) / ".cache" / "lora-trainer") / "latents"
+        cache_dir = latent_cache_dir(cfg)
     latent_cache = LatentCache(enabled=t.cache_latents, directory=cache_dir, device=device,
                                fingerprint=module_fingerprint(base.vae) if cache_dir else "")
     no_cache = _embedding_cache_reason(cfg)
