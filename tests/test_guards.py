@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from lora_trainer.errors import ConfigError
@@ -86,3 +87,22 @@ def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_pat
     with pytest.raises(Exception) as other:  # without it, the run gets as far as the missing base
         train(cfg)
     assert "no-such-model" in str(other.value)
+
+
+def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, caplog):
+    from lora_trainer.config import dump_config, load_config
+    from lora_trainer.training.guards import resume_changes, warn_resume_changes
+
+    example = REPO / "configs" / "example.yaml"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(example)))
+    # a longer run, another log cadence or other outputs continue the same run
+    same = load_config(example, ["train.max_steps=80", "train.resume=latest", "sample.every_n_steps=5",
+                                 "output.save_every_n_steps=10"])
+    assert resume_changes(saved, same) == []
+    changed = load_config(example, ["train.batch_size=1", "data.resolution=32", "train.resume=latest"])
+    assert resume_changes(saved, changed) == ["data.resolution (64 -> 32)", "train.batch_size (2 -> 1)"]
+    warn_resume_changes(saved, changed, tmp_path / "checkpoints" / "step-000004")
+    assert len(caplog.records) == 1 and caplog.records[0].levelname == "WARNING"
+    assert "changed in data.resolution (64 -> 32), train.batch_size (2 -> 1)" in caplog.text
+    assert resume_changes(tmp_path / "missing.yaml", changed) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import signal
@@ -143,6 +144,41 @@ def check_writable_folders(cfg: RunConfig) -> None:
     check_writable(Path(cfg.output.dir), "output.dir")
     if cfg.train.cache_latents_to_disk:
         check_writable(latent_cache_dir(cfg), "train.cache_dir")
+
+
+# What a resumed run may change and still continue the same run: its length, logging and outputs.
+_RESUME_MAY_CHANGE = {"train.max_steps", "train.epochs", "train.resume", "train.log_every_n_steps",
+                      "train.validate_every_n_steps", "data.num_workers"}
+
+
+def warn_resume_changes(saved_config: Path, cfg: RunConfig, checkpoint: Path) -> None:
+    """One warning naming the training keys (model, data, dreambooth, lora, train) whose value
+    differs from the run folder's config.yaml, the config of the run being resumed."""
+    changed = resume_changes(saved_config, cfg)
+    if changed:
+        logging.getLogger(__name__).warning(
+            "train.resume: %s continues with a config changed in %s; the result is no longer the run that saved "
+            "it (resume with its config.yaml to continue it exactly)", checkpoint, ", ".join(changed))
+
+
+def resume_changes(saved_config: Path, cfg: RunConfig) -> list[str]:
+    """The changed training keys as "key (old -> new)"; none when config.yaml cannot be read."""
+    import yaml
+
+    try:
+        old = yaml.safe_load(Path(saved_config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    before, now = flat(old), flat(cfg.to_dict())
+    return [f"{key} ({before[key]!r} -> {value!r})" for key, value in now.items()
+            if key.split(".")[0] in ("model", "data", "dreambooth", "lora", "train") and key in before
+            and key not in _RESUME_MAY_CHANGE and before[key] != value]
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:

@@ -35,7 +35,8 @@ from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
-                     check_schedule_options, check_writable_folders, clear_previous_run)
+                     check_schedule_options, check_writable_folders, clear_previous_run,
+                     warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -135,6 +136,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     if accelerator.is_main_process:
         if checkpoint is None:
             clear_previous_run(out_dir)  # check_output_dir allowed it: overwrite, or nothing to resume yet
+        else:
+            warn_resume_changes(out_dir / "config.yaml", cfg, checkpoint)  # read before it is replaced below
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
     init_trackers(cfg, accelerator, out_dir)
