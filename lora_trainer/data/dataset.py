@@ -113,7 +113,7 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
         logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
     missing = sum(1 for ex in examples if not ex.caption)
     if missing and report_missing:
-        logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file); "
+        logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file, or a blank one); "
                     "they train with an empty caption", missing, len(examples), caption_extension)
     if any(ex.folder is not None for ex in examples):
         logger.info("folders (images × repeats): %s", format_folders(describe_folders(examples, root)))
