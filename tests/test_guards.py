@@ -106,3 +106,16 @@ def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, caplog)
     assert len(caplog.records) == 1 and caplog.records[0].levelname == "WARNING"
     assert "changed in data.resolution (64 -> 32), train.batch_size (2 -> 1)" in caplog.text
     assert resume_changes(tmp_path / "missing.yaml", changed) == []
+
+
+def test_files_of_the_runs_names_in_a_folder_without_a_run_are_not_replaced(tmp_path):
+    """output.dir pointed at a folder of one's adapters: one of output.name's name is not overwritten."""
+    for taken in ("mine.safetensors", "mine.diffusers.safetensors", "loss.png", "samples"):
+        folder = tmp_path / taken.replace(".", "-")
+        folder.mkdir()
+        (folder / taken).write_text("someone's file")
+        with pytest.raises(ConfigError, match=rf"^output.dir: {folder} already holds {taken}, which this run "
+                                              r"would replace; .*output.name.*output.overwrite=true$"):
+            check_output_dir(folder, overwrite=False, resuming=False, name="mine")
+        check_output_dir(folder, overwrite=True, resuming=False, name="mine")
+    check_output_dir(tmp_path / "mine-safetensors", overwrite=False, resuming=False, name="other")  # other names

@@ -99,8 +99,9 @@ def _run_name(config: Path) -> str:
     return name if isinstance(name, str) and name else OutputConfig.name
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into the folder of another run unless asked to."""
+def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool, name: str = "") -> None:
+    """Refuse to write into the folder of another run, or over files of the same names as the run's
+    outputs (`name`: output.name) in a folder that holds no run, unless asked to."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"output.dir: {out_dir} is a file; give a folder for the run's outputs")
     if resuming or overwrite:
@@ -110,6 +111,13 @@ def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"output.dir: {out_dir} already holds a run (config.yaml); choose another output.dir, "
             "continue it with train.resume=latest, or replace it with output.overwrite=true"
         )
+    if not (Path(out_dir) / "config.yaml").is_file():  # not a run folder: the user's own files may be there
+        ours = [*RUN_ARTEFACTS, "captions.jsonl"] + ([f"{name}.safetensors", f"{name}.diffusers.safetensors"]
+                                                     if name else [])
+        taken = [n for n in ours if (Path(out_dir) / n).exists()]
+        if taken:
+            raise ConfigError(f"output.dir: {out_dir} already holds {', '.join(taken)}, which this run would replace; "
+                              "choose another output.dir or output.name, or replace them with output.overwrite=true")
 
 
 def _trained_anything(out_dir: Path) -> bool:

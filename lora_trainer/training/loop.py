@@ -88,7 +88,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     check_environment(cfg)
     out_dir = Path(cfg.output.dir)
     # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
-    check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None)
+    check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None, name=cfg.output.name)
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
