@@ -158,6 +158,24 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: 
     return cls(**kwargs)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: YAML keeps the last one
+    silently, so a second `lora:` section further down would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {seen[key]} and {line}); keep one and merge "
+                    "what is under them", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ["train.max_steps=50", "lora.rank=8"] into a nested dict; values are read as YAML."""
     nested: dict[str, Any] = {}

@@ -163,3 +163,15 @@ def test_outputs_and_class_images_inside_the_dataset_are_refused(tmp_path):
                                   "would train as images; use a folder outside data.path")
     load_config(None, ["model.base=some/model", f"data.path={data}", "train.max_steps=1",
                        f"output.dir={tmp_path / 'data-out'}", f"dreambooth.class_data={tmp_path / 'class'}", *db])
+
+
+def test_a_section_or_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second lora: section would silently drop rank 8."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: x\nlora:\n  rank: 8\ntrain:\n  max_steps: 3\nlora:\n  alpha: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path} line 7: not valid YAML ('lora' is given twice (lines 3 and 7); "
+                              "keep one and merge what is under them)")
+    path.write_text("model:\n  base: x\ndata:\n  path: d\ntrain:\n  max_steps: 3\nlora:\n  rank: 8\n  alpha: 4\n")
+    assert load_config(path).lora.rank == 8
