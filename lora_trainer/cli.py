@@ -4,6 +4,7 @@ the adapter and publishing tools). The only place that reads argv or exits."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -241,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or a read-only folder met while writing: one line, not a traceback
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        print(f"error: {exc.filename or 'writing'}: {exc.strerror}; {_WRITE_ERRORS[exc.errno]}", file=sys.stderr)
+        return 2
+
+
+_FULL = "free some space or write to another disk (output.dir, train.cache_dir)"
+_DENIED = "write to a folder you may write to (output.dir, train.cache_dir, dreambooth.class_data)"
+_WRITE_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: _DENIED, errno.EACCES: _DENIED,
+                 errno.EPERM: _DENIED}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .config_checks import (  # noqa: F401 (re-exported)
     MAX_TIMESTEPS, bucket_limit_errors, check_caption_config, check_run, config_warnings, normalize_caption_extension,
 )
 from .config_data import CaptionConfig, DataConfig  # noqa: F401 (re-exported)
-from .config_parse import build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
+from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, war
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -55,6 +55,15 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
         if masks == images or images in masks.parents:
             errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}, inside data.path {cfg.data.path!r}, so the masks "
                           "would train as images; use a folder outside data.path")
+    # The scan reads every image under data.path, so the run's own images there would train next time.
+    for key, folder, what in (("output.dir", cfg.output.dir, "the run's samples and loss curve"),
+                              ("dreambooth.class_data", cfg.dreambooth.class_data if cfg.prior_preservation else None,
+                               "the class images")):
+        if folder and cfg.data.path:
+            inner, images = Path(folder).resolve(), Path(cfg.data.path).resolve()
+            if inner == images or images in inner.parents:
+                errors.append(f"{key}: got {folder!r}, inside data.path {cfg.data.path!r}, so {what} would train "
+                              "as images; use a folder outside data.path")
     need(cfg.data.caption_dropout_every_n_epochs >= 0, "data.caption_dropout_every_n_epochs",
          cfg.data.caption_dropout_every_n_epochs, "an integer >= 0 (0: off; 2: every second epoch trains uncaptioned)")
     sep = cfg.data.keep_tokens_separator

@@ -4,6 +4,7 @@ types, and one message per bad key or value (name, value, what is allowed)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -96,7 +97,41 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise ValueError
 
 
-def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+# Names users bring from kohya-ss and the diffusers scripts, for "did you mean" on an unknown key.
+_FOREIGN_NAMES = {
+    "pretrained_model_name_or_path": "model.base", "train_data_dir": "data.path", "instance_data_dir": "data.path",
+    "enable_bucket": "data.buckets", "flip_aug": "data.random_flip", "network_dim": "lora.rank",
+    "network_alpha": "lora.alpha", "network_dropout": "lora.dropout", "learning_rate": "train.lr",
+    "unet_lr": "train.lr", "max_train_steps": "train.max_steps", "max_train_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs", "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler": "train.scheduler",
+    "lr_warmup_steps": "train.warmup", "min_snr_gamma": "train.snr_gamma", "optimizer_type": "train.optimizer",
+    "resume_from_checkpoint": "train.resume", "output_dir": "output.dir", "output_name": "output.name",
+    "save_precision": "output.dtype",
+}
+
+
+def _meant(key: str, section: str, names: set[str], root: type | None) -> str | None:
+    """The key a mistyped, misplaced or foreign (kohya/diffusers) `key` most likely means, or None."""
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+    if close:
+        return section + close[0]
+    foreign = difflib.get_close_matches(key, sorted(_FOREIGN_NAMES), n=1, cutoff=0.85)
+    if foreign:
+        return f"{_FOREIGN_NAMES[foreign[0]]} (kohya/diffusers: {foreign[0]})"
+    if root is None or not section:
+        return None
+    hints = typing.get_type_hints(root)
+    others = {f"{f.name}.{g.name}": g.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])
+              and f"{f.name}." != section for g in dataclasses.fields(hints[f.name])}
+    elsewhere = difflib.get_close_matches(key, sorted(set(others.values())), n=1, cutoff=0.85)
+    return next((dotted for dotted, name in sorted(others.items()) if elsewhere and name == elsewhere[0]), None)
+
+
+def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: type | None = None) -> Any:
+    """`cls` from `data`, one line in `errors` per bad key or value; `root` is the whole config's
+    class, where an unknown key is looked for in the other sections."""
+    root = root or cls
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -108,18 +143,37 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str]) -> Any
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            allowed = ", ".join(sorted(names))
-            errors.append(f"{dotted}: unknown key; allowed keys here: {allowed}")
+            meant = _meant(str(key), prefix, names, root)
+            allowed = f"did you mean {meant}?" if meant else "allowed keys here: " + ", ".join(sorted(names))
+            errors.append(f"{dotted}: unknown key; {allowed}")
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, value, dotted + ".", errors)
+            kwargs[key] = build_dataclass(tp, value, dotted + ".", errors, root)
             continue
         try:
             kwargs[key] = _coerce(value, tp)
         except ValueError:
             errors.append(f"{dotted}: got {value!r}; expected {_describe(tp)}{_hint(dotted, value, tp)}")
     return cls(**kwargs)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: YAML keeps the last one
+    silently, so a second `lora:` section further down would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {seen[key]} and {line}); keep one and merge "
+                    "what is under them", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

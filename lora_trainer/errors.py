@@ -21,6 +21,16 @@ class PublishError(LoraTrainerError):
     """A run folder cannot be published or packaged as asked (missing files, bad repo id, upload refused)."""
 
 
+def looked_in(path) -> str:
+    """For a "not found" message: where a relative path was looked for. Paths in a config are read
+    from the folder the command runs in (as kohya's and diffusers' are), not the config file's."""
+    from pathlib import Path
+
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (looked for in {Path.cwd()}: relative paths are read from the folder the command runs in)"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library exception's message (or its type), for one-line user errors."""
     text = str(exc).strip()

@@ -86,3 +86,49 @@ def test_a_missing_base_stops_before_the_data_is_scanned(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: model.base: '/nonexistent' does not exist") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_paths_not_found_say_which_folder_they_were_read_from(tiny_sd15, tmp_path, capsys, monkeypatch):
+    """configs/example.yaml run from outside the repository: its relative data.path and model.base
+    are read from the folder the command runs in, and the errors say so."""
+    import huggingface_hub.constants
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # 'tiny-models/sd15' is a hub id too
+    config = str(REPO / "configs" / "example.yaml")
+    note = f"(looked for in {elsewhere}: relative paths are read from the folder the command runs in)"
+    for overrides, start in (([], "error: model.base: 'tiny-models/sd15' is not in the local Hugging Face cache"),
+                             ([f"model.base={tiny_sd15}"], "error: datasets/example: dataset folder not found")):
+        rc = main(["train", config, *overrides, f"output.dir={tmp_path / 'out'}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(start) and note in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folders_that_cannot_be_written_stop_the_run_before_the_model_loads(tiny_sd15, example_data, tmp_path, capsys):
+    """A folder under a file stands for a read-only one (permissions do not stop root)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for overrides, key in (([f"output.dir={blocker / 'run'}"], "output.dir"),
+                           ([f"output.dir={tmp_path / 'out'}", "train.cache_latents_to_disk=true",
+                             f"train.cache_dir={blocker / 'cache'}"], "train.cache_dir")):
+        rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}",
+                   f"data.path={example_data}", *overrides])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(f"error: {key}: cannot write in {blocker}") and "\n" not in err
+        assert err.endswith(f"set {key} to a folder you can write to")
+
+
+def test_a_full_disk_met_while_writing_is_one_line(monkeypatch, tmp_path, capsys):
+    import errno
+
+    def disk_full(cfg, show_progress=True, loss_hook=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "example-lora.safetensors"))
+
+    monkeypatch.setattr("lora_trainer.training.loop.train", disk_full)
+    assert main(["train", str(REPO / "configs" / "example.yaml"), f"output.dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'out' / 'example-lora.safetensors'}: No space left on device; "
+                   "free some space or write to another disk (output.dir, train.cache_dir)")

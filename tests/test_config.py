@@ -142,3 +142,51 @@ def test_a_choice_in_kohyas_spelling_gets_a_hint():
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.optimizer=Lion"])
     with pytest.raises(ConfigError, match=r"kohya's 'cosine_with_min_lr' is cosine, with train.min_lr_ratio set"):
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "train.scheduler=cosine_with_min_lr"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.resolutoin=64", "data.resolutoin: unknown key; did you mean data.resolution?"),
+    ("train.rank=8", "train.rank: unknown key; did you mean lora.rank?"),
+    ("train.learning_rate=1e-4",
+     "train.learning_rate: unknown key; did you mean train.lr (kohya/diffusers: learning_rate)?"),
+    ("lora.network_dim=8", "lora.network_dim: unknown key; did you mean lora.rank (kohya/diffusers: network_dim)?"),
+    ("trian.lr=1e-4", "trian: unknown key; did you mean train?"),
+])
+def test_a_mistyped_misplaced_or_kohya_key_gets_the_key_it_means(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*BASE, "train.max_steps=1", override])
+    assert str(err.value) == message
+
+
+def test_an_unknown_key_like_no_other_lists_the_sections_keys():
+    with pytest.raises(ConfigError, match=r"^lora.zzz: unknown key; allowed keys here: alpha, .*use_dora$"):
+        load_config(None, [*BASE, "train.max_steps=1", "lora.zzz=1"])
+
+
+def test_outputs_and_class_images_inside_the_dataset_are_refused(tmp_path):
+    """A run folder or class images under data.path would be scanned as training images next time
+    (the samples, loss.png, the class images captioned with the instance prompt)."""
+    data = tmp_path / "data"
+    db = ["dreambooth.instance_prompt=sks", "dreambooth.class_prompt=a dog", "dreambooth.num_class_images=2"]
+    what = {"output.dir": "the run's samples and loss curve", "dreambooth.class_data": "the class images"}
+    for key, inside in (("output.dir", data), ("output.dir", data / "out"), ("dreambooth.class_data", data / "class")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["model.base=some/model", f"data.path={data}", "train.max_steps=1",
+                               f"output.dir={tmp_path / 'out'}", f"dreambooth.class_data={tmp_path / 'class'}",
+                               *db, f"{key}={inside}"])
+        assert str(err.value) == (f"{key}: got {str(inside)!r}, inside data.path {str(data)!r}, so {what[key]} "
+                                  "would train as images; use a folder outside data.path")
+    load_config(None, ["model.base=some/model", f"data.path={data}", "train.max_steps=1",
+                       f"output.dir={tmp_path / 'data-out'}", f"dreambooth.class_data={tmp_path / 'class'}", *db])
+
+
+def test_a_section_or_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second lora: section would silently drop rank 8."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: x\nlora:\n  rank: 8\ntrain:\n  max_steps: 3\nlora:\n  alpha: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path} line 7: not valid YAML ('lora' is given twice (lines 3 and 7); "
+                              "keep one and merge what is under them)")
+    path.write_text("model:\n  base: x\ndata:\n  path: d\ntrain:\n  max_steps: 3\nlora:\n  rank: 8\n  alpha: 4\n")
+    assert load_config(path).lora.rank == 8

@@ -49,6 +49,18 @@ def test_sidecar_captions_are_stripped_and_missing_ones_are_empty(tmp_path):
     assert dataset_summary(examples) == {"num_images": 2, "num_captioned": 1, "num_uncaptioned": 1}
 
 
+def test_the_uncaptioned_count_names_blank_caption_files_too(tmp_path, caplog):
+    save_rgb(tmp_path / "a.png")
+    save_rgb(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("  \n", encoding="utf-8")  # there, but blank: not "no .txt file"
+    caplog.set_level(logging.INFO)
+    scan_dataset(tmp_path)
+    assert "2 of 2 images have no caption (no metadata.jsonl entry or .txt file, or a blank one)" in caplog.text
+    caplog.clear()
+    scan_dataset(tmp_path, report_missing=False)  # an instance prompt captions them all
+    assert "no caption" not in caplog.text
+
+
 def test_metadata_jsonl_wins_over_sidecar_and_reaches_subfolders(tmp_path):
     save_rgb(tmp_path / "a.png")
     save_rgb(tmp_path / "sub" / "b.png")

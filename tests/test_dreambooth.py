@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import safetensors.torch
@@ -88,3 +89,23 @@ def test_sdxl_dreambooth_generates_class_images_with_the_sdxl_base(tiny_sdxl, ex
     assert "a photo of a shape" in Image.open(images[0]).info["parameters"]
     assert all(r["prior_loss"] > 0 for r in _log(tmp_path / "x"))
     assert result.adapter_paths[0].is_file()
+
+
+def test_uncaptioned_instance_images_are_not_reported_as_training_uncaptioned(tiny_sd15, tmp_path, caplog):
+    """The instance prompt captions every image, so the run's data summary must neither warn that
+    images have no caption nor say they train on the empty caption; it counts the prompt's tokens."""
+    from lora_trainer.data.prepare import prepare_examples
+
+    root = tmp_path / "dog"
+    root.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(root / f"{i}.jpg")
+    caplog.set_level("INFO")
+    cfg = run_config(tiny_sd15, root, tmp_path / "out", DB[0])
+    examples = prepare_examples(cfg, show_progress=False)
+    assert [ex.caption for ex in examples] == ["", ""]  # the prompt is applied when training reads them
+    text = caplog.text
+    assert "no caption" not in text and "empty caption" not in text
+    assert re.search(r"longest caption: [1-9]\d* tokens", text)  # the prompt's, with example.yaml's prefix
+    records = [json.loads(line) for line in (tmp_path / "out" / "captions.jsonl").read_text().splitlines()]
+    assert {r["caption"] for r in records} == {"geoshape, a photo of sks shape"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from lora_trainer.errors import ConfigError
@@ -14,9 +15,18 @@ from lora_trainer.training.plots import plot_loss
 
 def test_another_runs_folder_is_not_overwritten(tmp_path):
     check_output_dir(tmp_path / "new", overwrite=False, resuming=False)
+    for i, made in enumerate(("train_log.jsonl", "samples/step_00002/00.png",
+                              "checkpoints/step-000002/trainer_state.json", "mine.safetensors")):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "config.yaml").write_text("x: 1")
+        check_output_dir(run, overwrite=False, resuming=False)  # stopped before its first step: nothing to lose
+        (run / made).parent.mkdir(parents=True, exist_ok=True)
+        (run / made).write_text("")
+        with pytest.raises(ConfigError, match="output.overwrite=true"):
+            check_output_dir(run, overwrite=False, resuming=False)
     (tmp_path / "config.yaml").write_text("x: 1")
-    with pytest.raises(ConfigError, match="output.overwrite=true"):
-        check_output_dir(tmp_path, overwrite=False, resuming=False)
+    (tmp_path / "train_log.jsonl").write_text("")
     check_output_dir(tmp_path, overwrite=True, resuming=False)
     check_output_dir(tmp_path, overwrite=False, resuming=True)
 
@@ -42,6 +52,16 @@ def test_free_space_check(tmp_path):
         check_free_space(tmp_path, 2**62, "a checkpoint")
 
 
+def test_free_space_message_gives_small_sizes_in_kib(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 200 * 2**10))
+    with pytest.raises(TrainingStopped, match=r"only 200 KiB free, the adapter needs about 150 KiB; free some"):
+        check_free_space(tmp_path, 150 * 2**10, "the adapter")
+    with pytest.raises(TrainingStopped, match=r"the adapter needs about 2.5 MiB"):
+        check_free_space(tmp_path, int(2.5 * 2**20), "the adapter")
+
+
 def test_loss_curve_png(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps({"step": i + 1, "loss": 1.0 / (i + 1)}) + "\n" for i in range(30)))
@@ -57,8 +77,9 @@ def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_pat
     from lora_trainer.training.loop import train
 
     monkeypatch.setenv(variable, "true")
-    cfg = config_from_dict({"model": {"base": str(tmp_path / "no-such-model")}, "data": {"path": str(tmp_path)},
-                               "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
+    cfg = config_from_dict({"model": {"base": str(tmp_path / "no-such-model")},
+                            "data": {"path": str(tmp_path / "data")},
+                            "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
     with pytest.raises(ConfigError, match=f"^accelerate launch: {name} is not supported.*multi-gpu.yaml"):
         train(cfg)
     assert not (tmp_path / "out").exists()
@@ -66,3 +87,35 @@ def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_pat
     with pytest.raises(Exception) as other:  # without it, the run gets as far as the missing base
         train(cfg)
     assert "no-such-model" in str(other.value)
+
+
+def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, caplog):
+    from lora_trainer.config import dump_config, load_config
+    from lora_trainer.training.guards import resume_changes, warn_resume_changes
+
+    example = REPO / "configs" / "example.yaml"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(example)))
+    # a longer run, another log cadence or other outputs continue the same run
+    same = load_config(example, ["train.max_steps=80", "train.resume=latest", "sample.every_n_steps=5",
+                                 "output.save_every_n_steps=10"])
+    assert resume_changes(saved, same) == []
+    changed = load_config(example, ["train.batch_size=1", "data.resolution=32", "train.resume=latest"])
+    assert resume_changes(saved, changed) == ["data.resolution (64 -> 32)", "train.batch_size (2 -> 1)"]
+    warn_resume_changes(saved, changed, tmp_path / "checkpoints" / "step-000004")
+    assert len(caplog.records) == 1 and caplog.records[0].levelname == "WARNING"
+    assert "changed in data.resolution (64 -> 32), train.batch_size (2 -> 1)" in caplog.text
+    assert resume_changes(tmp_path / "missing.yaml", changed) == []
+
+
+def test_files_of_the_runs_names_in_a_folder_without_a_run_are_not_replaced(tmp_path):
+    """output.dir pointed at a folder of one's adapters: one of output.name's name is not overwritten."""
+    for taken in ("mine.safetensors", "mine.diffusers.safetensors", "loss.png", "samples"):
+        folder = tmp_path / taken.replace(".", "-")
+        folder.mkdir()
+        (folder / taken).write_text("someone's file")
+        with pytest.raises(ConfigError, match=rf"^output.dir: {folder} already holds {taken}, which this run "
+                                              r"would replace; .*output.name.*output.overwrite=true$"):
+            check_output_dir(folder, overwrite=False, resuming=False, name="mine")
+        check_output_dir(folder, overwrite=True, resuming=False, name="mine")
+    check_output_dir(tmp_path / "mine-safetensors", overwrite=False, resuming=False, name="other")  # other names

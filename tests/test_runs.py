@@ -225,6 +225,20 @@ def test_another_runs_folder_needs_overwrite(tiny_sd15, example_data, tmp_path):
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_run_stopped_before_its_first_step_runs_again_with_the_same_command(tiny_sd15, example_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = run_config(tiny_sd15, example_data, out, "train.max_steps=2", "sample.prompts=[]")
+
+    def ctrl_c_at_1(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted, match="before the first step finished; nothing saved, run the same command"):
+        train(cfg, show_progress=False, loss_hook=ctrl_c_at_1)
+    assert (out / "config.yaml").is_file()  # all it left, with captions.jsonl
+    assert train(cfg, show_progress=False).steps == 2  # as the message says, not "already holds a run"
+    assert (out / "example-lora.safetensors").is_file()
+
+
 def test_tensorboard_events_hold_the_loss_and_lr(uninterrupted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -117,7 +117,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
                   token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
                   caption_suffix: str = "", extension_key: str = "data.caption_extension",
                   weighted_captions: bool = False, no_upscale: bool = False,
-                  mask_dir: str | os.PathLike | None = None, separator: str = "") -> DataReport:
+                  mask_dir: str | os.PathLike | None = None, separator: str = "",
+                  instance_prompt: str = "") -> DataReport:
     """Inspect every image and caption under `root` the way training will read them.
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
@@ -131,6 +132,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     are not flagged as upscaled.
     `mask_dir`: data.mask_dir; every readable image needs a readable mask of its size there.
     `separator`: data.keep_tokens_separator, taken out of captions by training, so not counted.
+    `instance_prompt`: dreambooth.instance_prompt, the caption every image trains on, so caption
+    files are neither needed nor counted.
     """
     root = Path(root)
     report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
@@ -204,6 +207,8 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
         for path, caption in captions.items():
             if caption is None and folders[path] is not None and folders[path].name:
                 captions[path] = folders[path].name  # what training captions it with
+            if instance_prompt:
+                captions[path] = instance_prompt  # replaces its own caption in training
         _check_captions(report, captions, tokenizer, caption_prefix, caption_suffix, rel, weighted_captions,
                         separator)
     return report

@@ -32,7 +32,7 @@ from lora_trainer.data.images import (
     unread_files_note,
 )
 from lora_trainer.data.masks import read_mask
-from lora_trainer.errors import DataError
+from lora_trainer.errors import DataError, looked_in
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class Example:
 
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
-                 caption_extension: str = DEFAULT_CAPTION_EXTENSION) -> list[Example]:
+                 caption_extension: str = DEFAULT_CAPTION_EXTENSION,
+                 report_missing: bool = True) -> list[Example]:
     """Find every image under `root` (recursively, sorted) with its caption (metadata.jsonl, else
     the `<stem><caption_extension>` file beside it).
 
@@ -61,10 +62,11 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     repeated N times and `0_<name>` folders are left out; with `folder_captions` too, such an
     image with no caption at all is captioned `<name>`. When no image has a caption file of
     `caption_extension` but some have .caption/.txt/.tags files, one warning says which key to set.
+    `report_missing`: log how many train uncaptioned (not when an instance prompt captions all).
     """
     root = Path(root)
     if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "dataset folder not found"
+        what = "is a file, not a folder" if root.exists() else f"dataset folder not found{looked_in(root)}"
         raise DataError(f"{root}: {what}; set data.path to a folder of images")
     image_paths, metadata_files, parked, unread = _walk(root, skip_parked=folder_repeats)
     if parked:
@@ -110,8 +112,8 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     for (folder, name), n in from_folder.items():
         logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
     missing = sum(1 for ex in examples if not ex.caption)
-    if missing:
-        logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file); "
+    if missing and report_missing:
+        logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file, or a blank one); "
                     "they train with an empty caption", missing, len(examples), caption_extension)
     if any(ex.folder is not None for ex in examples):
         logger.info("folders (images × repeats): %s", format_folders(describe_folders(examples, root)))

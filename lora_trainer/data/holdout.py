@@ -12,7 +12,7 @@ from typing import Sequence
 from lora_trainer.config import RunConfig
 from lora_trainer.data.dataset import Example, scan_dataset
 from lora_trainer.data.masks import attach_masks
-from lora_trainer.errors import DataError
+from lora_trainer.errors import DataError, looked_in
 
 
 def validation_seed(cfg: RunConfig) -> int:
@@ -60,8 +60,8 @@ def scan_validation_folder(cfg: RunConfig) -> list[Example]:
     """The images and captions of `data.validation_path`, read as data.path is read."""
     folder = Path(cfg.data.validation_path)
     if not folder.is_dir():
-        raise DataError(f"data.validation_path: {folder} is not a folder; point it at a folder of held-out "
-                        "images with captions (laid out like data.path), or set data.validation_split instead")
+        raise DataError(f"data.validation_path: {folder} is not a folder{looked_in(folder)}; point it at a folder "
+                        "of held-out images with captions (laid out like data.path), or set data.validation_split instead")
     instance_prompt = cfg.dreambooth.instance_prompt
     examples = scan_dataset(folder, cfg.data.folder_repeats,
                             folder_captions=cfg.data.folder_repeats and not instance_prompt,

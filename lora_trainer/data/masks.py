@@ -18,7 +18,7 @@ from PIL import Image
 
 from lora_trainer.data.buckets import upright_size
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_unread_image_file, load_mask
-from lora_trainer.errors import DataError
+from lora_trainer.errors import DataError, looked_in
 
 if TYPE_CHECKING:  # the dataset reads masks through this module
     from lora_trainer.data.dataset import Example
@@ -50,7 +50,7 @@ def attach_masks(examples: Sequence[Example], root: str | os.PathLike, mask_dir:
     mask of another size (kohya refuses both)."""
     root, folder = Path(root), Path(mask_dir)
     if not folder.is_dir():
-        raise DataError(f"{key}: {folder} is not a folder; point it at the folder of mask images "
+        raise DataError(f"{key}: {folder} is not a folder{looked_in(folder)}; point it at the folder of mask images "
                         "(one per training image, with its file name)")
     listings: dict = {}
     masks = [find_mask(ex.path, root, folder, listings) for ex in examples]

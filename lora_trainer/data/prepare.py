@@ -58,7 +58,8 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                                caption_extension=ext, caption_suffix=cfg.data.caption_suffix,
                                weighted_captions=cfg.data.weighted_captions,
                                no_upscale=cfg.data.buckets and cfg.data.bucket_no_upscale,
-                               separator=cfg.data.keep_tokens_separator)
+                               separator=cfg.data.keep_tokens_separator,
+                               instance_prompt=cfg.dreambooth.instance_prompt)
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:
@@ -66,7 +67,7 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
         # dreambooth.instance_prompt captions every image, so folder names would caption none.
         examples = scan_dataset(root, cfg.data.folder_repeats,
                                 folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt,
-                                caption_extension=ext)
+                                caption_extension=ext, report_missing=not cfg.dreambooth.instance_prompt)
         if cfg.data.mask_dir:
             examples = attach_masks(examples, root, cfg.data.mask_dir)
     if is_main:

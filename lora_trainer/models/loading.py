@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelError, first_line
+from ..errors import ModelError, first_line, looked_in
 from ..hubcheck import check_hub_model
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
         if not single_file_ok:
             raise ModelError(f"{key}: {base!r} is a single-file checkpoint; {key} takes a diffusers folder or a hub id")
         if not path.is_file():
-            raise ModelError(f"{key}: {base!r} does not exist; give a .safetensors checkpoint that does")
+            raise ModelError(f"{key}: {base!r} does not exist{looked_in(base)}; "
+                             "give a .safetensors checkpoint that does")
         if path.suffix.lower() == ".ckpt":
             raise ModelError(f"{key}: {base!r} is a pickle .ckpt, which can run code when loaded; "
                              "use the .safetensors version of the checkpoint")
@@ -137,9 +138,12 @@ def check_source(base: str, key: str = "model.base", single_file_ok: bool = True
         raise ModelError(f"{key}: {base!r} is a folder without {index_file}; point it at a diffusers folder")
     if not path.exists() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
         example = _HUB_EXAMPLES.get(key, "runwayml/stable-diffusion-v1-5")
-        raise ModelError(f"{key}: {base!r} does not exist and is not a hub id like '{example}'")
+        raise ModelError(f"{key}: {base!r} does not exist{looked_in(base)} and is not a hub id like '{example}'")
     if not path.exists():
-        check_hub_model(base, key, index_file)
+        try:
+            check_hub_model(base, key, index_file)
+        except ModelError as err:  # "owner/name" may as well be a folder given from another working folder
+            raise ModelError(f"{err}; nor is it a folder{looked_in(base)}") from None
 
 
 def diffusers_dtype(dtype: torch.dtype) -> dict:

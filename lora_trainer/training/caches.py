@@ -30,6 +30,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def latent_cache_dir(cfg) -> Path:
+    """Where train.cache_latents_to_disk keeps latents: train.cache_dir, else inside the dataset."""
+    return Path(cfg.train.cache_dir or Path(cfg.data.path) / ".cache" / "lora-trainer") / "latents"
+
+
 def module_fingerprint(module: torch.nn.Module) -> str:
     """SHA-256 of a module's parameter bytes and dtypes: two VAEs share cached latents only if
     their weights are identical."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+import signal
+import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -17,7 +21,7 @@ class TrainingStopped(LoraTrainerError):
 
 
 class RunInterrupted(LoraTrainerError):
-    """Stopped by the user (Ctrl-C) after saving a checkpoint; the message says how to continue."""
+    """Stopped by the user (Ctrl-C or SIGTERM) after saving a checkpoint; the message says how to continue."""
 
     def __init__(self, step: int, checkpoint: Path | None):
         self.step, self.checkpoint = step, checkpoint
@@ -26,6 +30,37 @@ class RunInterrupted(LoraTrainerError):
         else:
             super().__init__(f"interrupted at step {step}; saved {checkpoint}; continue with train.resume=latest "
                              "(same config and output.dir)")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a job scheduler's time limit, `docker stop`) stop a run
+    the same way: KeyboardInterrupt, which the loop turns into a checkpoint of the last finished
+    step. The signal is also remembered, because Python drops an exception raised while a
+    finalizer runs (torch frees tensors through weakref callbacks, so a Ctrl-C often lands in
+    one): `check()`, called at every batch, raises it again, so no stop request is lost."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:  # a handler set elsewhere, or an ignored signal, stays
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
 
 
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")
@@ -64,17 +99,94 @@ def _run_name(config: Path) -> str:
     return name if isinstance(name, str) and name else OutputConfig.name
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into the folder of another run unless asked to."""
+def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool, name: str = "") -> None:
+    """Refuse to write into the folder of another run, or over files of the same names as the run's
+    outputs (`name`: output.name) in a folder that holds no run, unless asked to."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"output.dir: {out_dir} is a file; give a folder for the run's outputs")
     if resuming or overwrite:
         return
-    if (Path(out_dir) / "config.yaml").is_file():
+    if (Path(out_dir) / "config.yaml").is_file() and _trained_anything(Path(out_dir)):
         raise ConfigError(
             f"output.dir: {out_dir} already holds a run (config.yaml); choose another output.dir, "
             "continue it with train.resume=latest, or replace it with output.overwrite=true"
         )
+    if not (Path(out_dir) / "config.yaml").is_file():  # not a run folder: the user's own files may be there
+        ours = [*RUN_ARTEFACTS, "captions.jsonl"] + ([f"{name}.safetensors", f"{name}.diffusers.safetensors"]
+                                                     if name else [])
+        taken = [n for n in ours if (Path(out_dir) / n).exists()]
+        if taken:
+            raise ConfigError(f"output.dir: {out_dir} already holds {', '.join(taken)}, which this run would replace; "
+                              "choose another output.dir or output.name, or replace them with output.overwrite=true")
+
+
+def _trained_anything(out_dir: Path) -> bool:
+    """Whether the run in `out_dir` left a checkpoint, a log line, samples or an adapter. One stopped
+    before its first step (Ctrl-C while class images were drawn) leaves only its config and
+    captions.jsonl, which the next run rewrites: its own message says to run the same command again."""
+    checkpoints = out_dir / "checkpoints"
+    return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (out_dir / "train_log.jsonl").exists()
+            or (out_dir / "samples").exists() or any(out_dir.glob("*.safetensors")))
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail before any model loads when `folder` cannot be written to: a read-only or foreign folder
+    would otherwise stop the run at its first save or cache write. A missing folder is not made
+    here: its nearest existing parent is tried, where it will be made."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); "
+                          f"set {key} to a folder you can write to") from None
+
+
+def check_writable_folders(cfg: RunConfig) -> None:
+    """output.dir, and the latent disk cache (by default inside the dataset, which may be read-only)."""
+    from .caches import latent_cache_dir
+
+    check_writable(Path(cfg.output.dir), "output.dir")
+    if cfg.train.cache_latents_to_disk:
+        check_writable(latent_cache_dir(cfg), "train.cache_dir")
+
+
+# What a resumed run may change and still continue the same run: its length, logging and outputs.
+_RESUME_MAY_CHANGE = {"train.max_steps", "train.epochs", "train.resume", "train.log_every_n_steps",
+                      "train.validate_every_n_steps", "data.num_workers"}
+
+
+def warn_resume_changes(saved_config: Path, cfg: RunConfig, checkpoint: Path) -> None:
+    """One warning naming the training keys (model, data, dreambooth, lora, train) whose value
+    differs from the run folder's config.yaml, the config of the run being resumed."""
+    changed = resume_changes(saved_config, cfg)
+    if changed:
+        logging.getLogger(__name__).warning(
+            "train.resume: %s continues with a config changed in %s; the result is no longer the run that saved "
+            "it (resume with its config.yaml to continue it exactly)", checkpoint, ", ".join(changed))
+
+
+def resume_changes(saved_config: Path, cfg: RunConfig) -> list[str]:
+    """The changed training keys as "key (old -> new)"; none when config.yaml cannot be read."""
+    import yaml
+
+    try:
+        old = yaml.safe_load(Path(saved_config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    before, now = flat(old), flat(cfg.to_dict())
+    return [f"{key} ({before[key]!r} -> {value!r})" for key, value in now.items()
+            if key.split(".")[0] in ("model", "data", "dreambooth", "lora", "train") and key in before
+            and key not in _RESUME_MAY_CHANGE and before[key] != value]
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:
@@ -94,9 +206,16 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < 2 * needed_bytes:
         raise TrainingStopped(
-            f"{folder}: only {free / 2**20:.0f} MiB free, {what} needs about {needed_bytes / 2**20:.0f} MiB; "
+            f"{folder}: only {_size(free)} free, {what} needs about {_size(needed_bytes)}; "
             "free some space or set output.dir elsewhere"
         )
+
+
+def _size(n: int) -> str:
+    """Bytes for a message: small adapters and nearly full disks are not "0 MiB"."""
+    if n >= 10 * 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def check_environment(cfg: RunConfig) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, looked_in
 from ..export.adapter import Adapter, read_adapter
 from ..export.layouts import canonical_path
 from ..models.lora import ADAPTER_NAME, is_locon_3x3, lora_layers
@@ -32,7 +32,7 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
     encoders only when the run trains them (the UNet likewise)."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{KEY}: {path} not found; give the path of a .safetensors adapter file")
+        raise ConfigError(f"{KEY}: {path} not found{looked_in(path)}; give the path of a .safetensors adapter file")
     try:
         adapter = read_adapter(file)
     except ModelError as exc:

@@ -27,15 +27,16 @@ from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weig
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
-from .caches import EmbeddingCache, LatentCache, module_fingerprint
+from .caches import EmbeddingCache, LatentCache, latent_cache_dir, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
 from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
-from .guards import (RunInterrupted, check_environment, check_finite, check_free_space, check_output_dir,
-                     check_schedule_options, clear_previous_run)
+from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
+                     check_schedule_options, check_writable_folders, clear_previous_run,
+                     warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -87,7 +88,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     check_environment(cfg)
     out_dir = Path(cfg.output.dir)
     # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
-    check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None)
+    check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None, name=cfg.output.name)
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
@@ -97,6 +98,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
                                     cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet)
                if cfg.lora.init_from else None)
+    check_writable_folders(cfg)  # made here if missing: not before a bad model.base, after it the data is read
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
     if cfg.dreambooth.instance_prompt:
@@ -105,7 +107,9 @@ def train(cfg: RunConfig, show_progress: bool = True,
     examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
     accelerator = make_accelerator(cfg, out_dir)
     try:
-        return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook, initial)
+        with StopSignals() as stop:
+            return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
+                          initial, stop)
     finally:
         accelerator.end_training()
         release_accelerate_state()
@@ -123,7 +127,7 @@ def _embedding_cache_reason(cfg: RunConfig) -> str | None:
 
 
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
-           initial) -> TrainResult:
+           initial, stop: StopSignals) -> TrainResult:
     from accelerate.utils import set_seed
     started_at = time.time()
     t = cfg.train
@@ -132,6 +136,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     if accelerator.is_main_process:
         if checkpoint is None:
             clear_previous_run(out_dir)  # check_output_dir allowed it: overwrite, or nothing to resume yet
+        else:
+            warn_resume_changes(out_dir / "config.yaml", cfg, checkpoint)  # read before it is replaced below
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
     init_trackers(cfg, accelerator, out_dir)
@@ -201,7 +207,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     # ---- caches of the frozen work ----
     cache_dir = None
     if t.cache_latents and t.cache_latents_to_disk:
-        cache_dir = Path(t.cache_dir or Path(cfg.data.path) / ".cache" / "lora-trainer") / "latents"
+        cache_dir = latent_cache_dir(cfg)
     latent_cache = LatentCache(enabled=t.cache_latents, directory=cache_dir, device=device,
                                fingerprint=module_fingerprint(base.vae) if cache_dir else "")
     no_cache = _embedding_cache_reason(cfg)
@@ -311,6 +317,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         while step < max_steps:
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
+                stop.check()  # a Ctrl-C that Python dropped in a finalizer during the last step
                 seen += 1
                 with accelerator.accumulate(*trained.modules):
                     loss = batch_loss(batch, instance_paths, epoch, "instance")
