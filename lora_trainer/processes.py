@@ -3,11 +3,14 @@ and training) so both make the same choice."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # What `accelerate launch` sets for the sharding modes (its FSDP and DeepSpeed configs).
 _SHARDED_LAUNCHES = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
@@ -26,11 +29,25 @@ def check_launch_mode() -> None:
     each process's own, whole adapter weights; and a LoRA run has little to shard (the frozen base is
     held once in the compute precision, the trainable state is a few MB). Data parallel (DDP) with
     bf16 and gradient checkpointing is the way to run large bases on several GPUs."""
+    if one_process_of_several():
+        log.warning("accelerate launch was asked for several processes (--num_processes) but started one: "
+                    "without GPUs (or with --cpu) it runs a single process; for several CPU processes launch "
+                    "with `accelerate launch --multi_gpu --num_processes N` (gloo, no GPU needed) or "
+                    "`torchrun --nproc_per_node N`")
     for variable, name in _SHARDED_LAUNCHES:
         if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
             raise ConfigError(f"accelerate launch: {name} is not supported for LoRA training; launch with "
                               "configs/accelerate/multi-gpu.yaml (DDP) and, for a large base, "
                               "train.mixed_precision=bf16 train.gradient_checkpointing=true")
+
+
+def one_process_of_several() -> bool:
+    """`accelerate launch --num_processes N` (N > 1) that started one process: its simple launcher,
+    used without GPUs or with --cpu, sets ACCELERATE_USE_CPU and, for N > 1, MASTER_ADDR, but starts
+    only this process (no WORLD_SIZE), unless mpirun started it."""
+    env = os.environ
+    return ("ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+            and "OMPI_COMM_WORLD_SIZE" not in env and "PMI_SIZE" not in env)
 
 
 def check_device(device: str, flag: str = "--device") -> str:

@@ -89,6 +89,32 @@ def test_sharded_launches_are_refused_before_anything_loads(monkeypatch, tmp_pat
     assert "no-such-model" in str(other.value)
 
 
+@pytest.mark.parametrize("launch,warned", [(["--num_processes", "2", "--cpu"], True),
+                                            (["--num_processes", "1", "--cpu"], False)])
+def test_accelerate_launch_of_one_process_for_several_is_named(monkeypatch, caplog, launch, warned):
+    # accelerate's own launcher decides the environment: --cpu (or no GPU) starts one process whatever
+    # --num_processes says; the run says so, with the launch that gives several
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    from lora_trainer.processes import check_launch_mode
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*launch, "train.py"]))
+    _, env = prepare_simple_launcher_cmd_env(args)
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR"):
+        if name in env:
+            monkeypatch.setenv(name, env[name])
+    with caplog.at_level("WARNING", logger="lora_trainer.processes"):
+        check_launch_mode()
+    assert ("--multi_gpu --num_processes N" in caplog.text) is warned
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun or --multi_gpu: several processes did start
+    caplog.clear()
+    check_launch_mode()
+    assert "--multi_gpu" not in caplog.text
+
+
 def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, caplog):
     from lora_trainer.config import dump_config, load_config
     from lora_trainer.training.guards import resume_changes, warn_resume_changes
