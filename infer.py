@@ -2,7 +2,7 @@
 
 import sys
 
-from lora_trainer.cli import main
-
 if __name__ == "__main__":
+    from lora_trainer.cli import main
+
     sys.exit(main(["infer", *sys.argv[1:]]))

@@ -10,7 +10,6 @@ import os
 import sys
 
 from .errors import LoraTrainerError
-from .inference.command import add_infer_arguments, add_merge_arguments
 
 
 def _train(args) -> int:
@@ -140,6 +139,8 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inference.command import add_infer_arguments, add_merge_arguments  # imports torch: see main
+
     parser = argparse.ArgumentParser(prog="lora-trainer", description="LoRA fine-tuning for Stable Diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,10 +228,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    from .training.guards import RunInterrupted
-
+    try:  # torch is imported here, not when this module is: a Ctrl-C in those seconds is no traceback
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        from .training.guards import RunInterrupted
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     try:
         return args.func(args)
     except RunInterrupted as exc:  # Ctrl-C during training: a checkpoint was saved
@@ -243,10 +247,30 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk or a read-only folder met while writing: one line, not a traceback
+        if _ctrl_c_inside(exc):
+            print("interrupted", file=sys.stderr)
+            return 130
         if exc.errno not in _WRITE_ERRORS:
             raise
         print(f"error: {exc.filename or 'writing'}: {exc.strerror}; {_WRITE_ERRORS[exc.errno]}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _ctrl_c_inside(exc):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _ctrl_c_inside(exc: BaseException) -> bool:
+    """A Ctrl-C that a library turned into another error: transformers' lazy imports, for one, report
+    a KeyboardInterrupt met while importing a model class as a ModuleNotFoundError raised from it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 _FULL = "free some space or write to another disk (output.dir, train.cache_dir)"

@@ -65,3 +65,18 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_sd15, example_da
     assert proc.returncode == 130, proc.stderr[-2000:]  # not -15: killed without a checkpoint
     assert "step 4; saved" in proc.stderr and "train.resume=latest" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
+    # At 0.5 s the command is importing torch; a Ctrl-C there (or a little later, in the data checks)
+    # ends it with exit 130 and one line, never a traceback from inside an import.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(REPO / "configs" / "example.yaml"),
+                             f"output.dir={tmp_path / 'out'}"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("interrupted", "stopped:")), err[-2000:]
