@@ -195,11 +195,11 @@ def test_tag_dropout_is_a_function_of_seed_epoch_and_item(tmp_path):
 
 
 def test_tag_dropout_turns_off_the_embedding_cache():
-    from lora_trainer.training.loop import _embedding_cache_reason
+    from lora_trainer.training.caches import embedding_cache_reason
 
     cfg = load_config(REPO / "configs" / "example.yaml", ["data.caption_tag_dropout=0.1"])
-    assert _embedding_cache_reason(cfg) == "data.caption_tag_dropout changes the captions every epoch"
-    assert _embedding_cache_reason(load_config(REPO / "configs" / "example.yaml")) is None
+    assert embedding_cache_reason(cfg) == "data.caption_tag_dropout changes the captions every epoch"
+    assert embedding_cache_reason(load_config(REPO / "configs" / "example.yaml")) is None
     with pytest.raises(ConfigError, match="data.caption_tag_dropout: got 1.5"):
         load_config(REPO / "configs" / "example.yaml", ["data.caption_tag_dropout=1.5"])
 

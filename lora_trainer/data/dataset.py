@@ -15,22 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_trainer.data.captions import (
-    DEFAULT_CAPTION_EXTENSION,
-    METADATA_FILE,
-    find_captions,
-    other_caption_extension,
-    other_extension_message,
-)
+from lora_trainer.data.captions import (DEFAULT_CAPTION_EXTENSION, METADATA_FILE, find_captions,
+                                        other_caption_extension, other_extension_message)
 from lora_trainer.data.folders import describe_folders, format_folders, is_parked, repeat_folder
-from lora_trainer.data.images import (
-    IMAGE_EXTENSIONS,
-    is_image_file,
-    is_unread_image_file,
-    load_image,
-    load_image_and_alpha,
-    unread_files_note,
-)
+from lora_trainer.data.images import (IMAGE_EXTENSIONS, is_image_file, is_unread_image_file, load_image,
+                                      load_image_and_alpha, unread_files_note)
 from lora_trainer.data.masks import read_mask
 from lora_trainer.errors import DataError, looked_in
 

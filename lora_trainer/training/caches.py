@@ -149,3 +149,14 @@ class EmbeddingCache:
         for caption in sorted({c for c in captions if c not in self._store}):
             self._store[caption] = tuple(t[0] for t in encode([caption]))
         return tuple(torch.stack([self._store[c][n] for c in captions]) for n in range(len(self._store[captions[0]])))
+
+
+def embedding_cache_reason(cfg) -> str | None:
+    """Why text embeddings cannot be cached (None when they can): the captions or the encoder change."""
+    if cfg.lora.train_text_encoder:
+        return "the text encoder is being trained"
+    if cfg.data.shuffle_tags:
+        return "data.shuffle_tags changes the captions every epoch"
+    if cfg.data.caption_tag_dropout > 0:
+        return "data.caption_tag_dropout changes the captions every epoch"
+    return None

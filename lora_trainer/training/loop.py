@@ -27,7 +27,7 @@ from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weig
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
-from .caches import EmbeddingCache, LatentCache, latent_cache_dir, module_fingerprint
+from .caches import EmbeddingCache, LatentCache, embedding_cache_reason, latent_cache_dir, module_fingerprint
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
 from .components import draw_samples, draw_sweep, export_trained
@@ -35,8 +35,7 @@ from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
-                     check_schedule_options, check_writable_folders, clear_previous_run,
-                     warn_resume_changes)
+                     check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -113,17 +112,6 @@ def train(cfg: RunConfig, show_progress: bool = True,
     finally:
         accelerator.end_training()
         release_accelerate_state()
-
-
-def _embedding_cache_reason(cfg: RunConfig) -> str | None:
-    """Why text embeddings cannot be cached (None when they can)."""
-    if cfg.lora.train_text_encoder:
-        return "the text encoder is being trained"
-    if cfg.data.shuffle_tags:
-        return "data.shuffle_tags changes the captions every epoch"
-    if cfg.data.caption_tag_dropout > 0:
-        return "data.caption_tag_dropout changes the captions every epoch"
-    return None
 
 
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
@@ -210,7 +198,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         cache_dir = latent_cache_dir(cfg)
     latent_cache = LatentCache(enabled=t.cache_latents, directory=cache_dir, device=device,
                                fingerprint=module_fingerprint(base.vae) if cache_dir else "")
-    no_cache = _embedding_cache_reason(cfg)
+    no_cache = embedding_cache_reason(cfg)
     if no_cache:
         log.info("text embeddings are not cached: %s", no_cache)
     embedding_cache = EmbeddingCache(enabled=no_cache is None)
