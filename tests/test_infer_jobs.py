@@ -45,6 +45,30 @@ def test_img2img_strength_zero_returns_the_init_image(gen, picture):
     assert "Denoising strength: 0.9" in a1111_parameters(changed.info)
 
 
+def test_img2img_of_an_image_whose_sides_are_not_multiples_of_8_keeps_its_size_and_geometry(gen, picture, tmp_path,
+                                                                                             capsys):
+    odd = picture.crop((0, 0, 60, 52))
+    out = gen.img2img("a red circle", odd, strength=0.5, steps=2, seed=7)[0]  # diffusers made 56x48 of it
+    assert out.image.size == (60, 52) and (out.info.width, out.info.height) == (60, 52)
+    # Strength 0 shows what the sampler starts from: the image padded by its edge pixels (not
+    # resampled), through the VAE, cut back. A resize to 56x48 and back would give other pixels.
+    kept = np.asarray(gen.img2img("a red circle", odd, strength=0.0, steps=2, seed=7)[0].image)
+    padded = Image.fromarray(np.pad(np.asarray(odd), ((0, 4), (0, 4), (0, 0)), mode="edge"))
+    want = gen.pipe.image_processor.postprocess(_vae_round_trip(gen.pipe, padded), output_type="pil")[0]
+    assert np.array_equal(kept, np.asarray(want)[:52, :60])
+    shrunk = gen.pipe.image_processor.postprocess(_vae_round_trip(gen.pipe, odd.resize((56, 48), Image.LANCZOS)),
+                                                  output_type="pil")[0].resize((60, 52), Image.LANCZOS)
+    assert np.abs(kept.astype(int) - np.asarray(shrunk, dtype=int)).max() > 8
+    # --width and --height resize the init image to that size; one of them alone is refused
+    assert gen.img2img("a red circle", odd, strength=0.5, steps=2, seed=7, width=32, height=40)[0].image.size == (32, 40)
+    odd.save(tmp_path / "init.png")
+    rc = main(["infer", "--model", str(tmp_path / "no-model-needed"), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--init-image", str(tmp_path / "init.png"), "--width", "64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--width with --init-image needs --height too" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_inpainting_keeps_everything_outside_the_mask(gen, picture):
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)  # repaint the left half (latent cols 0-3)
@@ -122,6 +146,9 @@ def test_controlnet_scale_zero_is_plain_txt2img_and_scale_one_steers(gen, tiny_s
     assert "ControlNet 0: \"Module: canny, Model: model, Weight: 1\"" in a1111_parameters(one.info)
     inpaint = cn.inpaint("x", picture, Image.new("L", (64, 64), 255), control_image=picture, steps=2, seed=1)[0]
     assert inpaint.image.size == (64, 64)
+    # img2img of sides not multiples of 8: the map is padded as the init image is, so the two still match
+    odd = picture.crop((0, 0, 60, 52))
+    assert cn.img2img("x", odd, control_image=odd, steps=2, seed=1)[0].image.size == (60, 52)
 
 
 def test_sweep_grid_holds_each_weight_rendered_alone(gen):

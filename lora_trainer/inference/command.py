@@ -39,11 +39,12 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k of a run uses seed+k")
     p.add_argument("--num-images", type=int, default=1, help="batch count: pipeline calls per prompt")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None,
+                   help="a multiple of 8; with --init-image (and --height) the init image is resized to it first")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8, as --width")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="1 = last CLIP layer (A1111 numbering, the default), 2 = penultimate")
-    p.add_argument("--init-image", help="img2img / inpainting source image")
+    p.add_argument("--init-image", help="img2img / inpainting source image; the output has its size")
     p.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.75; 1 for inpainting)")
     p.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
     p.add_argument("--mask-blur", type=int, default=4, help="pixels of blur where repainted and kept areas meet")

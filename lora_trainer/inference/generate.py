@@ -76,6 +76,10 @@ def check_request(req: Request) -> None:
     for ok, flag, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{flag}: {value!r} is not allowed; give {allowed}")
+    if req.init_image is not None and (req.width is None) != (req.height is None):
+        given, missing = ("--width", "--height") if req.width is not None else ("--height", "--width")
+        raise ConfigError(f"{given} with --init-image needs {missing} too (the init image is resized to both); "
+                          "give both, or neither to keep the init image's size")
     if req.mask is not None and req.init_image is None:
         raise ConfigError("--mask needs --init-image (the picture to inpaint)")
 
@@ -143,25 +147,38 @@ class Generator:
     def _call_kwargs(self, req: Request, job: str) -> dict[str, Any]:
         kw: dict[str, Any] = {}
         init = req.init_image
+        # --width and --height with an init image resize it to that size first (A1111's "Just
+        # resize"); without them the output has the init image's own size.
         if init is not None and req.width and req.height and init.size != (req.width, req.height):
             init = init.resize((req.width, req.height), Image.LANCZOS)
         if job == "txt2img":
             kw.update(width=req.width, height=req.height)
         else:
-            kw.update(image=init, strength=req.strength)
-        if job == "inpaint":
-            # The mask follows the image when --width/--height resize it, so the two stay aligned.
-            mask = req.mask if req.mask.size == init.size else req.mask.resize(init.size, Image.NEAREST)
-            # Sides that are not multiples of 8 are padded (and cut back after), not resized, so
-            # the kept pixels stay the original ones; a padded mask is black (kept) there.
+            # diffusers would silently resize an image whose sides are not multiples of 8 (the VAE's
+            # step) down to the next ones (60x52 -> 56x48), every pixel resampled and the result
+            # smaller than the input. Padding right and down by repeating the edge, then cutting
+            # the result back, keeps the image's size and pixel geometry; the few pixels added are
+            # generated like any others and thrown away. Resizing to the nearest multiple and back
+            # would blur the image twice and shift features by up to half a pixel.
             kw["crop"] = init.size
-            init, mask = pad_to_multiple(init), pad_to_multiple(mask)
+            kw.update(image=pad_to_multiple(init), strength=req.strength)
+        if job == "inpaint":
+            # The mask follows the image when --width/--height resize it, so the two stay aligned;
+            # a padded mask is black (kept) where the image was padded.
+            mask = req.mask if req.mask.size == init.size else req.mask.resize(init.size, Image.NEAREST)
+            mask = pad_to_multiple(mask)
             # Without an explicit size diffusers would resize to the model's default resolution.
-            kw.update(image=init, mask_image=mask, width=init.width, height=init.height)
+            kw.update(mask_image=mask, width=kw["image"].width, height=kw["image"].height)
         if self.controlnet is not None:
             if req.control_image is None:
                 raise ConfigError("--controlnet needs --control-image (the map that guides the image)")
             control = preprocess_control(req.control_image, req.control_preprocess)
+            if job != "txt2img":
+                # The map is laid over the init image pixel for pixel, so it is scaled to the init
+                # image's size and padded as it was (not stretched over the padding).
+                if control.size != init.size:
+                    control = control.resize(init.size, Image.LANCZOS)
+                control = pad_to_multiple(control)
             kw["controlnet_conditioning_scale"] = req.control_scale
             kw["image" if job == "txt2img" else "control_image"] = control
         return kw
@@ -211,7 +228,7 @@ class Generator:
         pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
         embeds = self._embeds(pipe, req)
         kw = self._call_kwargs(req, job)
-        crop = kw.pop("crop", None)  # an inpainted image's own size, before padding
+        crop = kw.pop("crop", None)  # an init image's own size, before padding
         use_refiner = self.refiner is not None and job != "inpaint"
         if use_refiner:
             self.refiner.scheduler = make_scheduler(req.sampler, self.refiner.scheduler.config)
@@ -233,6 +250,7 @@ class Generator:
             for i, (seed, image) in enumerate(zip(seeds, images)):
                 if job == "inpaint" and output_type == "pil":
                     image = paste_outside_mask(image, kw["image"], kw["mask_image"], req.mask_blur)
+                if crop and output_type == "pil" and image.size != crop:
                     image = image.crop((0, 0, *crop))
                 size = image.size if output_type == "pil" else (image.shape[-1] * 8, image.shape[-2] * 8)
                 results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i)))
