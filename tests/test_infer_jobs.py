@@ -149,6 +149,13 @@ def test_controlnet_scale_zero_is_plain_txt2img_and_scale_one_steers(gen, tiny_s
     # img2img of sides not multiples of 8: the map is padded as the init image is, so the two still match
     odd = picture.crop((0, 0, 60, 52))
     assert cn.img2img("x", odd, control_image=odd, steps=2, seed=1)[0].image.size == (60, 52)
+    # a map of another shape is cut around its centre, not stretched: a 120x52 map whose middle 60
+    # columns are white (black at both sides) gives an all-white map over a 60x52 init image
+    wide = Image.new("RGB", (120, 52), "black")
+    ImageDraw.Draw(wide).rectangle((30, 0, 89, 51), fill="white")
+    kw = cn._call_kwargs(Request(prompt="x", init_image=odd, control_image=wide), "img2img")
+    fed = np.asarray(kw["control_image"])
+    assert kw["control_image"].size == (64, 56) and fed.min() == 255  # padded by repeating the edge
 
 
 def test_sweep_grid_holds_each_weight_rendered_alone(gen):

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
-from .images import extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
+from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
 from .prompts import encode_pair
@@ -174,11 +174,10 @@ class Generator:
                 raise ConfigError("--controlnet needs --control-image (the map that guides the image)")
             control = preprocess_control(req.control_image, req.control_preprocess)
             if job != "txt2img":
-                # The map is laid over the init image pixel for pixel, so it is scaled to the init
-                # image's size and padded as it was (not stretched over the padding).
-                if control.size != init.size:
-                    control = control.resize(init.size, Image.LANCZOS)
-                control = pad_to_multiple(control)
+                # The map is laid over the init image pixel for pixel, so it is brought to the init
+                # image's size (scaled, and cut around its centre when its shape differs, as A1111's
+                # "Crop and Resize") and padded as it was (not stretched over the padding).
+                control = pad_to_multiple(crop_and_resize(control, init.size))
             kw["controlnet_conditioning_scale"] = req.control_scale
             kw["image" if job == "txt2img" else "control_image"] = control
         return kw

@@ -131,6 +131,18 @@ def pad_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
     return Image.fromarray(np.pad(pixels, pad, mode="edge"), mode=image.mode)
 
 
+def crop_and_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` scaled to cover `size` and cut to it around its centre (A1111 ControlNet's default
+    "Crop and Resize"): a map of another shape keeps its proportions instead of being stretched."""
+    if image.size == size:
+        return image
+    (w, h), (iw, ih) = size, image.size
+    scale = max(w / iw, h / ih)
+    sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    left, top = (sw - w) // 2, (sh - h) // 2
+    return image.resize((sw, sh), Image.LANCZOS).crop((left, top, left + w, top + h))
+
+
 def paste_outside_mask(result: Image.Image, original: Image.Image, mask: Image.Image, blur: int = 0) -> Image.Image:
     """Keep the original pixels where the mask is black, as A1111 does after inpainting: the VAE
     round trip would otherwise shift colours there. `blur` softens the seam (pixels the blurred
