@@ -10,6 +10,7 @@ import os
 import sys
 
 from .errors import LoraTrainerError
+from .interrupts import CtrlC, noting_ctrl_c
 
 
 def _train(args) -> int:
@@ -228,6 +229,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with noting_ctrl_c():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # torch is imported here, not when this module is: a Ctrl-C in those seconds is no traceback
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 def _ctrl_c_inside(exc: BaseException) -> bool:
     """A Ctrl-C that a library turned into another error: transformers' lazy imports, for one, report
     a KeyboardInterrupt met while importing a model class as a ModuleNotFoundError raised from it."""
+    if CtrlC.seen:
+        return True
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):

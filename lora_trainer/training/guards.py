@@ -14,6 +14,7 @@ import torch
 
 from ..config import OutputConfig, RunConfig, TrainConfig
 from ..errors import ConfigError, LoraTrainerError
+from ..interrupts import CtrlC, note_ctrl_c
 
 
 class TrainingStopped(LoraTrainerError):
@@ -45,8 +46,9 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(sig) is default:  # a handler set elsewhere, or an ignored signal, stays
+            for sig, defaults in ((signal.SIGINT, (signal.default_int_handler, note_ctrl_c)),
+                                  (signal.SIGTERM, (signal.SIG_DFL,))):
+                if signal.getsignal(sig) in defaults:  # a handler set elsewhere, or an ignored signal, stays
                     self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -56,6 +58,7 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        CtrlC.seen = True
         raise KeyboardInterrupt
 
     def check(self) -> None:
