@@ -234,35 +234,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    try:  # torch is imported here, not when this module is: a Ctrl-C in those seconds is no traceback
+    try:  # the parser imports torch: inside the try, so a Ctrl-C in those seconds is no traceback
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose)
-        from .training.guards import RunInterrupted
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    try:
         return args.func(args)
-    except RunInterrupted as exc:  # Ctrl-C during training: a checkpoint was saved
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 130
-    except LoraTrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:  # a full disk or a read-only folder met while writing: one line, not a traceback
+    except LoraTrainerError as exc:  # a run stopped by Ctrl-C after saving a checkpoint is one too
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
         if _ctrl_c_inside(exc):
             print("interrupted", file=sys.stderr)
             return 130
-        if exc.errno not in _WRITE_ERRORS:
-            raise
-        print(f"error: {exc.filename or 'writing'}: {exc.strerror}; {_WRITE_ERRORS[exc.errno]}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if not _ctrl_c_inside(exc):
-            raise
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:  # a full disk or a read-only folder
+            print(f"error: {exc.filename or 'writing'}: {exc.strerror}; {_WRITE_ERRORS[exc.errno]}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 

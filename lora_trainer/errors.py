@@ -4,6 +4,8 @@
 class LoraTrainerError(Exception):
     """Base class for every error whose message is written for the user."""
 
+    label, exit_code = "error", 2  # the CLI prints "<label>: <message>" and exits with the code
+
 
 class ConfigError(LoraTrainerError):
     """A config key or value is wrong; the message names the key, the value and what is allowed."""

@@ -6,7 +6,6 @@ import logging
 import math
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from ..config import OutputConfig, RunConfig, TrainConfig
 from ..errors import ConfigError, LoraTrainerError
+from ..fileio import unwritable_reason
 from ..interrupts import CtrlC, note_ctrl_c
 
 
@@ -23,6 +23,8 @@ class TrainingStopped(LoraTrainerError):
 
 class RunInterrupted(LoraTrainerError):
     """Stopped by the user (Ctrl-C or SIGTERM) after saving a checkpoint; the message says how to continue."""
+
+    label, exit_code = "stopped", 130
 
     def __init__(self, step: int, checkpoint: Path | None):
         self.step, self.checkpoint = step, checkpoint
@@ -136,16 +138,9 @@ def check_writable(folder: Path, key: str) -> None:
     """Fail before any model loads when `folder` cannot be written to: a read-only or foreign folder
     would otherwise stop the run at its first save or cache write. A missing folder is not made
     here: its nearest existing parent is tried, where it will be made."""
-    folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); "
-                          f"set {key} to a folder you can write to") from None
+    reason = unwritable_reason(folder)
+    if reason:
+        raise ConfigError(f"{key}: cannot write in {folder} ({reason}); set {key} to a folder you can write to")
 
 
 def check_writable_folders(cfg: RunConfig) -> None:
