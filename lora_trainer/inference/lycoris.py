@@ -145,11 +145,13 @@ class WeightPatches:
                 changed = True
             with torch.no_grad():
                 if not changed:
-                    target.copy_(weight0)
-                elif into is not target:
-                    target.copy_(into)
-                if fresh:
-                    weight.data = target
+                    if not fresh:  # a layer that still holds its original has nothing to undo
+                        target.copy_(weight0)
+                else:
+                    if into is not target:
+                        target.copy_(into)
+                    if fresh:
+                        weight.data = target
                 if bias is not None and bias0 is not None:
                     bias.copy_(b.to(bias.dtype) if changed else bias0.to(device))
         self.applied = dict(weights)
