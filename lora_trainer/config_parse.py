@@ -101,7 +101,7 @@ def _coerce(value: Any, tp: Any) -> Any:
 _FOREIGN_NAMES = {
     "pretrained_model_name_or_path": "model.base", "train_data_dir": "data.path", "instance_data_dir": "data.path",
     "enable_bucket": "data.buckets", "flip_aug": "data.random_flip", "network_dim": "lora.rank",
-    "network_alpha": "lora.alpha", "network_dropout": "lora.dropout", "learning_rate": "train.lr",
+    "network_alpha": "lora.alpha", "network_dropout": "lora.neuron_dropout", "learning_rate": "train.lr",
     "unet_lr": "train.lr", "max_train_steps": "train.max_steps", "max_train_epochs": "train.epochs",
     "num_train_epochs": "train.epochs", "train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler": "train.scheduler",
