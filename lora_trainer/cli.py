@@ -19,6 +19,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, show_progress=not args.quiet)
+    if result.finished:
+        print(result.finished)
+        return 0
     for path in result.adapter_paths:
         print(f"adapter: {path}")
     return 0

@@ -212,7 +212,8 @@ class TrainConfig:
     validate_every_n_steps: Optional[int] = None
     validation_timesteps: int = 8  # each held-out image is scored at this many evenly spaced timesteps
     # continue a stopped run: "latest" (the newest complete checkpoint in output.dir/checkpoints;
-    # starts fresh when there is none yet) or the path of a checkpoint folder; null: a new run
+    # starts fresh when there is none yet; a run that already finished at this length does nothing,
+    # a longer one trains on) or the path of a checkpoint folder; null: a new run
     resume: Optional[str] = None
 
 

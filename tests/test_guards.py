@@ -134,6 +134,25 @@ def test_resuming_with_a_changed_config_names_the_changed_keys(tmp_path, caplog)
     assert resume_changes(tmp_path / "missing.yaml", changed) == []
 
 
+def test_resuming_longer_warns_that_a_decaying_schedule_is_stretched(tmp_path, caplog):
+    """The checkpoint keeps the schedule's step, not its length: a longer cosine run takes the new
+    curve's rates from the checkpoint on, and says so; a flat schedule changes nothing and is silent."""
+    from lora_trainer.config import dump_config, load_config
+    from lora_trainer.training.guards import warn_resume_changes
+
+    example = REPO / "configs" / "example.yaml"
+    saved = tmp_path / "config.yaml"
+    for scheduler, warned in (("cosine", True), ("constant_with_warmup", False)):
+        saved.write_text(dump_config(load_config(example, [f"train.scheduler={scheduler}"])))
+        longer = load_config(example, [f"train.scheduler={scheduler}", "train.max_steps=80", "train.resume=latest"])
+        caplog.clear()
+        warn_resume_changes(saved, longer, tmp_path / "checkpoints" / "step-000030")
+        assert len(caplog.records) == int(warned)
+        if warned:
+            assert "continues with train.max_steps (40 -> 80); the cosine lr schedule now spans the new length" \
+                in caplog.text
+
+
 def test_files_of_the_runs_names_in_a_folder_without_a_run_are_not_replaced(tmp_path):
     """output.dir pointed at a folder of one's adapters: one of output.name's name is not overwritten."""
     for taken in ("mine.safetensors", "mine.diffusers.safetensors", "loss.png", "samples"):

@@ -68,7 +68,7 @@ class StopSignals:
             raise KeyboardInterrupt
 
 
-RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png")
+RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finished.json")
 
 
 def clear_previous_run(out_dir: Path) -> None:
@@ -157,18 +157,32 @@ _RESUME_MAY_CHANGE = {"train.max_steps", "train.epochs", "train.resume", "train.
                       "train.validate_every_n_steps", "data.num_workers"}
 
 
+_LENGTH = ("train.max_steps", "train.epochs")
+_FLAT_SCHEDULES = ("constant", "constant_with_warmup")  # their rate after warmup does not depend on the length
+
+
 def warn_resume_changes(saved_config: Path, cfg: RunConfig, checkpoint: Path) -> None:
     """One warning naming the training keys (model, data, dreambooth, lora, train) whose value
-    differs from the run folder's config.yaml, the config of the run being resumed."""
+    differs from the run folder's config.yaml, the config of the run being resumed; and one when a
+    new length reshapes a decaying lr schedule."""
     changed = resume_changes(saved_config, cfg)
+    warn = logging.getLogger(__name__).warning
     if changed:
-        logging.getLogger(__name__).warning(
-            "train.resume: %s continues with a config changed in %s; the result is no longer the run that saved "
-            "it (resume with its config.yaml to continue it exactly)", checkpoint, ", ".join(changed))
+        warn("train.resume: %s continues with a config changed in %s; the result is no longer the run that saved "
+             "it (resume with its config.yaml to continue it exactly)", checkpoint, ", ".join(changed))
+    longer = resume_changes(saved_config, cfg, keys=_LENGTH)
+    if longer and cfg.train.scheduler not in _FLAT_SCHEDULES:
+        # The schedule is a function of the step and the run's length, rebuilt from the config: the
+        # checkpoint keeps only the step, so the rates from there on are the new length's.
+        warn("train.resume: %s continues with %s; the %s lr schedule now spans the new length, so the steps after "
+             "the checkpoint take the new schedule's rates at those steps, not the old curve's (the rate jumps "
+             "there; train.scheduler=constant or constant_with_warmup has no such jump)", checkpoint,
+             ", ".join(longer), cfg.train.scheduler)
 
 
-def resume_changes(saved_config: Path, cfg: RunConfig) -> list[str]:
-    """The changed training keys as "key (old -> new)"; none when config.yaml cannot be read."""
+def resume_changes(saved_config: Path, cfg: RunConfig, keys: tuple[str, ...] = ()) -> list[str]:
+    """The changed training keys as "key (old -> new)", or those of `keys` only; none when
+    config.yaml cannot be read."""
     import yaml
 
     try:
@@ -181,10 +195,14 @@ def resume_changes(saved_config: Path, cfg: RunConfig) -> list[str]:
             return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): node}
 
+    def compared(key: str) -> bool:
+        if keys:
+            return key in keys
+        return key.split(".")[0] in ("model", "data", "dreambooth", "lora", "train") and key not in _RESUME_MAY_CHANGE
+
     before, now = flat(old), flat(cfg.to_dict())
     return [f"{key} ({before[key]!r} -> {value!r})" for key, value in now.items()
-            if key.split(".")[0] in ("model", "data", "dreambooth", "lora", "train") and key in before
-            and key not in _RESUME_MAY_CHANGE and before[key] != value]
+            if compared(key) and key in before and before[key] != value]
 
 
 def check_finite(loss: float, step: int, last_checkpoint: Path | None) -> None:

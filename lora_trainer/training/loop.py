@@ -34,6 +34,7 @@ from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .epochs import EpochEnds, epoch_suffix
+from .finished import FinishedRun, already_finished, message, write_finished
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
                      check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
@@ -65,6 +66,7 @@ class TrainResult:
     text_encoder_2: Any = None  # SDXL
     resumed_from: Path | None = None  # the checkpoint the run continued from
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
+    finished: str = ""  # train.resume=latest on a run already that long: why nothing was done
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
@@ -89,6 +91,9 @@ def train(cfg: RunConfig, show_progress: bool = True,
     # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
     check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None, name=cfg.output.name)
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
+    done = already_finished(cfg, out_dir, checkpoint is not None) if cfg.train.resume == "latest" else None
+    if done is not None:  # the same command run again: no model is loaded, nothing is written
+        return TrainResult(out_dir, [out_dir / n for n in done.adapters], done.step, finished=message(out_dir, done))
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
     # The base is checked first (it reads model_index.json or a file header only), so a wrong
@@ -387,6 +392,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             draw_sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
+        write_finished(out_dir, FinishedRun(step, num_epochs, updates_per_epoch, [p.name for p in paths]))  # last
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
                        val_losses=validation.losses)

@@ -1,0 +1,76 @@
+"""The record of a run that ran to its end (`OUT/finished.json`), and what `train.resume: latest`
+does with it: nothing when the run is as long as the config asks, train on when the config asks
+for more.
+
+Checkpoints alone cannot tell: the last one is usually a few steps before the end (none is saved at
+the last step, whose state is the final adapter), so a finished run looked like one to continue
+from there, and rerunning the command trained those steps again and rewrote the final adapter.
+The record is written atomically after the final adapter, so it exists only for a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..fileio import write_text_atomic
+
+FINISHED_FILE = "finished.json"
+
+
+@dataclass
+class FinishedRun:
+    step: int  # the last optimizer step: the final adapter's
+    epochs: int  # epochs of that run (the last may be partial when max_steps ended inside it)
+    updates_per_epoch: int  # steps an epoch took (with that run's data, batch and processes)
+    adapters: list[str] = field(default_factory=list)  # the final adapter files, relative to output.dir
+
+
+def write_finished(out_dir: Path, run: FinishedRun) -> None:
+    write_text_atomic(Path(out_dir) / FINISHED_FILE, json.dumps(asdict(run), indent=1) + "\n")
+
+
+def read_finished(out_dir: Path) -> FinishedRun | None:
+    """The record of the finished run in `out_dir`; None when there is none, it cannot be read, or
+    its adapter is gone (then the run is made again from its newest checkpoint, as before)."""
+    try:
+        run = FinishedRun(**json.loads((Path(out_dir) / FINISHED_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not run.adapters or not all((Path(out_dir) / name).is_file() for name in run.adapters):
+        return None
+    return run
+
+
+def target_steps(cfg: RunConfig, run: FinishedRun) -> int:
+    """The length `cfg` asks for, in steps. train.epochs is counted in the finished run's epochs
+    (the data is not scanned for this: nothing is read before the answer may be "nothing to do")."""
+    t = cfg.train
+    return t.max_steps if t.max_steps is not None else t.epochs * run.updates_per_epoch
+
+
+def message(out_dir: Path, run: FinishedRun) -> str:
+    adapters = ", ".join(str(Path(out_dir) / name) for name in run.adapters)
+    return (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
+            "(raise train.max_steps / train.epochs to train on)")
+
+
+def already_finished(cfg: RunConfig, out_dir: Path, has_checkpoint: bool) -> FinishedRun | None:
+    """With train.resume=latest: the finished run in `out_dir` when it already ran to the length
+    `cfg` asks for (None: train). A longer run continues from the newest checkpoint; one with no
+    checkpoint cannot, and starts again from step 0 only with output.overwrite=true."""
+    run = read_finished(out_dir)
+    if run is None:
+        return None
+    target = target_steps(cfg, run)
+    if target <= run.step:
+        return run
+    if not has_checkpoint and not cfg.output.overwrite:
+        raise ConfigError(f"train.resume: the run in {out_dir} finished at step {run.step} and saved no checkpoint to "
+                          f"continue from to step {target} (output.save_every_n_steps was off); train it again from "
+                          "step 0 with output.overwrite=true (its adapter is replaced), or start a new output.dir "
+                          f"with lora.init_from={Path(out_dir) / run.adapters[0]}")
+    return None
