@@ -8,6 +8,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import safetensors.torch
 import torch
 from PIL import Image
@@ -109,3 +110,50 @@ def test_uncaptioned_instance_images_are_not_reported_as_training_uncaptioned(ti
     assert re.search(r"longest caption: [1-9]\d* tokens", text)  # the prompt's, with example.yaml's prefix
     records = [json.loads(line) for line in (tmp_path / "out" / "captions.jsonl").read_text().splitlines()]
     assert {r["caption"] for r in records} == {"geoshape, a photo of sks shape"}
+
+
+def test_a_class_folder_that_cannot_be_written_stops_the_run_before_the_model_loads(tiny_sd15, example_data,
+                                                                                     tmp_path, capsys, monkeypatch):
+    """A folder under a file stands for a read-only one (permissions do not stop root)."""
+    from conftest import REPO
+
+    from lora_trainer.cli import main
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr("lora_trainer.training.loop.load_base", refused)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for folder in (blocker / "class", blocker):  # cannot be made; is a file
+        rc = main(["train", str(REPO / "configs" / "example.yaml"), f"model.base={tiny_sd15}",
+                   f"data.path={example_data}", f"output.dir={tmp_path / 'out'}", *DB,
+                   f"dreambooth.class_data={folder}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err, err
+        assert err.startswith(f"error: dreambooth.class_data: cannot write the 3 missing class images in {folder} "
+                              f"(cannot be made: {blocker} is a file); set dreambooth.class_data to a folder you "
+                              "can write to, or put 3 class images in it"), err
+
+
+def test_a_read_only_class_folder_is_refused_only_when_images_are_missing(tiny_sd15, example_data, tmp_path,
+                                                                           monkeypatch):
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.training import guards
+
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (k * 90, 40, 200)).save(classes / f"mine-{k}.png")
+    # the class folder read-only, everything else writable
+    monkeypatch.setattr(guards, "unwritable_reason",
+                        lambda folder: "cannot be written to (Read-only file system)" if folder == classes else None)
+    for count, refused in ((2, False), (1, False), (3, True)):
+        cfg = run_config(tiny_sd15, example_data, tmp_path / "out", *DB, f"dreambooth.class_data={classes}",
+                         f"dreambooth.num_class_images={count}")
+        if refused:
+            with pytest.raises(ConfigError, match=r"^dreambooth.class_data: cannot write the 1 missing class images "
+                                                  r"in .*Read-only file system"):
+                guards.check_writable_folders(cfg)
+        else:
+            guards.check_writable_folders(cfg)

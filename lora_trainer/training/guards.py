@@ -134,22 +134,33 @@ def _trained_anything(out_dir: Path) -> bool:
             or (out_dir / "samples").exists() or any(out_dir.glob("*.safetensors")))
 
 
-def check_writable(folder: Path, key: str) -> None:
+def check_writable(folder: Path, key: str, what: str = "", other: str = "") -> None:
     """Fail before any model loads when `folder` cannot be written to: a read-only or foreign folder
     would otherwise stop the run at its first save or cache write. A missing folder is not made
-    here: its nearest existing parent is tried, where it will be made."""
+    here: its nearest existing parent is tried, where it will be made. `what`: what would be
+    written there; `other`: another way out, for the message."""
     reason = unwritable_reason(folder)
     if reason:
-        raise ConfigError(f"{key}: cannot write in {folder} ({reason}); set {key} to a folder you can write to")
+        raise ConfigError(f"{key}: cannot write {what + ' ' if what else ''}in {folder} ({reason}); "
+                          f"set {key} to a folder you can write to{other}")
 
 
 def check_writable_folders(cfg: RunConfig) -> None:
-    """output.dir, and the latent disk cache (by default inside the dataset, which may be read-only)."""
+    """output.dir, the latent disk cache (by default inside the dataset, which may be read-only),
+    and the DreamBooth class folder when class images are still to be generated into it (a
+    read-only one that already holds them all is only read)."""
     from .caches import latent_cache_dir
+    from .prior import existing_class_images
 
     check_writable(Path(cfg.output.dir), "output.dir")
     if cfg.train.cache_latents_to_disk:
         check_writable(latent_cache_dir(cfg), "train.cache_dir")
+    if cfg.prior_preservation:
+        folder, wanted = Path(cfg.dreambooth.class_data), cfg.dreambooth.num_class_images
+        missing = wanted - len(existing_class_images(folder))
+        if missing > 0:  # generated after the base model loads: asked here, not at the first image
+            check_writable(folder, "dreambooth.class_data", f"the {missing} missing class images",
+                           f", or put {wanted} class images in it")
 
 
 # What a resumed run may change and still continue the same run: its length, logging and outputs.
