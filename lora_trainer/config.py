@@ -71,7 +71,8 @@ class BlockLrWeights:
     the UNet adapter's lr × the weight of each module's block. down and up: a list (12 values on SD1.x,
     input blocks shallow -> deep, output blocks deep -> shallow; 9 on SDXL), "1,1,0.5,...", or a preset
     sine, cosine, linear, reverse_linear, zeros with an optional +offset ("cosine+0.5"); mid: a list
-    (1 value on SD1.x, 3 on SDXL) or one number. null: 1 for those blocks. Text encoders are unaffected."""
+    (1 value on SD1.x, 3 on SDXL) or one number. null: 1 for those blocks. Text encoders are unaffected.
+    A list of another count is fitted as kohya fits it (cut, or filled with 1.0), with a warning."""
 
     down: Optional[Union[list[float], str]] = None
     mid: Optional[Union[list[float], str]] = None

@@ -84,8 +84,8 @@ def _cfg(tiny, data, tmp, *extra):
 def test_counts_and_values_are_checked_with_the_key(tiny_sd15, example_data, tmp_path):
     for bad, message in (
             (["model.variant=sd15", "lora.block_ranks=[4,4]"], "lora.block_ranks: got 2 values; this base has 25"),
-            (["model.variant=sdxl", "lora.block_lr_weights.down=[1,1]"], "lora.block_lr_weights.down: got 2 values; "
-                                                                         "this base has 9"),
+            (["model.variant=sdxl", "lora.block_ranks=[4,4]", "lora.block_alphas=" + str([1] * 25)],
+             "lora.block_alphas: got 25 values; this base has 23"),
             (["lora.block_lr_weights.up=sinus"], "lora.block_lr_weights.up: got 'sinus'"),
             (["lora.block_lr_weights.mid=cosine"], "lora.block_lr_weights.mid: got 'cosine'; presets"),
             (["lora.block_lr_zero_threshold=-1"], "lora.block_lr_zero_threshold: got -1.0"),
@@ -93,8 +93,8 @@ def test_counts_and_values_are_checked_with_the_key(tiny_sd15, example_data, tmp
         with pytest.raises(ConfigError, match=message):
             _cfg(tiny_sd15, example_data, tmp_path, *bad)
     # variant auto: the count is checked once the base is read, before any data or model loads
-    cfg = _cfg(tiny_sd15, example_data, tmp_path / "auto", "lora.block_lr_weights.up=[1,1,1]")
-    with pytest.raises(ConfigError, match="^lora.block_lr_weights.up: got 3 values; this base has 12 such blocks"):
+    cfg = _cfg(tiny_sd15, example_data, tmp_path / "auto", "lora.conv_block_ranks=[1,1,1]")
+    with pytest.raises(ConfigError, match="^lora.conv_block_ranks: got 3 values; this base has 25 kohya blocks"):
         train(cfg, show_progress=False)
     assert not (tmp_path / "auto").exists()
 
@@ -260,7 +260,38 @@ def test_from_kohya_fits_lr_weight_lists_of_another_length_to_the_base():
     assert not any("lr_weight" in n for n in notes)
     cfg, notes = convert(None, "up_lr_weight=1,0")
     assert cfg["lora"]["block_lr_weights"] == {"up": [1.0, 0.0]}
-    assert any("up_lr_weight: 2 values" in n and "set model.variant" in n for n in notes)
+    assert any("up_lr_weight: 2 values" in n and "so does the run once it reads the base" in n for n in notes)
+    # per-block ranks and alphas: kohya refuses another count, so does the import when the base is known
+    with pytest.raises(ConfigError, match=r"^--network_args block_alphas: 25 values; SDXL has 23 kohya blocks, and "
+                                          r"kohya refuses another count too; give 23$"):
+        convert("sdxl_train_network.py", "block_dims=" + ",".join(["4"] * 23), "block_alphas=" + ",".join(["1"] * 25))
+    cfg, _ = convert(None, "block_dims=" + ",".join(["4"] * 24))  # base unknown: the run checks it
+    assert cfg["lora"]["block_ranks"] == [4] * 24
+
+
+def test_lr_weight_lists_of_another_count_are_fitted_as_kohya_fits_them_with_a_warning(tiny_sd15, example_data,
+                                                                                      tmp_path, caplog):
+    """A list copied for the other base (or too short) trains as kohya trains it: cut after the
+    base's count, or filled with 1.0; each fitted key is named once with what the run assumed."""
+    from lora_trainer.training.loop import _for_variant
+
+    cfg = _cfg(tiny_sd15, example_data, tmp_path, "model.variant=sdxl", "lora.block_lr_weights.down=" + str([0.5] * 12),
+               "lora.block_lr_weights.mid=0.25", "lora.block_lr_weights.up=linear", "lora.block_lr_zero_threshold=0.3")
+    with caplog.at_level("WARNING"):
+        fitted = _for_variant(cfg, "sdxl")
+    assert fitted.lora.block_lr_weights.down == [0.5] * 9 and fitted.lora.block_lr_weights.mid == [0.25, 1.0, 1.0]
+    assert fitted.lora.block_lr_weights.up == "linear"  # a preset spans the base's blocks already
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "lora.block_lr_weights.down: 12 values; SDXL has 9 down blocks, so the values after the 9th are left out, as "
+        "kohya leaves them out (the run trains with 0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5; give 9 values to choose them)",
+        "lora.block_lr_weights.mid: 1 value; SDXL has 3 mid blocks, so the missing 2 are 1.0, as kohya fills them "
+        "(the run trains with 0.25,1,1; give 3 values to choose them)"]
+    weights = block_lr_weights(fitted.lora, "sdxl")  # the per-block weights the optimizer groups get
+    assert weights[:14] == [1.0, *[0.5] * 9, 0.0, 1.0, 1.0, 0.0]  # 0.25 and linear's first 0 under the threshold
+    assert _for_variant(fitted, "sdxl") == fitted  # fitted once: the resolved config.yaml holds exact counts
+    with pytest.raises(ConfigError, match="lora.block_lr_weights.mid: got 'x'"):
+        _for_variant(_cfg(tiny_sd15, example_data, tmp_path, "lora.block_lr_weights.mid=x"), "sd15")
 
 
 def test_defaults_keep_one_unet_group_and_no_block_args(trained):

@@ -2,13 +2,14 @@
 block_dims, block_alphas, conv_block_dims, conv_block_alphas) as lora.block_* config keys.
 
 kohya fits lr-weight lists of another length to the base (a long one is cut, a short one filled with
-1.0); the config takes exact counts only, so the import does that fitting and says so. The per-block
-rank and alpha lists kohya takes at their exact length only, as the config does."""
+1.0); the import does that fitting when the base is known and says so (the run fits a list it
+could not, with a warning). The per-block rank and alpha lists kohya takes at their exact length
+only, as the config does."""
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..models.blocks import LR_WEIGHT_COUNTS, PRESETS
+from ..models.blocks import BLOCK_COUNTS, LR_WEIGHT_COUNTS, PRESETS, VARIANT_NAMES, fit_count, fit_note
 from .options import parse_number, set_key
 
 
@@ -54,32 +55,36 @@ def block_args(network_args: dict[str, str], cfg: dict, notes: list[str]) -> Non
             notes.append(f"--network_args conv_block_alphas={network_args.pop(kohya)}: kohya uses it only with "
                          "conv_block_dims; left out")
             continue
-        set_key(cfg, f"lora.{ours}", numbers(kohya, kind))
-
-
-_VARIANT_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+        values = numbers(kohya, kind)
+        check_block_count(kohya, values, cfg)
+        set_key(cfg, f"lora.{ours}", values)
 
 
 def fit_lr_weights(key: str, weights: list[float], side: str, cfg: dict, notes: list[str]) -> list[float]:
     """`weights` cut or filled with 1.0 to the base's count of `side` blocks, as kohya's networks.lora
-    does (with a note); unchanged, with a note when the count is wrong, if the base is not known."""
+    does (with a note); unchanged, with a note when the count is wrong, if the base is not known (the
+    run then fits it the same way, with a warning)."""
     variant = cfg.get("model", {}).get("variant")
     position = ("down", "mid", "up").index(side)
     if variant not in LR_WEIGHT_COUNTS:
         counts = sorted({counts[position] for counts in LR_WEIGHT_COUNTS.values()})
         if len(weights) not in counts:
             notes.append(f"--network_args {key}: {len(weights)} values; kohya cuts or fills the list (with 1.0) to "
-                         f"the base's count ({' or '.join(map(str, counts))}), but the base is not known here: "
-                         f"set model.variant and give lora.block_lr_weights.{side} that many values")
+                         f"the base's count ({' or '.join(map(str, counts))}), and so does the run once it reads the "
+                         "base (with a warning)")
         return weights
     n = LR_WEIGHT_COUNTS[variant][position]
     if len(weights) == n:
         return weights
-    base = _VARIANT_NAMES[variant]
-    if len(weights) > n:
-        notes.append(f"--network_args {key}: {len(weights)} values; {base} has {n} {side} blocks, so the values after "
-                     f"the {n}th are left out, as kohya leaves them out")
-        return weights[:n]
-    notes.append(f"--network_args {key}: {len(weights)} values; {base} has {n} {side} blocks, so the missing "
-                 f"{n - len(weights)} are 1.0, as kohya fills them")
-    return weights + [1.0] * (n - len(weights))
+    notes.append(fit_note(f"--network_args {key}", len(weights), n, side, variant))
+    return fit_count(weights, n)
+
+
+def check_block_count(kohya: str, values: list, cfg: dict) -> None:
+    """kohya refuses per-block rank and alpha lists of another count than the base's blocks; so does
+    the import, naming the argument, when the base is known (else the run does, before any model loads)."""
+    variant = cfg.get("model", {}).get("variant")
+    if variant in BLOCK_COUNTS and len(values) != BLOCK_COUNTS[variant]:
+        n = BLOCK_COUNTS[variant]
+        raise ConfigError(f"--network_args {kohya}: {len(values)} values; {VARIANT_NAMES[variant]} has {n} kohya "
+                          f"blocks, and kohya refuses another count too; give {n}")

@@ -13,9 +13,10 @@ left out of the network, as kohya does: no adapter, nothing trained, nothing in 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence, Union
 
 from ..errors import ConfigError
@@ -29,6 +30,8 @@ PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 _SD15_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 _SDXL_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 OUTSIDE = -1  # a module in no numbered block: trained at lr weight 1, lora.rank / lora.alpha
+VARIANT_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+log = logging.getLogger(__name__)
 
 Values = Union[list, str, float, int, None]
 
@@ -93,6 +96,41 @@ def parse_lr_weights(value: Values, n: int | None, key: str, presets: bool = Tru
     if n is not None and len(weights) != n:
         raise ConfigError(f"{key}: got {len(weights)} values; this base has {n} such blocks, give {n} numbers")
     return weights
+
+
+def fit_count(weights: list[float], n: int) -> list[float]:
+    """An lr-weight list fitted to `n` blocks as kohya's networks.lora fits it: the values after the
+    n-th left out, missing ones 1.0 (the block trains at train.lr)."""
+    return list(weights[:n]) + [1.0] * (n - len(weights))
+
+
+def fit_note(name: str, got: int, n: int, side: str, variant: str) -> str:
+    """What fit_count did to a list of `got` values, for a note or a warning naming `name`."""
+    base = VARIANT_NAMES[variant]
+    if got > n:
+        return (f"{name}: {got} values; {base} has {n} {side} blocks, so the values after the {n}th are left out, "
+                "as kohya leaves them out")
+    return (f"{name}: {got} value{'s' if got != 1 else ''}; {base} has {n} {side} blocks, so the missing {n - got} "
+            "are 1.0, as kohya fills them")
+
+
+def fit_lr_weight_counts(lora, variant: str):
+    """`lora` with each block lr-weight list of another length than the base's count fitted as kohya
+    fits it (fit_count), with a warning per fitted list. A user who copies a list from a guide for
+    the other base (12 SD1.x down blocks, 9 on SDXL) gets kohya's run, not a refusal; presets and
+    badly spelled values are left to block_config_errors."""
+    fitted = {}
+    for side, n in zip(("down", "mid", "up"), LR_WEIGHT_COUNTS[variant]):
+        key = f"lora.block_lr_weights.{side}"
+        try:
+            weights = parse_lr_weights(getattr(lora.block_lr_weights, side), None, key, side != "mid")
+        except ConfigError:
+            continue
+        if weights is not None and len(weights) != n:
+            fitted[side] = fit_count(weights, n)
+            log.warning("%s (the run trains with %s; give %d values to choose them)",
+                        fit_note(key, len(weights), n, side, variant), format_values(fitted[side]), n)
+    return replace(lora, block_lr_weights=replace(lora.block_lr_weights, **fitted)) if fitted else lora
 
 
 def block_lr_weights(lora, variant: str) -> Optional[list[float]]:
@@ -173,12 +211,13 @@ def module_ranks(paths: Iterable[str], is_3x3, plan: BlockPlan, variant: str, de
 
 
 def block_config_errors(lora, variant: Optional[str]) -> list[str]:
-    """The block keys' problems, one line each; counts are checked only when `variant` is known."""
+    """The block keys' problems, one line each; rank and alpha counts are checked only when `variant`
+    is known (lr-weight lists of another count are fitted instead: fit_lr_weight_counts)."""
     errors = []
-    n_down, n_mid, n_up = LR_WEIGHT_COUNTS[variant] if variant in LR_WEIGHT_COUNTS else (None,) * 3
-    for side, n in (("down", n_down), ("mid", n_mid), ("up", n_up)):
+    for side in ("down", "mid", "up"):
         try:
-            parse_lr_weights(getattr(lora.block_lr_weights, side), n, f"lora.block_lr_weights.{side}", side != "mid")
+            parse_lr_weights(getattr(lora.block_lr_weights, side), None, f"lora.block_lr_weights.{side}",
+                             side != "mid")
         except ConfigError as exc:
             errors.append(str(exc))
     if lora.block_lr_zero_threshold < 0:

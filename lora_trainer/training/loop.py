@@ -22,7 +22,7 @@ from ..data.holdout import split_examples
 from ..data.prepare import prepare_examples
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
-from ..models.blocks import block_config_errors
+from ..models.blocks import block_config_errors, fit_lr_weight_counts
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
@@ -70,7 +70,9 @@ class TrainResult:
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
-    """The config with what depends on the base filled in: the variant, the native resolution."""
+    """The config with what depends on the base filled in: the variant, the native resolution, block
+    lr-weight lists fitted to its block counts."""
+    cfg = replace(cfg, lora=fit_lr_weight_counts(cfg.lora, variant))  # with a warning, as kohya fits them
     problems = block_config_errors(cfg.lora, variant)  # the block counts depend on the base
     if problems:
         raise ConfigError("\n".join(problems))
