@@ -28,15 +28,12 @@ PER_RANK_SCRIPT = textwrap.dedent("""
 SEVERAL_RUNS_SCRIPT = textwrap.dedent("""
     import os, runpy, sys
     import torch
-    from accelerate.state import PartialState
     from lora_trainer.config import load_config
     from lora_trainer.training.loop import train
 
     torch.set_num_threads(1)
-    # Each run ends its accelerator, which destroys the process group, and a group made again in the
-    # same processes cannot always reach its peers (gloo: "Connection reset by peer"): the runs share
-    # one group, destroyed after the last.
-    PartialState.destroy_process_group = lambda self, group=None: None
+    # The runs follow each other in the same 2 processes, as a script or a notebook that trains
+    # twice does: each run leaves the process group to the next (destroyed at exit).
     config, runs = sys.argv[1], [run.split("\\n") for run in sys.argv[2:]]
     for script, *args in runs:
         if script:
@@ -51,7 +48,6 @@ SEVERAL_RUNS_SCRIPT = textwrap.dedent("""
         result = train(cfg, show_progress=False)
         adapter = {k: v.detach() for k, v in result.unet.named_parameters() if v.requires_grad}
         torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
-    torch.distributed.destroy_process_group()
 """)
 
 # The 2-process runs the tests compare with 1 process (batch 1 per process there, batch 2 here):

@@ -47,7 +47,7 @@ from .plots import plot_loss
 from .schedules import build_scheduler
 from .step_adapters import keep_step_adapters, step_suffix
 from .prior import class_examples, generate_class_images
-from .tracking import (init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
+from .tracking import (end_run, init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
 from .validation import Validation
 
@@ -117,7 +117,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
             return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
                           initial, stop)
     finally:
-        accelerator.end_training()
+        end_run(accelerator)  # not accelerator.end_training(): see end_run
         release_accelerate_state()
 
 

@@ -3,6 +3,7 @@ per-step record that goes to OUT/train_log.jsonl, the trackers and, at the end, 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,28 @@ def init_trackers(cfg: RunConfig, accelerator, out_dir: Path) -> None:
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         wandb["dir"] = str(out_dir / "logs")
     accelerator.init_trackers(cfg.log.project, config=tracker_config(cfg), init_kwargs={"wandb": wandb})
+
+
+def end_run(accelerator) -> None:
+    """accelerate's end_training without its destroying of the process group: the trackers are
+    finished, and the group is left for the next run in these processes (a script or a notebook
+    under notebook_launcher that trains twice) and destroyed when the process exits. gloo cannot
+    always make a group again in the same processes (its peers reset the connection), and
+    accelerate's next state joins the group that exists instead of making one."""
+    import torch.distributed as dist
+
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if dist.is_available() and dist.is_initialized():
+        atexit.unregister(_destroy_process_group)  # once, however many runs the process trains
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the user's script may have destroyed it already
+        dist.destroy_process_group()
 
 
 def release_accelerate_state() -> None:
