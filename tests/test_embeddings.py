@@ -211,3 +211,25 @@ def test_an_embedding_for_another_base_is_refused_in_one_line(tiny_sd15, tiny_sd
 def test_two_files_for_one_token_are_refused(sd15_file):
     with pytest.raises(ModelError, match="both use the token 'MyTok'"):
         load_embeddings([str(sd15_file), f"{sd15_file}:MyTok"])
+
+
+def test_sdxl_embedding_of_a_phrases_vectors_draws_that_phrase_through_the_refiner(tiny_sdxl, tmp_path):
+    """clip_l and clip_g holding each encoder's table rows of "red circle": base and refiner (which
+    reads clip_g alone) draw exactly what the phrase draws."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lora_trainer.testing.inference_models import make_sdxl_refiner
+
+    parts = {}
+    for part, sub, cls in (("clip_l", "", CLIPTextModel), ("clip_g", "_2", CLIPTextModelWithProjection)):
+        tok = CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=f"tokenizer{sub}")
+        table = cls.from_pretrained(tiny_sdxl, subfolder=f"text_encoder{sub}").get_input_embeddings().weight
+        parts[part] = table[tok("red circle", add_special_tokens=False).input_ids].detach().clone()
+    save_file(parts, str(tmp_path / "redcircle.safetensors"))
+    gen = Generator(tiny_sdxl, refiner=make_sdxl_refiner(tiny_sdxl, tmp_path / "refiner"), device="cpu",
+                    embeddings=[str(tmp_path / "redcircle.safetensors")])
+    fast = dict(steps=2, width=64, height=64, seed=3, refiner_start=0.5)
+    got = gen.generate(Request(prompt="a RedCircle", negative_prompt="blurry", **fast), output_type="latent")[0]
+    want = gen.generate(Request(prompt="a red circle", negative_prompt="blurry", **fast), output_type="latent")[0]
+    assert torch.equal(got.image, want.image)
+    assert [name for name, _ in got.info.embeddings] == ["redcircle"]
