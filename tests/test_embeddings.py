@@ -6,6 +6,7 @@ before the base loads, in one line."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,13 @@ def test_sdxl_embedding_of_a_phrases_vectors_draws_that_phrase_through_the_refin
     want = gen.generate(Request(prompt="a red circle", negative_prompt="blurry", **fast), output_type="latent")[0]
     assert torch.equal(got.image, want.image)
     assert [name for name, _ in got.info.embeddings] == ["redcircle"]
+
+
+def test_embedding_spec_parsing(tmp_path):
+    assert parse_embedding_spec("neg.safetensors") == EmbeddingSpec(Path("neg.safetensors"))
+    assert parse_embedding_spec("neg.safetensors:bad-hands") == EmbeddingSpec(Path("neg.safetensors"), "bad-hands")
+    odd = tmp_path / "a:b.safetensors"  # an existing file is read whole, colon and all
+    odd.touch()
+    assert parse_embedding_spec(str(odd)) == EmbeddingSpec(odd)
+    with pytest.raises(ModelError, match="nothing after ':'"):
+        parse_embedding_spec("neg.safetensors:")
