@@ -10,6 +10,7 @@ from typing import Any
 
 from .fileio import atomic_path
 
+HASH_LISTS = ("Lora hashes", "TI hashes")  # settings written already quoted
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+]?[\d.]+)>")
 
 
@@ -29,6 +30,8 @@ class GenerationInfo:
     adapters: list[tuple[str, float, str | None]] = field(default_factory=list)
     denoising_strength: float | None = None  # img2img / inpainting
     clip_skip: int = 1  # A1111 numbering: 1 = last layer (written only when > 1, as A1111 does)
+    # (name, short hash or None) for each textual-inversion embedding the prompts use
+    embeddings: list[tuple[str, str | None]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -41,7 +44,8 @@ def a1111_parameters(info: GenerationInfo) -> str:
     """The three-part text: prompt, 'Negative prompt: ...', then 'Key: value, ...' settings.
 
     Adapters are listed in the prompt as `<lora:name:weight>` (how A1111 users write them, and how
-    CivitAI finds the resources used) and by hash under 'Lora hashes'."""
+    CivitAI finds the resources used) and by hash under 'Lora hashes'; embeddings the prompts use
+    under 'TI hashes' (their names are in the prompts already)."""
     prompt = info.prompt
     tags = " ".join(f"<lora:{name}:{weight:g}>" for name, weight, _ in info.adapters)
     if tags:
@@ -67,8 +71,12 @@ def a1111_parameters(info: GenerationInfo) -> str:
     hashes = [f"{name}: {h}" for name, _, h in info.adapters if h]
     if hashes:
         settings["Lora hashes"] = f'"{", ".join(hashes)}"'
+    # A1111 drops ':' and ',' from a name here: they would split the list
+    ti = [f"{re.sub('[:,]', '', name)}: {h}" for name, h in info.embeddings if h]
+    if ti:
+        settings["TI hashes"] = f'"{", ".join(ti)}"'
     settings.update(info.extra)
-    lines.append(", ".join(f"{k}: {v if k == 'Lora hashes' else _quote(str(v))}" for k, v in settings.items()))
+    lines.append(", ".join(f"{k}: {v if k in HASH_LISTS else _quote(str(v))}" for k, v in settings.items()))
     return "\n".join(lines)
 
 
@@ -79,6 +87,11 @@ def _split_settings(line: str) -> dict[str, str]:
         value = m.group(2).strip()
         out[m.group(1).strip()] = value[1:-1] if value.startswith('"') and value.endswith('"') else value
     return out
+
+
+def _hash_list(text: str) -> dict[str, str]:
+    """'name: hash, name: hash' → {name: hash}."""
+    return dict(part.split(": ", 1) for part in text.split(", ") if ": " in part)
 
 
 def parse_a1111_parameters(text: str) -> GenerationInfo:
@@ -96,7 +109,8 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
             line = line[len("Negative prompt:"):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     prompt = "\n".join(prompt_lines)
-    hashes = dict(part.split(": ", 1) for part in settings.pop("Lora hashes", "").split(", ") if ": " in part)
+    hashes = _hash_list(settings.pop("Lora hashes", ""))
+    embeddings = list(_hash_list(settings.pop("TI hashes", "")).items())
     adapters = [(name, float(weight), hashes.get(name)) for name, weight in LORA_TAG.findall(prompt)]
     prompt = LORA_TAG.sub("", prompt).strip()
     width, _, height = settings.pop("Size", "512x512").partition("x")
@@ -105,6 +119,7 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
         sampler=settings.pop("Sampler", ""), cfg_scale=float(settings.pop("CFG scale", 7.0)),
         seed=int(settings.pop("Seed", 0)), width=int(width), height=int(height),
         model_name=settings.pop("Model", None), model_hash=settings.pop("Model hash", None), adapters=adapters,
+        embeddings=embeddings,
     )
     if "Denoising strength" in settings:
         info.denoising_strength = float(settings.pop("Denoising strength"))

@@ -2,12 +2,14 @@
 A1111's 75-token windows ([BOS] 75 tokens [EOS + padding], hidden states concatenated along the
 sequence), clip skip (which layer's hidden states are read) and A1111's emphasis syntax
 (`(word:1.3)`, `(word)`, `[word]`: parse_weights, apply_weights), read in prompts at inference and
-in captions with data.weighted_captions."""
+in captions with data.weighted_captions; and textual-inversion embeddings at inference (a word that
+stands for N learned vectors: `words` in chunk_runs, token_vectors)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -15,6 +17,14 @@ import torch
 CHUNK = 75  # tokens per window; BOS and EOS make it CLIP's 77
 COMMA_BACKTRACK = 20  # a full window breaks after a comma this close to its end, as A1111 does
 BREAK = -1.0  # the weight of a run that stands for A1111's BREAK (start a new window)
+# The id written where an embedding's vectors go (A1111's choice too): any id below EOS keeps CLIP's
+# pooled output at the EOS (old CLIP configs pool at the highest id), and token_vectors replaces
+# its embedding anyway.
+PLACEHOLDER = 0
+
+# Textual-inversion words for one tokenizer: the token ids of an embedding's name -> (its name,
+# its vectors (N, dim) for that tokenizer's encoder). lora_trainer.inference.embeddings builds them.
+Words = dict[tuple[int, ...], tuple[str, torch.Tensor]]
 
 
 def is_break(text: str, weight: float) -> bool:
@@ -29,68 +39,103 @@ class Chunks:
 
     ids: list[list[int]]
     weights: list[list[float]]
+    # Per window, {position: vector} where an embedding's vectors stand (at PLACEHOLDER ids); the
+    # names of the embeddings the text uses, in order of first use. Both empty without `words`.
+    vectors: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    used: list[str] = field(default_factory=list)
 
 
-def _tokens(tokenizer, runs: Iterable[tuple[str, float]]) -> Iterator[tuple[Optional[int], float]]:
-    """(token, weight) for each token of each run; (None, BREAK) for a BREAK run."""
+Piece = tuple[list[int], float, Optional[torch.Tensor], Optional[str]]
+
+
+def _pieces(tokenizer, runs: Iterable[tuple[str, float]], words: Optional[Words] = None) -> Iterator[Piece]:
+    """(token ids, weight, vectors, name) pieces that a window never splits: one token each, or an
+    embedding's PLACEHOLDERs, one per vector (vectors and name None for plain tokens); ([], BREAK,
+    None, None) for a BREAK run.
+
+    An embedding is found, as A1111 finds it, by the token ids of its name inside a run's ids, the
+    longest name first: so `EasyNegative` and `easynegative` both match (CLIP lowercases), and
+    `(EasyNegative:1.2)` weights all of its vectors, but `EasyNegativeV2` is another word."""
+    longest = max(map(len, words), default=0) if words else 0
     for text, weight in runs:
         if is_break(text, weight):
-            yield None, BREAK
+            yield [], BREAK, None, None
             continue
         # verbose=False: text past 77 tokens is what the windows are for; no "too long" warning
-        for token in tokenizer(text, add_special_tokens=False, verbose=False).input_ids:
-            yield token, weight
+        tokens = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        i = 0
+        while i < len(tokens):
+            for n in range(min(longest, len(tokens) - i), 0, -1):
+                found = words.get(tuple(tokens[i:i + n]))  # type: ignore[union-attr]
+                if found is not None:
+                    name, vectors = found
+                    yield [PLACEHOLDER] * len(vectors), weight, vectors, name
+                    i += n
+                    break
+            else:
+                yield [tokens[i]], weight, None, None
+                i += 1
 
 
-def chunk_runs(tokenizer, runs: Iterable[tuple[str, float]], max_windows: Optional[int] = None) -> Chunks:
+def chunk_runs(tokenizer, runs: Iterable[tuple[str, float]], max_windows: Optional[int] = None,
+               words: Optional[Words] = None) -> Chunks:
     """Tokenize (text, weight) runs and cut them into 75-token windows, each [BOS] text [EOS]
     padded to 77 with the tokenizer's pad id; a window that fills up breaks after a recent comma.
 
     `max_windows` keeps at most that many windows and drops the rest of the text. The last window
     kept is filled to the end rather than broken at a comma (what would follow is dropped anyway),
     so `max_windows=1` is exactly the tokenizer's own truncation to 77.
+
+    `words`: textual-inversion embeddings; each name found stands for its N vectors (N positions
+    of the same weight), kept in one window: one that does not fit starts the next, as in A1111.
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     comma = tokenizer.convert_tokens_to_ids(",</w>")
-    windows: list[tuple[list[int], list[float]]] = []
+    windows: list[tuple[list[int], list[float], dict[int, torch.Tensor]]] = []
     ids: list[int] = []
     weights: list[float] = []
+    vecs: list[Optional[torch.Tensor]] = []  # an embedding's vector at each position, else None
+    used: list[str] = []
     last_comma = -1
 
     def close() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, vecs, last_comma
         fill = CHUNK - len(ids)
         # EOS right after the text, then padding: what CLIP was trained on and where its pooled
         # output is read (A1111 builds [BOS] text [EOS…EOS] and then swaps the extra EOS for the
         # pad id, which is the same sequence).
-        windows.append(([bos, *ids, eos, *[pad] * fill], [1.0, *weights, 1.0, *[1.0] * fill]))
-        ids, weights, last_comma = [], [], -1
+        windows.append(([bos, *ids, eos, *[pad] * fill], [1.0, *weights, 1.0, *[1.0] * fill],
+                        {1 + k: v for k, v in enumerate(vecs) if v is not None}))  # 1 +: after BOS
+        ids, weights, vecs, last_comma = [], [], [], -1
 
-    for token, weight in _tokens(tokenizer, runs):
+    for piece, weight, vectors, name in _pieces(tokenizer, runs, words):
         last = max_windows is not None and len(windows) >= max_windows - 1
-        if token is None:  # BREAK
+        if not piece:  # BREAK
             if last:
                 break
             close()
             continue
-        if token == comma:
+        if piece[0] == comma and vectors is None:
             last_comma = len(ids)
         elif len(ids) == CHUNK and not last and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
             cut = last_comma + 1
-            rest_ids, rest_w = ids[cut:], weights[cut:]
-            ids, weights = ids[:cut], weights[:cut]
+            rest = ids[cut:], weights[cut:], vecs[cut:]
+            ids, weights, vecs = ids[:cut], weights[:cut], vecs[:cut]
             close()
-            ids, weights = rest_ids, rest_w
-        if len(ids) == CHUNK:
+            ids, weights, vecs = (list(part) for part in rest)
+        if len(ids) + len(piece) > CHUNK:
             if last:
                 break
             close()
-        ids.append(token)
-        weights.append(weight)
+        ids += piece
+        weights += [weight] * len(piece)
+        vecs += list(vectors) if vectors is not None else [None]
+        if name is not None and name not in used:
+            used.append(name)
     if ids or not windows:
         close()
-    return Chunks([w[0] for w in windows], [w[1] for w in windows])
+    return Chunks([w[0] for w in windows], [w[1] for w in windows], [w[2] for w in windows], used)
 
 
 def pad_windows(tokenizer, chunks: Chunks, count: int) -> Chunks:
@@ -99,7 +144,8 @@ def pad_windows(tokenizer, chunks: Chunks, count: int) -> Chunks:
     if extra <= 0:
         return chunks
     empty = chunk_runs(tokenizer, [("", 1.0)])
-    return Chunks(chunks.ids + empty.ids * extra, chunks.weights + empty.weights * extra)
+    return Chunks(chunks.ids + empty.ids * extra, chunks.weights + empty.weights * extra,
+                  chunks.vectors + [{} for _ in range(extra)], chunks.used)
 
 
 def literal_windows(tokenizer, text: str, count: int) -> list[list[int]]:
@@ -256,6 +302,31 @@ def select_hidden(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):
     # Called outside the encoder's forward (and so outside any autocast wrapped around it): match
     # the LayerNorm's dtype, which leaves an all-fp32 or all-fp16 encoder's numbers as they are.
     return norm(out.hidden_states[-clip_skip].to(norm.weight.dtype)), pooled
+
+
+@contextlib.contextmanager
+def token_vectors(text_encoder, vectors: list[dict[int, torch.Tensor]]):
+    """While open, the encoder's token-embedding lookup gives, for row b of its input, the vector
+    `vectors[b][position]` at each listed position instead of the placeholder id's row: that is
+    how an embedding's vectors enter CLIP (A1111 swaps them in at the same point, before position
+    embeddings are added). The encoder itself is not changed; nothing happens without vectors."""
+    if not any(vectors):
+        yield
+        return
+    table = getattr(text_encoder, "module", text_encoder).get_input_embeddings()
+
+    def swap(module, args, out):
+        out = out.clone()
+        for row, fixes in enumerate(vectors):
+            for position, vector in fixes.items():
+                out[row, position] = vector.to(out.device, out.dtype)
+        return out
+
+    handle = table.register_forward_hook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int, sdxl: bool):

@@ -29,6 +29,9 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="adapter file (kohya or diffusers layout), repeatable; weights stack")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.safetensors: A1111/kohya, diffusers or SDXL clip_l+clip_g), "
+                        "repeatable; prompts use it by TOKEN (default: the file's stem, e.g. EasyNegative)")
     p.add_argument("--merge", action="store_true", help="fuse the adapters into the weights (faster sampling)")
     p.add_argument("--prompt", action="append", required=True,
                    help="A1111 syntax: (word:1.3), (word), [word], BREAK; repeatable (one run per prompt)")
@@ -170,7 +173,7 @@ def run_infer(args) -> list[Path]:
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype), config_dir=args.config_dir)
+                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding)
     out = Path(args.out)
     if compared is not None:
         return save_comparison(compare_grid(gen, compared, args.prompt, request, weights), out)

@@ -1,8 +1,9 @@
 """The Python API the CLI is a thin layer over: a base with stacked adapters, then txt2img,
 img2img, inpainting, outpainting and ControlNet, each image with its A1111 parameters.
 
-    gen = Generator("runwayml/stable-diffusion-v1-5", loras=["style.safetensors:0.8"])
-    for result in gen.txt2img("a harbour at dawn, (mystyle:1.2)", seed=1, batch_size=4):
+    gen = Generator("runwayml/stable-diffusion-v1-5", loras=["style.safetensors:0.8"],
+                    embeddings=["EasyNegative.safetensors"])
+    for result in gen.txt2img("a harbour at dawn, (mystyle:1.2)", negative_prompt="EasyNegative", seed=1, batch_size=4):
         result.image.show()
 """
 
@@ -19,6 +20,7 @@ from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
+from .embeddings import check_embeddings_fit, embedding_hash, load_embeddings, word_tables
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
@@ -85,18 +87,21 @@ def check_request(req: Request) -> None:
 
 
 class Generator:
-    """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner."""
+    """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
+    and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings or EmbeddingSpecs)."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 config_dir: str | Path | None = None):
+                 config_dir: str | Path | None = None, embeddings=()):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model = str(model)
         specs = [parse_adapter_spec(spec) if isinstance(spec, str) else spec for spec in loras]
         for spec in specs:  # a missing file or a pickle is named before minutes of model loading
             check_adapter_file(spec.path)
+        self.embeddings = load_embeddings(embeddings)  # the same for embeddings: read and checked now
         self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
                                             config_dir=str(config_dir) if config_dir else None)
+        check_embeddings_fit(self.embeddings, self.pipe, self.variant, self.model)
         self.adapters = AdapterStack(self.pipe)
         for spec in specs:
             self.adapters.load(spec)
@@ -110,7 +115,9 @@ class Generator:
             if self.variant != "sdxl":
                 raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
             self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype)
+            check_embeddings_fit(self.embeddings, self.refiner, self.variant, str(refiner))
         self._hashes: dict[Path, str | None] = {}
+        self._embedding_hashes = {e.token: embedding_hash(e.path) for e in self.embeddings}
 
     # -- adapters --------------------------------------------------------------------------------
     def set_weight(self, name: str, weight: float) -> None:
@@ -131,18 +138,21 @@ class Generator:
             return "inpaint"
         return "img2img" if req.init_image is not None else "txt2img"
 
-    def _embeds(self, pipe, req: Request) -> dict[str, torch.Tensor]:
+    def _embeds(self, pipe, req: Request) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The pipeline's prompt tensors for `req`, and the embeddings its prompts use."""
         sdxl = self.variant == "sdxl"
         zero_negative = sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
         most = max_clip_skip([encoder for _, encoder in encoders_of(pipe)])
         if req.clip_skip > most:
             raise ConfigError(f"--clip-skip: got {req.clip_skip}; expected 1 to {most} "
                               f"(this model's text encoder has {most} layers)")
-        pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative)
+        words = word_tables(self.embeddings, pipe, self.variant) if self.embeddings else None
+        pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative,
+                               words=words)
         out = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
         if sdxl:
             out.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
-        return out
+        return out, pos.used + [name for name in neg.used if name not in pos.used]
 
     def _call_kwargs(self, req: Request, job: str) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -182,7 +192,8 @@ class Generator:
             kw["image" if job == "txt2img" else "control_image"] = control
         return kw
 
-    def _info(self, req: Request, seed: int, size: tuple[int, int], job: str, k: int) -> GenerationInfo:
+    def _info(self, req: Request, seed: int, size: tuple[int, int], job: str, k: int,
+              used: list[str] = ()) -> GenerationInfo:
         extra: dict[str, Any] = {}
         if req.batch_size > 1:
             extra.update({"Batch size": req.batch_size, "Batch pos": k % req.batch_size})
@@ -199,6 +210,7 @@ class Generator:
             model_name=Path(self.model).name or None,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
             denoising_strength=req.strength if job != "txt2img" else None, clip_skip=req.clip_skip, extra=extra,
+            embeddings=[(name, self._embedding_hashes.get(name)) for name in used],
         )
 
     def _short_hash(self, path: Path) -> str | None:
@@ -225,13 +237,13 @@ class Generator:
         job = self._job(req)
         pipe = job_pipeline(self.pipe, self.variant, job, self.controlnet)
         pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
-        embeds = self._embeds(pipe, req)
+        embeds, used = self._embeds(pipe, req)
         kw = self._call_kwargs(req, job)
         crop = kw.pop("crop", None)  # an init image's own size, before padding
         use_refiner = self.refiner is not None and job != "inpaint"
         if use_refiner:
             self.refiner.scheduler = make_scheduler(req.sampler, self.refiner.scheduler.config)
-            refiner_embeds = self._embeds(self.refiner, req)
+            refiner_embeds, _ = self._embeds(self.refiner, req)
         results: list[Generated] = []
         for b in range(req.batch_count):
             seeds = [req.seed + b * req.batch_size + i for i in range(req.batch_size)]
@@ -252,7 +264,7 @@ class Generator:
                 if crop and output_type == "pil" and image.size != crop:
                     image = image.crop((0, 0, *crop))
                 size = image.size if output_type == "pil" else (image.shape[-1] * 8, image.shape[-2] * 8)
-                results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i)))
+                results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i, used)))
         return results
 
     def txt2img(self, prompt: str, **kw) -> list[Generated]:
