@@ -33,6 +33,7 @@ from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest
 from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
+from .ema import start_ema, with_ema
 from .epochs import EpochEnds, epoch_suffix
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
                      check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
@@ -65,6 +66,7 @@ class TrainResult:
     text_encoder_2: Any = None  # SDXL
     resumed_from: Path | None = None  # the checkpoint the run continued from
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
+    ema: dict[str, torch.Tensor] | None = None  # train.ema_decay: the EMA by "<component>.<parameter name>"
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
@@ -191,6 +193,9 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
     class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
+    # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
+    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint)
+    exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
 
     # ---- caches of the frozen work ----
     cache_dir = None
@@ -253,8 +258,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []
-    # adapter + two Adam moments + the exported copy, in fp32
-    checkpoint_bytes = counted * 4 * 4
+    # adapter + two Adam moments + the exported copy (+ the EMA), in fp32
+    checkpoint_bytes = counted * 4 * (4 + (ema is not None))
 
     def save(state: TrainerState) -> Path:
         state = replace(state, optimizer=t.optimizer)
@@ -262,8 +267,10 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         suffix = step_suffix(state.step)  # the kept copy has the same name
 
         def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
-            paths = export_trained(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
-                                   suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            paths = exported(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
+                             suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            if ema is not None:
+                ema.save(folder)
             if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
                 keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
             return paths
@@ -276,12 +283,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     epoch_ends = EpochEnds.for_run(
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
-        export=lambda n, at: export_trained(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
-                                            suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
+        export=lambda n, at: exported(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
+                                      suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
         sample=lambda n, at: log_images(accelerator, "samples",
-                                        draw_samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
+                                        samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
 
-    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator)
+    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator,
+                            ema.applied if ema is not None else contextlib.nullcontext)
     if held_out and accelerator.is_main_process:
         log.info("%s", validation.describe())
 
@@ -329,6 +337,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     optimizer.zero_grad(set_to_none=True)
                     if t.scale_weight_norms and accelerator.sync_gradients:  # the same on every process
                         norms = apply_max_norm(list(trained.unwrapped(accelerator).values()), t.scale_weight_norms)
+                    if ema is not None and accelerator.sync_gradients:  # once per update, after max-norm
+                        ema.update()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -360,7 +370,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
-                    log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
+                    log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
                 if step >= max_steps:
                     break
             else:
@@ -379,14 +389,14 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_free_space(out_dir, counted * 4, "the adapter")
-    paths = export_trained(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
-                           epoch=num_epochs, num_epochs=num_epochs)
+    paths = exported(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
+                     epoch=num_epochs, num_epochs=num_epochs)
     if cfg.sample.prompts:
-        log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
+        log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
         if cfg.sample.grid_weights:
-            draw_sweep(cfg, accelerator, base, trained)
+            sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
-                       val_losses=validation.losses)
+                       val_losses=validation.losses, ema=ema.named() if ema is not None else None)
