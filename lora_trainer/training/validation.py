@@ -7,7 +7,7 @@ Each held-out image (center crop, no flip, its caption as training reads it) is 
 in every process and every resumed run. The loss is training's (noise offset, multi-resolution
 noise, random noise strengths, loss type, min-SNR, v-prediction-like and debiased weighting, the
 training noise schedule, v-prediction target), computed by the loop's own `batch_loss`, with no gradient and the adapters
-in eval mode (LoRA dropout off). Processes share the images and add up their per-image losses,
+in eval mode (LoRA dropout off), holding their EMA with train.ema_decay. Processes share the images and add up their per-image losses,
 so 2 processes report the 1-process number.
 """
 
