@@ -14,11 +14,12 @@ import torch
 from conftest import run_config
 from PIL import Image
 
-from lora_trainer.config import load_config
+from lora_trainer.config import TrainConfig, load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.layouts import peft_to_diffusers
 from lora_trainer.training import loop
-from lora_trainer.training.ema import EMA_FILE, AdapterEMA
+from lora_trainer.models.lora import inject_lora, trainable_parameters
+from lora_trainer.training.ema import EMA_FILE, AdapterEMA, start_ema
 from lora_trainer.training.loop import train
 from lora_trainer.training.validation import Validation
 
@@ -144,6 +145,21 @@ def test_applied_swaps_the_ema_in_and_puts_the_trained_weights_back_bit_for_bit(
     with pytest.raises(RuntimeError), ema.applied():  # restored on an error too
         raise RuntimeError
     assert torch.equal(p, trained)
+
+
+def test_the_ema_covers_exactly_the_trainable_adapter_tensors(tiny_sd15):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")
+    inject_lora(unet, ["to_q", "to_v"], 4, 2.0, 0.0, "lora.unet_targets", True, conv_rank=2)  # DoRA + LoCon
+    inject_lora(te, ["q_proj"], 4, 2.0, 0.0, "lora.text_encoder_targets", True)
+    ema = start_ema(TrainConfig(ema_decay=0.9), {"unet": unet, "text_encoder": te}, torch.device("cpu"))
+    assert [id(p) for p in ema.params] == [id(p) for p in trainable_parameters(unet) + trainable_parameters(te)]
+    kinds = {n.split(".")[0] + ":" + next(part for part in n.split(".") if part.startswith("lora_")) for n in ema.names}
+    assert kinds == {f"{c}:{k}" for c in COMPONENTS for k in ("lora_A", "lora_B", "lora_magnitude_vector")}
+    assert any(w.dim() == 4 for w in ema.weights)  # LoCon's 3x3 convs
 
 
 # --- runs --------------------------------------------------------------------------------------
