@@ -5,11 +5,14 @@
     python benchmarks/train_step.py --cases sdxl-tiny,sdxl-tiny-nocache
     python benchmarks/train_step.py --cases full,full-kohya,full-locon   # module sets: attention, kohya's, + LoCon
     python benchmarks/train_step.py --cases gpu-sd15-512,gpu-sd15-512-ckpt-8bit,gpu-sdxl-1024,gpu-sdxl-1024-ckpt-8bit
+    python benchmarks/train_step.py --cases tiny,full train.ema_decay=0.999   # overrides apply to every case
 
 Each case runs `train()` in its own process (so peak RSS is that case's alone) on the bundled
 example images, UNet LoRA only, and reports the median step time after two warm-up steps. The
 `-nocache` cases re-encode every image with the VAE at every step, as a loop without a latent
 cache does: the difference is what the cache saves. Models are built once into benchmarks/.models/.
+With `train.ema_decay` set, `ema_update_ms` is the EMA's own share of a step (the median of 50
+updates over the run's adapter, timed alone), which step-to-step noise would hide in the step time.
 """
 
 from __future__ import annotations
@@ -108,7 +111,31 @@ def run_case(name: str, steps: int, extra: list[str]) -> dict:
     }
     if device == "cuda":
         figures["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if cfg.train.ema_decay is not None:
+        figures["ema_update_ms"] = _ema_update_ms(result, cfg.train)
     return figures
+
+
+def _ema_update_ms(result, t) -> float:
+    """Median milliseconds of one EMA update over the trained adapter, on the device the run kept it."""
+    import torch
+
+    from lora_trainer.training.ema import AdapterEMA
+
+    modules = {"unet": result.unet, "text_encoder": result.text_encoder, "text_encoder_2": result.text_encoder_2}
+    named = {f"{c}.{k}": p for c, m in modules.items() if m is not None for k, p in m.named_parameters()
+             if p.requires_grad}
+    device = next(iter(named.values())).device if t.ema_device == "accelerator" else torch.device("cpu")
+    ema = AdapterEMA(named, t.ema_decay, t.ema_warmup, device)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(50):
+        sync()
+        started = time.perf_counter()
+        ema.update()
+        sync()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 3)
 
 
 def main() -> int:

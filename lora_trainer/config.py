@@ -206,6 +206,18 @@ class TrainConfig:
     # ΔW = (alpha/r)·B·A has a Frobenius norm above this is scaled back to it (B and A each by
     # sqrt(limit / norm)); 1.0 is kohya's suggested start; null: off
     scale_weight_norms: Optional[float] = None
+    # EMA of the adapter weights (SimpleTuner's --use_ema/--ema_decay, ai-toolkit's ema_config, the
+    # diffusers scripts' --use_ema; README: EMA): after each optimizer step ema <- d·ema + (1 - d)·weights,
+    # in fp32. The adapter files, samples and validation loss use the EMA; training continues from the
+    # trained weights. In [0, 1): 0.99 for a few hundred steps, 0.999 for a few thousand; null: off
+    ema_decay: Optional[float] = None
+    # the diffusers scripts' warm-up: the t-th update (t from 0) uses d = min(ema_decay, (1 + t) / (10 + t)),
+    # the first copies the weights, so the untrained start fades at once; false: d = ema_decay from the
+    # first update, which averages the initial adapter in
+    ema_warmup: bool = True
+    # where the fp32 copy lives: accelerator (the training device: fastest) or cpu (keeps the
+    # accelerator's memory free; each step then copies the adapter to the CPU)
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"
     log_every_n_steps: int = 1
     # With held-out images (data.validation_split or data.validation_path): the validation loss at
     # step 0, every n steps and at the end. null: about 10 times a run (every ceil(steps / 10));

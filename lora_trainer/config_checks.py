@@ -233,6 +233,15 @@ def _check_loraplus_and_norms(t: TrainConfig, errors: list[str]) -> None:
     if t.scale_weight_norms is not None and not t.scale_weight_norms > 0:
         errors.append(f"train.scale_weight_norms: got {t.scale_weight_norms!r}; expected a number > 0 "
                       "(1.0 is kohya's suggested start) or null (off)")
+    if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+        errors.append(f"train.ema_decay: got {t.ema_decay!r}; expected a number in [0, 1) (0.99 for a few hundred "
+                      "steps, 0.999 for a few thousand) or null (off)")
+    elif t.ema_decay is None:
+        for key in ("ema_warmup", "ema_device"):
+            if _unread(t, key):
+                errors.append(f"train.{key}: got {getattr(t, key)!r} with train.ema_decay null (no EMA), which "
+                              f"does not read it; set train.ema_decay (e.g. 0.999) or leave train.{key} at "
+                              f"{_default(t, key)!r}")
 
 
 def _check_validation(cfg: RunConfig, errors: list[str]) -> None:

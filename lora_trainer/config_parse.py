@@ -107,7 +107,7 @@ _FOREIGN_NAMES = {
     "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler": "train.scheduler",
     "lr_warmup_steps": "train.warmup", "min_snr_gamma": "train.snr_gamma", "optimizer_type": "train.optimizer",
     "resume_from_checkpoint": "train.resume", "output_dir": "output.dir", "output_name": "output.name",
-    "save_precision": "output.dtype",
+    "save_precision": "output.dtype", "use_ema": "train.ema_decay",
 }
 
 

@@ -59,7 +59,9 @@ TWO_PROCESS_RUNS = {
                       # LoRA dropout and kohya's neuron/rank/module dropouts: their masks, too, belong to the
                       # sample and not to the process
                       "lora.dropout=0.25", "lora.neuron_dropout=0.1", "lora.rank_dropout=0.25",
-                      "lora.module_dropout=0.25"], None),
+                      "lora.module_dropout=0.25",
+                      # the EMA: every process averages the same weights, the exported file is rank 0's
+                      "train.ema_decay=0.5"], None),
     # test_text_encoder_only: through train.py, DDP wrapping only the text encoder; random noise strengths
     "text_encoder_only": (["lora.train_unet=false", "lora.train_text_encoder=true", "train.text_encoder_lr=5e-3",
                            "output.dtype=fp32", "output.format=both", "sample.prompts=[]", "train.max_steps=3",

@@ -296,7 +296,7 @@ def test_wandb_offline_run_writes_its_files(tiny_sd15, example_data, tmp_path, m
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_runs, tiny_sd15, example_data,
                                                                     tmp_path):
-    options, _ = TWO_PROCESS_RUNS["global_batch"]  # 6 steps, a checkpoint at 4, LoRA and kohya dropouts on
+    options, _ = TWO_PROCESS_RUNS["global_batch"]  # 6 steps, a checkpoint at 4, LoRA and kohya dropouts, EMA
     two = two_process_runs["global_batch"]  # 2 processes × batch 1
     rank0, rank1 = (torch.load(two / f"rank{r}.pt") for r in (0, 1))
     _assert_same(rank0, rank1)
@@ -307,8 +307,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
                 show_progress=False)
     for name, value in _adapter(one).items():
         torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
-    exported = safetensors.torch.load_file(str(two / "example-lora.safetensors"))
-    assert exported  # the main process exported the final adapter
+    exported = safetensors.torch.load_file(str(two / "example-lora.safetensors"))  # the EMA, by the main process
+    assert "train.ema_decay=0.5" in options and one.ema is not None
+    expected = safetensors.torch.load_file(str(one.adapter_paths[0]))
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-5)
+    state = torch.load(two / "checkpoints" / "step-000004" / "ema_state.pt", weights_only=True)
+    assert state["updates"] == 4  # once per step, not per process
 
 
 def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, tmp_path):

@@ -88,6 +88,8 @@ def kohya_metadata(
     loraplus_lr_ratio: float | None = None,
     loraplus_unet_lr_ratio: float | None = None,
     loraplus_text_encoder_lr_ratio: float | None = None,
+    ema_decay: float | None = None,
+    ema_warmup: bool | None = None,
     enable_bucket: bool | None = None,
     min_bucket_reso: int | None = None,
     max_bucket_reso: int | None = None,
@@ -186,6 +188,9 @@ def kohya_metadata(
         "ss_loraplus_lr_ratio": loraplus_lr_ratio,
         "ss_loraplus_unet_lr_ratio": loraplus_unet_lr_ratio,
         "ss_loraplus_text_encoder_lr_ratio": loraplus_text_encoder_lr_ratio,
+        # the tensors are an EMA of the trained weights (SimpleTuner's --ema_decay; kohya has none): only when on
+        "ss_ema_decay": ema_decay,
+        "ss_ema_warmup": ema_warmup,
         "ss_enable_bucket": enable_bucket,
         "ss_min_bucket_reso": min_bucket_reso,
         "ss_max_bucket_reso": max_bucket_reso,

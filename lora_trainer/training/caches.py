@@ -71,6 +71,11 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def log_summary(self) -> None:
+        log.info("latent cache: %d entries, %d hits, %d misses", len(self), self.hits, self.misses)
+        if self.directory is not None:
+            log.info("latent disk cache %s: %d entries read from disk", self.directory, self.disk_hits)
+
     def _disk_path(self, key: tuple) -> Path:
         path, transform = str(key[0]), key[1:]
         if path not in self._file_hashes:
@@ -160,3 +165,16 @@ def embedding_cache_reason(cfg) -> str | None:
     if cfg.data.caption_tag_dropout > 0:
         return "data.caption_tag_dropout changes the captions every epoch"
     return None
+
+
+def run_caches(cfg, vae: torch.nn.Module, device) -> tuple[LatentCache, EmbeddingCache]:
+    """The caches of a run's frozen work: latents (in memory, and on disk with
+    train.cache_latents_to_disk) and text embeddings (when they cannot change; the reason logged if not)."""
+    t = cfg.train
+    on_disk = t.cache_latents and t.cache_latents_to_disk
+    latents = LatentCache(enabled=t.cache_latents, directory=latent_cache_dir(cfg) if on_disk else None,
+                          device=device, fingerprint=module_fingerprint(vae) if on_disk else "")
+    no_cache = embedding_cache_reason(cfg)
+    if no_cache:
+        log.info("text embeddings are not cached: %s", no_cache)
+    return latents, EmbeddingCache(enabled=no_cache is None)

@@ -165,7 +165,8 @@ def check_writable_folders(cfg: RunConfig) -> None:
 
 # What a resumed run may change and still continue the same run: its length, logging and outputs.
 _RESUME_MAY_CHANGE = {"train.max_steps", "train.epochs", "train.resume", "train.log_every_n_steps",
-                      "train.validate_every_n_steps", "data.num_workers"}
+                      "train.validate_every_n_steps", "data.num_workers",
+                      "train.ema_device"}  # where the EMA is kept, not what it averages
 
 
 _LENGTH = ("train.max_steps", "train.epochs")

@@ -27,12 +27,13 @@ from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weig
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
 from .init_adapter import load_initial_adapter, read_initial_adapter
-from .caches import EmbeddingCache, LatentCache, embedding_cache_reason, latent_cache_dir, module_fingerprint
+from .caches import run_caches
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
 from .components import draw_samples, draw_sweep, export_trained
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
+from .ema import start_ema, with_ema
 from .epochs import EpochEnds, epoch_suffix
 from .finished import FinishedRun, already_finished, message, write_finished
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
@@ -67,6 +68,7 @@ class TrainResult:
     resumed_from: Path | None = None  # the checkpoint the run continued from
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
     finished: str = ""  # train.resume=latest on a run already that long: why nothing was done
+    ema: dict[str, torch.Tensor] | None = None  # train.ema_decay: the EMA by "<component>.<parameter name>"
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
@@ -198,17 +200,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
     class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
+    # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
+    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint)
+    exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
 
     # ---- caches of the frozen work ----
-    cache_dir = None
-    if t.cache_latents and t.cache_latents_to_disk:
-        cache_dir = latent_cache_dir(cfg)
-    latent_cache = LatentCache(enabled=t.cache_latents, directory=cache_dir, device=device,
-                               fingerprint=module_fingerprint(base.vae) if cache_dir else "")
-    no_cache = embedding_cache_reason(cfg)
-    if no_cache:
-        log.info("text embeddings are not cached: %s", no_cache)
-    embedding_cache = EmbeddingCache(enabled=no_cache is None)
+    latent_cache, embedding_cache = run_caches(cfg, base.vae, device)
     scaling = base.vae.config.scaling_factor
     timesteps_total = base.noise_scheduler.config.num_train_timesteps
     noise_scheduler = training_scheduler(base.noise_scheduler, t.zero_terminal_snr)  # samples keep the base's
@@ -260,8 +257,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     instance_paths = [ex.path for ex in examples]
     class_paths = [ex.path for ex in class_set.examples] if prior else []
-    # adapter + two Adam moments + the exported copy, in fp32
-    checkpoint_bytes = counted * 4 * 4
+    # adapter + two Adam moments + the exported copy (+ the EMA), in fp32
+    checkpoint_bytes = counted * 4 * (4 + (ema is not None))
 
     def save(state: TrainerState) -> Path:
         state = replace(state, optimizer=t.optimizer)
@@ -269,8 +266,10 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         suffix = step_suffix(state.step)  # the kept copy has the same name
 
         def export(folder: Path) -> list[Path]:  # main process, before the checkpoint is published
-            paths = export_trained(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
-                                   suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            paths = exported(cfg, accelerator, base, trained, examples, state.step, max_steps, started_at,
+                             suffix=suffix, folder=folder, epoch=state.epoch + 1, num_epochs=num_epochs)
+            if ema is not None:
+                ema.save(folder)
             if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
                 keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
             return paths
@@ -283,12 +282,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     epoch_ends = EpochEnds.for_run(
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
-        export=lambda n, at: export_trained(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
-                                            suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
+        export=lambda n, at: exported(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
+                                      suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
         sample=lambda n, at: log_images(accelerator, "samples",
-                                        draw_samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
+                                        samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
 
-    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator)
+    validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator,
+                            ema.applied if ema is not None else contextlib.nullcontext)
     if held_out and accelerator.is_main_process:
         log.info("%s", validation.describe())
 
@@ -336,6 +336,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                     optimizer.zero_grad(set_to_none=True)
                     if t.scale_weight_norms and accelerator.sync_gradients:  # the same on every process
                         norms = apply_max_norm(list(trained.unwrapped(accelerator).values()), t.scale_weight_norms)
+                    if ema is not None and accelerator.sync_gradients:  # once per update, after max-norm
+                        ema.update()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -367,7 +369,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
-                    log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
+                    log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
                 if step >= max_steps:
                     break
             else:
@@ -379,22 +381,20 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         raise RunInterrupted(done.step, saved) from None
     finally:
         bar.close()
-    log.info("latent cache: %d entries, %d hits, %d misses", len(latent_cache), latent_cache.hits, latent_cache.misses)
-    if cache_dir is not None:
-        log.info("latent disk cache %s: %d entries read from disk", cache_dir, latent_cache.disk_hits)
+    latent_cache.log_summary()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_free_space(out_dir, counted * 4, "the adapter")
-    paths = export_trained(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
-                           epoch=num_epochs, num_epochs=num_epochs)
+    paths = exported(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
+                     epoch=num_epochs, num_epochs=num_epochs)
     if cfg.sample.prompts:
-        log_images(accelerator, "samples", draw_samples(cfg, accelerator, base, trained, step), step)
+        log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
         if cfg.sample.grid_weights:
-            draw_sweep(cfg, accelerator, base, trained)
+            sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
         write_finished(out_dir, FinishedRun(step, num_epochs, updates_per_epoch, [p.name for p in paths]))  # last
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
-                       val_losses=validation.losses)
+                       val_losses=validation.losses, ema=ema.named() if ema is not None else None)

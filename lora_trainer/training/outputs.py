@@ -129,6 +129,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_lr_ratio=t.loraplus_lr_ratio,
         loraplus_unet_lr_ratio=t.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
+        ema_decay=t.ema_decay,  # the tensors are the EMA of the trained weights
+        ema_warmup=t.ema_warmup if t.ema_decay is not None else None,
         network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, dropouts, blocks
         network_dropout=cfg.lora.neuron_dropout or None,  # kohya's --network_dropout; written only when on
         # which models the file adapts, under kohya's argument names

@@ -7,7 +7,7 @@ Each held-out image (center crop, no flip, its caption as training reads it) is 
 in every process and every resumed run. The loss is training's (noise offset, multi-resolution
 noise, random noise strengths, loss type, min-SNR, v-prediction-like and debiased weighting, the
 training noise schedule, v-prediction target), computed by the loop's own `batch_loss`, with no gradient and the adapters
-in eval mode (LoRA dropout off). Processes share the images and add up their per-image losses,
+in eval mode (LoRA dropout off), holding their EMA with train.ema_decay. Processes share the images and add up their per-image losses,
 so 2 processes report the 1-process number.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
-from typing import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -61,11 +61,13 @@ class Validation:
     """When to evaluate, and the evaluation; inert (never due) when there are no held-out images.
 
     `batch_loss(batch, paths, epoch, stream, seed, timesteps)` is the loop's loss of one batch;
-    `modules` are the trained (possibly wrapped) modules, put in eval mode while it runs.
+    `modules` are the trained (possibly wrapped) modules, put in eval mode while it runs, with the
+    weights `weights()` puts in place (train.ema_decay: the EMA's).
     """
 
     def __init__(self, cfg: RunConfig, examples: Sequence[Example], num_timesteps: int, max_steps: int,
-                 batch_loss: Callable[..., torch.Tensor], modules: Sequence[torch.nn.Module], accelerator):
+                 batch_loss: Callable[..., torch.Tensor], modules: Sequence[torch.nn.Module], accelerator,
+                 weights: Callable[[], ContextManager] = nullcontext):
         self.examples = list(examples)
         self.paths = [ex.path for ex in self.examples]
         self.max_steps = max_steps
@@ -74,7 +76,7 @@ class Validation:
         self.timesteps = fixed_timesteps(cfg.train.validation_timesteps, high, cfg.train.min_timestep)
         self.chunk = cfg.train.batch_size  # no gradients: a training batch's memory is enough
         self.seed = validation_seed(cfg)
-        self.batch_loss, self.modules, self.accelerator = batch_loss, list(modules), accelerator
+        self.batch_loss, self.modules, self.accelerator, self.weights = batch_loss, list(modules), accelerator, weights
         self.losses: dict[int, float] = {}  # step -> loss, as computed in this run
         self.dataset = None
         if self.examples:
@@ -108,7 +110,7 @@ class Validation:
         # Every process runs the same number of forward passes (wrapped modules may synchronise in
         # them): the last round is padded with repeats whose losses are dropped.
         rounds = math.ceil(n / acc.num_processes)
-        with evaluating(self.modules):
+        with self.weights(), evaluating(self.modules):
             for position in range(acc.process_index, rounds * acc.num_processes, acc.num_processes):
                 value = self._image_loss(position % n)
                 if position < n:
