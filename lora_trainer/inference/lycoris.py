@@ -1,5 +1,6 @@
-"""LyCORIS adapters (LoHa, LoKr, full, (IA)^3, LoCon with CP cores) on a loaded pipeline: merged
-into the base weights of the pipeline this run uses, W' = W + m·ΔW (see `export/lycoris.py`).
+"""LyCORIS adapters (LoHa, LoKr, full, (IA)^3, OFT, BOFT, GLoRA, norm, LoCon with CP cores) on a
+loaded pipeline: merged into the base weights of the pipeline this run uses, W' = W + m·ΔW (see
+`export/lycoris.py`).
 
 peft has no layer type for most of them, so they are not injected: the touched layers' original
 weights are kept on the CPU, and every change of weight, on/off state or unload rebuilds those
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import ModelError
 from ..export.layouts import canonical_path
+from ..export import lycoris_ortho as ortho
 from ..export.lycoris import LycorisAdapter, component_prefix
 from ..export.scratch import Scratch
 from ..export.sdxl_names import ldm_from_diffusers
@@ -93,9 +95,13 @@ class WeightPatches:
                 raise ModelError(f"{source}: {module.name} names no layer of this base's {component}; "
                                  "it was made for another model")
             weight, bias = _weights_of(model.get_submodule(path))
-            if module.bias_delta() is not None and (bias is None or bias.shape != module.parts["diff_b"].shape):
-                raise ModelError(f"{source}: {module.name}.diff_b changes a bias the layer "
+            part = module.bias_part
+            if part is not None and (bias is None or bias.numel() != module.parts[part].numel()):
+                raise ModelError(f"{source}: {module.name}.{part} changes a bias the layer "
                                  f"{'does not have' if bias is None else 'has in another shape'}")
+            problem = ortho.shape_problem(module, tuple(weight.shape)) if module.kind in ortho.KINDS else None
+            if problem:  # told from the shapes alone, so the fit check before loading finds it too
+                raise ModelError(f"{source}: {module.name} ({module.kind}) {problem}; it was made for another model")
             if (component, path) in found:
                 raise ModelError(f"{source}: {module.name} and {found[(component, path)].name} name the same "
                                  f"layer ({component}.{path}); keep one of them")
