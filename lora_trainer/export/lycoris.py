@@ -62,6 +62,8 @@ _LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.
 # LyCORIS' own network wrapper (`create_lycoris`, used by SimpleTuner) names each layer of the model
 # it wraps `lycoris_<module path, dots as underscores>`; for SD that model is the UNet, with diffusers
 # module names, and ComfyUI reads the prefix as the UNet's. Such files are read here whatever their type.
+# A wrapped CLIP text encoder gives `lycoris_text_model_...`: SD 1.x's one text encoder (SDXL's two
+# cannot be told apart that way).
 LYCORIS_PREFIX = "lycoris"
 # kohya's own OFT (`networks.oft`) names UNet layers `oft_unet_<kohya module name>`.
 KOHYA_OFT_PREFIX = "oft_unet"
@@ -72,6 +74,13 @@ _PREFIX_NAMES = "lora_unet_, lora_te_, lora_te1_, lora_te2_, lycoris_, oft_unet_
 def component_prefix(name: str) -> str | None:
     """The prefix (`lora_unet`, `lora_te1`, `lycoris`, ...) a module name starts with, or None."""
     return next((p for p in PREFIXES if name.startswith(p + "_")), None)
+
+
+def component_of(name: str, prefix: str) -> str:
+    """The pipeline component a module name adapts."""
+    if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
+        return "text_encoder"
+    return PREFIXES[prefix]
 
 
 def is_lycoris(keys) -> bool:
@@ -358,9 +367,6 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         if prefix is None or not part:
             raise ModelError(f"{path}: key {key!r} has no kohya or LyCORIS prefix ({_PREFIX_NAMES}); "
                              "only kohya-layout LyCORIS files are read")
-        if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
-            raise ModelError(f"{path}: key {key!r} names a text-encoder layer under LyCORIS' own prefix, which "
-                             "names UNet layers only (text encoders: lora_te_, lora_te1_, lora_te2_)")
         if part in UNSUPPORTED:
             raise ModelError(f"{path}: {key!r} is a LyCORIS {UNSUPPORTED[part]} part, which this tool does not "
                              f"read (it reads {_READS} modules)")
@@ -382,7 +388,7 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         if dora is not None and kind in ("IA3", *ortho.KINDS):
             raise ModelError(f"{path}: {name} has a dora_scale on an {kind} module, which LyCORIS never writes")
         prefix = component_prefix(name)
-        component = PREFIXES[prefix]
+        component = component_of(name, prefix)
         module = LycorisModule(name, kind, parts, None if alpha is None else float(alpha), dora)
         layer = module_path(component, name[len(prefix) + 1:])
         if layer in modules.get(component, {}):
@@ -403,6 +409,12 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")
     else:
         reason = "given"
+    if base == "sdxl":
+        clip = next((m.name for m in modules.get("text_encoder", {}).values() if m.name.startswith(LYCORIS_PREFIX)), None)
+        if clip:
+            raise ModelError(f"{path}: {clip} names a text-encoder layer under LyCORIS' own prefix, which cannot tell "
+                             "SDXL's two text encoders apart; rename its keys to lora_te1_ (CLIP ViT-L) or lora_te2_ "
+                             "(OpenCLIP ViT-bigG)")
     return LycorisAdapter(modules, base, dict(metadata), reason)
 
 

@@ -81,16 +81,16 @@ class WeightPatches:
 
     def resolve(self, adapter: LycorisAdapter, source: str) -> dict[Key, object]:
         """Each module of `adapter` matched to a layer of the pipeline, or a one-line error."""
-        by_prefix: dict[str, dict[str, str]] = {}
+        by_prefix: dict[tuple[str, str], dict[str, str]] = {}
         found: dict[Key, object] = {}
         for component, _, module in adapter.items():
             prefix = component_prefix(module.name)
             model = getattr(self.pipe, component, None)
             if not isinstance(model, torch.nn.Module):
                 raise ModelError(f"{source}: {module.name} adapts {component}, which this base does not have")
-            if prefix not in by_prefix:
-                by_prefix[prefix] = _kohya_names(component, model)
-            path = by_prefix[prefix].get(module.name[len(prefix) + 1:])
+            if (prefix, component) not in by_prefix:  # `lycoris_` names the UNet and SD 1.x's text encoder
+                by_prefix[(prefix, component)] = _kohya_names(component, model)
+            path = by_prefix[(prefix, component)].get(module.name[len(prefix) + 1:])
             if path is None:
                 raise ModelError(f"{source}: {module.name} names no layer of this base's {component}; "
                                  "it was made for another model")
