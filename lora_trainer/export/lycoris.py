@@ -1,31 +1,30 @@
-"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`, or
-LyCORIS' own `lycoris_<UNet module path>`) read as one weight change ΔW per layer, with the same
-shape as the layer's weight:
+"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`,
+kohya's OFT `oft_unet_...`, or LyCORIS' own `lycoris_<module path>`) read as one weight change ΔW per
+layer, with the same shape as the layer's weight:
 
 - LoRA / LoCon: ΔW = (alpha / r) · up @ down; with a CP core `lora_mid` (r × r × kh × kw) the up and
   down 1×1 factors wrap the core: ΔW[o, i, h, w] = Σ up[o, a] · mid[a, b, h, w] · down[b, i].
 - LoHa: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r, r = rank of w1_b; with CP cores
   `hada_t1`/`hada_t2` each factor is rebuilt as above (w*_a, w*_b are then r × d_out, r × d_in).
-- LoKr: ΔW = kron(w1, w2), each factor stored whole (`lokr_w1`) or as a low-rank pair
-  (`lokr_w1_a @ lokr_w1_b`; w2 may have a CP core `lokr_t2`). alpha / r applies only when a factor is
-  low-rank (r = the rank of w2's pair, else w1's); with two whole factors the scale is 1.
+- LoKr: ΔW = kron(w1, w2), each factor whole (`lokr_w1`) or a low-rank pair (`lokr_w1_a @ lokr_w1_b`;
+  w2 may have a CP core `lokr_t2`). alpha / r applies only when a factor is low-rank (r = the rank
+  of w2's pair, else w1's); with two whole factors the scale is 1.
 - full: ΔW = `diff`, and the bias changes by `diff_b`.
 - (IA)^3: a per-channel gain g (`weight`, on the input axis when `on_input` is 1, else the output
   axis): ΔW = W ⊙ g, so W' = W ⊙ (1 + m·g) at weight m. The bias is not scaled.
 - OFT, BOFT, GLoRA and norm-layer diffs, built from the base weight: see `lycoris_ortho.py`.
-- DoRA (`dora_scale` beside any of these but (IA)^3 and those four): W_d = dora_scale · (W + ΔW) / ‖W + ΔW‖, the norm
-  taken per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
+- DoRA (`dora_scale` beside LoRA, LoHa, LoKr or full): W_d = dora_scale · (W + ΔW) / ‖W + ΔW‖, the
+  norm per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
   W' = W + m · (W_d − W), so weight 0 is the base and weight 1 the file's own weight.
 
-A file is read as LyCORIS when a key names one of these parts that a plain LoRA/DoRA file never has,
-or when a LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other
-LoRA file keeps the LoRA reader (`adapter.py`), bit for bit.
+A file is read as LyCORIS when a key names a part that a plain LoRA/DoRA file never has, or when a
+LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other LoRA file
+keeps the LoRA reader (`adapter.py`), bit for bit.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,82 +33,11 @@ from typing import Iterator, Mapping
 import torch
 
 from ..errors import ModelError, first_line
-from .files import load_adapter
-from .layouts import KOHYA_COMPONENTS, _path_from_kohya
 from . import lycoris_ortho as ortho
+from .files import load_adapter
+from .lycoris_names import (_PREFIX_NAMES, _READS, LYCORIS_PREFIX, PARTS, PREFIXES, SHARED, UNSUPPORTED,
+                            component_of, component_prefix, is_lycoris, module_path, needs_lycoris_reader)
 from .scratch import Scratch, work_tensor
-from .sdxl_names import diffusers_from_ldm
-
-# Parts of a module, by the key suffix after `<lora_name>.`, and the LyCORIS type they belong to.
-PARTS = {
-    "lora_down.weight": "LoRA", "lora_up.weight": "LoRA", "lora_mid.weight": "LoRA",
-    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
-    "hada_t1": "LoHa", "hada_t2": "LoHa",
-    "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr", "lokr_w2": "LoKr", "lokr_w2_a": "LoKr",
-    "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
-    "diff": "full", "diff_b": "full",
-    "weight": "IA3", "on_input": "IA3",
-    "oft_blocks": "OFT", "oft_diag": "OFT", "rescale": "OFT",  # BOFT: 4-D oft_blocks, told when grouped
-    "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA", "bm.weight": "GLoRA",
-    "w_norm": "norm", "b_norm": "norm",
-}
-SHARED = ("alpha", "dora_scale")
-# Parts of LyCORIS types this tool does not read, named in the refusal.
-UNSUPPORTED = {"lokr_t1": "LoKr with a CP w1"}
-_READS = "LoRA/LoCon, LoHa, LoKr, full, (IA)^3, OFT, BOFT, GLoRA and norm"
-# A key with one of these parts makes a kohya-layout file a LyCORIS file.
-_LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.weight"} | set(UNSUPPORTED)
-# LyCORIS' own network wrapper (`create_lycoris`, used by SimpleTuner) names each layer of the model
-# it wraps `lycoris_<module path, dots as underscores>`; for SD that model is the UNet, with diffusers
-# module names, and ComfyUI reads the prefix as the UNet's. Such files are read here whatever their type.
-# A wrapped CLIP text encoder gives `lycoris_text_model_...`: SD 1.x's one text encoder (SDXL's two
-# cannot be told apart that way).
-LYCORIS_PREFIX = "lycoris"
-# kohya's own OFT (`networks.oft`) names UNet layers `oft_unet_<kohya module name>`.
-KOHYA_OFT_PREFIX = "oft_unet"
-PREFIXES = {**KOHYA_COMPONENTS, LYCORIS_PREFIX: "unet", KOHYA_OFT_PREFIX: "unet"}
-_PREFIX_NAMES = "lora_unet_, lora_te_, lora_te1_, lora_te2_, lycoris_, oft_unet_"
-
-
-def component_prefix(name: str) -> str | None:
-    """The prefix (`lora_unet`, `lora_te1`, `lycoris`, ...) a module name starts with, or None."""
-    return next((p for p in PREFIXES if name.startswith(p + "_")), None)
-
-
-def component_of(name: str, prefix: str) -> str:
-    """The pipeline component a module name adapts."""
-    if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
-        return "text_encoder"
-    return PREFIXES[prefix]
-
-
-def is_lycoris(keys) -> bool:
-    """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...),
-    or use LyCORIS' own `lycoris_` prefix."""
-    prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
-    return any(k.startswith((LYCORIS_PREFIX + "_", KOHYA_OFT_PREFIX + "_"))
-               or (k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY) for k in keys)
-
-
-def needs_lycoris_reader(path: str | os.PathLike) -> bool:
-    """Whether the file at `path` is read here rather than as LoRA: LyCORIS-only parts, or a LoRA
-    file whose `dora_scale` lies on the input axis (1, d_in), which peft cannot represent."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if is_lycoris(keys):
-                return True
-            prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
-            for key in keys:
-                if key.startswith(prefixes) and key.endswith(".dora_scale"):
-                    shape = f.get_slice(key).get_shape()
-                    if len(shape) >= 2 and shape[0] == 1 and math.prod(shape) > 1:
-                        return True
-    except Exception:  # unreadable: the LoRA reader says what is wrong with it
-        return False
-    return False
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -320,8 +248,7 @@ def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) 
     need = {"LoRA": [("lora_down.weight",), ("lora_up.weight",)],
             "LoHa": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
             "LoKr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
-            "full": [("diff",)], "IA3": [("weight",)], "OFT": [("oft_blocks", "oft_diag")], "BOFT": [("oft_blocks",)],
-            "GLoRA": [("a1.weight",), ("a2.weight",), ("b1.weight",), ("b2.weight",)], "norm": [("w_norm",)]}[kind]
+            "full": [("diff",)], "IA3": [("weight",)], **ortho.NEEDS}[kind]
     pairs = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
     for options in need:
         if not any(o in parts for o in options):
@@ -332,23 +259,9 @@ def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) 
             raise ModelError(f"{path}: {name} has {a if a in parts else b} without {b if a in parts else a}")
     if kind == "LoHa" and ("hada_t1" in parts) != ("hada_t2" in parts):
         raise ModelError(f"{path}: {name} has only one of hada_t1/hada_t2")
-    for part in ("oft_blocks", "oft_diag"):
-        blocks = parts.get(part)
-        if blocks is not None and (blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]):
-            raise ModelError(f"{path}: {name}.{part} holds {tuple(blocks.shape)} OFT blocks; OFT stores n × b × b, "
-                             "BOFT m × n × b × b")
-
-
-def module_path(component: str, kohya_name: str, layers_per_block: int = 2) -> str:
-    """The diffusers module path of a kohya name (without its prefix) by the built-in vocabulary;
-    the inference side resolves it against the real model instead."""
-    path = _path_from_kohya(kohya_name, kohya_name, checked_later=True)
-    if component == "unet":
-        try:
-            path = diffusers_from_ldm(path, layers_per_block)
-        except ModelError:
-            pass
-    return path
+    problem = ortho.blocks_problem(parts)
+    if problem:
+        raise ModelError(f"{path}: {name}.{problem}")
 
 
 def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str | None = None,
@@ -410,12 +323,13 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
     else:
         reason = "given"
     if base == "sdxl":
-        clip = next((m.name for m in modules.get("text_encoder", {}).values() if m.name.startswith(LYCORIS_PREFIX)), None)
+        clip = [m.name for m in modules.get("text_encoder", {}).values() if m.name.startswith(LYCORIS_PREFIX)]
         if clip:
-            raise ModelError(f"{path}: {clip} names a text-encoder layer under LyCORIS' own prefix, which cannot tell "
+            raise ModelError(f"{path}: {clip[0]} names a text-encoder layer under LyCORIS' own prefix, which cannot tell "
                              "SDXL's two text encoders apart; rename its keys to lora_te1_ (CLIP ViT-L) or lora_te2_ "
                              "(OpenCLIP ViT-bigG)")
     return LycorisAdapter(modules, base, dict(metadata), reason)
 
 
-__all__ = ["PREFIXES", "LycorisAdapter", "LycorisModule", "component_prefix", "is_lycoris", "module_path", "read_lycoris"]
+__all__ = ["PREFIXES", "LycorisAdapter", "LycorisModule", "component_prefix", "is_lycoris", "module_path",
+           "needs_lycoris_reader", "read_lycoris"]

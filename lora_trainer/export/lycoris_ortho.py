@@ -23,6 +23,18 @@ import torch
 from ..errors import ModelError
 
 KINDS = ("OFT", "BOFT", "GLoRA", "norm")
+# The parts each type needs (one of each tuple).
+NEEDS = {"OFT": [("oft_blocks", "oft_diag")], "BOFT": [("oft_blocks",)],
+         "GLoRA": [("a1.weight",), ("a2.weight",), ("b1.weight",), ("b2.weight",)], "norm": [("w_norm",)]}
+
+
+def blocks_problem(parts: dict) -> str | None:
+    """'<part> holds ...' when a module's OFT blocks are not n × b × b or m × n × b × b."""
+    for part in ("oft_blocks", "oft_diag"):
+        blocks = parts.get(part)
+        if blocks is not None and (blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]):
+            return f"{part} holds {tuple(blocks.shape)} OFT blocks; OFT stores n × b × b, BOFT m × n × b × b"
+    return None
 
 
 def _skew(blocks: torch.Tensor, constraint: float, kohya: bool) -> torch.Tensor:
