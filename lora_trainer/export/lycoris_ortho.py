@@ -67,14 +67,18 @@ def oft_weight(weight: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 def boft_weight(weight: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """W through the butterfly stages (rotations: m × n × b × b, n·b = d_out)."""
     stages, n, b, _ = rotations.shape
-    out = weight.reshape(weight.shape[0], -1)
+    rows = weight.reshape(weight.shape[0], -1)
+    rest = rows.shape[1]
+    # stage i: rows (c, g, j) -> (c, j, g), so rows 2^i·b/2 apart become neighbours in blocks of b;
+    # undoing one stage's order and taking the next one's is a single gather
+    back = None
     for i in range(stages):
         stride = 2 ** i * (b // 2)
-        # rows (c, g, j) -> (c, j, g): rows `stride` apart become neighbours, then blocks of b
-        order = torch.arange(out.shape[0], device=out.device).reshape(-1, 2, stride).transpose(1, 2).flatten()
-        mixed = torch.matmul(rotations[i], out[order].reshape(n, b, -1)).reshape(out.shape)
-        out = torch.empty_like(out).index_copy_(0, order, mixed)
-    return out.reshape(weight.shape)
+        order = torch.arange(rows.shape[0], device=rows.device).reshape(-1, 2, stride).transpose(1, 2).flatten()
+        rows = rows.index_select(0, order if back is None else back[order])
+        rows = torch.matmul(rotations[i], rows.reshape(n, b, rest)).reshape(-1, rest)
+        back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return rows.index_select(0, back).reshape(weight.shape)
 
 
 def glora_delta(weight: torch.Tensor, parts: dict, dtype: torch.dtype, scale: float) -> torch.Tensor:
