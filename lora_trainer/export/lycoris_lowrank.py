@@ -3,10 +3,10 @@ best rank-r part by SVD (`lowrank.py`), so tools and consumers that read only Lo
 `lora-trainer resize` does this when its input is a LyCORIS file, and `merge-loras` (at each ΔW's
 own rank, exactly) before it merges one.
 
-ΔW of (IA)^3, OFT, BOFT, GLoRA, norm and DoRA modules depends on the base weights, and a LoRA cannot hold `diff_b`'s bias
-change: such modules are refused by name. LoHa and LoKr store a conv's ΔW flattened to
-d_out × (d_in·kh·kw) unless they have a CP core; the kernel is then told from the layer's name
-(SD UNet 3×3 convs: resnet conv1/conv2, samplers, conv_in/out; SD 1.x proj_in/out and
+ΔW of (IA)^3, OFT, BOFT, GLoRA, norm and DoRA modules depends on the base weights, and a LoRA
+cannot hold `diff_b`'s bias change: such modules are refused by name. LoHa and LoKr store a conv's
+ΔW flattened to d_out × (d_in·kh·kw) unless they have a CP core; the kernel is then told from the
+layer's name (SD UNet 3×3 convs: resnet conv1/conv2, samplers, conv_in/out; SD 1.x proj_in/out and
 conv_shortcut are 1×1 convs).
 """
 
