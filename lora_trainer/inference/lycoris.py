@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelError
-from ..export.layouts import canonical_path
 from ..export import lycoris_ortho as ortho
+from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, component_prefix
 from ..export.scratch import Scratch
 from ..export.sdxl_names import ldm_from_diffusers
