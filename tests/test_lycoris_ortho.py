@@ -153,3 +153,20 @@ def test_inspect_names_them_and_resize_refuses_them(sd15, tmp_path, capsys):
     assert main(["resize", str(path), str(tmp_path / "no.safetensors"), "--rank", "2"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "whose change is built from the base weights" in err[0]
+
+
+def test_reused_buffers_give_the_bits_of_new_tensors(sd15):
+    pipe, path, _ = sd15
+    from lora_trainer.export.scratch import Scratch
+
+    modules = {m.name: m for _, _, m in read_lycoris(path).items()}
+    items = [(get_layer(pipe, c, p).weight.detach(), modules[kohya_name("sd15", c, p)]) for c, p, _ in SD15_LAYERS]
+    scratch = Scratch()  # grows with the layers; the reversed pass then finds bigger layers' leftovers
+    for weight, module in items + items[::-1]:
+        want = module.merged(weight, 0.7, torch.float32)
+        out = torch.full_like(weight, float("nan"))
+        got = module.merged(weight, 0.7, torch.float32, out=out, scratch=scratch)
+        assert got is out and torch.equal(got, want), module.name
+        # a second adapter on the same layer is built from, and merged in, the same tensor
+        again = module.merged(want, -0.3, torch.float32)
+        assert torch.equal(module.merged(out, -0.3, torch.float32, out=out, scratch=scratch), again), module.name

@@ -158,7 +158,7 @@ class LycorisModule:
         next module). A shape that does not fit is a one-line ModelError."""
         shape = tuple(weight.shape)
         if self.kind in ortho.KINDS:  # built from the weight itself: a new tensor
-            return ortho.ortho_delta(self, weight, dtype)
+            return ortho.ortho_delta(self, weight, dtype, scratch)
         if self.kind == "IA3":
             gain = self._get("weight", dtype, weight.device).flatten()
             axis = 1 if self.on_input else 0

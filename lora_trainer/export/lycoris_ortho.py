@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelError
+from .scratch import Scratch, work_tensor
 
 KINDS = ("OFT", "BOFT", "GLoRA", "norm")
 # The parts each type needs (one of each tuple).
@@ -57,28 +58,36 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0, kohya: bool = False) -
     return torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)).transpose(-1, -2)
 
 
-def oft_weight(weight: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """W with row block k replaced by R_kᵀ · W_k (rotations: n × b × b, n·b = d_out)."""
+def oft_weight(weight: torch.Tensor, rotations: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+    """W with row block k replaced by R_kᵀ · W_k (rotations: n × b × b, n·b = d_out), in `scratch`'s
+    buffer "a" when given."""
     n, b, _ = rotations.shape
     rows = weight.reshape(n, b, -1)
-    return torch.matmul(rotations.transpose(1, 2), rows).reshape(weight.shape)
+    out = work_tensor(scratch, "a", rows.shape, rows.dtype, rows.device)
+    return torch.matmul(rotations.transpose(1, 2), rows, out=out).reshape(weight.shape)
 
 
-def boft_weight(weight: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """W through the butterfly stages (rotations: m × n × b × b, n·b = d_out)."""
+def boft_weight(weight: torch.Tensor, rotations: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+    """W through the butterfly stages (rotations: m × n × b × b, n·b = d_out), in `scratch`'s buffer
+    "a" or "b" when given (the stages take turns in them)."""
     stages, n, b, _ = rotations.shape
     rows = weight.reshape(weight.shape[0], -1)
-    rest = rows.shape[1]
+    shape, rest = rows.shape, rows.shape[1]
+
+    def buffer(slot):
+        return work_tensor(scratch, slot, shape, rows.dtype, rows.device)
+
     # stage i: rows (c, g, j) -> (c, j, g), so rows 2^i·b/2 apart become neighbours in blocks of b;
     # undoing one stage's order and taking the next one's is a single gather
     back = None
     for i in range(stages):
         stride = 2 ** i * (b // 2)
-        order = torch.arange(rows.shape[0], device=rows.device).reshape(-1, 2, stride).transpose(1, 2).flatten()
-        rows = rows.index_select(0, order if back is None else back[order])
-        rows = torch.matmul(rotations[i], rows.reshape(n, b, rest)).reshape(-1, rest)
+        order = torch.arange(shape[0], device=rows.device).reshape(-1, 2, stride).transpose(1, 2).flatten()
+        gathered = torch.index_select(rows, 0, order if back is None else back[order], out=buffer("b"))
+        rows = torch.matmul(rotations[i], gathered.reshape(n, b, rest), out=buffer("a").reshape(n, b, rest))
+        rows = rows.reshape(shape)
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return rows.index_select(0, back).reshape(weight.shape)
+    return torch.index_select(rows, 0, back, out=buffer("b")).reshape(weight.shape)
 
 
 def glora_delta(weight: torch.Tensor, parts: dict, dtype: torch.dtype, scale: float) -> torch.Tensor:
@@ -99,8 +108,9 @@ def glora_delta(weight: torch.Tensor, parts: dict, dtype: torch.dtype, scale: fl
     return through_a.add_(b_part).mul_(scale)
 
 
-def ortho_delta(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ΔW at weight 1 of an OFT/BOFT/GLoRA/norm `module` (a LycorisModule) for the layer `weight`."""
+def ortho_delta(module, weight: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None) -> torch.Tensor:
+    """ΔW at weight 1 of an OFT/BOFT/GLoRA/norm `module` (a LycorisModule) for the layer `weight`: a
+    tensor of its own, or (OFT, BOFT) one of `scratch`'s buffers, overwritten by the next module."""
     problem = shape_problem(module, tuple(weight.shape))
     if problem:
         raise ModelError(f"{module.name} ({module.kind}) {problem}; it was made for another model")
@@ -111,11 +121,11 @@ def ortho_delta(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         return glora_delta(weight, p, dtype, module.scale)
     w = weight.to(dtype)
     if "oft_diag" in p:  # LyCORIS' first OFT stored the rotations themselves
-        merged = oft_weight(w, p["oft_diag"].to(weight.device, dtype))
+        merged = oft_weight(w, p["oft_diag"].to(weight.device, dtype), scratch)
     else:
         constraint = (module.alpha or 0.0) * weight.shape[0]
         rotations = cayley(p["oft_blocks"].to(weight.device, dtype), constraint, module.name.startswith("oft_unet_"))
-        merged = oft_weight(w, rotations) if module.kind == "OFT" else boft_weight(w, rotations)
+        merged = (oft_weight if module.kind == "OFT" else boft_weight)(w, rotations, scratch)
     if "rescale" in p:
         merged.mul_(p["rescale"].to(weight.device, dtype).reshape(-1, *[1] * (w.ndim - 1)))
     return merged.sub_(w)
