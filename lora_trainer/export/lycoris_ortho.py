@@ -90,27 +90,34 @@ def boft_weight(weight: torch.Tensor, rotations: torch.Tensor, scratch: Scratch 
     return torch.index_select(rows, 0, back, out=buffer("b")).reshape(weight.shape)
 
 
-def glora_delta(weight: torch.Tensor, parts: dict, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """(W · a1 · a2 + b1 · b2) · scale in W's shape."""
+def glora_delta(weight: torch.Tensor, parts: dict, dtype: torch.dtype, scale: float,
+                scratch: Scratch | None = None) -> torch.Tensor:
+    """(W · a1 · a2 + b1 · b2) · scale in W's shape, in `scratch`'s buffer "a" when given."""
     def g(part):
         return parts[part].to(weight.device, dtype)
 
     a1, a2 = g("a1.weight").flatten(1), g("a2.weight").flatten(1)
     b1, b2 = g("b1.weight").flatten(1), g("b2.weight")
-    w = weight.to(dtype)
-    # W · a1 · a2 mixes the input channels only, kernel taps apart
-    through_a = torch.einsum("oi...,ir,rj->oj...", w, a1, a2)
+    out_dim, in_dim = weight.shape[:2]
+    taps = weight[0, 0].numel()  # 1 for a linear layer
     if "bm.weight" in parts:
-        core = g("bm.weight")
-        b_part = torch.einsum("ijhw,pi,jq->pqhw", core, b1, b2.flatten(1))
+        product = torch.einsum("ijhw,pi,jq->pqhw", g("bm.weight"), b1, b2.flatten(1)).reshape(out_dim, in_dim * taps)
+        product = work_tensor(scratch, "a", product.shape, dtype, weight.device).copy_(product)
     else:
-        b_part = (b1 @ b2.flatten(1)).reshape(weight.shape)
-    return through_a.add_(b_part).mul_(scale)
+        product = torch.matmul(b1, b2.flatten(1), out=work_tensor(scratch, "a", (out_dim, in_dim * taps), dtype,
+                                                                    weight.device))
+    # W · a1 · a2 mixes the input channels within each kernel tap. W·a1 is small (d_out × r × taps);
+    # its product with a2 is one matrix product with the taps as rows, added back tap by tap
+    w_a1 = torch.matmul(a1.T, weight.to(dtype).reshape(out_dim, in_dim, taps))
+    through_a = torch.matmul(w_a1.transpose(1, 2).reshape(out_dim * taps, -1), a2,
+                             out=work_tensor(scratch, "b", (out_dim * taps, in_dim), dtype, weight.device))
+    product = product.view(out_dim, in_dim, taps).add_(through_a.view(out_dim, taps, in_dim).transpose(1, 2))
+    return product.mul_(scale).reshape(weight.shape)
 
 
 def ortho_delta(module, weight: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None = None) -> torch.Tensor:
     """ΔW at weight 1 of an OFT/BOFT/GLoRA/norm `module` (a LycorisModule) for the layer `weight`: a
-    tensor of its own, or (OFT, BOFT) one of `scratch`'s buffers, overwritten by the next module."""
+    tensor of its own, or (OFT, BOFT, GLoRA) one of `scratch`'s buffers, overwritten by the next module."""
     problem = shape_problem(module, tuple(weight.shape))
     if problem:
         raise ModelError(f"{module.name} ({module.kind}) {problem}; it was made for another model")
@@ -118,7 +125,7 @@ def ortho_delta(module, weight: torch.Tensor, dtype: torch.dtype, scratch: Scrat
     if module.kind == "norm":
         return p["w_norm"].to(weight.device, dtype).reshape(weight.shape).clone()
     if module.kind == "GLoRA":
-        return glora_delta(weight, p, dtype, module.scale)
+        return glora_delta(weight, p, dtype, module.scale, scratch)
     w = weight.to(dtype)
     if "oft_diag" in p:  # LyCORIS' first OFT stored the rotations themselves
         merged = oft_weight(w, p["oft_diag"].to(weight.device, dtype), scratch)
