@@ -8,7 +8,8 @@ plain LoRA of the same rank and module set, which peft injects instead.
 
 The adapters cover every attention projection and every ResNet 3x3 conv of the UNet (kohya's
 LoCon set, about what a CivitAI LoHa adapts). `--kinds` picks the files: `loha`, `lokr` (a whole
-8x8 w1 and a low-rank w2), `full` (ΔW stored whole: as big as those layers, 2.3 GB at SD1.5 size)
+8x8 w1 and a low-rank w2), `full` (ΔW stored whole: as big as those layers, 2.3 GB at SD1.5 size),
+`oft` (blocks of `--rank` rows), `boft` (32 blocks per stage, 6 stages), `glora` (rank `--rank`)
 and `locon` (a plain LoRA/LoCon, which peft injects). `--steps 0` skips the denoising steps. Models
 and files are built offline into benchmarks/.models/ (random weights: speed only) and reused.
 """
@@ -41,8 +42,9 @@ def _layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
             or (isinstance(m, torch.nn.Conv2d) and ".resnets." in path and m.kernel_size == (3, 3))}
 
 
-KINDS = ("loha", "lokr", "full", "locon")
-LABELS = {"loha": "LoHa (merged)", "lokr": "LoKr (merged)", "full": "full (merged)", "locon": "LoRA/LoCon (peft)"}
+KINDS = ("loha", "lokr", "full", "locon", "oft", "boft", "glora")
+LABELS = {"loha": "LoHa (merged)", "lokr": "LoKr (merged)", "full": "full (merged)", "locon": "LoRA/LoCon (peft)",
+          "oft": "OFT (merged)", "boft": "BOFT (merged)", "glora": "GLoRA (merged)"}
 
 
 def _module(kind: str, layer: torch.nn.Module, rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -62,6 +64,16 @@ def _module(kind: str, layer: torch.nn.Module, rank: int, g: torch.Generator) ->
                 "lokr_w2_b": rand(rank, flat_in // 8, std=0.05), "alpha": torch.tensor(float(rank))}
     if kind == "full":
         return {"diff": rand(*shape, std=0.001)}
+    if kind == "oft":  # SD's widths (320, 640, 1280) are multiples of 16
+        return {"oft_blocks": rand(out_dim // rank, rank, rank, std=0.01), "alpha": torch.tensor(0.0)}
+    if kind == "boft":  # 32 blocks (tiny model: 16) of an even number of rows, every stage
+        n = min(32, out_dim // 2)
+        return {"oft_blocks": rand(n.bit_length(), n, out_dim // n, out_dim // n, std=0.01), "alpha": torch.tensor(0.0)}
+    if kind == "glora":
+        in_dim, one = shape[1], (1, 1) if len(shape) == 4 else ()  # a conv's 1x1 factors are conv weights
+        return {"a1.weight": rand(in_dim, rank, *one, std=0.01), "a2.weight": rand(rank, in_dim, *one, std=0.01),
+                "b1.weight": rand(out_dim, rank, *one, std=0.01),
+                "b2.weight": rand(rank, *shape[1:], std=0.01), "alpha": torch.tensor(float(rank))}
     up_shape = (out_dim, rank, 1, 1) if len(shape) == 4 else (out_dim, rank)
     return {"lora_down.weight": rand(rank, *shape[1:], std=0.01), "lora_up.weight": rand(*up_shape, std=0.01),
             "alpha": torch.tensor(float(rank))}

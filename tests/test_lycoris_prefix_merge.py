@@ -85,13 +85,31 @@ def test_a_plain_lora_under_the_lycoris_prefix_loads_too(base, tiny_sd15, tmp_pa
     _close(_outputs(Generator(tiny_sd15, [str(path)], device="cpu").pipe), _outputs(by_hand.pipe))
 
 
-def test_text_encoder_names_under_the_lycoris_prefix_are_refused_in_one_line(tmp_path):
+def test_text_encoder_names_under_the_lycoris_prefix_load_on_sd15_and_are_refused_on_sdxl(base, tiny_sd15, tmp_path):
+    # LyCORIS' wrapper around a CLIP text encoder names its layers lycoris_text_model_...
+    g = torch.Generator().manual_seed(5)
+    layers = [("encoder.layers.0.self_attn.q_proj", "loha"), ("encoder.layers.1.mlp.fc1", "lora")]
+    tensors, reference = {}, {}
+    for layer, kind in layers:
+        parts, delta, bias = module_tensors(kind, get_layer(base, "text_encoder", layer).weight.detach(), g)
+        tensors.update({f"lycoris_text_model_{layer.replace('.', '_')}.{k}": v.float() for k, v in parts.items()})
+        reference[("text_encoder", layer)] = (delta, bias, None)
     path = tmp_path / "te.safetensors"
-    safetensors.torch.save_file({"lycoris_text_model_encoder_layers_0_self_attn_q_proj.diff": torch.zeros(4, 4)},
-                                str(path))
-    with pytest.raises(ModelError, match=r"names a text-encoder layer under LyCORIS' own prefix") as err:
-        read_lycoris(path)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    safetensors.torch.save_file(tensors, str(path))
+    adapter = read_lycoris(path, base="sd15")
+    assert sorted(adapter.modules["text_encoder"]) == [f"text_model.{p}" for p, _ in layers]
+
+    by_hand = Generator(tiny_sd15, device="cpu")
+    merge_by_hand(by_hand.pipe, reference, 0.5)
+    want = _outputs(by_hand.pipe)
+    gen = Generator(tiny_sd15, [f"{path}:0.5"], device="cpu")
+    _close(_outputs(gen.pipe), want)
+    assert (want["text_encoder"] - _outputs(Generator(tiny_sd15, device="cpu").pipe)["text_encoder"]).abs().max() > 1e-3
+
+    with pytest.raises(ModelError, match=r"cannot tell SDXL's two text encoders apart; rename its keys to lora_te1_") as err:
+        read_lycoris(path, base="sdxl")
+    assert str(path) in str(err.value) and "lycoris_text_model_encoder_layers_0" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -141,5 +159,5 @@ def test_convert_refuses_a_lycoris_file_and_names_resize(loha_file, tmp_path, ca
     assert main(["convert", str(loha_file), str(out), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert "a LyCORIS LoHa/LoKr adapter" in err and "`lora-trainer resize IN OUT --rank R` turns it into a plain LoRA" in err
+    assert "a LyCORIS LoHa/LoKr adapter" in err and "`lora-trainer resize IN OUT --rank R` turns one whose change" in err
     assert not out.exists()

@@ -77,9 +77,41 @@ def kohya_load_quirks(adapter: Adapter) -> list[str]:
     return out
 
 
+def _blocks(module) -> str | None:
+    """OFT's blocks as `n×b`, BOFT's as `m×n×b` (stages × blocks × block size)."""
+    blocks = module.parts.get("oft_blocks", module.parts.get("oft_diag"))
+    return None if blocks is None else "×".join(str(d) for d in blocks.shape[:-1])
+
+
+def lycoris_summary(adapter) -> dict:
+    """What `inspect` reports for a LyCORIS file: types, ranks, alphas (OFT/BOFT: constraints),
+    block shapes and counts per component."""
+    modules = [(c, p, m) for c, p, m in adapter.items()]
+    rotations = {"OFT", "BOFT"}
+    ranks = collections.Counter(m.rank for _, _, m in modules if m.rank is not None)
+    alphas = collections.Counter(m.alpha for _, _, m in modules if m.alpha is not None and m.kind not in rotations)
+    constraints = collections.Counter(m.alpha or 0.0 for _, _, m in modules if m.kind in rotations)
+    blocks = collections.Counter(_blocks(m) for _, _, m in modules if m.kind in rotations)
+    components = {c: {"modules": len(mods),
+                      "types": dict(sorted(collections.Counter(m.kind for m in mods.values()).items())),
+                      "parameters": sum(m.parameters for m in mods.values())}
+                  for c, mods in adapter.modules.items()}
+    return {"types": adapter.kinds, "components": components,
+            "ranks": {str(k): n for k, n in sorted(ranks.items())},
+            "alphas": {f"{k:g}": n for k, n in sorted(alphas.items())},
+            "oft_constraints": {f"{k:g}": n for k, n in sorted(constraints.items())},
+            "oft_blocks": dict(sorted(blocks.items())),
+            "dora": any(m.dora_scale is not None for _, _, m in modules),
+            "cp": sum(1 for _, _, m in modules if {"lora_mid.weight", "hada_t1", "lokr_t2", "bm.weight"} & set(m.parts)),
+            "parameters": adapter.parameters,
+            "modules": [{"component": c, "module": p, "type": m.kind, "rank": m.rank, "alpha": m.alpha,
+                         "blocks": _blocks(m), "out": m.out_features(), "dora": m.dora_scale is not None}
+                        for c, p, m in modules]}
+
+
 def _inspect_lycoris(path: Path, base: str | None) -> dict:
     """The report of a LyCORIS file: its types, ranks and counts (see `export/lycoris.py`)."""
-    from .lycoris import lycoris_summary, read_lycoris
+    from .lycoris import read_lycoris
 
     adapter = read_lycoris(path, base=base)
     dtypes = _counts(str(t.dtype).removeprefix("torch.") for _, _, m in adapter.items()
@@ -153,11 +185,16 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
     ]
     if ranked:
         lines.append(f"rank        {_spread(report['ranks'], ranked)}" + (
-            f"; {total - ranked} without a rank (full, (IA)^3, LoKr of two whole factors)" if ranked != total else ""))
+            f"; {total - ranked} without a rank (full, (IA)^3, OFT/BOFT, norm, LoKr of two whole factors)"
+            if ranked != total else ""))
     if report["alphas"]:
         lines.append(f"alpha       {_spread(report['alphas'], sum(report['alphas'].values()))}")
+    if report["oft_blocks"]:
+        rotated = sum(report["oft_blocks"].values())
+        lines.append(f"oft blocks  {_spread(report['oft_blocks'], rotated)} (OFT n×b, BOFT stages×n×b); "
+                     f"constraint (alpha) {_spread(report['oft_constraints'], rotated)}")
     if report["cp"]:
-        lines.append(f"cp          {report['cp']} modules with a CP core (lora_mid / hada_t1,t2 / lokr_t2)")
+        lines.append(f"cp          {report['cp']} modules with a CP core (lora_mid / hada_t1,t2 / lokr_t2 / bm)")
     if report["dora"]:
         lines.append(f"dora        {sum(m['dora'] for m in report['modules'])} of the modules have a dora_scale")
     lines.append(f"parameters  {report['parameters']:,}")
@@ -166,6 +203,7 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
         lines.append("modules:")
         lines += [f"  {m['component']}.{m['module']}  {m['type']}{' DoRA' if m['dora'] else ''}  out {m['out']}"
                   + (f"  rank {m['rank']}" if m["rank"] is not None else "")
+                  + (f"  blocks {m['blocks']}" if m["blocks"] else "")
                   + (f"  alpha {m['alpha']:g}" if m["alpha"] is not None else "") for m in report["modules"]]
     return lines
 

@@ -59,7 +59,8 @@ _CLIP_INNER = ("encoder.", "embeddings.", "final_layer_norm.")
 
 
 # Key fragments of LyCORIS's other network types, named when such a file is refused.
-_LYCORIS_MARKERS = {".hada_": "LoHa", ".lokr_": "LoKr", ".oft_": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
+_LYCORIS_MARKERS = {".hada_": "LoHa", ".lokr_": "LoKr", ".oft_": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA",
+                    ".w_norm": "norm", ".b_norm": "norm"}
 
 
 def _fail(what: str, keys: Iterable[str], hint: str = "") -> NoReturn:
@@ -93,8 +94,8 @@ def _pair_modules(state: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]
     if lycoris:
         raise ModelError(f"a LyCORIS {'/'.join(lycoris)} adapter ({len(unknown)} keys such as {sorted(unknown)[0]}); "
                          "this command reads only LoRA and DoRA files (infer.py, `lora-trainer merge`, `inspect` "
-                         "and `merge-loras` read LyCORIS files; `lora-trainer resize IN OUT --rank R` turns it into "
-                         "a plain LoRA)")
+                         "and `merge-loras` read LyCORIS files; `lora-trainer resize IN OUT --rank R` turns one whose "
+                         "change does not depend on the base (LoHa, LoKr, full) into a plain LoRA)")
     if unknown:
         _fail("keys that are not LoRA down/up weights", unknown,
               "only LoRA and DoRA are supported (no LoRA biases or LoHa/LoKr factors)")

@@ -1,30 +1,30 @@
-"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`, or
-LyCORIS' own `lycoris_<UNet module path>`) read as one weight change ΔW per layer, with the same
-shape as the layer's weight:
+"""LyCORIS adapter files (kohya key layout: `lora_unet_...`, `lora_te_...`, `lora_te1_/lora_te2_`,
+kohya's OFT `oft_unet_...`, or LyCORIS' own `lycoris_<module path>`) read as one weight change ΔW per
+layer, with the same shape as the layer's weight:
 
 - LoRA / LoCon: ΔW = (alpha / r) · up @ down; with a CP core `lora_mid` (r × r × kh × kw) the up and
   down 1×1 factors wrap the core: ΔW[o, i, h, w] = Σ up[o, a] · mid[a, b, h, w] · down[b, i].
 - LoHa: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r, r = rank of w1_b; with CP cores
   `hada_t1`/`hada_t2` each factor is rebuilt as above (w*_a, w*_b are then r × d_out, r × d_in).
-- LoKr: ΔW = kron(w1, w2), each factor stored whole (`lokr_w1`) or as a low-rank pair
-  (`lokr_w1_a @ lokr_w1_b`; w2 may have a CP core `lokr_t2`). alpha / r applies only when a factor is
-  low-rank (r = the rank of w2's pair, else w1's); with two whole factors the scale is 1.
+- LoKr: ΔW = kron(w1, w2), each factor whole (`lokr_w1`) or a low-rank pair (`lokr_w1_a @ lokr_w1_b`;
+  w2 may have a CP core `lokr_t2`). alpha / r applies only when a factor is low-rank (r = the rank
+  of w2's pair, else w1's); with two whole factors the scale is 1.
 - full: ΔW = `diff`, and the bias changes by `diff_b`.
 - (IA)^3: a per-channel gain g (`weight`, on the input axis when `on_input` is 1, else the output
   axis): ΔW = W ⊙ g, so W' = W ⊙ (1 + m·g) at weight m. The bias is not scaled.
-- DoRA (`dora_scale` beside any of these but (IA)^3): W_d = dora_scale · (W + ΔW) / ‖W + ΔW‖, the norm
-  taken per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
+- OFT, BOFT, GLoRA and norm-layer diffs, built from the base weight: see `lycoris_ortho.py`.
+- DoRA (`dora_scale` beside LoRA, LoHa, LoKr or full): W_d = dora_scale · (W + ΔW) / ‖W + ΔW‖, the
+  norm per output row or per input column (whichever axis `dora_scale` lies on); at weight m,
   W' = W + m · (W_d − W), so weight 0 is the base and weight 1 the file's own weight.
 
-A file is read as LyCORIS when a key names one of these parts that a plain LoRA/DoRA file never has,
-or when a LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other
-LoRA file keeps the LoRA reader (`adapter.py`), bit for bit.
+A file is read as LyCORIS when a key names a part that a plain LoRA/DoRA file never has, or when a
+LoRA file's `dora_scale` lies on the input axis (which peft cannot hold); every other LoRA file
+keeps the LoRA reader (`adapter.py`), bit for bit.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,68 +33,11 @@ from typing import Iterator, Mapping
 import torch
 
 from ..errors import ModelError, first_line
+from . import lycoris_ortho as ortho
 from .files import load_adapter
-from .layouts import KOHYA_COMPONENTS, _path_from_kohya
+from .lycoris_names import (_PREFIX_NAMES, _READS, LYCORIS_PREFIX, PARTS, PREFIXES, SHARED, UNSUPPORTED,
+                            component_of, component_prefix, is_lycoris, module_path, needs_lycoris_reader)
 from .scratch import Scratch, work_tensor
-from .sdxl_names import diffusers_from_ldm
-
-# Parts of a module, by the key suffix after `<lora_name>.`, and the LyCORIS type they belong to.
-PARTS = {
-    "lora_down.weight": "LoRA", "lora_up.weight": "LoRA", "lora_mid.weight": "LoRA",
-    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
-    "hada_t1": "LoHa", "hada_t2": "LoHa",
-    "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr", "lokr_w2": "LoKr", "lokr_w2_a": "LoKr",
-    "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
-    "diff": "full", "diff_b": "full",
-    "weight": "IA3", "on_input": "IA3",
-}
-SHARED = ("alpha", "dora_scale")
-# Parts of LyCORIS types this tool does not read, named in the refusal.
-UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "OFT", "a1.weight": "GLoRA",
-               "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA", "lokr_t1": "LoKr with a CP w1",
-               "w_norm": "norm-layer training", "b_norm": "norm-layer training"}
-# A key with one of these parts makes a kohya-layout file a LyCORIS file.
-_LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.weight"} | set(UNSUPPORTED)
-# LyCORIS' own network wrapper (`create_lycoris`, used by SimpleTuner) names each layer of the model
-# it wraps `lycoris_<module path, dots as underscores>`; for SD that model is the UNet, with diffusers
-# module names, and ComfyUI reads the prefix as the UNet's. Such files are read here whatever their type.
-LYCORIS_PREFIX = "lycoris"
-PREFIXES = {**KOHYA_COMPONENTS, LYCORIS_PREFIX: "unet"}
-_PREFIX_NAMES = "lora_unet_, lora_te_, lora_te1_, lora_te2_, lycoris_"
-
-
-def component_prefix(name: str) -> str | None:
-    """The prefix (`lora_unet`, `lora_te1`, `lycoris`, ...) a module name starts with, or None."""
-    return next((p for p in PREFIXES if name.startswith(p + "_")), None)
-
-
-def is_lycoris(keys) -> bool:
-    """Whether kohya-layout `keys` hold any LyCORIS-only part (LoHa, LoKr, full, (IA)^3, a CP core...),
-    or use LyCORIS' own `lycoris_` prefix."""
-    prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
-    return any(k.startswith(LYCORIS_PREFIX + "_") or (k.startswith(prefixes) and k.partition(".")[2] in _LYCORIS_ONLY)
-               for k in keys)
-
-
-def needs_lycoris_reader(path: str | os.PathLike) -> bool:
-    """Whether the file at `path` is read here rather than as LoRA: LyCORIS-only parts, or a LoRA
-    file whose `dora_scale` lies on the input axis (1, d_in), which peft cannot represent."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if is_lycoris(keys):
-                return True
-            prefixes = tuple(p + "_" for p in KOHYA_COMPONENTS)
-            for key in keys:
-                if key.startswith(prefixes) and key.endswith(".dora_scale"):
-                    shape = f.get_slice(key).get_shape()
-                    if len(shape) >= 2 and shape[0] == 1 and math.prod(shape) > 1:
-                        return True
-    except Exception:  # unreadable: the LoRA reader says what is wrong with it
-        return False
-    return False
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,7 +50,7 @@ class LycorisModule:
     """One layer's parts as the file stores them (cast to the working dtype when ΔW is built)."""
 
     name: str  # the kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    kind: str  # "LoRA", "LoHa", "LoKr", "full", "IA3"
+    kind: str  # "LoRA", "LoHa", "LoKr", "full", "IA3", "OFT", "BOFT", "GLoRA", "norm"
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
     dora_scale: torch.Tensor | None = None
@@ -117,8 +60,11 @@ class LycorisModule:
 
     @property
     def rank(self) -> int | None:
-        """The rank of the low-rank factors (None for full, (IA)^3 and LoKr with two whole factors)."""
+        """The rank of the low-rank factors (None for full, (IA)^3, OFT, BOFT, norm and LoKr with two
+        whole factors)."""
         p = self.parts
+        if self.kind == "GLoRA":
+            return p["a2.weight"].shape[0]
         if self.kind == "LoRA":
             return p["lora_down.weight"].shape[0]
         if self.kind == "LoHa":
@@ -131,9 +77,10 @@ class LycorisModule:
 
     @property
     def scale(self) -> float:
-        """alpha / rank where the type has one (a file without alpha: 1)."""
+        """alpha / rank where the type has one (a file without alpha: 1; GLoRA's alpha 0 too). OFT's
+        and BOFT's alpha is a constraint, not a scale."""
         rank = self.rank
-        if self.kind in ("full", "IA3") or rank is None or self.alpha is None:
+        if self.kind in ("full", "IA3") or rank is None or not self.alpha:
             return 1.0
         return self.alpha / rank
 
@@ -145,6 +92,8 @@ class LycorisModule:
     def out_features(self) -> int | None:
         """d_out as the file tells it ((IA)^3 on the input axis cannot tell)."""
         p = self.parts
+        if self.kind in ortho.KINDS:
+            return ortho.out_features(self)
         if self.kind == "LoRA":
             return p["lora_up.weight"].shape[0]
         if self.kind == "LoHa":
@@ -208,6 +157,8 @@ class LycorisModule:
         ((IA)^3 scales `weight` itself): a new tensor, or `scratch`'s buffer "a" (overwritten by the
         next module). A shape that does not fit is a one-line ModelError."""
         shape = tuple(weight.shape)
+        if self.kind in ortho.KINDS:  # built from the weight itself: a new tensor
+            return ortho.ortho_delta(self, weight, dtype, scratch)
         if self.kind == "IA3":
             gain = self._get("weight", dtype, weight.device).flatten()
             axis = 1 if self.on_input else 0
@@ -229,8 +180,14 @@ class LycorisModule:
         # the product is this module's own tensor: scaled in place (×1 changes no bit, so it is skipped)
         return product.reshape(shape).mul_(self.scale) if self.scale != 1.0 else product.reshape(shape)
 
+    @property
+    def bias_part(self) -> str | None:
+        """The part that changes the layer's bias (full: `diff_b`, norm: `b_norm`), if any."""
+        return next((k for k in ("diff_b", "b_norm") if k in self.parts), None)
+
     def bias_delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
-        return self.parts["diff_b"].to(dtype) if "diff_b" in self.parts else None  # moved by the caller
+        part = self.bias_part
+        return None if part is None else self.parts[part].to(dtype).flatten()  # moved by the caller
 
     def merged(self, weight: torch.Tensor, multiplier: float, dtype: torch.dtype = torch.float64,
                out: torch.Tensor | None = None, scratch: Scratch | None = None) -> torch.Tensor:
@@ -291,7 +248,7 @@ def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) 
     need = {"LoRA": [("lora_down.weight",), ("lora_up.weight",)],
             "LoHa": [("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)],
             "LoKr": [("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")],
-            "full": [("diff",)], "IA3": [("weight",)]}[kind]
+            "full": [("diff",)], "IA3": [("weight",)], **ortho.NEEDS}[kind]
     pairs = {"lokr_w1_a": "lokr_w1_b", "lokr_w2_a": "lokr_w2_b"}
     for options in need:
         if not any(o in parts for o in options):
@@ -302,18 +259,9 @@ def _check_parts(path, name: str, kind: str, parts: Mapping[str, torch.Tensor]) 
             raise ModelError(f"{path}: {name} has {a if a in parts else b} without {b if a in parts else a}")
     if kind == "LoHa" and ("hada_t1" in parts) != ("hada_t2" in parts):
         raise ModelError(f"{path}: {name} has only one of hada_t1/hada_t2")
-
-
-def module_path(component: str, kohya_name: str, layers_per_block: int = 2) -> str:
-    """The diffusers module path of a kohya name (without its prefix) by the built-in vocabulary;
-    the inference side resolves it against the real model instead."""
-    path = _path_from_kohya(kohya_name, kohya_name, checked_later=True)
-    if component == "unet":
-        try:
-            path = diffusers_from_ldm(path, layers_per_block)
-        except ModelError:
-            pass
-    return path
+    problem = ortho.blocks_problem(parts)
+    if problem:
+        raise ModelError(f"{path}: {name}.{problem}")
 
 
 def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str | None = None,
@@ -332,15 +280,11 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         if prefix is None or not part:
             raise ModelError(f"{path}: key {key!r} has no kohya or LyCORIS prefix ({_PREFIX_NAMES}); "
                              "only kohya-layout LyCORIS files are read")
-        if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
-            raise ModelError(f"{path}: key {key!r} names a text-encoder layer under LyCORIS' own prefix, which "
-                             "names UNet layers only (text encoders: lora_te_, lora_te1_, lora_te2_)")
         if part in UNSUPPORTED:
             raise ModelError(f"{path}: {key!r} is a LyCORIS {UNSUPPORTED[part]} part, which this tool does not "
-                             "read (it reads LoRA/LoCon, LoHa, LoKr, full and (IA)^3)")
+                             f"read (it reads {_READS} modules)")
         if part not in PARTS and part not in SHARED:
-            raise ModelError(f"{path}: {key!r} is no LoRA/LyCORIS part this tool knows (it reads LoRA/LoCon, LoHa, "
-                             "LoKr, full and (IA)^3 modules)")
+            raise ModelError(f"{path}: {key!r} is no LoRA/LyCORIS part this tool knows (it reads {_READS} modules)")
         grouped.setdefault(name, {})[part] = tensor
     modules: dict[str, dict[str, LycorisModule]] = {}
     for name, parts in grouped.items():
@@ -349,13 +293,15 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
             what = " and ".join(sorted(kinds)) if kinds else "only " + "/".join(sorted(parts))
             raise ModelError(f"{path}: module {name} has {what} parts; each module must be one type")
         kind = kinds.pop()
+        if kind == "OFT" and "oft_blocks" in parts and parts["oft_blocks"].ndim == 4:
+            kind = "BOFT"  # butterfly stages × blocks × b × b
         _check_parts(path, name, kind, parts)
         alpha = parts.pop("alpha", None)
         dora = parts.pop("dora_scale", None)
-        if dora is not None and kind == "IA3":
-            raise ModelError(f"{path}: {name} has a dora_scale on an (IA)^3 module, which LyCORIS never writes")
+        if dora is not None and kind in ("IA3", *ortho.KINDS):
+            raise ModelError(f"{path}: {name} has a dora_scale on an {kind} module, which LyCORIS never writes")
         prefix = component_prefix(name)
-        component = PREFIXES[prefix]
+        component = component_of(name, prefix)
         module = LycorisModule(name, kind, parts, None if alpha is None else float(alpha), dora)
         layer = module_path(component, name[len(prefix) + 1:])
         if layer in modules.get(component, {}):
@@ -376,25 +322,14 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         raise ModelError(f"base {base!r} is not one of {', '.join(BASES)}")
     else:
         reason = "given"
+    if base == "sdxl":
+        clip = [m.name for m in modules.get("text_encoder", {}).values() if m.name.startswith(LYCORIS_PREFIX)]
+        if clip:
+            raise ModelError(f"{path}: {clip[0]} names a text-encoder layer under LyCORIS' own prefix, which cannot tell "
+                             "SDXL's two text encoders apart; rename its keys to lora_te1_ (CLIP ViT-L) or lora_te2_ "
+                             "(OpenCLIP ViT-bigG)")
     return LycorisAdapter(modules, base, dict(metadata), reason)
 
 
-def lycoris_summary(adapter: LycorisAdapter) -> dict:
-    """What `inspect` reports for a LyCORIS file: types, ranks, alphas and counts per component."""
-    ranks = collections.Counter(m.rank for _, _, m in adapter.items() if m.rank is not None)
-    alphas = collections.Counter(m.alpha for _, _, m in adapter.items() if m.alpha is not None)
-    components = {c: {"modules": len(mods),
-                      "types": dict(sorted(collections.Counter(m.kind for m in mods.values()).items())),
-                      "parameters": sum(m.parameters for m in mods.values())}
-                  for c, mods in adapter.modules.items()}
-    return {"types": adapter.kinds, "components": components,
-            "ranks": {str(k): n for k, n in sorted(ranks.items())},
-            "alphas": {f"{k:g}": n for k, n in sorted(alphas.items())},
-            "dora": any(m.dora_scale is not None for _, _, m in adapter.items()),
-            "cp": sum(1 for _, _, m in adapter.items() if {"lora_mid.weight", "hada_t1", "lokr_t2"} & set(m.parts)),
-            "parameters": adapter.parameters,
-            "modules": [{"component": c, "module": p, "type": m.kind, "rank": m.rank, "alpha": m.alpha,
-                         "out": m.out_features(), "dora": m.dora_scale is not None} for c, p, m in adapter.items()]}
-
-
-__all__ = ["PREFIXES", "LycorisAdapter", "LycorisModule", "component_prefix", "is_lycoris", "lycoris_summary", "module_path", "read_lycoris"]
+__all__ = ["PREFIXES", "LycorisAdapter", "LycorisModule", "component_prefix", "is_lycoris", "module_path",
+           "needs_lycoris_reader", "read_lycoris"]

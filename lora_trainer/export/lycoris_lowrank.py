@@ -3,10 +3,10 @@ best rank-r part by SVD (`lowrank.py`), so tools and consumers that read only Lo
 `lora-trainer resize` does this when its input is a LyCORIS file, and `merge-loras` (at each ΔW's
 own rank, exactly) before it merges one.
 
-ΔW of (IA)^3 and DoRA modules depends on the base weights, and a LoRA cannot hold `diff_b`'s bias
-change: such modules are refused by name. LoHa and LoKr store a conv's ΔW flattened to
-d_out × (d_in·kh·kw) unless they have a CP core; the kernel is then told from the layer's name
-(SD UNet 3×3 convs: resnet conv1/conv2, samplers, conv_in/out; SD 1.x proj_in/out and
+ΔW of (IA)^3, OFT, BOFT, GLoRA, norm and DoRA modules depends on the base weights, and a LoRA
+cannot hold `diff_b`'s bias change: such modules are refused by name. LoHa and LoKr store a conv's
+ΔW flattened to d_out × (d_in·kh·kw) unless they have a CP core; the kernel is then told from the
+layer's name (SD UNet 3×3 convs: resnet conv1/conv2, samplers, conv_in/out; SD 1.x proj_in/out and
 conv_shortcut are 1×1 convs).
 """
 
@@ -20,6 +20,7 @@ from ..errors import ModelError
 from .adapter import Adapter, carried_metadata, module_from_product
 from .lowrank import FitReport, check_dynamic, choose_rank, fit, svd_of_matrix, truncated_factors
 from .lycoris import LycorisAdapter, LycorisModule
+from .lycoris_ortho import KINDS as BASE_DEPENDENT
 
 _CONV_3X3 = ("conv1", "conv2", ".conv", "conv_in", "conv_out")
 
@@ -51,6 +52,7 @@ def lycoris_to_lora(adapter: LycorisAdapter, rank: int | None, *, conv_rank: int
     check_dynamic(dynamic, param)
     for component, path, module in adapter.items():
         why = ("is (IA)^3, whose change scales the base weights" if module.kind == "IA3" else
+               f"is {module.kind}, whose change is built from the base weights" if module.kind in BASE_DEPENDENT else
                "has a dora_scale, whose change depends on the base weights" if module.dora_scale is not None else
                "changes the bias (diff_b), which a LoRA cannot hold" if module.bias_delta() is not None else None)
         if why:

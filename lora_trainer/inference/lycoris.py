@@ -1,5 +1,6 @@
-"""LyCORIS adapters (LoHa, LoKr, full, (IA)^3, LoCon with CP cores) on a loaded pipeline: merged
-into the base weights of the pipeline this run uses, W' = W + m·ΔW (see `export/lycoris.py`).
+"""LyCORIS adapters (LoHa, LoKr, full, (IA)^3, OFT, BOFT, GLoRA, norm, LoCon with CP cores) on a
+loaded pipeline: merged into the base weights of the pipeline this run uses, W' = W + m·ΔW (see
+`export/lycoris.py`).
 
 peft has no layer type for most of them, so they are not injected: the touched layers' original
 weights are kept on the CPU, and every change of weight, on/off state or unload rebuilds those
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelError
+from ..export import lycoris_ortho as ortho
 from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, component_prefix
 from ..export.scratch import Scratch
@@ -79,23 +81,27 @@ class WeightPatches:
 
     def resolve(self, adapter: LycorisAdapter, source: str) -> dict[Key, object]:
         """Each module of `adapter` matched to a layer of the pipeline, or a one-line error."""
-        by_prefix: dict[str, dict[str, str]] = {}
+        by_prefix: dict[tuple[str, str], dict[str, str]] = {}
         found: dict[Key, object] = {}
         for component, _, module in adapter.items():
             prefix = component_prefix(module.name)
             model = getattr(self.pipe, component, None)
             if not isinstance(model, torch.nn.Module):
                 raise ModelError(f"{source}: {module.name} adapts {component}, which this base does not have")
-            if prefix not in by_prefix:
-                by_prefix[prefix] = _kohya_names(component, model)
-            path = by_prefix[prefix].get(module.name[len(prefix) + 1:])
+            if (prefix, component) not in by_prefix:  # `lycoris_` names the UNet and SD 1.x's text encoder
+                by_prefix[(prefix, component)] = _kohya_names(component, model)
+            path = by_prefix[(prefix, component)].get(module.name[len(prefix) + 1:])
             if path is None:
                 raise ModelError(f"{source}: {module.name} names no layer of this base's {component}; "
                                  "it was made for another model")
             weight, bias = _weights_of(model.get_submodule(path))
-            if module.bias_delta() is not None and (bias is None or bias.shape != module.parts["diff_b"].shape):
-                raise ModelError(f"{source}: {module.name}.diff_b changes a bias the layer "
+            part = module.bias_part
+            if part is not None and (bias is None or bias.numel() != module.parts[part].numel()):
+                raise ModelError(f"{source}: {module.name}.{part} changes a bias the layer "
                                  f"{'does not have' if bias is None else 'has in another shape'}")
+            problem = ortho.shape_problem(module, tuple(weight.shape)) if module.kind in ortho.KINDS else None
+            if problem:  # told from the shapes alone, so the fit check before loading finds it too
+                raise ModelError(f"{source}: {module.name} ({module.kind}) {problem}; it was made for another model")
             if (component, path) in found:
                 raise ModelError(f"{source}: {module.name} and {found[(component, path)].name} name the same "
                                  f"layer ({component}.{path}); keep one of them")
