@@ -1,6 +1,6 @@
 """OFT, BOFT, GLoRA and norm files made by the LyCORIS package itself (its `create_network`, saved
 with its `save_weights`) load into `infer` with the outputs of the package's own forward. Runs only
-where `lycoris-lora` (and its einops/toml) is installed; `test_lycoris_ortho.py` checks the same
+where `lycoris-lora` is installed (the `dev` extra, so CI, installs it); `test_lycoris_ortho.py` checks the same
 types against the published formulas everywhere."""
 
 from __future__ import annotations
