@@ -1,7 +1,8 @@
-"""OFT, BOFT, GLoRA and norm files made by the LyCORIS package itself (its `create_network`, saved
-with its `save_weights`) load into `infer` with the outputs of the package's own forward. Runs only
-where `lycoris-lora` is installed (the `dev` extra, so CI, installs it); `test_lycoris_ortho.py` checks the same
-types against the published formulas everywhere."""
+"""Files made by the LyCORIS package itself (its `create_network`, saved with its `save_weights`) load
+into `infer` with the outputs of the package's own forward, for every type it writes: LoHa, LoKr,
+LoCon, (IA)^3, full, DoRA, OFT, BOFT, GLoRA and norm modules, on SD1.5 and SDXL. Runs only where
+`lycoris-lora` is installed (the `dev` extra, so CI, installs it); `test_lycoris.py` and
+`test_lycoris_ortho.py` check the same types against the published formulas everywhere."""
 
 from __future__ import annotations
 
@@ -15,13 +16,73 @@ from lora_trainer.inference.generate import Generator
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 
-# LyCORIS' "full" preset names time_embedding twice on diffusers UNets (4.1.3): pick the targets
+# LyCORIS' "full" preset names time_embedding twice on diffusers UNets (4.1.3): pick the targets.
+# The preset sets class attributes of LyCORIS' network, so every one names its module_algo_map.
 PRESET = """enable_conv = true
 unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 unet_target_name = ["conv_in", "conv_out"]
 text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
 text_encoder_target_name = []
 """
+NO_MAP = "module_algo_map = {}\n"
+# (IA)^3 on the input axis for the text encoders' MLPs and the UNet's feed-forwards (LyCORIS' own
+# `ia3` preset does this for its ff layers)
+IA3_ON_INPUT = """[module_algo_map.CLIPMLP]
+train_on_input = true
+[module_algo_map.FeedForward]
+train_on_input = true
+"""
+
+
+def _randomize(net, g: torch.Generator) -> None:
+    """Every trained tensor away from LyCORIS' initialisation (which makes ΔW zero), at a size that
+    changes the outputs clearly: gains and factors drawn anew, whole weights (full) and DoRA's norms
+    moved from where they start."""
+    with torch.no_grad():
+        for lora in net.loras:
+            kind = type(lora).__name__
+            # a Hadamard or Kronecker product of small factors is smaller still
+            size = 0.3 if kind in ("LohaModule", "LokrModule") else 0.1
+            for name, p in lora.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                if kind == "FullModule":
+                    p.add_(noise * 0.02)
+                elif name == "dora_scale":
+                    p.mul_(1 + 0.2 * noise)
+                else:
+                    p.copy_(noise * (0.05 if "oft" in name else size) + name.endswith("rescale"))
+
+
+def _lycoris_file(model, tmp_path, algo, dim, options, preset=NO_MAP, sdxl=False, weights=(1.0,)):
+    """A LyCORIS network of `algo` built by the package on `model`'s pipeline and saved by it, with
+    the pipeline's outputs without it and under the package's own forward at each of `weights`."""
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    (tmp_path / "preset.toml").write_text(PRESET + preset)
+    pipe = Generator(model, device="cpu").pipe
+    base = _outputs(pipe, sdxl)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else pipe.text_encoder
+    net = lycoris_kohya.create_network(1.0, dim, 1.0 if "alpha" not in options else options.pop("alpha"), None,
+                                       encoders, pipe.unet, algo=algo, preset=str(tmp_path / "preset.toml"),
+                                       **options)
+    net.apply_to(encoders, pipe.unet, True, True)
+    _randomize(net, torch.Generator().manual_seed(0))
+    want = {}
+    for m in weights:
+        net.set_multiplier(m)
+        want[m] = _outputs(pipe, sdxl)
+    path = tmp_path / f"{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    change = {k: (want[1.0][k] - base[k]).abs().max().item() for k in base}
+    assert min(change.values()) > 1e-2, change
+    return path, want
+
+
+def _check(model, path, want, sdxl=False, atol=1e-5):
+    """Our loader's outputs at each weight equal `want`'s, the file loaded once and re-weighted."""
+    gen = Generator(model, [str(path)], device="cpu")
+    for m, outputs in want.items():
+        gen.set_weight(path.stem, m)
+        _close(_outputs(gen.pipe, sdxl), outputs, atol=atol)
 
 
 @pytest.mark.parametrize("algo, dim, options", [
@@ -29,21 +90,44 @@ text_encoder_target_name = []
     ("glora", 4, {}), ("lora", 4, {"train_norm": "true"}),
 ])
 def test_files_written_by_lycoris_give_its_own_outputs(tiny_sd15, tmp_path, algo, dim, options):
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    (tmp_path / "preset.toml").write_text(PRESET)
-    ref = Generator(tiny_sd15, device="cpu")
-    base = _outputs(ref.pipe)
-    net = lycoris_kohya.create_network(1.0, dim, 1.0, None, ref.pipe.text_encoder, ref.pipe.unet, algo=algo,
-                                       preset=str(tmp_path / "preset.toml"), **options)
-    net.apply_to(ref.pipe.text_encoder, ref.pipe.unet, True, True)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "oft" in name else 0.1) + name.endswith("rescale"))
-    want = _outputs(ref.pipe)
-    path = tmp_path / f"{algo}.safetensors"
-    net.save_weights(str(path), torch.float32, {})
+    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, options)
+    _check(tiny_sd15, path, want)
 
-    got = _outputs(Generator(tiny_sd15, [str(path)], device="cpu").pipe)
-    assert all((want[k] - base[k]).abs().max() > 1e-2 for k in want)
-    _close(got, want, atol=1e-5)
+
+# LyCORIS' multiplier means what ours does for these types (W + m·ΔW; (IA)^3: W ⊙ (1 + m·g)), so
+# each is compared at a second weight too.
+@pytest.mark.parametrize("algo, dim, options, preset", [
+    ("loha", 4, {"alpha": 2.0}, NO_MAP),
+    ("loha", 4, {"use_tucker": True}, NO_MAP),  # hada_t1/hada_t2 on 3x3 convs
+    ("lokr", 2, {"alpha": 4.0}, NO_MAP),  # low-rank w2 (whole w1)
+    ("lokr", 4, {"full_matrix": "true"}, NO_MAP),  # two whole factors: scale 1 whatever alpha
+    ("lokr", 1, {"decompose_both": True, "factor": 8, "alpha": 2.0}, NO_MAP),  # w1 and w2 both low-rank
+    ("lokr", 2, {"use_tucker": True}, NO_MAP),  # lokr_t2 on 3x3 convs
+    ("lora", 4, {"use_tucker": True, "alpha": 2.0}, NO_MAP),  # LoCon with lora_mid
+    ("ia3", 4, {}, NO_MAP),
+    ("ia3", 4, {}, IA3_ON_INPUT),
+    ("full", 4, {}, NO_MAP),  # diff and diff_b
+])
+def test_lycoris_types_give_its_own_outputs_at_two_weights(tiny_sd15, tmp_path, algo, dim, options, preset):
+    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, dict(options), preset, weights=(1.0, 0.6))
+    _check(tiny_sd15, path, want)
+
+
+# DoRA: LyCORIS re-weights the decomposed weight from W + ΔW, not from W (weight 0 keeps ΔW), so
+# only weight 1, the file's own weight, means the same in both.
+@pytest.mark.parametrize("algo, dim, on_output", [
+    ("loha", 4, "true"), ("lokr", 2, "false"), ("lora", 4, "true"), ("lora", 4, "false"),
+])
+def test_dora_files_written_by_lycoris_give_its_own_outputs(tiny_sd15, tmp_path, algo, dim, on_output):
+    options = {"dora_wd": "true", "wd_on_output": on_output}
+    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, options)
+    _check(tiny_sd15, path, want)
+
+
+@pytest.mark.parametrize("algo, dim, options", [
+    ("lokr", 2, {"use_tucker": True}), ("loha", 4, {"dora_wd": "true", "wd_on_output": "false"}),
+])
+def test_sdxl_files_written_by_lycoris_give_its_own_outputs(tiny_sdxl, tmp_path, algo, dim, options):
+    weights = (1.0,) if "dora_wd" in options else (1.0, 0.6)
+    path, want = _lycoris_file(tiny_sdxl, tmp_path, algo, dim, options, sdxl=True, weights=weights)
+    _check(tiny_sdxl, path, want, sdxl=True)
