@@ -6,12 +6,15 @@ LoCon, (IA)^3, full, DoRA, OFT, BOFT, GLoRA and norm modules, on SD1.5 and SDXL.
 
 from __future__ import annotations
 
+import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_lycoris import _close, _outputs
 
+from lora_trainer.inference.adapters import AdapterSpec
 from lora_trainer.inference.generate import Generator
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
@@ -26,7 +29,7 @@ text_encoder_target_name = []
 """
 NO_MAP = "module_algo_map = {}\n"
 # (IA)^3 on the input axis for the text encoders' MLPs and the UNet's feed-forwards (LyCORIS' own
-# `ia3` preset does this for its ff layers)
+# `ia3` preset trains their second linear, mlp.fc2 and ff.net.2, on the input axis)
 IA3_ON_INPUT = """[module_algo_map.CLIPMLP]
 train_on_input = true
 [module_algo_map.FeedForward]
@@ -53,17 +56,38 @@ def _randomize(net, g: torch.Generator) -> None:
                     p.copy_(noise * (0.05 if "oft" in name else size) + name.endswith("rescale"))
 
 
-def _lycoris_file(model, tmp_path, algo, dim, options, preset=NO_MAP, sdxl=False, weights=(1.0,)):
-    """A LyCORIS network of `algo` built by the package on `model`'s pipeline and saved by it, with
-    the pipeline's outputs without it and under the package's own forward at each of `weights`."""
+def _model(path) -> SimpleNamespace:
+    """One generator for the file (each case loads its file into it and unloads it again, which gives
+    the base back bit for bit: loading a pipeline per case would cost most of the time), and a copy
+    of its untouched models for LyCORIS' networks (an unloaded peft adapter leaves its wrappers)."""
+    gen = Generator(path, device="cpu")
+    names = ("unet", "text_encoder") + (("text_encoder_2",) if gen.variant == "sdxl" else ())
+    return SimpleNamespace(gen=gen, sdxl=gen.variant == "sdxl",
+                           models={n: copy.deepcopy(getattr(gen.pipe, n)) for n in names})
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15):
+    return _model(tiny_sd15)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl):
+    return _model(tiny_sdxl)
+
+
+def _lycoris_file(model, tmp_path, algo, dim, options, preset=NO_MAP, weights=(1.0,)):
+    """A LyCORIS network of `algo` built by the package on a copy of `model`'s base and saved by it,
+    with the base's outputs and those of the package's own forward at each of `weights`."""
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
     (tmp_path / "preset.toml").write_text(PRESET + preset)
-    pipe = Generator(model, device="cpu").pipe
+    sdxl = model.sdxl
+    pipe = SimpleNamespace(**{n: copy.deepcopy(m) for n, m in model.models.items()})
     base = _outputs(pipe, sdxl)
     encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else pipe.text_encoder
-    net = lycoris_kohya.create_network(1.0, dim, 1.0 if "alpha" not in options else options.pop("alpha"), None,
-                                       encoders, pipe.unet, algo=algo, preset=str(tmp_path / "preset.toml"),
-                                       **options)
+    alpha = options.pop("alpha", 1.0)
+    net = lycoris_kohya.create_network(1.0, dim, alpha, None, encoders, pipe.unet, algo=algo,
+                                       preset=str(tmp_path / "preset.toml"), **options)
     net.apply_to(encoders, pipe.unet, True, True)
     _randomize(net, torch.Generator().manual_seed(0))
     want = {}
@@ -74,24 +98,30 @@ def _lycoris_file(model, tmp_path, algo, dim, options, preset=NO_MAP, sdxl=False
     net.save_weights(str(path), torch.float32, {})
     change = {k: (want[1.0][k] - base[k]).abs().max().item() for k in base}
     assert min(change.values()) > 1e-2, change
-    return path, want
+    return path, want, base
 
 
-def _check(model, path, want, sdxl=False, atol=1e-5):
-    """Our loader's outputs at each weight equal `want`'s, the file loaded once and re-weighted."""
-    gen = Generator(model, [str(path)], device="cpu")
-    for m, outputs in want.items():
-        gen.set_weight(path.stem, m)
-        _close(_outputs(gen.pipe, sdxl), outputs, atol=atol)
+def _check(model, path, want, base, atol=1e-5):
+    """The outputs with the file loaded equal `want`'s at each weight; unloaded, the ones before."""
+    gen, sdxl = model.gen, model.sdxl
+    before = _outputs(gen.pipe, sdxl)
+    _close(before, base)
+    name = gen.adapters.load(AdapterSpec(path))
+    try:
+        for m, outputs in want.items():
+            gen.set_weight(name, m)
+            _close(_outputs(gen.pipe, sdxl), outputs, atol=atol)
+    finally:
+        gen.adapters.unload(name)
+    _close(_outputs(gen.pipe, sdxl), before, atol=0)
 
 
 @pytest.mark.parametrize("algo, dim, options", [
     ("diag-oft", 8, {"constraint": "1e-4", "rescaled": "true"}), ("boft", 4, {}),
     ("glora", 4, {}), ("lora", 4, {"train_norm": "true"}),
 ])
-def test_files_written_by_lycoris_give_its_own_outputs(tiny_sd15, tmp_path, algo, dim, options):
-    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, options)
-    _check(tiny_sd15, path, want)
+def test_files_written_by_lycoris_give_its_own_outputs(sd15, tmp_path, algo, dim, options):
+    _check(sd15, *_lycoris_file(sd15, tmp_path, algo, dim, options))
 
 
 # LyCORIS' multiplier means what ours does for these types (W + m·ΔW; (IA)^3: W ⊙ (1 + m·g)), so
@@ -104,13 +134,11 @@ def test_files_written_by_lycoris_give_its_own_outputs(tiny_sd15, tmp_path, algo
     ("lokr", 1, {"decompose_both": True, "factor": 8, "alpha": 2.0}, NO_MAP),  # w1 and w2 both low-rank
     ("lokr", 2, {"use_tucker": True}, NO_MAP),  # lokr_t2 on 3x3 convs
     ("lora", 4, {"use_tucker": True, "alpha": 2.0}, NO_MAP),  # LoCon with lora_mid
-    ("ia3", 4, {}, NO_MAP),
-    ("ia3", 4, {}, IA3_ON_INPUT),
+    ("ia3", 4, {}, IA3_ON_INPUT),  # both axes: on_input 1 in the MLPs, 0 elsewhere
     ("full", 4, {}, NO_MAP),  # diff and diff_b
 ])
-def test_lycoris_types_give_its_own_outputs_at_two_weights(tiny_sd15, tmp_path, algo, dim, options, preset):
-    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, dict(options), preset, weights=(1.0, 0.6))
-    _check(tiny_sd15, path, want)
+def test_lycoris_types_give_its_own_outputs_at_two_weights(sd15, tmp_path, algo, dim, options, preset):
+    _check(sd15, *_lycoris_file(sd15, tmp_path, algo, dim, dict(options), preset, weights=(1.0, 0.6)))
 
 
 # DoRA: LyCORIS re-weights the decomposed weight from W + ΔW, not from W (weight 0 keeps ΔW), so
@@ -118,16 +146,14 @@ def test_lycoris_types_give_its_own_outputs_at_two_weights(tiny_sd15, tmp_path, 
 @pytest.mark.parametrize("algo, dim, on_output", [
     ("loha", 4, "true"), ("lokr", 2, "false"), ("lora", 4, "true"), ("lora", 4, "false"),
 ])
-def test_dora_files_written_by_lycoris_give_its_own_outputs(tiny_sd15, tmp_path, algo, dim, on_output):
+def test_dora_files_written_by_lycoris_give_its_own_outputs(sd15, tmp_path, algo, dim, on_output):
     options = {"dora_wd": "true", "wd_on_output": on_output}
-    path, want = _lycoris_file(tiny_sd15, tmp_path, algo, dim, options)
-    _check(tiny_sd15, path, want)
+    _check(sd15, *_lycoris_file(sd15, tmp_path, algo, dim, options))
 
 
 @pytest.mark.parametrize("algo, dim, options", [
     ("lokr", 2, {"use_tucker": True}), ("loha", 4, {"dora_wd": "true", "wd_on_output": "false"}),
 ])
-def test_sdxl_files_written_by_lycoris_give_its_own_outputs(tiny_sdxl, tmp_path, algo, dim, options):
+def test_sdxl_files_written_by_lycoris_give_its_own_outputs(sdxl, tmp_path, algo, dim, options):
     weights = (1.0,) if "dora_wd" in options else (1.0, 0.6)
-    path, want = _lycoris_file(tiny_sdxl, tmp_path, algo, dim, options, sdxl=True, weights=weights)
-    _check(tiny_sdxl, path, want, sdxl=True)
+    _check(sdxl, *_lycoris_file(sdxl, tmp_path, algo, dim, dict(options), weights=weights))
