@@ -170,3 +170,57 @@ def test_reused_buffers_give_the_bits_of_new_tensors(sd15):
         # a second adapter on the same layer is built from, and merged in, the same tensor
         again = module.merged(want, -0.3, torch.float32)
         assert torch.equal(module.merged(out, -0.3, torch.float32, out=out, scratch=scratch), again), module.name
+
+
+def _glora_file(sd15, out, layouts: dict) -> dict:
+    """The fixture's GLoRA modules of `layouts` ({layer path: "2.0+" or "pre-2.0"}) written under that
+    LyCORIS version's names (before 2.0, a1/a2 and b1/b2 were each other's); returns their references."""
+    _, good, reference = sd15
+    swap = {"a1": "a2", "a2": "a1", "b1": "b2", "b2": "b1"}
+    tensors = {}
+    for key, tensor in safetensors.torch.load_file(str(good)).items():
+        name, _, part = key.partition(".")
+        layer = next((p for p in layouts if name == kohya_name("sd15", "text_encoder" if "mlp" in p else "unet", p)), None)
+        if layer is not None:
+            head, dot, tail = part.partition(".")
+            tensors[f"{name}.{swap.get(head, head) if layouts[layer] == 'pre-2.0' else head}{dot}{tail}"] = tensor
+    safetensors.torch.save_file(tensors, str(out), metadata={"ss_base_model_version": "sd_v1"})
+    return {key: value for key, value in reference.items() if key[1] in layouts}
+
+
+@pytest.mark.parametrize("layouts", [
+    {f"{T}.attn1.to_v": "pre-2.0", "encoder.layers.0.mlp.fc1": "pre-2.0"},  # the 32 → 128 layer tells
+    {f"{T}.attn1.to_v": "pre-2.0"},  # a square layer alone: the smaller side (4, not 32) is the rank
+    {f"{T}.attn1.to_v": "2.0+"},
+])
+def test_pre_2_0_glora_files_load_with_the_same_change(sd15, tiny_sd15, tmp_path, layouts):
+    pipe, _, _ = sd15
+    path = tmp_path / "glora.safetensors"
+    reference = _glora_file(sd15, path, layouts)
+    modules = {m.name: m for _, _, m in read_lycoris(path).items()}
+    assert len(modules) == len(layouts)
+    for (component, layer), (delta, _, _) in reference.items():
+        module = modules[kohya_name("sd15", component, layer)]
+        assert module.scale == 0.5  # alpha 2 / rank 4, whichever names the file uses
+        torch.testing.assert_close(module.delta(get_layer(pipe, component, layer).weight.detach()), delta,
+                                   rtol=1e-7, atol=1e-9)
+    assert why_not_loadable(path, pipe) is None  # the header-only check `infer` and `--compare` make
+    by_hand, _ = load_base(str(tiny_sd15), "cpu", torch.float32)
+    merge_by_hand(by_hand, reference, 0.7)
+    _close(_outputs(Generator(tiny_sd15, [f"{path}:0.7"], device="cpu").pipe), _outputs(by_hand))
+
+
+def test_glora_files_whose_layout_cannot_be_told_are_refused_naming_it(sd15, tmp_path):
+    mixed = tmp_path / "mixed.safetensors"
+    _glora_file(sd15, mixed, {"encoder.layers.0.mlp.fc1": "pre-2.0", f"{B}.resnets.0.conv2": "2.0+"})
+    with pytest.raises(ModelError, match="mix LyCORIS' pre-2.0 layout .* and the 2.0\\+ one") as err:
+        read_lycoris(mixed)
+    assert str(mixed) in str(err.value) and "\n" not in str(err.value)
+    # rank 32 on a 32×32 layer: both layouts' shapes are 32×32 four times, and ΔW differs between them
+    name = kohya_name("sd15", "unet", f"{T}.attn1.to_v")
+    square = tmp_path / "square.safetensors"
+    safetensors.torch.save_file({f"{name}.{p}.weight": torch.randn(32, 32) for p in ("a1", "a2", "b1", "b2")},
+                                str(square))
+    with pytest.raises(ModelError, match=f"{name} is a GLoRA module of rank 32 on a 32×32 layer, whose shapes fit "
+                                         "both LyCORIS' GLoRA layouts"):
+        read_lycoris(square, base="sd15")

@@ -11,6 +11,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+import safetensors.torch
 import torch
 from test_lycoris import _close, _outputs
 
@@ -27,10 +28,10 @@ unet_target_name = ["conv_in", "conv_out"]
 text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
 text_encoder_target_name = []
 """
-NO_MAP = "module_algo_map = {}\n"
+NO_MAP = PRESET + "module_algo_map = {}\n"
 # (IA)^3 on the input axis for the text encoders' MLPs and the UNet's feed-forwards (LyCORIS' own
 # `ia3` preset trains their second linear, mlp.fc2 and ff.net.2, on the input axis)
-IA3_ON_INPUT = """[module_algo_map.CLIPMLP]
+IA3_ON_INPUT = PRESET + """[module_algo_map.CLIPMLP]
 train_on_input = true
 [module_algo_map.FeedForward]
 train_on_input = true
@@ -80,7 +81,7 @@ def _lycoris_file(model, tmp_path, algo, dim, options, preset=NO_MAP, weights=(1
     """A LyCORIS network of `algo` built by the package on a copy of `model`'s base and saved by it,
     with the base's outputs and those of the package's own forward at each of `weights`."""
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    (tmp_path / "preset.toml").write_text(PRESET + preset)
+    (tmp_path / "preset.toml").write_text(preset)
     sdxl = model.sdxl
     pipe = SimpleNamespace(**{n: copy.deepcopy(m) for n, m in model.models.items()})
     base = _outputs(pipe, sdxl)
@@ -125,20 +126,25 @@ def test_files_written_by_lycoris_give_its_own_outputs(sd15, tmp_path, algo, dim
 
 
 # LyCORIS' multiplier means what ours does for these types (W + m·ΔW; (IA)^3: W ⊙ (1 + m·g)), so
-# each is compared at a second weight too.
-@pytest.mark.parametrize("algo, dim, options, preset", [
-    ("loha", 4, {"alpha": 2.0}, NO_MAP),
-    ("loha", 4, {"use_tucker": True}, NO_MAP),  # hada_t1/hada_t2 on 3x3 convs
-    ("lokr", 2, {"alpha": 4.0}, NO_MAP),  # low-rank w2 (whole w1)
-    ("lokr", 4, {"full_matrix": "true"}, NO_MAP),  # two whole factors: scale 1 whatever alpha
-    ("lokr", 1, {"decompose_both": True, "factor": 8, "alpha": 2.0}, NO_MAP),  # w1 and w2 both low-rank
-    ("lokr", 2, {"use_tucker": True}, NO_MAP),  # lokr_t2 on 3x3 convs
-    ("lora", 4, {"use_tucker": True, "alpha": 2.0}, NO_MAP),  # LoCon with lora_mid
-    ("ia3", 4, {}, IA3_ON_INPUT),  # both axes: on_input 1 in the MLPs, 0 elsewhere
-    ("full", 4, {}, NO_MAP),  # diff and diff_b
+# each is compared at a second weight too. `parts`: what the file must hold for the case to test it.
+@pytest.mark.parametrize("algo, dim, options, preset, parts", [
+    ("loha", 4, {"alpha": 2.0}, NO_MAP, {"hada_w1_a"}),
+    ("loha", 4, {"use_tucker": True}, NO_MAP, {"hada_t1", "hada_t2"}),  # CP cores on 3x3 convs
+    ("lokr", 2, {"alpha": 4.0}, NO_MAP, {"lokr_w1", "lokr_w2_a"}),  # low-rank w2
+    ("lokr", 4, {"full_matrix": "true"}, NO_MAP, {"lokr_w1", "lokr_w2"}),  # two whole factors: scale 1
+    # w1 and w2 both low-rank, with a CP core for w2 on 3x3 convs; LyCORIS writes none for w1 (lokr_t1)
+    ("lokr", 1, {"decompose_both": True, "factor": 8, "use_tucker": True, "alpha": 2.0}, NO_MAP,
+     {"lokr_w1_a", "lokr_w2_a", "lokr_t2"}),
+    ("lora", 4, {"use_tucker": True, "alpha": 2.0}, NO_MAP, {"lora_mid.weight"}),  # LoCon with CP cores
+    ("ia3", 4, {}, IA3_ON_INPUT, {"on_input"}),  # both axes: on_input 1 in the MLPs, 0 elsewhere
+    ("full", 4, {}, NO_MAP, {"diff", "diff_b"}),
 ])
-def test_lycoris_types_give_its_own_outputs_at_two_weights(sd15, tmp_path, algo, dim, options, preset):
-    _check(sd15, *_lycoris_file(sd15, tmp_path, algo, dim, dict(options), preset, weights=(1.0, 0.6)))
+def test_lycoris_types_give_its_own_outputs_at_two_weights(sd15, tmp_path, algo, dim, options, preset, parts):
+    path, want, base = _lycoris_file(sd15, tmp_path, algo, dim, dict(options), preset, weights=(1.0, 0.6))
+    with safetensors.safe_open(str(path), "pt") as f:
+        held = {key.partition(".")[2] for key in f.keys()}
+    assert parts <= held and "lokr_t1" not in held
+    _check(sd15, path, want, base)
 
 
 # DoRA: LyCORIS re-weights the decomposed weight from W + ΔW, not from W (weight 0 keeps ΔW), so
@@ -157,3 +163,21 @@ def test_dora_files_written_by_lycoris_give_its_own_outputs(sd15, tmp_path, algo
 def test_sdxl_files_written_by_lycoris_give_its_own_outputs(sdxl, tmp_path, algo, dim, options):
     weights = (1.0,) if "dora_wd" in options else (1.0, 0.6)
     _check(sdxl, *_lycoris_file(sdxl, tmp_path, algo, dim, dict(options), weights=weights))
+
+
+def test_a_pre_2_0_glora_file_gives_lycoris_outputs(sd15, tmp_path):
+    """LyCORIS before 2.0 wrote GLoRA's a1/a2 and b1/b2 under each other's names (ΔW = W·a2·a1 + b2·b1):
+    a 2.0+ file renamed so is that file (linear and 1×1 layers only, which is all the old one had)."""
+    preset = NO_MAP.replace('"ResnetBlock2D", "Downsample2D", "Upsample2D"', "").replace('"conv_in", "conv_out"', "")
+    path, want, base = _lycoris_file(sd15, tmp_path, "glora", 4, {"alpha": 2.0}, preset)
+    swap = {"a1": "a2", "a2": "a1", "b1": "b2", "b2": "b1"}
+    tensors = safetensors.torch.load_file(str(path))
+    renamed = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        head, dot, tail = part.partition(".")
+        renamed[f"{name}.{swap.get(head, head)}{dot}{tail}"] = tensor
+    assert renamed.keys() == tensors.keys() and any(not torch.equal(renamed[k], tensors[k]) for k in tensors)
+    old = tmp_path / "glora-before-2.safetensors"
+    safetensors.torch.save_file(renamed, str(old))
+    _check(sd15, old, want, base)

@@ -310,6 +310,7 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
         modules.setdefault(component, {})[layer] = module
     if not modules:
         raise ModelError(f"{path}: the adapter holds no tensors")
+    ortho.glora_current_names(path, [m for layers in modules.values() for m in layers.values() if m.kind == "GLoRA"])
     if base is None:
         paths = {c: set(m) for c, m in modules.items()}
         try:

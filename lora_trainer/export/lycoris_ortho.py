@@ -10,6 +10,9 @@
   in blocks of b and rotates each block by R (not Rᵀ); the stages are applied in order.
 - GLoRA: ΔW = (W · a1 · a2 + b1 · b2) · alpha / r with a1 (d_in × r), a2 (r × d_in), b1 (d_out × r),
   b2 (r × d_in[·kh·kw]) (b's product may go through a CP core `bm`); r = a2's rows, alpha 0 = r.
+  LyCORIS before 2.0 named the factors the other way round (its a1, a2, b1, b2 are r × d_in, d_in × r,
+  r × d_in, d_out × r: today's a2, a1, b2, b1, so ΔW = W · a2 · a1 + b2 · b1 there); such files are
+  read under today's names (`glora_current_names`).
 - norm: ΔW = `w_norm`, Δbias = `b_norm`, for LayerNorm/GroupNorm weights (a full diff of 1-D weights).
 
 For OFT and BOFT ΔW = OFT(W) − W, and weight m gives W + m · ΔW, as for every other type (ComfyUI's
@@ -36,6 +39,51 @@ def blocks_problem(parts: dict) -> str | None:
         if blocks is not None and (blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]):
             return f"{part} holds {tuple(blocks.shape)} OFT blocks; OFT stores n × b × b, BOFT m × n × b × b"
     return None
+
+
+# A pre-2.0 GLoRA module's parts under today's names: the two layouts differ only in the names.
+_GLORA_BEFORE_2 = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight",
+                   "b2.weight": "b1.weight"}
+
+
+def glora_layouts(parts: dict) -> set[str]:
+    """The GLoRA layouts whose shapes `parts` fit: "2.0+" and/or "pre-2.0" (only 1×1 kernels, no CP
+    core). A module on a square layer fits both, read with r and d_in swapped."""
+    a1, a2, b1, b2 = (tuple(parts[f"{n}.weight"].shape) for n in ("a1", "a2", "b1", "b2"))
+    if min(map(len, (a1, a2, b1, b2))) < 2 or a1[:2] != a2[1::-1] or any(d != 1 for s in (a1, a2, b1) for d in s[2:]):
+        return set()
+    fits = set()
+    if b1[1] == a1[1] and b2[:2] == a2[:2]:  # a1 d_in×r, a2 r×d_in, b1 d_out×r, b2 r×d_in
+        fits.add("2.0+")
+    if b1[:2] == a1[:2] and b2[1] == a1[0] and "bm.weight" not in parts and all(d == 1 for d in b2[2:]):
+        fits.add("pre-2.0")  # a1 r×d_in, a2 d_in×r, b1 r×d_in, b2 d_out×r
+    return fits
+
+
+def glora_current_names(path, modules: list) -> None:
+    """Rename the parts of a file's pre-2.0 GLoRA `modules` (LycorisModules) to today's names, in place.
+    A file is written by one LyCORIS version, so modules whose shapes fit both layouts (square layers)
+    follow those that fit one; when none does, the factors' smaller side is the rank (a guess that
+    cannot go unnoticed: the other reading needs a layer of another width, which the shape check
+    finds). A module whose rank equals its square layer's width cannot be told, and is refused."""
+    fits = {m.name: glora_layouts(m.parts) for m in modules}
+    sure = {layout for f in fits.values() if len(f) == 1 for layout in f}
+    if len(sure) > 1:
+        old = next(n for n, f in fits.items() if f == {"pre-2.0"})
+        new = next(n for n, f in fits.items() if f == {"2.0+"})
+        raise ModelError(f"{path}: its GLoRA modules mix LyCORIS' pre-2.0 layout ({old}: a1 r×d_in, a2 d_in×r) "
+                         f"and the 2.0+ one ({new}: a1 d_in×r, a2 r×d_in); a file holds one, so it is damaged")
+    for module in modules:
+        layouts = fits[module.name]
+        if len(layouts) == 2:
+            x, y = module.parts["a1.weight"].shape[:2]
+            if not sure and x == y:
+                raise ModelError(f"{path}: {module.name} is a GLoRA module of rank {x} on a {x}×{x} layer, whose shapes "
+                                 "fit both LyCORIS' GLoRA layouts (2.0+: ΔW = W·a1·a2 + b1·b2; pre-2.0: W·a2·a1 + "
+                                 "b2·b1), and no other module tells which one the file uses")
+            layouts = sure or {"pre-2.0" if x < y else "2.0+"}
+        if layouts == {"pre-2.0"}:
+            module.parts = {_GLORA_BEFORE_2.get(k, k): v for k, v in module.parts.items()}
 
 
 def _skew(blocks: torch.Tensor, constraint: float, kohya: bool) -> torch.Tensor:
