@@ -322,7 +322,7 @@ def test_inspect_names_types_ranks_and_counts(sd15, capsys):
 
 
 @pytest.mark.parametrize("key, shape, message", [
-    ("lora_unet_mid_block_attentions_0_proj_in.lokr_t1", (2, 2, 3, 3), "LoKr with a CP w1 part"),
+    ("lora_unet_mid_block_attentions_0_proj_in.lokr_t1", (2, 2, 3, 3), "a CP core for a LoKr's w1, which LyCORIS"),
     ("lora_unet_mid_block_attentions_0_proj_in.hada_w9", (2, 2), "no LoRA/LyCORIS part"),
     ("lora_unet_mid_block_attentions_0_proj_in.oft_blocks", (2, 32), r"holds \(2, 32\) OFT blocks; OFT stores n × b × b"),
 ])

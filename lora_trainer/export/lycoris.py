@@ -281,8 +281,8 @@ def read_lycoris(path: str | os.PathLike, base: str | None = None, fallback: str
             raise ModelError(f"{path}: key {key!r} has no kohya or LyCORIS prefix ({_PREFIX_NAMES}); "
                              "only kohya-layout LyCORIS files are read")
         if part in UNSUPPORTED:
-            raise ModelError(f"{path}: {key!r} is a LyCORIS {UNSUPPORTED[part]} part, which this tool does not "
-                             f"read (it reads {_READS} modules)")
+            raise ModelError(f"{path}: {key!r} is {UNSUPPORTED[part]}; this tool does not read it (it reads "
+                             f"{_READS} modules)")
         if part not in PARTS and part not in SHARED:
             raise ModelError(f"{path}: {key!r} is no LoRA/LyCORIS part this tool knows (it reads {_READS} modules)")
         grouped.setdefault(name, {})[part] = tensor

@@ -26,8 +26,11 @@ PARTS = {
     "w_norm": "norm", "b_norm": "norm",
 }
 SHARED = ("alpha", "dora_scale")
-# Parts of LyCORIS types this tool does not read, named in the refusal.
-UNSUPPORTED = {"lokr_t1": "LoKr with a CP w1"}
+# Parts this tool does not read, and what they are, for the refusal. LyCORIS' LoKr has a CP core for
+# w2 only (`lokr_t2`): it lists `lokr_t1` among its parts but neither creates nor uses one (4.1.3),
+# so no file defines what such a core means.
+UNSUPPORTED = {"lokr_t1": "a CP core for a LoKr's w1, which LyCORIS itself never writes (its LoKr has one for "
+                          "w2 only, lokr_t2) and ignores when loading"}
 _READS = "LoRA/LoCon, LoHa, LoKr, full, (IA)^3, OFT, BOFT, GLoRA and norm"
 # A key with one of these parts makes a kohya-layout file a LyCORIS file.
 _LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.weight"} | set(UNSUPPORTED)
