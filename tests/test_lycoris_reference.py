@@ -181,3 +181,39 @@ def test_a_pre_2_0_glora_file_gives_lycoris_outputs(sd15, tmp_path):
     old = tmp_path / "glora-before-2.safetensors"
     safetensors.torch.save_file(renamed, str(old))
     _check(sd15, old, want, base)
+
+
+def test_files_of_lycoris_own_wrapper_give_its_own_outputs(sd15, tmp_path):
+    """LyCORIS' `create_lycoris` wraps one model and names its layers `lycoris_<module path>`: for the
+    UNet and for a CLIP text encoder (`lycoris_encoder_layers_...` with transformers 5, whose CLIP
+    model has no `text_model`), both in one file."""
+    from lycoris import create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    targets = {"unet": '["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]',
+               "text_encoder": '["CLIPAttention", "CLIPMLP"]'}
+    pipe = SimpleNamespace(**{n: copy.deepcopy(m) for n, m in sd15.models.items()})
+    base = _outputs(pipe)
+    nets = []
+    for component, modules in targets.items():
+        preset = tmp_path / f"{component}.toml"
+        preset.write_text(f"enable_conv = true\nunet_target_module = {modules}\nunet_target_name = []\n"
+                          "module_algo_map = {}\n")  # the wrapper's targets are its `unet_` keys, whatever the model
+        net = create_lycoris(getattr(pipe, component), 1.0, linear_dim=4, linear_alpha=2.0, algo="loha",
+                             use_tucker=True, preset=str(preset))
+        net.apply_to()
+        _randomize(net, torch.Generator().manual_seed(len(nets)))
+        nets.append(net)
+    want = {}
+    for m in (1.0, 0.6):
+        for net in nets:
+            net.set_multiplier(m)
+        want[m] = _outputs(pipe)
+    path = tmp_path / "wrapped.safetensors"
+    safetensors.torch.save_file({k: v.detach().float().contiguous() for net in nets for k, v in net.state_dict().items()},
+                                str(path))
+    with safetensors.safe_open(str(path), "pt") as f:
+        names = {key.partition(".")[0] for key in f.keys()}
+    assert all(n.startswith("lycoris_") for n in names) and any("encoder_layers_0_self_attn" in n for n in names)
+    assert min((want[1.0][k] - base[k]).abs().max() for k in base) > 1e-2
+    _check(sd15, path, want, base)

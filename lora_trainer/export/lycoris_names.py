@@ -9,7 +9,7 @@ import math
 import os
 
 from ..errors import ModelError
-from .layouts import KOHYA_COMPONENTS, _path_from_kohya
+from .layouts import KOHYA_COMPONENTS, _path_from_kohya, canonical_path
 from .sdxl_names import diffusers_from_ldm
 
 # Parts of a module, by the key suffix after `<lora_name>.`, and the LyCORIS type they belong to.
@@ -37,9 +37,13 @@ _LYCORIS_ONLY = {p for p, kind in PARTS.items() if kind != "LoRA"} | {"lora_mid.
 # LyCORIS' own network wrapper (`create_lycoris`, used by SimpleTuner) names each layer of the model
 # it wraps `lycoris_<module path, dots as underscores>`; for SD that model is the UNet, with diffusers
 # module names, and ComfyUI reads the prefix as the UNet's. Such files are read here whatever their type.
-# A wrapped CLIP text encoder gives `lycoris_text_model_...`: SD 1.x's one text encoder (SDXL's two
+# A wrapped CLIP text encoder gives `lycoris_text_model_...`, or, with transformers 5 (whose
+# CLIPTextModel has no `text_model`), `lycoris_encoder_layers_...`, `lycoris_embeddings_...` and
+# `lycoris_final_layer_norm`, names no SD UNet layer has: SD 1.x's one text encoder (SDXL's two
 # cannot be told apart that way).
 LYCORIS_PREFIX = "lycoris"
+_LYCORIS_CLIP_HEADS = tuple(f"{LYCORIS_PREFIX}_{head}" for head in
+                            ("text_model_", "encoder_layers_", "embeddings_", "final_layer_norm"))
 # kohya's own OFT (`networks.oft`) names UNet layers `oft_unet_<kohya module name>`.
 KOHYA_OFT_PREFIX = "oft_unet"
 PREFIXES = {**KOHYA_COMPONENTS, LYCORIS_PREFIX: "unet", KOHYA_OFT_PREFIX: "unet"}
@@ -53,7 +57,7 @@ def component_prefix(name: str) -> str | None:
 
 def component_of(name: str, prefix: str) -> str:
     """The pipeline component a module name adapts."""
-    if prefix == LYCORIS_PREFIX and name.startswith(f"{LYCORIS_PREFIX}_text_model_"):
+    if prefix == LYCORIS_PREFIX and name.startswith(_LYCORIS_CLIP_HEADS):
         return "text_encoder"
     return PREFIXES[prefix]
 
@@ -96,4 +100,4 @@ def module_path(component: str, kohya_name: str, layers_per_block: int = 2) -> s
             path = diffusers_from_ldm(path, layers_per_block)
         except ModelError:
             pass
-    return path
+    return canonical_path(component, path)  # CLIP paths with `text_model.`, however the file spells them
