@@ -244,3 +244,16 @@ def test_embedding_spec_parsing(tmp_path):
     assert parse_embedding_spec(str(odd)) == EmbeddingSpec(odd)
     with pytest.raises(ModelError, match="nothing after ':'"):
         parse_embedding_spec("neg.safetensors:")
+
+
+@pytest.mark.parametrize("first, second", [("my-style", "my - style"), ("caf\u00e9", "cafe\u0301")])
+def test_two_tokens_the_tokenizer_reads_as_one_word_are_refused(tiny_sd15, sd15_file, tmp_path, capsys,
+                                                                 first, second):
+    # punctuation spacing and Unicode normalisation (a macOS NFD file stem) give the same token ids:
+    # without the check the second file silently replaced the first in every prompt
+    assert run_infer(tmp_path, tiny_sd15, "--embedding", f"{sd15_file}:{first}",
+                     "--embedding", f"{sd15_file}:{second}") == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: --embedding: {sd15_file} and {sd15_file} use the tokens {first!r} and {second!r}")
+    assert "the same word" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

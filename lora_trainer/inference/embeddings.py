@@ -175,6 +175,26 @@ def check_embeddings_fit(embeddings: list[Embedding], pipe, variant: str, model:
             if have is None or have.shape[1] != width:
                 raise ModelError(f"{FLAG}: {e.path} is an embedding for {e.fits()}, but --model {model} is {need}; "
                                  "use an embedding made for this base")
+    _check_words(embeddings, pipe)
+
+
+def _check_words(embeddings: list[Embedding], pipe) -> None:
+    """Refuse two tokens the tokenizers read as one word ('my-style' and 'my - style', a name typed
+    in NFC and a macOS file stem in NFD): a prompt could not tell them apart, and one file would
+    silently take the other's place. The lowercase check before loading cannot see these."""
+    from .pipelines import encoders_of
+
+    for tokenizer, _ in encoders_of(pipe):
+        seen: dict[tuple[int, ...], Embedding] = {}
+        for e in embeddings:
+            ids = tuple(tokenizer(e.token, add_special_tokens=False, verbose=False).input_ids)
+            if not ids:
+                raise _refuse(e.path, f"gives the token {e.token!r}, which the tokenizer reads as no word at all; "
+                                      "name another with FILE:TOKEN")
+            other = seen.setdefault(ids, e)
+            if other is not e:
+                raise ModelError(f"{FLAG}: {other.path} and {e.path} use the tokens {other.token!r} and {e.token!r}, "
+                                 "which the text encoder reads as the same word; give one another with FILE:TOKEN")
 
 
 def word_tables(embeddings: list[Embedding], pipe, variant: str) -> list[Words]:
