@@ -257,3 +257,16 @@ def test_two_tokens_the_tokenizer_reads_as_one_word_are_refused(tiny_sd15, sd15_
     assert err.startswith(f"error: --embedding: {sd15_file} and {sd15_file} use the tokens {first!r} and {second!r}")
     assert "the same word" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generator_takes_path_objects_and_one_file_alone(tiny_sd15, random_adapters, sd15_file):
+    # Path objects raised AttributeError, and one string alone was read letter by letter
+    # ("--embedding: m file not found")
+    gen = Generator(tiny_sd15, random_adapters["a"], device="cpu", embeddings=sd15_file)
+    assert [e.token for e in gen.embeddings] == ["mytok"] and torch.equal(
+        gen.embeddings[0].parts["clip"], read_embedding(EmbeddingSpec(sd15_file)).parts["clip"])
+    assert list(gen.adapters.specs) == [random_adapters["a"].stem]
+    both = Generator(tiny_sd15, [str(random_adapters["a"]), random_adapters["b"]], device="cpu",
+                     embeddings=[Path(sd15_file), f"{sd15_file}:other"])
+    assert [e.token for e in both.embeddings] == ["mytok", "other"]
+    assert list(both.adapters.specs) == [random_adapters["a"].stem, random_adapters["b"].stem]

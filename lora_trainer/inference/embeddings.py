@@ -137,7 +137,8 @@ def read_embedding(spec: EmbeddingSpec) -> Embedding:
 
 def load_embeddings(specs) -> list[Embedding]:
     """Every `--embedding` read and checked, before any model loads; two files for one token are refused."""
-    embeddings = [read_embedding(s if isinstance(s, EmbeddingSpec) else parse_embedding_spec(s)) for s in specs]
+    embeddings = [read_embedding(s if isinstance(s, EmbeddingSpec) else EmbeddingSpec(s) if isinstance(s, Path)
+                                 else parse_embedding_spec(s)) for s in specs]
     seen: dict[str, Path] = {}
     for e in embeddings:
         key = e.token.lower()  # CLIP lowercases prompts: EasyNegative and easynegative are one word
