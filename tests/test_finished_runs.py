@@ -110,3 +110,17 @@ def test_a_finished_run_whose_adapter_is_gone_is_made_again(finished, tiny_sd15,
     assert again.losses == finished.losses[2:]
     made, first = (safetensors.torch.load_file(str(o / "example-lora.safetensors")) for o in (out, finished.output_dir))
     assert made.keys() == first.keys() and all(torch.equal(made[k], first[k]) for k in made)
+
+
+@pytest.mark.parametrize("record", [{"step": "12"}, {"updates_per_epoch": None}, {"adapters": "a.safetensors"}])
+def test_an_edited_record_is_ignored_with_a_warning_not_a_traceback(tmp_path, caplog, record):
+    # "step": "12" reached `target <= run.step` and stopped the run with a TypeError
+    from lora_trainer.training.finished import FINISHED_FILE, read_finished
+
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    good = {"step": 12, "epochs": 3, "updates_per_epoch": 4, "adapters": ["a.safetensors"]}
+    (tmp_path / FINISHED_FILE).write_text(json.dumps(good))
+    assert read_finished(tmp_path).step == 12
+    (tmp_path / FINISHED_FILE).write_text(json.dumps({**good, **record}))
+    assert read_finished(tmp_path) is None
+    assert f"{tmp_path / FINISHED_FILE} cannot be read as the record of a finished run" in caplog.text
