@@ -201,7 +201,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             truncate_log(log_path, state.step)
     class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
     # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
-    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint)
+    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint, max_steps)
     exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
 
     # ---- caches of the frozen work ----
