@@ -65,10 +65,23 @@ def target_steps(cfg: RunConfig, run: FinishedRun) -> int:
     return t.max_steps if t.max_steps is not None else t.epochs * run.updates_per_epoch
 
 
-def message(out_dir: Path, run: FinishedRun) -> str:
+def message(out_dir: Path, run: FinishedRun, cfg: RunConfig | None = None) -> str:
+    """The "nothing to do" line; it names the training keys `cfg` changed since that run, which a
+    job script passing train.resume=latest every time would otherwise drop without a word."""
+    from .guards import resume_changes
+
     adapters = ", ".join(str(Path(out_dir) / name) for name in run.adapters)
-    return (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
+    text = (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
             "(raise train.max_steps / train.epochs to train on)")
+    changed = resume_changes(Path(out_dir) / "config.yaml", cfg) if cfg is not None else []
+    # the saved config holds the variant and native size the base resolved "auto"/null to; no base is read here
+    changed = [c for c in changed if not (c.startswith(("model.variant (", "data.resolution ("))
+                                          and c.endswith(("-> 'auto')", "-> None)")))]
+    if changed:
+        text += (f"; the config changed {', '.join(changed)} since that run, which a finished run does not take: "
+                 "to train with them, give a new output.dir, or output.overwrite=true without train.resume to "
+                 "train it again from step 0")
+    return text
 
 
 def already_finished(cfg: RunConfig, out_dir: Path, has_checkpoint: bool) -> FinishedRun | None:
