@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from infer_helpers import one_line_error, run_infer
+from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
 from lora_trainer.inference.embeddings import (EmbeddingSpec, load_embeddings, parse_embedding_spec, read_embedding,
                                                word_tables)
@@ -270,3 +271,16 @@ def test_generator_takes_path_objects_and_one_file_alone(tiny_sd15, random_adapt
                      embeddings=[Path(sd15_file), f"{sd15_file}:other"])
     assert [e.token for e in both.embeddings] == ["mytok", "other"]
     assert list(both.adapters.specs) == [random_adapters["a"].stem, random_adapters["b"].stem]
+
+
+def test_an_embedding_no_prompt_names_is_warned_about(tiny_sd15, sd15_file, tmp_path, caplog):
+    # a misspelt token ("mytokk") drew without the embedding and said nothing
+    other = tmp_path / "neg.safetensors"
+    save_file({"emb_params": _vectors(2, 32, 5)}, str(other))
+    with caplog.at_level("WARNING", logger="lora_trainer.inference.command"):
+        assert main(["infer", "--model", str(tiny_sd15), "--prompt", "a (MyTok:1.2) circle", "--negative-prompt",
+                     "negg", "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "out"),
+                     "--embedding", str(sd15_file), "--embedding", str(other)]) == 0
+    warned = [r.getMessage() for r in caplog.records if "--embedding" in r.getMessage()]
+    assert warned == [f"--embedding: {other}: no prompt uses its token 'neg', so it changes nothing; write neg in "
+                      "--prompt or --negative-prompt (case does not matter)"]

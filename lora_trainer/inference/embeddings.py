@@ -215,6 +215,21 @@ def word_tables(embeddings: list[Embedding], pipe, variant: str) -> list[Words]:
     return tables
 
 
+def unused_embeddings(embeddings: list[Embedding], pipe, texts: list[str]) -> list[Embedding]:
+    """The embeddings none of `texts` names, found by token ids as the prompt encoder finds them
+    (a misspelt "EasyNegatve" in the negative prompt otherwise draws without it, silently)."""
+    from .pipelines import encoders_of
+
+    tokenizer = encoders_of(pipe)[0][0]
+    ids = [tokenizer(text, add_special_tokens=False, verbose=False).input_ids for text in texts if text]
+
+    def named(e: Embedding) -> bool:
+        want = tokenizer(e.token, add_special_tokens=False, verbose=False).input_ids
+        return any(have[i:i + len(want)] == want for have in ids for i in range(len(have) - len(want) + 1))
+
+    return [e for e in embeddings if not named(e)]
+
+
 def embedding_hash(path: str | Path) -> str | None:
     """A1111's short hash of an embedding, shown under 'TI hashes': the first 12 hex of the SHA-256
     of the whole file."""
