@@ -310,3 +310,13 @@ def test_a_decay_too_close_to_1_for_the_run_without_warmup_warns(caplog, decay, 
                   steps=steps)
     assert ("keeps 96% of the untrained adapter in the files after 40 steps" in caplog.text) == (warned and steps == 40)
     assert bool(caplog.records) == warned
+
+
+def test_inspect_says_the_file_holds_an_ema(averaged, plain, capsys):
+    from lora_trainer.cli import main
+
+    assert main(["inspect", str(averaged[0].adapter_paths[0])]) == 0
+    shown = capsys.readouterr().out
+    assert f"\nema         the tensors are an EMA of the trained weights (decay {DECAY} with warm-up)\n" in shown
+    assert main(["inspect", str(plain.adapter_paths[0])]) == 0
+    assert "\nema " not in capsys.readouterr().out

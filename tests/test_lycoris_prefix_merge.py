@@ -177,6 +177,7 @@ def test_convert_refuses_a_base_dependent_lycoris_file_naming_it_and_merge(base,
     out = tmp_path / "out.safetensors"
     assert main(["convert", str(src), str(out), "--to", "kohya"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {src}: a LyCORIS file ({shown} 1) and convert rewrites LoRA files only") and "\n" not in err
+    assert err.startswith(f"error: {src}: a LyCORIS file ({shown} 1) and convert rewrites LoRA files only")
+    assert "\n" not in err
     assert err.endswith("load it with infer.py --lora, or bake it into the base with `lora-trainer merge`")
     assert not out.exists()
