@@ -295,3 +295,28 @@ def test_bad_ema_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", override])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("decay, warmup, steps, warned", [
+    (0.999, False, 40, True),    # 0.999^40: 96% of the zero-change start left in the files
+    (0.9, False, 40, False),     # 0.9^40: 1.5%
+    (0.999, True, 40, False),    # the warm-up lets the start fade at once
+    (0.999, False, 5000, False),
+])
+def test_a_decay_too_close_to_1_for_the_run_without_warmup_warns(caplog, decay, warmup, steps, warned):
+    layer = torch.nn.Linear(4, 4)
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.training.ema"):
+        start_ema(TrainConfig(ema_decay=decay, ema_warmup=warmup), {"unet": layer}, torch.device("cpu"),
+                  steps=steps)
+    assert ("keeps 96% of the untrained adapter in the files after 40 steps" in caplog.text) == (warned and steps == 40)
+    assert bool(caplog.records) == warned
+
+
+def test_inspect_says_the_file_holds_an_ema(averaged, plain, capsys):
+    from lora_trainer.cli import main
+
+    assert main(["inspect", str(averaged[0].adapter_paths[0])]) == 0
+    shown = capsys.readouterr().out
+    assert f"\nema         the tensors are an EMA of the trained weights (decay {DECAY} with warm-up)\n" in shown
+    assert main(["inspect", str(plain.adapter_paths[0])]) == 0
+    assert "\nema " not in capsys.readouterr().out

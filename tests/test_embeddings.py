@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from infer_helpers import one_line_error, run_infer
+from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
 from lora_trainer.inference.embeddings import (EmbeddingSpec, load_embeddings, parse_embedding_spec, read_embedding,
                                                word_tables)
@@ -244,3 +245,42 @@ def test_embedding_spec_parsing(tmp_path):
     assert parse_embedding_spec(str(odd)) == EmbeddingSpec(odd)
     with pytest.raises(ModelError, match="nothing after ':'"):
         parse_embedding_spec("neg.safetensors:")
+
+
+@pytest.mark.parametrize("first, second", [("my-style", "my - style"), ("caf\u00e9", "cafe\u0301")])
+def test_two_tokens_the_tokenizer_reads_as_one_word_are_refused(tiny_sd15, sd15_file, tmp_path, capsys,
+                                                                 first, second):
+    # punctuation spacing and Unicode normalisation (a macOS NFD file stem) give the same token ids:
+    # without the check the second file silently replaced the first in every prompt
+    assert run_infer(tmp_path, tiny_sd15, "--embedding", f"{sd15_file}:{first}",
+                     "--embedding", f"{sd15_file}:{second}") == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: --embedding: {sd15_file} and {sd15_file} use the tokens {first!r} and {second!r}")
+    assert "the same word" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generator_takes_path_objects_and_one_file_alone(tiny_sd15, random_adapters, sd15_file):
+    # Path objects raised AttributeError, and one string alone was read letter by letter
+    # ("--embedding: m file not found")
+    gen = Generator(tiny_sd15, random_adapters["a"], device="cpu", embeddings=sd15_file)
+    assert [e.token for e in gen.embeddings] == ["mytok"] and torch.equal(
+        gen.embeddings[0].parts["clip"], read_embedding(EmbeddingSpec(sd15_file)).parts["clip"])
+    assert list(gen.adapters.specs) == [random_adapters["a"].stem]
+    both = Generator(tiny_sd15, [str(random_adapters["a"]), random_adapters["b"]], device="cpu",
+                     embeddings=[Path(sd15_file), f"{sd15_file}:other"])
+    assert [e.token for e in both.embeddings] == ["mytok", "other"]
+    assert list(both.adapters.specs) == [random_adapters["a"].stem, random_adapters["b"].stem]
+
+
+def test_an_embedding_no_prompt_names_is_warned_about(tiny_sd15, sd15_file, tmp_path, caplog):
+    # a misspelt token ("mytokk") drew without the embedding and said nothing
+    other = tmp_path / "neg.safetensors"
+    save_file({"emb_params": _vectors(2, 32, 5)}, str(other))
+    with caplog.at_level("WARNING", logger="lora_trainer.inference.command"):
+        assert main(["infer", "--model", str(tiny_sd15), "--prompt", "a (MyTok:1.2) circle", "--negative-prompt",
+                     "negg", "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "out"),
+                     "--embedding", str(sd15_file), "--embedding", str(other)]) == 0
+    warned = [r.getMessage() for r in caplog.records if "--embedding" in r.getMessage()]
+    assert warned == [f"--embedding: {other}: no prompt uses its token 'neg', so it changes nothing; write neg in "
+                      "--prompt or --negative-prompt (case does not matter)"]

@@ -110,3 +110,32 @@ def test_a_finished_run_whose_adapter_is_gone_is_made_again(finished, tiny_sd15,
     assert again.losses == finished.losses[2:]
     made, first = (safetensors.torch.load_file(str(o / "example-lora.safetensors")) for o in (out, finished.output_dir))
     assert made.keys() == first.keys() and all(torch.equal(made[k], first[k]) for k in made)
+
+
+@pytest.mark.parametrize("record", [{"step": "12"}, {"updates_per_epoch": None}, {"adapters": "a.safetensors"}])
+def test_an_edited_record_is_ignored_with_a_warning_not_a_traceback(tmp_path, caplog, record):
+    # "step": "12" reached `target <= run.step` and stopped the run with a TypeError
+    from lora_trainer.training.finished import FINISHED_FILE, read_finished
+
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    good = {"step": 12, "epochs": 3, "updates_per_epoch": 4, "adapters": ["a.safetensors"]}
+    (tmp_path / FINISHED_FILE).write_text(json.dumps(good))
+    assert read_finished(tmp_path).step == 12
+    (tmp_path / FINISHED_FILE).write_text(json.dumps({**good, **record}))
+    assert read_finished(tmp_path) is None
+    assert f"{tmp_path / FINISHED_FILE} cannot be read as the record of a finished run" in caplog.text
+
+
+def test_a_finished_run_rerun_with_changed_training_keys_names_them(finished, tiny_sd15, example_data, tmp_path,
+                                                                    no_model_loads):
+    # a job script passing train.resume=latest every time: an edited lr or EMA was dropped without a word
+    out = _copy(finished, tmp_path)
+    before = _files(out)
+    result = train(run_config(tiny_sd15, example_data, out, *RUN, "train.lr=0.002", "train.ema_decay=0.99",
+                              "train.resume=latest"), show_progress=False)
+    assert result.finished.startswith(f"{out}: already finished at step 4, adapter at ")
+    assert result.finished.endswith("nothing to do (raise train.max_steps / train.epochs to train on); the config "
+                                    "changed train.lr (0.001 -> 0.002), train.ema_decay (None -> 0.99) since that run, "
+                                    "which a finished run does not take: to train with them, give a new output.dir, "
+                                    "or output.overwrite=true without train.resume to train it again from step 0")
+    assert _files(out) == before

@@ -159,5 +159,25 @@ def test_convert_refuses_a_lycoris_file_and_names_resize(loha_file, tmp_path, ca
     assert main(["convert", str(loha_file), str(out), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert "a LyCORIS LoHa/LoKr adapter" in err and "`lora-trainer resize IN OUT --rank R` turns one whose change" in err
+    assert err.startswith(f"error: {loha_file}: a LyCORIS file (") and "LoHa" in err
+    assert f"`lora-trainer resize {loha_file} OUT.safetensors --rank R --to diffusers`" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, shown", [("boft", "BOFT"), ("kohya_oft", "OFT"), ("glora", "GLoRA"), ("norm", "norm")])
+def test_convert_refuses_a_base_dependent_lycoris_file_naming_it_and_merge(base, tmp_path, capsys,
+                                                                             kind, shown):
+    # kohya's own OFT file (oft_unet_ names) was refused as "keys of neither layout", a BOFT one as
+    # "OFT", and neither named the file nor pointed to resize's alternative that does not apply to them
+    from lycoris_ortho_helpers import write_ortho
+
+    src = tmp_path / f"{kind}.safetensors"
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0." + ("norm1" if kind == "norm" else "attn1.to_q")
+    write_ortho(base, "sd15", src, [("unet", layer, kind)], kohya_oft=kind == "kohya_oft")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(out), "--to", "kohya"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {src}: a LyCORIS file ({shown} 1) and convert rewrites LoRA files only")
+    assert "\n" not in err
+    assert err.endswith("load it with infer.py --lora, or bake it into the base with `lora-trainer merge`")
     assert not out.exists()

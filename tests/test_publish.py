@@ -298,3 +298,24 @@ def test_public_config_names_local_folders_and_files_by_name_only(trained, tmp_p
     assert (config["lora"]["init_from"], config["model"]["config_dir"]) == ("old.safetensors", "sd15-config")
     assert config["train"]["cache_dir"] is None and config["train"]["cache_latents_to_disk"] is True
 
+
+
+def test_a_run_trained_with_ema_says_so_in_the_card_and_the_civitai_fields(trained, tmp_path, fake_token):
+    # the adapter's metadata is what training records with train.ema_decay; the card must not present
+    # an averaged adapter as the last step's weights
+    run = copy_run(trained, tmp_path / "run")
+    adapter = run / trained.adapter_paths[0].name
+    with safetensors.safe_open(adapter, "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    safetensors.torch.save_file(tensors, adapter, metadata={**meta, "ss_ema_decay": "0.995", "ss_ema_warmup": "False"})
+    assert publish_dry(run, tmp_path / "repo") == 0
+    card = (tmp_path / "repo" / "README.md").read_text(encoding="utf-8")
+    assert "| EMA of the weights | decay 0.995: the files hold the averaged adapter" in card
+    assert main(["package", str(run), "--civitai", str(tmp_path / "c.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "c.zip") as z:
+        assert json.loads(z.read("civitai.json"))["training"]["emaDecay"] == 0.995
+        assert "an EMA of the training (decay 0.995)" in z.read("README.txt").decode()
+    # a run without EMA gets no such row
+    assert publish_dry(trained.output_dir, tmp_path / "plain") == 0
+    assert "EMA" not in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")

@@ -13,6 +13,9 @@ import torch
 
 from ..errors import ModelError
 from .adapter import check_output, read_adapter_for, write_adapter
+from .lycoris import read_lycoris
+from .lycoris_lowrank import convert_refusal
+from .lycoris_names import needs_lycoris_reader
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: torch.dtype | None = None,
@@ -27,5 +30,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
     if Path(src).resolve() == Path(dst).resolve():
         raise ModelError(f"{dst} is the input file; write the converted adapter to another name")
     check_output(dst, overwrite)
+    if Path(src).is_file() and needs_lycoris_reader(src):  # LoHa, OFT, ...: not a layout change
+        raise convert_refusal(src, read_lycoris(src, base=base, header_only=True), to)
     adapter = read_adapter_for(src, base)
     return write_adapter(dst, adapter, layout=to, dtype=dtype, overwrite=overwrite)

@@ -215,6 +215,10 @@ def _hash_and_metadata_lines(report: dict, warning_label: str) -> list[str]:
         state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
         lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")
     lines += [f"{warning_label:<12}{w}" for w in report["warnings"]]
+    ema = report["metadata"].get("ss_ema_decay")
+    if ema and ema != "0.0":  # train.ema_decay: worth a line of its own, not only a key among 60
+        warmup = " with warm-up" if report["metadata"].get("ss_ema_warmup") == "True" else ""
+        lines.append(f"ema         the tensors are an EMA of the trained weights (decay {ema}{warmup})")
     lines.append(f"metadata    {len(report['metadata'])} keys")
     for key, value in report["metadata"].items():
         value = " ".join(value.split())

@@ -42,6 +42,28 @@ def layer_shape(component: str, path: str, module: LycorisModule, base: str) -> 
     return (out, n)
 
 
+def why_not_lora(module) -> str | None:
+    """Why no LoRA file can hold `module`'s change (None: one can, by SVD of its ΔW)."""
+    return ("is (IA)^3, whose change scales the base weights" if module.kind == "IA3" else
+            f"is {module.kind}, whose change is built from the base weights" if module.kind in BASE_DEPENDENT else
+            "has a dora_scale, whose change depends on the base weights" if module.dora_scale is not None else
+            "changes the bias (diff_b), which a LoRA cannot hold" if module.bias_delta() is not None else None)
+
+
+def convert_refusal(path, adapter: LycorisAdapter, to: str) -> ModelError:
+    """`convert`'s one-line answer for a LyCORIS file: it rewrites LoRA files only, so name the
+    file's types and the command that does handle it."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in adapter.kinds.items())
+    blocked = next(((m.name, why) for _, _, m in adapter.items() if (why := why_not_lora(m))), None)
+    if blocked:
+        return ModelError(f"{path}: a LyCORIS file ({kinds}) and convert rewrites LoRA files only; {blocked[0]} "
+                          f"{blocked[1]}: load it with infer.py --lora, or bake it into the base with "
+                          "`lora-trainer merge`")
+    return ModelError(f"{path}: a LyCORIS file ({kinds}) and convert rewrites LoRA files only; make a LoRA of it "
+                      f"with `lora-trainer resize {path} OUT.safetensors --rank R --to {to}` (by SVD, reporting "
+                      "what each rank keeps)")
+
+
 def lycoris_to_lora(adapter: LycorisAdapter, rank: int | None, *, conv_rank: int | None = None,
                     dynamic: str | None = None, param: float | None = None) -> tuple[Adapter, FitReport]:
     """A LoRA `Adapter` whose modules are the best rank-`rank` (3×3 convs: `conv_rank`) parts of
@@ -51,10 +73,7 @@ def lycoris_to_lora(adapter: LycorisAdapter, rank: int | None, *, conv_rank: int
         raise ModelError(f"--rank {rank} / --conv-rank {conv_rank} must be integers >= 1")
     check_dynamic(dynamic, param)
     for component, path, module in adapter.items():
-        why = ("is (IA)^3, whose change scales the base weights" if module.kind == "IA3" else
-               f"is {module.kind}, whose change is built from the base weights" if module.kind in BASE_DEPENDENT else
-               "has a dora_scale, whose change depends on the base weights" if module.dora_scale is not None else
-               "changes the bias (diff_b), which a LoRA cannot hold" if module.bias_delta() is not None else None)
+        why = why_not_lora(module)
         if why:
             raise ModelError(f"{module.name} {why}; it cannot become a LoRA without the base (load the file with "
                              "infer.py or bake it with `lora-trainer merge` instead)")

@@ -105,6 +105,7 @@ def run_infer(args) -> list[Path]:
     """Generate (or sweep) as the flags say; returns the written PNG paths."""
     from ..pnginfo import save_png
     from .generate import Generator, Request, check_request, save_results
+    from .embeddings import unused_embeddings
     from .images import extend_canvas
     from .compare import compare_grid, expand_compare, save_comparison
     from .sweep import parse_weights_list, sweep_grid
@@ -174,6 +175,9 @@ def run_infer(args) -> list[Path]:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding)
+    for e in unused_embeddings(gen.embeddings, gen.pipe, [*args.prompt, request.negative_prompt or ""]):
+        log.warning("--embedding: %s: no prompt uses its token %r, so it changes nothing; write %s in --prompt or "
+                    "--negative-prompt (case does not matter)", e.path, e.token, e.token)
     out = Path(args.out)
     if compared is not None:
         return save_comparison(compare_grid(gen, compared, args.prompt, request, weights), out)

@@ -137,7 +137,8 @@ def read_embedding(spec: EmbeddingSpec) -> Embedding:
 
 def load_embeddings(specs) -> list[Embedding]:
     """Every `--embedding` read and checked, before any model loads; two files for one token are refused."""
-    embeddings = [read_embedding(s if isinstance(s, EmbeddingSpec) else parse_embedding_spec(s)) for s in specs]
+    embeddings = [read_embedding(s if isinstance(s, EmbeddingSpec) else EmbeddingSpec(s) if isinstance(s, Path)
+                                 else parse_embedding_spec(s)) for s in specs]
     seen: dict[str, Path] = {}
     for e in embeddings:
         key = e.token.lower()  # CLIP lowercases prompts: EasyNegative and easynegative are one word
@@ -175,6 +176,26 @@ def check_embeddings_fit(embeddings: list[Embedding], pipe, variant: str, model:
             if have is None or have.shape[1] != width:
                 raise ModelError(f"{FLAG}: {e.path} is an embedding for {e.fits()}, but --model {model} is {need}; "
                                  "use an embedding made for this base")
+    _check_words(embeddings, pipe)
+
+
+def _check_words(embeddings: list[Embedding], pipe) -> None:
+    """Refuse two tokens the tokenizers read as one word ('my-style' and 'my - style', a name typed
+    in NFC and a macOS file stem in NFD): a prompt could not tell them apart, and one file would
+    silently take the other's place. The lowercase check before loading cannot see these."""
+    from .pipelines import encoders_of
+
+    for tokenizer, _ in encoders_of(pipe):
+        seen: dict[tuple[int, ...], Embedding] = {}
+        for e in embeddings:
+            ids = tuple(tokenizer(e.token, add_special_tokens=False, verbose=False).input_ids)
+            if not ids:
+                raise _refuse(e.path, f"gives the token {e.token!r}, which the tokenizer reads as no word at all; "
+                                      "name another with FILE:TOKEN")
+            other = seen.setdefault(ids, e)
+            if other is not e:
+                raise ModelError(f"{FLAG}: {other.path} and {e.path} use the tokens {other.token!r} and {e.token!r}, "
+                                 "which the text encoder reads as the same word; give one another with FILE:TOKEN")
 
 
 def word_tables(embeddings: list[Embedding], pipe, variant: str) -> list[Words]:
@@ -192,6 +213,21 @@ def word_tables(embeddings: list[Embedding], pipe, variant: str) -> list[Words]:
                 table[ids] = (e.token, e.parts[part].to(weight.device, weight.dtype))
         tables.append(table)
     return tables
+
+
+def unused_embeddings(embeddings: list[Embedding], pipe, texts: list[str]) -> list[Embedding]:
+    """The embeddings none of `texts` names, found by token ids as the prompt encoder finds them
+    (a misspelt "EasyNegatve" in the negative prompt otherwise draws without it, silently)."""
+    from .pipelines import encoders_of
+
+    tokenizer = encoders_of(pipe)[0][0]
+    ids = [tokenizer(text, add_special_tokens=False, verbose=False).input_ids for text in texts if text]
+
+    def named(e: Embedding) -> bool:
+        want = tokenizer(e.token, add_special_tokens=False, verbose=False).input_ids
+        return any(have[i:i + len(want)] == want for have in ids for i in range(len(have) - len(want) + 1))
+
+    return [e for e in embeddings if not named(e)]
 
 
 def embedding_hash(path: str | Path) -> str | None:

@@ -88,14 +88,20 @@ def check_request(req: Request) -> None:
 
 class Generator:
     """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
-    and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings or EmbeddingSpecs)."""
+    and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings, Paths or EmbeddingSpecs; `loras`:
+    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone)."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                  config_dir: str | Path | None = None, embeddings=()):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model = str(model)
-        specs = [parse_adapter_spec(spec) if isinstance(spec, str) else spec for spec in loras]
+        # One file given alone, and Path objects, are what Python callers naturally pass: a bare
+        # string would otherwise be read letter by letter ("E: file not found")
+        loras = [loras] if isinstance(loras, (str, Path)) else loras
+        embeddings = [embeddings] if isinstance(embeddings, (str, Path)) else embeddings
+        specs = [parse_adapter_spec(spec) if isinstance(spec, str) else AdapterSpec(spec) if isinstance(spec, Path)
+                 else spec for spec in loras]
         for spec in specs:  # a missing file or a pickle is named before minutes of model loading
             check_adapter_file(spec.path)
         self.embeddings = load_embeddings(embeddings)  # the same for embeddings: read and checked now

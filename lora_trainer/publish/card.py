@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .run import Run, WeightAdvice, dataset_size, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
+from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
@@ -132,6 +132,11 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         rows.insert(6, ("LoCon 3x3 conv rank / alpha", f"{cfg.lora.conv_rank} / {cfg.conv_alpha:g}"))
     if cfg.lora.train_text_encoder:
         rows.insert(8 + bool(cfg.lora.conv_rank), ("text encoder learning rate", f"{t.text_encoder_lr if t.text_encoder_lr is not None else t.lr:g}"))
+    ema = ema_setting(run)
+    if ema is not None:
+        # the files are not the last step's weights: a user comparing with another trainer must know
+        rows.append(("EMA of the weights", f"decay {ema[0]:g}{' with warm-up' if ema[1] else ''}: the files hold the "
+                     "averaged adapter, not the last step's"))
     if loss is not None:
         rows.append(("final loss (mean of last 10 steps)", f"{loss:.4f}"))
     lines = ["## Training details", "", "| setting | value |", "| --- | --- |"]

@@ -18,7 +18,7 @@ from ..errors import PublishError
 from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
-from .run import Run, WeightAdvice, dataset_size, prompt_guide, recommended_prompts, trained_steps, trigger_words
+from .run import Run, WeightAdvice, dataset_size, ema_setting, prompt_guide, recommended_prompts, trained_steps, trigger_words
 
 # CivitAI's "Base model" choices for our variants.
 CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
@@ -53,6 +53,7 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
         "training": {"steps": trained_steps(run), "images": dataset_size(run), "resolution": cfg.data.resolution,
                      "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "learningRate": cfg.train.lr,
                      "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler,
+                     **({"emaDecay": ema_setting(run)[0]} if ema_setting(run) else {}),
                      **({"convRank": cfg.lora.conv_rank, "convAlpha": cfg.conv_alpha} if cfg.lora.conv_rank else {})},
     }
 
@@ -67,7 +68,9 @@ def readme_text(fields: dict) -> str:
         fields["description"], "",
         f"Type: LoRA    Base model: {fields['baseModel']}",
         f"Trigger words: {', '.join(fields['trainedWords']) or '(none)'}",
-        f"Recommended weight: {w['default']:g} (range {w['min']:g} - {w['max']:g}; {weight_note})", "",
+        f"Recommended weight: {w['default']:g} (range {w['min']:g} - {w['max']:g}; {weight_note})",
+        *([f"Weights: an EMA of the training (decay {fields['training']['emaDecay']:g}), not the last step's"]
+          if "emaDecay" in fields["training"] else []), "",
         "Recommended prompts:", *[f"  {p}" for p in fields["recommendedPrompts"]],
         f"Negative prompt: {fields['negativePrompt'] or '(none)'}", "",
         "Files:",

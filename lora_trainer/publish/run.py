@@ -294,6 +294,16 @@ def final_loss(run: Run, last: int = 10) -> float | None:
     return sum(losses[-last:]) / len(losses[-last:]) if losses else None
 
 
+def ema_setting(run: Run) -> tuple[float, bool] | None:
+    """(decay, warm-up) when the adapter's tensors are an EMA of the trained weights (train.ema_decay),
+    as its metadata records it: a resumed run may have changed config.yaml's value since."""
+    try:
+        decay = float(run.metadata["ss_ema_decay"])
+    except (KeyError, ValueError):
+        return None
+    return (decay, run.metadata.get("ss_ema_warmup") != "False") if decay > 0 else None
+
+
 def trained_steps(run: Run) -> int | None:
     steps = run.metadata.get("ss_steps")
     return int(steps) if steps and steps.isdigit() else run.cfg.train.max_steps

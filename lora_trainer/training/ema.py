@@ -96,9 +96,10 @@ class AdapterEMA:
 
 
 def start_ema(t, modules: dict[str, torch.nn.Module], device: torch.device,
-              checkpoint: Path | None = None) -> AdapterEMA | None:
+              checkpoint: Path | None = None, steps: int | None = None) -> AdapterEMA | None:
     """The run's EMA (`t` is the TrainConfig; `modules` the unwrapped trained modules by component),
-    continued from `checkpoint` when it holds one; None when train.ema_decay is null."""
+    continued from `checkpoint` when it holds one; None when train.ema_decay is null. `steps`: the
+    run's length, to warn when the files would keep much of the untrained start."""
     saved = Path(checkpoint) / EMA_FILE if checkpoint is not None else None
     if t.ema_decay is None:
         if saved is not None and saved.is_file():
@@ -114,6 +115,11 @@ def start_ema(t, modules: dict[str, torch.nn.Module], device: torch.device,
         log.warning("train.ema_decay: %s was saved without an EMA; the EMA starts here, from the adapter at that "
                     "step (warm-up from its start), so the files differ from a run with the EMA from step 0",
                     checkpoint)
+    kept = t.ema_decay ** steps if steps and not t.ema_warmup else 0.0
+    if kept > 0.1:  # without warm-up the initial adapter (B = 0: no change) weighs decay^steps in the files
+        log.warning("train.ema_decay: %g without warm-up keeps %.0f%% of the untrained adapter in the files after %d "
+                    "steps (decay^steps), so they change the base little; set train.ema_warmup: true, or a decay of "
+                    "about %.3g for this length", t.ema_decay, 100 * kept, steps, 0.01 ** (1 / steps))
     log.info("EMA of the adapter weights: decay %g%s, %d tensors in fp32 on %s", ema.decay,
              " with warm-up" if ema.warmup else "", len(named), ema.device)
     return ema

@@ -11,12 +11,15 @@ The record is written atomically after the final adapter, so it exists only for 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 FINISHED_FILE = "finished.json"
 
@@ -36,9 +39,19 @@ def write_finished(out_dir: Path, run: FinishedRun) -> None:
 def read_finished(out_dir: Path) -> FinishedRun | None:
     """The record of the finished run in `out_dir`; None when there is none, it cannot be read, or
     its adapter is gone (then the run is made again from its newest checkpoint, as before)."""
+    path = Path(out_dir) / FINISHED_FILE
     try:
-        run = FinishedRun(**json.loads((Path(out_dir) / FINISHED_FILE).read_text(encoding="utf-8")))
+        run = FinishedRun(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
+        run = None
+    # an edited or foreign record ("step": "400") would stop the comparison below with a TypeError
+    if run is not None and not (all(type(v) is int for v in (run.step, run.epochs, run.updates_per_epoch))
+                                and isinstance(run.adapters, list) and all(isinstance(a, str) for a in run.adapters)):
+        run = None
+    if run is None:
+        if path.exists():
+            log.warning("%s cannot be read as the record of a finished run; it is ignored (the run is made again "
+                        "from its newest checkpoint)", path)
         return None
     if not run.adapters or not all((Path(out_dir) / name).is_file() for name in run.adapters):
         return None
@@ -52,10 +65,23 @@ def target_steps(cfg: RunConfig, run: FinishedRun) -> int:
     return t.max_steps if t.max_steps is not None else t.epochs * run.updates_per_epoch
 
 
-def message(out_dir: Path, run: FinishedRun) -> str:
+def message(out_dir: Path, run: FinishedRun, cfg: RunConfig | None = None) -> str:
+    """The "nothing to do" line; it names the training keys `cfg` changed since that run, which a
+    job script passing train.resume=latest every time would otherwise drop without a word."""
+    from .guards import resume_changes
+
     adapters = ", ".join(str(Path(out_dir) / name) for name in run.adapters)
-    return (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
+    text = (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
             "(raise train.max_steps / train.epochs to train on)")
+    changed = resume_changes(Path(out_dir) / "config.yaml", cfg) if cfg is not None else []
+    # the saved config holds the variant and native size the base resolved "auto"/null to; no base is read here
+    changed = [c for c in changed if not (c.startswith(("model.variant (", "data.resolution ("))
+                                          and c.endswith(("-> 'auto')", "-> None)")))]
+    if changed:
+        text += (f"; the config changed {', '.join(changed)} since that run, which a finished run does not take: "
+                 "to train with them, give a new output.dir, or output.overwrite=true without train.resume to "
+                 "train it again from step 0")
+    return text
 
 
 def already_finished(cfg: RunConfig, out_dir: Path, has_checkpoint: bool) -> FinishedRun | None:

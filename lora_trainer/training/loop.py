@@ -97,7 +97,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
     done = already_finished(cfg, out_dir, checkpoint is not None) if cfg.train.resume == "latest" else None
     if done is not None:  # the same command run again: no model is loaded, nothing is written
-        return TrainResult(out_dir, [out_dir / n for n in done.adapters], done.step, finished=message(out_dir, done))
+        return TrainResult(out_dir, [out_dir / n for n in done.adapters], done.step, finished=message(out_dir, done, cfg))
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
     # The base is checked first (it reads model_index.json or a file header only), so a wrong
@@ -201,7 +201,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             truncate_log(log_path, state.step)
     class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
     # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
-    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint)
+    ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint, max_steps)
     exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
 
     # ---- caches of the frozen work ----
