@@ -107,8 +107,9 @@ _FOREIGN_NAMES = {
     "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler": "train.scheduler",
     "lr_warmup_steps": "train.warmup", "min_snr_gamma": "train.snr_gamma", "optimizer_type": "train.optimizer",
     "resume_from_checkpoint": "train.resume", "output_dir": "output.dir", "output_name": "output.name",
-    "save_precision": "output.dtype", "use_ema": "train.ema_decay",
+    "save_precision": "output.dtype", "use_ema": "train.ema_decay", "ema_config": "train.ema_decay",
 }
+_FOREIGN_SOURCE = {"ema_config": "ai-toolkit"}  # the others: kohya's or the diffusers scripts' names
 
 
 def _meant(key: str, section: str, names: set[str], root: type | None) -> str | None:
@@ -118,7 +119,8 @@ def _meant(key: str, section: str, names: set[str], root: type | None) -> str | 
         return section + close[0]
     foreign = difflib.get_close_matches(key, sorted(_FOREIGN_NAMES), n=1, cutoff=0.85)
     if foreign:
-        return f"{_FOREIGN_NAMES[foreign[0]]} (kohya/diffusers: {foreign[0]})"
+        source = _FOREIGN_SOURCE.get(foreign[0], "kohya/diffusers")
+        return f"{_FOREIGN_NAMES[foreign[0]]} ({source}: {foreign[0]})"
     if root is None or not section:
         return None
     hints = typing.get_type_hints(root)

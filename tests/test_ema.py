@@ -290,6 +290,7 @@ def test_ema_switched_off_at_resume_writes_the_trained_weights_with_a_warning(
     ("train.ema_device=cpu", "train.ema_device: got 'cpu' with train.ema_decay null (no EMA)"),
     ("train.ema_device=gpu", "train.ema_device: got 'gpu'; expected one of"),
     ("train.use_ema=true", "train.use_ema: unknown key; did you mean train.ema_decay (kohya/diffusers: use_ema)?"),
+    ("train.ema_config=1", "train.ema_config: unknown key; did you mean train.ema_decay (ai-toolkit: ema_config)?"),
 ])
 def test_bad_ema_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:

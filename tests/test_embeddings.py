@@ -243,7 +243,7 @@ def test_embedding_spec_parsing(tmp_path):
     odd = tmp_path / "a:b.safetensors"  # an existing file is read whole, colon and all
     odd.touch()
     assert parse_embedding_spec(str(odd)) == EmbeddingSpec(odd)
-    with pytest.raises(ModelError, match="nothing after ':'"):
+    with pytest.raises(ModelError, match="^--embedding 'neg.safetensors:': nothing after the ':'"):
         parse_embedding_spec("neg.safetensors:")
 
 

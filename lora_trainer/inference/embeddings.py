@@ -61,7 +61,7 @@ def parse_embedding_spec(spec: str) -> EmbeddingSpec:
     path, sep, token = spec.rpartition(":")
     if sep and path and not Path(spec).exists() and not any(c in token for c in "/\\"):
         if not token.strip():
-            raise ModelError(f"{FLAG}: {spec}: nothing after ':'; write FILE:TOKEN (the word prompts use) or FILE")
+            raise ModelError(f"{FLAG} '{spec}': nothing after the ':'; write FILE:TOKEN (the word prompts use) or FILE")
         return EmbeddingSpec(Path(path), token.strip())
     return EmbeddingSpec(Path(spec))
 

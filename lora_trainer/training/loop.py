@@ -92,12 +92,13 @@ def train(cfg: RunConfig, show_progress: bool = True,
     inject a NaN or a Ctrl-C through it)."""
     check_environment(cfg)
     out_dir = Path(cfg.output.dir)
-    # Before anything writes there (prepare_examples writes captions.jsonl into the run folder).
+    # Before anything writes there (prepare_examples writes captions.jsonl there).
     check_output_dir(out_dir, cfg.output.overwrite, resuming=cfg.train.resume is not None, name=cfg.output.name)
     checkpoint = find_checkpoint(out_dir, cfg.train.resume) if cfg.train.resume else None
     done = already_finished(cfg, out_dir, checkpoint is not None) if cfg.train.resume == "latest" else None
     if done is not None:  # the same command run again: no model is loaded, nothing is written
-        return TrainResult(out_dir, [out_dir / n for n in done.adapters], done.step, finished=message(out_dir, done, cfg))
+        adapters = [out_dir / n for n in done.adapters]
+        return TrainResult(out_dir, adapters, done.step, finished=message(out_dir, done, cfg))
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
     # The base is checked first (it reads model_index.json or a file header only), so a wrong
