@@ -173,23 +173,31 @@ def test_infer_command_draws_with_a_lycoris_file(sd15, tiny_sd15, tmp_path):
     assert "<lora:every-type:0.6>" in Image.open(png).info["parameters"]
 
 
-def test_lycoris_stacks_with_a_lora_and_merge_unmerge_is_exact(sd15, tiny_sd15, random_adapters):
-    _, path, reference = sd15
-    by_hand = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5"], device="cpu")
-    merge_by_hand(by_hand.pipe, reference, -0.4)
+def check_stacked_with_a_lora(base, lora, path, reference, weight: float, reweight: str | None = None):
+    """A LyCORIS file at `weight` stacked on a LoRA at 0.5 gives what its ΔW merged by hand gives, merged
+    and unmerged (re-weighted while merged when `reweight` names it); unmerging is exact. Returns the
+    generator and its outputs."""
+    by_hand = Generator(base, [f"{lora}:0.5"], device="cpu")
+    merge_by_hand(by_hand.pipe, reference, weight)
     want = _outputs(by_hand.pipe)
-
-    gen = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5", f"{path}:-0.4"], device="cpu")
+    gen = Generator(base, [f"{lora}:0.5", f"{path}:{weight}"], device="cpu")
     _close(_outputs(gen.pipe), want)
     before = _state(gen.pipe)
     gen.merge()
     _close(_outputs(gen.pipe), want)
-    gen.set_weight("every-type", 1.0)  # reweighting while merged: unmerge, rebuild, merge
-    gen.set_weight("every-type", -0.4)
-    _close(_outputs(gen.pipe), want)
+    if reweight:
+        gen.set_weight(reweight, 1.0)  # reweighting while merged: unmerge, rebuild, merge
+        gen.set_weight(reweight, weight)
+        _close(_outputs(gen.pipe), want)
     gen.unmerge()
     assert _equal_states(_state(gen.pipe), before)
     _close(_outputs(gen.pipe), want)
+    return gen, want
+
+
+def test_lycoris_stacks_with_a_lora_and_merge_unmerge_is_exact(sd15, tiny_sd15, random_adapters):
+    _, path, reference = sd15
+    gen, want = check_stacked_with_a_lora(tiny_sd15, random_adapters["a"], path, reference, -0.4, "every-type")
 
     # loaded the other way round (peft then wraps layers whose weights already hold ΔW): the same
     _close(_outputs(Generator(tiny_sd15, [f"{path}:-0.4", f"{random_adapters['a']}:0.5"], device="cpu").pipe), want)

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from lycoris_helpers import get_layer, kohya_name, merge_by_hand
 from lycoris_ortho_helpers import write_ortho
-from test_lycoris import _close, _equal_states, _outputs, _state
+from test_lycoris import _close, _equal_states, _outputs, _state, check_stacked_with_a_lora
 
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
@@ -82,16 +82,7 @@ def test_generator_merges_them_as_by_hand_and_gives_the_base_back(sd15, tiny_sd1
     assert _equal_states(_state(gen.pipe), base)
 
     # stacked with a LoRA, merged and unmerged
-    stacked = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5"], device="cpu")
-    merge_by_hand(stacked.pipe, reference, -0.4)
-    want = _outputs(stacked.pipe)
-    gen = Generator(tiny_sd15, [f"{random_adapters['a']}:0.5", f"{path}:-0.4"], device="cpu")
-    _close(_outputs(gen.pipe), want)
-    before = _state(gen.pipe)
-    gen.merge()
-    _close(_outputs(gen.pipe), want)
-    gen.unmerge()
-    assert _equal_states(_state(gen.pipe), before)
+    check_stacked_with_a_lora(tiny_sd15, random_adapters["a"], path, reference, -0.4)
 
 
 def test_a_kohya_oft_file_loads_on_sdxl(tiny_sdxl, tmp_path, capsys):
