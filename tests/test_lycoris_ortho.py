@@ -15,6 +15,7 @@ from test_lycoris import _close, _equal_states, _outputs, _state, check_stacked_
 from lora_trainer.cli import main
 from lora_trainer.errors import ModelError
 from lora_trainer.export.lycoris import needs_lycoris_reader, read_lycoris
+from lora_trainer.export.lycoris_lowrank import why_not_lora
 from lora_trainer.inference.adapter_fit import why_not_loadable
 from lora_trainer.inference.adapters import AdapterSpec
 from lora_trainer.inference.generate import Generator
@@ -143,7 +144,10 @@ def test_inspect_names_them_and_resize_refuses_them(sd15, tmp_path, capsys):
     assert report["oft_constraints"] == {"0": 4, "0.002": 2}
     assert main(["resize", str(path), str(tmp_path / "no.safetensors"), "--rank", "2"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "whose change is built from the base weights" in err[0]
+    assert len(err) == 1 and "changes a norm layer's 1-D weight (w_norm), which has no low-rank factors" in err[0]
+    reasons = {m.kind: why_not_lora(m) for _, _, m in read_lycoris(path).items()}
+    assert reasons["norm"] == "changes a norm layer's 1-D weight (w_norm), which has no low-rank factors"
+    assert all(reasons[k] == f"is {k}, whose change is built from the base weights" for k in ("OFT", "BOFT", "GLoRA"))
 
 
 def test_reused_buffers_give_the_bits_of_new_tensors(sd15):

@@ -45,6 +45,7 @@ def layer_shape(component: str, path: str, module: LycorisModule, base: str) -> 
 def why_not_lora(module) -> str | None:
     """Why no LoRA file can hold `module`'s change (None: one can, by SVD of its ΔW)."""
     return ("is (IA)^3, whose change scales the base weights" if module.kind == "IA3" else
+            "changes a norm layer's 1-D weight (w_norm), which has no low-rank factors" if module.kind == "norm" else
             f"is {module.kind}, whose change is built from the base weights" if module.kind in BASE_DEPENDENT else
             "has a dora_scale, whose change depends on the base weights" if module.dora_scale is not None else
             "changes the bias (diff_b), which a LoRA cannot hold" if module.bias_delta() is not None else None)
