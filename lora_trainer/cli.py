@@ -24,6 +24,8 @@ def _train(args) -> int:
         return 0
     for path in result.adapter_paths:
         print(f"adapter: {path}")
+    if result.embedding is not None:  # embedding.token: the prompt word is the file's stem, the token
+        print(f"embedding: {result.output_dir / 'embeddings' / cfg.embedding.token}.safetensors")
     return 0
 
 

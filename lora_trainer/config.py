@@ -19,12 +19,13 @@ from .config_checks import (  # noqa: F401 (re-exported)
     MAX_TIMESTEPS, bucket_limit_errors, check_caption_config, check_run, config_warnings, normalize_caption_extension,
 )
 from .config_data import CaptionConfig, DataConfig  # noqa: F401 (re-exported)
+from .config_embedding import EmbeddingConfig, check_embedding
 from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_DOTTED_KEY = re.compile(r"\b(?:model|data|dreambooth|lora|train|sample|output|log)(?:\.[a-z_0-9]+)+")
+_DOTTED_KEY = re.compile(r"\b(?:model|data|dreambooth|lora|embedding|train|sample|output|log)(?:\.[a-z_0-9]+)+")
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -278,6 +279,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dreambooth: DreamboothConfig = field(default_factory=DreamboothConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)  # pivotal tuning (config_embedding.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -309,6 +311,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         except ConfigError as exc:
             errors.append(str(exc))
         check_run(cfg, errors)
+        check_embedding(cfg, errors)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg

@@ -108,6 +108,10 @@ _FOREIGN_NAMES = {
     "lr_warmup_steps": "train.warmup", "min_snr_gamma": "train.snr_gamma", "optimizer_type": "train.optimizer",
     "resume_from_checkpoint": "train.resume", "output_dir": "output.dir", "output_name": "output.name",
     "save_precision": "output.dtype", "use_ema": "train.ema_decay", "ema_config": "train.ema_decay",
+    "train_text_encoder_ti": "embedding.token", "token_abstraction": "embedding.token",
+    "num_new_tokens_per_abstraction": "embedding.vectors", "train_text_encoder_ti_frac": "embedding.train_fraction",
+    "initializer_concept": "embedding.init_words", "token_string": "embedding.token", "init_word": "embedding.init_words",
+    "num_vectors_per_token": "embedding.vectors",
 }
 _FOREIGN_SOURCE = {"ema_config": "ai-toolkit"}  # the others: kohya's or the diffusers scripts' names
 

@@ -152,7 +152,12 @@ def literal_windows(tokenizer, text: str, count: int) -> list[list[int]]:
     """Exactly `count` windows of token ids for `text` read literally: no weight syntax, no BREAK
     (a caption's `(word:1.2)` is those characters). Longer text is cut, shorter text padded with
     empty windows, so every text has the same length (count · 77)."""
-    return pad_windows(tokenizer, chunk_runs(tokenizer, [(text, 1.0)], max_windows=count), count).ids
+    return literal_chunks(tokenizer, text, count).ids
+
+
+def literal_chunks(tokenizer, text: str, count: int, words: Optional[Words] = None) -> Chunks:
+    """literal_windows' windows as Chunks; `words`: embeddings found in the text (chunk_runs)."""
+    return pad_windows(tokenizer, chunk_runs(tokenizer, [(text, 1.0)], max_windows=count, words=words), count)
 
 
 # ---- A1111 emphasis: `(word:1.3)`, `(word)`, `[word]`; prompts at inference, captions with
@@ -247,11 +252,11 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(plain, z, scaled * ratio)
 
 
-def weighted_windows(tokenizer, text: str, count: int) -> Chunks:
+def weighted_windows(tokenizer, text: str, count: int, words: Optional[Words] = None) -> Chunks:
     """Exactly `count` windows of `text` read with its weight syntax (parse_weights): token ids and
     the weight of each position. Longer text is cut, shorter text padded with empty windows, as
     literal_windows does."""
-    return pad_windows(tokenizer, chunk_runs(tokenizer, parse_weights(text), max_windows=count), count)
+    return pad_windows(tokenizer, chunk_runs(tokenizer, parse_weights(text), max_windows=count, words=words), count)
 
 
 def plain_text(text: str) -> str:

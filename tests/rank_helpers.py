@@ -73,6 +73,9 @@ TWO_PROCESS_RUNS = {
     "loraplus_max_norm": (["sample.prompts=[]", "output.dtype=fp32", "train.warmup=0", "train.scheduler=constant",
                            "train.max_steps=6", "train.loraplus_lr_ratio=4", "train.scale_weight_norms=0.05",
                            "output.save_every_n_epochs=1"], None),
+    # test_pivotal: the trained embedding's gradients averaged over the processes (its own DDP module)
+    "pivotal": (["train.max_steps=3", "sample.prompts=[]", "output.dtype=fp32", "embedding.token=geoshape",
+                 "embedding.vectors=2", "embedding.init_words=shape", "embedding.lr=5e-3"], None),
     # test_validation: 3 held-out images over 2 processes: one process pads its last round
     "validation": (["train.max_steps=2", "sample.prompts=[]", "data.validation_split=0.375",
                     "train.validate_every_n_steps=1", "train.validation_timesteps=2"], None),

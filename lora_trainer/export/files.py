@@ -137,6 +137,7 @@ def save_adapter(
     *,
     base: str = "sd15",
     adapter_configs: Mapping[str, dict] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `component_states` ({"unet": peft state, "text_encoder": ...}) to `path` atomically.
 
@@ -144,7 +145,8 @@ def save_adapter(
     `kohya_to_peft` returns). `base` ("sd15" or "sdxl") picks the kohya prefixes and, for SDXL,
     LDM block names. kohya files get `sshs_*` hashes and, if absent, the basic `ss_network_*` keys;
     diffusers files get each component's LoraConfig under `lora_adapter_metadata` (built from
-    `rank`/`alpha` and the keys unless `adapter_configs` gives the real ones).
+    `rank`/`alpha` and the keys unless `adapter_configs` gives the real ones). `extra_tensors`: written
+    as they are beside a kohya file's (a trained embedding's `bundle_emb.*` keys).
     """
     if layout not in ("kohya", "diffusers"):
         raise ValueError(f"layout must be 'kohya' or 'diffusers', not {layout!r}")
@@ -165,7 +167,7 @@ def save_adapter(
         for component, state in states.items():
             tensors.update(peft_to_kohya(state, KOHYA_PREFIXES[base][component], _component_alpha(alpha, component),
                                          unet_blocks="ldm" if base == "sdxl" else "diffusers"))
-        tensors = _cast(tensors, dtype)
+        tensors = {**_cast(tensors, dtype), **(extra_tensors or {})}
         if "ss_network_dim" not in header:
             version = "sdxl_base_v1-0" if base == "sdxl" else "sd_v1"
             basics = kohya_metadata(rank=rank, alpha=_headline_alpha(alpha), base_model_version=version)

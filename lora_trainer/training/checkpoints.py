@@ -56,6 +56,10 @@ def register_adapter_only_hooks(accelerator) -> None:
 
     def load_hook(models, input_dir):
         states = torch.load(Path(input_dir) / ADAPTER_FILE, map_location="cpu", weights_only=True)
+        if len(states) != len(models):  # a component added or dropped (embedding.token, lora.train_*)
+            raise ConfigError(f"train.resume: {input_dir} holds {len(states)} trained parts, this config trains "
+                              f"{len(models)}; resume with the config that wrote it (lora.train_unet, "
+                              "lora.train_text_encoder and embedding.token as they were)")
         for model, state in zip(models, states):
             params = _adapter_params(accelerator.unwrap_model(model))
             missing = set(params) ^ set(state)

@@ -8,8 +8,9 @@ as the base's frozen module, without an adapter, and is left out of the files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,17 @@ class Trained:
     @property
     def modules(self) -> list[torch.nn.Module]:
         return list(self.named.values())
+
+    def with_module(self, name: str, module: torch.nn.Module) -> "Trained":
+        """These components and one more (the trained embedding of embedding.token)."""
+        return Trained({**self.named, name: module})
+
+    def words(self, accelerator, base) -> list | None:
+        """The trained embedding's word tables for the prompt encoder (None without one)."""
+        from .pivotal import COMPONENT, word_tables
+
+        words = self.unwrapped(accelerator).get(COMPONENT)
+        return word_tables(base, words.token, words.fixed()) if words is not None else None
 
     def replace(self, modules: list[torch.nn.Module]) -> "Trained":
         """The same components with `modules` (what `prepare` returned, in the same order)."""
@@ -74,6 +86,7 @@ def export_trained(cfg: RunConfig, accelerator, base, trained: Trained, examples
         cfg, own.get("unet"), own.get("text_encoder"), examples, step, max_steps, started_at,
         prediction_type=base.prediction_type, suffix=suffix, folder=folder,
         text_encoder_2=own.get("text_encoder_2"), variant=base.variant, epoch=epoch, num_epochs=num_epochs,
+        words=own.get("embedding"),
     )
 
 
@@ -84,11 +97,31 @@ def draw_samples(cfg: RunConfig, accelerator, base, trained: Trained, step: int,
         return []
     unet, text_encoder, text_encoder_2 = trained.pipeline_modules(accelerator, base)
     with accelerator.autocast():
-        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name)
+        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name,
+                            trained.words(accelerator, base))
 
 
 def draw_sweep(cfg: RunConfig, accelerator, base, trained: Trained) -> None:
     """samples/sweep.png (main process only)."""
     if accelerator.is_main_process:
         with accelerator.autocast():
-            save_sweep(cfg, base, *trained.pipeline_modules(accelerator, base))
+            save_sweep(cfg, base, *trained.pipeline_modules(accelerator, base), words=trained.words(accelerator, base))
+
+
+@dataclass
+class TrainResult:
+    """What train() returns: the files, the losses, and the trained modules (tests compare them)."""
+
+    output_dir: Path
+    adapter_paths: list[Path]
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    trainable_parameters: int = 0
+    unet: Any = None  # the modules, adapters in place (lora.train_unet false: the base's frozen UNet)
+    text_encoder: Any = None
+    text_encoder_2: Any = None  # SDXL
+    resumed_from: Path | None = None  # the checkpoint the run continued from
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
+    finished: str = ""  # train.resume=latest on a run already that long: why nothing was done
+    ema: dict[str, torch.Tensor] | None = None  # train.ema_decay: the EMA by "<component>.<parameter name>"
+    embedding: dict[str, torch.Tensor] | None = None  # embedding.token: the trained vectors by part (as trained)

@@ -3,17 +3,18 @@ for SD1.x; two for SDXL, plus a pooled embedding) and SDXL's size/crop `add_time
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
-from ..textencode import CHUNK, apply_weights, encode_windows, literal_windows, max_clip_skip, weighted_windows
+from ..textencode import (CHUNK, Words, apply_weights, encode_windows, literal_chunks, max_clip_skip, token_vectors,
+                          weighted_windows)
 
 
 def encode_prompts(base, text_encoders: Sequence[torch.nn.Module], captions: Sequence[str],
                    device: torch.device, clip_skip: int = 1, max_token_length: int = CHUNK,
-                   weighted: bool = False) -> tuple[torch.Tensor, ...]:
+                   weighted: bool = False, words: Optional[Sequence[Words]] = None) -> tuple[torch.Tensor, ...]:
     """(hidden states,) for SD1.x; (hidden states, pooled) for SDXL.
 
     Each caption is read literally in `max_token_length / 75` windows of 77 tokens (longer ones
@@ -28,17 +29,20 @@ def encode_prompts(base, text_encoders: Sequence[torch.nn.Module], captions: Seq
     `weighted` (data.weighted_captions): `(word:1.3)`, `(word)`, `[word]` and BREAK are read as
     inference reads a prompt (lora_trainer.textencode.parse_weights): each encoder's hidden states
     are weighted window by window with A1111's rule (apply_weights); the pooled output is not.
+
+    `words`, one table per encoder: a trained embedding (embedding.token), whose vectors stand
+    where the captions name it, as an embedding file's do at inference; gradients reach them.
     """
     sdxl = base.variant == "sdxl"
     windows = max_token_length // CHUNK
     hidden, pooled = [], None
-    for tokenizer, encoder in zip((base.tokenizer, base.tokenizer_2), text_encoders):
-        if weighted:
-            chunks = [weighted_windows(tokenizer, c, windows) for c in captions]
-            ids = torch.tensor([ch.ids for ch in chunks], device=device)
-        else:
-            ids = torch.tensor([literal_windows(tokenizer, c, windows) for c in captions], device=device)
-        states, pool = encode_windows(encoder, ids, clip_skip, sdxl)
+    for k, (tokenizer, encoder) in enumerate(zip((base.tokenizer, base.tokenizer_2), text_encoders)):
+        table = words[k] if words else None
+        read = weighted_windows if weighted else literal_chunks
+        chunks = [read(tokenizer, c, windows, table) for c in captions]
+        ids = torch.tensor([ch.ids for ch in chunks], device=device)
+        with token_vectors(encoder, [fixes for ch in chunks for fixes in ch.vectors]):  # (B · windows) rows
+            states, pool = encode_windows(encoder, ids, clip_skip, sdxl)
         if weighted:
             weights = torch.tensor([ch.weights for ch in chunks], device=device)  # (B, windows, 77)
             states = apply_weights(states.reshape(*weights.shape, -1), weights).reshape(states.shape)
@@ -79,7 +83,8 @@ def unet_conditioning(embeddings: tuple[torch.Tensor, ...], batch: dict, target_
 
 
 def pipeline_prompt_embeds(base, pipe, prompts: Sequence[str], negative: str, clip_skip: int = 1,
-                           max_token_length: int = CHUNK, weighted: bool = False) -> dict:
+                           max_token_length: int = CHUNK, weighted: bool = False,
+                           words: Optional[Sequence[Words]] = None) -> dict:
     """`prompt_embeds` (and SDXL's pooled) arguments for a diffusers pipeline call, so samples and
     class images read their prompts as training reads captions (clip skip, long prompts), with
     the pipeline's own (possibly adapted) text encoders. An empty negative prompt is zeros where
@@ -88,12 +93,12 @@ def pipeline_prompt_embeds(base, pipe, prompts: Sequence[str], negative: str, cl
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     device = next(encoders[0].parameters()).device
     with torch.no_grad():
-        pos = encode_prompts(base, encoders, prompts, device, clip_skip, max_token_length, weighted)
+        pos = encode_prompts(base, encoders, prompts, device, clip_skip, max_token_length, weighted, words)
         if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             neg = tuple(torch.zeros_like(t) for t in pos)
         else:
             neg = encode_prompts(base, encoders, [negative] * len(prompts), device, clip_skip, max_token_length,
-                                 weighted)
+                                 weighted, words)
     kwargs = {"prompt_embeds": pos[0], "negative_prompt_embeds": neg[0]}
     if len(pos) > 1:
         kwargs.update(pooled_prompt_embeds=pos[1], negative_pooled_prompt_embeds=neg[1])

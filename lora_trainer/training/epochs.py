@@ -20,6 +20,7 @@ from typing import Callable
 
 from .guards import check_free_space
 from .numbered import numbered_files, remove_older
+from .pivotal import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,14 @@ class EpochEnds:
     export: Callable[[int, int], list[Path]]
     sample: Callable[[int, int], None]
     adapter_bytes: int = 0  # free space checked before each file
+    token: str | None = None  # embedding.token: its epoch files in OUT/embeddings rotate with the adapter's
 
     @classmethod
     def for_run(cls, cfg, out_dir: Path, max_steps: int, is_main: bool, adapter_bytes: int,
                 export: Callable[[int, int], list[Path]], sample: Callable[[int, int], None]) -> "EpochEnds":
         o = cfg.output
         return cls(Path(out_dir), o.name, o.save_every_n_epochs, o.save_last_n_epochs, cfg.sample.every_n_epochs,
-                   max_steps, is_main, export, sample, adapter_bytes)
+                   max_steps, is_main, export, sample, adapter_bytes, cfg.embedding.token)
 
     def __call__(self, epoch: int, step: int) -> None:
         if due(self.save_every, epoch, step, self.max_steps):
@@ -86,5 +88,8 @@ class EpochEnds:
             check_free_space(self.out_dir, self.adapter_bytes, f"the adapter of epoch {epoch}")
         self.export(epoch, step)
         if self.is_main:
-            for path in remove_old_epochs(self.out_dir, self.name, self.keep, epoch):
+            removed = remove_old_epochs(self.out_dir, self.name, self.keep, epoch)
+            if self.token is not None:
+                removed += remove_old_epochs(self.out_dir / EMBEDDINGS_DIR, self.token, self.keep, epoch)
+            for path in removed:
                 log.info("removed %s (output.save_last_n_epochs=%d)", path.name, self.keep)

@@ -10,9 +10,9 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +30,7 @@ from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import run_caches
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
                           register_adapter_only_hooks, save_checkpoint)
-from .components import draw_samples, draw_sweep, export_trained
+from .components import TrainResult, draw_samples, draw_sweep, export_trained  # noqa: F401 (TrainResult re-exported)
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .ema import start_ema, with_ema
@@ -48,27 +48,12 @@ from .plots import plot_loss
 from .schedules import build_scheduler
 from .step_adapters import keep_step_adapters, step_suffix
 from .prior import class_examples, generate_class_images
+from .pivotal import COMPONENT, check_token_in_run, optimizer_group, start_words, trained_until, word_tables
 from .tracking import (end_run, init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
                        truncate_log, write_record)
 from .validation import Validation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_paths: list[Path]
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    trainable_parameters: int = 0
-    unet: Any = None  # the modules, adapters in place (lora.train_unet false: the base's frozen UNet)
-    text_encoder: Any = None
-    text_encoder_2: Any = None  # SDXL
-    resumed_from: Path | None = None  # the checkpoint the run continued from
-    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss computed in this run
-    finished: str = ""  # train.resume=latest on a run already that long: why nothing was done
-    ema: dict[str, torch.Tensor] | None = None  # train.ema_decay: the EMA by "<component>.<parameter name>"
 
 
 def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
@@ -114,6 +99,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
         for ex in examples:
             ex.caption = cfg.dreambooth.instance_prompt
     examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
+    check_token_in_run(cfg, examples)  # embedding.token: a trigger word no caption names would never train
     accelerator = make_accelerator(cfg, out_dir)
     try:
         with StopSignals() as stop:
@@ -163,8 +149,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     train_te = cfg.lora.train_text_encoder
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         load_initial_adapter(initial, trained.named, cfg.lora.init_from)
-    params = [p for g in groups for p in g["params"]]
-    counted = sum(p.numel() for p in params)
+    counted = sum(p.numel() for g in groups for p in g["params"])
     log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
              counted, cfg.lora.rank, cfg.lora_alpha,
              f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
@@ -176,8 +161,14 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         class_set = make_dataset(cfg, class_examples(cfg), t.seed + 1, instance=False)
         loaders.append(make_loader(cfg, class_set, t.seed + 1))
 
-    # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio) ----
+    # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio; the embedding's own) ----
     groups, group_names = loraplus_groups(t, trained.modules, groups, group_names)
+    words = start_words(cfg, base)  # embedding.token (pivotal tuning): vectors trained with the adapter
+    if words is not None:
+        trained = trained.with_module(COMPONENT, words)
+        groups, group_names = [*groups, optimizer_group(cfg, words)], [*group_names, COMPONENT]
+    params = [p for g in groups for p in g["params"]]
+    counted = sum(p.numel() for p in params)  # what checkpoints hold
     optimizer = build_optimizer(t, groups)
     updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
@@ -220,10 +211,17 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             dist = base.vae.encode(pixels.to(device, base.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
+    words_until = trained_until(cfg, max_steps) if words is not None else 0
+
     def encode_text(captions: list[str]):
-        with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):  # validation runs without
+        tables, live = None, False
+        if words is not None:  # the vectors in the graph while they train (not in validation, not after)
+            live = torch.is_grad_enabled() and step < words_until
+            module = trained.named[COMPONENT]
+            tables = word_tables(base, words.token, module() if live else words.fixed())
+        with torch.set_grad_enabled((train_te or live) and torch.is_grad_enabled()):  # validation runs without
             return encode_prompts(base, text_encoders, captions, device, cfg.model.clip_skip,
-                                  cfg.model.max_token_length, cfg.data.weighted_captions)
+                                  cfg.model.max_token_length, cfg.data.weighted_captions, tables)
 
     def batch_loss(batch, paths, epoch: int, stream: str, seed: int = t.seed,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,7 +270,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             if ema is not None:
                 ema.save(folder)
             if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
-                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step)
+                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step, cfg.embedding.token)
             return paths
 
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
@@ -398,4 +396,5 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         write_finished(out_dir, FinishedRun(step, num_epochs, updates_per_epoch, [p.name for p in paths]))  # last
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
-                       val_losses=validation.losses, ema=ema.named() if ema is not None else None)
+                       val_losses=validation.losses, ema=ema.named() if ema is not None else None,
+                       embedding={k: v.cpu().clone() for k, v in words.fixed().items()} if words is not None else None)

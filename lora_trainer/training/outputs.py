@@ -19,6 +19,7 @@ from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
+from .pivotal import bundle_tensors, save_embedding
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,15 @@ def _loss_metadata(t) -> dict:
 def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_steps: int,
                    started_at: float, prediction_type: str = "epsilon", suffix: str = "",
                    text_encoder_2=None, variant: str = "sd15", folder: Path | None = None,
-                   epoch: int | None = None, num_epochs: int | None = None) -> list[Path]:
+                   epoch: int | None = None, num_epochs: int | None = None, words=None) -> list[Path]:
     """Write the adapter as `cfg.output.format` says; return the written paths.
 
     kohya (default): DIR/<name>.safetensors. diffusers: the same name in the diffusers layout.
     both: kohya at DIR/<name>.safetensors and diffusers at DIR/<name>.diffusers.safetensors.
     `folder` replaces DIR (a checkpoint's folder) and `suffix` goes after the name ("-step00000100",
     "-000002" for an epoch). `epoch` (counted from 1) and `num_epochs` go to ss_epoch/ss_num_epochs.
+    `words` (embedding.token's trained vectors): also DIR/embeddings/<token><suffix>.safetensors, and
+    in the kohya file with embedding.bundle; not among the returned paths.
     """
     out_dir = Path(folder) if folder is not None else Path(cfg.output.dir)
     states = adapter_states(unet, text_encoder, text_encoder_2)
@@ -187,14 +190,27 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
         alpha["unet"] = layer_alphas(unet)
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
+    bundle = {}
+    if words is not None:
+        save_embedding(out_dir, words.token, words.fixed(), dtype, suffix, _embedding_metadata(metadata, words))
+        bundle = bundle_tensors(words.token, words.fixed(), dtype) if cfg.embedding.bundle else {}
     paths = []
     for layout in layouts:
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
-        save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype, base=variant)
+        save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype, base=variant,
+                     extra_tensors=bundle if layout == "kohya" else None)
         log.info("saved %s adapter: %s", layout, path)
         paths.append(path)
     return paths
+
+
+def _embedding_metadata(metadata: dict[str, str], words) -> dict[str, str]:
+    """The standalone embedding's header: what it is and what trained it (a few of the adapter's keys)."""
+    keep = ("ss_base_model_version", "ss_sd_model_name", "ss_steps", "ss_epoch", "ss_output_name",
+            "ss_training_started_at", "ss_training_finished_at", "ss_clip_skip")
+    return {"format": "pt", "token": words.token, "vectors": str(next(iter(words.vectors.values())).shape[0]),
+            **{k: metadata[k] for k in keep if k in metadata}}
 
 
 def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
@@ -216,11 +232,12 @@ def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
     )
 
 
-def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.0, own_size: bool = True):
+def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.0, own_size: bool = True,
+            words=None):
     """One sample image and its A1111 parameters, its prompt read as training reads captions.
     `text` may carry kohya-style options (--n, --w, --h, --d, --l, --s; see sample_prompts.py)
     over the `sample.*` defaults; `own_size=False` keeps the training resolution (grids need
-    equal cells)."""
+    equal cells). `words`: the run's trained embedding (word tables), read where the prompt names it."""
     from ..pnginfo import GenerationInfo
 
     s, m, p = cfg.sample, cfg.model, parse_sample_prompt(text)
@@ -232,7 +249,7 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
     height = (p.height if own_size else None) or cfg.data.resolution
     generator = torch.Generator(device="cpu").manual_seed(seed)
     prompts = pipeline_prompt_embeds(base, pipe, [p.prompt], negative, m.clip_skip, m.max_token_length,
-                                     cfg.data.weighted_captions)
+                                     cfg.data.weighted_captions, words)
     with torch.no_grad():
         image = pipe(**prompts, num_inference_steps=steps, guidance_scale=guidance,
                      height=height, width=width, generator=generator).images[0]
@@ -244,7 +261,7 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
 
 
 def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encoder_2=None,
-                 folder_name: str | None = None) -> list:
+                 folder_name: str | None = None, words=None) -> list:
     """Render `sample.prompts` with fixed seeds into DIR/samples/step_XXXXX/ (or DIR/samples/
     `folder_name`/: epoch_XXXXXX for epoch samples); return the images."""
     from ..pnginfo import save_png
@@ -256,7 +273,7 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encod
     folder = Path(cfg.output.dir) / "samples" / (folder_name or f"step_{step:05d}")
     images = []
     for i, prompt in enumerate(cfg.sample.prompts):
-        image, info = _render(cfg, base, pipe, prompt, cfg.sample.seed + i)
+        image, info = _render(cfg, base, pipe, prompt, cfg.sample.seed + i, words=words)
         save_png(image, folder / f"{i:02d}.png", info)
         images.append(image)
     if was_training:
@@ -270,7 +287,7 @@ def _lora_layers(modules):
     return [m for module in modules if module is not None for m in module.modules() if isinstance(m, LoraLayer)]
 
 
-def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) -> Path:
+def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None, words=None) -> Path:
     """samples/sweep.png: sample.prompts (rows) × sample.grid_weights (columns), same seed along a
     row, drawn with the in-memory adapter scaled by each weight (peft's `scaling` multiplied, then
     restored), with the `Sweep: "<name>: 0,0.5,1"` parameter that inference sweeps also write."""
@@ -291,7 +308,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None) ->
             for weight in s.grid_weights:
                 for layer, scaling in zip(layers, saved):
                     layer.scaling.update({k: v * weight for k, v in scaling.items()})
-                image, info = _render(cfg, base, pipe, prompt, s.seed + i, weight, own_size=False)
+                image, info = _render(cfg, base, pipe, prompt, s.seed + i, weight, own_size=False, words=words)
                 row.append(image)
                 first = first or info
             rows.append(row)

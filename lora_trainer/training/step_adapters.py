@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..fileio import atomic_path
 from .numbered import numbered_files, remove_older
+from .pivotal import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +31,31 @@ def step_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
     return numbered_files(out_dir, name, "step", 8)
 
 
-def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path, output, step: int) -> list[Path]:
+def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path, output, step: int,
+                       token: str | None = None) -> list[Path]:
     """Copy a checkpoint's exported files (named `<name><exported_suffix>...`) into `out_dir` under
     the kept name, each atomically, then remove the step files beyond `output.save_last_n_step_adapters`;
-    return the new paths. `output` is the run's OutputConfig."""
+    return the new paths. `output` is the run's OutputConfig. `token` (embedding.token): the trained
+    embedding beside them too, as embeddings/<token>-step<step:08d>.safetensors."""
     name, kept = output.name, []
-    for source in exported:
-        tail = Path(source).name[len(name + exported_suffix):]  # ".safetensors" or ".diffusers.safetensors"
-        target = Path(out_dir) / f"{name}{step_suffix(step)}{tail}"
+    copies = [(Path(source), Path(out_dir) / f"{name}{step_suffix(step)}{Path(source).name[len(name + exported_suffix):]}")
+              for source in exported]  # the tail: ".safetensors" or ".diffusers.safetensors"
+    if token is not None and exported:
+        embeddings = Path(exported[0]).parent / EMBEDDINGS_DIR
+        copies.append((embeddings / f"{token}{exported_suffix}.safetensors",
+                       Path(out_dir) / EMBEDDINGS_DIR / f"{token}{step_suffix(step)}.safetensors"))
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         log.info("kept the adapter of step %d: %s", step, target)
         kept.append(target)
-    for path in remove_old_step_adapters(out_dir, name, output.save_last_n_step_adapters, step):
-        log.info("removed %s (output.save_last_n_step_adapters=%d)", path.name, output.save_last_n_step_adapters)
+    keep = output.save_last_n_step_adapters
+    removed = remove_old_step_adapters(out_dir, name, keep, step)
+    if token is not None:
+        removed += remove_old_step_adapters(Path(out_dir) / EMBEDDINGS_DIR, token, keep, step)
+    for path in removed:
+        log.info("removed %s (output.save_last_n_step_adapters=%d)", path.name, keep)
     return kept
 
 

@@ -1,0 +1,72 @@
+"""The `embedding` section: pivotal tuning, a textual-inversion embedding trained with the LoRA (the
+diffusers advanced scripts' --train_text_encoder_ti, kohya's train_textual_inversion, ai-toolkit's
+embedding). A trigger word in the captions stands for N learned vectors at the text encoders'
+input, read as A1111 reads an embedding (lora_trainer.textencode), so the file the run writes means
+in A1111, ComfyUI and infer.py what it meant in training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from .textencode import CHUNK
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+# A token is one word a prompt can hold and a file stem A1111 can read: no weight syntax, no
+# whitespace, no path separators, and no dots (A1111 takes a bundled embedding's name from the
+# second dot-part of its keys).
+NOT_IN_TOKEN = "()[]\\/:.,"
+
+
+@dataclass
+class EmbeddingConfig:
+    # The trigger word captions (and dreambooth.instance_prompt, sample.prompts) use, e.g. "ohwx";
+    # it stands for `vectors` learned vectors. null: no embedding is trained
+    token: Optional[str] = None
+    # Words whose token embeddings the vectors start from (in order, repeated when fewer), e.g.
+    # "woman" or "watercolor painting"; null: the token's own words as the base reads them
+    init_words: Optional[str] = None
+    vectors: int = 1  # learned vectors the token stands for (kohya's num_vectors_per_token), 1 to 75
+    lr: Optional[float] = None  # the vectors' learning rate; null: train.lr. No weight decay on them
+    # The vectors train for this fraction of the steps, then stay fixed while the LoRA trains on
+    # (the diffusers scripts' --train_text_encoder_ti_frac); 1: all the way
+    train_fraction: float = 1.0
+    # Also write the vectors into the kohya file as `bundle_emb.<token>.*`, which A1111 loads with
+    # the LoRA (and infer.py reads); diffusers' load_lora_weights refuses such a file, so off by
+    # default. The standalone OUT/embeddings/<token>.safetensors is always written
+    bundle: bool = False
+
+
+def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
+    """One line per bad `embedding.*` value."""
+    e = cfg.embedding
+    if e.token is None:
+        for key, value, default in (("init_words", e.init_words, None), ("lr", e.lr, None),
+                                    ("bundle", e.bundle, False), ("vectors", e.vectors, 1),
+                                    ("train_fraction", e.train_fraction, 1.0)):
+            if value != default:
+                errors.append(f"embedding.{key}: got {value!r} with no embedding.token, so no embedding is "
+                              "trained; set embedding.token (the trigger word in your captions) or remove it")
+        return
+    token = e.token
+    bad = sorted({c for c in token if c in NOT_IN_TOKEN or c.isspace()})
+    if not token.strip() or bad:
+        what = "is empty" if not token.strip() else "holds " + " ".join(repr(c) for c in bad)
+        errors.append(f"embedding.token: got {token!r}, which {what}; expected one word (letters, digits, _ or -) "
+                      "that prompts can hold and that names the embedding file, e.g. 'ohwx'")
+    if not 1 <= e.vectors <= CHUNK:
+        errors.append(f"embedding.vectors: got {e.vectors!r}; expected 1 to {CHUNK} (a prompt window holds {CHUNK} "
+                      "tokens); 1 to 8 is usual")
+    if e.lr is not None and not e.lr > 0:
+        errors.append(f"embedding.lr: got {e.lr!r}; expected a positive number, or null for train.lr")
+    if not 0 < e.train_fraction <= 1:
+        errors.append(f"embedding.train_fraction: got {e.train_fraction!r}; expected a number in (0, 1] "
+                      "(0.5: the vectors train for the first half of the steps)")
+    if e.init_words is not None and not e.init_words.strip():
+        errors.append(f"embedding.init_words: got {e.init_words!r}; expected words (e.g. 'woman'), or null")
+    if e.bundle and cfg.output.format == "diffusers":
+        errors.append("embedding.bundle: got True with output.format diffusers, which has no place for an "
+                      "embedding; set output.format to kohya or both, or embedding.bundle=false (the standalone "
+                      "embeddings/<token>.safetensors is written either way)")
