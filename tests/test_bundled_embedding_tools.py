@@ -113,3 +113,66 @@ def test_a_bad_bundle_key_is_one_line(random_adapters, tmp_path, capsys, key, sa
     bad = add_bundle(random_adapters["a"], tmp_path / "bad.safetensors", {key: torch.zeros(2, 32)})
     assert main(["convert", str(bad), str(tmp_path / "out.safetensors"), "--to", "kohya"]) == 2
     assert says in one_line_error(capsys)
+
+
+@pytest.fixture(scope="module")
+def pivotal_run(trained, tmp_path_factory):
+    """The example run, its kohya adapter bundling 'geotok' (3 vectors) and its folder holding a
+    standalone embeddings/other.safetensors, as a pivotal-tuning run leaves them."""
+    from publish_helpers import copy_run
+
+    run = copy_run(trained, tmp_path_factory.mktemp("pivotal") / "run")
+    adapter = run / trained.adapter_paths[0].name
+    vectors = _bundle({"geotok.string_to_param.*": (3, 32, 4)})
+    add_bundle(adapter, adapter, vectors)
+    (run / "embeddings").mkdir()
+    save_file({"emb_params": torch.ones(1, 32)}, str(run / "embeddings" / "other.safetensors"))
+    return {"dir": run, "name": adapter.name, "vectors": vectors["bundle_emb.geotok.string_to_param.*"]}
+
+
+def test_publish_lists_the_tokens_and_ships_the_embeddings(pivotal_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from publish_helpers import front_matter, publish_dry
+
+    out = tmp_path / "repo"
+    assert publish_dry(pivotal_run["dir"], out) == 0
+    kohya = out / pivotal_run["name"]
+    assert torch.equal(_bundle_keys(kohya)["bundle_emb.geotok.string_to_param.*"], pivotal_run["vectors"])
+    with safe_open(str(kohya), "pt") as f:
+        assert f.metadata()["sshs_model_hash"] == _tensor_hash(kohya)
+    assert not _bundle_keys(out / "pytorch_lora_weights.safetensors")
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["geotok.safetensors", "other.safetensors"]
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["instance_prompt"] == "geoshape, geotok, other"
+    assert "## Embeddings (pivotal tuning)" in card and "| `embeddings/geotok.safetensors` |" in card
+    # the card's diffusers line works as written (the repo id being this folder here)
+    line = next(ln for ln in card.splitlines() if ln.startswith("pipe.load_textual_inversion("))
+    assert line == 'pipe.load_textual_inversion("alice/geoshape", weight_name="embeddings/geotok.safetensors", token="geotok")'
+    pipe = StableDiffusionPipeline.from_pretrained(_base(pivotal_run["dir"]))
+    pipe.load_textual_inversion(str(out), weight_name="embeddings/geotok.safetensors", token="geotok")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["geotok", "geotok_1", "geotok_2"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), pivotal_run["vectors"])
+
+
+def _base(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["base"]
+
+
+def test_civitai_package_lists_the_tokens_and_holds_the_embeddings(pivotal_run, tmp_path):
+    import zipfile
+
+    out = tmp_path / "pivotal.zip"
+    assert main(["package", str(pivotal_run["dir"]), "--civitai", str(out)]) == 0
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        fields = json.loads(z.read("civitai.json"))
+        readme = z.read("README.txt").decode()
+        z.extractall(tmp_path / "unzipped")
+    assert {"embeddings/geotok.safetensors", "embeddings/other.safetensors", pivotal_run["name"]} <= names
+    assert fields["trainedWords"] == ["geoshape", "geotok", "other"]
+    assert "Embeddings (pivotal tuning): embeddings/geotok.safetensors, embeddings/other.safetensors" in readme
+    kept = _bundle_keys(tmp_path / "unzipped" / pivotal_run["name"])
+    assert torch.equal(kept["bundle_emb.geotok.string_to_param.*"], pivotal_run["vectors"])  # not rounded to fp16
