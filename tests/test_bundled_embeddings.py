@@ -153,3 +153,24 @@ def test_merge_bakes_the_lora_and_writes_its_embeddings_beside_the_model(tiny_sd
     assert main(["merge", "--model", str(tiny_sd15), "--lora", str(files["bundled"]), "--out", str(single),
                  "--single-file"]) == 0
     assert (single.parent / "embeddings" / f"{TOKEN}.safetensors").is_file()
+
+
+def test_an_sdxl_lycoris_file_with_a_bundle_draws_as_its_parts_given_apart(tiny_sdxl, tmp_path, capsys):
+    from lycoris_helpers import write_lycoris
+
+    from lora_trainer.inference.pipelines import load_base
+
+    pipe, _ = load_base(str(tiny_sdxl), "cpu", torch.float32)
+    layers = [("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "loha"),
+              ("text_encoder_2", "encoder.layers.1.mlp.fc2", "lokr")]
+    clip_l, clip_g = _vectors(2, 32, 11), _vectors(2, 32, 12)
+    write_lycoris(pipe, "sdxl", tmp_path / "plain.safetensors", layers, seed=4)
+    write_lycoris(pipe, "sdxl", tmp_path / "xl.safetensors", layers, seed=4,
+                  extra={"bundle_emb.xltok.clip_l": clip_l, "bundle_emb.xltok.clip_g": clip_g})
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "xltok.safetensors"))
+    got = _draw(Generator(tiny_sdxl, [tmp_path / "xl.safetensors"], device="cpu"), "a xltok photo")
+    want = _draw(Generator(tiny_sdxl, [tmp_path / "plain.safetensors"], device="cpu",
+                           embeddings=[tmp_path / "xltok.safetensors"]), "a xltok photo")
+    assert np.array_equal(np.asarray(got.image), np.asarray(want.image)) and got.info.embeddings == [("xltok", "xl")]
+    assert main(["inspect", str(tmp_path / "xl.safetensors")]) == 0
+    assert "xltok (2 vectors, SDXL (clip_l 32-wide + clip_g 32-wide))" in capsys.readouterr().out
