@@ -82,7 +82,7 @@ def test_bundled_embeddings_are_used_at_weight_zero_and_leave_with_their_adapter
     finally:
         bundled_gen.set_weight(name, 1.0)
     gen = Generator(tiny_sd15, [files["bundled"]], device="cpu")
-    gen.adapters.unload(next(iter(gen.adapters.specs)))
+    gen.unload(next(iter(gen.adapters.specs)))
     base = Generator(tiny_sd15, device="cpu")
     after, used = gen._embeds(gen.pipe, Request(prompt=f"a {TOKEN} photo"))
     assert gen.all_embeddings() == [] and used == []

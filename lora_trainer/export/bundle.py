@@ -160,10 +160,12 @@ def embedding_file(folder: str | os.PathLike, token: str) -> Path:
 
 def check_embedding_files(bundle: Bundle, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """Where `write_embedding_files` will write; an existing file is refused unless `overwrite`."""
+    for token in bundle:
+        if any(c in token for c in "/\\") or token in (".", ".."):
+            raise ModelError(f"the embedding token {token!r} cannot be a file name (embeddings/<TOKEN>.safetensors); "
+                             "give it a token without slashes")
     paths = [embedding_file(folder, token) for token in bundle]
     for path in paths:
-        if any(c in path.stem for c in "/\\"):
-            raise ModelError(f"the embedding token {path.stem!r} cannot be a file name; rename it")
         if path.exists() and not overwrite:
             raise ModelError(f"{path} already exists; remove it or pass --overwrite to replace it")
     return paths

@@ -134,6 +134,10 @@ class Generator:
     def set_enabled(self, name: str, on: bool) -> None:
         self.adapters.set_enabled(name, on)
 
+    def unload(self, name: str) -> None:
+        """Take one adapter out for good, with the embeddings its file bundles."""
+        self.adapters.unload(name)
+
     def merge(self) -> None:
         self.adapters.merge()
 
