@@ -286,7 +286,8 @@ class AdapterStack:
         """The `--embedding` files' embeddings, then those the loaded adapters bundle."""
         return self.fixed_embeddings + [e for es in self.bundled.values() for e in es]
 
-    def _load_peft(self, spec: AdapterSpec, name: str, bundled) -> None:
+    def _load_peft(self, spec: AdapterSpec, name: str, bundled: list) -> None:
+        """A LoRA/DoRA file through diffusers and peft (a kohya or bundling file as tensors we read)."""
         try:
             own = _own_reading(spec.path, self.pipe)
             # a file with bundled embeddings is handed over without them, whatever its layout

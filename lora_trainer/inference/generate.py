@@ -90,7 +90,8 @@ def check_request(req: Request) -> None:
 class Generator:
     """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
     and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings, Paths or EmbeddingSpecs; `loras`:
-    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone)."""
+    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone). Embeddings bundled
+    in a `loras` file are used as `embeddings` are, while that adapter is loaded."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,

@@ -61,7 +61,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         from ..models.single_file import save_single_file
 
         save_single_file(pipe, out)  # atomic: temp file + rename
-        _say_embeddings(write_embedding_files(bundle, out.parent, overwrite), out)
+        _say_embeddings(write_embedding_files(bundle, out.parent, overwrite))
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -79,11 +79,11 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _say_embeddings([out / p.relative_to(tmp) for p in written], out)
+    _say_embeddings([out / p.relative_to(tmp) for p in written])
     return out
 
 
-def _say_embeddings(paths: list[Path], out: Path) -> None:
+def _say_embeddings(paths: list[Path]) -> None:
     if paths:
         log.info("the adapters' bundled embeddings are no part of the merged weights; written as %s: use them with "
                  "--embedding FILE (A1111/ComfyUI: copy them to the embeddings folder)",
