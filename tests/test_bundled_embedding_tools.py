@@ -75,7 +75,8 @@ def test_convert_keeps_them_in_kohya_and_writes_them_beside_diffusers(bundled, r
     assert main(["convert", str(src), str(back), "--to", "kohya"]) == 0
     assert "bundled embeddings kept in the file: pivtok" in capsys.readouterr().out
     kept = _bundle_keys(back)
-    assert kept.keys() == _bundle_keys(src).keys() and all(torch.equal(kept[k], v) for k, v in _bundle_keys(src).items())
+    original = _bundle_keys(src)
+    assert kept.keys() == original.keys() and all(torch.equal(kept[k], v) for k, v in original.items())
     with safe_open(str(back), "pt") as f:
         assert f.metadata()["sshs_model_hash"] == _tensor_hash(back)  # the hash covers the embeddings too
     assert main(["convert", str(src), str(tmp_path / "d" / "again.safetensors"), "--to", "diffusers"]) == 2
@@ -90,7 +91,8 @@ def test_resize_and_merge_loras_keep_them(bundled, random_adapters, tmp_path, ca
     assert torch.equal(_bundle_keys(resized)["bundle_emb.pivtok.string_to_param.*"],
                        _bundle_keys(bundled["sd1"])["bundle_emb.pivtok.string_to_param.*"])
     merged = tmp_path / "merged.safetensors"
-    other = add_bundle(random_adapters["a"], tmp_path / "other.safetensors", {"bundle_emb.neg.emb_params": torch.ones(1, 32)})
+    other = add_bundle(random_adapters["a"], tmp_path / "other.safetensors",
+                       {"bundle_emb.neg.emb_params": torch.ones(1, 32)})
     assert main(["merge-loras", f"{bundled['sd1']}:0.5", f"{other}:0.2", str(random_adapters["a"]),
                  "--out", str(merged)]) == 0
     assert "bundled embeddings kept in the file: pivtok, neg" in capsys.readouterr().out
@@ -148,7 +150,8 @@ def test_publish_lists_the_tokens_and_ships_the_embeddings(pivotal_run, tmp_path
     assert "## Embeddings (pivotal tuning)" in card and "| `embeddings/geotok.safetensors` |" in card
     # the card's diffusers line works as written (the repo id being this folder here)
     line = next(ln for ln in card.splitlines() if ln.startswith("pipe.load_textual_inversion("))
-    assert line == 'pipe.load_textual_inversion("alice/geoshape", weight_name="embeddings/geotok.safetensors", token="geotok")'
+    assert line == ('pipe.load_textual_inversion("alice/geoshape", weight_name="embeddings/geotok.safetensors", '
+                    'token="geotok")')
     pipe = StableDiffusionPipeline.from_pretrained(_base(pivotal_run["dir"]))
     pipe.load_textual_inversion(str(out), weight_name="embeddings/geotok.safetensors", token="geotok")
     ids = pipe.tokenizer.convert_tokens_to_ids(["geotok", "geotok_1", "geotok_2"])

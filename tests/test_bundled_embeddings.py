@@ -86,7 +86,8 @@ def test_bundled_embeddings_are_used_at_weight_zero_and_leave_with_their_adapter
     base = Generator(tiny_sd15, device="cpu")
     after, used = gen._embeds(gen.pipe, Request(prompt=f"a {TOKEN} photo"))
     assert gen.all_embeddings() == [] and used == []
-    assert torch.equal(after["prompt_embeds"], base._embeds(base.pipe, Request(prompt=f"a {TOKEN} photo"))[0]["prompt_embeds"])
+    plain = base._embeds(base.pipe, Request(prompt=f"a {TOKEN} photo"))[0]["prompt_embeds"]
+    assert torch.equal(after["prompt_embeds"], plain)
 
 
 def test_a_bundled_token_given_twice_is_refused_naming_both_files(tiny_sd15, random_adapters, files, tmp_path, capsys):
@@ -94,7 +95,8 @@ def test_a_bundled_token_given_twice_is_refused_naming_both_files(tiny_sd15, ran
                      f"{files['standalone']}:{TOKEN.upper()}") == 2
     err = one_line_error(capsys)
     assert str(files["bundled"]) in err and str(files["standalone"]) in err and TOKEN in err
-    other = add_bundle(random_adapters["b"], tmp_path / "other.safetensors", {f"{TOKEN}.emb_params": _vectors(1, 32, 9)})
+    other = add_bundle(random_adapters["b"], tmp_path / "other.safetensors",
+                       {f"{TOKEN}.emb_params": _vectors(1, 32, 9)})
     assert run_infer(tmp_path, tiny_sd15, "--lora", str(files["bundled"]), "--lora", str(other)) == 2
     err = one_line_error(capsys)
     assert str(files["bundled"]) in err and str(other) in err and "leave one of them out" in err

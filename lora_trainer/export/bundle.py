@@ -35,13 +35,6 @@ def is_bundle_key(key: str) -> bool:
     return key.startswith(PREFIX)
 
 
-def split_bundle(tensors: Mapping[str, torch.Tensor], name: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Bundle]:
-    """(the adapter's own tensors, its bundled embeddings) of a file's tensors; a bundle key that is
-    not an embedding part is a one-line error naming the file and key."""
-    adapter = {k: v for k, v in tensors.items() if not is_bundle_key(k)}
-    return adapter, parse_bundle({k: v for k, v in tensors.items() if is_bundle_key(k)}, name)
-
-
 def parse_bundle(tensors: Mapping[str, torch.Tensor], name: str | os.PathLike) -> Bundle:
     """The `bundle_emb.*` tensors grouped by token and checked (shapes, parts, SDXL pairs)."""
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}

@@ -222,8 +222,8 @@ def _hash_and_metadata_lines(report: dict, warning_label: str) -> list[str]:
     """The bundled embeddings, the hash check, the warnings (under `warning_label`) and the metadata
     of an inspect report."""
     found = report.get("embeddings") or []
-    lines = [f"embeddings  {len(found)} bundled (A1111 uses them by token): " + "; ".join(
-        f"{e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''}, {e['fits']})" for e in found)] if found else []
+    each = [f"{e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''}, {e['fits']})" for e in found]
+    lines = [f"embeddings  {len(found)} bundled (A1111 uses them by token): {'; '.join(each)}"] if found else []
     if "hash_matches" in report:
         state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
         lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")

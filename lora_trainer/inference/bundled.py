@@ -51,8 +51,8 @@ def check_bundled(new: list[Embedding], fixed: list[Embedding], bundled_by: dict
     for e in new:
         for other in loaded:
             if other.token.lower() == e.token.lower():
-                raise ModelError(f"{FLAG}: {e.path} bundles the embedding {e.token!r}, which {_origin(other, bundled_by)} "
-                                 "also gives; leave one of them out")
+                raise ModelError(f"{FLAG}: {e.path} bundles the embedding {e.token!r}, which "
+                                 f"{_origin(other, bundled_by)} also gives; leave one of them out")
     variant = pipe_family(pipe)
     encoders = encoders_of(pipe)
     widths = [encoder.get_input_embeddings().embedding_dim for _, encoder in encoders]

@@ -195,7 +195,8 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
               "| `config.yaml` | the training run's config |"]
     if files.images:
         lines.append("| `images/` | sample images; generation settings are in each PNG's `parameters` text |")
-    lines += [f"| {_code(name)} | textual-inversion embedding (its token is a trigger word) |" for name in files.embeddings]
+    lines += [f"| {_code(name)} | textual-inversion embedding (its token is a trigger word) |"
+              for name in files.embeddings]
     lines.append("")
     lines += card_section(run, repo_id, files.embeddings)
     lines += _usage(run, base_model, repo_id, files, advice, prompts[0], negative) + [""]

@@ -135,7 +135,8 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
             embeddings = embedding_sources(run, Path(tmp))
             for name, source in embeddings:
                 _add_file(z, source, name, zipfile.ZIP_STORED)
-            _add_text(z, "README.txt", readme_text(fields) + "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings])))
+            extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
+            _add_text(z, "README.txt", readme_text(fields) + extra)
             names = z.namelist()
     return names
 
