@@ -40,12 +40,30 @@ def _print_fit(report, per_module: bool) -> None:
     print(report.summary())
 
 
+def _print_bundle(bundle, out: Path, layout: str) -> None:
+    """Say what became of the input's bundled embeddings: kept (kohya) or written beside (diffusers)."""
+    from .export.bundle import bundle_note, embedding_file
+
+    beside = [embedding_file(out.parent, token) for token in bundle] if layout != "kohya" else []
+    note = bundle_note(bundle, beside, layout)
+    if note:
+        print(note)
+
+
+def _write(path, adapter, layout: str, args, bundle) -> Path:
+    from .export.bundle import write_with_bundle
+
+    return write_with_bundle(path, adapter, layout, _dtype(args.dtype), bundle, overwrite=args.overwrite)[0]
+
+
 def _convert(args) -> int:
+    from .export.bundle import read_bundle
     from .export.convert import convert_file
 
     out = convert_file(args.input, args.output, args.to, dtype=_dtype(args.dtype), base=args.variant,
                        overwrite=args.overwrite)
     print(f"wrote {out} ({args.to} layout)")
+    _print_bundle(read_bundle(args.input), out, args.to)
     return 0
 
 
@@ -58,7 +76,8 @@ def _inspect(args) -> int:
 
 
 def _resize(args) -> int:
-    from .export.adapter import check_output, read_adapter_for, write_adapter
+    from .export.adapter import check_output, read_adapter_for
+    from .export.bundle import read_bundle
     from .export.lowrank import check_ranks
     from .export.lycoris import needs_lycoris_reader, read_lycoris
     from .export.lycoris_lowrank import lycoris_to_lora
@@ -66,6 +85,7 @@ def _resize(args) -> int:
 
     check_ranks(args.rank, args.conv_rank)  # flag errors before the file is read
     check_output(args.output, args.overwrite)
+    bundle = read_bundle(args.input)  # embeddings are kept as they are: only the LoRA part is resized
     if Path(args.input).is_file() and needs_lycoris_reader(args.input):  # LoHa/LoKr/... -> LoRA by SVD
         from .errors import ModelError
 
@@ -82,14 +102,16 @@ def _resize(args) -> int:
         resized, report = resize_adapter(adapter, args.rank, conv_rank=args.conv_rank, dynamic=args.dynamic,
                                          param=args.dynamic_param)
         layout = args.to or adapter.layout
-    out = write_adapter(args.output, resized, layout, _dtype(args.dtype), overwrite=args.overwrite)
+    out = _write(args.output, resized, layout, args, bundle)
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout)")
+    _print_bundle(bundle, out, layout)
     return 0
 
 
 def _merge_loras(args) -> int:
-    from .export.adapter import check_output, write_adapter
+    from .export.adapter import check_output
+    from .export.bundle import merge_bundles, read_bundle
     from .export.lowrank import check_ranks
     from .export.merge import merge_adapters
 
@@ -97,12 +119,15 @@ def _merge_loras(args) -> int:
     check_output(args.out, args.overwrite)
     specs = [_weighted(s) for s in args.adapters]
     inputs = [(_merge_input(path, args.variant), weight) for path, weight in specs]
+    # embeddings are words, not weights: each input's are kept whatever its weight, as A1111 uses them
+    bundle = merge_bundles([(path, read_bundle(path)) for path, _ in specs])
     merged, report = merge_adapters(inputs, rank=args.rank, conv_rank=args.conv_rank, names=[p for p, _ in specs])
     merged.metadata["modelspec.title"] = Path(args.out).stem
     layout = args.to or inputs[0][0].layout
-    out = write_adapter(args.out, merged, layout, _dtype(args.dtype), overwrite=args.overwrite)
+    out = _write(args.out, merged, layout, args, bundle)
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout, {len(list(merged.items()))} modules)")
+    _print_bundle(bundle, out, layout)
     return 0
 
 

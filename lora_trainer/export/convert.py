@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .adapter import check_output, read_adapter_for, write_adapter
+from .adapter import check_output, read_adapter_for
+from .bundle import read_bundle, write_with_bundle
 from .lycoris import read_lycoris
 from .lycoris_lowrank import convert_refusal
 from .lycoris_names import needs_lycoris_reader
@@ -24,6 +25,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
 
     Metadata is kept, except what describes only the source file (its hashes, the diffusers
     LoraConfig): kohya files get fresh `sshs_*` hashes, diffusers files a LoraConfig with the alphas.
+    Bundled embeddings stay in a kohya output and go beside a diffusers one, as
+    `embeddings/<TOKEN>.safetensors` (see `bundle.write_with_bundle`).
     """
     if to not in ("kohya", "diffusers"):
         raise ModelError(f"--to {to!r} is not kohya or diffusers")
@@ -33,4 +36,4 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dty
     if Path(src).is_file() and needs_lycoris_reader(src):  # LoHa, OFT, ...: not a layout change
         raise convert_refusal(src, read_lycoris(src, base=base, header_only=True), to)
     adapter = read_adapter_for(src, base)
-    return write_adapter(dst, adapter, layout=to, dtype=dtype, overwrite=overwrite)
+    return write_with_bundle(dst, adapter, to, dtype, read_bundle(src), overwrite=overwrite)[0]

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import DAMAGED, ModelError
 from ..fileio import atomic_path
+from .bundle import PREFIX as BUNDLE_PREFIX
 from .layouts import COMPONENTS, KOHYA_PREFIXES, peft_to_diffusers, peft_to_kohya
 from .metadata import check_metadata, kohya_metadata, with_hashes
 
@@ -226,7 +227,9 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 def load_adapter(path: str | os.PathLike, header_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an adapter file; a missing or unreadable file is a one-line ModelError.
     `header_only` reads the keys, shapes and metadata but no weights (see `_header_tensor`): enough
-    to check that a file fits a model before it is read for good."""
+    to check that a file fits a model before it is read for good. Bundled textual-inversion
+    embeddings (`bundle_emb.*`) are no part of the adapter and are left out: every tool reads
+    them with `bundle.read_bundle` and keeps or writes them itself."""
     path = Path(path)
     problem = adapter_path_problem(path)
     if problem is not None:
@@ -235,7 +238,7 @@ def load_adapter(path: str | os.PathLike, header_only: bool = False) -> tuple[di
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             read = (lambda key: _header_tensor(f, key)) if header_only else f.get_tensor
-            tensors = {key: read(key) for key in f.keys()}
+            tensors = {key: read(key) for key in f.keys() if not key.startswith(BUNDLE_PREFIX)}
     except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ModelError(f"adapter file {path} is not a readable .safetensors file ({reason}); {DAMAGED}") from e

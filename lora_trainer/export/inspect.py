@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .adapter import Adapter, read_adapter_for
+from .bundle import describe, read_bundle
 
 _LONG = 160  # metadata values longer than this are shortened in the text report (not in JSON)
 
@@ -123,6 +124,15 @@ def _inspect_lycoris(path: Path, base: str | None) -> dict:
                            "and `lora-trainer merge` merge them into the base weights"]}
     if "sshs_model_hash" in adapter.metadata:
         report["hash_matches"] = _tensor_hash(path) == adapter.metadata["sshs_model_hash"]
+    return _with_embeddings(report, path)
+
+
+def _with_embeddings(report: dict, path: Path) -> dict:
+    """The report with the file's bundled textual-inversion embeddings (token, vectors, widths)."""
+    report["embeddings"] = describe(read_bundle(path))
+    if report["embeddings"]:
+        report["warnings"].append("diffusers' load_lora_weights refuses the bundled embeddings' keys; infer.py reads "
+                                  "them, and `convert --to diffusers` writes them beside the file")
     return report
 
 
@@ -163,7 +173,7 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     }
     if "sshs_model_hash" in metadata:
         report["hash_matches"] = _tensor_hash(path) == metadata["sshs_model_hash"]
-    return report
+    return _with_embeddings(report, path)
 
 
 def _spread(counts: dict[str, int], total: int) -> str:
@@ -209,8 +219,11 @@ def _lycoris_lines(report: dict, modules: bool) -> list[str]:
 
 
 def _hash_and_metadata_lines(report: dict, warning_label: str) -> list[str]:
-    """The hash check, the warnings (under `warning_label`) and the metadata of an inspect report."""
-    lines = []
+    """The bundled embeddings, the hash check, the warnings (under `warning_label`) and the metadata
+    of an inspect report."""
+    found = report.get("embeddings") or []
+    each = [f"{e['token']} ({e['vectors']} vector{'s' if e['vectors'] != 1 else ''}, {e['fits']})" for e in found]
+    lines = [f"embeddings  {len(found)} bundled (A1111 uses them by token): {'; '.join(each)}"] if found else []
     if "hash_matches" in report:
         state = "matches the tensors" if report["hash_matches"] else "does NOT match the tensors (file changed after hashing)"
         lines.append(f"hash        sshs_model_hash {report['metadata']['sshs_model_hash'][:12]}... {state}")

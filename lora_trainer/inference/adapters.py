@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ConfigError, ModelError, first_line
 from .adapter_fit import FAMILY_NAMES, pipe_family, why_not_loadable
+from .bundled import bundled_embeddings, check_bundled
 from .lycoris import WeightPatches
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,9 @@ def _own_reading(path: Path, pipe):
     except Exception:  # not a safetensors file: let diffusers say what is wrong with it
         return None
     dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
-    if not dora and not any(k.startswith("lora_") for k in keys):
+    # diffusers refuses bundled embeddings' keys ("have not been correctly renamed"): read such files here
+    bundled = any(k.startswith("bundle_emb.") for k in keys)
+    if not dora and not bundled and not any(k.startswith("lora_") for k in keys):
         return None  # a plain diffusers-layout file: diffusers reads it exactly
     try:
         return read_adapter(path, fallback=pipe_family(pipe))
@@ -224,6 +227,9 @@ class AdapterStack:
     enabled: dict[str, bool] = field(default_factory=dict)
     _saved_base: dict[str, torch.Tensor] | None = None  # base weights before a merge, for an exact unmerge
     _patches: WeightPatches | None = None  # LyCORIS adapters, merged into the base weights
+    # textual-inversion embeddings: the `--embedding` files, and those bundled in loaded adapter files
+    fixed_embeddings: list = field(default_factory=list)
+    bundled: dict[str, list] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._patches = WeightPatches(self.pipe)
@@ -262,15 +268,31 @@ class AdapterStack:
             name = f"{base}_{k}"
         if self.merged:
             raise ModelError(f"--lora: cannot add {spec.path} while adapters are merged; unmerge first")
+        bundled = bundled_embeddings(spec.path)  # checked before the weights load; kept once they have
+        check_bundled(bundled, self.fixed_embeddings, self.bundled, self.pipe)
         try:
             lycoris = _lycoris_reading(spec.path, self.pipe)
         except ModelError as exc:
             raise ModelError(f"--lora: {exc}") from None
         if lycoris is not None:
-            return self._load_lycoris(spec, name, lycoris)
+            name = self._load_lycoris(spec, name, lycoris)
+        else:
+            self._load_peft(spec, name, bundled)
+        if bundled:
+            self.bundled[name] = bundled
+        return name
+
+    def all_embeddings(self) -> list:
+        """The `--embedding` files' embeddings, then those the loaded adapters bundle."""
+        return self.fixed_embeddings + [e for es in self.bundled.values() for e in es]
+
+    def _load_peft(self, spec: AdapterSpec, name: str, bundled: list) -> None:
+        """A LoRA/DoRA file through diffusers and peft (a kohya or bundling file as tensors we read)."""
         try:
             own = _own_reading(spec.path, self.pipe)
-            source = _folded_state(own) if own is not None and own.layout == "kohya" else str(spec.path)
+            # a file with bundled embeddings is handed over without them, whatever its layout
+            ours = own is not None and (own.layout == "kohya" or bool(bundled))
+            source = _folded_state(own) if ours else str(spec.path)
             with quiet_diffusers(errors=False):  # it warns when a file has no text-encoder part: normal for ours
                 self.pipe.load_lora_weights(source, adapter_name=name)
             if own is not None and any(m.magnitude is not None for _, _, m in own.items()):
@@ -281,7 +303,6 @@ class AdapterStack:
         self.specs[name] = AdapterSpec(spec.path, spec.weight)
         self.enabled[name] = True
         self._apply()
-        return name
 
     def _check(self, name: str) -> None:
         if name not in self.specs:
@@ -326,6 +347,7 @@ class AdapterStack:
         if self.merged:
             raise ModelError(f"cannot unload {name!r} while adapters are merged; unmerge first")
         del self.specs[name], self.enabled[name]
+        self.bundled.pop(name, None)  # its embeddings go with it
         if name in self._patches.adapters:
             self._patches.remove(name)
         else:
@@ -361,11 +383,14 @@ class AdapterStack:
         self._saved_base = None
 
     def bake(self) -> None:
-        """Fuse and drop the adapter layers for good: the pipeline becomes a plain merged model."""
+        """Fuse and drop the adapter layers for good: the pipeline becomes a plain merged model. Their
+        bundled embeddings cannot be fused into weights: they stay, as if given with `--embedding`."""
         self.merge()
         if self._peft_names():
             self.pipe.unload_lora_weights()
         self._patches.forget()
         self._saved_base = None
+        self.fixed_embeddings.extend(e for es in self.bundled.values() for e in es)
+        self.bundled.clear()
         self.specs.clear()
         self.enabled.clear()

@@ -175,9 +175,13 @@ def run_infer(args) -> list[Path]:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding)
-    for e in unused_embeddings(gen.embeddings, gen.pipe, [*args.prompt, request.negative_prompt or ""]):
-        log.warning("--embedding: %s: no prompt uses its token %r, so it changes nothing; write %s in --prompt or "
-                    "--negative-prompt (case does not matter)", e.path, e.token, e.token)
+    for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
+        if any(e is standalone for standalone in gen.embeddings):
+            log.warning("--embedding: %s: no prompt uses its token %r, so it changes nothing; write %s in --prompt or "
+                        "--negative-prompt (case does not matter)", e.path, e.token, e.token)
+        else:
+            log.warning("--lora: %s bundles the embedding %r, which no prompt uses; write %s in --prompt or "
+                        "--negative-prompt to use it (case does not matter)", e.path, e.token, e.token)
     out = Path(args.out)
     if compared is not None:
         return save_comparison(compare_grid(gen, compared, args.prompt, request, weights), out)

@@ -146,6 +146,19 @@ def check_fits(specs: list[AdapterSpec], pipe) -> None:
             raise ModelError(f"--compare: {spec.path}: {why}")
 
 
+def check_compared_bundles(specs: list[AdapterSpec], generator: Generator) -> None:
+    """Refuse a compared file whose bundled embeddings clash with the loaded ones (same token) or do
+    not fit the base, before any column is drawn; each is used in its own column only."""
+    from .bundled import bundled_embeddings, check_bundled
+
+    for spec in specs:
+        try:
+            check_bundled(bundled_embeddings(spec.path), generator.adapters.fixed_embeddings,
+                          generator.adapters.bundled, generator.pipe)
+        except ModelError as exc:
+            raise ModelError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
+
+
 @dataclass
 class Comparison:
     grid: Grid
@@ -170,6 +183,7 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
         raise ConfigError("--compare with --sweep draws one prompt (rows = files, columns = weights); "
                           f"give one --prompt, not {len(prompts)}")
     check_fits(specs, generator.pipe)
+    check_compared_bundles(specs, generator)
     fixed = set(generator.adapters.specs)
     jobs = [(prompt, None) for prompt in prompts] if weights is None else [(prompts[0], w) for w in weights]
     by_file: list[list[Generated]] = []

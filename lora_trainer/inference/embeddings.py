@@ -176,10 +176,10 @@ def check_embeddings_fit(embeddings: list[Embedding], pipe, variant: str, model:
             if have is None or have.shape[1] != width:
                 raise ModelError(f"{FLAG}: {e.path} is an embedding for {e.fits()}, but --model {model} is {need}; "
                                  "use an embedding made for this base")
-    _check_words(embeddings, pipe)
+    check_words(embeddings, pipe)
 
 
-def _check_words(embeddings: list[Embedding], pipe) -> None:
+def check_words(embeddings: list[Embedding], pipe) -> None:
     """Refuse two tokens the tokenizers read as one word ('my-style' and 'my - style', a name typed
     in NFC and a macOS file stem in NFD): a prompt could not tell them apart, and one file would
     silently take the other's place. The lowercase check before loading cannot see these."""

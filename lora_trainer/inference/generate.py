@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
+from .bundled import bundle_owner
 from .embeddings import check_embeddings_fit, embedding_hash, load_embeddings, word_tables
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
@@ -89,7 +90,8 @@ def check_request(req: Request) -> None:
 class Generator:
     """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
     and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings, Paths or EmbeddingSpecs; `loras`:
-    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone)."""
+    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone). Embeddings bundled
+    in a `loras` file are used as `embeddings` are, while that adapter is loaded."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
@@ -108,7 +110,8 @@ class Generator:
         self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
                                             config_dir=str(config_dir) if config_dir else None)
         check_embeddings_fit(self.embeddings, self.pipe, self.variant, self.model)
-        self.adapters = AdapterStack(self.pipe)
+        # the adapters' bundled embeddings are checked against these and used beside them
+        self.adapters = AdapterStack(self.pipe, fixed_embeddings=self.embeddings)
         for spec in specs:
             self.adapters.load(spec)
         self.controlnet_name = Path(str(controlnet)).name if controlnet else None
@@ -132,8 +135,23 @@ class Generator:
     def set_enabled(self, name: str, on: bool) -> None:
         self.adapters.set_enabled(name, on)
 
+    def unload(self, name: str) -> None:
+        """Take one adapter out for good, with the embeddings its file bundles."""
+        self.adapters.unload(name)
+
     def merge(self) -> None:
         self.adapters.merge()
+
+    def all_embeddings(self) -> list:
+        """The `--embedding` files' embeddings and those bundled in the loaded adapters."""
+        return self.adapters.all_embeddings()
+
+    def _ti_hash(self, token: str) -> str | None:
+        """A1111's 'TI hashes' value: a file's short hash, or for a bundled embedding (which has no
+        file of its own) the name of the adapter that bundles it, as A1111 writes it."""
+        if token in self._embedding_hashes:
+            return self._embedding_hashes[token]
+        return bundle_owner(token, self.adapters.bundled)
 
     def unmerge(self) -> None:
         self.adapters.unmerge()
@@ -152,7 +170,8 @@ class Generator:
         if req.clip_skip > most:
             raise ConfigError(f"--clip-skip: got {req.clip_skip}; expected 1 to {most} "
                               f"(this model's text encoder has {most} layers)")
-        words = word_tables(self.embeddings, pipe, self.variant) if self.embeddings else None
+        embeddings = self.all_embeddings()
+        words = word_tables(embeddings, pipe, self.variant) if embeddings else None
         pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative,
                                words=words)
         out = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
@@ -216,7 +235,7 @@ class Generator:
             model_name=Path(self.model).name or None,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
             denoising_strength=req.strength if job != "txt2img" else None, clip_skip=req.clip_skip, extra=extra,
-            embeddings=[(name, self._embedding_hashes.get(name)) for name in used],
+            embeddings=[(name, self._ti_hash(name)) for name in used],
         )
 
     def _short_hash(self, path: Path) -> str | None:

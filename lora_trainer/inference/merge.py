@@ -1,8 +1,13 @@
 """`lora-trainer merge`: fuse adapters at their weights into the base and save a plain model that
-any diffusers user (or a later `--model`) loads without adapter support."""
+any diffusers user (or a later `--model`) loads without adapter support.
+
+Embeddings bundled in an adapter file cannot be fused into weights (they are new words, not a
+change of any layer): they are written with the model as `embeddings/<TOKEN>.safetensors`, inside
+the diffusers folder or beside the single file, for `--embedding` and A1111's embeddings folder."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -10,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
+from ..export.bundle import check_embedding_files, merge_bundles, read_bundle, write_embedding_files
 from ..fileio import new_dir_mode, unwritable_reason
 from .adapters import AdapterSpec, AdapterStack, check_adapter_file
 from .pipelines import load_base
+
+log = logging.getLogger(__name__)
 
 
 def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, single_file: bool = False,
@@ -38,6 +46,12 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise ConfigError(f"--out: {out.parent} {unwritable}; give a place you can write to")
     for spec in loras:  # before the base loads
         check_adapter_file(spec.path)
+    try:
+        bundle = merge_bundles([(str(spec.path), read_bundle(spec.path)) for spec in loras])
+        if single_file:
+            check_embedding_files(bundle, out.parent, overwrite)
+    except ModelError as exc:
+        raise ConfigError(f"merge: {exc}") from None
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
     stack = AdapterStack(pipe)
     for spec in loras:
@@ -46,12 +60,15 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     if single_file:
         from ..models.single_file import save_single_file
 
-        return save_single_file(pipe, out)  # atomic: temp file + rename
+        save_single_file(pipe, out)  # atomic: temp file + rename
+        _say_embeddings(write_embedding_files(bundle, out.parent, overwrite))
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, new_dir_mode())  # mkdtemp's folder is private (0o700)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        written = write_embedding_files(bundle, tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             out.rename(old)
@@ -62,4 +79,12 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _say_embeddings([out / p.relative_to(tmp) for p in written])
     return out
+
+
+def _say_embeddings(paths: list[Path]) -> None:
+    if paths:
+        log.info("the adapters' bundled embeddings are no part of the merged weights; written as %s: use them with "
+                 "--embedding FILE (A1111/ComfyUI: copy them to the embeddings folder)",
+                 ", ".join(str(p) for p in paths))

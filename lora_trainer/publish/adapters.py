@@ -14,6 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..export.bundle import add_to_file, bundle_tensors
 from ..export.files import LORA_ADAPTER_METADATA_KEY, load_adapter, save_adapter
 from ..export.layouts import diffusers_to_peft, kohya_to_peft
 from ..export.metadata import with_hashes
@@ -69,19 +70,21 @@ def _diffusers_alphas(states: dict[str, dict[str, torch.Tensor]], metadata: dict
 
 def write_kohya(run: Run, path: Path, dtype: torch.dtype | None = None) -> Path:
     """The kohya layout (what A1111, ComfyUI, Forge and CivitAI read) at `path`, in `dtype`
-    (None: as trained). Alphas stay float32 scalars; the sshs_* hashes are recomputed."""
+    (None: as trained). Alphas stay float32 scalars; the sshs_* hashes are recomputed. Bundled
+    embeddings are kept, in their own precision (they are few and A1111 reads any)."""
     metadata = {k: v for k, v in public_metadata(run.metadata).items() if k not in _DIFFUSERS_ONLY}
     if run.layout == "kohya":
         dtype = dtype or _tensor_dtype(run.tensors)
         tensors = {k: (t if k.endswith(".alpha") else t.to(dtype)).contiguous() for k, t in run.tensors.items()}
+        tensors.update(bundle_tensors(run.bundle))
         metadata = with_hashes(tensors, metadata)
         with atomic_path(path) as tmp:
             safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         return path
     states = diffusers_to_peft(run.tensors)
-    return save_adapter(path, states, _headline_rank(states), _diffusers_alphas(states, run.metadata),
-                        layout="kohya", metadata=metadata, dtype=dtype or _tensor_dtype(run.tensors),
-                        base=run.variant)
+    save_adapter(path, states, _headline_rank(states), _diffusers_alphas(states, run.metadata),
+                 layout="kohya", metadata=metadata, dtype=dtype or _tensor_dtype(run.tensors), base=run.variant)
+    return add_to_file(path, run.bundle) if run.bundle else path
 
 
 def write_diffusers(run: Run, path: Path) -> Path:

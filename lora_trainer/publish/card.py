@@ -7,10 +7,11 @@ entries point at sample images copied into the repo folder.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
+from .embeddings import card_section
 from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
@@ -26,6 +27,7 @@ class CardFiles:
     images: list[str]  # one per run sample, same order
     sweep: str | None = None
     loss: str | None = None  # the run's loss curve
+    embeddings: list[str] = field(default_factory=list)  # embeddings/<TOKEN>.safetensors
 
 
 def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> dict:
@@ -193,7 +195,10 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
               "| `config.yaml` | the training run's config |"]
     if files.images:
         lines.append("| `images/` | sample images; generation settings are in each PNG's `parameters` text |")
+    lines += [f"| {_code(name)} | textual-inversion embedding (its token is a trigger word) |"
+              for name in files.embeddings]
     lines.append("")
+    lines += card_section(run, repo_id, files.embeddings)
     lines += _usage(run, base_model, repo_id, files, advice, prompts[0], negative) + [""]
     lines += _training_details(run, base_model, files) + [""]
     lines += _limitations(run, advice)

@@ -18,6 +18,7 @@ from ..errors import PublishError
 from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
+from .embeddings import embedding_sources, readme_lines
 from .run import Run, WeightAdvice, dataset_size, ema_setting, prompt_guide, recommended_prompts, trained_steps, trigger_words
 
 # CivitAI's "Base model" choices for our variants.
@@ -131,7 +132,11 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
                 _add_file(z, source, name, zipfile.ZIP_STORED)
             _add_text(z, "civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
             _add_text(z, "prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n")
-            _add_text(z, "README.txt", readme_text(fields))
+            embeddings = embedding_sources(run, Path(tmp))
+            for name, source in embeddings:
+                _add_file(z, source, name, zipfile.ZIP_STORED)
+            extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
+            _add_text(z, "README.txt", readme_text(fields) + extra)
             names = z.namelist()
     return names
 

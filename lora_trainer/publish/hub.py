@@ -20,6 +20,7 @@ from ..errors import PublishError, first_line
 from ..fileio import new_dir_mode, unwritable_reason, write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
+from .embeddings import embedding_sources
 from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
@@ -127,7 +128,14 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
     if (run.dir / "loss.png").is_file():  # the loss curve training draws at the end
         loss = "images/loss.png"
         shutil.copyfile(run.dir / "loss.png", folder / loss)
-    files = CardFiles(kohya=kohya_name, diffusers=DIFFUSERS_NAME, images=images, sweep=sweep, loss=loss)
+    embeddings = []
+    with tempfile.TemporaryDirectory() as scratch:  # bundled embeddings without a file of their own
+        for name, source in embedding_sources(run, Path(scratch)):
+            (folder / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(source, folder / name)
+            embeddings.append(name)
+    files = CardFiles(kohya=kohya_name, diffusers=DIFFUSERS_NAME, images=images, sweep=sweep, loss=loss,
+                      embeddings=embeddings)
     license = opts.license or BASE_LICENSES[run.variant]
     write_text_atomic(folder / "README.md", model_card(run, opts.repo_id, base_model, license, files, advice,
                                                       opts.description))

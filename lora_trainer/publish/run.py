@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig, load_config
-from ..errors import ConfigError, PublishError
+from ..errors import ConfigError, ModelError, PublishError
 from ..export.files import load_adapter
 from ..export.layouts import detect_layout
 from ..sample_prompts import parse_sample_prompt
@@ -64,6 +64,8 @@ class Run:
     variant: str  # "sd15" or "sdxl"
     samples: list[Sample] = field(default_factory=list)
     sweep: Path | None = None
+    bundle: dict = field(default_factory=dict)  # embeddings bundled in the adapter file {token: vectors}
+    embedding_files: list[Path] = field(default_factory=list)  # DIR/embeddings/<TOKEN>.safetensors
 
     @property
     def name(self) -> str:
@@ -144,7 +146,17 @@ def read_run(run_dir: str | Path) -> Run:
         dir=run_dir, cfg=cfg, adapter=adapter, layout=detect_layout(tensors), tensors=tensors, metadata=metadata,
         diffusers_file=diffusers_file if diffusers_file.is_file() else None,
         variant=_variant(cfg, tensors, metadata), samples=_latest_samples(run_dir, cfg), sweep=_find_sweep(run_dir),
+        bundle=_read_bundle(adapter), embedding_files=sorted((run_dir / "embeddings").glob("*.safetensors")),
     )
+
+
+def _read_bundle(adapter: Path) -> dict:
+    from ..export.bundle import read_bundle
+
+    try:
+        return read_bundle(adapter)
+    except ModelError as exc:
+        raise PublishError(str(exc)) from None
 
 
 # ---- guidance shown to users ---------------------------------------------------------------------
@@ -152,10 +164,15 @@ def read_run(run_dir: str | Path) -> Run:
 
 def trigger_words(run: Run) -> list[str]:
     """The words that switch the adapter on: the recorded trigger phrase, else the instance prompt
-    or caption prefix the run trained with."""
+    or caption prefix the run trained with; then the tokens of its textual-inversion embeddings
+    (bundled in the adapter or in DIR/embeddings/), which are words to write in prompts too."""
     phrase = (run.metadata.get("modelspec.trigger_phrase") or run.cfg.dreambooth.instance_prompt
               or run.cfg.data.caption_prefix)
-    return [w.strip() for w in (phrase or "").split(",") if w.strip()]
+    words = [w.strip() for w in (phrase or "").split(",") if w.strip()]
+    for token in [*run.bundle, *(p.stem for p in run.embedding_files)]:
+        if not any(token.lower() in w.lower().split() for w in words):
+            words.append(token)
+    return words
 
 
 def recommended_prompts(run: Run) -> tuple[list[str], str]:
