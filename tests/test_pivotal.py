@@ -84,7 +84,7 @@ def _training_embeds(result, base_model, variant: str, text: str, vectors=None):
         return encode_prompts(base, base.text_encoders, [text], torch.device("cpu"), words=words)
 
 
-@pytest.mark.parametrize("source", ["standalone"])  # "bundled": once infer.py reads bundle_emb keys
+@pytest.mark.parametrize("source", ["standalone", "bundled"])
 def test_infer_reads_the_files_into_the_prompt_embeddings_training_used(sd15_run, tiny_sd15, source):
     cfg, result = sd15_run
     text = f"{TOKEN}, a red circle on a light blue background"

@@ -171,11 +171,15 @@ def write_embedding_files(bundle: Bundle, folder: str | os.PathLike, overwrite: 
 
     paths = check_embedding_files(bundle, folder, overwrite)
     for path, (token, parts) in zip(paths, bundle.items()):
-        tensors = {"emb_params": parts[ONE]} if ONE in parts else {p: parts[p] for p in SDXL_PARTS}
         with atomic_path(path) as tmp:
-            safetensors.torch.save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
-                                        metadata={"format": "pt"})
+            safetensors.torch.save_file(standalone_tensors(parts), str(tmp), metadata={"format": "pt"})
     return paths
+
+
+def standalone_tensors(parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An embedding's tensors in A1111's standalone file: `emb_params`, or SDXL's `clip_l` + `clip_g`."""
+    tensors = {"emb_params": parts[ONE]} if ONE in parts else {p: parts[p] for p in SDXL_PARTS}
+    return {k: t.contiguous() for k, t in tensors.items()}
 
 
 def add_to_file(path: str | os.PathLike, bundle: Bundle) -> Path:

@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 
 from ..errors import ConfigError
+from ..export import bundle
 from ..fileio import atomic_path
 from ..textencode import Words
 
@@ -28,12 +29,11 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "embedding"  # its name among the trained modules, the optimizer groups and the logs
 EMBEDDINGS_DIR = "embeddings"  # OUT/embeddings/<token>.safetensors
-SD1_KEY = "emb_params"  # A1111's (and kohya's) key for a one-encoder embedding
 
 
 def part_names(variant: str) -> list[str]:
     """The vectors' part for each text encoder, in the base's order (as inference names them)."""
-    return ["clip_l", "clip_g"] if variant == "sdxl" else ["clip"]
+    return list(bundle.SDXL_PARTS) if variant == "sdxl" else [bundle.ONE]
 
 
 class TrainedWords(torch.nn.Module):
@@ -106,16 +106,13 @@ def word_tables(base, token: str, vectors: Mapping[str, torch.Tensor]) -> list[W
             for part, tokenizer in zip(part_names(base.variant), tokenizers)]
 
 
-def file_tensors(vectors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The standalone embedding file's tensors (A1111's layout)."""
-    named = {SD1_KEY: vectors["clip"]} if "clip" in vectors else dict(vectors)
-    return {key: v.detach().to("cpu", dtype).contiguous() for key, v in named.items()}
+def _parts(vectors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {part: v.detach().to("cpu", dtype) for part, v in vectors.items()}
 
 
 def bundle_tensors(token: str, vectors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The `bundle_emb.*` keys A1111 reads from a LoRA file."""
-    return {(f"bundle_emb.{token}.string_to_param.*" if key == SD1_KEY else f"bundle_emb.{token}.{key}"): v
-            for key, v in file_tensors(vectors, dtype).items()}
+    """The `bundle_emb.*` keys A1111 reads from a LoRA file (lora_trainer.export.bundle)."""
+    return bundle.bundle_tensors({token: _parts(vectors, dtype)})
 
 
 def save_embedding(folder: Path, token: str, vectors: Mapping[str, torch.Tensor], dtype: torch.dtype,
@@ -127,7 +124,8 @@ def save_embedding(folder: Path, token: str, vectors: Mapping[str, torch.Tensor]
     path = Path(folder) / EMBEDDINGS_DIR / f"{token}{suffix}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(file_tensors(vectors, dtype), str(tmp), metadata=dict(metadata or {}))
+        safetensors.torch.save_file(bundle.standalone_tensors(_parts(vectors, dtype)), str(tmp),
+                                    metadata=dict(metadata or {}))
     log.info("saved embedding %r: %s", token, path)
     return path
 
