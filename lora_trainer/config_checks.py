@@ -340,14 +340,16 @@ _UNET_ONLY_KEYS = ("conv_rank", "conv_alpha", "block_lr_zero_threshold", "block_
 
 
 def _check_train_unet(cfg: RunConfig, errors: list[str]) -> None:
-    """Text-encoder-only training (lora.train_unet false) needs the text encoder trained, and
-    refuses the options that only shape the UNet's adapter."""
+    """Text-encoder-only training (lora.train_unet false) needs the text encoder trained (or, with no
+    LoRA at all, an embedding: textual inversion), and refuses the options that only shape the UNet's
+    adapter."""
     lora = cfg.lora
     if lora.train_unet:
         return
-    if not lora.train_text_encoder:
+    if not lora.train_text_encoder and cfg.embedding.token is None:
         errors.append("lora.train_unet: got False with lora.train_text_encoder false, so nothing would train; "
-                      "set lora.train_text_encoder=true (text-encoder-only training) or lora.train_unet=true")
+                      "set lora.train_text_encoder=true (text-encoder-only training), lora.train_unet=true, or "
+                      "embedding.token (an embedding alone: textual inversion)")
         return
     weights = lora.block_lr_weights
     found = [(f"lora.block_lr_weights.{side}", getattr(weights, side)) for side in ("down", "mid", "up")]

@@ -66,6 +66,17 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
                       "(0.5: the vectors train for the first half of the steps)")
     if e.init_words is not None and not e.init_words.strip():
         errors.append(f"embedding.init_words: got {e.init_words!r}; expected words (e.g. 'woman'), or null")
+    if not (cfg.lora.train_unet or cfg.lora.train_text_encoder):  # no LoRA: an embedding alone
+        if e.bundle:
+            errors.append("embedding.bundle: got True with no LoRA trained (lora.train_unet and "
+                          "lora.train_text_encoder false), so there is no LoRA file to hold it; set "
+                          "embedding.bundle=false (embeddings/<token>.safetensors is the result)")
+        if e.train_fraction < 1:
+            errors.append(f"embedding.train_fraction: got {e.train_fraction!r} with no LoRA trained, so nothing "
+                          "would train after it; set it to 1 and shorten train.max_steps / train.epochs instead")
+        if cfg.lora.init_from:
+            errors.append("lora.init_from: set with no LoRA trained (lora.train_unet and lora.train_text_encoder "
+                          "false), so it would start nothing; drop it, or train a LoRA")
     if e.bundle and cfg.output.format == "diffusers":
         errors.append("embedding.bundle: got True with output.format diffusers, which has no place for an "
                       "embedding; set output.format to kohya or both, or embedding.bundle=false (the standalone "

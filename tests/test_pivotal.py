@@ -186,3 +186,41 @@ def test_bad_embedding_settings_are_refused_in_one_line(tiny_sd15, example_data,
             load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", *overrides])
     with pytest.raises(ConfigError, match=r"did you mean embedding.vectors \(kohya/diffusers"):
         load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", "train.num_vectors_per_token=2"])
+
+
+def test_embedding_alone_is_textual_inversion(tiny_sd15, example_data, tmp_path):
+    """lora.train_unet=false with no text-encoder LoRA and embedding.token: only the vectors train;
+    the result is the embedding file (no LoRA file, no sweep), which infer.py reads back into the
+    prompt embeddings training used, and which finished.json names for train.resume=latest."""
+    overrides = [*PIVOTAL, "lora.train_unet=false", "train.max_steps=4", "embedding.lr=1e-2",
+                 "sample.prompts=[geoshape]", "sample.steps=2", "sample.grid_weights=[0,1]"]
+    cfg = run_config(tiny_sd15, example_data, tmp_path / "ti", *overrides)
+    result = train(cfg, show_progress=False)
+    out = tmp_path / "ti"
+    assert result.adapter_paths == [] and not list(out.glob("*.safetensors"))
+    assert (out / "samples" / "step_00004" / "00.png").is_file() and not (out / "samples" / "sweep.png").exists()
+    start = _rows(tiny_sd15, "text_encoder", "tokenizer", "shape", 2)
+    saved = _emb(out / "embeddings" / f"{TOKEN}.safetensors")["emb_params"]
+    assert torch.equal(saved, result.embedding["clip"]) and (saved - start).abs().max() > 1e-3
+    from peft.tuners.lora import LoraLayer
+
+    assert not [m for m in (*result.unet.modules(), *result.text_encoder.modules()) if isinstance(m, LoraLayer)]
+    from diffusers import StableDiffusionPipeline
+
+    result.text_encoder = StableDiffusionPipeline.from_pretrained(tiny_sd15).text_encoder  # frozen: the base's
+    text = f"{TOKEN}, a red circle"
+    gen = Generator(tiny_sd15, [], device="cpu", dtype=torch.float32,
+                    embeddings=[str(out / "embeddings" / f"{TOKEN}.safetensors")])
+    got, used = gen._embeds(gen.pipe, Request(prompt=text, negative_prompt=""))
+    assert used == [TOKEN]
+    torch.testing.assert_close(got["prompt_embeds"], _training_embeds(result, tiny_sd15, "sd15", text)[0],
+                               rtol=0, atol=2e-5)
+    again = train(run_config(tiny_sd15, example_data, out, *overrides, "train.resume=latest"), show_progress=False)
+    assert "already finished at step 4" in again.finished and again.steps == 4
+    for extra, needle in ((["embedding.bundle=true"], "no LoRA file to hold it"),
+                          (["embedding.train_fraction=0.5"], "nothing would train after it")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", f"embedding.token={TOKEN}",
+                               "lora.train_unet=false", *extra])
+    with pytest.raises(ConfigError, match="nothing would train"):
+        load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", "lora.train_unet=false"])

@@ -45,7 +45,7 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
             groups, names = [{"params": trainable_parameters(base.unet), "lr": t.lr}], [GROUP_NAMES[0]]
         else:
             groups, names = block_groups(base.unet, weights, t.lr, base.variant, _layers_per_block(base.unet))
-    else:
+    elif cfg.lora.train_text_encoder:
         log.info("lora.train_unet false: the UNet stays frozen without an adapter; only the text encoder(s) train")
     if cfg.lora.train_text_encoder:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr

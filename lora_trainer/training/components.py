@@ -2,12 +2,13 @@
 loop makes of them: the UNet and text encoders a step calls, the adapter files, the sample images.
 
 A run trains the UNet, the UNet and its text encoder(s), or (lora.train_unet false) the text
-encoder(s) only; nothing here assumes which comes first. A component that is not trained is called
+encoder(s) only, or (with embedding.token) an embedding alone; nothing here assumes which comes first. A component that is not trained is called
 as the base's frozen module, without an adapter, and is left out of the files.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 
 from ..config import RunConfig
 from .outputs import export_adapter, save_samples, save_sweep
+
+log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -102,8 +105,10 @@ def draw_samples(cfg: RunConfig, accelerator, base, trained: Trained, step: int,
 
 
 def draw_sweep(cfg: RunConfig, accelerator, base, trained: Trained) -> None:
-    """samples/sweep.png (main process only)."""
-    if accelerator.is_main_process:
+    """samples/sweep.png (main process only); none with no LoRA to scale (an embedding alone)."""
+    if not (cfg.lora.train_unet or cfg.lora.train_text_encoder):
+        log.info("sample.grid_weights: no sweep grid, as no LoRA trained (an embedding alone)")
+    elif accelerator.is_main_process:
         with accelerator.autocast():
             save_sweep(cfg, base, *trained.pipeline_modules(accelerator, base), words=trained.words(accelerator, base))
 

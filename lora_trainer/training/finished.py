@@ -36,6 +36,16 @@ def write_finished(out_dir: Path, run: FinishedRun) -> None:
     write_text_atomic(Path(out_dir) / FINISHED_FILE, json.dumps(asdict(run), indent=1) + "\n")
 
 
+def run_files(paths: list[Path], words=None) -> list[str]:
+    """finished.json's "adapters": the adapter files, relative to `out_dir`; with no LoRA (an embedding
+    alone: textual inversion) the embedding file, embeddings/<token>.safetensors."""
+    if paths or words is None:
+        return [Path(p).name for p in paths]
+    from .pivotal import EMBEDDINGS_DIR
+
+    return [f"{EMBEDDINGS_DIR}/{words.token}.safetensors"]
+
+
 def read_finished(out_dir: Path) -> FinishedRun | None:
     """The record of the finished run in `out_dir`; None when there is none, it cannot be read, or
     its adapter is gone (then the run is made again from its newest checkpoint, as before)."""

@@ -35,7 +35,7 @@ from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
 from .ema import start_ema, with_ema
 from .epochs import EpochEnds, epoch_suffix
-from .finished import FinishedRun, already_finished, message, write_finished
+from .finished import FinishedRun, already_finished, message, run_files, write_finished
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
                      check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
@@ -150,9 +150,12 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         load_initial_adapter(initial, trained.named, cfg.lora.init_from)
     counted = sum(p.numel() for g in groups for p in g["params"])
-    log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
-             counted, cfg.lora.rank, cfg.lora_alpha,
-             f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
+    if groups:
+        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
+                 counted, cfg.lora.rank, cfg.lora_alpha,
+                 f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
+    else:
+        log.info("no LoRA: only the embedding trains (textual inversion)")
 
     # ---- data: the order is a function of (seed, epoch), whatever the processes ----
     dataset = make_dataset(cfg, examples, t.seed)
@@ -270,7 +273,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             if ema is not None:
                 ema.save(folder)
             if cfg.output.save_step_adapters and saves_due(state.step):  # not a Ctrl-C checkpoint between them
-                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step, cfg.embedding.token)
+                keep_step_adapters(paths, suffix, out_dir, cfg.output, state.step, cfg.embedding.token, folder)
             return paths
 
         return save_checkpoint(accelerator, out_dir, state, cfg.output.keep_checkpoints, export)
@@ -393,7 +396,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
             sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:
         plot_loss(log_path, out_dir / "loss.png")
-        write_finished(out_dir, FinishedRun(step, num_epochs, updates_per_epoch, [p.name for p in paths]))  # last
+        write_finished(out_dir, FinishedRun(step, num_epochs, updates_per_epoch, run_files(paths, words)))
     unwrapped = [accelerator.unwrap_model(m) for m in (unet, *text_encoders)]
     return TrainResult(out_dir, paths, step, losses, counted, *unwrapped, resumed_from=checkpoint,
                        val_losses=validation.losses, ema=ema.named() if ema is not None else None,

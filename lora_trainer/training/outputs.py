@@ -190,6 +190,8 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
         alpha["unet"] = layer_alphas(unet)
     fmt = cfg.output.format
     layouts = {"kohya": ["kohya"], "diffusers": ["diffusers"], "both": ["kohya", "diffusers"]}[fmt]
+    if not states:  # no LoRA (an embedding alone: textual inversion): the embedding file only
+        layouts = []
     bundle = {}
     if words is not None:
         save_embedding(out_dir, words.token, words.fixed(), dtype, suffix, _embedding_metadata(metadata, words))

@@ -32,16 +32,16 @@ def step_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
 
 
 def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path, output, step: int,
-                       token: str | None = None) -> list[Path]:
+                       token: str | None = None, folder: Path | None = None) -> list[Path]:
     """Copy a checkpoint's exported files (named `<name><exported_suffix>...`) into `out_dir` under
     the kept name, each atomically, then remove the step files beyond `output.save_last_n_step_adapters`;
     return the new paths. `output` is the run's OutputConfig. `token` (embedding.token): the trained
-    embedding beside them too, as embeddings/<token>-step<step:08d>.safetensors."""
+    embedding in `folder` (the checkpoint's) too, as embeddings/<token>-step<step:08d>.safetensors."""
     name, kept = output.name, []
     copies = [(Path(source), Path(out_dir) / f"{name}{step_suffix(step)}{Path(source).name[len(name + exported_suffix):]}")
               for source in exported]  # the tail: ".safetensors" or ".diffusers.safetensors"
-    if token is not None and exported:
-        embeddings = Path(exported[0]).parent / EMBEDDINGS_DIR
+    if token is not None and folder is not None:
+        embeddings = Path(folder) / EMBEDDINGS_DIR
         copies.append((embeddings / f"{token}{exported_suffix}.safetensors",
                        Path(out_dir) / EMBEDDINGS_DIR / f"{token}{step_suffix(step)}.safetensors"))
     for source, target in copies:
