@@ -37,6 +37,10 @@ class EmbeddingConfig:
     # the LoRA (and infer.py reads); diffusers' load_lora_weights refuses such a file, so off by
     # default. The standalone OUT/embeddings/<token>.safetensors is always written
     bundle: bool = False
+    # Continue earlier vectors instead of starting from init_words (kohya TI's --weights): an
+    # embedding .safetensors (OUT/embeddings/<token>.safetensors), or an adapter file that bundles
+    # the token. null: lora.init_from's bundled vectors for the token when it has them, else init_words
+    init_from: Optional[str] = None
 
 
 def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
@@ -45,7 +49,7 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
     if e.token is None:
         for key, value, default in (("init_words", e.init_words, None), ("lr", e.lr, None),
                                     ("bundle", e.bundle, False), ("vectors", e.vectors, 1),
-                                    ("train_fraction", e.train_fraction, 1.0)):
+                                    ("train_fraction", e.train_fraction, 1.0), ("init_from", e.init_from, None)):
             if value != default:
                 errors.append(f"embedding.{key}: got {value!r} with no embedding.token, so no embedding is "
                               "trained; set embedding.token (the trigger word in your captions) or remove it")
@@ -64,6 +68,9 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
     if not 0 < e.train_fraction <= 1:
         errors.append(f"embedding.train_fraction: got {e.train_fraction!r}; expected a number in (0, 1] "
                       "(0.5: the vectors train for the first half of the steps)")
+    if e.init_words is not None and e.init_from is not None:
+        errors.append("embedding.init_words: set with embedding.init_from, whose vectors the run starts from; "
+                      "drop one")
     if e.init_words is not None and not e.init_words.strip():
         errors.append(f"embedding.init_words: got {e.init_words!r}; expected words (e.g. 'woman'), or null")
     if not (cfg.lora.train_unet or cfg.lora.train_text_encoder):  # no LoRA: an embedding alone

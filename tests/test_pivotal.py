@@ -224,3 +224,41 @@ def test_embedding_alone_is_textual_inversion(tiny_sd15, example_data, tmp_path)
                                "lora.train_unet=false", *extra])
     with pytest.raises(ConfigError, match="nothing would train"):
         load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", "lora.train_unet=false"])
+
+
+def test_vectors_continue_from_an_embedding_file_or_a_bundle(sd15_run, tiny_sd15, tiny_sdxl, example_data, tmp_path,
+                                                             caplog):
+    """embedding.init_from (an embedding file, or an adapter bundling the token) and lora.init_from's
+    bundle set the vectors' start; a tiny lr keeps them there for one step, which shows the start."""
+    cfg, result = sd15_run
+    standalone = f"{cfg.output.dir}/embeddings/{TOKEN}.safetensors"
+    kohya = str(result.adapter_paths[0])
+    still = [f"embedding.token={TOKEN}", "embedding.vectors=2", "embedding.lr=1e-12", "train.max_steps=1",
+             "output.dtype=fp32", "sample.prompts=[]", "train.warmup=0"]
+    for i, overrides in enumerate(([f"embedding.init_from={standalone}", "lora.train_unet=false"],
+                                   [f"embedding.init_from={kohya}"],
+                                   [f"lora.init_from={kohya}", "lora.train_text_encoder=true"])):
+        run = train(run_config(tiny_sd15, example_data, tmp_path / f"c{i}", *still, *overrides), show_progress=False)
+        torch.testing.assert_close(run.embedding["clip"], result.embedding["clip"], rtol=0, atol=1e-9)
+
+    def error(*overrides: str, base=tiny_sd15) -> str:
+        with pytest.raises(ConfigError) as info:
+            train(run_config(base, example_data, tmp_path / "bad", *still, *overrides), show_progress=False)
+        return str(info.value)
+
+    assert "has 2 vector(s); set embedding.vectors=2" in error(f"embedding.init_from={standalone}",
+                                                                 "embedding.vectors=3")
+    assert "is a SD 1.x embedding but model.base is SDXL" in error(f"embedding.init_from={standalone}", base=tiny_sdxl)
+    other = shutil.copy(kohya, tmp_path / "other.safetensors")
+    assert "bundles only 'geoshape', not 'ohwx'" in error(f"embedding.init_from={other}", "embedding.token=ohwx",
+                                                           "data.caption_prefix=ohwx")
+    assert "not found" in error(f"embedding.init_from={tmp_path / 'none.safetensors'}")
+    assert not (tmp_path / "bad" / "config.yaml").exists()  # all before the run started
+    with pytest.raises(ConfigError, match="set with embedding.init_from"):
+        load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", f"embedding.token={TOKEN}",
+                           f"embedding.init_from={standalone}", "embedding.init_words=shape"])
+    caplog.clear()
+    train(run_config(tiny_sd15, example_data, tmp_path / "plain", "output.dtype=fp32", "sample.prompts=[]",
+                     "train.max_steps=1", f"lora.init_from={kohya}", "lora.train_text_encoder=true"),
+          show_progress=False)
+    assert "also bundles the embedding(s) 'geoshape', which this run neither trains" in caplog.text

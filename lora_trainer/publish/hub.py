@@ -101,7 +101,8 @@ def _public_config(run: Run, base_model: str) -> str:
     cfg.output.dir = f"outputs/{run.name}"
     # local folders and files by their names only; the latent cache's location is this machine's
     for section, key in (("dreambooth", "class_data"), ("data", "mask_dir"), ("data", "validation_path"),
-                         ("lora", "init_from"), ("model", "config_dir")):
+                         ("lora", "init_from"), ("embedding", "init_from"),
+                         ("model", "config_dir")):
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, Path(value).name)

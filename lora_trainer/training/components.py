@@ -2,7 +2,8 @@
 loop makes of them: the UNet and text encoders a step calls, the adapter files, the sample images.
 
 A run trains the UNet, the UNet and its text encoder(s), or (lora.train_unet false) the text
-encoder(s) only, or (with embedding.token) an embedding alone; nothing here assumes which comes first. A component that is not trained is called
+encoder(s) only, or (with embedding.token) an embedding alone; nothing here assumes which comes
+first. A component that is not trained is called
 as the base's frozen module, without an adapter, and is left out of the files.
 """
 

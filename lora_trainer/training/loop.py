@@ -26,6 +26,7 @@ from ..models.blocks import block_config_errors, fit_lr_weight_counts
 from ..models.loading import NATIVE_RESOLUTION, load_base, resolve_variant, weight_dtype_for
 from ..models.dropout import DropoutKeys
 from .adapters import add_adapters
+from .embedding_init import initial_vectors
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import run_caches
 from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
@@ -92,6 +93,7 @@ def train(cfg: RunConfig, show_progress: bool = True,
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder,
                                     cfg.lora.rank, cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet)
                if cfg.lora.init_from else None)
+    start_vectors = initial_vectors(cfg, cfg.model.variant)  # embedding.init_from, or lora.init_from's bundle
     check_writable_folders(cfg)  # made here if missing: not before a bad model.base, after it the data is read
     # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
     examples = prepare_examples(cfg, show_progress)
@@ -104,14 +106,14 @@ def train(cfg: RunConfig, show_progress: bool = True,
     try:
         with StopSignals() as stop:
             return _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
-                          initial, stop)
+                          initial, start_vectors, stop)
     finally:
         end_run(accelerator)  # not accelerator.end_training(): see end_run
         release_accelerate_state()
 
 
 def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpoint, loss_hook,
-           initial, stop: StopSignals) -> TrainResult:
+           initial, start_vectors, stop: StopSignals) -> TrainResult:
     from accelerate.utils import set_seed
     started_at = time.time()
     t = cfg.train
@@ -166,7 +168,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
 
     # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio; the embedding's own) ----
     groups, group_names = loraplus_groups(t, trained.modules, groups, group_names)
-    words = start_words(cfg, base)  # embedding.token (pivotal tuning): vectors trained with the adapter
+    words = start_words(cfg, base, start_vectors)  # embedding.token (pivotal tuning): vectors trained with it
     if words is not None:
         trained = trained.with_module(COMPONENT, words)
         groups, group_names = [*groups, optimizer_group(cfg, words)], [*group_names, COMPONENT]

@@ -58,9 +58,10 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
 
-def start_words(cfg, base) -> TrainedWords | None:
+def start_words(cfg, base, initial=None) -> TrainedWords | None:
     """The run's embedding (None without embedding.token): each vector starts as the input embedding
-    of a token of embedding.init_words (or of the trigger word itself), in order, repeated."""
+    of a token of embedding.init_words (or of the trigger word itself), in order, repeated; or, with
+    `initial` (embedding_init.InitialVectors), as those earlier vectors."""
     e = cfg.embedding
     if e.token is None:
         return None
@@ -70,17 +71,24 @@ def start_words(cfg, base) -> TrainedWords | None:
         if not _token_ids(tokenizer, e.token):
             raise ConfigError(f"embedding.token: got {e.token!r}, which the tokenizer reads as no word at all; "
                               "use letters or digits")
+        table = encoder.get_input_embeddings().weight.detach()
+        if initial is not None:
+            width = initial.parts[part].shape[1]
+            if width != table.shape[1]:
+                raise ConfigError(f"embedding.init_from: {initial.source} has {width}-wide vectors ({part}) but the "
+                                  f"text encoder's are {table.shape[1]}-wide; give an embedding of this base family")
+            parts[part] = initial.parts[part].float().cpu().clone()
+            continue
         source = e.init_words if e.init_words is not None else e.token
         ids = _token_ids(tokenizer, source)
         if not ids:
             raise ConfigError(f"embedding.init_words: got {source!r}, which the tokenizer reads as no word; give "
                               "words such as 'woman' or 'watercolor'")
-        table = encoder.get_input_embeddings().weight.detach()
         parts[part] = table[[ids[i % len(ids)] for i in range(e.vectors)]].float().cpu()
     words = TrainedWords(e.token, parts)
-    log.info("embedding %r: %d vector%s per text encoder, from %r; trains for %d%% of the steps at lr %g",
-             e.token, e.vectors, "s" * (e.vectors > 1), e.init_words or e.token, round(100 * e.train_fraction),
-             embedding_lr(cfg))
+    log.info("embedding %r: %d vector%s per text encoder, from %s; trains for %d%% of the steps at lr %g",
+             e.token, e.vectors, "s" * (e.vectors > 1), initial.source if initial else repr(e.init_words or e.token),
+             round(100 * e.train_fraction), embedding_lr(cfg))
     return words
 
 
