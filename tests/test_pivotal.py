@@ -262,3 +262,20 @@ def test_vectors_continue_from_an_embedding_file_or_a_bundle(sd15_run, tiny_sd15
                      "train.max_steps=1", f"lora.init_from={kohya}", "lora.train_text_encoder=true"),
           show_progress=False)
     assert "also bundles the embedding(s) 'geoshape', which this run neither trains" in caplog.text
+
+
+@pytest.mark.parametrize("name, tiny", [("sdxl-pivotal", "tiny_sdxl"), ("sd15-textual-inversion", "tiny_sd15")])
+def test_ready_embedding_configs_train(name, tiny, example_data, tmp_path, request):
+    """configs/sdxl-pivotal.yaml (LoRA + embedding) and configs/sd15-textual-inversion.yaml (the
+    embedding alone) as shipped, on a tiny base for two steps: the files each promises."""
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [
+        f"model.base={request.getfixturevalue(tiny)}", f"data.path={example_data}", f"output.dir={tmp_path}",
+        "data.resolution=64", "train.max_steps=2", "train.warmup=0", "train.optimizer=adamw",
+        "train.mixed_precision=no", "train.gradient_checkpointing=false", "sample.prompts=[]", "log.tensorboard=false",
+        "output.save_every_n_steps=0", "output.save_step_adapters=false"])
+    assert cfg.embedding.token == "ohwx" and (cfg.lora.train_unet == (name == "sdxl-pivotal"))
+    result = train(cfg, show_progress=False)
+    assert (tmp_path / "embeddings" / "ohwx.safetensors").is_file()
+    assert [p.name for p in result.adapter_paths] == ([f"{cfg.output.name}.safetensors"] if cfg.lora.train_unet else [])
