@@ -279,3 +279,24 @@ def test_ready_embedding_configs_train(name, tiny, example_data, tmp_path, reque
     result = train(cfg, show_progress=False)
     assert (tmp_path / "embeddings" / "ohwx.safetensors").is_file()
     assert [p.name for p in result.adapter_paths] == ([f"{cfg.output.name}.safetensors"] if cfg.lora.train_unet else [])
+
+
+def test_inspect_reads_embedding_files(sd15_run, tmp_path, capsys):
+    from lora_trainer.cli import main
+    from lora_trainer.export.inspect import inspect_adapter
+
+    cfg, result = sd15_run
+    report = inspect_adapter(f"{cfg.output.dir}/embeddings/{TOKEN}.safetensors")
+    assert (report["layout"], report["token"], report["trained_as"], report["vectors"]) == ("embedding", TOKEN, TOKEN, 2)
+    want = [round(float(n), 4) for n in result.embedding["clip"].norm(dim=1)]
+    assert report["parts"]["clip"]["norms"] == want and report["metadata"]["ss_steps"] == "4"
+    step = f"{cfg.output.dir}/checkpoints/step-000001/embeddings/{TOKEN}-step00000001.safetensors"
+    assert main(["inspect", step]) == 0
+    out = capsys.readouterr().out
+    assert f"token       {TOKEN}-step00000001 (from the file name" in out and f"FILE:{TOKEN} uses that word" in out
+    diffusers = tmp_path / "learned_embeds.safetensors"  # diffusers' layout: {token: vectors}
+    safetensors.torch.save_file({"<cat-toy>": torch.ones(3, 32)}, str(diffusers))
+    report = inspect_adapter(diffusers)
+    assert (report["token"], report["token_from"], report["vectors"]) == ("<cat-toy>", "the key", 3)
+    assert report["parts"]["clip"]["norms"] == [round(32 ** 0.5, 4)] * 3
+    assert inspect_adapter(result.adapter_paths[0])["layout"] == "kohya"  # a LoRA is still a LoRA

@@ -1,4 +1,4 @@
-"""What an adapter file holds: layout, base family, modules, ranks, alphas, parameter count, size,
+"""What an adapter file (or a textual-inversion embedding: inspect_embedding.py) holds: layout, base family, modules, ranks, alphas, parameter count, size,
 dtype, metadata, and whether its `sshs_model_hash` still matches its tensors."""
 
 from __future__ import annotations
@@ -140,7 +140,11 @@ def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
     from .lycoris import needs_lycoris_reader
 
+    from .inspect_embedding import inspect_embedding, is_embedding_file
+
     path = Path(path)
+    if path.is_file() and is_embedding_file(path):
+        return inspect_embedding(path)
     if path.is_file() and needs_lycoris_reader(path):
         return _inspect_lycoris(path, base)
     adapter = read_adapter_for(path, base)
@@ -243,6 +247,10 @@ def format_report(report: dict, modules: bool = False) -> str:
     """The text `lora-trainer inspect` prints; `modules` lists every module."""
     if report["layout"] == "lycoris":
         return "\n".join(_lycoris_lines(report, modules))
+    if report["layout"] == "embedding":
+        from .inspect_embedding import format_embedding
+
+        return "\n".join(format_embedding(report))
     total = len(report["modules"])
     parts = []
     for name, info in report["components"].items():
