@@ -46,7 +46,8 @@ def test_kohya_defaults_of_the_textual_inversion_scripts_are_kept_or_noted():
     assert cfg["embedding"] == {"token": "mychar", "vectors": 1, "lr": 2e-6}  # kohya's --learning_rate default
     assert cfg["train"]["lr"] == 2e-6 and cfg["output"] == {"name": "mychar"}  # kohya's --output_name: the token
     text = "\n".join(notes)
-    assert "--learning_rate not given: kohya's default 2e-06 is used (an embedding alone usually trains at 5e-3)" in text
+    assert "--learning_rate not given: kohya's default 2e-06 is used (an embedding alone usually trains at 5e-3)" \
+        in text
     assert "--init_word not given: kohya starts the vectors at random" in text
     assert "where kohya writes OUT/mychar.pt" in text  # kohya's --save_model_as default for embeddings
     assert len(notes) == 3

@@ -1,6 +1,7 @@
 """kohya-ss sd-scripts arguments (train_network.py, sdxl_train_network.py, the textual-inversion
-scripts through embedding_options.py, dataset TOML) mapped to lora-trainer config keys. Every argument is either mapped, or named in a note saying why not;
-arguments that are off or empty (false, "", []) mean nothing and are passed over."""
+scripts through embedding_options.py, dataset TOML) mapped to lora-trainer config keys. Every
+argument is either mapped, or named in a note saying why not; arguments that are off or empty
+(false, "", []) mean nothing and are passed over."""
 
 from __future__ import annotations
 
