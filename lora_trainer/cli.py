@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_data)
 
     p = sub.add_parser("from-kohya", help="turn a kohya-ss sd-scripts command line or config TOML into a config")
-    p.add_argument("input", help="a saved train_network.py / sdxl_train_network.py command (.sh, .bat, .txt) "
-                                 "or its --config_file TOML")
+    p.add_argument("input", help="a saved train_network.py / train_textual_inversion.py command (or their sdxl_ "
+                                 "versions; .sh, .bat, .txt) or its --config_file TOML")
     p.add_argument("--dataset-config", help="kohya's --dataset_config TOML (default: the one the input names)")
     p.add_argument("-o", "--output", required=True, help="the YAML config to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")

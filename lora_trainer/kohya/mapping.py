@@ -1,6 +1,7 @@
-"""kohya-ss sd-scripts arguments (train_network.py, sdxl_train_network.py, dataset TOML) mapped to
-lora-trainer config keys. Every argument is either mapped, or named in a note saying why not;
-arguments that are off or empty (false, "", []) mean nothing and are passed over."""
+"""kohya-ss sd-scripts arguments (train_network.py, sdxl_train_network.py, the textual-inversion
+scripts through embedding_options.py, dataset TOML) mapped to lora-trainer config keys. Every
+argument is either mapped, or named in a note saying why not; arguments that are off or empty
+(false, "", []) mean nothing and are passed over."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .block_args import block_args
 from .data_options import caption_extension_option, data_options
+from .embedding_options import TI_SCRIPTS, embedding_options, is_textual_inversion
 from .loss_options import loss_options
 from .output_options import output_options, sample_options
 from .options import (
@@ -33,7 +35,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", 
 LION_DEFAULTS = {"train.adam_beta2": 0.99, "train.weight_decay": 0.0}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 KOHYA_DEFAULT_LR = 2e-6  # kohya's --learning_rate default
-SECTIONS = ("model", "data", "dreambooth", "lora", "train", "sample", "output", "log")  # RunConfig's order
+SECTIONS = ("model", "data", "dreambooth", "lora", "embedding", "train", "sample", "output", "log")  # RunConfig's order
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -107,7 +109,10 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
         if any(re.search(r"\$\{?\w+|%\w+%", str(v)) for v in (value if isinstance(value, list) else [value])):
             notes.append(f"--{key} {value}: a shell variable is not expanded here; put in its value")
     _model(a, args.get("_script"), args.get("_launcher", ""), cfg, notes)
-    _network(a, cfg, notes)
+    if is_textual_inversion(a, args.get("_script")):
+        embedding_options(a, cfg, notes, KOHYA_DEFAULT_LR)  # no LoRA: the network arguments are noted
+    else:
+        _network(a, cfg, notes)
     _schedule(a, cfg, notes)
     _optimizer(a, cfg, notes)
     if dataset is not None:
@@ -125,22 +130,23 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
 
 def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list[str]) -> None:
     """The base, its variant (from the script's name) and text-encoder reading; refuses scripts
-    that are not LoRA training."""
-    if script and script not in ("train_network.py", "sdxl_train_network.py"):
-        raise ConfigError(f"{script}: not a LoRA training script; from-kohya reads train_network.py and "
-                          "sdxl_train_network.py setups (full fine-tuning and DreamBooth checkpoints are not LoRA)")
+    that are not LoRA or textual-inversion training."""
+    if script and script not in ("train_network.py", "sdxl_train_network.py", *TI_SCRIPTS):
+        raise ConfigError(f"{script}: not a LoRA training script (nor textual inversion); from-kohya reads "
+                          "train_network.py and train_textual_inversion.py setups and their sdxl_ versions (full "
+                          "fine-tuning and DreamBooth checkpoints are not LoRA)")
     if "--" in launcher and not re.search(r"\b(accelerate\s+launch|torchrun)\b", launcher):
         notes.append(f"launcher `{launcher}`: its options are not part of the config; start train.py the same way")
     base = a.str("pretrained_model_name_or_path")
     if not base:
         raise ConfigError("--pretrained_model_name_or_path: missing; it names the base model (kohya needs it too)")
     set_key(cfg, "model.base", base)
-    if script == "sdxl_train_network.py" or a.bool("sdxl"):
+    if (script or "").startswith("sdxl_") or a.bool("sdxl"):
         set_key(cfg, "model.variant", "sdxl")
     elif a.bool("v2"):
         notes.append("--v2: SD2.x is untested here; a diffusers-folder SD2 base loads with model.variant auto "
                      "(one text encoder, like SD1.x), a single-file SD2 checkpoint is refused")
-    elif script == "train_network.py":
+    elif script in ("train_network.py", TI_SCRIPTS[0]):
         set_key(cfg, "model.variant", "sd15")
     if a.bool("v_parameterization"):
         notes.append("--v_parameterization: the prediction type is read from the base's scheduler config "
@@ -238,7 +244,8 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
     lr, unet_lr, te_lrs = a.float("learning_rate"), a.float("unet_lr"), _text_encoder_lrs(a)
     base_lr = lr if lr is not None else KOHYA_DEFAULT_LR  # what kohya falls back to for either model
     if lr is None and unet_lr is None:
-        notes.append(f"--learning_rate not given: kohya's default {KOHYA_DEFAULT_LR} is used (LoRA usually trains at 1e-4)")
+        usual = "an embedding alone usually trains at 5e-3" if "embedding" in cfg else "LoRA usually trains at 1e-4"
+        notes.append(f"--learning_rate not given: kohya's default {KOHYA_DEFAULT_LR} is used ({usual})")
     set_key(cfg, "train.lr", unet_lr if unet_lr is not None else base_lr)
     if len(set(te_lrs)) > 1:
         notes.append(f"--text_encoder_lr {' '.join(map(str, te_lrs))}: one rate holds for both text encoders here, "

@@ -3,7 +3,7 @@ train_network.py --network_dim 16 ...`) or a `--config_file` TOML, with an optio
 `--dataset_config` TOML, become one YAML config plus a note for everything that does not carry over.
 
 Reading the inputs and writing the result live here; the argument-by-argument mapping is in
-mapping.py. Nothing is dropped silently: an argument we cannot honour becomes a note.
+mapping.py (the textual-inversion scripts' own arguments in embedding_options.py). Nothing is dropped silently: an argument we cannot honour becomes a note.
 """
 
 from __future__ import annotations
