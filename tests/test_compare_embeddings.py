@@ -89,6 +89,17 @@ def test_the_loaded_embeddings_are_as_before_after_a_compare(tiny_sd15, pivotal_
     compare_grid(gen, expand_compare([str(pivotal_run / "run-00000[2].safetensors")]), [PROMPT],
                  Request(prompt=PROMPT, steps=1, width=64, height=64))
     assert gen.embeddings == before and gen._embedding_hashes == {TOKEN: _ti_hash(mine)}
+    # a file that bundles its embedding draws with the bundled one, as any --lora does
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.inference.paired import column_embeddings, run_embedding
+
+    tensors = load_file(str(pivotal_run / "run-000002.safetensors"))
+    save_file({**tensors, f"bundle_emb.{TOKEN}.string_to_param.*": _vectors(5)["clip"]},
+              str(tmp_path / "run-000003.safetensors"))
+    save_embedding(tmp_path, TOKEN, _vectors(6), torch.float32, "-000003")
+    assert run_embedding(tmp_path / "run-000003.safetensors") == tmp_path / "embeddings" / f"{TOKEN}-000003.safetensors"
+    assert column_embeddings([AdapterSpec(tmp_path / "run-000003.safetensors")], gen) == [None]
 
 
 def test_an_epochs_lora_without_its_embedding_is_warned_about_once(tiny_sd15, pivotal_run, random_adapters,

@@ -194,7 +194,8 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
 
     pairings = column_embeddings(specs, generator)  # each file's own embedding (pivotal runs), or None
     if weights is not None and any(p and p.alone for p in pairings):
-        raise ConfigError("--compare with --sweep sweeps adapter weights; an embedding file has none: leave out --sweep")
+        raise ConfigError("--compare with --sweep sweeps adapter weights; an embedding file has none: "
+                          "leave out --sweep")
     adapters = [s for s, p in zip(specs, pairings) if not (p and p.alone)]
     check_fits(adapters, generator.pipe)
     check_compared_bundles(adapters, generator)
