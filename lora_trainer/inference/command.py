@@ -64,7 +64,9 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
     p.add_argument("--compare", nargs="+", action="extend", metavar="FILE[:WEIGHT]",
                    help="grid of prompts × these adapter files (or a run folder / glob: its epoch and step files in "
-                        "training order, then the final one), one seed; --lora adapters stay loaded in every cell; "
+                        "training order, then the final one; a pivotal run's files each with their own embedding, a "
+                        "run that trained an embedding alone: its embedding files), one seed; --lora adapters stay "
+                        "loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
@@ -108,6 +110,7 @@ def run_infer(args) -> list[Path]:
     from .embeddings import unused_embeddings
     from .images import extend_canvas
     from .compare import compare_grid, expand_compare, save_comparison
+    from .paired import warn_unpaired
     from .sweep import parse_weights_list, sweep_grid
 
     if (args.mask or args.outpaint) and not args.init_image:
@@ -171,6 +174,7 @@ def run_infer(args) -> list[Path]:
     compared = expand_compare(args.compare) if args.compare is not None else None
     if compared and weights is not None and any(spec.weight != 1 for spec in compared):
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")
+    warn_unpaired(adapters, args.embedding)  # an epoch's adapter of a pivotal run, drawn without its embedding
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,

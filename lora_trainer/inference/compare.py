@@ -5,6 +5,8 @@ The base loads once; each compared file is loaded, drawn for every prompt (and w
 again before the next, so one of them is in memory at a time, while the other `--lora` adapters stay
 loaded in every cell. A run folder expands to its files in training order: by the training step
 each file records, else epochs, then steps, then the final adapter.
+Each file of a pivotal-tuning run draws with the embedding of its own epoch or step, and a run that
+trained an embedding alone compares its embedding files (paired.py).
 """
 
 from __future__ import annotations
@@ -103,11 +105,17 @@ def _run_name(folder: Path, files: list[Path]) -> str:
 
 
 def expand_folder(folder: Path) -> list[Path]:
-    """A run folder's epoch and step files in training order, then its final adapter."""
+    """A run folder's epoch and step files in training order, then its final adapter (its embedding
+    files, OUT/embeddings/*, when the run trained an embedding and no adapter)."""
     files = [p for p in folder.glob("*.safetensors") if p.is_file()]
+    if not files:  # a run that trained an embedding alone: its embedding files are compared
+        from .paired import EMBEDDINGS_DIR, embedding_files
+
+        files = embedding_files(folder)
+        folder = folder / EMBEDDINGS_DIR if files else folder
     if not files:
-        raise ConfigError(f"--compare: {folder} holds no adapter files (*.safetensors); give the run's "
-                          "output.dir or the files themselves")
+        raise ConfigError(f"--compare: {folder} holds no adapter files (*.safetensors) and no embeddings/; give "
+                          "the run's output.dir or the files themselves")
     name = _run_name(folder, files)
     return training_order([p for p in files if _parts(p)[0] == name])
 
@@ -182,26 +190,35 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
     if weights is not None and len(prompts) != 1:
         raise ConfigError("--compare with --sweep draws one prompt (rows = files, columns = weights); "
                           f"give one --prompt, not {len(prompts)}")
-    check_fits(specs, generator.pipe)
-    check_compared_bundles(specs, generator)
+    from .paired import column_embeddings, drawn_with
+
+    pairings = column_embeddings(specs, generator)  # each file's own embedding (pivotal runs), or None
+    if weights is not None and any(p and p.alone for p in pairings):
+        raise ConfigError("--compare with --sweep sweeps adapter weights; an embedding file has none: "
+                          "leave out --sweep")
+    adapters = [s for s, p in zip(specs, pairings) if not (p and p.alone)]
+    check_fits(adapters, generator.pipe)
+    check_compared_bundles(adapters, generator)
     fixed = set(generator.adapters.specs)
     jobs = [(prompt, None) for prompt in prompts] if weights is None else [(prompts[0], w) for w in weights]
     by_file: list[list[Generated]] = []
-    for spec in specs:
+    for spec, pairing in zip(specs, pairings):
         try:
-            name = generator.adapters.load(spec)
+            name = None if pairing and pairing.alone else generator.adapters.load(spec)
         except ModelError as exc:
             raise ModelError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
         try:
             column = []
-            for prompt, weight in jobs:
-                if weight is not None:  # a sweep; otherwise the file keeps the weight it loaded with
-                    generator.set_weight(name, weight)
-                one = replace(request, prompt=prompt, batch_size=1, batch_count=1)
-                column.append(generator.generate(one)[0])
+            with drawn_with(generator, pairing):
+                for prompt, weight in jobs:
+                    if weight is not None:  # a sweep; otherwise the file keeps the weight it loaded with
+                        generator.set_weight(name, weight)
+                    one = replace(request, prompt=prompt, batch_size=1, batch_count=1)
+                    column.append(generator.generate(one)[0])
             by_file.append(column)
         finally:
-            generator.adapters.unload(name)
+            if name is not None:
+                generator.adapters.unload(name)
     labels = file_labels(specs, with_weights=weights is None)
     if weights is None:
         cells = [list(row) for row in zip(*by_file)]  # rows = prompts
@@ -214,7 +231,9 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
         names = [[f"{r:02d}-{c:02d}-{s.path.name.removesuffix('.safetensors')}" for c in range(len(weights))]
                  for r, s in enumerate(specs)]
     first = cells[0][0].info
-    info = replace(first, adapters=[a for a in first.adapters if a[0] in fixed], extra=dict(first.extra))
+    varied = {p.embedding.token for p in pairings if p}  # each column's own: named in its cells' TI hashes
+    info = replace(first, adapters=[a for a in first.adapters if a[0] in fixed], extra=dict(first.extra),
+                   embeddings=[e for e in first.embeddings if e[0] not in varied])
     info.extra["Compare"] = ", ".join(_describe(s, 1.0 if weights else None) for s in specs)
     if weights is not None:
         info.extra["Sweep"] = ",".join(f"{w:g}" for w in weights)

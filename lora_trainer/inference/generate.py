@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
 from .bundled import bundle_owner
-from .embeddings import check_embeddings_fit, embedding_hash, load_embeddings, word_tables
+from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_hash, load_embeddings, word_tables
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
@@ -141,6 +141,33 @@ class Generator:
 
     def merge(self) -> None:
         self.adapters.merge()
+
+    def load_embedding(self, spec) -> Embedding:
+        """Add one embedding ("FILE[:TOKEN]", a Path, an EmbeddingSpec or an Embedding already read)
+        beside those loaded, checked as `embeddings` are: it must fit the base (and refiner), and its
+        token must be none of the loaded ones, bundled ones included. Returns it."""
+        [new] = [spec] if isinstance(spec, Embedding) else load_embeddings([spec])
+        for pipe, name in ((self.pipe, self.model), (self.refiner, self.refiner_name)):
+            if pipe is not None:
+                check_embeddings_fit([new], pipe, self.variant, str(name))
+        for other in self.all_embeddings():
+            if other.token.lower() == new.token.lower():
+                raise ModelError(f"--embedding: {other.path} and {new.path} both use the token {new.token!r}; "
+                                 "unload one first or give another with FILE:TOKEN")
+        check_words(self.all_embeddings() + [new], self.pipe)
+        self.embeddings.append(new)  # the list the adapter stack reads too
+        self._embedding_hashes[new.token] = embedding_hash(new.path)
+        return new
+
+    def unload_embedding(self, token: str) -> Embedding:
+        """Take out the loaded `--embedding` (not a bundled one) that `token` names; returns it."""
+        found = next((e for e in self.embeddings if e.token.lower() == token.lower()), None)
+        if found is None:
+            raise ConfigError(f"--embedding: no loaded embedding uses the token {token!r}; loaded: "
+                              f"{', '.join(e.token for e in self.embeddings) or 'none'}")
+        self.embeddings.remove(found)
+        self._embedding_hashes.pop(found.token, None)
+        return found
 
     def all_embeddings(self) -> list:
         """The `--embedding` files' embeddings and those bundled in the loaded adapters."""
