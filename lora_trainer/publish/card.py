@@ -22,16 +22,18 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 class CardFiles:
     """Paths inside the repo folder that the card links to."""
 
-    kohya: str
-    diffusers: str
     images: list[str]  # one per run sample, same order
+    kohya: str | None = None  # None for an embedding alone, which has no LoRA file
+    diffusers: str | None = None
     sweep: str | None = None
     loss: str | None = None  # the run's loss curve
     embeddings: list[str] = field(default_factory=list)  # embeddings/<TOKEN>.safetensors
 
 
 def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> dict:
-    tags = ["lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora-trainer"]
+    # the Hub lists textual-inversion repos under `textual_inversion`; `template:sd-lora` is the LoRA card template
+    tags = (["textual_inversion", "text-to-image", "stable-diffusion", "diffusers", "lora-trainer"] if run.embedding_only
+            else ["lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora-trainer"])
     if run.variant == "sdxl":
         tags += ["sdxl", "stable-diffusion-xl"]
     data: dict = {"base_model": base_model, "license": license, "library_name": "diffusers",

@@ -1,5 +1,6 @@
-"""A CivitAI-ready zip: the kohya file in fp16, preview images with their generation data, and
-the upload form's fields as JSON, so a user fills CivitAI's form by copying, not by guessing.
+"""A CivitAI-ready zip: the kohya file in fp16 (for a run that trained an embedding alone, the
+embedding, as a Textual Inversion), preview images with their generation data, and the upload
+form's fields as JSON, so a user fills CivitAI's form by copying, not by guessing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ..errors import PublishError
 from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
-from .embeddings import embedding_sources, readme_lines
-from .run import Run, WeightAdvice, dataset_size, ema_setting, prompt_guide, recommended_prompts, trained_steps, trigger_words
+from .embeddings import embedding_sources, publish_embedding, readme_lines
+from .run import (Run, WeightAdvice, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
+                  trained_steps, trigger_words)
 
 # CivitAI's "Base model" choices for our variants.
 CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
@@ -57,6 +59,57 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
                      **({"emaDecay": ema_setting(run)[0]} if ema_setting(run) else {}),
                      **({"convRank": cfg.lora.conv_rank, "convAlpha": cfg.conv_alpha} if cfg.lora.conv_rank else {})},
     }
+
+
+def embedding_fields(run: Run, model_file: str, images: list[str], description: str | None = None) -> dict:
+    """civitai_fields for an embedding alone: CivitAI's type TextualInversion, no weight."""
+    prompts, negative = recommended_prompts(run)
+    cfg, images_count, vectors = run.cfg, dataset_size(run), embedding_vectors(run)
+    return {
+        "name": run.name,
+        "type": "TextualInversion",
+        "baseModel": CIVITAI_BASE_MODELS[run.variant],
+        "trainedWords": trigger_words(run),
+        "description": description or (
+            f"Textual-inversion embedding for {BASE_NAMES[run.variant]}: the word {run.token} stands for {vectors} "
+            f"learned vector{'s' if vectors != 1 else ''}" + (f", trained on {images_count} images" if images_count else "")
+            + f" for {trained_steps(run)} steps. Write {run.token} in the prompt."),
+        "recommendedPrompts": prompts,
+        "negativePrompt": negative,
+        "file": model_file,
+        "images": images,
+        "training": {"steps": trained_steps(run), "images": images_count, "resolution": cfg.data.resolution,
+                     "vectors": vectors, "initWords": cfg.embedding.init_words,
+                     "learningRate": cfg.embedding.lr if cfg.embedding.lr is not None else cfg.train.lr,
+                     "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler},
+    }
+
+
+def embedding_readme_text(fields: dict) -> str:
+    """README.txt of an embedding alone's zip."""
+    token = fields["trainedWords"][0]
+    lines = [
+        fields["name"], "=" * len(fields["name"]), "",
+        fields["description"], "",
+        f"Type: Textual Inversion (embedding)    Base model: {fields['baseModel']}",
+        f"Trigger word: {token}  (no weight: prompt emphasis such as ({token}:1.2) makes it stronger)", "",
+        "Recommended prompts:", *[f"  {p}" for p in fields["recommendedPrompts"]],
+        f"Negative prompt: {fields['negativePrompt'] or '(none)'}", "",
+        "Files:",
+        f"  {fields['file']}  the embedding (AUTOMATIC1111's layout, fp16)",
+        "  images/          preview images; their generation settings are in each PNG's parameters text",
+        "  civitai.json     the upload form's fields",
+        "  prompts.json     trigger word and prompts as data", "",
+        "Upload to CivitAI: Create > Upload a model, type Textual Inversion; copy name, base model, trigger",
+        "word and description from civitai.json; add the .safetensors file; drop the images in (CivitAI",
+        "reads their generation data).", "",
+        f"Use: keep the file name {fields['file']} (the prompt word is the file's name).",
+        f"AUTOMATIC1111 / Forge: copy it to the embeddings folder and write {token} in the prompt.",
+        f"ComfyUI: copy it to models/embeddings and write embedding:{token} in the prompt.",
+        f"diffusers: pipe.load_textual_inversion(\"{fields['file']}\", token=\"{token}\")"
+        + (" (SDXL: its clip_l and clip_g, one per text encoder)" if fields["baseModel"].startswith("SDXL") else ""),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def readme_text(fields: dict) -> str:
@@ -117,28 +170,36 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
     unwritable = unwritable_reason(out_zip.parent)
     if unwritable:
         raise PublishError(f"--civitai: {out_zip.parent} {unwritable}; give a zip path in a folder you can write to")
-    model_file = f"{run.name}.safetensors"
+    # an embedding alone: its own file, named by its token (A1111 takes the prompt word from the name)
+    model_file = run.adapter.name if run.embedding_only else f"{run.name}.safetensors"
     images = [f"images/{i:02d}.png" for i in range(len(run.samples))]
-    if advice.grid is not None:
+    if advice is not None and advice.grid is not None:
         images.append("images/sweep.png")
-    fields = civitai_fields(run, advice, model_file, images, description)
+    fields = (embedding_fields(run, model_file, images, description) if run.embedding_only
+              else civitai_fields(run, advice, model_file, images, description))
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = write_kohya(run, Path(tmp) / model_file, dtype=torch.float16)  # what CivitAI users expect
+        # fp16: what CivitAI users expect
+        adapter = (publish_embedding(run, Path(tmp) / model_file, dtype=torch.float16) if run.embedding_only
+                   else write_kohya(run, Path(tmp) / model_file, dtype=torch.float16))
         with atomic_path(out_zip) as tmp_zip, zipfile.ZipFile(tmp_zip, "w") as z:
             # safetensors and PNG do not compress; text does
             _add_file(z, adapter, model_file, zipfile.ZIP_STORED)
-            sources = [s.path for s in run.samples] + ([advice.grid] if advice.grid is not None else [])
+            grid = advice.grid if advice is not None else None
+            sources = [s.path for s in run.samples] + ([grid] if grid is not None else [])
             for name, source in zip(images, sources):
                 _add_file(z, source, name, zipfile.ZIP_STORED)
             _add_text(z, "civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
             _add_text(z, "prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n")
-            embeddings = embedding_sources(run, Path(tmp))
-            for name, source in embeddings:
-                _add_file(z, source, name, zipfile.ZIP_STORED)
-            extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
-            _add_text(z, "README.txt", readme_text(fields) + extra)
+            if run.embedding_only:
+                _add_text(z, "README.txt", embedding_readme_text(fields))
+            else:
+                embeddings = embedding_sources(run, Path(tmp))
+                for name, source in embeddings:
+                    _add_file(z, source, name, zipfile.ZIP_STORED)
+                extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
+                _add_text(z, "README.txt", readme_text(fields) + extra)
             names = z.namelist()
     return names
 
 
-__all__ = ["CIVITAI_BASE_MODELS", "build_civitai_package", "civitai_fields"]
+__all__ = ["CIVITAI_BASE_MODELS", "build_civitai_package", "civitai_fields", "embedding_fields"]

@@ -35,7 +35,8 @@ def run_publish(args) -> int:
     for name in folder.files:
         print(f"  {name}  ({(folder.path / name).stat().st_size:,} bytes)")
     if not args.dry_run:
-        print(f"published: {upload_folder(folder.path, args.hub, private=args.private)}")
+        what = "embedding" if run.embedding_only else "LoRA"
+        print(f"published: {upload_folder(folder.path, args.hub, private=args.private, what=what)}")
     return 0
 
 
@@ -55,9 +56,10 @@ def run_package(args) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run folder (its output.dir)")
     p.add_argument("--description", default=None, help="one paragraph on what the adapter does")
-    p.add_argument("--weight", type=float, default=None, help="recommended weight (default: from a sweep grid, else 0.8)")
+    p.add_argument("--weight", type=float, default=None,
+                   help="recommended weight (default: from a sweep grid, else 0.8); not for an embedding alone")
     p.add_argument("--weight-range", type=_weight_range, default=None, metavar="LOW,HIGH",
-                   help="recommended weight range (default: from a sweep grid, else 0.6,1.0)")
+                   help="recommended weight range (default: from a sweep grid, else 0.6,1.0); not for an embedding alone")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output even if it was edited")
 
 

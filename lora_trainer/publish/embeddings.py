@@ -1,12 +1,18 @@
 """Textual-inversion embeddings of a pivotal-tuning run, as published: the run's
 `embeddings/<TOKEN>.safetensors` files and those bundled in its adapter file, their tokens (trigger
-words), the files that go into the Hub repo and the CivitAI zip, and how to use them.
+words), the files that go into the Hub repo and the CivitAI zip, and how to use them. Also the
+file of a run that trained an embedding alone, as it is published.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import torch
+
+from ..fileio import atomic_path
+from .adapters import public_metadata
 from .run import Run
 
 FOLDER = "embeddings"
@@ -40,17 +46,38 @@ def card_section(run: Run, repo_id: str, names: list[str]) -> list[str]:
                   "them, so the diffusers-layout file has none: use the files in `embeddings/` there.", ""]
     lines += [f"- AUTOMATIC1111 / Forge / ComfyUI: copy `{FOLDER}/<TOKEN>.safetensors` to the `embeddings` folder "
               f"(ComfyUI: write `embedding:{first}` in the prompt).", "- diffusers:", "", "```python"]
-    if run.variant == "sdxl":
-        lines += ["from huggingface_hub import hf_hub_download",
-                  "from safetensors.torch import load_file", "",
-                  f'state = load_file(hf_hub_download("{repo_id}", "{file}"))',
-                  f'pipe.load_textual_inversion(state["clip_l"], token="{first}", text_encoder=pipe.text_encoder, '
-                  "tokenizer=pipe.tokenizer)",
-                  f'pipe.load_textual_inversion(state["clip_g"], token="{first}", text_encoder=pipe.text_encoder_2, '
-                  "tokenizer=pipe.tokenizer_2)"]
-    else:
-        lines += [f'pipe.load_textual_inversion("{repo_id}", weight_name="{file}", token="{first}")']
-    return lines + ["```", ""]
+    return lines + diffusers_lines(run, repo_id, file, first) + ["```", ""]
+
+
+def diffusers_lines(run: Run, repo_id: str, file: str, token: str) -> list[str]:
+    """The Python lines that load the embedding `file` of the repo into `pipe` as `token`. An SDXL
+    file holds two parts that diffusers loads one text encoder at a time."""
+    if run.variant != "sdxl":
+        return [f'pipe.load_textual_inversion("{repo_id}", weight_name="{file}", token="{token}")']
+    return ["from huggingface_hub import hf_hub_download",
+            "from safetensors.torch import load_file", "",
+            f'state = load_file(hf_hub_download("{repo_id}", "{file}"))',
+            f'pipe.load_textual_inversion(state["clip_l"], token="{token}", text_encoder=pipe.text_encoder, '
+            "tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion(state["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, '
+            "tokenizer=pipe.tokenizer_2)"]
+
+
+def publish_embedding(run: Run, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """The embedding of a run that trained one alone, at `path`: its bytes as trained when they are
+    already in `dtype` (None: as trained) and name no local folder, else rewritten in `dtype` with
+    public metadata. Atomic."""
+    metadata = public_metadata(run.metadata)
+    convert = dtype is not None and any(t.dtype != dtype for t in run.tensors.values())
+    with atomic_path(path) as tmp:
+        if convert or metadata != run.metadata:
+            import safetensors.torch
+
+            tensors = {k: (t.to(dtype) if dtype else t).contiguous() for k, t in run.tensors.items()}
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            shutil.copyfile(run.adapter, tmp)
+    return path
 
 
 def readme_lines(names: list[str]) -> list[str]:

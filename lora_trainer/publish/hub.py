@@ -20,7 +20,8 @@ from ..errors import PublishError, first_line
 from ..fileio import new_dir_mode, unwritable_reason, write_text_atomic
 from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
-from .embeddings import embedding_sources
+from .embedding_card import model_card as embedding_card
+from .embeddings import embedding_sources, publish_embedding
 from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
@@ -113,41 +114,53 @@ def _public_config(run: Run, base_model: str) -> str:
 def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
     base_model, note = hub_base_model(run, opts.base_model)
     advice = weight_advice(run, opts.weight, opts.weight_range)
-    kohya_name = f"{run.name}.safetensors"
-    write_kohya(run, folder / kohya_name)
-    write_diffusers(run, folder / DIFFUSERS_NAME)
+    kohya_name = None if run.embedding_only else f"{run.name}.safetensors"
+    if kohya_name:
+        write_kohya(run, folder / kohya_name)
+        write_diffusers(run, folder / DIFFUSERS_NAME)
     (folder / "images").mkdir()
     images = []
     for i, sample in enumerate(run.samples):  # byte copies: the `parameters` chunk stays
         images.append(f"images/{i:02d}.png")
         shutil.copyfile(sample.path, folder / images[-1])
     sweep = None
-    if advice.grid is not None:
+    if advice is not None and advice.grid is not None:
         sweep = "images/sweep.png"
         shutil.copyfile(advice.grid, folder / sweep)
     loss = None
     if (run.dir / "loss.png").is_file():  # the loss curve training draws at the end
         loss = "images/loss.png"
         shutil.copyfile(run.dir / "loss.png", folder / loss)
-    embeddings = []
-    with tempfile.TemporaryDirectory() as scratch:  # bundled embeddings without a file of their own
-        for name, source in embedding_sources(run, Path(scratch)):
-            (folder / name).parent.mkdir(exist_ok=True)
-            shutil.copyfile(source, folder / name)
-            embeddings.append(name)
-    files = CardFiles(kohya=kohya_name, diffusers=DIFFUSERS_NAME, images=images, sweep=sweep, loss=loss,
-                      embeddings=embeddings)
     license = opts.license or BASE_LICENSES[run.variant]
-    write_text_atomic(folder / "README.md", model_card(run, opts.repo_id, base_model, license, files, advice,
-                                                      opts.description))
+    if run.embedding_only:
+        # The embedding is the model: one file, at the top like a LoRA repo's adapter, named by its
+        # token because A1111, Forge and ComfyUI take the prompt word from the file name. diffusers
+        # reads it as `load_textual_inversion(repo_id, weight_name="<TOKEN>.safetensors", token=...)`.
+        # No second copy under embeddings/: a snapshot download would fetch it twice, and users
+        # would wonder which one to take.
+        name = run.adapter.name
+        publish_embedding(run, folder / name)
+        files = CardFiles(images=images, loss=loss, embeddings=[name])
+        card = embedding_card(run, opts.repo_id, base_model, license, files, opts.description)
+    else:
+        embeddings = []
+        with tempfile.TemporaryDirectory() as scratch:  # bundled embeddings without a file of their own
+            for name, source in embedding_sources(run, Path(scratch)):
+                (folder / name).parent.mkdir(exist_ok=True)
+                shutil.copyfile(source, folder / name)
+                embeddings.append(name)
+        files = CardFiles(images=images, kohya=kohya_name, diffusers=DIFFUSERS_NAME, sweep=sweep, loss=loss,
+                          embeddings=embeddings)
+        card = model_card(run, opts.repo_id, base_model, license, files, advice, opts.description)
+    write_text_atomic(folder / "README.md", card)
     write_text_atomic(folder / "prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n")
     write_text_atomic(folder / "config.yaml", _public_config(run, base_model))
     return [note] if note else []
 
 
 def build_hub_folder(run: Run, out: str | Path, opts: HubOptions, overwrite: bool = False) -> HubFolder:
-    """Write the repo folder at `out`: both adapter layouts, images/, README.md, prompts.json,
-    config.yaml. Built in a temporary sibling folder and swapped in, so `out` is never half written."""
+    """Write the repo folder at `out`: both adapter layouts (an embedding alone: its file), images/,
+    README.md, prompts.json, config.yaml. Built in a temporary sibling folder and swapped in, so `out` is never half written."""
     check_repo_id(opts.repo_id)
     out = Path(out)
     if run.dir.resolve() == out.resolve() or out.resolve() in run.dir.resolve().parents:
@@ -196,7 +209,7 @@ def upload_token() -> str:
     return token
 
 
-def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
+def upload_folder(folder: str | Path, repo_id: str, private: bool = False, what: str = "LoRA") -> str:
     """Create `repo_id` (kept if it exists) and upload `folder` in one commit; return the repo URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -206,7 +219,7 @@ def upload_folder(folder: str | Path, repo_id: str, private: bool = False) -> st
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message=f"Upload LoRA {repo_id.split('/')[1]} (lora-trainer)",
+                          commit_message=f"Upload {what} {repo_id.split('/')[1]} (lora-trainer)",
                           ignore_patterns=[MANIFEST])
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"

@@ -1,7 +1,8 @@
 """What a finished run folder says about its adapter, read once for the card and the packages.
 
 Everything comes from files training already wrote (config.yaml, the adapter's metadata,
-samples/, train_log.jsonl); nothing is re-run. The prompt guidance users see (trigger words,
+samples/, train_log.jsonl); nothing is re-run. A run that trained an embedding alone (textual
+inversion: no LoRA) is read from its embeddings/<TOKEN>.safetensors instead of a LoRA file. The prompt guidance users see (trigger words,
 recommended prompts, weight range) is derived here so the HF card and the CivitAI package agree.
 """
 
@@ -56,7 +57,9 @@ class WeightAdvice:
 class Run:
     dir: Path
     cfg: RunConfig
-    adapter: Path  # DIR/<name>.safetensors, in `layout`
+    # DIR/<name>.safetensors, in `layout`; for an embedding alone, DIR/embeddings/<TOKEN>.safetensors
+    # (layout "embedding"), whose tensors and metadata (ss_steps, ss_base_model_version) stand in
+    adapter: Path
     layout: str
     tensors: dict
     metadata: dict[str, str]
@@ -66,10 +69,16 @@ class Run:
     sweep: Path | None = None
     bundle: dict = field(default_factory=dict)  # embeddings bundled in the adapter file {token: vectors}
     embedding_files: list[Path] = field(default_factory=list)  # DIR/embeddings/<TOKEN>.safetensors
+    embedding_only: bool = False  # textual inversion: no LoRA was trained; `adapter` is the embedding
 
     @property
     def name(self) -> str:
         return self.cfg.output.name
+
+    @property
+    def token(self) -> str | None:
+        """The trained embedding's trigger word (embedding.token), if the run trained one."""
+        return self.cfg.embedding.token
 
 
 def read_png_parameters(path: Path) -> str:
@@ -114,7 +123,7 @@ def _find_sweep(run_dir: Path) -> Path | None:
 def _variant(cfg: RunConfig, tensors: dict, metadata: dict[str, str]) -> str:
     version = metadata.get("ss_base_model_version", "")
     sdxl_keys = any(k.startswith(("lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
-                                  "text_encoder_2.")) for k in tensors)
+                                  "text_encoder_2.")) for k in tensors) or "clip_g" in tensors
     if version.startswith("sdxl") or sdxl_keys or cfg.model.variant == "sdxl":
         return "sdxl"
     if version and version != "sd_v1":
@@ -137,6 +146,8 @@ def read_run(run_dir: str | Path) -> Run:
     except ConfigError as exc:
         raise PublishError(f"{config_path}: cannot be read as a run config ({str(exc).splitlines()[0]})") from None
     adapter = run_dir / f"{cfg.output.name}.safetensors"
+    if not adapter.is_file() and not (cfg.lora.train_unet or cfg.lora.train_text_encoder):
+        return _read_embedding_run(run_dir, cfg)
     if not adapter.is_file():
         raise PublishError(f"{adapter}: adapter not found (config.yaml names output.name={cfg.output.name!r}); "
                            "did the run finish?")
@@ -146,7 +157,44 @@ def read_run(run_dir: str | Path) -> Run:
         dir=run_dir, cfg=cfg, adapter=adapter, layout=detect_layout(tensors), tensors=tensors, metadata=metadata,
         diffusers_file=diffusers_file if diffusers_file.is_file() else None,
         variant=_variant(cfg, tensors, metadata), samples=_latest_samples(run_dir, cfg), sweep=_find_sweep(run_dir),
-        bundle=_read_bundle(adapter), embedding_files=sorted((run_dir / "embeddings").glob("*.safetensors")),
+        bundle=_read_bundle(adapter), embedding_files=_final_embeddings(run_dir, cfg),
+    )
+
+
+def _final_embeddings(run_dir: Path, cfg: RunConfig) -> list[Path]:
+    """DIR/embeddings/*.safetensors without the token's epoch and step saves (<TOKEN>-000002,
+    <TOKEN>-step00000100): those are earlier states of the same trigger word, not words of their own."""
+    token = cfg.embedding.token
+    saves = re.compile(rf"{re.escape(token)}-(?:\d{{6}}|step\d{{8}})") if token else None
+    return sorted(p for p in (run_dir / "embeddings").glob("*.safetensors")
+                  if saves is None or not saves.fullmatch(p.stem))
+
+
+def _read_embedding_run(run_dir: Path, cfg: RunConfig) -> Run:
+    """A run that trained no LoRA: its result is DIR/embeddings/<TOKEN>.safetensors (A1111's layout)."""
+    import safetensors
+
+    if not cfg.embedding.token:
+        raise PublishError(f"{run_dir / 'config.yaml'}: trains no LoRA (lora.train_unet and lora.train_text_encoder "
+                           "false) and no embedding.token, so the run has nothing to publish")
+    path = run_dir / "embeddings" / f"{cfg.embedding.token}.safetensors"
+    if not path.is_file():
+        raise PublishError(f"{path}: embedding not found (config.yaml trains embedding.token={cfg.embedding.token!r} "
+                           "alone, with no LoRA); did the run finish?")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise PublishError(f"{path}: cannot be read as a safetensors file ({str(exc).splitlines()[0]})") from None
+    if set(tensors) not in ({"emb_params"}, {"clip_l", "clip_g"}):
+        raise PublishError(f"{path}: holds {sorted(tensors)}; expected an embedding as training writes it "
+                           "(emb_params, or SDXL's clip_l and clip_g)")
+    return Run(
+        dir=run_dir, cfg=cfg, adapter=path, layout="embedding", tensors=tensors, metadata=metadata,
+        diffusers_file=None, variant=_variant(cfg, tensors, metadata), samples=_latest_samples(run_dir, cfg),
+        # only the trained token's own file: the embedding is the model, and the card is about one word
+        embedding_files=[path], embedding_only=True,
     )
 
 
@@ -165,7 +213,10 @@ def _read_bundle(adapter: Path) -> dict:
 def trigger_words(run: Run) -> list[str]:
     """The words that switch the adapter on: the recorded trigger phrase, else the instance prompt
     or caption prefix the run trained with; then the tokens of its textual-inversion embeddings
-    (bundled in the adapter or in DIR/embeddings/), which are words to write in prompts too."""
+    (bundled in the adapter or in DIR/embeddings/), which are words to write in prompts too. An
+    embedding alone has its token only: the rest of a caption prefix is ordinary words to it."""
+    if run.embedding_only:
+        return [p.stem for p in run.embedding_files]
     phrase = (run.metadata.get("modelspec.trigger_phrase") or run.cfg.dreambooth.instance_prompt
               or run.cfg.data.caption_prefix)
     words = [w.strip() for w in (phrase or "").split(",") if w.strip()]
@@ -214,8 +265,15 @@ def _round(x: float) -> float:
 
 
 def weight_advice(run: Run, weight: float | None = None, weight_range: tuple[float, float] | None = None,
-                  ) -> WeightAdvice:
-    """The recommended weight range: the user's, else the swept range of a sweep grid, else a default."""
+                  ) -> WeightAdvice | None:
+    """The recommended weight range: the user's, else the swept range of a sweep grid, else a default.
+    None for an embedding alone, which has no weight (and refuses --weight/--weight-range)."""
+    if run.embedding_only:
+        flag = "--weight" if weight is not None else "--weight-range" if weight_range is not None else None
+        if flag:
+            raise PublishError(f"{flag}: {run.dir} trained an embedding alone (textual inversion), which has no LoRA "
+                               f"weight; drop {flag} (the embedding acts wherever {run.token!r} is in the prompt)")
+        return None
     for name, value in (("--weight", weight), *((("--weight-range", v) for v in weight_range or ()))):
         if value is not None and not (math.isfinite(value) and 0 < value <= 4):
             raise PublishError(f"{name}: got {value}; expected a number in (0, 4], e.g. 0.8")
@@ -237,18 +295,19 @@ def weight_advice(run: Run, weight: float | None = None, weight_range: tuple[flo
     return WeightAdvice(low, high, default, "default", run.sweep)
 
 
-def prompt_guide(run: Run, advice: WeightAdvice) -> dict:
-    """The prompt guidelines as data: written as prompts.json into the HF repo and the package."""
+def prompt_guide(run: Run, advice: WeightAdvice | None) -> dict:
+    """The prompt guidelines as data: written as prompts.json into the HF repo and the package.
+    An embedding alone (advice None) has no weight: its strength is the prompt's emphasis."""
     prompts, negative = recommended_prompts(run)
     s = run.cfg.sample
-    return {
-        "trigger_words": trigger_words(run),
-        "prompts": prompts,
-        "negative_prompt": negative,
-        "weight": {"default": advice.default, "min": advice.low, "max": advice.high, "source": advice.source},
-        "settings": {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": "DPM++ 2M",
-                     "width": run.cfg.data.resolution, "height": run.cfg.data.resolution},
-    }
+    guide: dict = {"trigger_words": trigger_words(run), "prompts": prompts, "negative_prompt": negative}
+    if advice is not None:
+        guide["weight"] = {"default": advice.default, "min": advice.low, "max": advice.high, "source": advice.source}
+    else:
+        guide["embedding"] = {"token": run.token, "file": run.adapter.name, "vectors": embedding_vectors(run)}
+    guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": "DPM++ 2M",
+                         "width": run.cfg.data.resolution, "height": run.cfg.data.resolution}
+    return guide
 
 
 # ---- facts for the training-details table ------------------------------------------------------
@@ -273,7 +332,8 @@ def hub_base_model(run: Run, override: str | None = None) -> tuple[str, str | No
 
 
 def dataset_size(run: Run) -> int | None:
-    """Distinct training images, as the adapter's metadata recorded them."""
+    """Distinct training images, as the adapter's metadata recorded them, else as the run's
+    captions.jsonl lists them (an embedding's file records no dataset)."""
     try:
         dirs = json.loads(run.metadata.get("ss_dataset_dirs", "{}"))
         count = sum(int(d["img_count"]) for d in dirs.values())
@@ -282,7 +342,18 @@ def dataset_size(run: Run) -> int | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
     images = run.metadata.get("ss_num_train_images")
-    return int(images) // max(1, run.cfg.data.repeats) if images and images.isdigit() else None
+    if images and images.isdigit():
+        return int(images) // max(1, run.cfg.data.repeats)
+    record = run.dir / "captions.jsonl"  # one line per training image (lora_trainer.data.prepare)
+    if record.is_file():
+        return sum(1 for line in record.read_text(encoding="utf-8").splitlines() if line.strip()) or None
+    return None
+
+
+def embedding_vectors(run: Run) -> int:
+    """Vectors the trigger word of an embedding alone stands for, as its file holds them."""
+    vectors = run.metadata.get("vectors", "")
+    return int(vectors) if vectors.isdigit() else next(iter(run.tensors.values())).shape[0]
 
 
 def top_tags(run: Run, n: int = 10) -> list[tuple[str, int]]:
