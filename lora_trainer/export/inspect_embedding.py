@@ -24,7 +24,9 @@ def is_embedding_file(path: str | os.PathLike) -> bool:
         return False
     if set(keys) == {"clip_l", "clip_g"}:
         return True
-    return len(keys) == 1 and not any(hint in keys[0] for hint in _ADAPTER_HINTS)
+    # one tensor: A1111's emb_params or diffusers' {token: vectors}; a model layer's weight is not one
+    return (len(keys) == 1 and not any(hint in keys[0] for hint in _ADAPTER_HINTS)
+            and not keys[0].endswith((".weight", ".bias")))
 
 
 def inspect_embedding(path: str | os.PathLike) -> dict:
