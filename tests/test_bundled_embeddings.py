@@ -136,6 +136,7 @@ def test_compare_draws_each_file_with_its_own_bundle_and_refuses_a_clash_first(t
     specs = [AdapterSpec(files["bundled"]), AdapterSpec(random_adapters["a"])]
     result = compare_grid(gen, specs, [req.prompt], req)
     assert [c.info.embeddings for c in result.cells[0]] == [[(TOKEN, "pivotal")], []] and gen.all_embeddings() == []
+    assert result.info.embeddings == []  # the grid's parameters: one column's bundle is not the whole grid's
     assert run_infer(tmp_path, tiny_sd15, "--compare", str(random_adapters["a"]), str(files["bundled"]),
                      "--embedding", str(files["standalone"])) == 2
     assert one_line_error(capsys).startswith(f"error: --compare: {files['bundled']} bundles the embedding")

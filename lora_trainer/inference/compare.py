@@ -202,11 +202,13 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
     fixed = set(generator.adapters.specs)
     jobs = [(prompt, None) for prompt in prompts] if weights is None else [(prompts[0], w) for w in weights]
     by_file: list[list[Generated]] = []
+    bundled: set[str] = set()  # tokens the compared files bundle: each column's own, like a paired one
     for spec, pairing in zip(specs, pairings):
         try:
             name = None if pairing and pairing.alone else generator.adapters.load(spec)
         except ModelError as exc:
             raise ModelError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
+        bundled.update(e.token for e in generator.adapters.bundled.get(name, []))
         try:
             column = []
             with drawn_with(generator, pairing):
@@ -231,7 +233,7 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
         names = [[f"{r:02d}-{c:02d}-{s.path.name.removesuffix('.safetensors')}" for c in range(len(weights))]
                  for r, s in enumerate(specs)]
     first = cells[0][0].info
-    varied = {p.embedding.token for p in pairings if p}  # each column's own: named in its cells' TI hashes
+    varied = {p.embedding.token for p in pairings if p} | bundled  # each column's own: in its cells' TI hashes
     info = replace(first, adapters=[a for a in first.adapters if a[0] in fixed], extra=dict(first.extra),
                    embeddings=[e for e in first.embeddings if e[0] not in varied])
     info.extra["Compare"] = ", ".join(_describe(s, 1.0 if weights else None) for s in specs)
