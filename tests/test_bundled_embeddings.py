@@ -95,6 +95,12 @@ def test_a_bundled_token_given_twice_is_refused_naming_both_files(tiny_sd15, ran
                      f"{files['standalone']}:{TOKEN.upper()}") == 2
     err = one_line_error(capsys)
     assert str(files["bundled"]) in err and str(files["standalone"]) in err and TOKEN in err
+    assert err.endswith("they are the same vectors (a pivotal run's embedding.bundle): leave out the --embedding, "
+                        "the --lora file alone draws with them")
+    differs = tmp_path / "differs.safetensors"
+    save_file({"emb_params": _vectors(3, 32, 8)}, str(differs))
+    assert run_infer(tmp_path, tiny_sd15, "--lora", str(files["bundled"]), "--embedding", f"{differs}:{TOKEN}") == 2
+    assert one_line_error(capsys).endswith("leave one of them out")
     other = add_bundle(random_adapters["b"], tmp_path / "other.safetensors",
                        {f"{TOKEN}.emb_params": _vectors(1, 32, 9)})
     assert run_infer(tmp_path, tiny_sd15, "--lora", str(files["bundled"]), "--lora", str(other)) == 2

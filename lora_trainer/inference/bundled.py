@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import ModelError
 from .adapter_fit import pipe_family
 from .embeddings import NOT_IN_TOKEN, WIDTH_FAMILY, Embedding, check_words, encoder_parts
@@ -51,8 +53,12 @@ def check_bundled(new: list[Embedding], fixed: list[Embedding], bundled_by: dict
     for e in new:
         for other in loaded:
             if other.token.lower() == e.token.lower():
+                same = any(other is f for f in fixed) and other.parts.keys() == e.parts.keys() and all(
+                    torch.equal(other.parts[p], e.parts[p]) for p in e.parts)
+                hint = ("they are the same vectors (a pivotal run's embedding.bundle): leave out the --embedding, "
+                        "the --lora file alone draws with them" if same else "leave one of them out")
                 raise ModelError(f"{FLAG}: {e.path} bundles the embedding {e.token!r}, which "
-                                 f"{_origin(other, bundled_by)} also gives; leave one of them out")
+                                 f"{_origin(other, bundled_by)} also gives; {hint}")
     variant = pipe_family(pipe)
     encoders = encoders_of(pipe)
     widths = [encoder.get_input_embeddings().embedding_dim for _, encoder in encoders]
