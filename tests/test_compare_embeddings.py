@@ -132,3 +132,21 @@ def test_a_run_with_an_embedding_alone_compares_its_embedding_files(tiny_sd15, t
                  *FAST, "--out", str(tmp_path / "plain")]) == 0
     assert np.array_equal(np.asarray(Image.open(next((tmp_path / "plain").glob("*.png")))), pixels[2])
     assert not np.array_equal(pixels[0], pixels[2])
+
+
+def test_merging_a_pivotal_runs_adapter_warns_that_its_embedding_stays_a_file(pivotal_run, random_adapters, tmp_path):
+    from lora_trainer.inference.merge import _warn_run_embeddings
+
+    final = pivotal_run / "run.safetensors"
+    said = _warn_run_embeddings([AdapterSpec(final), AdapterSpec(random_adapters["a"])])
+    own = pivotal_run / "embeddings" / f"{TOKEN}.safetensors"
+    assert said == [f"--lora: {final} was trained with the embedding {own}, which a merged model cannot hold; use it "
+                    f"with the model: --embedding {own}:{TOKEN} (A1111/ComfyUI: its embeddings folder, "
+                    f"as {TOKEN}.safetensors)"]
+    # a file that bundles it has it written beside the merged model instead: nothing to warn about
+    from safetensors.torch import load_file, save_file
+
+    save_file({**load_file(str(final)), f"bundle_emb.{TOKEN}.string_to_param.*": _vectors(5)["clip"]},
+              str(tmp_path / "run.safetensors"))
+    save_embedding(tmp_path, TOKEN, _vectors(5), torch.float32)
+    assert _warn_run_embeddings([AdapterSpec(tmp_path / "run.safetensors")]) == []

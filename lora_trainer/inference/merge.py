@@ -52,6 +52,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
             check_embedding_files(bundle, out.parent, overwrite)
     except ModelError as exc:
         raise ConfigError(f"merge: {exc}") from None
+    _warn_run_embeddings(loras)
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
     stack = AdapterStack(pipe)
     for spec in loras:
@@ -81,6 +82,26 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise
     _say_embeddings([out / p.relative_to(tmp) for p in written])
     return out
+
+
+def _warn_run_embeddings(loras: list[AdapterSpec]) -> list[str]:
+    """Warn (one line each) about an adapter of a pivotal run whose embedding is a file of its own
+    (OUT/embeddings/, not bundled): the merged model knows nothing of its trigger word's vectors, so
+    it must be given with the model. Returns the warnings."""
+    from .paired import embedding_token, run_embedding
+
+    warnings = []
+    for spec in loras:
+        own = run_embedding(spec.path)
+        if own is None or read_bundle(spec.path):
+            continue
+        token = embedding_token(own)
+        warnings.append(f"--lora: {spec.path} was trained with the embedding {own}, which a merged model cannot "
+                        f"hold; use it with the model: --embedding {own}:{token} (A1111/ComfyUI: its embeddings "
+                        f"folder, as {token}.safetensors)")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
 
 
 def _say_embeddings(paths: list[Path]) -> None:
