@@ -150,3 +150,15 @@ def test_merging_a_pivotal_runs_adapter_warns_that_its_embedding_stays_a_file(pi
               str(tmp_path / "run.safetensors"))
     save_embedding(tmp_path, TOKEN, _vectors(5), torch.float32)
     assert _warn_run_embeddings([AdapterSpec(tmp_path / "run.safetensors")]) == []
+
+
+def test_an_epochs_embedding_given_by_its_file_name_says_the_word_it_was_trained_as(tiny_sd15, pivotal_run,
+                                                                                      tmp_path, caplog):
+    epoch1 = pivotal_run / "embeddings" / f"{TOKEN}-000001.safetensors"  # its prompt word is the stem
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.inference.command"):
+        assert main(["infer", "--model", str(tiny_sd15), "--embedding", str(epoch1), "--prompt", PROMPT, *FAST,
+                     "--out", str(tmp_path)]) == 0
+    said = [r.getMessage() for r in caplog.records if "no prompt uses" in r.getMessage()]
+    assert said == [f"--embedding: {epoch1}: no prompt uses its token '{TOKEN}-000001', so it changes nothing; write "
+                    f"{TOKEN}-000001 in --prompt or --negative-prompt (case does not matter); it was trained as "
+                    f"'{TOKEN}': --embedding {epoch1}:{TOKEN} makes that the word"]

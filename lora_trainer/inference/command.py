@@ -110,7 +110,7 @@ def run_infer(args) -> list[Path]:
     from .embeddings import unused_embeddings
     from .images import extend_canvas
     from .compare import compare_grid, expand_compare, save_comparison
-    from .paired import warn_unpaired
+    from .paired import embedding_token, warn_unpaired
     from .sweep import parse_weights_list, sweep_grid
 
     if (args.mask or args.outpaint) and not args.init_image:
@@ -181,8 +181,11 @@ def run_infer(args) -> list[Path]:
                     dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding)
     for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
         if any(e is standalone for standalone in gen.embeddings):
+            trained = embedding_token(e.path)  # an epoch's or step's file is named <token>-000002
+            hint = (f"; it was trained as {trained!r}: --embedding {e.path}:{trained} makes that the word"
+                    if trained.lower() != e.token.lower() else "")
             log.warning("--embedding: %s: no prompt uses its token %r, so it changes nothing; write %s in --prompt or "
-                        "--negative-prompt (case does not matter)", e.path, e.token, e.token)
+                        "--negative-prompt (case does not matter)%s", e.path, e.token, e.token, hint)
         else:
             log.warning("--lora: %s bundles the embedding %r, which no prompt uses; write %s in --prompt or "
                         "--negative-prompt to use it (case does not matter)", e.path, e.token, e.token)
