@@ -184,6 +184,16 @@ def test_overwrite_removes_the_old_runs_epoch_files(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["keep-000001.safetensors"]
 
 
+def test_overwrite_removes_the_old_runs_epoch_and_step_embeddings(tmp_path):
+    (tmp_path / "config.yaml").write_text("output:\n  name: old\nembedding:\n  token: ohwx\n")
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    for name in ("ohwx-000001", "ohwx-step00000004", "ohwx", "other-000001"):
+        (emb / f"{name}.safetensors").write_bytes(b"x")
+    clear_previous_run(tmp_path)  # the final one is replaced by the new run, as the adapter is
+    assert sorted(p.name for p in emb.iterdir()) == ["ohwx.safetensors", "other-000001.safetensors"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("output.save_every_n_epochs=-1", "output.save_every_n_epochs: got -1"),
     ("output.save_last_n_epochs=2", "output.save_last_n_epochs: got 2 with output.save_every_n_epochs 0"),

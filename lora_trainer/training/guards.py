@@ -73,9 +73,10 @@ RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finis
 
 def clear_previous_run(out_dir: Path) -> None:
     """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
-    and step adapters) before a new run starts there, so nothing stale is mixed in or resumed from; only in
-    a run folder."""
+    and step adapters and embeddings) before a new run starts there, so nothing stale is mixed in or
+    resumed from; only in a run folder."""
     from .epochs import epoch_files  # epochs checks free space with this module
+    from .pivotal import EMBEDDINGS_DIR
     from .step_adapters import step_files
 
     out_dir = Path(out_dir)
@@ -87,8 +88,12 @@ def clear_previous_run(out_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    name = _run_name(out_dir / "config.yaml")
-    for files in [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]:
+    name, token = _run_name(out_dir / "config.yaml"), _run_token(out_dir / "config.yaml")
+    kept = [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]
+    if token:  # embeddings/<token>-NNNNNN / -stepNNNNNNNN.safetensors: --compare would draw them as this run's
+        where = out_dir / EMBEDDINGS_DIR
+        kept += [*epoch_files(where, token).values(), *step_files(where, token).values()]
+    for files in kept:
         for path in files:  # <name>-NNNNNN / <name>-stepNNNNNNNN.safetensors: the old run's kept adapters
             path.unlink()
 
@@ -102,6 +107,17 @@ def _run_name(config: Path) -> str:
     except (OSError, yaml.YAMLError, AttributeError):
         name = None
     return name if isinstance(name, str) and name else OutputConfig.name
+
+
+def _run_token(config: Path) -> str | None:
+    """embedding.token of the run whose resolved config this is, or None."""
+    import yaml
+
+    try:
+        token = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("embedding") or {}).get("token")
+    except (OSError, yaml.YAMLError, AttributeError):
+        token = None
+    return token if isinstance(token, str) and token else None
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool, name: str = "") -> None:
