@@ -123,3 +123,19 @@ def test_from_kohya_keeps_step_files_and_turns_the_step_span_into_a_count():
     cfg, notes = config_from_kohya({**base, "save_last_n_steps": 250})
     assert "output" not in cfg and notes == ["--save_last_n_steps 250: no step files are saved (no "
                                              "--save_every_n_steps); left out"]
+
+
+def test_a_kept_step_embedding_is_logged_as_an_embedding(tmp_path, caplog):
+    from lora_trainer.config import OutputConfig
+    from lora_trainer.training.step_adapters import keep_step_adapters
+
+    folder = tmp_path / "checkpoints" / "step-000004"
+    (folder / "embeddings").mkdir(parents=True)
+    (folder / "run-step00000004.safetensors").write_bytes(b"a")
+    (folder / "embeddings" / "ohwx-step00000004.safetensors").write_bytes(b"e")
+    with caplog.at_level("INFO", logger="lora_trainer.training.step_adapters"):
+        kept = keep_step_adapters([folder / "run-step00000004.safetensors"], "-step00000004", tmp_path,
+                                  OutputConfig(name="run"), 4, "ohwx", folder)
+    assert kept == [tmp_path / "run-step00000004.safetensors", tmp_path / "embeddings" / "ohwx-step00000004.safetensors"]
+    assert [r.getMessage() for r in caplog.records] == [f"kept the adapter of step 4: {kept[0]}",
+                                                        f"kept the embedding of step 4: {kept[1]}"]

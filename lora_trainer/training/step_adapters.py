@@ -38,17 +38,17 @@ def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path
     return the new paths. `output` is the run's OutputConfig. `token` (embedding.token): the trained
     embedding in `folder` (the checkpoint's) too, as embeddings/<token>-step<step:08d>.safetensors."""
     name, kept = output.name, []
-    copies = [(Path(source), Path(out_dir) / f"{name}{step_suffix(step)}{Path(source).name[len(name + exported_suffix):]}")
-              for source in exported]  # the tail: ".safetensors" or ".diffusers.safetensors"
+    copies = [(Path(source), Path(out_dir) / f"{name}{step_suffix(step)}{Path(source).name[len(name + exported_suffix):]}",
+               "adapter") for source in exported]  # the tail: ".safetensors" or ".diffusers.safetensors"
     if token is not None and folder is not None:
         embeddings = Path(folder) / EMBEDDINGS_DIR
         copies.append((embeddings / f"{token}{exported_suffix}.safetensors",
-                       Path(out_dir) / EMBEDDINGS_DIR / f"{token}{step_suffix(step)}.safetensors"))
-    for source, target in copies:
+                       Path(out_dir) / EMBEDDINGS_DIR / f"{token}{step_suffix(step)}.safetensors", "embedding"))
+    for source, target, kind in copies:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
-        log.info("kept the adapter of step %d: %s", step, target)
+        log.info("kept the %s of step %d: %s", kind, step, target)
         kept.append(target)
     keep = output.save_last_n_step_adapters
     removed = remove_old_step_adapters(out_dir, name, keep, step)
