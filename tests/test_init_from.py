@@ -83,5 +83,5 @@ def test_missing_or_foreign_files_fail_before_any_model_loads(tiny_sd15, tiny_sd
         train(cfg, show_progress=False)
     sdxl_file = make_random_adapter(tiny_sdxl, tmp_path / "xl.safetensors", variant="sdxl", text_encoder=False)
     cfg = run_config(tiny_sd15, example_data, tmp_path / "b", f"lora.init_from={sdxl_file}")
-    with pytest.raises(ConfigError, match="is a SDXL adapter .* but model.base is SD 1.x"):
+    with pytest.raises(ConfigError, match="is an SDXL adapter .* but model.base is SD 1.x"):
         train(cfg, show_progress=False)

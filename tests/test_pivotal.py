@@ -116,6 +116,24 @@ def test_resume_across_the_freeze_is_exact(sd15_run, tiny_sd15, example_data, tm
         train(run_config(tiny_sd15, example_data, tmp_path / "b", "output.dtype=fp32", "sample.prompts=[]",
                          "lora.train_text_encoder=true", "train.max_steps=5", "train.resume=latest"),
               show_progress=False)
+    # and so is one of another word: its vectors would have gone on training as this one
+    other = [a for a in PIVOTAL if not a.startswith("embedding.token=")] + ["embedding.token=circle"]
+    with pytest.raises(ConfigError, match=r"holds the vectors of embedding.token=geoshape, not circle; resume with "
+                                          r"embedding.token=geoshape"):
+        train(run_config(tiny_sd15, example_data, tmp_path / "b", *other, "lora.train_text_encoder=true",
+                         "train.max_steps=5", "embedding.bundle=true", "output.format=both", "train.resume=latest"),
+              show_progress=False)
+    assert "token: geoshape" in (tmp_path / "b" / "config.yaml").read_text()  # refused before it was replaced
+
+
+def test_a_checkpoint_from_before_the_token_was_kept_is_told_by_its_embedding_file(tmp_path):
+    from lora_trainer.training.checkpoints import TrainerState, _saved_token
+
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "my-tok-step00000010.safetensors").write_bytes(b"x")
+    assert _saved_token(tmp_path, TrainerState(10, 3, 1)) == "my-tok"
+    assert _saved_token(tmp_path, TrainerState(10, 3, 1, embedding_token="kept")) == "kept"
+    assert _saved_token(tmp_path / "none", TrainerState(10, 3, 1)) == ""
 
 
 def test_frozen_text_encoder_epoch_files_and_the_ema(tiny_sd15, example_data, tmp_path):
@@ -248,7 +266,7 @@ def test_vectors_continue_from_an_embedding_file_or_a_bundle(sd15_run, tiny_sd15
 
     assert "has 2 vector(s); set embedding.vectors=2" in error(f"embedding.init_from={standalone}",
                                                                  "embedding.vectors=3")
-    assert "is a SD 1.x embedding but model.base is SDXL" in error(f"embedding.init_from={standalone}", base=tiny_sdxl)
+    assert "is an SD 1.x embedding but model.base is SDXL" in error(f"embedding.init_from={standalone}", base=tiny_sdxl)
     other = shutil.copy(kohya, tmp_path / "other.safetensors")
     assert "bundles only 'geoshape', not 'ohwx'" in error(f"embedding.init_from={other}", "embedding.token=ohwx",
                                                            "data.caption_prefix=ohwx")

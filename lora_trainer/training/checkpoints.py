@@ -33,6 +33,7 @@ class TrainerState:
     class_epoch: int = 0  # DreamBooth class images: epoch of their own loader in progress
     class_batches: int = 0  # and batches of it consumed (per process)
     optimizer: str = ""  # train.optimizer that wrote its state ("" in checkpoints from before it was kept)
+    embedding_token: str = ""  # embedding.token of the vectors it holds ("" without one, or from before it was kept)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
@@ -144,13 +145,40 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, path: Path, optimizer: str = "") -> TrainerState:
-    """Restore the run state saved in `path`; `optimizer` (train.optimizer) must be the one that
-    saved it: another optimizer's state would load without complaint and train wrongly."""
+def _saved_token(path: Path, state: TrainerState) -> str:
+    """The embedding.token whose vectors the checkpoint at `path` holds: its state's, or for one
+    written before that was kept, the name of the embedding file exported into it ("" if none)."""
+    if state.embedding_token:
+        return state.embedding_token
+    names = [p.name for p in (Path(path) / "embeddings").glob("*.safetensors")]
+    match = re.fullmatch(r"(.+?)(-step\d{8}|-\d{6})?\.safetensors", names[0]) if len(names) == 1 else None
+    return match.group(1) if match else ""
+
+
+def check_checkpoint_settings(path: Path, optimizer: str = "", token: str | None = None) -> TrainerState:
+    """The state saved in `path`, refused in one line when `optimizer` (train.optimizer) is not the
+    one that saved it (another optimizer's state would load without complaint and train wrongly), or
+    `token` (embedding.token) not the word whose vectors it holds (they would go on training as
+    this one). Reads no model: called before the run writes anything."""
     state = TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
     if optimizer and state.optimizer and state.optimizer != optimizer:
         raise ConfigError(f"train.resume: {path} was saved by train.optimizer={state.optimizer}, not {optimizer}; "
                           f"resume with train.optimizer={state.optimizer}, or start a new run for {optimizer}")
+    saved = _saved_token(path, state)
+    if saved and not token:
+        raise ConfigError(f"train.resume: {path} holds the vectors of embedding.token={saved}, which this config does "
+                          "not train; resume with the config that wrote it (lora.train_unet, lora.train_text_encoder "
+                          "and embedding.token as they were)")
+    if token and saved and saved != token:
+        raise ConfigError(f"train.resume: {path} holds the vectors of embedding.token={saved}, not {token}; resume "
+                          f"with embedding.token={saved}, or start a new run (embedding.init_from can continue "
+                          "its vectors under another word)")
+    return state
+
+
+def load_checkpoint(accelerator, path: Path, optimizer: str = "", token: str | None = None) -> TrainerState:
+    """Restore the run state saved in `path`, checked as `check_checkpoint_settings` does."""
+    state = check_checkpoint_settings(path, optimizer, token)
     try:
         accelerator.load_state(str(path))
     except ValueError as exc:  # torch's optimizer refuses another grouping of the parameters

@@ -87,8 +87,8 @@ def initial_vectors(cfg, variant: str) -> InitialVectors | None:
         start = InitialVectors(parts, f"'{e.token}' bundled in lora.init_from {lora_file}")
     if set(start.parts) != _PARTS[variant]:
         other = "sdxl" if variant == "sd15" else "sd15"
-        raise ConfigError(f"embedding.init_from: {start.source} is a {_FAMILY[other]} embedding but model.base is "
-                          f"{_FAMILY[variant]}; give an embedding trained on a {_FAMILY[variant]} base")
+        raise ConfigError(f"embedding.init_from: {start.source} is an {_FAMILY[other]} embedding but model.base is "
+                          f"{_FAMILY[variant]}; give an embedding trained on an {_FAMILY[variant]} base")
     count = next(iter(start.parts.values())).shape[0]
     if count != e.vectors:
         raise ConfigError(f"embedding.vectors: {e.vectors} but {start.source} has {count} vector(s); set "

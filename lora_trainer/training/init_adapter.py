@@ -40,7 +40,7 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
             raise ConfigError(f"{KEY}: {exc}") from None
         adapter = read_adapter(file, base=variant)  # family unknown from the file: trust the base
     if adapter.base != variant:
-        raise ConfigError(f"{KEY}: {path} is a {_VARIANT_NAMES[adapter.base]} adapter "
+        raise ConfigError(f"{KEY}: {path} is an {_VARIANT_NAMES[adapter.base]} adapter "
                           f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
     if adapter.is_dora != use_dora:
         raise ConfigError(f"{KEY}: {path} is a {'DoRA' if adapter.is_dora else 'plain LoRA'} adapter but "

@@ -29,8 +29,8 @@ from .adapters import add_adapters
 from .embedding_init import initial_vectors
 from .init_adapter import load_initial_adapter, read_initial_adapter
 from .caches import run_caches
-from .checkpoints import (TrainerState, checkpoints_dir, find_checkpoint, latest_checkpoint, load_checkpoint,
-                          register_adapter_only_hooks, save_checkpoint)
+from .checkpoints import (TrainerState, check_checkpoint_settings, checkpoints_dir, find_checkpoint, latest_checkpoint,
+                          load_checkpoint, register_adapter_only_hooks, save_checkpoint)
 from .components import TrainResult, draw_samples, draw_sweep, export_trained  # noqa: F401 (TrainResult re-exported)
 from .conditioning import check_clip_skip, encode_prompts, unet_conditioning
 from .draws import draw_step, extra_draw_options, item_seed
@@ -85,6 +85,8 @@ def train(cfg: RunConfig, show_progress: bool = True,
     if done is not None:  # the same command run again: no model is loaded, nothing is written
         adapters = [out_dir / n for n in done.adapters]
         return TrainResult(out_dir, adapters, done.step, finished=message(out_dir, done, cfg))
+    if checkpoint is not None:  # before config.yaml is replaced: a refused resume leaves the run as it was
+        check_checkpoint_settings(checkpoint, cfg.train.optimizer, cfg.embedding.token)
     if cfg.train.resume == "latest" and checkpoint is None:
         log.info("train.resume=latest: no checkpoint in %s yet; starting from step 0", checkpoints_dir(out_dir))
     # The base is checked first (it reads model_index.json or a file header only), so a wrong
@@ -192,7 +194,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     register_adapter_only_hooks(accelerator)
     state = TrainerState(0, 0, 0)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, t.optimizer)
+        state = load_checkpoint(accelerator, checkpoint, t.optimizer, cfg.embedding.token)
         log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
@@ -265,7 +267,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     checkpoint_bytes = counted * 4 * (4 + (ema is not None))
 
     def save(state: TrainerState) -> Path:
-        state = replace(state, optimizer=t.optimizer)
+        state = replace(state, optimizer=t.optimizer, embedding_token=cfg.embedding.token or "")
         check_free_space(out_dir, checkpoint_bytes, f"the checkpoint of step {state.step}")
         suffix = step_suffix(state.step)  # the kept copy has the same name
 
