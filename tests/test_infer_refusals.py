@@ -101,3 +101,17 @@ def test_a_whole_checkpoint_given_as_an_adapter_is_named_as_one(tiny_sd15, tmp_p
         f"error: --lora: {checkpoint}: a whole Stable Diffusion checkpoint (its UNet, VAE and text encoder weights), "
         "not an adapter; give it as the base model (--model / model.base), or make an adapter of it with "
         "`lora-trainer extract`")
+
+
+@pytest.mark.parametrize("tensors", [{"emb_params": (2, 32)}, {"clip_l": (2, 32), "clip_g": (2, 32)}])
+def test_an_embedding_given_as_an_adapter_is_named_as_one(tiny_sd15, tmp_path, capsys, tensors):
+    from safetensors.torch import save_file
+
+    embedding = tmp_path / "ohwx.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(embedding))
+    assert _infer(tmp_path, tiny_sd15, "--lora", str(embedding)) == 2
+    assert _one_line_error(capsys) == (
+        f"error: --lora: {embedding}: a textual-inversion embedding ({', '.join(sorted(tensors))}), not an adapter; "
+        "infer.py takes it with --embedding FILE[:TOKEN] (A1111/ComfyUI: their embeddings folder), "
+        "`lora-trainer inspect` reads it")
+    assert not (tmp_path / "out").exists()

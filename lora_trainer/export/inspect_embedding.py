@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 from ..inference.embeddings import DIFFUSERS_STEM, EmbeddingSpec, read_embedding
-
-_ADAPTER_HINTS = ("lora", "alpha", "hada_", "lokr_", "oft_", "diff", "bundle_emb.")
+from .layouts import embedding_keys
 
 
 def is_embedding_file(path: str | os.PathLike) -> bool:
@@ -22,11 +21,7 @@ def is_embedding_file(path: str | os.PathLike) -> bool:
             keys = list(f.keys())
     except Exception:
         return False
-    if set(keys) == {"clip_l", "clip_g"}:
-        return True
-    # one tensor: A1111's emb_params or diffusers' {token: vectors}; a model layer's weight is not one
-    return (len(keys) == 1 and not any(hint in keys[0] for hint in _ADAPTER_HINTS)
-            and not keys[0].endswith((".weight", ".bias")))
+    return embedding_keys(keys)
 
 
 def inspect_embedding(path: str | os.PathLike) -> dict:

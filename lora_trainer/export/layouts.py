@@ -277,6 +277,24 @@ def detect_layout(tensors: Mapping[str, torch.Tensor]) -> str:
         raise ModelError("a whole Stable Diffusion checkpoint (its UNet, VAE and text encoder weights), not an "
                          "adapter; give it as the base model (--model / model.base), or make an adapter of it "
                          "with `lora-trainer extract`")
+    if not known and embedding_keys(tensors):
+        raise ModelError(f"a textual-inversion embedding ({', '.join(sorted(tensors))}), not an adapter; infer.py "
+                         "takes it with --embedding FILE[:TOKEN] (A1111/ComfyUI: their embeddings folder), "
+                         "`lora-trainer inspect` reads it")
     if len(known) != len(tensors):
         _fail("keys of neither the kohya nor the diffusers layout", set(tensors) - set(known))
     return "kohya" if kohya else "diffusers"
+
+
+_ADAPTER_HINTS = ("lora", "alpha", "hada_", "lokr_", "oft_", "diff", "bundle_emb.")
+
+
+def embedding_keys(keys: Iterable[str]) -> bool:
+    """Whether a file's keys are a textual-inversion embedding's: SDXL's clip_l + clip_g, or one
+    tensor (A1111's emb_params, a string_to_param key, diffusers' {token: vectors}) whose name is
+    no adapter's and no model layer's (`conv_in.weight`)."""
+    keys = list(keys)
+    if set(keys) == {"clip_l", "clip_g"}:
+        return True
+    return len(keys) == 1 and not any(hint in keys[0] for hint in _ADAPTER_HINTS) and \
+        not keys[0].endswith((".weight", ".bias"))
