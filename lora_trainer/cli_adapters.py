@@ -50,6 +50,19 @@ def _print_bundle(bundle, out: Path, layout: str) -> None:
         print(note)
 
 
+def _print_run_embeddings(inputs: list[str], out: Path) -> None:
+    """Say, for an input of a pivotal run whose embedding is a file of its own (not bundled), that
+    the output does not hold it and how to use it: the new file is no longer paired with it by name."""
+    from .export.bundle import read_bundle
+    from .inference.paired import embedding_token, run_embedding
+
+    for path in inputs:
+        own = run_embedding(Path(path))
+        if own is not None and not read_bundle(path):
+            print(f"note: {path} was trained with the embedding {own} (a file of its own), which {out} does not "
+                  f"hold; draw it with --embedding {own}:{embedding_token(own)}")
+
+
 def _write(path, adapter, layout: str, args, bundle) -> Path:
     from .export.bundle import write_with_bundle
 
@@ -64,6 +77,7 @@ def _convert(args) -> int:
                        overwrite=args.overwrite)
     print(f"wrote {out} ({args.to} layout)")
     _print_bundle(read_bundle(args.input), out, args.to)
+    _print_run_embeddings([args.input], out)
     return 0
 
 
@@ -106,6 +120,7 @@ def _resize(args) -> int:
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout)")
     _print_bundle(bundle, out, layout)
+    _print_run_embeddings([args.input], out)
     return 0
 
 
@@ -128,6 +143,7 @@ def _merge_loras(args) -> int:
     _print_fit(report, args.per_module)
     print(f"wrote {out} ({layout} layout, {len(list(merged.items()))} modules)")
     _print_bundle(bundle, out, layout)
+    _print_run_embeddings([p for p, _ in specs], out)
     return 0
 
 

@@ -179,3 +179,24 @@ def test_civitai_package_lists_the_tokens_and_holds_the_embeddings(pivotal_run, 
     assert "Embeddings (pivotal tuning): embeddings/geotok.safetensors, embeddings/other.safetensors" in readme
     kept = _bundle_keys(tmp_path / "unzipped" / pivotal_run["name"])
     assert torch.equal(kept["bundle_emb.geotok.string_to_param.*"], pivotal_run["vectors"])  # not rounded to fp16
+
+
+def test_the_tools_say_where_a_runs_own_embedding_file_is(random_adapters, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "embeddings").mkdir(parents=True)
+    (run / "config.yaml").write_text("output:\n  name: run\nembedding:\n  token: ohwx\n")
+    shutil.copy(random_adapters["a"], run / "run-000002.safetensors")
+    save_file({"emb_params": torch.zeros(2, 32)}, str(run / "embeddings" / "ohwx-000002.safetensors"))
+    own = run / "embeddings" / "ohwx-000002.safetensors"
+    for argv, out in ((["resize", str(run / "run-000002.safetensors"), str(tmp_path / "r.safetensors"), "--rank", "2"],
+                       tmp_path / "r.safetensors"),
+                      (["merge-loras", str(run / "run-000002.safetensors"), str(random_adapters["b"]), "--out",
+                        str(tmp_path / "m.safetensors")], tmp_path / "m.safetensors"),
+                      (["convert", str(run / "run-000002.safetensors"), str(tmp_path / "c.safetensors"), "--to",
+                        "diffusers"], tmp_path / "c.safetensors")):
+        assert main(argv) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+        assert notes == [f"note: {run / 'run-000002.safetensors'} was trained with the embedding {own} (a file of its "
+                         f"own), which {out} does not hold; draw it with --embedding {own}:ohwx"]
