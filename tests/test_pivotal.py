@@ -234,7 +234,8 @@ def test_embedding_alone_is_textual_inversion(tiny_sd15, example_data, tmp_path)
     torch.testing.assert_close(got["prompt_embeds"], _training_embeds(result, tiny_sd15, "sd15", text)[0],
                                rtol=0, atol=2e-5)
     again = train(run_config(tiny_sd15, example_data, out, *overrides, "train.resume=latest"), show_progress=False)
-    assert "already finished at step 4" in again.finished and again.steps == 4
+    assert f"already finished at step 4, embedding at {out / 'embeddings' / f'{TOKEN}.safetensors'};" in again.finished
+    assert again.steps == 4
     for extra, needle in ((["embedding.bundle=true"], "no LoRA file to hold it"),
                           (["embedding.train_fraction=0.5"], "nothing would train after it")):
         with pytest.raises(ConfigError, match=needle):

@@ -81,7 +81,8 @@ def message(out_dir: Path, run: FinishedRun, cfg: RunConfig | None = None) -> st
     from .guards import resume_changes
 
     adapters = ", ".join(str(Path(out_dir) / name) for name in run.adapters)
-    text = (f"{out_dir}: already finished at step {run.step}, adapter at {adapters}; nothing to do "
+    kind = "embedding" if run.adapters and all(n.startswith("embeddings/") for n in run.adapters) else "adapter"
+    text = (f"{out_dir}: already finished at step {run.step}, {kind} at {adapters}; nothing to do "
             "(raise train.max_steps / train.epochs to train on)")
     changed = resume_changes(Path(out_dir) / "config.yaml", cfg) if cfg is not None else []
     # the saved config holds the variant and native size the base resolved "auto"/null to; no base is read here
