@@ -319,3 +319,28 @@ def test_inspect_reads_embedding_files(sd15_run, tmp_path, capsys):
     assert (report["token"], report["token_from"], report["vectors"]) == ("<cat-toy>", "the key", 3)
     assert report["parts"]["clip"]["norms"] == [round(32 ** 0.5, 4)] * 3
     assert inspect_adapter(result.adapter_paths[0])["layout"] == "kohya"  # a LoRA is still a LoRA
+
+
+def test_init_words_longer_than_the_vectors_are_warned_about(tiny_sd15, caplog):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lora_trainer.training.pivotal import start_words
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd15, subfolder="tokenizer")
+    base = SimpleNamespace(variant="sd15", tokenizer=tokenizer, tokenizer_2=None,
+                           text_encoders=[CLIPTextModel.from_pretrained(tiny_sd15, subfolder="text_encoder")])
+
+    def start(words, vectors):
+        cfg = load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", f"embedding.token={TOKEN}",
+                                 f"embedding.init_words={words}", f"embedding.vectors={vectors}"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lora_trainer.training.pivotal"):
+            start_words(cfg, base)
+        return [r.getMessage() for r in caplog.records]
+
+    ids = tokenizer("red haired woman", add_special_tokens=False).input_ids  # the tiny vocabulary splits words
+    assert start("red haired woman", 2) == [
+        f"embedding.init_words: 'red haired woman' is {len(ids)} tokens but embedding.vectors is 2, so the vectors "
+        f"start from the first 2 only ({tokenizer.decode(ids[:2])!r}); raise embedding.vectors to {len(ids)} or give "
+        "fewer words"]
+    assert start("red haired woman", len(ids)) == [] and start("red", 75) == []  # fewer: repeated, as the README says

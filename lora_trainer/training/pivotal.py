@@ -84,6 +84,10 @@ def start_words(cfg, base, initial=None) -> TrainedWords | None:
         if not ids:
             raise ConfigError(f"embedding.init_words: got {source!r}, which the tokenizer reads as no word; give "
                               "words such as 'woman' or 'watercolor'")
+        if e.init_words is not None and len(ids) > e.vectors and not parts:  # once, not per encoder
+            log.warning("embedding.init_words: %r is %d tokens but embedding.vectors is %d, so the vectors start "
+                        "from the first %d only (%r); raise embedding.vectors to %d or give fewer words",
+                        source, len(ids), e.vectors, e.vectors, tokenizer.decode(ids[:e.vectors]), len(ids))
         parts[part] = table[[ids[i % len(ids)] for i in range(e.vectors)]].float().cpu()
     words = TrainedWords(e.token, parts)
     log.info("embedding %r: %d vector%s per text encoder, from %s; trains for %d%% of the steps at lr %g",
