@@ -344,3 +344,23 @@ def test_init_words_longer_than_the_vectors_are_warned_about(tiny_sd15, caplog):
         f"start from the first 2 only ({tokenizer.decode(ids[:2])!r}); raise embedding.vectors to {len(ids)} or give "
         "fewer words"]
     assert start("red haired woman", len(ids)) == [] and start("red", 75) == []  # fewer: repeated, as the README says
+
+
+def test_a_class_prompt_naming_the_trigger_word_is_warned_about(caplog):
+    from lora_trainer.training.pivotal import check_token_in_run
+
+    def warned(class_prompt):
+        cfg = load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", f"embedding.token={TOKEN}",
+                                 "dreambooth.instance_prompt=a photo of geoshape art", "dreambooth.num_class_images=4",
+                                 "dreambooth.class_data=cls",
+                                 f"dreambooth.class_prompt={class_prompt}"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lora_trainer.training.pivotal"):
+            check_token_in_run(cfg, [SimpleNamespace(caption="a photo of geoshape art")])
+        return [r.getMessage() for r in caplog.records]
+
+    assert warned("a photo of Geoshape art") == [
+        "dreambooth.class_prompt 'a photo of Geoshape art' names embedding.token 'geoshape': the class images are "
+        "drawn without its vectors, and the prior loss then pulls them towards the class in general; leave the "
+        "trigger word out of the class prompt"]
+    assert warned("a photo of art") == [] and warned("geoshapes on paper") == []

@@ -158,3 +158,8 @@ def check_token_in_run(cfg, examples) -> None:
         raise ConfigError(f"embedding.token: {token!r} is in none of the {len(captions)} training captions ({where}), "
                           "so its vectors would never train; put it in the captions (or data.caption_prefix) or fix "
                           "its spelling")
+    db = cfg.dreambooth
+    if db.num_class_images and db.class_prompt and word.search(db.class_prompt):
+        log.warning("dreambooth.class_prompt %r names embedding.token %r: the class images are drawn without its "
+                    "vectors, and the prior loss then pulls them towards the class in general; leave the trigger "
+                    "word out of the class prompt", db.class_prompt, token)
