@@ -162,3 +162,18 @@ def test_an_epochs_embedding_given_by_its_file_name_says_the_word_it_was_trained
     assert said == [f"--embedding: {epoch1}: no prompt uses its token '{TOKEN}-000001', so it changes nothing; write "
                     f"{TOKEN}-000001 in --prompt or --negative-prompt (case does not matter); it was trained as "
                     f"'{TOKEN}': --embedding {epoch1}:{TOKEN} makes that the word"]
+
+
+def test_lora_init_from_a_pivotal_runs_adapter_names_its_embedding_to_continue(pivotal_run, caplog):
+    from lora_trainer.config import load_config
+    from lora_trainer.training.embedding_init import initial_vectors
+
+    final = pivotal_run / "run.safetensors"
+    own = pivotal_run / "embeddings" / f"{TOKEN}.safetensors"
+    cfg = load_config(None, ["model.base=x", "data.path=d", "train.max_steps=1", f"embedding.token={TOKEN}",
+                             f"lora.init_from={final}"])
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.training.embedding_init"):
+        assert initial_vectors(cfg, "sd15") is None  # the vectors start afresh, as before: said, not changed
+    assert [r.getMessage() for r in caplog.records] == [
+        f"lora.init_from: {final} was trained with the embedding {own}, but the vectors start afresh (from "
+        f"embedding.init_words or the token's own words); set embedding.init_from={own} to continue them too"]

@@ -67,6 +67,20 @@ def _read(path: Path, token: str) -> InitialVectors:
     return InitialVectors(_standalone(path, token), str(path))
 
 
+def _say_run_embedding(lora_file, token: str) -> None:
+    """Warn when lora.init_from is an adapter of a pivotal run whose embedding of `token` is a file of
+    its own: the LoRA continues, but the vectors would start afresh from the init words."""
+    if not lora_file:
+        return
+    from ..inference.paired import embedding_token, run_embedding
+
+    own = run_embedding(Path(lora_file))
+    if own is not None and embedding_token(own).lower() == token.lower():
+        log.warning("lora.init_from: %s was trained with the embedding %s, but the vectors start afresh (from "
+                    "embedding.init_words or the token's own words); set embedding.init_from=%s to continue them too",
+                    lora_file, own, own)
+
+
 def initial_vectors(cfg, variant: str) -> InitialVectors | None:
     """The vectors the run's embedding continues, checked against the base family and
     embedding.vectors; None: it starts from the init words (pivotal.start_words)."""
@@ -83,6 +97,7 @@ def initial_vectors(cfg, variant: str) -> InitialVectors | None:
     else:
         parts = _bundled(Path(lora_file), e.token) if lora_file else None
         if parts is None:
+            _say_run_embedding(lora_file, e.token)
             return None
         start = InitialVectors(parts, f"'{e.token}' bundled in lora.init_from {lora_file}")
     if set(start.parts) != _PARTS[variant]:
