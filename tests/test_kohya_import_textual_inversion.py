@@ -74,6 +74,11 @@ def test_template_flags_caption_every_image_with_the_first_template(flags, promp
     assert f"every image is captioned {prompt!r}" in note and "the captions are not read" in note
     assert "data.caption_prefix 'mychar, '" in note  # how to train on the captions instead
     assert ("--use_style_template: --use_object_template wins, as in kohya" in notes) == (" " in flags)
+    assert not [n for n in notes if n.startswith("--caption_extension not given")]  # no caption is read
+    _, plain = _convert(TI.replace("--caption_extension .txt ", "") + "--token_string mychar --learning_rate 1e-3")
+    assert [n for n in plain if n.startswith("--caption_extension not given")]  # captions are read: noted
+    _, templated = _convert(TI.replace("--caption_extension .txt ", "") + f"--token_string mychar {flags}")
+    assert not [n for n in templated if n.startswith("--caption_extension not given")]  # none are read
 
 
 def test_sdxl_script_network_arguments_and_the_toml_form(tmp_path):
