@@ -7,7 +7,7 @@ in A1111, ComfyUI and infer.py what it meant in training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from .textencode import CHUNK
 
@@ -41,6 +41,12 @@ class EmbeddingConfig:
     # embedding .safetensors (OUT/embeddings/<token>.safetensors), or an adapter file that bundles
     # the token. null: lora.init_from's bundled vectors for the token when it has them, else init_words
     init_from: Optional[str] = None
+    # Caption every image, each time it is drawn, with a template chosen at random instead of its
+    # own caption (kohya TI's --use_object_template/--use_style_template, diffusers'
+    # --learnable_property): "object" ("a photo of a {}", ...), "style" ("a painting in the style of
+    # {}", ...) or a list of your own, each with {} once for the token (one such string: a list of one).
+    # null: the captions
+    templates: Optional[Union[str, list[str]]] = None
 
 
 def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
@@ -49,7 +55,8 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
     if e.token is None:
         for key, value, default in (("init_words", e.init_words, None), ("lr", e.lr, None),
                                     ("bundle", e.bundle, False), ("vectors", e.vectors, 1),
-                                    ("train_fraction", e.train_fraction, 1.0), ("init_from", e.init_from, None)):
+                                    ("train_fraction", e.train_fraction, 1.0), ("init_from", e.init_from, None),
+                                    ("templates", e.templates, None)):
             if value != default:
                 errors.append(f"embedding.{key}: got {value!r} with no embedding.token, so no embedding is "
                               "trained; set embedding.token (the trigger word in your captions) or remove it")
@@ -73,6 +80,7 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
                       "drop one")
     if e.init_words is not None and not e.init_words.strip():
         errors.append(f"embedding.init_words: got {e.init_words!r}; expected words (e.g. 'woman'), or null")
+    _check_templates(cfg, errors)
     if not (cfg.lora.train_unet or cfg.lora.train_text_encoder):  # no LoRA: an embedding alone
         if e.bundle:
             errors.append("embedding.bundle: got True with no LoRA trained (lora.train_unet and "
@@ -88,3 +96,31 @@ def check_embedding(cfg: RunConfig, errors: list[str]) -> None:
         errors.append("embedding.bundle: got True with output.format diffusers, which has no place for an "
                       "embedding; set output.format to kohya or both, or embedding.bundle=false (the standalone "
                       "embeddings/<token>.safetensors is written either way)")
+
+
+def _check_templates(cfg: RunConfig, errors: list[str]) -> None:
+    """embedding.templates: a named set or strings with {} once; not with another caption source."""
+    from .data.templates import NAMED, PLACE
+
+    templates = cfg.embedding.templates
+    if templates is None:
+        return
+    if isinstance(templates, str) and templates not in NAMED and PLACE not in templates:
+        errors.append(f"embedding.templates: got {templates!r}; expected 'object', 'style', a list of captions "
+                      "each holding {} once (e.g. ['a photo of a {}']), or null for the captions")
+    elif not templates:
+        errors.append("embedding.templates: got an empty list; give captions each holding {} once "
+                      "(e.g. ['a photo of a {}']), 'object', 'style', or null for the captions")
+    elif not (isinstance(templates, str) and templates in NAMED):
+        bad = [t for t in ([templates] if isinstance(templates, str) else templates) if t.count(PLACE) != 1]
+        if bad:
+            errors.append(f"embedding.templates: {bad[0]!r} holds {{}} {bad[0].count(PLACE)} times; each template "
+                          "holds it exactly once, where the token goes (e.g. 'a photo of a {}')")
+    if cfg.dreambooth.instance_prompt:
+        errors.append("embedding.templates: set with dreambooth.instance_prompt, which also captions every image; "
+                      "drop one")
+    for key in ("caption_prefix", "caption_suffix"):
+        if getattr(cfg.data, key):
+            errors.append(f"data.{key}: got {getattr(cfg.data, key)!r} with embedding.templates, whose captions "
+                          f"replace the images' own and already hold the token; set data.{key}='' or put the words "
+                          "in your own templates")

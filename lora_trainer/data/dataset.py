@@ -21,6 +21,7 @@ from lora_trainer.data.folders import describe_folders, format_folders, is_parke
 from lora_trainer.data.images import (IMAGE_EXTENSIONS, is_image_file, is_unread_image_file, load_image,
                                       load_image_and_alpha, unread_files_note)
 from lora_trainer.data.masks import read_mask
+from lora_trainer.data.templates import pick_template
 from lora_trainer.errors import DataError, looked_in
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     second one) stay in place and are never dropped, instead of the first `keep_tokens`; the
     separator itself never reaches the text encoder. `caption_dropout_every_n_epochs` n: every
     caption of epochs n, 2n, ... (counted from 1) is dropped.
+    `templates` (embedding.templates, the trigger word in place): each item's caption is one of them,
+    drawn from (seed, epoch, i) on a stream of its own, instead of its example's; taken as it is (no
+    prefix, suffix, tag shuffling or tag dropout), and still dropped by caption dropout.
     `alpha_mask`: items also carry `alpha_mask` (1, h, w) in [0, 1], the image's alpha resized,
     cropped and flipped as its pixels are (ones for an image without alpha); the pixels are the same
     either way. Examples with a `mask` file (data.mask_dir) give items a `loss_mask` (1, h, w) in [0, 1]
@@ -185,7 +189,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
                  caption_tag_dropout: float = 0.0, alpha_mask: bool = False, keep_tokens_separator: str = "",
-                 caption_dropout_every_n_epochs: int = 0):
+                 caption_dropout_every_n_epochs: int = 0, templates: Sequence[str] = ()):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
@@ -217,6 +221,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self._mask_digests: dict[Path, str] = {}  # mask file -> SHA-256, once per run (see read_mask)
         self.keep_tokens_separator = keep_tokens_separator
         self.caption_dropout_every_n_epochs = caption_dropout_every_n_epochs
+        self.templates = list(templates)
         self._items = _item_table([ex.repeats * repeats for ex in self.examples])
 
     def set_epoch(self, epoch: int) -> None:
@@ -263,19 +268,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             # The flipped crop is what cropping the mirrored image would give at this offset.
             left = resized_width - left - width
 
-        caption = "" if drop_caption else self._caption(example.caption)
-        head, caption, tail = split_fixed(caption, self.keep_tokens_separator)
-        keep = 0 if head is not None else self.keep_tokens  # the separator, when present, says what stays
-        # Each on its own stream, so turning one on leaves every other choice of the item as it was.
-        if self.caption_tag_dropout > 0 and caption:
-            caption = drop_tags(caption, keep, self.caption_tag_dropout,
-                                random.Random(f"{self.seed}:{self.epoch}:{i}:tag-dropout"))
-        if self.shuffle_tags and caption:
-            caption = shuffle_tags(caption, keep, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
-        if head is not None:
-            caption = join_tags(head, caption, tail)
-        if not drop_caption:
-            caption = append_suffix(caption, self.caption_suffix)
+        caption = self._item_caption(example.caption, i, drop_caption)
         extra = {}
         if self.alpha_mask:
             extra["alpha_mask"] = (torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
@@ -299,6 +292,26 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.center_crop:
             return spare_h // 2, spare_w // 2
         return int(u * (spare_h + 1)), int(v * (spare_w + 1))
+
+    def _item_caption(self, caption: str, i: int, dropped: bool) -> str:
+        """Item i's caption this epoch: a template, or the example's with the prefix and suffix,
+        its tags dropped and shuffled."""
+        if self.templates:
+            return "" if dropped else pick_template(self.templates, self.seed, self.epoch, i)
+        caption = "" if dropped else self._caption(caption)
+        head, caption, tail = split_fixed(caption, self.keep_tokens_separator)
+        keep = 0 if head is not None else self.keep_tokens  # the separator, when present, says what stays
+        # Each on its own stream, so turning one on leaves every other choice of the item as it was.
+        if self.caption_tag_dropout > 0 and caption:
+            caption = drop_tags(caption, keep, self.caption_tag_dropout,
+                                random.Random(f"{self.seed}:{self.epoch}:{i}:tag-dropout"))
+        if self.shuffle_tags and caption:
+            caption = shuffle_tags(caption, keep, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
+        if head is not None:
+            caption = join_tags(head, caption, tail)
+        if not dropped:
+            caption = append_suffix(caption, self.caption_suffix)
+        return caption
 
     def _caption(self, caption: str) -> str:
         if not caption:

@@ -41,8 +41,9 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
     generated: set[Path] = set()
     with first:
         if is_main and cfg.data.caption.method == "blip2" and root.is_dir():
-            if cfg.dreambooth.instance_prompt:
-                logger.info("data.caption.method=blip2 ignored: dreambooth.instance_prompt captions every image")
+            if cfg.dreambooth.instance_prompt or cfg.embedding.templates is not None:
+                which = "dreambooth.instance_prompt" if cfg.dreambooth.instance_prompt else "embedding.templates"
+                logger.info("data.caption.method=blip2 ignored: %s captions every image", which)
             else:
                 # Before the scan: generated captions fill the gaps, and only images still without
                 # one take their kohya folder's name.

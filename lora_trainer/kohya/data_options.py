@@ -130,8 +130,8 @@ def caption_extension_option(src: "Args", folders: list[Path], cfg: dict, notes:
     if any(captioned_images(folder, KOHYA_CAPTION_EXTENSION) for folder in folders):
         set_key(cfg, "data.caption_extension", KOHYA_CAPTION_EXTENSION)
         return
-    if cfg.get("dreambooth", {}).get("instance_prompt"):  # a TI template captions every image: none are read
-        return
+    if cfg.get("dreambooth", {}).get("instance_prompt") or cfg.get("embedding", {}).get("templates"):
+        return  # an instance prompt or TI templates caption every image: none are read
     shown = ", ".join(str(f) for f in folders)
     found = "none were found in" if any(f.is_dir() for f in folders) else "the folders are not here to look in:"
     notes.append(f"--caption_extension not given: kohya's default would have read .caption files, and {found} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from ..data.templates import template_captions, template_list
 from ..errors import ConfigError
 from .options import note_for, parse_network_args, set_key
 
@@ -19,10 +20,8 @@ TI_SCRIPTS = ("train_textual_inversion.py", "sdxl_train_textual_inversion.py")
 # one of them is a textual-inversion setup.
 TI_ARGS = ("token_string", "init_word", "num_vectors_per_token", "weights", "use_object_template",
            "use_style_template")
-# kohya captions every image with one of its templates at random when asked; these are the first of
-# each list, which here caption every image.
-TEMPLATES = {"use_object_template": ("a photo of a {}", 27, "object"),
-             "use_style_template": ("a painting in the style of {}", 19, "style")}
+# kohya's template flags -> embedding.templates: each image captioned by a template at random
+TEMPLATES = {"use_object_template": "object", "use_style_template": "style"}
 # train_network.py's arguments that the textual-inversion scripts do not take (kohya refuses them);
 # with every network_* argument they are left out.
 NETWORK_ONLY = ("unet_lr", "text_encoder_lr", "dim_from_weights", "scale_weight_norms", "base_weights",
@@ -81,22 +80,20 @@ def _network_arguments(a: "Args", notes: list[str]) -> None:
 
 
 def _templates(a: "Args", token: str, cfg: dict, notes: list[str]) -> None:
-    """--use_object_template / --use_style_template: kohya drops the captions for its templates. We
-    have none, so the first template, as dreambooth.instance_prompt, captions every image: the
-    captions are not read either, and the token is in every caption, as in kohya."""
+    """--use_object_template / --use_style_template: embedding.templates object / style, which, as
+    kohya's, caption each image at random by a template naming the token instead of its caption."""
     chosen = [key for key in TEMPLATES if a.bool(key)]
     if not chosen:
         return
     if len(chosen) == 2:
         notes.append("--use_style_template: --use_object_template wins, as in kohya")
-    template, count, kind = TEMPLATES[chosen[0]]
-    prompt = template.format(token)
-    set_key(cfg, "dreambooth.instance_prompt", prompt)
-    notes.append(f"--{chosen[0]}: kohya replaces every caption with one of its {count} {kind} templates at random "
-                 f"({template.format(token)!r}, ...); there are no templates here, so every image is captioned "
-                 f"{prompt!r} (dreambooth.instance_prompt, the first of them) and the captions are not read. To train "
-                 f"on the captions instead, remove it: they must then hold {token!r} (data.caption_prefix "
-                 f"'{token}, ' adds it to each)")
+    kind = TEMPLATES[chosen[0]]
+    set_key(cfg, "embedding.templates", kind)
+    example = template_captions(kind, token)[0]
+    notes.append(f"--{chosen[0]}: embedding.templates {kind}: each image, each time it is drawn, is captioned by one "
+                 f"of {len(template_list(kind))} {kind} templates at random ({example!r}, ...) as in kohya, whose "
+                 f"list is worded a little otherwise; the captions are not trained on. To train on the captions "
+                 f"instead, remove it: they must then hold {token!r} (data.caption_prefix '{token}, ' adds it to each)")
 
 
 def _files(a: "Args", token: str, cfg: dict, notes: list[str]) -> None:

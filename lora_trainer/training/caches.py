@@ -160,6 +160,8 @@ def embedding_cache_reason(cfg) -> str | None:
     """Why text embeddings cannot be cached (None when they can): the captions or the encoder change."""
     if cfg.lora.train_text_encoder:
         return "the text encoder is being trained"
+    if cfg.embedding.templates is not None:
+        return "embedding.templates draws each image's caption anew every epoch"
     if cfg.embedding.token is not None:
         return f"embedding.token {cfg.embedding.token!r} trains vectors the captions are read with"
     if cfg.data.shuffle_tags:

@@ -11,6 +11,7 @@ import torch
 from ..config import RunConfig
 from ..data import ImageCaptionDataset
 from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
+from ..data.templates import template_captions
 from ..textencode import comma_in_brackets
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
         caption_tag_dropout=d.caption_tag_dropout if instance else 0.0, alpha_mask=d.alpha_mask,
         keep_tokens_separator=d.keep_tokens_separator,
         caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs if instance else 0,
+        templates=template_captions(cfg.embedding.templates, cfg.embedding.token) if instance else (),
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import tag_frequency, training_caption
+from ..data.templates import describe_templates
 from ..data.buckets import bucket_side_range
 from ..data.folders import describe_folders, group_key, parse_folder_name
 from ..export.files import adapter_states, save_adapter
@@ -90,7 +91,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
     tags = {folder: tag_frequency(group) for folder, group in by_folder.items()}
     d = cfg.data
     sides = bucket_side_range(d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side) if d.buckets else None
-    return kohya_metadata(
+    metadata = kohya_metadata(
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
         base_model_version=BASE_MODEL_VERSIONS[variant],
@@ -144,10 +145,16 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         tag_frequency=tags,
         dataset_dirs={row["folder"]: {"n_repeats": row["n_repeats"], "img_count": row["img_count"]} for row in folders},
         trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",")
+        or (cfg.embedding.token if cfg.embedding.templates is not None else None)
         or ", ".join(folder_triggers(examples)) or None,
         prediction_type="v" if prediction_type == "v_prediction" else "epsilon",
         title=cfg.output.name,
     )
+    # The images trained on templates, not on the captions ss_tag_frequency counts (kohya records none)
+    templates = describe_templates(cfg.embedding.templates)
+    if templates:
+        metadata["ss_caption_templates"] = templates
+    return metadata
 
 
 def _loss_metadata(t) -> dict:
@@ -210,7 +217,7 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
 def _embedding_metadata(metadata: dict[str, str], words) -> dict[str, str]:
     """The standalone embedding's header: what it is and what trained it (a few of the adapter's keys)."""
     keep = ("ss_base_model_version", "ss_sd_model_name", "ss_steps", "ss_epoch", "ss_output_name",
-            "ss_training_started_at", "ss_training_finished_at", "ss_clip_skip")
+            "ss_training_started_at", "ss_training_finished_at", "ss_clip_skip", "ss_caption_templates")
     return {"format": "pt", "token": words.token, "vectors": str(next(iter(words.vectors.values())).shape[0]),
             **{k: metadata[k] for k in keep if k in metadata}}
 

@@ -144,11 +144,17 @@ def save_embedding(folder: Path, token: str, vectors: Mapping[str, torch.Tensor]
 
 def check_token_in_run(cfg, examples) -> None:
     """Refuse a run whose captions (as trained: with data.caption_prefix/suffix, or the instance
-    prompt) never name embedding.token: its vectors would never train. Before any model loads."""
+    prompt) never name embedding.token: its vectors would never train. Before any model loads.
+    embedding.templates: the templates caption every image and each names the token."""
     from ..data import training_caption
+    from ..data.templates import describe_templates
 
     token, d = cfg.embedding.token, cfg.data
     if token is None:
+        return
+    if cfg.embedding.templates is not None:  # every template holds the token: the captions are not read
+        log.info("embedding.templates %s: every image is captioned by a template naming %r, drawn anew each epoch; "
+                 "its own caption is not trained on", describe_templates(cfg.embedding.templates), token)
         return
     word = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)", re.IGNORECASE)
     captions = [training_caption(ex.caption, d.caption_prefix, d.caption_suffix, d.keep_tokens_separator)

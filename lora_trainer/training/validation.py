@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..data import Example, ImageCaptionDataset
 from ..data.buckets import assign_buckets
 from ..data.holdout import validation_seed
+from ..data.templates import template_captions
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ class Validation:
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
                                                caption_prefix=d.caption_prefix, caption_suffix=d.caption_suffix,
                                                seed=self.seed, sizes=sizes, alpha_mask=d.alpha_mask,
-                                               keep_tokens_separator=d.keep_tokens_separator)
+                                               keep_tokens_separator=d.keep_tokens_separator,
+                                               templates=template_captions(cfg.embedding.templates,
+                                                                           cfg.embedding.token))
 
     def due(self, step: int) -> bool:
         if not self.examples:
