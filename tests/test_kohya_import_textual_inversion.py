@@ -81,6 +81,12 @@ def test_template_flags_caption_every_image_with_random_templates(flags, kind):
     assert [n for n in plain if n.startswith("--caption_extension not given")]  # captions are read: noted
     _, templated = _convert(TI.replace("--caption_extension .txt ", "") + f"--token_string mychar {flags}")
     assert not [n for n in templated if n.startswith("--caption_extension not given")]  # none are read
+    cfg, notes = _convert(TI + f"--token_string mychar {flags} --caption_prefix 'by me,' --caption_suffix art")
+    assert "caption_prefix" not in cfg["data"] and "caption_suffix" not in cfg["data"]  # kohya replaces them too
+    assert f"--caption_prefix by me,: left out, as kohya's TI templates replace it with the caption " \
+        f"(embedding.templates {kind} refuses data.caption_prefix)" in notes
+    assert any(n.startswith("--caption_suffix art: left out") for n in notes)
+    config_from_dict(cfg)
 
 
 def test_sdxl_script_network_arguments_and_the_toml_form(tmp_path):

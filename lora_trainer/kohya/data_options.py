@@ -37,6 +37,11 @@ def data_options(src: "Args", cfg: dict, notes: list[str]) -> None:
     if src.bool("random_crop"):
         set_key(cfg, "data.center_crop", False)
     # kohya joins the prefix and the suffix to the caption with a space; ours are taken literally.
+    templates = cfg.get("embedding", {}).get("templates")
+    for key in [k for k in ("caption_prefix", "caption_suffix") if templates and src.has(k)]:
+        notes.append(f"{src.name(key)} {src.str(key)}: left out, as kohya's TI templates replace it with the caption "
+                     f"(embedding.templates {templates} refuses data.{key})")
+        src.values.pop(key)
     if src.has("caption_prefix"):
         prefix = src.str("caption_prefix")
         set_key(cfg, "data.caption_prefix", prefix if prefix[-1:].isspace() else prefix + " ")
