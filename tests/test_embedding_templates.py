@@ -114,3 +114,23 @@ def test_textual_inversion_with_templates_trains_on_captions_without_the_token(t
     # without templates the same run is refused: no caption names the token
     with pytest.raises(ConfigError, match="'ohwx' is in none of the 8 training captions"):
         train(run_config(tiny_sd15, example_data, tmp_path / "plain", *TI, "train.max_steps=2"), show_progress=False)
+
+
+def test_images_without_captions_need_none_with_templates(tiny_sd15, example_data, tmp_path, caplog):
+    """Templates caption every image, so uncaptioned images are neither warned about nor left empty."""
+    import shutil
+
+    from lora_trainer.data.prepare import prepare_examples
+
+    (tmp_path / "img").mkdir()
+    for image in example_data.glob("*.png"):
+        shutil.copy(image, tmp_path / "img" / image.name)
+
+    def prepared(*overrides: str) -> str:
+        caplog.clear()
+        cfg = run_config(tiny_sd15, tmp_path / "img", tmp_path / "out", *TI, *overrides)
+        with caplog.at_level(logging.INFO, logger="lora_trainer"):
+            assert len(prepare_examples(cfg, False)) == 8
+        return caplog.text
+
+    assert "8 image(s) have no caption" in prepared() and "have no caption" not in prepared("embedding.templates=object")

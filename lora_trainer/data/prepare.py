@@ -17,6 +17,7 @@ from lora_trainer.data.dataset import Example, scan_dataset, training_caption
 from lora_trainer.errors import ConfigError
 from lora_trainer.data.holdout import held_out_flags, validation_seed
 from lora_trainer.data.masks import attach_masks
+from lora_trainer.data.templates import template_captions
 from lora_trainer.fileio import write_text_atomic
 from lora_trainer.processes import multiprocess_without_gpu
 
@@ -60,7 +61,7 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
                                weighted_captions=cfg.data.weighted_captions,
                                no_upscale=cfg.data.buckets and cfg.data.bucket_no_upscale,
                                separator=cfg.data.keep_tokens_separator,
-                               instance_prompt=cfg.dreambooth.instance_prompt)
+                               instance_prompt=cfg.dreambooth.instance_prompt or _longest_template(cfg))
         # One INFO record (its lines say "warning:"): the scan below already warns about unreadable
         # files, and raises the precise error when the set cannot train.
         if is_main and report.can_train:
@@ -68,12 +69,19 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
         # dreambooth.instance_prompt captions every image, so folder names would caption none.
         examples = scan_dataset(root, cfg.data.folder_repeats,
                                 folder_captions=cfg.data.folder_repeats and not cfg.dreambooth.instance_prompt,
-                                caption_extension=ext, report_missing=not cfg.dreambooth.instance_prompt)
+                                caption_extension=ext,
+                                report_missing=not (cfg.dreambooth.instance_prompt or cfg.embedding.templates))
         if cfg.data.mask_dir:
             examples = attach_masks(examples, root, cfg.data.mask_dir)
     if is_main:
         _record_captions(cfg, examples, generated)
     return examples
+
+
+def _longest_template(cfg: RunConfig) -> str:
+    """With embedding.templates, the longest caption they make: every image trains on templates, so
+    its own caption is not needed, and this one is checked against the token limit."""
+    return max(template_captions(cfg.embedding.templates, cfg.embedding.token or ""), key=len, default="")
 
 
 def trained_caption(cfg: RunConfig, caption: str) -> str:
