@@ -190,3 +190,14 @@ def test_a_section_or_key_given_twice_in_the_yaml_is_refused(tmp_path):
                               "keep one and merge what is under them)")
     path.write_text("model:\n  base: x\ndata:\n  path: d\ntrain:\n  max_steps: 3\nlora:\n  rank: 8\n  alpha: 4\n")
     assert load_config(path).lora.rank == 8
+
+
+def test_an_empty_yaml_value_of_a_text_key_that_defaults_to_empty_is_empty(tmp_path):
+    """`caption_prefix:` with nothing after it is YAML's null: the empty text it defaults to, not an
+    error; a text key with a real default (output.name) still refuses null."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: x\ndata:\n  path: d\n  caption_prefix:\ntrain:\n  max_steps: 3\n")
+    assert load_config(path).data.caption_prefix == ""
+    assert load_config(path, ["data.caption_suffix=null"]).data.caption_suffix == ""
+    with pytest.raises(ConfigError, match="output.name: got None; expected a string"):
+        load_config(path, ["output.name=null"])
