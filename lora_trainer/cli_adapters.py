@@ -53,14 +53,14 @@ def _print_bundle(bundle, out: Path, layout: str) -> None:
 def _print_run_embeddings(inputs: list[str], out: Path) -> None:
     """Say, for an input of a pivotal run whose embedding is a file of its own (not bundled), that
     the output does not hold it and how to use it: the new file is no longer paired with it by name."""
-    from .export.bundle import read_bundle
-    from .inference.paired import embedding_token, run_embedding
+    from .inference.paired import separate_embedding
 
     for path in inputs:
-        own = run_embedding(Path(path))
-        if own is not None and not read_bundle(path):
+        found = separate_embedding(Path(path))
+        if found is not None:
+            own, token = found
             print(f"note: {path} was trained with the embedding {own} (a file of its own), which {out} does not "
-                  f"hold; draw it with --embedding {own}:{embedding_token(own)}")
+                  f"hold; draw it with --embedding {own}:{token}")
 
 
 def _write(path, adapter, layout: str, args, bundle) -> Path:

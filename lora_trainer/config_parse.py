@@ -145,7 +145,7 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: 
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    empty_by_default = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -158,7 +158,7 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: 
         if dataclasses.is_dataclass(tp):
             kwargs[key] = build_dataclass(tp, value, dotted + ".", errors, root)
             continue
-        if value is None and tp is str and empty_by_default.get(key) == "":
+        if value is None and tp is str and defaults.get(key) == "":
             kwargs[key] = ""  # `caption_prefix:` with nothing after it (YAML null), or key=null: empty
             continue
         try:

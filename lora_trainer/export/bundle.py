@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ModelError
 from ..fileio import atomic_path
+from ..run_folder import EMBEDDINGS_DIR
 
 PREFIX = "bundle_emb."
 SDXL_PARTS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L) and text_encoder_2 (OpenCLIP bigG)
@@ -148,7 +149,7 @@ def merge_bundles(bundles: list[tuple[str, Bundle]]) -> Bundle:
 # --- writing ---------------------------------------------------------------------------------------
 
 def embedding_file(folder: str | os.PathLike, token: str) -> Path:
-    return Path(folder) / "embeddings" / f"{token}.safetensors"
+    return Path(folder) / EMBEDDINGS_DIR / f"{token}.safetensors"
 
 
 def check_embedding_files(bundle: Bundle, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:

@@ -1,5 +1,6 @@
-"""What an adapter file (or a textual-inversion embedding: inspect_embedding.py) holds: layout, base family, modules, ranks, alphas, parameter count, size,
-dtype, metadata, and whether its `sshs_model_hash` still matches its tensors."""
+"""What an adapter file holds: layout, base family, modules, ranks, alphas, parameter count, size,
+dtype, metadata, and whether its `sshs_model_hash` still matches its tensors (a textual-inversion
+embedding's report: inspect_embedding.py)."""
 
 from __future__ import annotations
 
@@ -138,9 +139,8 @@ def _with_embeddings(report: dict, path: Path) -> dict:
 
 def inspect_adapter(path: str | os.PathLike, base: str | None = None) -> dict:
     """Everything `lora-trainer inspect` shows, as plain JSON-ready values."""
-    from .lycoris import needs_lycoris_reader
-
     from .inspect_embedding import inspect_embedding, is_embedding_file
+    from .lycoris import needs_lycoris_reader
 
     path = Path(path)
     if path.is_file() and is_embedding_file(path):

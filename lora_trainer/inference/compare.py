@@ -20,6 +20,7 @@ from ..errors import ConfigError, ModelError
 from ..export.files import PICKLE_SUFFIXES, adapter_path_problem
 from ..imagegrid import Grid, labelled_grid
 from ..pnginfo import GenerationInfo, save_png
+from ..run_folder import EMBEDDINGS_DIR, read_saved_config, saved_text
 from .adapter_fit import why_not_loadable
 from .adapters import AdapterSpec, parse_adapter_spec
 from .generate import Generated, Generator, Request
@@ -85,16 +86,9 @@ def training_order(paths: list[Path]) -> list[Path]:
 
 def _run_name(folder: Path, files: list[Path]) -> str:
     """The run whose files a folder holds: config.yaml's `output.name`, else the one numbered name."""
-    config = folder / "config.yaml"
-    if config.is_file():
-        import yaml
-
-        try:
-            name = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("output") or {}).get("name")
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-            name = None
-        if name and any(_parts(p)[0] == name for p in files):
-            return str(name)
+    name = saved_text(read_saved_config(folder / "config.yaml"), "output", "name")
+    if name and any(_parts(p)[0] == name for p in files):
+        return name
     numbered = sorted({_parts(p)[0] for p in files if _parts(p)[1]})
     finals = sorted({_parts(p)[0] for p in files})
     candidates = numbered or finals
@@ -109,7 +103,7 @@ def expand_folder(folder: Path) -> list[Path]:
     files, OUT/embeddings/*, when the run trained an embedding and no adapter)."""
     files = [p for p in folder.glob("*.safetensors") if p.is_file()]
     if not files:  # a run that trained an embedding alone: its embedding files are compared
-        from .paired import EMBEDDINGS_DIR, embedding_files
+        from .paired import embedding_files
 
         files = embedding_files(folder)
         folder = folder / EMBEDDINGS_DIR if files else folder

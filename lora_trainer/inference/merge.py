@@ -88,14 +88,14 @@ def _warn_run_embeddings(loras: list[AdapterSpec]) -> list[str]:
     """Warn (one line each) about an adapter of a pivotal run whose embedding is a file of its own
     (OUT/embeddings/, not bundled): the merged model knows nothing of its trigger word's vectors, so
     it must be given with the model. Returns the warnings."""
-    from .paired import embedding_token, run_embedding
+    from .paired import separate_embedding
 
     warnings = []
     for spec in loras:
-        own = run_embedding(spec.path)
-        if own is None or read_bundle(spec.path):
+        found = separate_embedding(spec.path)
+        if found is None:
             continue
-        token = embedding_token(own)
+        own, token = found
         warnings.append(f"--lora: {spec.path} was trained with the embedding {own}, which a merged model cannot "
                         f"hold; use it with the model: --embedding {own}:{token} (A1111/ComfyUI: its embeddings "
                         f"folder, as {token}.safetensors)")

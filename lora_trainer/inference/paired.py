@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
+from ..export.bundle import is_bundle_key
+from ..export.inspect_embedding import is_embedding_file
+from ..run_folder import EMBEDDINGS_DIR, read_saved_config, saved_text
 from .adapters import AdapterSpec
 from .compare import _parts, trained_steps
-from .embeddings import SDXL_PARTS, Embedding, EmbeddingSpec, check_embeddings_fit, read_embedding
+from .embeddings import Embedding, EmbeddingSpec, check_embeddings_fit, read_embedding
 
 log = logging.getLogger(__name__)
-
-EMBEDDINGS_DIR = "embeddings"  # where training writes a run's embeddings (training.pivotal)
 
 
 @dataclass
@@ -50,28 +51,13 @@ def _header(path: Path) -> tuple[set[str], dict[str, str]]:
         return set(), {}
 
 
-def is_embedding_file(path: Path) -> bool:
-    """True for an embedding's layout (one tensor, or SDXL's clip_l + clip_g), which no adapter has."""
-    keys, _ = _header(path)
-    return keys == set(SDXL_PARTS) or (len(keys) == 1 and not next(iter(keys)).startswith("lora_"))
-
-
 def _bundles(path: Path) -> bool:
-    return any(k.startswith("bundle_emb.") for k in _header(path)[0])
+    return any(is_bundle_key(k) for k in _header(path)[0])
 
 
 def _config_token(folder: Path) -> str | None:
     """The run's `embedding.token` from its config.yaml, or None."""
-    config = folder / "config.yaml"
-    if not config.is_file():
-        return None
-    import yaml
-
-    try:
-        token = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("embedding") or {}).get("token")
-    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-        return None
-    return str(token) if token else None
+    return saved_text(read_saved_config(folder / "config.yaml"), "embedding", "token")
 
 
 def embedding_token(path: Path) -> str:
@@ -107,6 +93,16 @@ def run_embedding(adapter: Path) -> Path | None:
         return None
     steps = trained_steps(adapter), trained_steps(found[0])
     return found[0] if None in steps or steps[0] == steps[1] else None
+
+
+def separate_embedding(adapter: Path) -> tuple[Path, str] | None:
+    """(file, token) of the embedding trained with `adapter` when it is a file of its own
+    (run_embedding) and the adapter bundles none: what an adapter drawn, merged or rewritten alone
+    goes without. None otherwise."""
+    own = run_embedding(adapter)
+    if own is None or _bundles(adapter):
+        return None
+    return own, embedding_token(own)
 
 
 def column_embeddings(specs: list[AdapterSpec], generator) -> list[Pairing | None]:
@@ -174,10 +170,10 @@ def warn_unpaired(adapters: list[AdapterSpec], embeddings: list) -> list[str]:
         given.add(path.resolve())
     warnings = []
     for adapter in adapters:
-        own = run_embedding(adapter.path)
-        if own is None or own.resolve() in given or _bundles(adapter.path):
+        found = separate_embedding(adapter.path)
+        if found is None or found[0].resolve() in given:
             continue
-        token = embedding_token(own)
+        own, token = found
         warnings.append(f"--lora: {adapter.path} was trained with the embedding {own}, which this command does not "
                         f"load; add --embedding {own}:{token} to draw it as trained")
     for warning in warnings:

@@ -18,6 +18,7 @@ from ..config import RunConfig, load_config
 from ..errors import ConfigError, ModelError, PublishError
 from ..export.files import load_adapter
 from ..export.layouts import detect_layout
+from ..run_folder import EMBEDDINGS_DIR
 from ..sample_prompts import parse_sample_prompt
 
 # Hub ids are `owner/name`; anything else (absolute paths, ./models/x, C:\...) is a local file.
@@ -164,10 +165,12 @@ def read_run(run_dir: str | Path) -> Run:
 def _final_embeddings(run_dir: Path, cfg: RunConfig) -> list[Path]:
     """DIR/embeddings/*.safetensors without the token's epoch and step saves (<TOKEN>-000002,
     <TOKEN>-step00000100): those are earlier states of the same trigger word, not words of their own."""
-    token = cfg.embedding.token
-    saves = re.compile(rf"{re.escape(token)}-(?:\d{{6}}|step\d{{8}})") if token else None
-    return sorted(p for p in (run_dir / "embeddings").glob("*.safetensors")
-                  if saves is None or not saves.fullmatch(p.stem))
+    from ..training.numbered import numbered_files
+
+    token, where = cfg.embedding.token, run_dir / EMBEDDINGS_DIR
+    saves = {p for tag, digits in (("", 6), ("step", 8)) if token
+             for files in numbered_files(where, token, tag, digits).values() for p in files}
+    return sorted(p for p in where.glob("*.safetensors") if p not in saves)
 
 
 def _read_embedding_run(run_dir: Path, cfg: RunConfig) -> Run:
@@ -177,7 +180,7 @@ def _read_embedding_run(run_dir: Path, cfg: RunConfig) -> Run:
     if not cfg.embedding.token:
         raise PublishError(f"{run_dir / 'config.yaml'}: trains no LoRA (lora.train_unet and lora.train_text_encoder "
                            "false) and no embedding.token, so the run has nothing to publish")
-    path = run_dir / "embeddings" / f"{cfg.embedding.token}.safetensors"
+    path = run_dir / EMBEDDINGS_DIR / f"{cfg.embedding.token}.safetensors"
     if not path.is_file():
         raise PublishError(f"{path}: embedding not found (config.yaml trains embedding.token={cfg.embedding.token!r} "
                            "alone, with no LoRA); did the run finish?")

@@ -67,6 +67,12 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
         for name, encoder in named.items():
             if name != "unet":
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
+    if groups:
+        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if dora else "LoRA",
+                 sum(p.numel() for g in groups for p in g["params"]), rank, alpha,
+                 f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
+    else:
+        log.info("no LoRA: only the embedding trains (textual inversion)")
     return Trained(named), groups, names
 
 

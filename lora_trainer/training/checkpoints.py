@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import ConfigError
+from ..run_folder import EMBEDDINGS_DIR
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter_state.pt"
@@ -150,7 +151,7 @@ def _saved_token(path: Path, state: TrainerState) -> str:
     written before that was kept, the name of the embedding file exported into it ("" if none)."""
     if state.embedding_token:
         return state.embedding_token
-    names = [p.name for p in (Path(path) / "embeddings").glob("*.safetensors")]
+    names = [p.name for p in (Path(path) / EMBEDDINGS_DIR).glob("*.safetensors")]
     match = re.fullmatch(r"(.+?)(-step\d{8}|-\d{6})?\.safetensors", names[0]) if len(names) == 1 else None
     return match.group(1) if match else ""
 

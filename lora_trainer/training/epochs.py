@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..run_folder import EMBEDDINGS_DIR
 from .guards import check_free_space
 from .numbered import numbered_files, remove_older
-from .pivotal import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 

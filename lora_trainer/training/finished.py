@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
+from ..run_folder import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ def run_files(paths: list[Path], words=None) -> list[str]:
     alone: textual inversion) the embedding file, embeddings/<token>.safetensors."""
     if paths or words is None:
         return [Path(p).name for p in paths]
-    from .pivotal import EMBEDDINGS_DIR
-
     return [f"{EMBEDDINGS_DIR}/{words.token}.safetensors"]
 
 
@@ -81,7 +80,7 @@ def message(out_dir: Path, run: FinishedRun, cfg: RunConfig | None = None) -> st
     from .guards import resume_changes
 
     adapters = ", ".join(str(Path(out_dir) / name) for name in run.adapters)
-    kind = "embedding" if run.adapters and all(n.startswith("embeddings/") for n in run.adapters) else "adapter"
+    kind = "embedding" if run.adapters and all(n.startswith(f"{EMBEDDINGS_DIR}/") for n in run.adapters) else "adapter"
     text = (f"{out_dir}: already finished at step {run.step}, {kind} at {adapters}; nothing to do "
             "(raise train.max_steps / train.epochs to train on)")
     changed = resume_changes(Path(out_dir) / "config.yaml", cfg) if cfg is not None else []

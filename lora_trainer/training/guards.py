@@ -15,6 +15,7 @@ from ..config import OutputConfig, RunConfig, TrainConfig
 from ..errors import ConfigError, LoraTrainerError
 from ..fileio import unwritable_reason
 from ..interrupts import CtrlC, note_ctrl_c
+from ..run_folder import EMBEDDINGS_DIR, read_saved_config, saved_text
 
 
 class TrainingStopped(LoraTrainerError):
@@ -76,7 +77,6 @@ def clear_previous_run(out_dir: Path) -> None:
     and step adapters and embeddings) before a new run starts there, so nothing stale is mixed in or
     resumed from; only in a run folder."""
     from .epochs import epoch_files  # epochs checks free space with this module
-    from .pivotal import EMBEDDINGS_DIR
     from .step_adapters import step_files
 
     out_dir = Path(out_dir)
@@ -88,7 +88,9 @@ def clear_previous_run(out_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    name, token = _run_name(out_dir / "config.yaml"), _run_token(out_dir / "config.yaml")
+    saved = read_saved_config(out_dir / "config.yaml")
+    name = saved_text(saved, "output", "name") or OutputConfig.name
+    token = saved_text(saved, "embedding", "token")
     kept = [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]
     if token:  # embeddings/<token>-NNNNNN / -stepNNNNNNNN.safetensors: --compare would draw them as this run's
         where = out_dir / EMBEDDINGS_DIR
@@ -96,28 +98,6 @@ def clear_previous_run(out_dir: Path) -> None:
     for files in kept:
         for path in files:  # <name>-NNNNNN / <name>-stepNNNNNNNN.safetensors: the old run's kept adapters
             path.unlink()
-
-
-def _run_name(config: Path) -> str:
-    """output.name of the run whose resolved config this is (its default when unreadable)."""
-    import yaml
-
-    try:
-        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("output", {}).get("name")
-    except (OSError, yaml.YAMLError, AttributeError):
-        name = None
-    return name if isinstance(name, str) and name else OutputConfig.name
-
-
-def _run_token(config: Path) -> str | None:
-    """embedding.token of the run whose resolved config this is, or None."""
-    import yaml
-
-    try:
-        token = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("embedding") or {}).get("token")
-    except (OSError, yaml.YAMLError, AttributeError):
-        token = None
-    return token if isinstance(token, str) and token else None
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool, name: str = "") -> None:

@@ -153,13 +153,6 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     train_te = cfg.lora.train_text_encoder
     if initial is not None:  # a checkpoint, when resuming, replaces these values below
         load_initial_adapter(initial, trained.named, cfg.lora.init_from)
-    counted = sum(p.numel() for g in groups for p in g["params"])
-    if groups:
-        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if cfg.lora.use_dora else "LoRA",
-                 counted, cfg.lora.rank, cfg.lora_alpha,
-                 f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
-    else:
-        log.info("no LoRA: only the embedding trains (textual inversion)")
 
     # ---- data: the order is a function of (seed, epoch), whatever the processes ----
     dataset = make_dataset(cfg, examples, t.seed)

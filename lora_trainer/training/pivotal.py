@@ -23,12 +23,12 @@ import torch
 from ..errors import ConfigError
 from ..export import bundle
 from ..fileio import atomic_path
+from ..run_folder import EMBEDDINGS_DIR
 from ..textencode import Words
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "embedding"  # its name among the trained modules, the optimizer groups and the logs
-EMBEDDINGS_DIR = "embeddings"  # OUT/embeddings/<token>.safetensors
 
 
 def part_names(variant: str) -> list[str]:

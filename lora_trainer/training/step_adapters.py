@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from ..fileio import atomic_path
+from ..run_folder import EMBEDDINGS_DIR
 from .numbered import numbered_files, remove_older
-from .pivotal import EMBEDDINGS_DIR
 
 log = logging.getLogger(__name__)
 
