@@ -190,8 +190,24 @@ def test_overwrite_removes_the_old_runs_epoch_and_step_embeddings(tmp_path):
     emb.mkdir()
     for name in ("ohwx-000001", "ohwx-step00000004", "ohwx", "other-000001"):
         (emb / f"{name}.safetensors").write_bytes(b"x")
-    clear_previous_run(tmp_path)  # the final one is replaced by the new run, as the adapter is
+    clear_previous_run(tmp_path, "ohwx")  # the same token: its final one is replaced by the new run, as the adapter is
     assert sorted(p.name for p in emb.iterdir()) == ["ohwx.safetensors", "other-000001.safetensors"]
+    clear_previous_run(tmp_path)  # a run with no embedding (or another token) writes none in its place
+    assert sorted(p.name for p in emb.iterdir()) == ["other-000001.safetensors"]
+
+
+def test_overwrite_with_another_token_leaves_only_the_new_tokens_embeddings(tiny_sd15, example_data, tmp_path):
+    """A run with token A, then output.overwrite=true with token B: A's final embedding goes with its
+    step files, so --compare cannot pair B's run with it."""
+    def run(token, *extra):
+        train(run_config(tiny_sd15, example_data, tmp_path, f"embedding.token={token}",
+                         f"data.caption_prefix={token}, ", "lora.train_unet=false", "train.max_steps=2",
+                         "train.warmup=0", "output.save_every_n_steps=1", "output.save_step_adapters=true",
+                         "sample.prompts=[]", *extra), show_progress=False)
+        return sorted(p.name for p in (tmp_path / "embeddings").iterdir())
+
+    assert run("geoshape") == ["geoshape-step00000001.safetensors", "geoshape.safetensors"]
+    assert run("ohwx", "output.overwrite=true") == ["ohwx-step00000001.safetensors", "ohwx.safetensors"]
 
 
 @pytest.mark.parametrize("override, message", [
