@@ -15,9 +15,11 @@ from conftest import run_config
 from lora_trainer.config import load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.adapter import read_adapter
-from lora_trainer.training.epochs import remove_old_epochs
+from lora_trainer.training.epochs import epoch_files, remove_old_epochs
 from lora_trainer.training.guards import RunInterrupted, clear_previous_run
 from lora_trainer.training.loop import train
+from lora_trainer.training.numbered import unnumbered_name
+from lora_trainer.training.step_adapters import step_files
 
 # 8 images, batch 4: 2 steps an epoch, 4 epochs. Epoch files after epochs 1-3 (4 is the final
 # adapter), the newest 2 kept; checkpoints at steps 3 (inside epoch 2) and 6 (the end of epoch 3).
@@ -174,6 +176,18 @@ def test_rotation_counts_only_this_names_epochs_up_to_the_current_one(tmp_path):
     remove_old_epochs(tmp_path, "lora", keep=1, current=5)
     assert sorted(p.name for p in tmp_path.glob("lora-0*")) == ["lora-000005.safetensors"]
     assert remove_old_epochs(tmp_path, "lora", keep=0, current=5) == []
+
+
+@pytest.mark.parametrize("filename, name", [
+    ("me-000002.safetensors", "me"), ("me-step00000100.safetensors", "me"), ("me-000002.diffusers.safetensors", "me"),
+    ("me.safetensors", "me"), ("my-tok-000001-step00000002.safetensors", "my-tok-000001"),
+    ("me-00002.safetensors", "me-00002"), ("me-step100.safetensors", "me-step100"),  # not kohya's widths
+])
+def test_a_numbered_files_name_is_told_without_its_epoch_or_step(filename, name, tmp_path):
+    assert unnumbered_name(filename) == name
+    (tmp_path / filename).write_bytes(b"x")  # the name epoch_files / step_files find it under
+    found = [*epoch_files(tmp_path, name).values(), *step_files(tmp_path, name).values()]
+    assert found == ([[tmp_path / filename]] if name != filename.removesuffix(".safetensors") else [])
 
 
 def test_overwrite_removes_the_old_runs_epoch_files(tmp_path):
