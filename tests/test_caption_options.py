@@ -19,7 +19,7 @@ from lora_trainer.config import CaptionConfig, load_config
 from lora_trainer.data import Example, ImageCaptionDataset, scan_dataset
 from lora_trainer.data.captioning import caption_folder
 from lora_trainer.data.checks import check_dataset
-from lora_trainer.data.dataset import drop_tags
+from lora_trainer.data.tags import drop_tags
 from lora_trainer.errors import ConfigError
 from lora_trainer.kohya.setup import config_from_kohya, parse_command_line
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lora_trainer.config import load_config
 from lora_trainer.data import Example, ImageCaptionDataset
-from lora_trainer.data.dataset import shuffle_tags, training_caption
+from lora_trainer.data.tags import shuffle_tags, training_caption
 from lora_trainer.errors import ConfigError
 from lora_trainer.kohya.mapping import config_from_kohya
 from lora_trainer.kohya.setup import parse_command_line

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lycoris_helpers import write_lycoris
 from PIL import Image
+from safetensors.torch import save_file
 
 from lora_trainer.cli import main
 from lora_trainer.errors import ConfigError
@@ -202,16 +203,18 @@ def test_compared_files_are_read_once_and_checked_from_their_headers(gen, random
     ("glob", "--compare: no file matches"), ("missing", "nothing.safetensors: file not found"),
     ("empty", "holds no adapter files"), ("merge", "leave out --merge"), ("batch", "leave out --batch-size"),
     ("sweep-prompts", "give one --prompt, not 2"), ("sweep-weight", "leave out :WEIGHT"),
-    ("pickle", "old.ckpt is a pickle (.ckpt)"),
+    ("pickle", "old.ckpt is a pickle (.ckpt)"), ("sweep-embedding", "an embedding file has none"),
 ])
 def test_bad_compare_input_is_one_line_before_loading(tmp_path, capsys, random_adapters, what, needle):
     a = str(random_adapters["a"])
     (tmp_path / "empty").mkdir()
     (tmp_path / "old.ckpt").write_bytes(b"not read")
+    save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "tok.safetensors"))  # an embedding, no weight
     compare = {"pickle": [str(tmp_path / "*.ckpt")], "glob": [str(tmp_path / "run-*.safetensors")], "missing": [str(tmp_path / "nothing.safetensors")],
-               "empty": [str(tmp_path / "empty")], "sweep-weight": [f"{a}:0.5"]}.get(what, [a])
+               "empty": [str(tmp_path / "empty")], "sweep-weight": [f"{a}:0.5"],
+               "sweep-embedding": [a, str(tmp_path / "tok.safetensors")]}.get(what, [a])
     extra = {"merge": ["--merge"], "batch": ["--batch-size", "2"], "sweep-prompts": ["--sweep", "0,1", "--prompt", "y"],
-             "sweep-weight": ["--sweep", "0,1"]}.get(what, [])
+             "sweep-weight": ["--sweep", "0,1"], "sweep-embedding": ["--sweep", "0,1"]}.get(what, [])
     rc = main(["infer", "--model", str(tmp_path / "no-model"), "--prompt", "x", "--compare", *compare, *extra,
                "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()

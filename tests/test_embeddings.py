@@ -98,6 +98,44 @@ def test_each_layout_reads_the_same_vectors(tmp_path):
     assert one.token == "single" and torch.equal(one.parts["clip"], vectors[:1])
 
 
+def test_inspect_reads_an_embeddings_tensors_once(tmp_path, monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    from lora_trainer.export.inspect import inspect_adapter
+
+    reads = []
+
+    class Counted:  # safetensors.safe_open, counting the tensors read through it
+        def __init__(self, *args, **kwargs):
+            self.inner = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.file.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    opened, load_file = safetensors.safe_open, safetensors.torch.load_file
+    monkeypatch.setattr(safetensors, "safe_open", Counted)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: reads.append("load_file") or load_file(*a, **k))
+    for name, tensors in (("mytok", {"emb_params": _vectors(2, 32, 1)}),
+                          ("xl", {"clip_l": _vectors(2, 32, 2), "clip_g": _vectors(2, 64, 3)})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"token": name})
+        reads.clear()
+        report = inspect_adapter(tmp_path / f"{name}.safetensors")
+        assert sorted(reads) == sorted(tensors)  # each tensor once: no second pass for the dtypes or the vectors
+        assert (report["token"], report["vectors"], report["dtypes"]) == (name, 2, ["float32"])
+
+
 def test_an_embedding_stays_in_one_window_and_other_words_are_not_it(sd15_pipe, sd15_file):
     tok = sd15_pipe.tokenizer
     words = word_tables(load_embeddings([str(sd15_file)]), sd15_pipe, "sd15")[0]

@@ -15,9 +15,11 @@ from conftest import run_config
 from lora_trainer.config import load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.adapter import read_adapter
-from lora_trainer.training.epochs import remove_old_epochs
+from lora_trainer.training.epochs import epoch_files, remove_old_epochs
 from lora_trainer.training.guards import RunInterrupted, clear_previous_run
 from lora_trainer.training.loop import train
+from lora_trainer.training.numbered import unnumbered_name
+from lora_trainer.training.step_adapters import step_files
 
 # 8 images, batch 4: 2 steps an epoch, 4 epochs. Epoch files after epochs 1-3 (4 is the final
 # adapter), the newest 2 kept; checkpoints at steps 3 (inside epoch 2) and 6 (the end of epoch 3).
@@ -176,6 +178,18 @@ def test_rotation_counts_only_this_names_epochs_up_to_the_current_one(tmp_path):
     assert remove_old_epochs(tmp_path, "lora", keep=0, current=5) == []
 
 
+@pytest.mark.parametrize("filename, name", [
+    ("me-000002.safetensors", "me"), ("me-step00000100.safetensors", "me"), ("me-000002.diffusers.safetensors", "me"),
+    ("me.safetensors", "me"), ("my-tok-000001-step00000002.safetensors", "my-tok-000001"),
+    ("me-00002.safetensors", "me-00002"), ("me-step100.safetensors", "me-step100"),  # not kohya's widths
+])
+def test_a_numbered_files_name_is_told_without_its_epoch_or_step(filename, name, tmp_path):
+    assert unnumbered_name(filename) == name
+    (tmp_path / filename).write_bytes(b"x")  # the name epoch_files / step_files find it under
+    found = [*epoch_files(tmp_path, name).values(), *step_files(tmp_path, name).values()]
+    assert found == ([[tmp_path / filename]] if name != filename.removesuffix(".safetensors") else [])
+
+
 def test_overwrite_removes_the_old_runs_epoch_files(tmp_path):
     (tmp_path / "config.yaml").write_text("output:\n  name: old\n")
     for name in ("old-000001.safetensors", "old-000001.diffusers.safetensors", "keep-000001.safetensors"):
@@ -190,8 +204,24 @@ def test_overwrite_removes_the_old_runs_epoch_and_step_embeddings(tmp_path):
     emb.mkdir()
     for name in ("ohwx-000001", "ohwx-step00000004", "ohwx", "other-000001"):
         (emb / f"{name}.safetensors").write_bytes(b"x")
-    clear_previous_run(tmp_path)  # the final one is replaced by the new run, as the adapter is
+    clear_previous_run(tmp_path, "ohwx")  # the same token: its final one is replaced by the new run, as the adapter is
     assert sorted(p.name for p in emb.iterdir()) == ["ohwx.safetensors", "other-000001.safetensors"]
+    clear_previous_run(tmp_path)  # a run with no embedding (or another token) writes none in its place
+    assert sorted(p.name for p in emb.iterdir()) == ["other-000001.safetensors"]
+
+
+def test_overwrite_with_another_token_leaves_only_the_new_tokens_embeddings(tiny_sd15, example_data, tmp_path):
+    """A run with token A, then output.overwrite=true with token B: A's final embedding goes with its
+    step files, so --compare cannot pair B's run with it."""
+    def run(token, *extra):
+        train(run_config(tiny_sd15, example_data, tmp_path, f"embedding.token={token}",
+                         f"data.caption_prefix={token}, ", "lora.train_unet=false", "train.max_steps=2",
+                         "train.warmup=0", "output.save_every_n_steps=1", "output.save_step_adapters=true",
+                         "sample.prompts=[]", *extra), show_progress=False)
+        return sorted(p.name for p in (tmp_path / "embeddings").iterdir())
+
+    assert run("geoshape") == ["geoshape-step00000001.safetensors", "geoshape.safetensors"]
+    assert run("ohwx", "output.overwrite=true") == ["ohwx-step00000001.safetensors", "ohwx.safetensors"]
 
 
 @pytest.mark.parametrize("override, message", [

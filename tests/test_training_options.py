@@ -210,7 +210,7 @@ def test_input_perturbation_noises_only_the_input():
 def test_tag_shuffling_keeps_leading_tokens_and_turns_off_the_embedding_cache(
         tiny_sd15, example_data, tmp_path, caplog):
     from lora_trainer.data import Example, ImageCaptionDataset
-    from lora_trainer.data.dataset import shuffle_tags
+    from lora_trainer.data.tags import shuffle_tags
     from lora_trainer.training.loop import train
 
     caption = "sks, red, circle, blue background, flat"

@@ -13,11 +13,10 @@ from lora_trainer.data.dataset import (
     dataset_summary,
     resize_shorter_side,
     scan_dataset,
-    tag_frequency,
     to_tensor,
-    training_caption,
 )
 from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, load_image, to_rgb
+from lora_trainer.data.tags import tag_frequency, training_caption
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -24,10 +24,11 @@ from lora_trainer.data.captions import (
     read_metadata_jsonl,
     read_sidecar_caption,
 )
-from lora_trainer.data.dataset import Example, _walk, tag_frequency, training_caption
+from lora_trainer.data.dataset import Example, _walk
 from lora_trainer.data.folders import describe_folders, format_folders, repeat_folder
 from lora_trainer.data.images import IMAGE_EXTENSIONS, load_image, unread_formats_message
 from lora_trainer.data.masks import attach_masks
+from lora_trainer.data.tags import tag_frequency, training_caption
 from lora_trainer.errors import DataError
 from lora_trainer.textencode import plain_text
 

@@ -21,6 +21,7 @@ from lora_trainer.data.folders import describe_folders, format_folders, is_parke
 from lora_trainer.data.images import (IMAGE_EXTENSIONS, is_image_file, is_unread_image_file, load_image,
                                       load_image_and_alpha, unread_files_note)
 from lora_trainer.data.masks import read_mask
+from lora_trainer.data.tags import append_suffix, drop_tags, join_tags, shuffle_tags, split_fixed
 from lora_trainer.data.templates import pick_template
 from lora_trainer.errors import DataError, looked_in
 
@@ -145,17 +146,6 @@ def dataset_summary(examples: Sequence[Example]) -> dict:
     captioned = sum(1 for e in examples if e.caption)
     return {"num_images": len(examples), "num_captioned": captioned,
             "num_uncaptioned": len(examples) - captioned}
-
-
-def tag_frequency(examples: Sequence[Example]) -> dict[str, int]:
-    """How often each comma-separated tag appears, lower-cased like kohya's ss_tag_frequency."""
-    counts: Counter[str] = Counter()
-    for example in examples:
-        for tag in example.caption.split(","):
-            tag = tag.strip().lower()
-            if tag:
-                counts[tag] += 1
-    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -329,56 +319,6 @@ def _item_table(repeats: Sequence[int]) -> list[int]:
         active = [j for j in active if repeats[j] > k]
         items += active
     return items
-
-
-def training_caption(caption: str, prefix: str = "", suffix: str = "", separator: str = "") -> str:
-    """The caption as training reads it, before caption dropout, tag dropout and shuffling:
-    prefix + caption + suffix (with no caption, the prefix and suffix without dangling commas), a
-    keep_tokens `separator` in it taken out."""
-    head = prefix + caption if caption else prefix.strip().rstrip(",").strip()
-    fixed, middle, tail = split_fixed(head, separator)
-    return append_suffix(head if fixed is None else join_tags(fixed, middle, tail), suffix)
-
-
-def append_suffix(caption: str, suffix: str) -> str:
-    """caption + suffix, taken literally (the suffix brings its own ", "); a suffix alone loses its
-    leading comma."""
-    if not suffix:
-        return caption
-    return caption + suffix if caption else suffix.strip().lstrip(",").strip()
-
-
-def split_fixed(caption: str, separator: str) -> tuple[str | None, str, str]:
-    """(fixed head, the tags to shuffle and drop, fixed tail) of a caption written with kohya's
-    keep_tokens_separator: `sks dog ||| red, blue ||| best quality` keeps `sks dog` first and
-    `best quality` last; without the separator (or with none set): (None, caption, "")."""
-    if not separator or separator not in caption:
-        return None, caption, ""
-    head, rest = caption.split(separator, 1)
-    middle, _, tail = rest.partition(separator)
-    return head, middle, tail.replace(separator, ",")
-
-
-def join_tags(*parts: str) -> str:
-    """Comma-separated parts as one caption of tags, empty tags left out."""
-    return ", ".join(t.strip() for part in parts for t in part.split(",") if t.strip())
-
-
-def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -> str:
-    """The caption with each comma-separated tag after the first `keep_tokens` left out with
-    probability `rate` (kohya's --caption_tag_dropout_rate); one draw per tag, in caption order."""
-    tags = [t.strip() for t in caption.split(",")]
-    kept = tags[:keep_tokens] + [t for t in tags[keep_tokens:] if rng.random() >= rate]
-    return ", ".join(t for t in kept if t)
-
-
-def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
-    """The caption's comma-separated tags in a random order, the first `keep_tokens` kept in place
-    (kohya's --shuffle_caption / --keep_tokens: the trigger word stays first)."""
-    tags = [t.strip() for t in caption.split(",")]
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(t for t in head + tail if t)
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:

@@ -13,10 +13,11 @@ from pathlib import Path
 from lora_trainer.config import RunConfig, bucket_limit_errors
 from lora_trainer.data.captioning import caption_folder
 from lora_trainer.data.checks import check_dataset, load_clip_tokenizer
-from lora_trainer.data.dataset import Example, scan_dataset, training_caption
+from lora_trainer.data.dataset import Example, scan_dataset
 from lora_trainer.errors import ConfigError
 from lora_trainer.data.holdout import held_out_flags, validation_seed
 from lora_trainer.data.masks import attach_masks
+from lora_trainer.data.tags import training_caption
 from lora_trainer.data.templates import template_captions
 from lora_trainer.fileio import write_text_atomic
 from lora_trainer.processes import multiprocess_without_gpu

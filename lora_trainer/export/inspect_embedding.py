@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..inference.embeddings import DIFFUSERS_STEM, EmbeddingSpec, read_embedding
+from ..inference.embeddings import DIFFUSERS_STEM, EmbeddingSpec, embedding_from
 from .layouts import embedding_keys
 
 
@@ -31,8 +31,9 @@ def inspect_embedding(path: str | os.PathLike) -> dict:
     path = Path(path)
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = dict(sorted((f.metadata() or {}).items()))
-        dtypes = sorted({str(f.get_tensor(k).dtype).removeprefix("torch.") for k in f.keys()})
-    embedding = read_embedding(EmbeddingSpec(path))  # the word as A1111 and infer.py name it
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    embedding = embedding_from(EmbeddingSpec(path), tensors)  # the word as A1111 and infer.py name it
     trained_as = metadata.get("token")
     parts = {name: {"width": int(v.shape[1]),
                     "norms": [round(float(n), 4) for n in v.norm(dim=1)]} for name, v in embedding.parts.items()}

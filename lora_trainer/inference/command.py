@@ -109,7 +109,7 @@ def run_infer(args) -> list[Path]:
     from .generate import Generator, Request, check_request, save_results
     from .embeddings import unused_embeddings
     from .images import extend_canvas
-    from .compare import compare_grid, expand_compare, save_comparison
+    from .compare import check_no_swept_embeddings, compare_grid, expand_compare, save_comparison
     from .paired import embedding_token, warn_unpaired
     from .sweep import parse_weights_list, sweep_grid
 
@@ -174,6 +174,7 @@ def run_infer(args) -> list[Path]:
     compared = expand_compare(args.compare) if args.compare is not None else None
     if compared and weights is not None and any(spec.weight != 1 for spec in compared):
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")
+    check_no_swept_embeddings(compared or [], weights)  # read from the headers: before the base loads
     warn_unpaired(adapters, args.embedding)  # an epoch's adapter of a pivotal run, drawn without its embedding
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once

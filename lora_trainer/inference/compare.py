@@ -161,6 +161,17 @@ def check_compared_bundles(specs: list[AdapterSpec], generator: Generator) -> No
             raise ModelError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
 
 
+def check_no_swept_embeddings(specs: list[AdapterSpec], weights: list[float] | None) -> None:
+    """Refuse an embedding file among the compared ones when `weights` (--sweep) are given: it has
+    no weight to sweep. Told from each file's header, so `infer` refuses it before any model loads."""
+    from ..export.inspect_embedding import is_embedding_file
+
+    embeddings = [s.path for s in specs if is_embedding_file(s.path)] if weights is not None else []
+    if embeddings:
+        raise ConfigError(f"--compare with --sweep sweeps adapter weights; an embedding file has none "
+                          f"({embeddings[0]}): leave out --sweep")
+
+
 @dataclass
 class Comparison:
     grid: Grid
@@ -184,12 +195,10 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
     if weights is not None and len(prompts) != 1:
         raise ConfigError("--compare with --sweep draws one prompt (rows = files, columns = weights); "
                           f"give one --prompt, not {len(prompts)}")
+    check_no_swept_embeddings(specs, weights)
     from .paired import column_embeddings, drawn_with
 
     pairings = column_embeddings(specs, generator)  # each file's own embedding (pivotal runs), or None
-    if weights is not None and any(p and p.alone for p in pairings):
-        raise ConfigError("--compare with --sweep sweeps adapter weights; an embedding file has none: "
-                          "leave out --sweep")
     adapters = [s for s, p in zip(specs, pairings) if not (p and p.alone)]
     check_fits(adapters, generator.pipe)
     check_compared_bundles(adapters, generator)

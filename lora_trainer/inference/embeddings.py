@@ -110,6 +110,12 @@ def read_embedding(spec: EmbeddingSpec) -> Embedding:
             raise _refuse(path, f"is not a .safetensors file ({first_line(exc)}); embeddings are read "
                                 "from .safetensors") from None
         raise _refuse(path, f"cannot be read: {DAMAGED}") from None
+    return embedding_from(spec, tensors)
+
+
+def embedding_from(spec: EmbeddingSpec, tensors: dict[str, torch.Tensor]) -> Embedding:
+    """The embedding the tensors read from `spec.path` hold, checked as `read_embedding` checks them."""
+    path = spec.path
     if all(part in tensors for part in SDXL_PARTS):
         parts = {part: _as_vectors(path, part, tensors[part]) for part in SDXL_PARTS}
         if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:

@@ -16,6 +16,7 @@ from .block_args import block_args
 from .data_options import caption_extension_option, data_options
 from .embedding_options import TI_SCRIPTS, embedding_options, is_textual_inversion
 from .loss_options import loss_options
+from .optimizer_options import optimizer_options, scheduler_options
 from .output_options import output_options, sample_options
 from .options import (
     KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, drop_unet_options, images_in, note_for,
@@ -27,13 +28,6 @@ from .options import (
 # MLP; with `conv_dim` also the ResNet blocks and samplers (lora.conv_rank adds those).
 KOHYA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 KOHYA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
-              "transformers.optimization.adafactor": "adafactor", "prodigyopt.prodigy": "prodigy",
-              "lion": "lion", "lion8bit": "lion8bit", "lion_pytorch.lion": "lion", "bitsandbytes.optim.lion8bit": "lion8bit"}
-# What kohya's Lion runs with when --optimizer_args leaves them out (the packages' own defaults),
-# where ours (AdamW's) differ.
-LION_DEFAULTS = {"train.adam_beta2": 0.99, "train.weight_decay": 0.0}
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 KOHYA_DEFAULT_LR = 2e-6  # kohya's --learning_rate default
 SECTIONS = ("model", "data", "dreambooth", "lora", "embedding", "train", "sample", "output", "log")  # RunConfig's order
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -114,7 +108,7 @@ def config_from_kohya(args: dict[str, Any], dataset: Optional[dict[str, Any]] = 
     else:
         _network(a, cfg, notes)
     _schedule(a, cfg, notes)
-    _optimizer(a, cfg, notes)
+    optimizer_options(a, cfg, notes)
     if dataset is not None:
         dataset_config_data(a, dataset, cfg, notes)
     else:
@@ -277,7 +271,7 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
                              "here; set train.warmup to a number of steps")
         else:
             set_key(cfg, "train.warmup", a.int("lr_warmup_steps"))
-    _scheduler(a, cfg, notes)
+    scheduler_options(a, cfg, notes)
     for kohya, ours, kind in (("train_batch_size", "train.batch_size", "int"),
                               ("gradient_accumulation_steps", "train.grad_accum", "int"),
                               ("seed", "train.seed", "int"), ("max_grad_norm", "train.max_grad_norm", "float"),
@@ -309,67 +303,6 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
             set_key(cfg, ours, True)
     if cfg["train"].get("cache_latents_to_disk"):
         set_key(cfg, "train.cache_latents", True)
-
-
-def _scheduler(a: Args, cfg: dict, notes: list[str]) -> None:
-    """--lr_scheduler and its options; kohya's cosine_with_min_lr is our cosine with train.min_lr_ratio.
-    An option the chosen schedule does not read is noted (kohya ignores it too) unless it is kohya's default."""
-    scheduler = a.str("lr_scheduler")
-    if scheduler == "cosine_with_min_lr":
-        set_key(cfg, "train.scheduler", "cosine")
-    elif scheduler in SCHEDULERS:
-        set_key(cfg, "train.scheduler", scheduler)
-    elif scheduler is not None:
-        notes.append(f"--lr_scheduler {scheduler}: not supported (we have {', '.join(SCHEDULERS)}, "
-                     "cosine_with_min_lr); constant is used")
-    options = (("lr_scheduler_num_cycles", "train.scheduler_cycles", "int", ("cosine_with_restarts",)),
-               ("lr_scheduler_power", "train.scheduler_power", "float", ("polynomial",)),
-               ("lr_scheduler_min_lr_ratio", "train.min_lr_ratio", "float", ("cosine_with_min_lr",)))
-    for kohya, ours, kind, readers in options:
-        if not a.has(kohya):
-            continue
-        value = a.int(kohya) if kind == "int" else a.float(kohya)
-        if scheduler in readers:
-            if kohya == "lr_scheduler_min_lr_ratio" and not 0 <= value < 1:
-                raise ConfigError(f"--{kohya}: {value!r}; expected a number in [0, 1)")
-            set_key(cfg, ours, value)
-        elif value != KOHYA_DEFAULTS.get(kohya):
-            notes.append(f"--{kohya} {a.get(kohya)}: only --lr_scheduler {' or '.join(readers)} reads it "
-                         f"(here {ours}); left out")
-    if scheduler == "cosine_with_min_lr" and not cfg["train"].get("min_lr_ratio"):
-        notes.append("--lr_scheduler cosine_with_min_lr without --lr_scheduler_min_lr_ratio: kohya needs the ratio; "
-                     "plain cosine (down to 0) is used, set train.min_lr_ratio (e.g. 0.1)")
-
-
-def _optimizer(a: Args, cfg: dict, notes: list[str]) -> None:
-    name = a.str("optimizer_type", "")
-    if a.bool("use_8bit_adam"):
-        name = name or "AdamW8bit"
-    if a.bool("use_lion_optimizer"):
-        name = name or "Lion"
-    if name:
-        ours = OPTIMIZERS.get(name.lower())
-        if ours is None:
-            notes.append(f"--optimizer_type {name}: not supported (we have AdamW, AdamW8bit, Prodigy, Adafactor, "
-                         "Lion, Lion8bit); AdamW is used, so check train.lr")
-        else:
-            set_key(cfg, "train.optimizer", ours)
-            if ours.startswith("lion"):
-                for key, value in LION_DEFAULTS.items():
-                    set_key(cfg, key, value)  # --optimizer_args below win
-    for key, value in parse_network_args(a.get("optimizer_args", [])):
-        if key == "weight_decay":
-            set_key(cfg, "train.weight_decay", parse_number(value, "--optimizer_args weight_decay"))
-        elif key == "betas":
-            betas = [parse_number(b, "--optimizer_args betas") for b in value.strip("()[] ").split(",") if b.strip()]
-            if len(betas) != 2:
-                raise ConfigError(f"--optimizer_args betas={value}: expected two numbers, e.g. betas=0.9,0.999")
-            set_key(cfg, "train.adam_beta1", betas[0])
-            set_key(cfg, "train.adam_beta2", betas[1])
-        elif key == "eps":
-            set_key(cfg, "train.adam_epsilon", parse_number(value, "--optimizer_args eps"))
-        else:
-            notes.append(f"--optimizer_args {key}={value}: not supported; the optimizer's default is used")
 
 
 def _text_encoder_lrs(a: Args) -> list[float]:

@@ -165,10 +165,10 @@ def read_run(run_dir: str | Path) -> Run:
 def _final_embeddings(run_dir: Path, cfg: RunConfig) -> list[Path]:
     """DIR/embeddings/*.safetensors without the token's epoch and step saves (<TOKEN>-000002,
     <TOKEN>-step00000100): those are earlier states of the same trigger word, not words of their own."""
-    from ..training.numbered import numbered_files
+    from ..training.numbered import EPOCHS, STEPS, numbered_files
 
     token, where = cfg.embedding.token, run_dir / EMBEDDINGS_DIR
-    saves = {p for tag, digits in (("", 6), ("step", 8)) if token
+    saves = {p for tag, digits in (EPOCHS, STEPS) if token
              for files in numbered_files(where, token, tag, digits).values() for p in files}
     return sorted(p for p in where.glob("*.safetensors") if p not in saves)
 

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..run_folder import EMBEDDINGS_DIR
+from .numbered import unnumbered_name
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_FILE = "adapter_state.pt"
@@ -152,8 +153,7 @@ def _saved_token(path: Path, state: TrainerState) -> str:
     if state.embedding_token:
         return state.embedding_token
     names = [p.name for p in (Path(path) / EMBEDDINGS_DIR).glob("*.safetensors")]
-    match = re.fullmatch(r"(.+?)(-step\d{8}|-\d{6})?\.safetensors", names[0]) if len(names) == 1 else None
-    return match.group(1) if match else ""
+    return unnumbered_name(names[0]) if len(names) == 1 else ""
 
 
 def check_checkpoint_settings(path: Path, optimizer: str = "", token: str | None = None) -> TrainerState:

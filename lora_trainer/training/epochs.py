@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..run_folder import EMBEDDINGS_DIR
 from .guards import check_free_space
-from .numbered import numbered_files, remove_older
+from .numbered import EPOCHS, numbered_files, remove_older
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def epoch_suffix(epoch: int) -> str:
 
 def epoch_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
     """{epoch: its files (one per layout)} of the epoch adapters named `name` in `out_dir`."""
-    return numbered_files(out_dir, name, "", 6)
+    return numbered_files(out_dir, name, *EPOCHS)
 
 
 def remove_old_epochs(out_dir: Path, name: str, keep: int, current: int) -> list[Path]:

@@ -72,10 +72,11 @@ class StopSignals:
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finished.json")
 
 
-def clear_previous_run(out_dir: Path) -> None:
+def clear_previous_run(out_dir: Path, token: str | None = None) -> None:
     """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
     and step adapters and embeddings) before a new run starts there, so nothing stale is mixed in or
-    resumed from; only in a run folder."""
+    resumed from; only in a run folder. `token`: the new run's embedding.token; the old run's final
+    embedding goes too unless it is that token's, which the new run writes again."""
     from .epochs import epoch_files  # epochs checks free space with this module
     from .step_adapters import step_files
 
@@ -90,11 +91,14 @@ def clear_previous_run(out_dir: Path) -> None:
             path.unlink()
     saved = read_saved_config(out_dir / "config.yaml")
     name = saved_text(saved, "output", "name") or OutputConfig.name
-    token = saved_text(saved, "embedding", "token")
+    old_token = saved_text(saved, "embedding", "token")
     kept = [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]
-    if token:  # embeddings/<token>-NNNNNN / -stepNNNNNNNN.safetensors: --compare would draw them as this run's
+    if old_token:  # embeddings/<token>-NNNNNN / -stepNNNNNNNN.safetensors: --compare would draw them as this run's
         where = out_dir / EMBEDDINGS_DIR
-        kept += [*epoch_files(where, token).values(), *step_files(where, token).values()]
+        kept += [*epoch_files(where, old_token).values(), *step_files(where, old_token).values()]
+        if old_token != token and (where / f"{old_token}.safetensors").is_file():
+            # another word's (or none): --compare would pair the new run's final adapter with it
+            kept.append([where / f"{old_token}.safetensors"])
     for files in kept:
         for path in files:  # <name>-NNNNNN / <name>-stepNNNNNNNN.safetensors: the old run's kept adapters
             path.unlink()

@@ -8,16 +8,35 @@ import re
 from pathlib import Path
 
 
+# (tag, digits) of each numbering: `<name>-000003` per epoch, `<name>-step00000100` per N steps
+EPOCHS, STEPS = ("", 6), ("step", 8)
+
+
+def _pattern(name: str, tag: str, digits: int) -> re.Pattern:
+    """`<name>-<tag><number:0{digits}d>` in either layout; `name` is a regex."""
+    return re.compile(rf"(?P<name>{name})-{re.escape(tag)}(?P<number>\d{{{digits}}})(\.diffusers)?\.safetensors")
+
+
 def numbered_files(out_dir: Path, name: str, tag: str, digits: int) -> dict[int, list[Path]]:
     """{number: its files (one per layout)} of `<name>-<tag><number:0{digits}d>` adapters in `out_dir`."""
-    pattern = re.compile(rf"{re.escape(name)}-{re.escape(tag)}(\d{{{digits}}})(\.diffusers)?\.safetensors")
+    pattern = _pattern(re.escape(name), tag, digits)
     found: dict[int, list[Path]] = {}
     if Path(out_dir).is_dir():
         for path in sorted(Path(out_dir).iterdir()):
             match = pattern.fullmatch(path.name)
             if match and path.is_file():
-                found.setdefault(int(match.group(1)), []).append(path)
+                found.setdefault(int(match["number"]), []).append(path)
     return found
+
+
+def unnumbered_name(filename: str) -> str:
+    """The name a file is numbered after: 'me' for me-000002.safetensors or me-step00000100.safetensors
+    (either layout); any other file's name less .safetensors."""
+    for numbering in (EPOCHS, STEPS):
+        match = _pattern(".+", *numbering).fullmatch(filename)
+        if match:
+            return match["name"]
+    return filename.removesuffix(".safetensors")
 
 
 def remove_older(found: dict[int, list[Path]], keep: int, current: int) -> list[Path]:

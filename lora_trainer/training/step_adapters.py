@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..fileio import atomic_path
 from ..run_folder import EMBEDDINGS_DIR
-from .numbered import numbered_files, remove_older
+from .numbered import STEPS, numbered_files, remove_older
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def step_suffix(step: int) -> str:
 
 def step_files(out_dir: Path, name: str) -> dict[int, list[Path]]:
     """{step: its files (one per layout)} of the step adapters named `name` in `out_dir`."""
-    return numbered_files(out_dir, name, "step", 8)
+    return numbered_files(out_dir, name, *STEPS)
 
 
 def keep_step_adapters(exported: list[Path], exported_suffix: str, out_dir: Path, output, step: int,
