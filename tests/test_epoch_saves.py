@@ -198,6 +198,17 @@ def test_overwrite_removes_the_old_runs_epoch_files(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["keep-000001.safetensors"]
 
 
+def test_overwrite_under_another_name_removes_the_old_runs_final_adapter(tmp_path):
+    (tmp_path / "config.yaml").write_text("output:\n  name: old\n")
+    for name in ("old.safetensors", "old.diffusers.safetensors", "mine.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    clear_previous_run(tmp_path, name="old")  # the same name: the new run writes it again
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "mine.safetensors", "old.diffusers.safetensors", "old.safetensors"]
+    clear_previous_run(tmp_path, name="new")  # another name: the old run's adapter would pass for the new run's
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["mine.safetensors"]
+
+
 def test_overwrite_removes_the_old_runs_epoch_and_step_embeddings(tmp_path):
     (tmp_path / "config.yaml").write_text("output:\n  name: old\nembedding:\n  token: ohwx\n")
     emb = tmp_path / "embeddings"

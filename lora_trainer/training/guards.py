@@ -72,27 +72,31 @@ class StopSignals:
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finished.json")
 
 
-def clear_previous_run(out_dir: Path, token: str | None = None) -> None:
+def clear_previous_run(out_dir: Path, token: str | None = None, name: str | None = None) -> None:
     """Remove what an earlier run left in `out_dir` (its checkpoints, samples, log, curve, epoch
     and step adapters and embeddings) before a new run starts there, so nothing stale is mixed in or
     resumed from; only in a run folder. `token`: the new run's embedding.token; the old run's final
-    embedding goes too unless it is that token's, which the new run writes again."""
+    embedding goes too unless it is that token's, which the new run writes again. `name`: the new
+    run's output.name; so does the old run's final adapter, unless the new run writes it again."""
     from .epochs import epoch_files  # epochs checks free space with this module
     from .step_adapters import step_files
 
     out_dir = Path(out_dir)
     if not (out_dir / "config.yaml").is_file():
         return
-    for name in RUN_ARTEFACTS:
-        path = out_dir / name
+    for artefact in RUN_ARTEFACTS:
+        path = out_dir / artefact
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
     saved = read_saved_config(out_dir / "config.yaml")
-    name = saved_text(saved, "output", "name") or OutputConfig.name
+    old_name = saved_text(saved, "output", "name") or OutputConfig.name
     old_token = saved_text(saved, "embedding", "token")
-    kept = [*epoch_files(out_dir, name).values(), *step_files(out_dir, name).values()]
+    kept = [*epoch_files(out_dir, old_name).values(), *step_files(out_dir, old_name).values()]
+    if old_name != name:  # under another name it would stay beside the new run's adapter as if it were one
+        finals = (out_dir / f"{old_name}{tail}.safetensors" for tail in ("", ".diffusers"))
+        kept.append([path for path in finals if path.is_file()])
     if old_token:  # embeddings/<token>-NNNNNN / -stepNNNNNNNN.safetensors: --compare would draw them as this run's
         where = out_dir / EMBEDDINGS_DIR
         kept += [*epoch_files(where, old_token).values(), *step_files(where, old_token).values()]

@@ -123,7 +123,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     log_path = out_dir / "train_log.jsonl"
     if accelerator.is_main_process:
         if checkpoint is None:
-            clear_previous_run(out_dir, cfg.embedding.token)  # overwrite, or nothing to resume yet (check_output_dir)
+            clear_previous_run(out_dir, cfg.embedding.token, cfg.output.name)  # overwrite, or nothing to resume
         else:
             warn_resume_changes(out_dir / "config.yaml", cfg, checkpoint)  # read before it is replaced below
         out_dir.mkdir(parents=True, exist_ok=True)
