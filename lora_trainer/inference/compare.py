@@ -12,7 +12,6 @@ trained an embedding alone compares its embedding files (paired.py).
 from __future__ import annotations
 
 import glob
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,23 +20,18 @@ from ..export.files import PICKLE_SUFFIXES, adapter_path_problem
 from ..imagegrid import Grid, labelled_grid
 from ..pnginfo import GenerationInfo, save_png
 from ..run_folder import EMBEDDINGS_DIR, read_saved_config, saved_text
+from ..training.numbered import numbering
 from .adapter_fit import why_not_loadable
 from .adapters import AdapterSpec, parse_adapter_spec
 from .generate import Generated, Generator, Request
 
-# `<name>-000003` per epoch, `<name>-step00000100` per steps (kohya's names), either layout.
-_NUMBERED = re.compile(r"(?P<name>.+?)-(?:(?P<epoch>\d{6})|step(?P<step>\d{8}))(?P<diffusers>\.diffusers)?")
 _GLOB_CHARS = set("*?[")
 
 
 def _parts(path: Path) -> tuple[str, str | None, int | None]:
-    """(run name, 'epoch' | 'step' | None, number) told by a file's name."""
-    stem = path.name.removesuffix(".safetensors")
-    match = _NUMBERED.fullmatch(stem)
-    if not match:
-        return stem.removesuffix(".diffusers"), None, None
-    kind = "epoch" if match["epoch"] else "step"
-    return match["name"], kind, int(match[kind])
+    """(run name, 'epoch' | 'step' | None, number) told by a file's name (training's numberings)."""
+    name, kind, number = numbering(path.name)
+    return (name, kind, number) if kind else (name.removesuffix(".diffusers"), None, None)
 
 
 def column_label(path: Path) -> str:

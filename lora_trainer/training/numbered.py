@@ -29,14 +29,21 @@ def numbered_files(out_dir: Path, name: str, tag: str, digits: int) -> dict[int,
     return found
 
 
+def numbering(filename: str) -> tuple[str, str | None, int | None]:
+    """(the name it is numbered after, "epoch" | "step" | None, the number) of an adapter file's
+    name: ('me', 'epoch', 2) for me-000002.safetensors, ('me', 'step', 100) for
+    me-step00000100.diffusers.safetensors; (the name less .safetensors, None, None) for any other."""
+    for kind, (tag, digits) in (("epoch", EPOCHS), ("step", STEPS)):
+        match = _pattern(".+", tag, digits).fullmatch(filename)
+        if match:
+            return match["name"], kind, int(match["number"])
+    return filename.removesuffix(".safetensors"), None, None
+
+
 def unnumbered_name(filename: str) -> str:
     """The name a file is numbered after: 'me' for me-000002.safetensors or me-step00000100.safetensors
     (either layout); any other file's name less .safetensors."""
-    for numbering in (EPOCHS, STEPS):
-        match = _pattern(".+", *numbering).fullmatch(filename)
-        if match:
-            return match["name"]
-    return filename.removesuffix(".safetensors")
+    return numbering(filename)[0]
 
 
 def remove_older(found: dict[int, list[Path]], keep: int, current: int) -> list[Path]:
