@@ -260,3 +260,21 @@ def test_sdxl_loha_with_both_text_encoders_gives_the_trained_outputs(tiny_sdxl, 
     AdapterStack(pipe).load(AdapterSpec(result.adapter_paths[0]), name="xl")
     for got, ref in zip(outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_file_and_sweep_grid_with_loha(tiny_sd15, example_data, tmp_path):
+    """The file holds the EMA of the factors (train.ema_decay), and the sweep grid scales LoHa layers,
+    their scale put back after it."""
+    result = train(run_config(tiny_sd15, example_data, tmp_path / "out", *RUN, "output.save_every_n_steps=0",
+                              "train.max_steps=2", "lora.type=loha", "train.ema_decay=0.5",
+                              "sample.prompts=[a red circle]", "sample.steps=2", "sample.grid_weights=[0,1]"),
+                   show_progress=False)
+    tensors, _ = _file(result.adapter_paths[0])
+    for component, path, name, layer in _layers(result):
+        if component != "unet":
+            continue
+        assert layer.scaling["default"] == 0.5
+        for part, param in layer_parts(layer).items():
+            ema = result.ema[f"unet.{path}.{part}.default"]
+            assert torch.equal(tensors[f"{name}.{part}"], ema) and not torch.equal(ema, param.detach())
+    assert (result.output_dir / "samples" / "sweep.png").is_file()
