@@ -82,6 +82,13 @@ class BlockLrWeights:
 
 @dataclass
 class LoraConfig:
+    # The adapter type (README: LoHa and LoKr): lora (B·A); or LyCORIS' loha (Hadamard product of two
+    # low-rank pairs, (w1_a·w1_b) ⊙ (w2_a·w2_b)) or lokr (Kronecker product kron(w1, w2), w2 low-rank
+    # when rank is small against its size), both at rank/alpha on the same target layers, written as
+    # kohya's `--network_module lycoris.kohya --network_args algo=...` files (kohya layout only)
+    type: Literal["lora", "loha", "lokr"] = "lora"
+    # lokr only (LyCORIS' `factor`): w1's side (each dimension d is split as f × d/f); -1: near √d
+    lokr_factor: int = -1
     rank: int = 4  # r: the inner dimension of B·A
     alpha: Optional[float] = None  # scale is alpha / rank; None means alpha = rank (scale 1)
     dropout: float = 0.0  # peft's lora_dropout: each element of the adapter's input x is dropped

@@ -92,6 +92,7 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"lora.conv_alpha: got {cfg.lora.conv_alpha!r} with lora.conv_rank 0; set lora.conv_rank "
                       "(e.g. 8) to adapt the 3x3 convs, or leave conv_alpha null")
     _check_train_unet(cfg, errors)
+    _check_adapter_type(cfg, errors)
     variant = cfg.model.variant if cfg.model.variant != "auto" else None  # else checked once the base is read
     errors += block_config_errors(cfg.lora, variant)
     t = cfg.train
@@ -332,6 +333,43 @@ def _unread(section: Any, key: str) -> bool:
     """Whether `key` differs from its default: a value the user set (a value equal to the default
     changes nothing, and every resolved config.yaml holds all of them)."""
     return getattr(section, key) != _default(section, key)
+
+
+# What a LoHa/LoKr run (lora.type) does not do yet, by key: (the key's section, its field).
+_NOT_WITH_LYCORIS = (
+    ("lora", "use_dora"), ("lora", "dropout"), ("lora", "neuron_dropout"), ("lora", "rank_dropout"),
+    ("lora", "module_dropout"), ("lora", "init_from"), ("lora", "conv_rank"), ("lora", "block_lr_zero_threshold"),
+    ("lora", "block_ranks"), ("lora", "block_alphas"), ("lora", "conv_block_ranks"), ("lora", "conv_block_alphas"),
+    ("train", "loraplus_lr_ratio"), ("train", "loraplus_unet_lr_ratio"), ("train", "loraplus_text_encoder_lr_ratio"),
+    ("train", "scale_weight_norms"),
+)
+
+
+def _check_adapter_type(cfg: RunConfig, errors: list[str]) -> None:
+    """lora.type loha/lokr: only the kohya layout (diffusers cannot load LyCORIS types), and none of
+    the options that shape or train LoRA's B·A factors (DoRA, the dropouts, init_from, LoCon, blocks,
+    LoRA+, max-norm); lora.lokr_factor only with lokr."""
+    lora = cfg.lora
+    factor = lora.lokr_factor
+    if factor != -1 and factor < 1:
+        errors.append(f"lora.lokr_factor: got {factor!r}; expected -1 (each dimension split near its square root) "
+                      "or an integer >= 1 (e.g. 8)")
+    elif factor != -1 and lora.type != "lokr":
+        errors.append(f"lora.lokr_factor: got {factor!r} with lora.type {lora.type!r}, which does not read it; "
+                      "set lora.type=lokr or leave lora.lokr_factor at -1")
+    if lora.type == "lora":
+        return
+    if cfg.output.format != "kohya":
+        errors.append(f"output.format: got {cfg.output.format!r} with lora.type {lora.type!r}; diffusers cannot "
+                      "load LoHa/LoKr adapters, so they are written in the kohya layout only: set output.format=kohya")
+    weights = lora.block_lr_weights
+    found = [(f"lora.block_lr_weights.{side}", getattr(weights, side)) for side in ("down", "mid", "up")]
+    sections = {"lora": lora, "train": cfg.train}
+    found += [(f"{section}.{key}", getattr(sections[section], key)) for section, key in _NOT_WITH_LYCORIS]
+    for key, value in found:
+        if value not in (None, False, 0, 0.0):
+            errors.append(f"{key}: got {value!r} with lora.type {lora.type!r}, which does not support it yet; "
+                          f"leave it unset, or set lora.type=lora")
 
 
 # lora.* keys that shape the UNet's adapter, meaningless when lora.train_unet is false

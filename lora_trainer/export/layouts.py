@@ -131,10 +131,7 @@ def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float |
             module_alpha = alpha[module]
         else:
             module_alpha = alpha
-        path = canonical_path(component, module)
-        if component == "unet" and unet_blocks == "ldm":
-            path = ldm_from_diffusers(path, layers_per_block)
-        name = f"{prefix}_{path.replace('.', '_')}"
+        name = kohya_name(prefix, component, module, unet_blocks, layers_per_block)
         if name in origin:  # e.g. `a_b.c` and `a.b_c` would both become `a_b_c`
             raise ModelError(f"modules {origin[name]!r} and {module!r} get the same kohya name {name!r}")
         origin[name] = module
@@ -144,6 +141,17 @@ def peft_to_kohya(state: Mapping[str, torch.Tensor], prefix: str, alpha: float |
         if "magnitude" in parts:
             out[f"{name}.dora_scale"] = dora_scale_from_magnitude(parts["magnitude"], parts["up"].ndim)
     return out
+
+
+def kohya_name(prefix: str, component: str, module: str, unet_blocks: str = "diffusers",
+               layers_per_block: int = 2) -> str:
+    """The kohya module name of the peft module path `module` of `component` under `prefix`
+    (`lora_unet`, ...): `lora_unet_down_blocks_0_..._to_q`; SDXL UNet names in LDM blocks with
+    `unet_blocks="ldm"`, text encoder names with `text_model_`."""
+    path = canonical_path(component, module)
+    if component == "unet" and unet_blocks == "ldm":
+        path = ldm_from_diffusers(path, layers_per_block)
+    return f"{prefix}_{path.replace('.', '_')}"
 
 
 def dora_scale_from_magnitude(magnitude: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ..models.kohya_dropout import KohyaDropout, use_kohya_dropout
 from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
 from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
+from ..models.lycoris import LYCORIS_TYPES, inject_lycoris
 from .block_groups import block_groups
 from .components import Trained
 from .tracking import GROUP_NAMES
@@ -25,8 +26,10 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
     lora.train_text_encoder); return the trained modules by component, their optimizer groups and a
     name for each group (what the logs call them). With block lr weights the UNet has one group per
     weight (`unet_w0.5`, ...), else one. LoRA dropout (lora.dropout and kohya's neuron, rank and module
-    dropouts) draws its masks per sample, from `dropout_keys`."""
+    dropouts) draws its masks per sample, from `dropout_keys`. lora.type loha/lokr puts LyCORIS'
+    LoHa/LoKr on the same layers instead (config checks refused what they do not support)."""
     rank, alpha, t = cfg.lora.rank, cfg.lora_alpha, cfg.train
+    kind = cfg.lora.type
     dora = cfg.lora.use_dora
     if dora:
         log.warning("lora.use_dora: DoRA files load exactly in infer.py, and in diffusers in the diffusers layout "
@@ -36,8 +39,13 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
     groups, names = [], []
     if cfg.lora.train_unet:
         weights = block_lr_weights(cfg.lora, base.variant)
-        inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
-                    conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha, ranks=_block_ranks(cfg, base, weights))
+        if kind in LYCORIS_TYPES:
+            inject_lycoris(base.unet, kind, cfg.lora.unet_targets, rank, alpha, "lora.unet_targets",
+                           cfg.lora.lokr_factor)
+        else:
+            inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
+                        conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha,
+                        ranks=_block_ranks(cfg, base, weights))
         if cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks:
             _check_kohya_alphas(cfg, base.unet)
         named["unet"] = base.unet
@@ -50,8 +58,12 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
     if cfg.lora.train_text_encoder:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.lr
         for i, encoder in enumerate(base.text_encoders, start=1):
-            inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
-                        "lora.text_encoder_targets", dora)
+            if kind in LYCORIS_TYPES:
+                inject_lycoris(encoder, kind, cfg.lora.text_encoder_targets, rank, alpha,
+                               "lora.text_encoder_targets", cfg.lora.lokr_factor)
+            else:
+                inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
+                            "lora.text_encoder_targets", dora)
             named[GROUP_NAMES[i]] = encoder
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
             names.append(GROUP_NAMES[i])
@@ -68,7 +80,8 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
             if name != "unet":
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
     if groups:
-        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)", "DoRA" if dora else "LoRA",
+        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)",
+                 LYCORIS_TYPES.get(kind) or ("DoRA" if dora else "LoRA"),
                  sum(p.numel() for g in groups for p in g["params"]), rank, alpha,
                  f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
     else:

@@ -15,6 +15,7 @@ from ..data.templates import describe_templates
 from ..data.buckets import bucket_side_range
 from ..data.folders import describe_folders, group_key, parse_folder_name
 from ..export.files import adapter_states, save_adapter
+from ..export.lycoris_write import save_lycoris_adapter
 from ..export.metadata import kohya_metadata
 from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
@@ -54,11 +55,15 @@ def folder_triggers(examples) -> list[str]:
 
 
 def _network_args(cfg: RunConfig) -> dict[str, str]:
-    """What kohya records in `ss_network_args`: LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios, rank
-    and module dropout and the block arguments set, each as the string kohya's command line takes
-    ("1,0.5,0", "cosine+0.5")."""
+    """What kohya records in `ss_network_args`: LyCORIS' `algo` (and LoKr's `factor`) for lora.type
+    loha/lokr, LoCon's `conv_dim`/`conv_alpha`, the LoRA+ ratios, rank and module dropout and the block
+    arguments set, each as the string kohya's command line takes ("1,0.5,0", "cosine+0.5")."""
     t, lora = cfg.train, cfg.lora
-    args = {"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"} if lora.conv_rank else {}
+    args = {"algo": lora.type} if lora.type != "lora" else {}
+    if lora.type == "lokr" and lora.lokr_factor != -1:
+        args["factor"] = str(lora.lokr_factor)
+    if lora.conv_rank:
+        args.update({"conv_dim": str(lora.conv_rank), "conv_alpha": f"{cfg.conv_alpha:g}"})
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
     args.update({key: f"{getattr(t, key):g}" for key in keys if getattr(t, key) is not None})
     args.update({key: f"{getattr(lora, key):g}" for key in ("rank_dropout", "module_dropout") if getattr(lora, key)})
@@ -133,6 +138,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         loraplus_text_encoder_lr_ratio=t.loraplus_text_encoder_lr_ratio,
         ema_decay=t.ema_decay,  # the tensors are the EMA of the trained weights
         ema_warmup=t.ema_warmup if t.ema_decay is not None else None,
+        # LyCORIS types train through kohya's `--network_module lycoris.kohya --network_args algo=...`
+        network_module="lycoris.kohya" if cfg.lora.type != "lora" else "networks.lora",
         network_args=_network_args(cfg) or None,  # kohya's --network_args: LoCon, LoRA+, dropouts, blocks
         network_dropout=cfg.lora.neuron_dropout or None,  # kohya's --network_dropout; written only when on
         # which models the file adapts, under kohya's argument names
@@ -207,8 +214,12 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
     for layout in layouts:
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
-        save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype, base=variant,
-                     extra_tensors=bundle if layout == "kohya" else None)
+        if cfg.lora.type != "lora":  # LoHa/LoKr: the kohya layout only (config checks)
+            save_lycoris_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, metadata, dtype, base=variant,
+                                 extra_tensors=bundle)
+        else:
+            save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype,
+                         base=variant, extra_tensors=bundle if layout == "kohya" else None)
         log.info("saved %s adapter: %s", layout, path)
         paths.append(path)
     return paths
@@ -291,9 +302,12 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encod
 
 
 def _lora_layers(modules):
+    """The adapted layers (LoRA, or LoHa/LoKr: peft scales each type's ΔW by its `scaling`)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
-    return [m for module in modules if module is not None for m in module.modules() if isinstance(m, LoraLayer)]
+    return [m for module in modules if module is not None for m in module.modules()
+            if isinstance(m, (LoraLayer, LycorisLayer))]
 
 
 def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None, words=None) -> Path:

@@ -1,0 +1,67 @@
+"""LoHa and LoKr injection with peft (LyCORIS' types, `lora.type`), on the layers LoRA would adapt:
+
+- LoHa: ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha/r, each pair d_out × r · r × d_in. peft draws w1_a,
+  w1_b and w2_a (Kaiming) and zeroes w2_b, so training starts at ΔW = 0.
+- LoKr: ΔW = kron(w1, w2) · alpha/r, d_out = a·b and d_in = c·d split by LyCORIS' factorization
+  (`lokr_factor`: a and c near it; -1: near √d); w1 (a × c) is whole, w2 (b × d) whole when
+  r ≥ max(b, d)/2, else the pair w2_a·w2_b (b × r · r × d). peft zeroes w1: ΔW = 0 at the start.
+
+A Conv2d target gets the product flattened to d_out × (d_in·k·k) and reshaped to the kernel (peft's
+default, which LyCORIS writes the same way without CP cores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .lora import ADAPTER_NAME
+
+# lora.type -> the LyCORIS name of the type (what files and `inspect` call it)
+LYCORIS_TYPES = {"loha": "LoHa", "lokr": "LoKr"}
+
+
+def lycoris_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The peft LoHa/LoKr-wrapped layers of `module`, by module path."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, LycorisLayer) and ADAPTER_NAME in m._available_adapters}
+
+
+def layer_parts(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """{part name (`hada_w1_a`, `lokr_w1`, ...): parameter} of one wrapped layer's adapter."""
+    return {name: getattr(layer, name)[ADAPTER_NAME] for name in layer.adapter_layer_names
+            if ADAPTER_NAME in getattr(layer, name)}
+
+
+def inject_lycoris(module: torch.nn.Module, kind: str, targets: list[str], rank: int, alpha: float, key: str,
+                   factor: int = -1) -> int:
+    """Add a trainable LoHa (`kind` "loha") or LoKr ("lokr", with `factor`) adapter at `rank` and
+    `alpha` to the layers of `module` whose names end with one of `targets`; return the number of
+    wrapped layers. `key` names the config key for errors."""
+    from peft import LoHaConfig, LoKrConfig
+
+    if kind == "loha":
+        config = LoHaConfig(r=rank, alpha=alpha, target_modules=list(targets))
+    elif kind == "lokr":
+        config = LoKrConfig(r=rank, alpha=alpha, target_modules=list(targets), decompose_factor=factor)
+    else:
+        raise ValueError(f"kind must be one of {', '.join(LYCORIS_TYPES)}, not {kind!r}")
+    try:
+        module.add_adapter(config, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:
+        if "not found" in str(exc) or "Target modules" in str(exc):
+            raise ConfigError(
+                f"{key}: none of {targets} names a layer of the {type(module).__name__}; "
+                "use attention projection names such as to_q, to_k, to_v, to_out.0 (UNet) or "
+                "q_proj, k_proj, v_proj, out_proj (text encoder)"
+            ) from None
+        raise
+    layers = lycoris_layers(module)
+    # Adapter weights train in fp32 whatever the frozen weights' dtype (peft casts the frozen
+    # layer's input to them and the sum back to the input's dtype).
+    for layer in layers.values():
+        for part in layer_parts(layer).values():
+            part.data = part.data.float()
+    return len(layers)
