@@ -278,3 +278,34 @@ def test_ema_file_and_sweep_grid_with_loha(tiny_sd15, example_data, tmp_path):
             ema = result.ema[f"unet.{path}.{part}.default"]
             assert torch.equal(tensors[f"{name}.{part}"], ema) and not torch.equal(ema, param.detach())
     assert (result.output_dir / "samples" / "sweep.png").is_file()
+
+
+def test_a_loha_run_is_published_as_its_kohya_file_alone_and_packaged_as_lycoris(runs, tmp_path, monkeypatch):
+    """diffusers' load_lora_weights reads no LoHa: the Hub folder holds no diffusers copy, the card
+    says LoHa and shows how to generate with it, and the CivitAI fields give CivitAI's LyCORIS type."""
+    import zipfile
+
+    from lora_trainer.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    result = runs["loha"][0]
+    run_file = next(p for p in result.output_dir.glob("*.safetensors") if "-step" not in p.name)
+    repo = tmp_path / "repo"
+    assert main(["publish", str(result.output_dir), "--hub", "alice/shapes", "--dry-run", "--out", str(repo)]) == 0
+    assert [p.name for p in repo.glob("*.safetensors")] == [run_file.name]
+    published, metadata = _file(repo / run_file.name)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert {k.rsplit(".", 1)[1] for k in published} == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
+    card = (repo / "README.md").read_text()
+    assert "lycoris" in card.split("---\n", 2)[1] and "A LoHa adapter for" in card
+    assert "pytorch_lora_weights" not in card and "load_lora_weights(" not in card
+    assert "lora-trainer infer --model " in card and f"--lora {run_file.name}:" in card
+    assert "| LoHa rank / alpha | 4 / 2 |" in card
+
+    package = tmp_path / "shapes.zip"
+    assert main(["package", str(result.output_dir), "--civitai", str(package)]) == 0
+    with zipfile.ZipFile(package) as z:
+        fields = json.loads(z.read("civitai.json"))
+        readme = z.read("README.txt").decode()
+    assert fields["type"] == "LoCon" and fields["description"].startswith("LoHa for ")
+    assert "Type: LyCORIS" in readme and "type LyCORIS;" in readme

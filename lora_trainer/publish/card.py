@@ -7,12 +7,13 @@ entries point at sample images copied into the repo folder.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 
 import yaml
 
 from .embeddings import card_section
-from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
+from .run import Run, WeightAdvice, adapter_kind, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
@@ -34,6 +35,8 @@ def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> d
     # the Hub lists textual-inversion repos under `textual_inversion`; `template:sd-lora` is the LoRA card template
     tags = (["textual_inversion", "text-to-image", "stable-diffusion", "diffusers", "lora-trainer"] if run.embedding_only
             else ["lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora-trainer"])
+    if not run.embedding_only and adapter_kind(run) != "LoRA":
+        tags.insert(1, "lycoris")
     if run.variant == "sdxl":
         tags += ["sdxl", "stable-diffusion-xl"]
     data: dict = {"base_model": base_model, "license": license, "library_name": "diffusers",
@@ -80,14 +83,25 @@ def _usage(run: Run, base_model: str, repo_id: str, files: CardFiles, advice: We
     adapter_name = re.sub(r"\W", "_", run.name)  # peft adapter names cannot hold dots
     a1111_tag = f"<lora:{files.kohya.removesuffix('.safetensors')}:{advice.default:g}>"
     neg = f", negative_prompt={negative!r}" if negative else ""
+    if files.diffusers is None:  # LoHa/LoKr
+        command = (f"lora-trainer infer --model {base_model} --lora {files.kohya}:{advice.default:g} "
+                   f"--prompt {shlex.quote(prompt)}" + (f" --negative-prompt {shlex.quote(negative)}" if negative else ""))
+        diffusers = [
+            f"diffusers' `load_lora_weights` does not read {adapter_kind(run)} files. lora-trainer generates with "
+            "them on a diffusers pipeline:", "",
+            "```bash", command, "```",
+        ]
+    else:
+        diffusers = [
+            "```python", "import torch", f"from diffusers import {pipeline}", "",
+            f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")',
+            f'pipe.load_lora_weights("{repo_id}", weight_name="{files.diffusers}", adapter_name="{adapter_name}")',
+            f'pipe.set_adapters(["{adapter_name}"], adapter_weights=[{advice.default:g}])',
+            f"image = pipe({prompt!r}{neg}, num_inference_steps=30).images[0]",
+            'image.save("out.png")', "```",
+        ]
     return [
-        "## Use it with diffusers", "",
-        "```python", "import torch", f"from diffusers import {pipeline}", "",
-        f'pipe = {pipeline}.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights("{repo_id}", weight_name="{files.diffusers}", adapter_name="{adapter_name}")',
-        f'pipe.set_adapters(["{adapter_name}"], adapter_weights=[{advice.default:g}])',
-        f"image = pipe({prompt!r}{neg}, num_inference_steps=30).images[0]",
-        'image.save("out.png")', "```", "",
+        "## Use it with diffusers", "", *diffusers, "",
         "## Use it in ComfyUI, AUTOMATIC1111 or Forge", "",
         f"Download {_code(files.kohya)} (kohya layout, which these tools and CivitAI read).", "",
         f"- **ComfyUI**: put it in `ComfyUI/models/loras/`, add a *Load LoRA* node after the checkpoint "
@@ -124,7 +138,7 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("resolution", f"{cfg.data.resolution} px"),
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
-        ("LoRA rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
+        (f"{adapter_kind(run)} rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
         ("adapted modules", _adapted_modules(cfg)),
         ("learning rate", f"{t.lr:g} ({t.scheduler}, {t.warmup} warmup steps)" if cfg.lora.train_unet
          else f"{t.scheduler}, {t.warmup} warmup steps"),
@@ -176,7 +190,7 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
     meta = yaml.safe_dump(front_matter(run, base_model, license, files), sort_keys=False, allow_unicode=True)
     prompts, negative = recommended_prompts(run)
     words = trigger_words(run)
-    about = description or (f"A LoRA adapter for {BASE_NAMES[run.variant]} (`{base_model}`)"
+    about = description or (f"A {adapter_kind(run)} adapter for {BASE_NAMES[run.variant]} (`{base_model}`)"
                             + (f", trained on {dataset_size(run)} images" if dataset_size(run) else "")
                             + (f"; it is switched on by {', '.join(_code(w) for w in words)}." if words else "."))
     lines = ["---", meta.rstrip(), "---", "", f"# {run.name}", "", about, ""]
@@ -192,7 +206,7 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
     lines += ["## Weight", ""] + _weight_section(advice, files) + [""]
     lines += ["## Files", "", "| file | what |", "| --- | --- |",
               f"| {_code(files.kohya)} | kohya layout: AUTOMATIC1111, ComfyUI, Forge, InvokeAI, CivitAI |",
-              f"| {_code(files.diffusers)} | diffusers layout: `pipe.load_lora_weights` |",
+              *([f"| {_code(files.diffusers)} | diffusers layout: `pipe.load_lora_weights` |"] if files.diffusers else []),
               "| `prompts.json` | trigger words, recommended prompts, negative prompt and weights as data |",
               "| `config.yaml` | the training run's config |"]
     if files.images:

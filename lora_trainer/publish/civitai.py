@@ -20,8 +20,13 @@ from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
 from .embeddings import embedding_sources, publish_embedding, readme_lines
-from .run import (Run, WeightAdvice, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
+from .run import (Run, WeightAdvice, adapter_kind, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
                   trained_steps, trigger_words)
+
+# CivitAI's model type by adapter (its API names; the upload form calls LoCon "LyCORIS") and the
+# form's label for each
+CIVITAI_TYPES = {"LoRA": "LORA", "LoHa": "LoCon", "LoKr": "LoCon"}
+CIVITAI_TYPE_LABELS = {"LORA": "LoRA", "LoCon": "LyCORIS"}
 
 # CivitAI's "Base model" choices for our variants.
 CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
@@ -30,7 +35,7 @@ CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
 def default_description(run: Run) -> str:
     images = dataset_size(run)
     words = trigger_words(run)
-    return (f"LoRA for {BASE_NAMES[run.variant]}"
+    return (f"{adapter_kind(run)} for {BASE_NAMES[run.variant]}"
             + (f", trained on {images} images" if images else "")
             + f" for {trained_steps(run)} steps at rank {run.cfg.lora.rank}."
             + (f" Trigger words: {', '.join(words)}." if words else " No trigger word: it acts on every prompt."))
@@ -43,7 +48,7 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
     cfg = run.cfg
     return {
         "name": run.name,
-        "type": "LORA",
+        "type": CIVITAI_TYPES[adapter_kind(run)],
         "baseModel": CIVITAI_BASE_MODELS[run.variant],
         "trainedWords": trigger_words(run),
         "description": description or default_description(run),
@@ -120,7 +125,7 @@ def readme_text(fields: dict) -> str:
     lines = [
         fields["name"], "=" * len(fields["name"]), "",
         fields["description"], "",
-        f"Type: LoRA    Base model: {fields['baseModel']}",
+        f"Type: {CIVITAI_TYPE_LABELS[fields['type']]}    Base model: {fields['baseModel']}",
         f"Trigger words: {', '.join(fields['trainedWords']) or '(none)'}",
         f"Recommended weight: {w['default']:g} (range {w['min']:g} - {w['max']:g}; {weight_note})",
         *([f"Weights: an EMA of the training (decay {fields['training']['emaDecay']:g}), not the last step's"]
@@ -132,7 +137,8 @@ def readme_text(fields: dict) -> str:
         "  images/          preview images; their generation settings are in each PNG's parameters text",
         "  civitai.json     the upload form's fields",
         "  prompts.json     trigger words, prompts and weights as data", "",
-        "Upload to CivitAI: Create > Upload a model, type LoRA; copy name, base model, trigger words and",
+        f"Upload to CivitAI: Create > Upload a model, type {CIVITAI_TYPE_LABELS[fields['type']]}; copy name, base model, "
+        "trigger words and",
         "description from civitai.json; add the .safetensors file; drop the images in (CivitAI reads",
         "their generation data).", "",
         f"Use: AUTOMATIC1111 / Forge: copy {fields['file']} to models/Lora and write <lora:{stem}:{w['default']:g}>",

@@ -22,7 +22,7 @@ from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
 from .embedding_card import model_card as embedding_card
 from .embeddings import embedding_sources, publish_embedding
-from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
+from .run import BASE_LICENSES, HUB_ID, Run, adapter_kind, hub_base_model, prompt_guide, weight_advice
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -115,9 +115,12 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
     base_model, note = hub_base_model(run, opts.base_model)
     advice = weight_advice(run, opts.weight, opts.weight_range)
     kohya_name = None if run.embedding_only else f"{run.name}.safetensors"
+    # diffusers' load_lora_weights reads no LoHa/LoKr: their repo holds the kohya file alone
+    diffusers_name = DIFFUSERS_NAME if kohya_name and adapter_kind(run) == "LoRA" else None
     if kohya_name:
         write_kohya(run, folder / kohya_name)
-        write_diffusers(run, folder / DIFFUSERS_NAME)
+    if diffusers_name:
+        write_diffusers(run, folder / diffusers_name)
     (folder / "images").mkdir()
     images = []
     for i, sample in enumerate(run.samples):  # byte copies: the `parameters` chunk stays
@@ -149,7 +152,7 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
                 (folder / name).parent.mkdir(exist_ok=True)
                 shutil.copyfile(source, folder / name)
                 embeddings.append(name)
-        files = CardFiles(images=images, kohya=kohya_name, diffusers=DIFFUSERS_NAME, sweep=sweep, loss=loss,
+        files = CardFiles(images=images, kohya=kohya_name, diffusers=diffusers_name, sweep=sweep, loss=loss,
                           embeddings=embeddings)
         card = model_card(run, opts.repo_id, base_model, license, files, advice, opts.description)
     write_text_atomic(folder / "README.md", card)
@@ -159,7 +162,8 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
 
 
 def build_hub_folder(run: Run, out: str | Path, opts: HubOptions, overwrite: bool = False) -> HubFolder:
-    """Write the repo folder at `out`: both adapter layouts (an embedding alone: its file), images/,
+    """Write the repo folder at `out`: both adapter layouts (LoHa/LoKr: the kohya one; an embedding
+    alone: its file), images/,
     README.md, prompts.json, config.yaml. Built in a temporary sibling folder and swapped in, so `out` is never half written."""
     check_repo_id(opts.repo_id)
     out = Path(out)
