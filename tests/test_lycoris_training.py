@@ -1,6 +1,7 @@
 """LoHa and LoKr training (`lora.type`): peft's LoHa/LoKr on LoRA's layers, written as LyCORIS writes
 them under kohya; the file gives the trained outputs through our reader and the ΔW the LyCORIS
-package computes from it (a LoKr of two whole factors included, which LyCORIS applies at scale 1);
+package computes from it (a LoKr of two whole factors included, which LyCORIS trains and applies at
+scale 1, and so does our training);
 checkpoints resume exactly; what the slice does not support is refused by key before any model loads."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lora_trainer.training.loop import train
 RUN = ["lora.alpha=2", "train.lr=1e-2", "train.max_steps=4", "output.save_every_n_steps=2", "output.dtype=fp32",
        "sample.prompts=[]"]
 # LoHa on UNet and text encoder; LoKr at rank 4 (the tiny layers, 32 or 64 wide, split 4·8 or 8·8,
-# keep both factors whole: scale 1 in LyCORIS, alpha/r in peft) and at rank 2, alpha 1 with
+# keep both factors whole: scale 1 whatever alpha, in LyCORIS and here) and at rank 2, alpha 1 with
 # lokr_factor 2 (w1 2 × 2, w2 a low-rank pair: scale alpha/r in both)
 CASES = {
     "loha": ["lora.type=loha", "lora.train_text_encoder=true", "train.text_encoder_lr=5e-3"],
@@ -127,6 +128,27 @@ def test_each_layer_has_the_delta_w_the_lycoris_package_computes_from_the_file(r
     assert names == {key.partition(".")[0] for key in tensors}
 
 
+def test_a_lokr_of_whole_factors_trains_at_scale_1_as_lycoris_does(runs, tiny_sd15):
+    """LyCORIS ignores alpha for a LoKr module of two whole factors (scale 1): kohya's full-matrix
+    recipe (network_dim 100000, network_alpha 1) would otherwise train 10^-5 as fast here. Low-rank
+    modules keep alpha / r."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.models.lycoris import inject_lycoris
+
+    whole = [layer for *_, layer in _layers(runs["lokr"][0])]
+    low = [layer for *_, layer in _layers(runs["lokr-low-rank"][0])]
+    assert whole and all(layer.scaling["default"] == 1.0 and "default" in layer.lokr_w2 for layer in whole)
+    assert low and all(layer.scaling["default"] == 0.5 and "default" in layer.lokr_w2_a for layer in low)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    assert inject_lycoris(unet, "lokr", ["to_q"], 100000, 1.0, "lora.unet_targets") > 0
+    layers = lycoris_layers(unet).values()
+    assert all(layer.scaling["default"] == 1.0 and layer.alpha["default"] == 100000 for layer in layers)
+    layer = next(iter(layers))
+    layer.set_scale("default", 0.5)  # the sweep's weight: peft's alpha / r reading stays scale 1 × weight
+    assert layer.scaling["default"] == 0.5
+
+
 def test_layout_parts_and_metadata_are_lycoris_under_kohya(runs):
     loha, _ = _file(runs["loha"][0].adapter_paths[0])
     lokr, _ = _file(runs["lokr"][0].adapter_paths[0])
@@ -140,7 +162,7 @@ def test_layout_parts_and_metadata_are_lycoris_under_kohya(runs):
         "lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}
     assert low[f"{name}.lokr_w1"].shape == (2, 2) and low[f"{name}.lokr_w2_a"].shape == (16, 2)
     assert float(loha[f"{name}.alpha"]) == 2.0 and float(low[f"{name}.alpha"]) == 1.0
-    assert float(lokr[f"{name}.alpha"]) == 4.0  # two whole factors: alpha = r, alpha/r folded into w1
+    assert float(lokr[f"{name}.alpha"]) == 4.0  # two whole factors: alpha = r (scale 1), as LyCORIS writes it
     assert all(t.dtype == torch.float32 for t in loha.values())
     assert header["ss_network_module"] == "lycoris.kohya"
     assert json.loads(header["ss_network_args"]) == {"algo": "lokr", "factor": "2"}

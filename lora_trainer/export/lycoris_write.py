@@ -3,10 +3,10 @@ kohya (`--network_module lycoris.kohya`): kohya module names (`lora_unet_...`, `
 `lora_te1_/lora_te2_` on SDXL) with the parts `hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, alpha`
 (LoHa) or `lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b, alpha` (LoKr).
 
-The scale: peft multiplies both types by alpha / r. LyCORIS (and every reader of its files: ours,
-A1111, ComfyUI) does the same, except for a LoKr of two whole factors (no low-rank pair to have a
-rank), which it applies at scale 1. Such a module is written with alpha / r folded into `lokr_w1`
-and `alpha` = r (what LyCORIS writes for it), so the file's ΔW is the trained module's everywhere.
+The scale: both types apply alpha / r, in peft, LyCORIS and every reader of its files (ours, A1111,
+ComfyUI), except a LoKr of two whole factors (no low-rank pair to have a rank), which LyCORIS trains
+and applies at scale 1; so does our training (`models.lycoris.whole_factor_scale`). Such a module is
+written with `alpha` = r, what LyCORIS writes for it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ TRAINED_PARTS = {
     "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr",
     "lokr_w2": "LoKr", "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr",
 }
+
+
+def whole_factors(parts) -> bool:
+    """Whether a LoKr module's parts (peft's or a file's, by name) are two whole factors: no
+    low-rank pair, so no rank (LyCORIS: scale 1)."""
+    return "lokr_w1" in parts and "lokr_w2" in parts
 
 
 def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -62,10 +68,8 @@ def peft_to_lycoris(state: Mapping[str, torch.Tensor], prefix: str, rank: int, a
         kinds = {TRAINED_PARTS[p] for p in parts}
         if len(kinds) != 1:
             raise ModelError(f"{module} has both LoHa and LoKr parts ({', '.join(sorted(parts))})")
-        module_alpha = float(alpha)
-        if "lokr_w1" in parts and "lokr_w2" in parts:  # two whole factors: LyCORIS' scale is 1
-            parts = {**parts, "lokr_w1": parts["lokr_w1"] * (float(alpha) / rank)}
-            module_alpha = float(rank)
+        # two whole factors: trained at scale 1, as LyCORIS applies them
+        module_alpha = float(rank) if whole_factors(parts) else float(alpha)
         for part, tensor in sorted(parts.items()):
             out[f"{name}.{part}"] = tensor
         out[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=torch.float32)

@@ -5,6 +5,9 @@
 - LoKr: ΔW = kron(w1, w2) · alpha/r, d_out = a·b and d_in = c·d split by LyCORIS' factorization
   (`lokr_factor`: a and c near it; -1: near √d); w1 (a × c) is whole, w2 (b × d) whole when
   r ≥ max(b, d)/2, else the pair w2_a·w2_b (b × r · r × d). peft zeroes w1: ΔW = 0 at the start.
+  A module of two whole factors has no rank to divide by: LyCORIS trains and applies it at scale 1
+  whatever alpha says, and so do we (`whole_factor_scale`), so kohya's full-matrix recipe
+  (network_dim 100000, network_alpha 1) trains here as there.
 
 A Conv2d target gets the product flattened to d_out × (d_in·k·k) and reshaped to the kernel (peft's
 default, which LyCORIS writes the same way without CP cores).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..export.lycoris_write import whole_factors
 from .lora import ADAPTER_NAME
 
 # lora.type -> the LyCORIS name of the type (what files and `inspect` call it)
@@ -62,6 +66,16 @@ def inject_lycoris(module: torch.nn.Module, kind: str, targets: list[str], rank:
     # Adapter weights train in fp32 whatever the frozen weights' dtype (peft casts the frozen
     # layer's input to them and the sum back to the input's dtype).
     for layer in layers.values():
-        for part in layer_parts(layer).values():
+        parts = layer_parts(layer)
+        for part in parts.values():
             part.data = part.data.float()
+        if whole_factors(parts):
+            whole_factor_scale(layer)
     return len(layers)
+
+
+def whole_factor_scale(layer: torch.nn.Module) -> None:
+    """Give a LoKr layer of two whole factors LyCORIS' scale 1: peft scales by alpha / r, so its alpha
+    becomes r (peft's weight scaling for the sweep and its reset keep reading alpha / r)."""
+    layer.alpha[ADAPTER_NAME] = layer.r[ADAPTER_NAME]
+    layer.scaling[ADAPTER_NAME] = 1.0
