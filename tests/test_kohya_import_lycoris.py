@@ -86,7 +86,7 @@ def test_continuing_a_loha_file_is_refused_and_other_modules_still_are():
 
 @pytest.mark.parametrize("args, noted", [
     ("algo=loha use_tucker=true", "use_tucker=true: Tucker decomposition"),
-    ("algo=lokr use_cp=true", "use_tucker=true: Tucker decomposition"),  # LyCORIS' old name
+    ("algo=lokr use_cp=true", "use_cp=true: Tucker decomposition"),  # LyCORIS' old name
     ("algo=loha use_scalar=true", "use_scalar=true: LyCORIS' trainable scalar"),
     ("algo=loha dora_wd=true", "dora_wd=true: not supported with lora.type loha"),
     ("algo=loha rank_dropout_scale=true", "rank_dropout_scale=true: LyCORIS' kohya entry point does not read it"),

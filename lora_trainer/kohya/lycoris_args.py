@@ -14,18 +14,16 @@ ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 OTHER_ALGOS = ("ia3", "full", "dylora", "glora", "diag-oft", "boft", "tlora")
 # The values LyCORIS takes when an argument is absent (a flag is off unless given): they change nothing.
 DEFAULTS = {"preset": "full", "factor": -1.0, "dropout": 0.0, "rank_dropout": 0.0, "module_dropout": 0.0,
-            "constraint": 0.0, "block_size": 4.0, "disable_conv_cp": True, "wd_on_output": True}
-# LyCORIS' older names (it warns and reads them as the new one)
-RENAMED = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "constrain": "constraint"}
+            "constraint": 0.0, "constrain": 0.0, "block_size": 4.0, "disable_conv_cp": True, "wd_on_output": True}
 # The preset whose layers are exactly ours: the transformer blocks and the text encoders' attention and MLP, no convs
 OUR_PRESET = "attn-mlp"
 # networks.lora's block arguments, which LyCORIS does not read
 BLOCK_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
               "block_alphas", "conv_block_dims", "conv_block_alphas")
 _OFT_ONLY = "only LyCORIS' OFT/BOFT read it; left out"
-NOTES = {
-    "use_tucker": "Tucker decomposition of conv kernels is not supported; left out",
-    "disable_conv_cp": "Tucker decomposition of conv kernels is not supported; left out",
+_TUCKER = "Tucker decomposition of conv kernels is not supported; left out"
+NOTES = {  # use_cp, use_conv_cp, disable_conv_cp and constrain: LyCORIS' older names
+    "use_tucker": _TUCKER, "use_cp": _TUCKER, "use_conv_cp": _TUCKER, "disable_conv_cp": _TUCKER,
     "use_scalar": "LyCORIS' trainable scalar is not supported; left out (ΔW starts at 0 as usual)",
     "train_norm": "training the norm layers is not supported; left out",
     "rank_dropout_scale": "LyCORIS' kohya entry point does not read it; left out",
@@ -35,7 +33,7 @@ NOTES = {
     "unbalanced_factorization": "LoKr's unbalanced factorization is not supported; left out",
     "bypass_mode": "left out: it changes how LyCORIS computes a layer, not what is trained",
     "rs_lora": "not supported (the scale here is alpha/rank); for LyCORIS' alpha/√rank set lora.alpha to alpha·√rank",
-    "constraint": _OFT_ONLY, "rescaled": _OFT_ONLY, "block_size": _OFT_ONLY,
+    "constraint": _OFT_ONLY, "constrain": _OFT_ONLY, "rescaled": _OFT_ONLY, "block_size": _OFT_ONLY,
     "train_t5xxl": "no T5 in SD1.x/SDXL; left out", "train_llm_adapter": "no LLM adapter in SD1.x/SDXL; left out",
     "wd_on_output": "only LyCORIS' dora_wd reads it; left out",
     "dropout": "LyCORIS drops elements of the adapter's output ΔW·x; that is not supported (the nearest are "
@@ -59,9 +57,6 @@ def lycoris_args(network_args: dict[str, str], alpha: float, cfg: dict, notes: l
     """The LyCORIS arguments as config keys, taken out of `network_args` (what is left there is
     mapped or noted as for networks.lora: LoRA+, unknown names). `alpha` is --network_alpha as
     given (LyCORIS' default conv_alpha)."""
-    for old, new in RENAMED.items():
-        if old in network_args:
-            network_args.setdefault(new, network_args.pop(old))
     kind = lycoris_type(network_args)
     algo = network_args.pop("algo", "lora").strip().lower() or "lora"  # lycoris_type checked it
     set_key(cfg, "lora.type", kind)
