@@ -239,10 +239,10 @@ def test_missing_reg_folder_leaves_prior_preservation_off_with_a_note(tmp_path):
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "broken.toml").write_text("network_dim = = 4\n", encoding="utf-8")
     (tmp_path / "lycoris.txt").write_text("python train_network.py --pretrained_model_name_or_path m "
-                                          "--train_data_dir d --network_module lycoris.kohya", encoding="utf-8")
+                                          "--train_data_dir d --network_module lycoris.kohya --network_args algo=ia3", encoding="utf-8")
     (tmp_path / "full.sh").write_text("accelerate launch sdxl_train.py --pretrained_model_name_or_path m")
     cases = {str(tmp_path / "missing.sh"): "not found", str(tmp_path / "broken.toml"): "not valid TOML",
-             str(tmp_path / "lycoris.txt"): "--network_module lycoris.kohya: not supported",
+             str(tmp_path / "lycoris.txt"): "--network_args algo=ia3: LyCORIS' ia3, not supported",
              str(tmp_path / "full.sh"): "sdxl_train.py: not a LoRA training script"}
     for source, message in cases.items():
         assert main(["from-kohya", source, "-o", str(tmp_path / "out.yaml")]) == 2

@@ -16,6 +16,7 @@ from .block_args import block_args
 from .data_options import caption_extension_option, data_options
 from .embedding_options import TI_SCRIPTS, embedding_options, is_textual_inversion
 from .loss_options import loss_options
+from .lycoris_args import lycoris_args, lycoris_type
 from .optimizer_options import optimizer_options, scheduler_options
 from .output_options import output_options, sample_options
 from .options import (
@@ -163,9 +164,14 @@ def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list
 
 def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     module = a.str("network_module", "networks.lora")
-    if module != "networks.lora":
-        raise ConfigError(f"--network_module {module}: not supported; lora-trainer trains plain LoRA "
-                          "(networks.lora) only: LyCORIS (LoCon, LoHa, LoKr), DyLoRA, OFT and LoRA-FA are not")
+    if module not in ("networks.lora", "lycoris.kohya"):
+        raise ConfigError(f"--network_module {module}: not supported; lora-trainer trains kohya's networks.lora "
+                          "and LyCORIS' lycoris.kohya (algo=lora, locon, loha, lokr): DyLoRA, OFT and LoRA-FA are not")
+    network_args = dict(parse_network_args(a.get("network_args", [])))
+    kind = lycoris_type(network_args) if module == "lycoris.kohya" else "lora"
+    if kind != "lora" and a.has("network_weights"):
+        raise ConfigError(f"--network_weights with --network_args algo={kind}: continuing a LoHa/LoKr file is not "
+                          "supported yet (lora.init_from is LoRA only); leave --network_weights out to start afresh")
     if not a.has("network_dim"):
         notes.append("--network_dim not given: kohya's default 4 is used")
     set_key(cfg, "lora.rank", a.int("network_dim", 4))
@@ -173,7 +179,10 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         notes.append("--network_alpha not given: kohya's default 1 is kept (scale 1/rank); ours would be alpha = rank")
     alpha = a.float("network_alpha", 1.0)
     set_key(cfg, "lora.alpha", alpha if alpha else float(cfg["lora"]["rank"]))  # kohya: alpha 0 means alpha = dim
-    if a.float("network_dropout"):  # kohya's dropout of the down projection's output, not of the input
+    if a.float("network_dropout") and module == "lycoris.kohya":
+        notes.append(f"--network_dropout {a.get('network_dropout')}: lycoris.kohya does not read it (its dropouts "
+                     "are --network_args dropout/rank_dropout/module_dropout); left out")
+    elif a.float("network_dropout"):  # kohya's dropout of the down projection's output, not of the input
         set_key(cfg, "lora.neuron_dropout", a.float("network_dropout"))
     set_key(cfg, "lora.unet_targets", list(KOHYA_UNET_TARGETS))
     set_key(cfg, "lora.text_encoder_targets", list(KOHYA_TEXT_ENCODER_TARGETS))
@@ -194,9 +203,11 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
     set_key(cfg, "lora.train_text_encoder", not unet_only)
     if te_only:
         set_key(cfg, "lora.train_unet", False)
-    network_args = dict(parse_network_args(a.get("network_args", [])))
-    _locon(network_args, cfg, notes)
-    block_args(network_args, cfg, notes)
+    if module == "lycoris.kohya":
+        lycoris_args(network_args, alpha, cfg, notes)
+    else:
+        _locon(network_args, cfg, notes)
+        block_args(network_args, cfg, notes)
     for key, value in network_args.items():
         if key == "loraplus_text_encoder_lr_ratio" and unet_only:
             notes.append(f"--network_args {key}={value}: the text encoder is not trained; left out")
@@ -283,7 +294,11 @@ def _schedule(a: Args, cfg: dict, notes: list[str]) -> None:
     if a.float("min_snr_gamma"):  # 0 is off in kohya, null here
         set_key(cfg, "train.snr_gamma", a.float("min_snr_gamma"))
     loss_options(a, cfg, notes)
-    if a.float("scale_weight_norms"):  # 0 is off in kohya, null here
+    kind = cfg.get("lora", {}).get("type", "lora")
+    if a.float("scale_weight_norms") and kind != "lora":
+        notes.append(f"--scale_weight_norms {a.get('scale_weight_norms')}: max-norm is not supported with lora.type "
+                     f"{kind} yet; left out")
+    elif a.float("scale_weight_norms"):  # 0 is off in kohya, null here
         set_key(cfg, "train.scale_weight_norms", a.float("scale_weight_norms"))
     if a.float("validation_split"):  # held-out images for a validation loss; 0 is off in both
         set_key(cfg, "data.validation_split", a.float("validation_split"))
