@@ -97,7 +97,7 @@ def test_continuing_a_loha_file_is_refused_and_other_modules_still_are():
     ("algo=loha module_dropout=0.1", "module_dropout=0.1: not supported with lora.type loha"),
     ("algo=lokr loraplus_lr_ratio=16", "loraplus_lr_ratio=16: not supported with lora.type lokr"),
     ("algo=lokr decompose_both=true", "decompose_both=true: LoKr with w1 low-rank"),
-    ("algo=lokr full_matrix=true", "full_matrix=true: LoKr's full-matrix mode"),
+    ("algo=lokr full_matrix=true", "full_matrix=true: left out: w2 is whole here"),
     ("algo=lokr unbalanced_factorization=true", "unbalanced_factorization=true: LoKr's unbalanced"),
     ("algo=loha bypass_mode=true", "bypass_mode=true: left out"),
     ("algo=loha rs_lora=true", "rs_lora=true: not supported (the scale here is alpha/rank)"),

@@ -28,8 +28,9 @@ NOTES = {  # use_cp, use_conv_cp, disable_conv_cp and constrain: LyCORIS' older 
     "train_norm": "training the norm layers is not supported; left out",
     "rank_dropout_scale": "LyCORIS' kohya entry point does not read it; left out",
     "decompose_both": "LoKr with w1 low-rank too is not supported (w1 is whole here); left out",
-    "full_matrix": "LoKr's full-matrix mode is not supported (w2 is whole when lora.rank is at least half its "
-                   "larger side, else a rank-r pair); left out",
+    "full_matrix": "left out: w2 is whole here when lora.rank is at least half its larger side (else a rank-r "
+                   "pair); for whole factors everywhere set network_dim large (e.g. 100000): they train at scale 1, "
+                   "as in LyCORIS",
     "unbalanced_factorization": "LoKr's unbalanced factorization is not supported; left out",
     "bypass_mode": "left out: it changes how LyCORIS computes a layer, not what is trained",
     "rs_lora": "not supported (the scale here is alpha/rank); for LyCORIS' alpha/√rank set lora.alpha to alpha·√rank",
