@@ -29,6 +29,10 @@ CASES = {
     "loha": ["lora.type=loha", "lora.train_text_encoder=true", "train.text_encoder_lr=5e-3"],
     "lokr": ["lora.type=lokr"],
     "lokr-low-rank": ["lora.type=lokr", "lora.rank=2", "lora.alpha=1", "lora.lokr_factor=2"],
+    # convs named in unet_targets (SD1.5's 1x1 proj_in, the ResNets' 3x3 conv1): peft's flattened
+    # kernels, which LyCORIS writes the same way without CP cores
+    "loha-conv": ["lora.type=loha", "lora.unet_targets=[to_q,proj_in,conv1]"],
+    "lokr-conv": ["lora.type=lokr", "lora.unet_targets=[to_q,proj_in,conv1]"],
 }
 
 
@@ -110,7 +114,7 @@ def test_each_layer_has_the_delta_w_the_lycoris_package_computes_from_the_file(r
     result = runs[case][0]
     tensors, _ = _file(result.adapter_paths[0])
     ours = read_lycoris(result.adapter_paths[0])
-    kind = LohaModule if case == "loha" else LokrModule
+    kind = LohaModule if case.startswith("loha") else LokrModule
     names = set()
     for component, path, name, layer in _layers(result):
         names.add(name)
