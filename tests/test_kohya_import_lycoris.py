@@ -40,16 +40,18 @@ def test_loha_and_lokr_command_lines_become_lora_type_and_load(tmp_path, args, e
     notes, _ = convert_kohya(tmp_path / "train.sh", tmp_path / "config.yaml")
     cfg = load_config(tmp_path / "config.yaml")
     assert (cfg.lora.type, cfg.lora.lokr_factor) == (expected["type"], expected.get("lokr_factor", -1))
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.conv_rank, cfg.output.format) == (8, 4.0, 0, "kohya")
+    # LyCORIS adapts the convs at conv_dim = network_dim unless told otherwise, LoHa/LoKr too
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.conv_rank, cfg.lora.conv_alpha, cfg.output.format) == (
+        8, 4.0, 8, 4.0, "kohya")
     converted, _ = _convert("--network_args " + args)
-    assert converted["lora"] == _lora(**expected)
+    assert converted["lora"] == _lora(**expected, conv_rank=8, conv_alpha=4.0)
     # LyCORIS' default preset (full) adapts every Linear/Conv of the UNet: the note says what is adapted here
     assert notes == [f"--network_module lycoris.kohya --network_args algo={expected['type']}: LyCORIS' default preset "
                      "full adapts every Linear and Conv of the UNet; here the transformer blocks' attention, feed-forward "
                      "and proj_in/proj_out (lora.unet_targets) and the text encoders' attention and MLP "
-                     f"(lora.text_encoder_targets) are adapted, and no conv layers (lora.type {expected['type']} has no "
-                     "lora.conv_rank yet) nor conv_in, conv_out or the time embedding (preset=attn-mlp is exactly that "
-                     "set without convs)"]
+                     "(lora.text_encoder_targets) are adapted, and the ResNet blocks and samplers at lora.conv_rank "
+                     "(LyCORIS' conv_dim); conv_in, conv_out and the time embedding are not adapted (preset=attn-mlp is "
+                     "exactly that set without convs)"]
 
 
 def test_lycoris_lora_and_locon_are_our_lora_with_convs_at_network_dim_unless_given():
@@ -91,7 +93,7 @@ def test_continuing_a_loha_file_is_refused_and_other_modules_still_are():
     ("algo=loha dora_wd=true", "dora_wd=true: not supported with lora.type loha"),
     ("algo=loha rank_dropout_scale=true", "rank_dropout_scale=true: LyCORIS' kohya entry point does not read it"),
     ("algo=lokr train_norm=true", "train_norm=true: training the norm layers"),
-    ("algo=loha conv_dim=8", "conv_dim=8: not supported with lora.type loha"),
+    ("algo=loha conv_dim=8", "conv_dim=8: preset=attn-mlp adapts no 3x3 convs"),
     ("algo=lokr dropout=0.1", "dropout=0.1: not supported with lora.type lokr"),
     ("algo=loha rank_dropout=0.1", "rank_dropout=0.1: not supported with lora.type loha"),
     ("algo=loha module_dropout=0.1", "module_dropout=0.1: not supported with lora.type loha"),
@@ -104,20 +106,30 @@ def test_continuing_a_loha_file_is_refused_and_other_modules_still_are():
     ("algo=loha factor=4", "factor=4: only algo=lokr reads it"),
     ("algo=loha down_lr_weight=1,1,1", "down_lr_weight=1,1,1: networks.lora's block argument"),
     ("algo=lora dropout=0.1", "dropout=0.1: LyCORIS drops elements of the adapter's output"),
-    ("algo=lokr preset=unet-only", "preset=unet-only: not mapped; here the transformer blocks'"),
 ])
 def test_what_lycoris_reads_and_we_do_not_is_one_note_and_left_out(tmp_path, args, noted):
     preset = "" if "preset=" in args else " preset=attn-mlp"  # our layer set: no note of its own
     (tmp_path / "train.sh").write_text(COMMAND + "--network_args " + args + preset, encoding="utf-8")
     notes, _ = convert_kohya(tmp_path / "train.sh", tmp_path / "config.yaml")  # the config validates
     assert [n.split(": ", 1)[0] for n in notes] == [
-        "--network_module lycoris.kohya --network_args algo=lokr" if "preset=" in noted else
+        "--network_module lycoris.kohya --network_args algo=lokr" if noted.startswith("preset=") else
         "--network_args " + noted.split(":")[0]], notes
     assert noted in notes[0]
     algo = args.split()[0].split("=")[1]
     lora = load_config(tmp_path / "config.yaml").lora
     assert lora.type == {"lora": "lora", "loha": "loha", "lokr": "lokr"}[algo]
     assert (lora.conv_rank, lora.dropout, lora.rank_dropout, lora.module_dropout, lora.use_dora) == (0, 0, 0, 0, False)
+
+
+def test_another_lycoris_preset_is_noted_with_what_is_adapted_here():
+    cfg, notes = _convert("--network_args algo=lokr preset=unet-only")
+    assert notes == ["--network_module lycoris.kohya --network_args algo=lokr: --network_args preset=unet-only: not "
+                     "mapped; here the transformer blocks' attention, feed-forward and proj_in/proj_out "
+                     "(lora.unet_targets) and the text encoders' attention and MLP (lora.text_encoder_targets) are "
+                     "adapted, and the ResNet blocks and samplers at lora.conv_rank (LyCORIS' conv_dim); conv_in, "
+                     "conv_out and the time embedding are not adapted (preset=attn-mlp is exactly that set without "
+                     "convs)"]
+    assert cfg["lora"] == _lora(type="lokr", conv_rank=8, conv_alpha=4.0)
 
 
 def test_lycoris_defaults_and_unread_kohya_options_add_the_expected_notes_only():
@@ -146,6 +158,8 @@ def test_converted_lokr_config_trains_the_tiny_model(tiny_sd15, example_data, tm
     with safetensors.safe_open(str(path), "pt") as f:
         header, keys = f.metadata(), list(f.keys())
     assert header["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(header["ss_network_args"]) == {"algo": "lokr", "factor": "4"}
+    # LyCORIS' convs at conv_dim = network_dim, conv_alpha = network_alpha
+    assert json.loads(header["ss_network_args"]) == {"algo": "lokr", "factor": "4", "conv_dim": "4", "conv_alpha": "2"}
+    assert any(k.startswith("lora_unet_") and "resnets_0_conv1" in k for k in keys)
     assert any(k.startswith("lora_te_") and k.endswith(".lokr_w1") for k in keys)  # text encoder trained, as kohya
     assert any(k.startswith("lora_unet_") and "ff_net_2" in k for k in keys)

@@ -33,6 +33,10 @@ CASES = {
     # kernels, which LyCORIS writes the same way without CP cores
     "loha-conv": ["lora.type=loha", "lora.unet_targets=[to_q,proj_in,conv1]"],
     "lokr-conv": ["lora.type=lokr", "lora.unet_targets=[to_q,proj_in,conv1]"],
+    # LyCORIS' conv_dim: the ResNet blocks and samplers too, the 3x3 convs at their own rank and alpha
+    # (LoKr's attention layers whole at rank 4, its 3x3 convs a rank-2 pair: two scales in one file)
+    "loha-locon": ["lora.type=loha", "lora.conv_rank=2", "lora.conv_alpha=1"],
+    "lokr-locon": ["lora.type=lokr", "lora.conv_rank=2", "lora.conv_alpha=1"],
 }
 
 
@@ -153,6 +157,23 @@ def test_a_lokr_of_whole_factors_trains_at_scale_1_as_lycoris_does(runs, tiny_sd
     assert layer.scaling["default"] == 0.5
 
 
+@pytest.mark.parametrize("case", ["loha-locon", "lokr-locon"])
+def test_conv_rank_adds_locons_layers_at_their_own_rank_and_alpha(runs, case):
+    tensors, header = _file(runs[case][0].adapter_paths[0])
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # a 3x3 conv: conv rank 2, alpha 1
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # rank 4, alpha 2
+    for name in (conv, "lora_unet_down_blocks_0_resnets_0_time_emb_proj", "lora_unet_down_blocks_0_downsamplers_0_conv"):
+        assert f"{name}.alpha" in tensors
+    assert float(tensors[f"{conv}.alpha"]) == 1.0
+    if case == "loha-locon":
+        assert tensors[f"{conv}.hada_w1_b"].shape[0] == 2 and tensors[f"{attn}.hada_w1_b"].shape[0] == 4
+        assert float(tensors[f"{attn}.alpha"]) == 2.0
+    else:  # the conv's w2 a rank-2 pair at alpha/r = 0.5; the attention layer's factors whole (scale 1)
+        assert tensors[f"{conv}.lokr_w2_a"].shape[1] == 2 and f"{attn}.lokr_w2" in tensors
+        assert float(tensors[f"{attn}.alpha"]) == 4.0
+    assert json.loads(header["ss_network_args"]) == {"algo": case.split("-")[0], "conv_dim": "2", "conv_alpha": "1"}
+
+
 def test_layout_parts_and_metadata_are_lycoris_under_kohya(runs):
     loha, _ = _file(runs["loha"][0].adapter_paths[0])
     lokr, _ = _file(runs["lokr"][0].adapter_paths[0])
@@ -219,10 +240,11 @@ def test_inspect_names_the_type(runs, capsys):
 def test_fp16_output_keeps_alphas_in_fp32(runs, tmp_path):
     from lora_trainer.export.files import adapter_states
     from lora_trainer.export.lycoris_write import save_lycoris_adapter
+    from lora_trainer.models.lycoris import lycoris_alphas
 
     result = runs["lokr"][0]
-    path = save_lycoris_adapter(tmp_path / "half.safetensors", adapter_states(result.unet), 4, 2.0, {},
-                                torch.float16)
+    path = save_lycoris_adapter(tmp_path / "half.safetensors", adapter_states(result.unet),
+                                {"unet": lycoris_alphas(result.unet)}, {}, torch.float16)
     tensors, _ = _file(path)
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
     assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
@@ -233,7 +255,7 @@ def test_fp16_output_keeps_alphas_in_fp32(runs, tmp_path):
     ("lora.use_dora=true", "lora.use_dora"), ("lora.dropout=0.1", "lora.dropout"),
     ("lora.neuron_dropout=0.1", "lora.neuron_dropout"), ("lora.rank_dropout=0.1", "lora.rank_dropout"),
     ("lora.module_dropout=0.1", "lora.module_dropout"), ("lora.init_from=x.safetensors", "lora.init_from"),
-    ("lora.conv_rank=4", "lora.conv_rank"), ("lora.block_lr_weights.down=cosine", "lora.block_lr_weights.down"),
+    ("lora.block_lr_weights.down=cosine", "lora.block_lr_weights.down"),
     ("lora.block_lr_zero_threshold=0.1", "lora.block_lr_zero_threshold"),
     ("lora.block_ranks=[4]", "lora.block_ranks"), ("lora.block_alphas=[4]", "lora.block_alphas"),
     ("lora.conv_block_ranks=[4]", "lora.conv_block_ranks"), ("lora.conv_block_alphas=[4]", "lora.conv_block_alphas"),

@@ -5,8 +5,8 @@ kohya (`--network_module lycoris.kohya`): kohya module names (`lora_unet_...`, `
 
 The scale: both types apply alpha / r, in peft, LyCORIS and every reader of its files (ours, A1111,
 ComfyUI), except a LoKr of two whole factors (no low-rank pair to have a rank), which LyCORIS trains
-and applies at scale 1; so does our training (`models.lycoris.whole_factor_scale`). Such a module is
-written with `alpha` = r, what LyCORIS writes for it.
+and applies at scale 1; so does our training (`models.lycoris.whole_factor_scale`, which gives such a
+layer alpha = r, what LyCORIS writes for it). Each module is written with its trained layer's alpha.
 """
 
 from __future__ import annotations
@@ -33,12 +33,6 @@ TRAINED_PARTS = {
 }
 
 
-def whole_factors(parts) -> bool:
-    """Whether a LoKr module's parts (peft's or a file's, by name) are two whole factors: no
-    low-rank pair, so no rank (LyCORIS: scale 1)."""
-    return "lokr_w1" in parts and "lokr_w2" in parts
-
-
 def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{module path: {part: tensor}} of one component's peft state, every key a known part."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -50,10 +44,11 @@ def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return modules
 
 
-def peft_to_lycoris(state: Mapping[str, torch.Tensor], prefix: str, rank: int, alpha: float, *,
+def peft_to_lycoris(state: Mapping[str, torch.Tensor], prefix: str, alphas: Mapping[str, float], *,
                     unet_blocks: str = "diffusers", layers_per_block: int = 2) -> dict[str, torch.Tensor]:
-    """One component's peft LoHa/LoKr state dict (trained at `rank` and `alpha`) -> LyCORIS tensors
-    under `prefix` (`lora_unet`, `lora_te`, ...), with a 0-d float32 `alpha` per module."""
+    """One component's peft LoHa/LoKr state dict -> LyCORIS tensors under `prefix` (`lora_unet`,
+    `lora_te`, ...), each module with its trained layer's alpha (`alphas`: {module path: alpha}) as a
+    0-d float32 `alpha`."""
     prefix = prefix.rstrip("_")
     if prefix not in KOHYA_COMPONENTS:
         raise ValueError(f"unknown kohya prefix {prefix!r}; use one of {', '.join(KOHYA_COMPONENTS)}")
@@ -68,20 +63,23 @@ def peft_to_lycoris(state: Mapping[str, torch.Tensor], prefix: str, rank: int, a
         kinds = {TRAINED_PARTS[p] for p in parts}
         if len(kinds) != 1:
             raise ModelError(f"{module} has both LoHa and LoKr parts ({', '.join(sorted(parts))})")
-        # two whole factors: trained at scale 1, as LyCORIS applies them
-        module_alpha = float(rank) if whole_factors(parts) else float(alpha)
+        if module not in alphas:
+            raise ModelError(f"{module}: no alpha given for it")
         for part, tensor in sorted(parts.items()):
             out[f"{name}.{part}"] = tensor
-        out[f"{name}.alpha"] = torch.tensor(module_alpha, dtype=torch.float32)
+        out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=torch.float32)
     return out
 
 
 def save_lycoris_adapter(path: str | os.PathLike, component_states: Mapping[str, Mapping[str, torch.Tensor]],
-                         rank: int, alpha: float, metadata: Mapping[str, str], dtype: torch.dtype | None,
-                         *, base: str = "sd15", extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
+                         alphas: Mapping[str, Mapping[str, float]], metadata: Mapping[str, str],
+                         dtype: torch.dtype | None, *, base: str = "sd15",
+                         extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write `component_states` ({"unet": peft LoHa/LoKr state, "text_encoder": ...}) as a kohya-layout
-    LyCORIS file at `path`, atomically: tensors in `dtype` (alphas in float32), `metadata` with the
-    `sshs_*` hashes added; `extra_tensors` (a trained embedding's `bundle_emb.*`) as they are."""
+    LyCORIS file at `path`, atomically: each module with its alpha (`alphas`: {component: {module
+    path: alpha}}, `models.lycoris.lycoris_alphas`), tensors in `dtype` (alphas in float32),
+    `metadata` with the `sshs_*` hashes added; `extra_tensors` (a trained embedding's `bundle_emb.*`)
+    as they are."""
     if base not in KOHYA_PREFIXES:
         raise ValueError(f"base must be one of {', '.join(KOHYA_PREFIXES)}, not {base!r}")
     states = {name: state for name, state in component_states.items() if state}
@@ -92,7 +90,7 @@ def save_lycoris_adapter(path: str | os.PathLike, component_states: Mapping[str,
     check_metadata(header)
     tensors: dict[str, torch.Tensor] = {}
     for component, state in states.items():
-        tensors.update(peft_to_lycoris(state, KOHYA_PREFIXES[base][component], rank, alpha,
+        tensors.update(peft_to_lycoris(state, KOHYA_PREFIXES[base][component], alphas.get(component, {}),
                                        unet_blocks="ldm" if base == "sdxl" else "diffusers"))
     tensors = {**_cast(tensors, dtype), **(extra_tensors or {})}
     header = with_hashes(tensors, header)

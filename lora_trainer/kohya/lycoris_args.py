@@ -68,8 +68,8 @@ def lycoris_args(network_args: dict[str, str], alpha: float, cfg: dict, notes: l
                          "lycoris.kohya does not read it, so it is left out")
     preset = _preset(network_args.pop("preset", "full"), kind, shown, notes)
     _factor(network_args, kind, cfg, notes)
+    _convs(network_args, preset, alpha, cfg, notes)  # every algo: LyCORIS' conv_dim defaults to network_dim
     if kind == "lora":
-        _convs(network_args, preset, alpha, cfg, notes)
         _dora(network_args, cfg, notes)
         for key, ours in (("rank_dropout", "lora.rank_dropout"), ("module_dropout", "lora.module_dropout")):
             value = network_args.pop(key, None)
@@ -78,13 +78,13 @@ def lycoris_args(network_args: dict[str, str], alpha: float, cfg: dict, notes: l
                 notes.append(f"--network_args {key}={value}: {ours} draws per sample (rank_dropout also rescales "
                              "by 1/(1-p)), as kohya's networks.lora does; LyCORIS draws once per batch")
     else:
-        unsupported = [key for key in ("conv_dim", "conv_alpha", "dora_wd", "dropout", "rank_dropout",
-                                       "module_dropout", *LORAPLUS_ARGS) if key in network_args]
+        unsupported = [key for key in ("dora_wd", "dropout", "rank_dropout", "module_dropout", *LORAPLUS_ARGS)
+                       if key in network_args]
         for key in unsupported:
             value = network_args.pop(key)
             if not _is_default(key, value):
                 notes.append(f"--network_args {key}={value}: not supported with lora.type {kind} yet (LoHa and LoKr "
-                             "take no convs, DoRA, dropouts or LoRA+ here); left out")
+                             "take no DoRA, dropouts or LoRA+ here); left out")
     for key in [k for k in network_args if k in NOTES or k in DEFAULTS]:
         value = network_args.pop(key)
         if not _is_default(key, value):
@@ -97,8 +97,7 @@ def _preset(preset: str, kind: str, shown: str, notes: list[str]) -> str:
     if preset == OUR_PRESET:
         return preset
     convs = ("the ResNet blocks and samplers at lora.conv_rank (LyCORIS' conv_dim); conv_in, conv_out and the "
-             "time embedding are not adapted" if kind == "lora" else
-             f"no conv layers (lora.type {kind} has no lora.conv_rank yet) nor conv_in, conv_out or the time embedding")
+             "time embedding are not adapted")
     what = ("LyCORIS' default preset full adapts every Linear and Conv of the UNet" if preset == "full" else
             f"--network_args preset={preset}: not mapped")
     notes.append(f"--network_module lycoris.kohya {shown}: {what}; here {_TRANSFORMERS} are adapted, and {convs} "

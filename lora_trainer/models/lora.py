@@ -39,6 +39,16 @@ def is_locon_3x3(path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in LOCON_3X3_TARGETS)
 
 
+def locon_targets(targets: list[str], conv_rank: int, conv_alpha: float | None) -> tuple[list[str], dict]:
+    """`targets` with LoCon's layers added, and peft's rank_pattern/alpha_pattern that give the 3x3
+    convs `conv_rank` and `conv_alpha` (default: conv_rank)."""
+    # peft matches a pattern P against the end of a module path, as `(.*\.)?P$`
+    patterns = [re.escape(t) for t in LOCON_3X3_TARGETS]
+    return list(dict.fromkeys([*targets, *LOCON_TARGETS])), {
+        "rank_pattern": {p: conv_rank for p in patterns},
+        "alpha_pattern": {p: float(conv_rank if conv_alpha is None else conv_alpha) for p in patterns}}
+
+
 def inject_lora(
     module: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, key: str,
     use_dora: bool = False, conv_rank: int = 0, conv_alpha: float | None = None,
@@ -63,11 +73,8 @@ def inject_lora(
         extra["rank_pattern"] = {re.escape(p): r for p, (r, _) in kept.items() if r != rank}
         extra["alpha_pattern"] = {re.escape(p): float(a) for p, (_, a) in kept.items() if a != alpha}
     elif conv_rank:
-        targets = list(dict.fromkeys([*targets, *LOCON_TARGETS]))
-        # peft matches a pattern P against the end of a module path, as `(.*\.)?P$`
-        patterns = [re.escape(t) for t in LOCON_3X3_TARGETS]
-        extra["rank_pattern"] = {p: conv_rank for p in patterns}
-        extra["alpha_pattern"] = {p: float(conv_rank if conv_alpha is None else conv_alpha) for p in patterns}
+        targets, patterns = locon_targets(targets, conv_rank, conv_alpha)
+        extra.update(patterns)
     config = PeftLoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..export.lycoris_write import whole_factors
-from .lora import ADAPTER_NAME
+from .lora import ADAPTER_NAME, locon_targets
 
 # lora.type -> the LyCORIS name of the type (what files and `inspect` call it)
 LYCORIS_TYPES = {"loha": "LoHa", "lokr": "LoKr"}
@@ -40,16 +39,21 @@ def layer_parts(layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def inject_lycoris(module: torch.nn.Module, kind: str, targets: list[str], rank: int, alpha: float, key: str,
-                   factor: int = -1) -> int:
+                   factor: int = -1, conv_rank: int = 0, conv_alpha: float | None = None) -> int:
     """Add a trainable LoHa (`kind` "loha") or LoKr ("lokr", with `factor`) adapter at `rank` and
     `alpha` to the layers of `module` whose names end with one of `targets`; return the number of
-    wrapped layers. `key` names the config key for errors."""
+    wrapped layers. `key` names the config key for errors. `conv_rank` > 0 adds LoCon's layers (the
+    ResNet blocks and samplers, as LyCORIS' conv_dim does), the 3x3 convs at `conv_rank` and
+    `conv_alpha` (default: conv_rank)."""
     from peft import LoHaConfig, LoKrConfig
 
+    extra = {}
+    if conv_rank:
+        targets, extra = locon_targets(targets, conv_rank, conv_alpha)
     if kind == "loha":
-        config = LoHaConfig(r=rank, alpha=alpha, target_modules=list(targets))
+        config = LoHaConfig(r=rank, alpha=alpha, target_modules=list(targets), **extra)
     elif kind == "lokr":
-        config = LoKrConfig(r=rank, alpha=alpha, target_modules=list(targets), decompose_factor=factor)
+        config = LoKrConfig(r=rank, alpha=alpha, target_modules=list(targets), decompose_factor=factor, **extra)
     else:
         raise ValueError(f"kind must be one of {', '.join(LYCORIS_TYPES)}, not {kind!r}")
     try:
@@ -72,6 +76,18 @@ def inject_lycoris(module: torch.nn.Module, kind: str, targets: list[str], rank:
         if whole_factors(parts):
             whole_factor_scale(layer)
     return len(layers)
+
+
+def whole_factors(parts) -> bool:
+    """Whether a LoKr module's parts (by name) are two whole factors: no low-rank pair, so no rank
+    (LyCORIS: scale 1)."""
+    return "lokr_w1" in parts and "lokr_w2" in parts
+
+
+def lycoris_alphas(module: torch.nn.Module) -> dict[str, float]:
+    """{module path: alpha} of the LoHa/LoKr-wrapped layers, as trained (conv patterns applied; r for
+    a LoKr of whole factors, which trains at scale 1): what the file writes."""
+    return {name: float(layer.alpha[ADAPTER_NAME]) for name, layer in lycoris_layers(module).items()}
 
 
 def whole_factor_scale(layer: torch.nn.Module) -> None:

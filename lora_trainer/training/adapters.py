@@ -41,13 +41,13 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
         weights = block_lr_weights(cfg.lora, base.variant)
         if kind in LYCORIS_TYPES:
             inject_lycoris(base.unet, kind, cfg.lora.unet_targets, rank, alpha, "lora.unet_targets",
-                           cfg.lora.lokr_factor)
+                           cfg.lora.lokr_factor, cfg.lora.conv_rank, cfg.conv_alpha)
         else:
             inject_lora(base.unet, cfg.lora.unet_targets, rank, alpha, cfg.lora.dropout, "lora.unet_targets", dora,
                         conv_rank=cfg.lora.conv_rank, conv_alpha=cfg.conv_alpha,
                         ranks=_block_ranks(cfg, base, weights))
-        if cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks:
-            _check_kohya_alphas(cfg, base.unet)
+        if kind == "lora" and (cfg.lora.conv_rank or cfg.lora.block_alphas or cfg.lora.conv_block_ranks):
+            _check_kohya_alphas(cfg, base.unet)  # diffusers' reading of kohya LoRA files; it reads no LoHa/LoKr
         named["unet"] = base.unet
         if weights is None:
             groups, names = [{"params": trainable_parameters(base.unet), "lr": t.lr}], [GROUP_NAMES[0]]

@@ -19,6 +19,7 @@ from ..export.lycoris_write import save_lycoris_adapter
 from ..export.metadata import kohya_metadata
 from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
+from ..models.lycoris import lycoris_alphas
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
 from .pivotal import bundle_tensors, save_embedding
@@ -215,8 +216,9 @@ def export_adapter(cfg: RunConfig, unet, text_encoder, examples, step: int, max_
         tail = ".diffusers" if (fmt == "both" and layout == "diffusers") else ""
         path = out_dir / f"{cfg.output.name}{suffix}{tail}.safetensors"
         if cfg.lora.type != "lora":  # LoHa/LoKr: the kohya layout only (config checks)
-            save_lycoris_adapter(path, states, cfg.lora.rank, cfg.lora_alpha, metadata, dtype, base=variant,
-                                 extra_tensors=bundle)
+            modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+            alphas = {name: lycoris_alphas(modules[name]) for name in states}
+            save_lycoris_adapter(path, states, alphas, metadata, dtype, base=variant, extra_tensors=bundle)
         else:
             save_adapter(path, states, cfg.lora.rank, alpha, layout=layout, metadata=metadata, dtype=dtype,
                          base=variant, extra_tensors=bundle if layout == "kohya" else None)
