@@ -308,6 +308,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     for module in trained.modules:
         module.train()
     step_started = time.perf_counter()
+    if accelerator.num_processes > 1:
+        stop.defer()  # a SIGTERM stops all processes at one batch: see StopSignals
     try:
         if step == 0 and validation.due(0):  # before any update: the point the curve is read against
             write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": validation.loss(0)})
@@ -325,8 +327,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                         loss = instance_loss + cfg.dreambooth.prior_loss_weight * prior_loss
                     if loss_hook is not None:
                         loss = loss_hook(step + 1, loss)
-                    # Every process sees every process's loss, so all stop together, before any update.
-                    gathered = accelerator.gather(loss.detach().reshape(1))
+                    # Every process sees every process's loss, so all stop together, before any update;
+                    # and whether any was asked to stop (SIGTERM), so all stop at this batch and save the
+                    # same step (several processes: see StopSignals; one raises at the signal itself).
+                    shared = accelerator.gather(torch.stack([loss.detach().float().reshape(()), stop.flag(device)]))
+                    gathered, stops = shared[0::2], shared[1::2]
+                    if stops.any():
+                        raise KeyboardInterrupt
                     if not torch.isfinite(gathered).all():
                         check_finite(float(gathered[~torch.isfinite(gathered)][0]), step + 1, last_good)
                     accelerator.backward(loss)
