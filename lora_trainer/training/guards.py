@@ -45,9 +45,10 @@ class StopSignals:
 
     With several processes the signal reaches each at a different moment, one maybe inside a
     collective (the gradients' all-reduce, a checkpoint's barriers) while another would already
-    leave it to save: a hang, or two checkpoints of different steps in one folder. There the loop
-    calls `defer()`: the signal is only noted, each process shares `flag()` with every batch's loss
-    (a gather the loop does anyway), and all stop at the same batch once any of them has one."""
+    leave it to save: a hang (the launcher kills them after its grace time, with no new checkpoint)
+    or a save the processes do not make together. There the loop calls `defer()`: the signal is
+    only noted, each process shares `flag()` with every batch's loss (a gather the loop does
+    anyway), and all stop at the same batch once any of them has one."""
 
     def __init__(self):
         self.received: int | None = None
