@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from PIL import Image
+
 PER_RANK_SCRIPT = textwrap.dedent("""
     import os, sys
     import torch
@@ -50,9 +52,30 @@ SEVERAL_RUNS_SCRIPT = textwrap.dedent("""
         torch.save(adapter, os.path.join(cfg.output.dir, f"rank{os.environ['RANK']}.pt"))
 """)
 
-# The 2-process runs the tests compare with 1 process (batch 1 per process there, batch 2 here):
-# name -> (options, script). Started once per session (see `two_process_runs`): each start of
-# 2 processes imports torch, diffusers and peft again, which costs far more than these runs.
+# Images of three aspect ratios, three of each, as (width, height): with data.resolution=96 and
+# data.bucket_step=32 the buckets 128x64 (wide), 64x128 (tall) and 96x96.
+MIXED_ASPECT = [(160, 90), (150, 80), (170, 95), (90, 160), (80, 150), (95, 170), (120, 120), (100, 100), (110, 110)]
+BUCKET_RUN = ["data.path={mixed_aspect}", "data.buckets=true", "data.resolution=96", "data.bucket_step=32",
+              "train.batch_size=2", "train.max_steps=null", "train.epochs=2", "output.save_every_n_steps=4",
+              "output.save_every_n_epochs=1", "sample.prompts=[]", "output.dtype=fp32"]
+
+
+def write_mixed_aspect_images(folder: Path) -> Path:
+    """MIXED_ASPECT images (a light square on a coloured ground) with captions, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (w, h) in enumerate(MIXED_ASPECT):
+        image = Image.new("RGB", (w, h), (40 * k % 255, 90, 200 - 20 * k))
+        image.paste((250, 250, 250), (w // 4, h // 4, w // 2, h // 2))
+        image.save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text(f"shape {k}, white square, plain background")
+    return folder
+
+
+# The 2-process runs the tests compare with 1 process (batch 1 per process there, batch 2 here,
+# unless a run sets its own): name -> (options, script). Started once per session (see
+# `two_process_runs`): each start of 2 processes imports torch, diffusers and peft again, which
+# costs far more than these runs. In the options, {mixed_aspect} is a folder of MIXED_ASPECT images
+# (the runs' data is the example dataset otherwise) and {<run>} that earlier run's output.dir.
 TWO_PROCESS_RUNS = {
     # test_runs: LoRA dropout on, as its masks, too, belong to the sample and not to the process
     "global_batch": (["train.max_steps=6", "sample.prompts=[]", "output.save_every_n_steps=4", "output.dtype=fp32",
@@ -79,6 +102,11 @@ TWO_PROCESS_RUNS = {
     # test_validation: 3 held-out images over 2 processes: one process pads its last round
     "validation": (["train.max_steps=2", "sample.prompts=[]", "data.validation_split=0.375",
                     "train.validate_every_n_steps=1", "train.validation_timesteps=2"], None),
+    # test_runs: aspect buckets, batch 2 per process: 3 buckets of 3 images cut into 6 batches (3 of
+    # them short), 3 steps an epoch over 2 processes; the epoch-1 file at step 3, a checkpoint at 4
+    "buckets": (BUCKET_RUN, None),
+    # and from that checkpoint (mid-epoch: 1 batch of epoch 2 done per process) to the end
+    "buckets_resumed": ([*BUCKET_RUN, "train.resume={buckets}/checkpoints/step-000004"], None),
 }
 
 
@@ -93,8 +121,11 @@ def launch_two_process_runs(repo: Path, model: Path, data: Path, folder: Path) -
     script = Path(folder) / "several_runs.py"
     script.write_text(SEVERAL_RUNS_SCRIPT)
     outs = {name: Path(folder) / name for name in TWO_PROCESS_RUNS}
+    places = {**{name: str(out) for name, out in outs.items()},
+              "mixed_aspect": str(write_mixed_aspect_images(Path(folder) / "mixed-aspect"))}
     runs = ["\n".join([str(repo / path) if path else "", f"model.base={model}", f"data.path={data}",
-                       f"output.dir={outs[name]}", *options, "train.batch_size=1"])
+                       f"output.dir={outs[name]}", "train.batch_size=1",
+                       *(option.format_map(places) for option in options)])
             for name, (options, path) in TWO_PROCESS_RUNS.items()]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",

@@ -21,7 +21,7 @@ from PIL import Image
 from lora_trainer.errors import ConfigError
 from lora_trainer.training.guards import RunInterrupted, TrainingStopped
 from lora_trainer.training.loop import train
-from rank_helpers import TWO_PROCESS_RUNS
+from rank_helpers import TWO_PROCESS_RUNS, write_mixed_aspect_images
 
 # 8 images, batch 2: 4 steps an epoch, so 8 steps cross an epoch boundary; checkpoints at 2, 4, 6.
 RUN = ["train.max_steps=8", "output.save_every_n_steps=2", "output.keep_checkpoints=2", "output.dtype=fp32"]
@@ -315,6 +315,29 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_
         torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-5)
     state = torch.load(two / "checkpoints" / "step-000004" / "ema_state.pt", weights_only=True)
     assert state["updates"] == 4  # once per step, not per process
+
+
+def test_two_processes_with_buckets_take_whole_bucket_batches_in_turn(two_process_runs, tiny_sd15, tmp_path):
+    # 9 images in 3 buckets, batch 2: 6 batches an epoch, 3 of them short; 2 processes take them in
+    # turn, so one step averages two consecutive batches, as 1 process with grad_accum 2 does
+    options, _ = TWO_PROCESS_RUNS["buckets"]
+    two, resumed = two_process_runs["buckets"], two_process_runs["buckets_resumed"]
+    rank0, rank1 = (torch.load(two / f"rank{r}.pt") for r in (0, 1))
+    _assert_same(rank0, rank1)
+    records = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]
+    finished = json.loads((two / "finished.json").read_text())
+    assert (finished["step"], finished["epochs"], finished["updates_per_epoch"]) == (6, 2, 3)
+    assert (two / "example-lora-000001.safetensors").is_file()  # epoch 1 ended at its 3rd step
+    state = json.loads((two / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 1)
+    _assert_same(torch.load(resumed / "rank0.pt"), rank0)  # resumed there: the epoch's next batches
+    data = write_mixed_aspect_images(tmp_path / "data")
+    one = train(run_config(tiny_sd15, data, tmp_path / "one", *(o.format(mixed_aspect=data) for o in options),
+                           "train.grad_accum=2"), show_progress=False)
+    assert one.steps == 6
+    for name, value in _adapter(one).items():
+        torch.testing.assert_close(rank0[name], value, rtol=0, atol=1e-5)
 
 
 def test_dreambooth_resume_continues_the_class_batches(tiny_sd15, example_data, tmp_path):

@@ -3,11 +3,14 @@ Ctrl-C does, and a Ctrl-C that Python drops inside a finalizer still stops the r
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import weakref
 
 import pytest
@@ -80,3 +83,65 @@ def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("interrupted", "stopped:")), err[-2000:]
+
+
+def test_a_deferred_sigterm_is_only_noted_for_the_next_batch():
+    # several processes: the signal must not interrupt a collective or a save midway; the loop reads
+    # the flag with the next batch's loss instead
+    from lora_trainer.training.guards import StopSignals
+
+    with StopSignals() as stop:
+        stop.defer()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs here, and raises nothing
+        stop.check()
+        assert stop.received == signal.SIGTERM and float(stop.flag("cpu")) == 1.0
+    with StopSignals() as stop:  # one process: raised at once, as Ctrl-C is
+        assert float(stop.flag("cpu")) == 0.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resumes(tiny_sd15, example_data, tmp_path):
+    # torchrun passes a SIGTERM on to its 2 processes, which get it at different moments (one maybe
+    # waiting in a collective or a checkpoint's barrier): both must stop after the same step, save
+    # it once, whole, and exit, well within torchrun's 30 s before it SIGKILLs them.
+    out = tmp_path / "out"
+    run = [f"model.base={tiny_sd15}", f"data.path={example_data}", f"output.dir={out}", "train.batch_size=1",
+           "output.save_every_n_steps=2", "output.keep_checkpoints=2", "sample.prompts=[]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe nobody reads would stall the run
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 str(REPO / "train.py"), str(REPO / "configs" / "example.yaml"), *run,
+                                 "train.max_steps=1000"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        log = out / "train_log.jsonl"
+        deadline = time.monotonic() + 240
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # hung: end torchrun and its processes (a session of their own)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    # each process's line (searched, not split: the main process's progress bar may share its line)
+    stopped = re.findall(r"stopped: interrupted at step (\d+); saved (\S+);", err)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # the same step, the same folder
+    step, newest = int(stopped[0][0]), out / "checkpoints" / f"step-{int(stopped[0][0]):06d}"
+    assert stopped[0][1] == str(newest)
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # no half-written folder left
+    assert {p.name for p in newest.iterdir()} >= {"trainer_state.json", "adapter_state.pt", "optimizer.bin",
+                                                  "scheduler.bin", "random_states_0.pkl", "random_states_1.pkl"}
+    assert json.loads((newest / "trainer_state.json").read_text())["step"] == step
+    assert max(json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()) == step
+    # train.resume=latest, here in 1 process, trains on from there to the end
+    resumed = train(run_config(tiny_sd15, example_data, out, *run[3:], "train.resume=latest",
+                               f"train.max_steps={step + 2}"), show_progress=False)
+    assert resumed.resumed_from == newest and resumed.steps == step + 2 and len(resumed.losses) == 2
+    assert (out / "example-lora.safetensors").is_file()

@@ -60,6 +60,24 @@ def test_buckets_keep_aspect_and_every_batch_has_one_shape(mixed_aspect_data, ti
     assert sorted(seen) == list(range(7))  # every image, none dropped for an incomplete batch
 
 
+def test_bucket_batches_go_whole_to_each_process_in_turn():
+    # accelerate's shard of the sampler for 2 processes: 5 batches (3 short), dealt out in turn, the
+    # last round padded with the epoch's first batch; never regrouped, so never two shapes in one
+    from accelerate.data_loader import BatchSamplerShard
+
+    from lora_trainer.data.buckets import BucketBatchSampler
+
+    sampler = BucketBatchSampler([(64, 128)] * 3 + [(128, 64)] * 3 + [(96, 96)], batch_size=2, seed=0)
+    shards = [BatchSamplerShard(sampler, num_processes=2, process_index=rank) for rank in (0, 1)]
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(len(b) for b in batches) == [1, 1, 1, 2, 2]
+        assert list(shards[0]) == batches[0::2]
+        assert list(shards[1]) == batches[1::2] + batches[:1]
+        assert len(shards[0]) == len(shards[1]) == 3
+
+
 def test_sdxl_trains_on_mixed_aspect_buckets(mixed_aspect_data, tiny_sdxl, tmp_path):
     from lora_trainer.training.loop import train
 

@@ -286,3 +286,6 @@ def test_two_processes_report_the_one_process_val_loss(two_process_runs, tiny_sd
     assert sorted(logged) == [0, 1, 2]
     # Batches of 1 against batches of 2: the same number to float rounding.
     assert [logged[s] for s in (0, 1, 2)] == pytest.approx([one.val_losses[s] for s in (0, 1, 2)], rel=1e-5)
+    # 5 images left to train on: 2 full batches an epoch either way (2 × 1 dealt out as 1 × 2 cuts them)
+    finished = [json.loads((out / "finished.json").read_text()) for out in (two, tmp_path / "one")]
+    assert [f["updates_per_epoch"] for f in finished] == [2, 2]

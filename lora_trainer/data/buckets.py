@@ -104,11 +104,18 @@ class BucketBatchSampler:
     Each epoch shuffles the items of every bucket, cuts them into batches (the last batch of a
     bucket may be smaller, so no image is skipped) and shuffles the batch order; all from
     (seed, epoch), so a run is reproducible. `item_buckets[i]` is the bucket of dataset item i.
+
+    With several processes accelerate deals these batches out whole, in turn (the last round
+    padded with the epoch's first batches): `batch_size` is None, as for batches of varying
+    length, because with a number there accelerate regroups the indices into batches of that
+    size, dropping some and mixing buckets in one batch.
     """
+
+    batch_size = None  # read by accelerate: see above; the most images a batch holds is `max_batch_size`
 
     def __init__(self, item_buckets: Sequence[tuple[int, int]], batch_size: int, seed: int = 0):
         self.item_buckets = list(item_buckets)
-        self.batch_size = batch_size
+        self.max_batch_size = batch_size
         self.seed = seed
         self.epoch = 0
 
@@ -124,7 +131,8 @@ class BucketBatchSampler:
         for bucket in sorted(groups):
             items = groups[bucket]
             rng.shuffle(items)
-            batches += [items[k:k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+            size = self.max_batch_size
+            batches += [items[k:k + size] for k in range(0, len(items), size)]
         rng.shuffle(batches)
         return batches
 
@@ -133,4 +141,4 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         counts = Counter(self.item_buckets)
-        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+        return sum(math.ceil(n / self.max_batch_size) for n in counts.values())

@@ -41,10 +41,18 @@ class StopSignals:
     the same way: KeyboardInterrupt, which the loop turns into a checkpoint of the last finished
     step. The signal is also remembered, because Python drops an exception raised while a
     finalizer runs (torch frees tensors through weakref callbacks, so a Ctrl-C often lands in
-    one): `check()`, called at every batch, raises it again, so no stop request is lost."""
+    one): `check()`, called at every batch, raises it again, so no stop request is lost.
+
+    With several processes the signal reaches each at a different moment, one maybe inside a
+    collective (the gradients' all-reduce, a checkpoint's barriers) while another would already
+    leave it to save: a hang (the launcher kills them after its grace time, with no new checkpoint)
+    or a save the processes do not make together. There the loop calls `defer()`: the signal is
+    only noted, each process shares `flag()` with every batch's loss (a gather the loop does
+    anyway), and all stop at the same batch once any of them has one."""
 
     def __init__(self):
         self.received: int | None = None
+        self.deferred = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -59,14 +67,24 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def defer(self) -> None:
+        """From here on a signal is only noted, for the loop to act on at a batch all processes agree on."""
+        self.deferred = True
+
     def _handle(self, signum, frame) -> None:
         self.received = signum
         CtrlC.seen = True
-        raise KeyboardInterrupt
+        if not self.deferred:
+            raise KeyboardInterrupt
 
     def check(self) -> None:
-        if self.received is not None:
+        if self.received is not None and not self.deferred:
             raise KeyboardInterrupt
+
+    def flag(self, device) -> torch.Tensor:
+        """1.0 when this process was asked to stop and deferred it, else 0.0: gathered with the batch's
+        loss (not deferred, the signal raised at once, or raises at the next `check()`)."""
+        return torch.tensor(float(self.deferred and self.received is not None), device=device)
 
 
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finished.json")

@@ -170,15 +170,19 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)  # what checkpoints hold
     optimizer = build_optimizer(t, groups)
-    updates_per_epoch = math.ceil(len(loaders[0]) / accelerator.num_processes / t.grad_accum)
+    # The steps of an epoch are this process's share of its batches as accelerate deals them out: an
+    # unfinished last round is dropped (full batches only), with buckets padded with the epoch's first.
+    loaders = [accelerator.prepare_data_loader(loader) for loader in loaders]
+    loader = loaders[0]
+    updates_per_epoch = math.ceil(len(loader) / t.grad_accum)
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     lr_scheduler = build_scheduler(t, optimizer, max_steps, accelerator.num_processes)
     # Only trained modules are prepared: DDP refuses a module with nothing to train (a frozen UNet).
     count = len(trained.modules)
-    prepared = accelerator.prepare(*trained.modules, optimizer, lr_scheduler, *loaders)
+    prepared = accelerator.prepare(*trained.modules, optimizer, lr_scheduler)
     trained = trained.replace(list(prepared[:count]))
-    optimizer, lr_scheduler, loader = prepared[count:count + 3]
+    optimizer, lr_scheduler = prepared[count:]
     unet, text_encoders = trained.unet(base), trained.text_encoders(base)
     # a frozen UNet is not prepared, so mixed precision's autocast is put around its call here
     unet_autocast = accelerator.autocast if not cfg.lora.train_unet else contextlib.nullcontext
@@ -191,7 +195,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
-    class_batches = ClassBatches(prepared[-1], state.class_epoch, state.class_batches) if prior else None
+    class_batches = ClassBatches(loaders[-1], state.class_epoch, state.class_batches) if prior else None
     # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
     ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint, max_steps)
     exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
@@ -304,6 +308,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     for module in trained.modules:
         module.train()
     step_started = time.perf_counter()
+    if accelerator.num_processes > 1:
+        stop.defer()  # a SIGTERM stops all processes at one batch: see StopSignals
     try:
         if step == 0 and validation.due(0):  # before any update: the point the curve is read against
             write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": validation.loss(0)})
@@ -321,8 +327,13 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                         loss = instance_loss + cfg.dreambooth.prior_loss_weight * prior_loss
                     if loss_hook is not None:
                         loss = loss_hook(step + 1, loss)
-                    # Every process sees every process's loss, so all stop together, before any update.
-                    gathered = accelerator.gather(loss.detach().reshape(1))
+                    # Every process sees every process's loss, so all stop together, before any update;
+                    # and whether any was asked to stop (SIGTERM), so all stop at this batch and save the
+                    # same step (several processes: see StopSignals; one raises at the signal itself).
+                    shared = accelerator.gather(torch.stack([loss.detach().float().reshape(()), stop.flag(device)]))
+                    gathered, stops = shared[0::2], shared[1::2]
+                    if stops.any():
+                        raise KeyboardInterrupt
                     if not torch.isfinite(gathered).all():
                         check_finite(float(gathered[~torch.isfinite(gathered)][0]), step + 1, last_good)
                     accelerator.backward(loss)
