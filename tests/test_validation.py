@@ -19,7 +19,7 @@ from PIL import Image
 from lora_trainer.data import Example, scan_dataset
 from lora_trainer.data.holdout import held_out_flags, split_examples
 from lora_trainer.errors import ConfigError, DataError
-from lora_trainer.training import loop
+from lora_trainer.training import loaders
 from lora_trainer.training.guards import RunInterrupted
 from lora_trainer.training.loop import train
 from lora_trainer.training.validation import Validation
@@ -61,9 +61,9 @@ def split_run(tiny_sd15, example_data, tmp_path_factory):
         datasets.append(make_dataset(*args, **kwargs))
         return datasets[-1]
 
-    make_dataset = loop.make_dataset
+    make_dataset = loaders.make_dataset
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "make_dataset", recording)
+        mp.setattr(loaders, "make_dataset", recording)
         result = train(run_config(tiny_sd15, example_data, out, *SPLIT, "log.tensorboard=true"), show_progress=False)
     return result, datasets[0]
 

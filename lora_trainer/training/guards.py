@@ -86,6 +86,14 @@ class StopSignals:
         loss (not deferred, the signal raised at once, or raises at the next `check()`)."""
         return torch.tensor(float(self.deferred and self.received is not None), device=device)
 
+    def gather_losses(self, accelerator, loss: torch.Tensor) -> torch.Tensor:
+        """Every process's `loss` of this batch, in process order, gathered with each one's `flag()`:
+        KeyboardInterrupt on all processes at once when any of them was asked to stop."""
+        shared = accelerator.gather(torch.stack([loss.detach().float().reshape(()), self.flag(loss.device)]))
+        if shared[1::2].any():
+            raise KeyboardInterrupt
+        return shared[0::2]
+
 
 RUN_ARTEFACTS = ("checkpoints", "samples", "train_log.jsonl", "loss.png", "finished.json")
 

@@ -84,6 +84,18 @@ def make_loader(cfg: RunConfig, dataset: ImageCaptionDataset, seed: int):
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers)
 
 
+def prepared_loaders(cfg: RunConfig, accelerator, examples, class_set=()) -> list:
+    """The loader of the instance images and, when `class_set` (the class images' examples) is not
+    empty, the class images' one, as accelerate deals their batches out to this process: an epoch's
+    steps are this process's share (an unfinished last round is dropped, full batches only; with
+    buckets it is padded with the epoch's first batches)."""
+    t = cfg.train
+    loaders = [make_loader(cfg, make_dataset(cfg, examples, t.seed), t.seed)]
+    if class_set:
+        loaders.append(make_loader(cfg, make_dataset(cfg, class_set, t.seed + 1, instance=False), t.seed + 1))
+    return [accelerator.prepare_data_loader(loader) for loader in loaders]
+
+
 def set_epoch(loader, epoch: int) -> None:
     """New shuffles and augmentations each epoch: accelerate's wrapper passes the epoch on to some
     of the dataset and samplers, not all, so every one that takes it is told."""

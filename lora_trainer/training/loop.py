@@ -39,7 +39,7 @@ from .epochs import EpochEnds, epoch_suffix
 from .finished import FinishedRun, already_finished, message, run_files, write_finished
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
                      check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
-from .loaders import ClassBatches, epoch_batches, make_dataset, make_loader
+from .loaders import ClassBatches, epoch_batches, prepared_loaders
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
 from .masks import latent_mask, latent_scale
@@ -155,11 +155,8 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         load_initial_adapter(initial, trained.named, cfg.lora.init_from)
 
     # ---- data: the order is a function of (seed, epoch), whatever the processes ----
-    dataset = make_dataset(cfg, examples, t.seed)
-    loaders = [make_loader(cfg, dataset, t.seed)]
-    if prior:
-        class_set = make_dataset(cfg, class_examples(cfg), t.seed + 1, instance=False)
-        loaders.append(make_loader(cfg, class_set, t.seed + 1))
+    class_set = class_examples(cfg) if prior else []
+    loader, *class_loader = prepared_loaders(cfg, accelerator, examples, class_set)  # the class images' with prior
 
     # ---- optimizer and schedule (LoRA+: B in groups of its own, at lr × ratio; the embedding's own) ----
     groups, group_names = loraplus_groups(t, trained.modules, groups, group_names)
@@ -170,11 +167,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     params = [p for g in groups for p in g["params"]]
     counted = sum(p.numel() for p in params)  # what checkpoints hold
     optimizer = build_optimizer(t, groups)
-    # The steps of an epoch are this process's share of its batches as accelerate deals them out: an
-    # unfinished last round is dropped (full batches only), with buckets padded with the epoch's first.
-    loaders = [accelerator.prepare_data_loader(loader) for loader in loaders]
-    loader = loaders[0]
-    updates_per_epoch = math.ceil(len(loader) / t.grad_accum)
+    updates_per_epoch = math.ceil(len(loader) / t.grad_accum)  # this process's share of the batches
     max_steps = t.max_steps if t.max_steps is not None else t.epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     lr_scheduler = build_scheduler(t, optimizer, max_steps, accelerator.num_processes)
@@ -195,7 +188,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
         if accelerator.is_main_process:
             truncate_log(log_path, state.step)
-    class_batches = ClassBatches(loaders[-1], state.class_epoch, state.class_batches) if prior else None
+    class_batches = ClassBatches(class_loader[0], state.class_epoch, state.class_batches) if prior else None
     # train.ema_decay: the files, samples and validation use the EMA, swapped in for each of them
     ema = start_ema(t, trained.unwrapped(accelerator), device, checkpoint, max_steps)
     exported, samples, sweep = (with_ema(ema, f) for f in (export_trained, draw_samples, draw_sweep))
@@ -259,7 +252,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options, **masked)
 
     instance_paths = [ex.path for ex in examples]
-    class_paths = [ex.path for ex in class_set.examples] if prior else []
+    class_paths = [ex.path for ex in class_set]
     # adapter + two Adam moments + the exported copy (+ the EMA), in fp32
     checkpoint_bytes = counted * 4 * (4 + (ema is not None))
 
@@ -327,13 +320,9 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                         loss = instance_loss + cfg.dreambooth.prior_loss_weight * prior_loss
                     if loss_hook is not None:
                         loss = loss_hook(step + 1, loss)
-                    # Every process sees every process's loss, so all stop together, before any update;
-                    # and whether any was asked to stop (SIGTERM), so all stop at this batch and save the
-                    # same step (several processes: see StopSignals; one raises at the signal itself).
-                    shared = accelerator.gather(torch.stack([loss.detach().float().reshape(()), stop.flag(device)]))
-                    gathered, stops = shared[0::2], shared[1::2]
-                    if stops.any():
-                        raise KeyboardInterrupt
+                    # Every process sees every process's loss, so all stop together, before any update
+                    # (and at a SIGTERM to any of them: see StopSignals.gather_losses)
+                    gathered = stop.gather_losses(accelerator, loss)
                     if not torch.isfinite(gathered).all():
                         check_finite(float(gathered[~torch.isfinite(gathered)][0]), step + 1, last_good)
                     accelerator.backward(loss)
