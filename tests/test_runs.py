@@ -108,6 +108,7 @@ def test_checkpoints_keep_the_newest_with_a_usable_adapter(uninterrupted):
     assert folders == ["step-000004", "step-000006"]  # step 2 rotated out; none at the final step
     state = json.loads((result.output_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["epoch"] == 1 and state["batches_in_epoch"] == 2
+    assert state["processes"] == 1  # a resume with another number of processes is warned about
     exported = result.output_dir / "checkpoints" / "step-000006" / "example-lora-step00000006.safetensors"
     tensors = safetensors.torch.load_file(str(exported))
     assert any(k.endswith("lora_down.weight") for k in tensors)

@@ -4,6 +4,7 @@ Ctrl-C does, and a Ctrl-C that Python drops inside a finalizer still stops the r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -104,7 +105,7 @@ def test_a_deferred_sigterm_is_only_noted_for_the_next_batch():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resumes(tiny_sd15, example_data, tmp_path):
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resumes(tiny_sd15, example_data, tmp_path, caplog):
     # torchrun passes a SIGTERM on to its 2 processes, which get it at different moments (one maybe
     # waiting in a collective or a checkpoint's barrier): both must stop after the same step, save
     # it once, whole, and exit, well within torchrun's 30 s before it SIGKILLs them.
@@ -139,9 +140,22 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resumes(tiny_s
     assert {p.name for p in newest.iterdir()} >= {"trainer_state.json", "adapter_state.pt", "optimizer.bin",
                                                   "scheduler.bin", "random_states_0.pkl", "random_states_1.pkl"}
     assert json.loads((newest / "trainer_state.json").read_text())["step"] == step
+    assert json.loads((newest / "trainer_state.json").read_text())["processes"] == 2
     assert max(json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()) == step
-    # train.resume=latest, here in 1 process, trains on from there to the end
-    resumed = train(run_config(tiny_sd15, example_data, out, *run[3:], "train.resume=latest",
-                               f"train.max_steps={step + 2}"), show_progress=False)
+    # train.resume=latest, here in 1 process, trains on from there to the end, and says what that changes
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.training.checkpoints"):
+        resumed = train(run_config(tiny_sd15, example_data, out, *run[3:], "train.resume=latest",
+                                   f"train.max_steps={step + 2}"), show_progress=False)
+    assert f"{newest} was saved by 2 process(es), and this run has 1: a step now takes 1/2 as many images" in caplog.text
     assert resumed.resumed_from == newest and resumed.steps == step + 2 and len(resumed.losses) == 2
     assert (out / "example-lora.safetensors").is_file()
+
+
+def test_resuming_with_another_number_of_processes_is_named_and_the_same_is_not():
+    from lora_trainer.training.checkpoints import TrainerState, process_change
+
+    saved = TrainerState(10, 1, 3, processes=2)
+    assert process_change(saved, 2) == "" and process_change(TrainerState(10, 1, 3), 4) == ""  # same, or unknown
+    note = process_change(saved, 4)
+    assert note.startswith("was saved by 2 process(es), and this run has 4: a step now takes 4/2 as many images")
+    assert note.endswith("resume with 2 process(es) to continue exactly")

@@ -10,9 +10,10 @@ step's adapter exported as a usable .safetensors, so rotating a checkpoint out r
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,6 +37,7 @@ class TrainerState:
     class_batches: int = 0  # and batches of it consumed (per process)
     optimizer: str = ""  # train.optimizer that wrote its state ("" in checkpoints from before it was kept)
     embedding_token: str = ""  # embedding.token of the vectors it holds ("" without one, or from before it was kept)
+    processes: int = 0  # how many processes trained it (0 in checkpoints from before it was kept)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
@@ -102,7 +104,7 @@ def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, keep: int,
     if accelerator.is_main_process:
         if export is not None:
             export(tmp)
-        _publish(tmp, final, state)
+        _publish(tmp, final, replace(state, processes=accelerator.num_processes))
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
@@ -188,4 +190,19 @@ def load_checkpoint(accelerator, path: Path, optimizer: str = "", token: str | N
         raise ConfigError(f"train.resume: {path} was saved with other optimizer groups ({exc}); resume with the "
                           "config that wrote it (train.loraplus_*, lora.train_unet and lora.train_text_encoder "
                           "as they were)") from None
+    note = process_change(state, accelerator.num_processes)
+    if note and accelerator.is_main_process:
+        logging.getLogger(__name__).warning("train.resume: %s %s", path, note)
     return state
+
+
+def process_change(state: TrainerState, processes: int) -> str:
+    """What resuming `state` with another number of `processes` than trained it changes ("" when
+    none or unknown): the checkpoint keeps each process's place in the epoch and the lr schedule's
+    steps counted per process, both for the number that saved it."""
+    if not state.processes or state.processes == processes:
+        return ""
+    return (f"was saved by {state.processes} process(es), and this run has {processes}: a step now takes "
+            f"{processes}/{state.processes} as many images, the epoch in progress goes on from a place counted for "
+            f"{state.processes} (some of its images may be seen twice or skipped) and a decaying lr schedule shifts; "
+            f"resume with {state.processes} process(es) to continue exactly")
