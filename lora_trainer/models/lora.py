@@ -39,6 +39,21 @@ def is_locon_3x3(path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in LOCON_3X3_TARGETS)
 
 
+def add_adapter(module: torch.nn.Module, config, targets: list[str], key: str) -> None:
+    """`module.add_adapter(config)` under our adapter name; targets that name no layer of `module`
+    are one line naming `key` (the config key) and the names to use."""
+    try:
+        module.add_adapter(config, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:
+        if "not found" in str(exc) or "Target modules" in str(exc):
+            raise ConfigError(
+                f"{key}: none of {targets} names a layer of the {type(module).__name__}; "
+                "use attention projection names such as to_q, to_k, to_v, to_out.0 (UNet) or "
+                "q_proj, k_proj, v_proj, out_proj (text encoder)"
+            ) from None
+        raise
+
+
 def locon_targets(targets: list[str], conv_rank: int, conv_alpha: float | None) -> tuple[list[str], dict]:
     """`targets` with LoCon's layers added, and peft's rank_pattern/alpha_pattern that give the 3x3
     convs `conv_rank` and `conv_alpha` (default: conv_rank)."""
@@ -83,16 +98,7 @@ def inject_lora(
         target_modules=list(targets),
         **extra,
     )
-    try:
-        module.add_adapter(config, adapter_name=ADAPTER_NAME)
-    except ValueError as exc:
-        if "not found" in str(exc) or "Target modules" in str(exc):
-            raise ConfigError(
-                f"{key}: none of {targets} names a layer of the {type(module).__name__}; "
-                "use attention projection names such as to_q, to_k, to_v, to_out.0 (UNet) or "
-                "q_proj, k_proj, v_proj, out_proj (text encoder)"
-            ) from None
-        raise
+    add_adapter(module, config, targets, key)
     layers = lora_layers(module)
     # Adapter weights train in fp32 whatever the frozen weights' dtype.
     for layer in layers.values():

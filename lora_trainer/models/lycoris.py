@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from .lora import ADAPTER_NAME, locon_targets
+from .lora import ADAPTER_NAME, add_adapter, locon_targets
 
 # lora.type -> the LyCORIS name of the type (what files and `inspect` call it)
 LYCORIS_TYPES = {"loha": "LoHa", "lokr": "LoKr"}
@@ -56,16 +55,7 @@ def inject_lycoris(module: torch.nn.Module, kind: str, targets: list[str], rank:
         config = LoKrConfig(r=rank, alpha=alpha, target_modules=list(targets), decompose_factor=factor, **extra)
     else:
         raise ValueError(f"kind must be one of {', '.join(LYCORIS_TYPES)}, not {kind!r}")
-    try:
-        module.add_adapter(config, adapter_name=ADAPTER_NAME)
-    except ValueError as exc:
-        if "not found" in str(exc) or "Target modules" in str(exc):
-            raise ConfigError(
-                f"{key}: none of {targets} names a layer of the {type(module).__name__}; "
-                "use attention projection names such as to_q, to_k, to_v, to_out.0 (UNet) or "
-                "q_proj, k_proj, v_proj, out_proj (text encoder)"
-            ) from None
-        raise
+    add_adapter(module, config, targets, key)
     layers = lycoris_layers(module)
     # Adapter weights train in fp32 whatever the frozen weights' dtype (peft casts the frozen
     # layer's input to them and the sum back to the input's dtype).
