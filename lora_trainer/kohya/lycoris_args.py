@@ -6,7 +6,7 @@ are refused; what we cannot honour is noted and left out; LyCORIS' own defaults 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .options import LORAPLUS_ARGS, parse_number, set_key
+from .options import LORAPLUS_ARGS, parse_number, set_conv_rank, set_key
 
 # algo= as LyCORIS names it -> lora.type (its lora and locon are one module: LoRA, plus convs)
 ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
@@ -131,18 +131,12 @@ def _convs(network_args: dict[str, str], preset: str, alpha: float, cfg: dict, n
             if value is not None:
                 notes.append(f"--network_args {key}={value}: preset={OUR_PRESET} adapts no 3x3 convs; left out")
         return
-    rank = cfg["lora"]["rank"]
-    if dim is not None:
-        number = parse_number(dim, "--network_args conv_dim")
-        if not number.is_integer():
-            raise ConfigError(f"--network_args conv_dim={dim}: not an integer")
-        rank = int(number)
-    if rank <= 0:
-        notes.append(f"--network_args conv_dim={dim}: no 3x3 convs are adapted (LyCORIS still adds the ResNet "
-                     "blocks' time_emb_proj and conv_shortcut; add them to lora.unet_targets for that)")
+    if dim is None:  # LyCORIS' default: network_dim
+        rank = cfg["lora"]["rank"]
+        set_key(cfg, "lora.conv_rank", rank)
+    elif not (rank := set_conv_rank(dim, "LyCORIS", cfg, notes)):
         return
     value = parse_number(conv_alpha, "--network_args conv_alpha") if conv_alpha is not None else alpha
-    set_key(cfg, "lora.conv_rank", rank)
     set_key(cfg, "lora.conv_alpha", value if value else float(rank))
 
 

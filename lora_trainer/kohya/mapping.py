@@ -21,7 +21,7 @@ from .optimizer_options import optimizer_options, scheduler_options
 from .output_options import output_options, sample_options
 from .options import (
     KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, drop_unet_options, images_in, note_for,
-    parse_network_args, parse_number, reg_folder, resolution_side, set_key,
+    parse_network_args, parse_number, reg_folder, resolution_side, set_conv_rank, set_key,
 )
 
 # kohya's networks.lora adapts every Linear and 1x1 Conv2d of the UNet's transformer blocks
@@ -229,15 +229,9 @@ def _locon(network_args: dict[str, str], cfg: dict, notes: list[str]) -> None:
         if alpha is not None:
             notes.append(f"--network_args conv_alpha={alpha}: without conv_dim kohya adapts no 3x3 convs; left out")
         return
-    rank = parse_number(dim, "--network_args conv_dim")
-    if not rank.is_integer():
-        raise ConfigError(f"--network_args conv_dim={dim}: not an integer")
-    rank = int(rank)
-    if rank <= 0:
-        notes.append(f"--network_args conv_dim={dim}: no 3x3 convs are adapted (kohya still adds the ResNet blocks' "
-                     "time_emb_proj and conv_shortcut; add them to lora.unet_targets for that)")
+    rank = set_conv_rank(dim, "kohya", cfg, notes)
+    if not rank:
         return
-    set_key(cfg, "lora.conv_rank", rank)
     if alpha is None:
         notes.append("--network_args conv_alpha not given: kohya's default 1 is kept (scale 1/conv_dim); "
                      "ours would be conv_alpha = conv_rank")

@@ -96,6 +96,20 @@ def parse_number(text: str, where: str) -> float:
         raise ConfigError(f"{where}: {text!r} is not a number") from None
 
 
+def set_conv_rank(dim: str, who: str, cfg: dict, notes: list[str]) -> int:
+    """`--network_args conv_dim=R` (LoCon's 3x3 convs) as lora.conv_rank; R <= 0 adapts none, noted
+    with what `who` (kohya, LyCORIS) still adds. Returns the rank set (0: none)."""
+    rank = parse_number(dim, "--network_args conv_dim")
+    if not rank.is_integer():
+        raise ConfigError(f"--network_args conv_dim={dim}: not an integer")
+    if rank <= 0:
+        notes.append(f"--network_args conv_dim={dim}: no 3x3 convs are adapted ({who} still adds the ResNet blocks' "
+                     "time_emb_proj and conv_shortcut; add them to lora.unet_targets for that)")
+        return 0
+    set_key(cfg, "lora.conv_rank", int(rank))
+    return int(rank)
+
+
 def drop_unet_options(cfg: dict, notes: list[str]) -> None:
     """With --network_train_text_encoder_only kohya builds no UNet adapter, so the options that shape
     one do nothing there; here they are refused, so they are left out with a note."""
