@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --cases tiny    # just one
     python benchmarks/train_step.py --cases sdxl-tiny,sdxl-tiny-nocache
     python benchmarks/train_step.py --cases full,full-kohya,full-locon   # module sets: attention, kohya's, + LoCon
+    python benchmarks/train_step.py --cases full-bf16,full-bf16-loha,full-bf16-lokr --steps 12   # LoRA, LoHa, LoKr
     python benchmarks/train_step.py --cases gpu-sd15-512,gpu-sd15-512-ckpt-8bit,gpu-sdxl-1024,gpu-sdxl-1024-ckpt-8bit
     python benchmarks/train_step.py --cases tiny,full train.ema_decay=0.999   # overrides apply to every case
 
@@ -55,6 +56,11 @@ CASES = {
     "full-locon": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=no",
                                  "lora.unet_targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out]",
                                  "lora.conv_rank=8"]),
+    # LyCORIS types at the same rank on the same layers (peft builds each layer's whole ΔW every step)
+    "full-bf16-loha": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16",
+                                     "lora.type=loha"]),
+    "full-bf16-lokr": ("sd15-full", ["data.resolution=256", "train.batch_size=1", "train.mixed_precision=bf16",
+                                     "lora.type=lokr"]),
     "sdxl-tiny": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no"]),
     "sdxl-tiny-nocache": ("sdxl", ["data.resolution=64", "train.batch_size=2", "train.mixed_precision=no",
                                    "train.cache_latents=false"]),
