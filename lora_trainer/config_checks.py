@@ -338,7 +338,7 @@ def _unread(section: Any, key: str) -> bool:
 # What a LoHa/LoKr run (lora.type) does not do yet, by key: (the key's section, its field).
 _NOT_WITH_LYCORIS = (
     ("lora", "use_dora"), ("lora", "dropout"), ("lora", "neuron_dropout"), ("lora", "rank_dropout"),
-    ("lora", "module_dropout"), ("lora", "init_from"), ("lora", "block_lr_zero_threshold"),
+    ("lora", "module_dropout"), ("lora", "block_lr_zero_threshold"),
     ("lora", "block_ranks"), ("lora", "block_alphas"), ("lora", "conv_block_ranks"), ("lora", "conv_block_alphas"),
     ("train", "loraplus_lr_ratio"), ("train", "loraplus_unet_lr_ratio"), ("train", "loraplus_text_encoder_lr_ratio"),
     ("train", "scale_weight_norms"),
@@ -347,7 +347,7 @@ _NOT_WITH_LYCORIS = (
 
 def _check_adapter_type(cfg: RunConfig, errors: list[str]) -> None:
     """lora.type loha/lokr: only the kohya layout (diffusers cannot load LyCORIS types), and none of
-    the options that shape or train LoRA's B·A factors (DoRA, the dropouts, init_from, LoCon, blocks,
+    the options that shape or train LoRA's B·A factors (DoRA, the dropouts, LoCon, blocks,
     LoRA+, max-norm); lora.lokr_factor only with lokr."""
     lora = cfg.lora
     factor = lora.lokr_factor

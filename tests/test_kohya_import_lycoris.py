@@ -1,6 +1,7 @@
 """`lora-trainer from-kohya` with `--network_module lycoris.kohya`: algo=loha/lokr become lora.type
-(factor=F lora.lokr_factor), algo=lora/locon our LoRA with LyCORIS' convs, other algorithms and
---network_weights with LoHa/LoKr are refused in one line, and what else LyCORIS reads is noted."""
+(factor=F lora.lokr_factor), algo=lora/locon our LoRA with LyCORIS' convs, other algorithms are
+refused in one line, and what else LyCORIS reads is noted (--network_weights with LoHa/LoKr:
+test_lycoris_init_from.py)."""
 
 from __future__ import annotations
 
@@ -77,9 +78,7 @@ def test_other_lycoris_algorithms_are_one_line_errors(tmp_path, capsys, algo):
     assert not (tmp_path / "out.yaml").exists()
 
 
-def test_continuing_a_loha_file_is_refused_and_other_modules_still_are():
-    with pytest.raises(ConfigError, match="--network_weights with --network_args algo=loha: continuing a LoHa/LoKr"):
-        _convert("--network_args algo=loha --network_weights old.safetensors")
+def test_other_modules_are_refused():
     with pytest.raises(ConfigError, match="--network_module networks.dylora: not supported"):
         config_from_kohya(parse_command_line(COMMAND.replace("lycoris.kohya", "networks.dylora")))
     with pytest.raises(ConfigError, match="--network_args factor=0: expected -1"):

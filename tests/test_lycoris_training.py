@@ -254,7 +254,7 @@ def test_fp16_output_keeps_alphas_in_fp32(runs, tmp_path):
     ("output.format=diffusers", "output.format"), ("output.format=both", "output.format"),
     ("lora.use_dora=true", "lora.use_dora"), ("lora.dropout=0.1", "lora.dropout"),
     ("lora.neuron_dropout=0.1", "lora.neuron_dropout"), ("lora.rank_dropout=0.1", "lora.rank_dropout"),
-    ("lora.module_dropout=0.1", "lora.module_dropout"), ("lora.init_from=x.safetensors", "lora.init_from"),
+    ("lora.module_dropout=0.1", "lora.module_dropout"),
     ("lora.block_lr_weights.down=cosine", "lora.block_lr_weights.down"),
     ("lora.block_lr_zero_threshold=0.1", "lora.block_lr_zero_threshold"),
     ("lora.block_ranks=[4]", "lora.block_ranks"), ("lora.block_alphas=[4]", "lora.block_alphas"),

@@ -168,10 +168,8 @@ def _network(a: Args, cfg: dict, notes: list[str]) -> None:
         raise ConfigError(f"--network_module {module}: not supported; lora-trainer trains kohya's networks.lora "
                           "and LyCORIS' lycoris.kohya (algo=lora, locon, loha, lokr): DyLoRA, OFT and LoRA-FA are not")
     network_args = dict(parse_network_args(a.get("network_args", [])))
-    kind = lycoris_type(network_args) if module == "lycoris.kohya" else "lora"
-    if kind != "lora" and a.has("network_weights"):
-        raise ConfigError(f"--network_weights with --network_args algo={kind}: continuing a LoHa/LoKr file is not "
-                          "supported yet (lora.init_from is LoRA only); leave --network_weights out to start afresh")
+    if module == "lycoris.kohya":
+        lycoris_type(network_args)  # an algorithm not trained here fails first
     if not a.has("network_dim"):
         notes.append("--network_dim not given: kohya's default 4 is used")
     set_key(cfg, "lora.rank", a.int("network_dim", 4))

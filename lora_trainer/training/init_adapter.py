@@ -5,7 +5,8 @@ injected peft layers, with `up` rescaled so that the run's alpha gives the same 
     (alpha_file / r) · up_file = (alpha_run / r) · up_run.
 So the run starts exactly where the file left off, whatever alpha each of them uses. A DoRA file
 also sets the magnitudes (unchanged: the rescaling keeps W + ΔW, so its row norms, the same); DoRA
-and plain LoRA files/runs do not mix, since neither holds what the other needs.
+and plain LoRA files/runs do not mix, since neither holds what the other needs. LoHa/LoKr runs
+(`lora.type`) start from a LyCORIS file of their type instead: `init_lycoris.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from ..errors import ConfigError, ModelError, looked_in
 from ..export.adapter import Adapter, read_adapter
 from ..export.layouts import canonical_path
+from ..export.lycoris import LycorisAdapter, read_lycoris
+from ..export.lycoris_names import needs_lycoris_reader
 from ..models.lora import ADAPTER_NAME, is_locon_3x3, lora_layers
+from .init_lycoris import load_initial_lycoris, read_initial_lycoris
 
 log = logging.getLogger(__name__)
 KEY = "lora.init_from"
@@ -26,13 +30,22 @@ _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 
 
 def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int,
-                         use_dora: bool = False, conv_rank: int = 0, train_unet: bool = True) -> Adapter:
-    """Read and check the file before any model loads: it exists, it is for this base family, its
-    ranks are the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text
-    encoders only when the run trains them (the UNet likewise)."""
+                         use_dora: bool = False, conv_rank: int = 0, train_unet: bool = True,
+                         kind: str = "lora") -> Adapter | LycorisAdapter:
+    """Read and check the file before any model loads: it exists, it is of the run's type (`kind`,
+    lora.type; loha/lokr: `init_lycoris.read_initial_lycoris`), for this base family, its ranks are
+    the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text encoders only
+    when the run trains them (the UNet likewise)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{KEY}: {path} not found{looked_in(path)}; give the path of a .safetensors adapter file")
+    if kind != "lora":
+        return read_initial_lycoris(path, kind, variant, train_text_encoder, rank, conv_rank, train_unet)
+    if needs_lycoris_reader(file):
+        found = "/".join(read_lycoris(file, base=variant, header_only=True).kinds)
+        if found.lower() in ("loha", "lokr"):
+            raise ConfigError(f"{KEY}: {path} is a {found} adapter but lora.type is 'lora'; "
+                              f"set lora.type={found.lower()}")
     try:
         adapter = read_adapter(file)
     except ModelError as exc:
@@ -68,11 +81,14 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
 
 
 @torch.no_grad()
-def load_initial_adapter(adapter: Adapter, components: dict[str, torch.nn.Module], source: str) -> int:
+def load_initial_adapter(adapter: Adapter | LycorisAdapter, components: dict[str, torch.nn.Module],
+                         source: str) -> int:
     """Copy the file's factors into the peft layers of `components` ({"unet": ..., "text_encoder": ...}),
     rescaled to each layer's own alpha; return the number of layers set. Layers the run adapts but
     the file lacks keep their fresh start (ΔW = 0) and are named in a warning; layers the file has
-    but the run does not adapt fail."""
+    but the run does not adapt fail. A LyCORIS file: `init_lycoris.load_initial_lycoris`."""
+    if isinstance(adapter, LycorisAdapter):
+        return load_initial_lycoris(adapter, components, source)
     set_count, fresh = 0, []
     for component, module in components.items():
         layers = {canonical_path(component, name): layer for name, layer in lora_layers(module).items()}
