@@ -157,6 +157,23 @@ def test_a_lokr_of_whole_factors_trains_at_scale_1_as_lycoris_does(runs, tiny_sd
     assert layer.scaling["default"] == 0.5
 
 
+def test_the_log_says_when_lokr_modules_train_at_scale_1(tiny_sd15):
+    """kohya's full-matrix recipe logs `rank 100000, alpha 1`; the log line also says that rank and alpha do
+    not act on whole-factor modules, and how many there are."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.models.lycoris import inject_lycoris
+    from lora_trainer.training.adapters import _whole_factor_note
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    n = inject_lycoris(unet, "lokr", ["to_q"], 100000, 1.0, "lora.unet_targets")
+    assert _whole_factor_note({"unet": unet}) == (f"; all {n} modules are two whole factors, trained at scale 1 "
+                                                  "whatever rank and alpha say, as in LyCORIS")
+    low = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    inject_lycoris(low, "lokr", ["to_q"], 2, 1.0, "lora.unet_targets", factor=2)
+    assert _whole_factor_note({"unet": low}) == ""
+
+
 @pytest.mark.parametrize("case", ["loha-locon", "lokr-locon"])
 def test_conv_rank_adds_locons_layers_at_their_own_rank_and_alpha(runs, case):
     tensors, header = _file(runs[case][0].adapter_paths[0])
