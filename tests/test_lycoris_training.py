@@ -374,3 +374,18 @@ def test_a_loha_run_is_published_as_its_kohya_file_alone_and_packaged_as_lycoris
         readme = z.read("README.txt").decode()
     assert fields["type"] == "LoCon" and fields["description"].startswith("LoHa for ")
     assert "Type: LyCORIS" in readme and "type LyCORIS;" in readme
+
+
+def test_the_card_of_a_pivotal_loha_run_sends_diffusers_users_to_the_embedding_files(runs):
+    """A LoHa/LoKr repo has no diffusers-layout file: the card's embedding section names the adapter's type
+    and no such file, and says that the `lora-trainer infer` command reads the bundled vectors."""
+    import dataclasses
+
+    from lora_trainer.publish.embeddings import card_section
+    from lora_trainer.publish.run import read_run
+
+    run = read_run(runs["loha"][0].output_dir)
+    run = dataclasses.replace(run, bundle={"ohwx": {"clip_l": torch.zeros(1, 32)}})
+    text = "\n".join(card_section(run, "alice/shapes", ["embeddings/ohwx.safetensors"]))
+    assert "trained with the LoHa:" in text and "whatever the LoHa's weight" in text
+    assert "diffusers-layout file" not in text and "`lora-trainer infer` command below" in text
