@@ -157,6 +157,23 @@ def test_a_lokr_of_whole_factors_trains_at_scale_1_as_lycoris_does(runs, tiny_sd
     assert layer.scaling["default"] == 0.5
 
 
+def test_the_log_says_when_lokr_modules_train_at_scale_1(tiny_sd15):
+    """kohya's full-matrix recipe logs `rank 100000, alpha 1`; the log line also says that rank and alpha do
+    not act on whole-factor modules, and how many there are."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_trainer.models.lycoris import inject_lycoris
+    from lora_trainer.training.adapters import _whole_factor_note
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    n = inject_lycoris(unet, "lokr", ["to_q"], 100000, 1.0, "lora.unet_targets")
+    assert _whole_factor_note({"unet": unet}) == (f"; all {n} modules are two whole factors, trained at scale 1 "
+                                                  "whatever rank and alpha say, as in LyCORIS")
+    low = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    inject_lycoris(low, "lokr", ["to_q"], 2, 1.0, "lora.unet_targets", factor=2)
+    assert _whole_factor_note({"unet": low}) == ""
+
+
 @pytest.mark.parametrize("case", ["loha-locon", "lokr-locon"])
 def test_conv_rank_adds_locons_layers_at_their_own_rank_and_alpha(runs, case):
     tensors, header = _file(runs[case][0].adapter_paths[0])
@@ -357,3 +374,18 @@ def test_a_loha_run_is_published_as_its_kohya_file_alone_and_packaged_as_lycoris
         readme = z.read("README.txt").decode()
     assert fields["type"] == "LoCon" and fields["description"].startswith("LoHa for ")
     assert "Type: LyCORIS" in readme and "type LyCORIS;" in readme
+
+
+def test_the_card_of_a_pivotal_loha_run_sends_diffusers_users_to_the_embedding_files(runs):
+    """A LoHa/LoKr repo has no diffusers-layout file: the card's embedding section names the adapter's type
+    and no such file, and says that the `lora-trainer infer` command reads the bundled vectors."""
+    import dataclasses
+
+    from lora_trainer.publish.embeddings import card_section
+    from lora_trainer.publish.run import read_run
+
+    run = read_run(runs["loha"][0].output_dir)
+    run = dataclasses.replace(run, bundle={"ohwx": {"clip_l": torch.zeros(1, 32)}})
+    text = "\n".join(card_section(run, "alice/shapes", ["embeddings/ohwx.safetensors"]))
+    assert "trained with the LoHa:" in text and "whatever the LoHa's weight" in text
+    assert "diffusers-layout file" not in text and "`lora-trainer infer` command below" in text

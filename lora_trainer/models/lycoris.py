@@ -74,6 +74,11 @@ def whole_factors(parts) -> bool:
     return "lokr_w1" in parts and "lokr_w2" in parts
 
 
+def whole_factor_count(module: torch.nn.Module) -> int:
+    """How many of `module`'s LoKr layers are two whole factors (trained at scale 1, alpha and rank unused)."""
+    return sum(whole_factors(layer_parts(layer)) for layer in lycoris_layers(module).values())
+
+
 def lycoris_alphas(module: torch.nn.Module) -> dict[str, float]:
     """{module path: alpha} of the LoHa/LoKr-wrapped layers, as trained (conv patterns applied; r for
     a LoKr of whole factors, which trains at scale 1): what the file writes."""

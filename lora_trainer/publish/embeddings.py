@@ -13,7 +13,7 @@ import torch
 
 from ..fileio import atomic_path
 from .adapters import public_metadata
-from .run import Run
+from .run import Run, adapter_kind
 
 FOLDER = "embeddings"
 
@@ -36,11 +36,17 @@ def card_section(run: Run, repo_id: str, names: list[str]) -> list[str]:
         return []
     tokens = [Path(n).stem for n in names]
     first, file = tokens[0], names[0]
+    kind = adapter_kind(run)
     lines = ["## Embeddings (pivotal tuning)", "",
              f"The trigger word{'s' if len(tokens) > 1 else ''} {', '.join(f'`{t}`' for t in tokens)} "
              f"{'are' if len(tokens) > 1 else 'is a'} textual-inversion embedding{'s' if len(tokens) > 1 else ''} "
-             "trained with the LoRA: write the token in the prompt and use the embedding file with the adapter.", ""]
-    if run.bundle:
+             f"trained with the {kind}: write the token in the prompt and use the embedding file with the adapter.", ""]
+    if run.bundle and kind != "LoRA":  # LoHa/LoKr: the kohya file alone, which `lora-trainer infer` reads whole
+        lines += ["The kohya-layout file carries them inside (AUTOMATIC1111 and Forge use them from it, whatever the "
+                  f"{kind}'s weight, and so does the `lora-trainer infer` command below); ComfyUI ignores such "
+                  "bundled embeddings and diffusers has no reader for this file: use the files in `embeddings/` "
+                  "there.", ""]
+    elif run.bundle:
         lines += ["The kohya-layout file carries them inside (AUTOMATIC1111 and Forge use them from it, whatever the "
                   "LoRA's weight); ComfyUI ignores such bundled embeddings and diffusers' `load_lora_weights` refuses "
                   "them, so the diffusers-layout file has none: use the files in `embeddings/` there.", ""]

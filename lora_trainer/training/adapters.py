@@ -13,7 +13,7 @@ from ..models.kohya_dropout import KohyaDropout, use_kohya_dropout
 from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
 from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
-from ..models.lycoris import LYCORIS_TYPES, inject_lycoris
+from ..models.lycoris import LYCORIS_TYPES, inject_lycoris, lycoris_layers, whole_factor_count
 from .block_groups import block_groups
 from .components import Trained
 from .tracking import GROUP_NAMES
@@ -80,13 +80,26 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
             if name != "unet":
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
     if groups:
-        log.info("trainable %s parameters: %d (rank %d, alpha %g%s)",
+        log.info("trainable %s parameters: %d (rank %d, alpha %g%s%s)",
                  LYCORIS_TYPES.get(kind) or ("DoRA" if dora else "LoRA"),
                  sum(p.numel() for g in groups for p in g["params"]), rank, alpha,
-                 f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "")
+                 f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "",
+                 _whole_factor_note(named) if kind == "lokr" else "")
     else:
         log.info("no LoRA: only the embedding trains (textual inversion)")
     return Trained(named), groups, names
+
+
+def _whole_factor_note(named: dict[str, torch.nn.Module]) -> str:
+    """The log's word on LoKr modules of two whole factors: rank and alpha do not act on them (scale 1,
+    as in LyCORIS), which `rank 100000, alpha 1` alone would hide."""
+    whole = sum(whole_factor_count(module) for module in named.values())
+    if not whole:
+        return ""
+    total = sum(len(lycoris_layers(module)) for module in named.values())
+    count = f"all {whole} modules are" if whole == total else f"{whole} of {total} modules are"
+    return (f"; {count} two whole factors, "
+            "trained at scale 1 whatever rank and alpha say, as in LyCORIS")
 
 
 def _layers_per_block(unet) -> int:
