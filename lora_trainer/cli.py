@@ -246,6 +246,9 @@ def _main(argv: list[str] | None) -> int:
     except LoraTrainerError as exc:  # a run stopped by Ctrl-C after saving a checkpoint is one too
         print(f"{exc.label}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of the output went away (`lora-trainer inspect F | head`)
+        _drop_stdout()
+        return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as exc:
         if _ctrl_c_inside(exc):
             print("interrupted", file=sys.stderr)
@@ -257,6 +260,16 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's flush at exit does not fail on the
+    closed pipe again (with a traceback of its own)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+        pass
 
 
 def _ctrl_c_inside(exc: BaseException) -> bool:

@@ -159,3 +159,15 @@ def test_resuming_with_another_number_of_processes_is_named_and_the_same_is_not(
     note = process_change(saved, 4)
     assert note.startswith("was saved by 2 process(es), and this run has 4: a step now takes 4/2 as many images")
     assert note.endswith("resume with 2 process(es) to continue exactly")
+
+
+def test_output_read_by_a_reader_that_went_away_ends_quietly(random_adapters):
+    # `lora-trainer inspect FILE | head -1`: head exits after its line and the pipe closes under the
+    # command; it stops as a shell command ended by SIGPIPE does (141), with no traceback.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "inspect", "--json", str(random_adapters["a"])],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before it writes (it is still importing)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
