@@ -13,6 +13,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+import yaml
 from conftest import run_config
 
 from lora_trainer.errors import ConfigError
@@ -362,7 +363,10 @@ def test_a_loha_run_is_published_as_its_kohya_file_alone_and_packaged_as_lycoris
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert {k.rsplit(".", 1)[1] for k in published} == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
     card = (repo / "README.md").read_text()
-    assert "lycoris" in card.split("---\n", 2)[1] and "A LoHa adapter for" in card
+    front = yaml.safe_load(card.split("---\n", 2)[1])
+    assert "lycoris" in front["tags"] and "A LoHa adapter for" in card
+    # diffusers reads no LoHa: the Hub must not offer its load_lora_weights snippet
+    assert "library_name" not in front and "diffusers" not in front["tags"]
     assert "pytorch_lora_weights" not in card and "load_lora_weights(" not in card
     assert "lora-trainer infer --model " in card and f"--lora {run_file.name}:" in card
     assert "| LoHa rank / alpha | 4 / 2 |" in card

@@ -35,11 +35,13 @@ def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> d
     # the Hub lists textual-inversion repos under `textual_inversion`; `template:sd-lora` is the LoRA card template
     tags = (["textual_inversion", "text-to-image", "stable-diffusion", "diffusers", "lora-trainer"] if run.embedding_only
             else ["lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora-trainer"])
-    if not run.embedding_only and adapter_kind(run) != "LoRA":
-        tags.insert(1, "lycoris")
+    lycoris = not run.embedding_only and adapter_kind(run) != "LoRA"
+    if lycoris:  # diffusers reads no LoHa/LoKr: no diffusers library or tag, whose Hub snippet would fail
+        tags = ["lora", "lycoris", *tags[1:]]
+        tags.remove("diffusers")
     if run.variant == "sdxl":
         tags += ["sdxl", "stable-diffusion-xl"]
-    data: dict = {"base_model": base_model, "license": license, "library_name": "diffusers",
+    data: dict = {"base_model": base_model, "license": license, **({} if lycoris else {"library_name": "diffusers"}),
                   "pipeline_tag": "text-to-image", "tags": tags}
     words = trigger_words(run)
     if words:
