@@ -22,7 +22,8 @@ from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, read_lycoris
 from ..export.lycoris_names import needs_lycoris_reader
 from ..models.lora import ADAPTER_NAME, is_locon_3x3, lora_layers
-from .init_lycoris import load_initial_lycoris, read_initial_lycoris
+from ..models.lycoris import lycoris_layers
+from .init_lycoris import copy_lycoris, read_initial_lycoris
 
 log = logging.getLogger(__name__)
 KEY = "lora.init_from"
@@ -86,12 +87,19 @@ def load_initial_adapter(adapter: Adapter | LycorisAdapter, components: dict[str
     """Copy the file's factors into the peft layers of `components` ({"unet": ..., "text_encoder": ...}),
     rescaled to each layer's own alpha; return the number of layers set. Layers the run adapts but
     the file lacks keep their fresh start (ΔW = 0) and are named in a warning; layers the file has
-    but the run does not adapt fail. A LyCORIS file: `init_lycoris.load_initial_lycoris`."""
+    but the run does not adapt fail. A LyCORIS file's parts go into LoHa/LoKr layers
+    (`init_lycoris.copy_lycoris`)."""
     if isinstance(adapter, LycorisAdapter):
-        return load_initial_lycoris(adapter, components, source)
+        return _copy_into_layers(adapter, components, source, lycoris_layers, copy_lycoris)
+    return _copy_into_layers(adapter, components, source, lora_layers, _copy_lora)
+
+
+def _copy_into_layers(adapter, components: dict[str, torch.nn.Module], source: str, layers_of, copy) -> int:
+    """Each of the file's modules into the run's layer at its path (`layers_of(model)`: {path: layer})
+    with `copy(module, layer, source, where)`; the warning and the refusal `load_initial_adapter` says."""
     set_count, fresh = 0, []
-    for component, module in components.items():
-        layers = {canonical_path(component, name): layer for name, layer in lora_layers(module).items()}
+    for component, model in components.items():
+        layers = {canonical_path(component, name): layer for name, layer in layers_of(model).items()}
         wanted = adapter.modules.get(component, {})
         missing = sorted(set(wanted) - set(layers))
         if missing:
@@ -102,25 +110,30 @@ def load_initial_adapter(adapter: Adapter | LycorisAdapter, components: dict[str
             raise ConfigError(f"{KEY}: {source} adapts {component} layers this run does not: {shown}; "
                               f"add their names to {targets}")
         for path, layer in layers.items():
-            lora_module = wanted.get(path)
-            if lora_module is None:
+            module = wanted.get(path)
+            if module is None:
                 fresh.append(f"{component}.{path}")
                 continue
-            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-            if tuple(down.shape) != tuple(lora_module.down.shape) or tuple(up.shape) != tuple(lora_module.up.shape):
-                raise ConfigError(f"{KEY}: {source}: {component}.{path} has down {tuple(lora_module.down.shape)} "
-                                  f"and up {tuple(lora_module.up.shape)}; this base's layer needs "
-                                  f"{tuple(down.shape)} and {tuple(up.shape)} (an adapter for another model?)")
-            down.copy_(lora_module.down.to(down.dtype))
-            # ΔW = (alpha_file / r) · up @ down must equal (alpha / r) · up' @ down.
-            alpha = float(layer.lora_alpha[ADAPTER_NAME])
-            up.copy_((lora_module.up.double() * (lora_module.alpha / alpha)).to(up.dtype))
-            if lora_module.magnitude is not None:
-                magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight  # conv: (1, d_out, 1, 1)
-                magnitude.copy_(lora_module.magnitude.reshape(magnitude.shape))
+            copy(module, layer, source, f"{component}.{path}")
             set_count += 1
     if fresh:
         log.warning("%s: %d adapted layer(s) are not in %s and start from zero, e.g. %s",
                     KEY, len(fresh), source, ", ".join(fresh[:3]))
     log.info("%s: started from %s (%d layers)", KEY, source, set_count)
     return set_count
+
+
+def _copy_lora(lora_module, layer: torch.nn.Module, source: str, where: str) -> None:
+    """One LoRA (or DoRA) module's factors into one peft layer, up rescaled to the layer's alpha."""
+    down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+    if tuple(down.shape) != tuple(lora_module.down.shape) or tuple(up.shape) != tuple(lora_module.up.shape):
+        raise ConfigError(f"{KEY}: {source}: {where} has down {tuple(lora_module.down.shape)} "
+                          f"and up {tuple(lora_module.up.shape)}; this base's layer needs "
+                          f"{tuple(down.shape)} and {tuple(up.shape)} (an adapter for another model?)")
+    down.copy_(lora_module.down.to(down.dtype))
+    # ΔW = (alpha_file / r) · up @ down must equal (alpha / r) · up' @ down.
+    alpha = float(layer.lora_alpha[ADAPTER_NAME])
+    up.copy_((lora_module.up.double() * (lora_module.alpha / alpha)).to(up.dtype))
+    if lora_module.magnitude is not None:
+        magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight  # conv: (1, d_out, 1, 1)
+        magnitude.copy_(lora_module.magnitude.reshape(magnitude.shape))

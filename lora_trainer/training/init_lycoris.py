@@ -12,17 +12,14 @@ run (`models.lycoris.whole_factor_scale`), so it is copied unchanged.
 
 from __future__ import annotations
 
-import logging
 import torch
 
 from ..errors import ConfigError, ModelError
-from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, LycorisModule, read_lycoris
 from ..export.lycoris_names import needs_lycoris_reader
 from ..models.lora import ADAPTER_NAME, is_locon_3x3
-from ..models.lycoris import LYCORIS_TYPES, layer_parts, lycoris_layers
+from ..models.lycoris import LYCORIS_TYPES, layer_parts
 
-log = logging.getLogger(__name__)
 KEY = "lora.init_from"
 _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 # Parts a LyCORIS file may have that peft's LoHa/LoKr (as this trainer builds them) cannot hold.
@@ -93,41 +90,10 @@ def _check_ranks(adapter: LycorisAdapter, path: str, rank: int, conv_rank: int) 
                           f"{ranks[-1] if len(ranks) == 1 else '...'}")
 
 
-@torch.no_grad()
-def load_initial_lycoris(adapter: LycorisAdapter, components: dict[str, torch.nn.Module], source: str) -> int:
-    """Copy the file's parts into the peft LoHa/LoKr layers of `components` ({"unet": ...,
-    "text_encoder": ...}), one factor rescaled to each layer's own scale; return the number of layers
-    set. Layers the run adapts but the file lacks keep their fresh start (ΔW = 0) and are named in a
-    warning; layers the file has but the run does not adapt, or whose parts peft builds in other
-    shapes (another rank, lora.lokr_factor), fail."""
-    set_count, fresh = 0, []
-    for component, model in components.items():
-        layers = {canonical_path(component, name): layer for name, layer in lycoris_layers(model).items()}
-        wanted = adapter.modules.get(component, {})
-        missing = sorted(set(wanted) - set(layers))
-        if missing:
-            shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
-            targets = "lora.unet_targets" if component == "unet" else "lora.text_encoder_targets"
-            if component == "unet" and any(is_locon_3x3(p) for p in missing):
-                targets = "lora.unet_targets, or set lora.conv_rank for the 3x3 convs (LoCon)"
-            raise ConfigError(f"{KEY}: {source} adapts {component} layers this run does not: {shown}; "
-                              f"add their names to {targets}")
-        for path, layer in layers.items():
-            module = wanted.get(path)
-            if module is None:
-                fresh.append(f"{component}.{path}")
-                continue
-            _copy(module, layer, source)
-            set_count += 1
-    if fresh:
-        log.warning("%s: %d adapted layer(s) are not in %s and start from zero, e.g. %s",
-                    KEY, len(fresh), source, ", ".join(fresh[:3]))
-    log.info("%s: started from %s (%d layers)", KEY, source, set_count)
-    return set_count
-
-
-def _copy(module: LycorisModule, layer: torch.nn.Module, source: str) -> None:
-    """One module's parts into one peft layer, the scale ratio on `_RESCALED`'s factor."""
+def copy_lycoris(module: LycorisModule, layer: torch.nn.Module, source: str, where: str = "") -> None:
+    """One module's parts into one peft LoHa/LoKr layer, the scale ratio on `_RESCALED`'s factor
+    (`init_adapter.load_initial_adapter` walks the file's modules); parts peft built in other shapes
+    (another rank, lora.lokr_factor) are refused."""
     parts = layer_parts(layer)
     mine = {name: tuple(p.shape) for name, p in parts.items()}
     theirs = {name: tuple(t.shape) for name, t in module.parts.items()}
