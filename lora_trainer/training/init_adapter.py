@@ -22,8 +22,8 @@ from ..export.layouts import canonical_path
 from ..export.lycoris import LycorisAdapter, read_lycoris
 from ..export.lycoris_names import needs_lycoris_reader
 from ..models.lora import ADAPTER_NAME, is_locon_3x3, lora_layers
-from ..models.lycoris import lycoris_layers
-from .init_lycoris import copy_lycoris, read_initial_lycoris
+from ..models.lycoris import LYCORIS_TYPES, lycoris_layers
+from .init_lycoris import check_lycoris, copy_lycoris
 
 log = logging.getLogger(__name__)
 KEY = "lora.init_from"
@@ -34,28 +34,24 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
                          use_dora: bool = False, conv_rank: int = 0, train_unet: bool = True,
                          kind: str = "lora") -> Adapter | LycorisAdapter:
     """Read and check the file before any model loads: it exists, it is of the run's type (`kind`,
-    lora.type; loha/lokr: `init_lycoris.read_initial_lycoris`), for this base family, its ranks are
+    lora.type; loha/lokr: `init_lycoris.check_lycoris`), for this base family, its ranks are
     the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text encoders only
     when the run trains them (the UNet likewise)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{KEY}: {path} not found{looked_in(path)}; give the path of a .safetensors adapter file")
     if kind != "lora":
-        return read_initial_lycoris(path, kind, variant, train_text_encoder, rank, conv_rank, train_unet)
+        if not needs_lycoris_reader(file):
+            raise ConfigError(f"{KEY}: {path} is a LoRA adapter but lora.type is {kind!r} ({LYCORIS_TYPES[kind]}); "
+                              "set lora.type=lora")
+        adapter = check_lycoris(_read(read_lycoris, path, variant), path, kind, rank, conv_rank)
+        return _check_components(adapter, path, train_text_encoder, train_unet)
     if needs_lycoris_reader(file):
         found = "/".join(read_lycoris(file, base=variant, header_only=True).kinds)
         if found.lower() in ("loha", "lokr"):
             raise ConfigError(f"{KEY}: {path} is a {found} adapter but lora.type is 'lora'; "
                               f"set lora.type={found.lower()}")
-    try:
-        adapter = read_adapter(file)
-    except ModelError as exc:
-        if "cannot tell whether" not in str(exc):
-            raise ConfigError(f"{KEY}: {exc}") from None
-        adapter = read_adapter(file, base=variant)  # family unknown from the file: trust the base
-    if adapter.base != variant:
-        raise ConfigError(f"{KEY}: {path} is an {_VARIANT_NAMES[adapter.base]} adapter "
-                          f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
+    adapter = _read(read_adapter, path, variant)
     if adapter.is_dora != use_dora:
         raise ConfigError(f"{KEY}: {path} is a {'DoRA' if adapter.is_dora else 'plain LoRA'} adapter but "
                           f"lora.use_dora is {str(use_dora).lower()}; set lora.use_dora={str(adapter.is_dora).lower()}")
@@ -71,6 +67,26 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
         raise ConfigError(f"{KEY}: {path} has rank {'/'.join(map(str, ranks))} but lora.rank is {rank}; "
                           f"set lora.rank={ranks[-1] if len(ranks) == 1 else '...'} (or resize the file "
                           "with `lora-trainer resize`)")
+    return _check_components(adapter, path, train_text_encoder, train_unet)
+
+
+def _read(reader, path: str, variant: str):
+    """`reader(path)` (the LoRA or the LyCORIS reader), in the base's family when the file cannot
+    tell; one line when it is another family's adapter."""
+    try:
+        adapter = reader(path)
+    except ModelError as exc:
+        if "cannot tell" not in str(exc):
+            raise ConfigError(f"{KEY}: {exc}") from None
+        adapter = reader(path, base=variant)  # family unknown from the file: trust the base
+    if adapter.base != variant:
+        raise ConfigError(f"{KEY}: {path} is an {_VARIANT_NAMES[adapter.base]} adapter "
+                          f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
+    return adapter
+
+
+def _check_components(adapter, path: str, train_text_encoder: bool, train_unet: bool):
+    """The file adapts the text encoders (the UNet) only when the run trains them."""
     encoders = [c for c in adapter.modules if c != "unet" and adapter.modules[c]]
     if encoders and not train_text_encoder:
         raise ConfigError(f"{KEY}: {path} also adapts {', '.join(encoders)}; set lora.train_text_encoder=true "

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, ModelError
-from ..export.lycoris import LycorisAdapter, LycorisModule, read_lycoris
-from ..export.lycoris_names import needs_lycoris_reader
+from ..errors import ConfigError
+from ..export.lycoris import LycorisAdapter, LycorisModule
 from ..models.lora import ADAPTER_NAME, is_locon_3x3
 from ..models.lycoris import LYCORIS_TYPES, layer_parts
 
 KEY = "lora.init_from"
-_VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 # Parts a LyCORIS file may have that peft's LoHa/LoKr (as this trainer builds them) cannot hold.
 _NOT_HELD = {"hada_t1": "a Tucker/CP core (LyCORIS' use_tucker)", "hada_t2": "a Tucker/CP core (LyCORIS' use_tucker)",
              "lokr_t2": "a Tucker/CP core (LyCORIS' use_tucker)", "lokr_w1_a": "a low-rank w1 (LyCORIS' decompose_both)",
@@ -30,30 +28,18 @@ _NOT_HELD = {"hada_t1": "a Tucker/CP core (LyCORIS' use_tucker)", "hada_t2": "a 
 _RESCALED = {"LoHa": "hada_w1_a", "LoKr": "lokr_w1"}
 
 
-def read_initial_lycoris(path: str, kind: str, variant: str, train_text_encoder: bool, rank: int,
-                         conv_rank: int = 0, train_unet: bool = True) -> LycorisAdapter:
-    """Read and check a LoHa/LoKr file for a run of lora.type `kind` before any model loads: it is
-    of that type, for this base family, at the run's ranks (`conv_rank` for the 3x3 convs, when > 0;
-    a LoKr of whole factors has none), with no part peft cannot hold, and adapting the text encoders
-    (the UNet) only when the run trains them."""
+def check_lycoris(adapter: LycorisAdapter, path: str, kind: str, rank: int, conv_rank: int = 0) -> LycorisAdapter:
+    """Check a LoHa/LoKr file read for a run of lora.type `kind` (`init_adapter.read_initial_adapter`
+    reads it and checks its family and components): it is of that type, at the run's ranks
+    (`conv_rank` for the 3x3 convs, when > 0; a LoKr of whole factors has none), with no part peft
+    cannot hold."""
     want = LYCORIS_TYPES[kind]
-    if not needs_lycoris_reader(path):
-        raise ConfigError(f"{KEY}: {path} is a LoRA adapter but lora.type is {kind!r} ({want}); set lora.type=lora")
-    try:
-        adapter = read_lycoris(path)
-    except ModelError as exc:
-        if "cannot tell" not in str(exc):
-            raise ConfigError(f"{KEY}: {exc}") from None
-        adapter = read_lycoris(path, base=variant)  # family unknown from the file: trust the base
     kinds = adapter.kinds
     if set(kinds) != {want}:
         found = "/".join(kinds)
         hint = (f"set lora.type={found.lower()}" if found.lower() in (*LYCORIS_TYPES, "lora")
                 else "start afresh without lora.init_from")
         raise ConfigError(f"{KEY}: {path} is a {found} adapter but lora.type is {kind!r} ({want}); {hint}")
-    if adapter.base != variant:
-        raise ConfigError(f"{KEY}: {path} is an {_VARIANT_NAMES[adapter.base]} adapter "
-                          f"({adapter.base_reason}) but model.base is {_VARIANT_NAMES[variant]}")
     for component, layer, module in adapter.items():
         if module.dora_scale is not None:
             raise ConfigError(f"{KEY}: {path}: {module.name}.dora_scale is a DoRA magnitude, which a {want} run "
@@ -63,13 +49,6 @@ def read_initial_lycoris(path: str, kind: str, variant: str, train_text_encoder:
             raise ConfigError(f"{KEY}: {path}: {module.name}.{held[0]} is {_NOT_HELD[held[0]]}, which this "
                               f"trainer's {want} does not have; start afresh without lora.init_from")
     _check_ranks(adapter, path, rank, conv_rank)
-    encoders = [c for c in adapter.modules if c != "unet" and adapter.modules[c]]
-    if encoders and not train_text_encoder:
-        raise ConfigError(f"{KEY}: {path} also adapts {', '.join(encoders)}; set lora.train_text_encoder=true "
-                          "(otherwise that part of the adapter would be lost)")
-    if adapter.modules.get("unet") and not train_unet:
-        raise ConfigError(f"{KEY}: {path} adapts the UNet but lora.train_unet is false; set lora.train_unet=true "
-                          "(otherwise that part of the adapter would be lost)")
     return adapter
 
 
