@@ -49,6 +49,20 @@ def example_data() -> Path:
     return REPO / "datasets" / "example"
 
 
+def model_outputs(unet, text_encoder):
+    """The tiny SD1.5 UNet's and text encoder's outputs on fixed seeded inputs (eval mode, no grad):
+    what a file loaded elsewhere must reproduce."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
+    hidden, ids = torch.randn(2, 77, 32, generator=g), torch.randint(0, 400, (1, 77), generator=g)
+    unet.eval()
+    text_encoder.eval()
+    with torch.no_grad():
+        return unet(latents, t, hidden).sample, text_encoder(ids)[0]
+
+
 def run_config(tiny_model: Path, data: Path, out_dir: Path, *overrides: str):
     """The example config pointed at the session's tiny model, with overrides."""
     from lora_trainer.config import load_config

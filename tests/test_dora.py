@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from conftest import run_config
+from conftest import model_outputs as _outputs, run_config
 
 from lora_trainer.errors import ConfigError, ModelError
 from lora_trainer.training.loop import train
@@ -33,20 +33,6 @@ def _fresh(model_dir, xl=False):
     pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(7)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g),
-            torch.randint(0, 400, (1, 77), generator=g))
-
-
-def _outputs(unet, text_encoder):
-    latents, t, hidden, ids = _inputs()
-    unet.eval()
-    text_encoder.eval()
-    with torch.no_grad():
-        return unet(latents, t, hidden).sample, text_encoder(ids)[0]
 
 
 @pytest.fixture(scope="module")

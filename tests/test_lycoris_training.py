@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 import torch
 import yaml
-from conftest import run_config
+from conftest import model_outputs as _outputs, run_config
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.layouts import KOHYA_PREFIXES, kohya_name
@@ -45,20 +45,6 @@ def _adapter(result) -> dict[str, torch.Tensor]:
     modules = {"unet": result.unet, "text_encoder": result.text_encoder}
     return {f"{c}.{k}": v.detach().clone() for c, m in modules.items() for k, v in m.named_parameters()
             if v.requires_grad}
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(7)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g),
-            torch.randint(0, 400, (1, 77), generator=g))
-
-
-def _outputs(unet, text_encoder):
-    latents, t, hidden, ids = _inputs()
-    unet.eval()
-    text_encoder.eval()
-    with torch.no_grad():
-        return unet(latents, t, hidden).sample, text_encoder(ids)[0]
 
 
 @pytest.fixture(scope="module")
