@@ -60,10 +60,10 @@ BUCKET_RUN = ["data.path={mixed_aspect}", "data.buckets=true", "data.resolution=
               "output.save_every_n_epochs=1", "sample.prompts=[]", "output.dtype=fp32"]
 
 
-def write_mixed_aspect_images(folder: Path) -> Path:
-    """MIXED_ASPECT images (a light square on a coloured ground) with captions, in `folder`."""
+def write_mixed_aspect_images(folder: Path, sizes=MIXED_ASPECT) -> Path:
+    """Images of `sizes` (w, h) (a light square on a coloured ground) with captions, in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (w, h) in enumerate(MIXED_ASPECT):
+    for k, (w, h) in enumerate(sizes):
         image = Image.new("RGB", (w, h), (40 * k % 255, 90, 200 - 20 * k))
         image.paste((250, 250, 250), (w // 4, h // 4, w // 2, h // 2))
         image.save(folder / f"{k}.png")

@@ -11,6 +11,7 @@ import pytest
 import safetensors
 import torch
 from conftest import REPO, run_config
+from rank_helpers import write_mixed_aspect_images
 from PIL import Image
 
 from lora_trainer.cli import main
@@ -24,14 +25,8 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def mixed_aspect_data(tmp_path_factory):
-    data = tmp_path_factory.mktemp("mixed")
     sizes = [(160, 90), (150, 80), (90, 160), (80, 150), (120, 120), (100, 100), (170, 95)]
-    for k, (w, h) in enumerate(sizes):
-        image = Image.new("RGB", (w, h), (40 * k % 255, 90, 200 - 20 * k))
-        image.paste((250, 250, 250), (w // 4, h // 4, w // 2, h // 2))
-        image.save(data / f"{k}.png")
-        (data / f"{k}.txt").write_text(f"shape {k}, white square, plain background")
-    return data
+    return write_mixed_aspect_images(tmp_path_factory.mktemp("mixed"), sizes)
 
 
 def test_buckets_keep_aspect_and_every_batch_has_one_shape(mixed_aspect_data, tiny_sd15):

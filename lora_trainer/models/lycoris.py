@@ -23,6 +23,12 @@ from .lora import ADAPTER_NAME, add_adapter, locon_targets
 LYCORIS_TYPES = {"loha": "LoHa", "lokr": "LoKr"}
 
 
+def type_name(lora_type: str) -> str:
+    """What an adapter of lora.type `lora_type` is called: "LoHa", "LoKr" (LyCORIS' types, which
+    diffusers' `load_lora_weights` does not read), else "LoRA"."""
+    return LYCORIS_TYPES.get(lora_type, "LoRA")
+
+
 def lycoris_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The peft LoHa/LoKr-wrapped layers of `module`, by module path."""
     from peft.tuners.lycoris_utils import LycorisLayer

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from .embeddings import card_section
-from .run import Run, WeightAdvice, adapter_kind, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
+from ..models.lycoris import type_name
+from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
@@ -35,7 +36,7 @@ def front_matter(run: Run, base_model: str, license: str, files: CardFiles) -> d
     # the Hub lists textual-inversion repos under `textual_inversion`; `template:sd-lora` is the LoRA card template
     tags = (["textual_inversion", "text-to-image", "stable-diffusion", "diffusers", "lora-trainer"] if run.embedding_only
             else ["lora", "text-to-image", "stable-diffusion", "diffusers", "template:sd-lora", "lora-trainer"])
-    lycoris = not run.embedding_only and adapter_kind(run) != "LoRA"
+    lycoris = not run.embedding_only and type_name(run.cfg.lora.type) != "LoRA"
     if lycoris:  # diffusers reads no LoHa/LoKr: no diffusers library or tag, whose Hub snippet would fail
         tags = ["lora", "lycoris", *tags[1:]]
         tags.remove("diffusers")
@@ -89,8 +90,8 @@ def _usage(run: Run, base_model: str, repo_id: str, files: CardFiles, advice: We
         command = (f"lora-trainer infer --model {base_model} --lora {files.kohya}:{advice.default:g} "
                    f"--prompt {shlex.quote(prompt)}" + (f" --negative-prompt {shlex.quote(negative)}" if negative else ""))
         diffusers = [
-            f"diffusers' `load_lora_weights` does not read {adapter_kind(run)} files. lora-trainer generates with "
-            "them on a diffusers pipeline:", "",
+            f"diffusers' `load_lora_weights` does not read {type_name(run.cfg.lora.type)} files. lora-trainer "
+            "generates with them on a diffusers pipeline:", "",
             "```bash", command, "```",
         ]
     else:
@@ -140,7 +141,7 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("resolution", f"{cfg.data.resolution} px"),
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
-        (f"{adapter_kind(run)} rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
+        (f"{type_name(run.cfg.lora.type)} rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),
         ("adapted modules", _adapted_modules(cfg)),
         ("learning rate", f"{t.lr:g} ({t.scheduler}, {t.warmup} warmup steps)" if cfg.lora.train_unet
          else f"{t.scheduler}, {t.warmup} warmup steps"),
@@ -192,7 +193,7 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str, files: Car
     meta = yaml.safe_dump(front_matter(run, base_model, license, files), sort_keys=False, allow_unicode=True)
     prompts, negative = recommended_prompts(run)
     words = trigger_words(run)
-    about = description or (f"A {adapter_kind(run)} adapter for {BASE_NAMES[run.variant]} (`{base_model}`)"
+    about = description or (f"A {type_name(run.cfg.lora.type)} adapter for {BASE_NAMES[run.variant]} (`{base_model}`)"
                             + (f", trained on {dataset_size(run)} images" if dataset_size(run) else "")
                             + (f"; it is switched on by {', '.join(_code(w) for w in words)}." if words else "."))
     lines = ["---", meta.rstrip(), "---", "", f"# {run.name}", "", about, ""]

@@ -20,7 +20,8 @@ from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
 from .card import BASE_NAMES
 from .embeddings import embedding_sources, publish_embedding, readme_lines
-from .run import (Run, WeightAdvice, adapter_kind, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
+from ..models.lycoris import type_name
+from .run import (Run, WeightAdvice, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
                   trained_steps, trigger_words)
 
 # CivitAI's model type by adapter (its API names; the upload form calls LoCon "LyCORIS") and the
@@ -35,7 +36,7 @@ CIVITAI_BASE_MODELS = {"sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
 def default_description(run: Run) -> str:
     images = dataset_size(run)
     words = trigger_words(run)
-    return (f"{adapter_kind(run)} for {BASE_NAMES[run.variant]}"
+    return (f"{type_name(run.cfg.lora.type)} for {BASE_NAMES[run.variant]}"
             + (f", trained on {images} images" if images else "")
             + f" for {trained_steps(run)} steps at rank {run.cfg.lora.rank}."
             + (f" Trigger words: {', '.join(words)}." if words else " No trigger word: it acts on every prompt."))
@@ -48,7 +49,7 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
     cfg = run.cfg
     return {
         "name": run.name,
-        "type": CIVITAI_TYPES[adapter_kind(run)],
+        "type": CIVITAI_TYPES[type_name(run.cfg.lora.type)],
         "baseModel": CIVITAI_BASE_MODELS[run.variant],
         "trainedWords": trigger_words(run),
         "description": description or default_description(run),

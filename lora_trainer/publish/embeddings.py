@@ -13,7 +13,8 @@ import torch
 
 from ..fileio import atomic_path
 from .adapters import public_metadata
-from .run import Run, adapter_kind
+from ..models.lycoris import type_name
+from .run import Run
 
 FOLDER = "embeddings"
 
@@ -36,7 +37,7 @@ def card_section(run: Run, repo_id: str, names: list[str]) -> list[str]:
         return []
     tokens = [Path(n).stem for n in names]
     first, file = tokens[0], names[0]
-    kind = adapter_kind(run)
+    kind = type_name(run.cfg.lora.type)
     lines = ["## Embeddings (pivotal tuning)", "",
              f"The trigger word{'s' if len(tokens) > 1 else ''} {', '.join(f'`{t}`' for t in tokens)} "
              f"{'are' if len(tokens) > 1 else 'is a'} textual-inversion embedding{'s' if len(tokens) > 1 else ''} "

@@ -22,7 +22,8 @@ from .adapters import write_diffusers, write_kohya
 from .card import CardFiles, model_card
 from .embedding_card import model_card as embedding_card
 from .embeddings import embedding_sources, publish_embedding
-from .run import BASE_LICENSES, HUB_ID, Run, adapter_kind, hub_base_model, prompt_guide, weight_advice
+from ..models.lycoris import type_name
+from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -116,7 +117,7 @@ def _write_folder(run: Run, folder: Path, opts: HubOptions) -> list[str]:
     advice = weight_advice(run, opts.weight, opts.weight_range)
     kohya_name = None if run.embedding_only else f"{run.name}.safetensors"
     # diffusers' load_lora_weights reads no LoHa/LoKr: their repo holds the kohya file alone
-    diffusers_name = DIFFUSERS_NAME if kohya_name and adapter_kind(run) == "LoRA" else None
+    diffusers_name = DIFFUSERS_NAME if kohya_name and type_name(run.cfg.lora.type) == "LoRA" else None
     if kohya_name:
         write_kohya(run, folder / kohya_name)
     if diffusers_name:

@@ -18,7 +18,6 @@ from ..config import RunConfig, load_config
 from ..errors import ConfigError, ModelError, PublishError
 from ..export.files import load_adapter
 from ..export.layouts import detect_layout
-from ..models.lycoris import LYCORIS_TYPES
 from ..run_folder import EMBEDDINGS_DIR
 from ..sample_prompts import parse_sample_prompt
 
@@ -212,12 +211,6 @@ def _read_bundle(adapter: Path) -> dict:
 
 
 # ---- guidance shown to users ---------------------------------------------------------------------
-
-
-def adapter_kind(run: Run) -> str:
-    """What the run's adapter is: "LoHa" or "LoKr" (lora.type, LyCORIS' types, which diffusers'
-    `load_lora_weights` does not read), else "LoRA"."""
-    return LYCORIS_TYPES.get(run.cfg.lora.type, "LoRA")
 
 
 def trigger_words(run: Run) -> list[str]:

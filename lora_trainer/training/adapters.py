@@ -13,7 +13,7 @@ from ..models.kohya_dropout import KohyaDropout, use_kohya_dropout
 from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
 from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
-from ..models.lycoris import LYCORIS_TYPES, inject_lycoris, lycoris_layers, whole_factor_count
+from ..models.lycoris import LYCORIS_TYPES, inject_lycoris, lycoris_layers, type_name, whole_factor_count
 from .block_groups import block_groups
 from .components import Trained
 from .tracking import GROUP_NAMES
@@ -81,7 +81,7 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dropout_keys.transformers_kwargs())
     if groups:
         log.info("trainable %s parameters: %d (rank %d, alpha %g%s%s)",
-                 LYCORIS_TYPES.get(kind) or ("DoRA" if dora else "LoRA"),
+                 "DoRA" if dora else type_name(kind),
                  sum(p.numel() for g in groups for p in g["params"]), rank, alpha,
                  f"; 3x3 convs rank {cfg.lora.conv_rank}, alpha {cfg.conv_alpha:g}" if cfg.lora.conv_rank else "",
                  _whole_factor_note(named) if kind == "lokr" else "")
