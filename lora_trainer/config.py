@@ -21,6 +21,7 @@ from .config_checks import (  # noqa: F401 (re-exported)
 from .config_data import CaptionConfig, DataConfig  # noqa: F401 (re-exported)
 from .config_embedding import EmbeddingConfig, check_embedding
 from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
+from .config_sample import SampleConfig, check_sample  # noqa: F401 (re-exported)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -239,19 +240,6 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    prompts: list[str] = field(default_factory=list)  # images generated with the adapter at the end
-    negative_prompt: str = ""
-    every_n_steps: int = 0  # 0: only at the end
-    every_n_epochs: int = 0  # also at the end of every n-th epoch (not the last), into samples/epoch_XXXXXX/; 0: off
-    steps: int = 20
-    guidance_scale: float = 7.5
-    seed: int = 0
-    # adapter weights of the prompts × weights grid drawn at the end (samples/sweep.png); [] skips it
-    grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-
-
-@dataclass
 class OutputConfig:
     dir: str = "outputs/run"
     name: str = "lora"  # the adapter is DIR/<name>.safetensors
@@ -288,7 +276,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)  # pivotal tuning (config_embedding.py)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # samples while training (config_sample.py)
     output: OutputConfig = field(default_factory=OutputConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -318,6 +306,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         except ConfigError as exc:
             errors.append(str(exc))
         check_run(cfg, errors)
+        check_sample(cfg.sample, errors)
         check_embedding(cfg, errors)
     if errors:
         raise ConfigError("\n".join(errors))

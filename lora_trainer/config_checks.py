@@ -11,7 +11,6 @@ from .config_data_checks import (  # noqa: F401 (re-exported)
     bucket_limit_errors, check_caption_config, normalize_caption_extension,
 )
 from .models.blocks import block_config_errors
-from .sample_prompts import parse_sample_prompt
 
 if TYPE_CHECKING:
     from .config import OutputConfig, RunConfig, TrainConfig
@@ -113,14 +112,6 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     _check_loss(t, errors)
     _check_cache_and_optimizer(t, errors)
     need(t.log_every_n_steps >= 1, "train.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
-    need(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "an integer >= 1")
-    for i, prompt in enumerate(cfg.sample.prompts):
-        try:
-            parse_sample_prompt(prompt)
-        except ValueError as exc:
-            errors.append(f"sample.prompts[{i}]: {exc} (in {prompt!r})")
-    need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps", cfg.sample.every_n_steps, "an integer >= 0")
-    need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs", cfg.sample.every_n_epochs, "an integer >= 0 (0: off)")
     need(cfg.output.save_every_n_epochs >= 0, "output.save_every_n_epochs", cfg.output.save_every_n_epochs,
          "an integer >= 0 (0: off)")
     need(cfg.output.save_last_n_epochs >= 0, "output.save_last_n_epochs", cfg.output.save_last_n_epochs,
@@ -162,9 +153,9 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     kept as a template, or filled in by from-kohya): the run goes on, the log says so."""
     lines = []
     if not cfg.sample.prompts:
-        for key in ("every_n_steps", "every_n_epochs"):
+        for key in ("every_n_steps", "every_n_epochs", "at_start", "scheduler"):
             value = getattr(cfg.sample, key)
-            if value > 0:
+            if value:
                 lines.append(f"sample.{key}: got {value!r} with no sample.prompts, so no samples are drawn; "
                              "set sample.prompts to see them")
     ratio = cfg.train.loraplus_text_encoder_lr_ratio

@@ -46,13 +46,32 @@ def _suggestion(key: str) -> str | None:
     return close[0] if close else None
 
 
+def sampler_key(name: str) -> str:
+    """`name` as SAMPLERS spells it ("Euler A", "euler-a" -> "euler_a"); unknown names come back as they are."""
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def sampler_choices(name: str) -> str:
+    """What to choose instead of the unknown sampler `name`, for an error: a suggestion and the list."""
+    hint = _suggestion(sampler_key(name))
+    mean = f"did you mean {hint}? " if hint else ""
+    return f"{mean}choose one of {', '.join(SAMPLERS)}"
+
+
 def check_sampler(name: str) -> str:
-    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    key = sampler_key(name)
     if key not in SAMPLERS:
-        hint = _suggestion(key)
-        mean = f"did you mean {hint}? " if hint else ""
-        raise ConfigError(f"--scheduler: {name!r} is not a known sampler; {mean}choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"--scheduler: {name!r} is not a known sampler; {sampler_choices(name)}")
     return key
+
+
+def missing_package(key: str) -> str | None:
+    """What sampler `key` needs and this environment lacks ("torchsde: pip install ..."), or None."""
+    import importlib.util
+
+    if SAMPLERS[key][0] == "DPMSolverSDEScheduler" and importlib.util.find_spec("torchsde") is None:
+        return "torchsde: pip install 'lora-trainer[sde]'"
+    return None
 
 
 def make_scheduler(name: str, base_config):
@@ -61,11 +80,9 @@ def make_scheduler(name: str, base_config):
 
     key = check_sampler(name)
     cls_name, flags, _ = SAMPLERS[key]
-    if cls_name == "DPMSolverSDEScheduler":
-        try:
-            import torchsde  # noqa: F401
-        except ImportError:
-            raise ConfigError("--scheduler dpm++_sde_karras needs torchsde: pip install 'lora-trainer[sde]'") from None
+    missing = missing_package(key)
+    if missing:
+        raise ConfigError(f"--scheduler {key} needs {missing}")
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     # A Karras flag in the base config (some SDXL finetunes ship one) must not leak into plain samplers.
     config.pop("use_karras_sigmas", None)

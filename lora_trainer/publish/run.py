@@ -308,7 +308,7 @@ def prompt_guide(run: Run, advice: WeightAdvice | None) -> dict:
         guide["weight"] = {"default": advice.default, "min": advice.low, "max": advice.high, "source": advice.source}
     else:
         guide["embedding"] = {"token": run.token, "file": run.adapter.name, "vectors": embedding_vectors(run)}
-    guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": "DPM++ 2M",
+    guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler_name,
                          "width": run.cfg.data.resolution, "height": run.cfg.data.resolution}
     return guide
 

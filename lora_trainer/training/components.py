@@ -18,6 +18,7 @@ import torch
 
 from ..config import RunConfig
 from .outputs import export_adapter, save_samples, save_sweep
+from .tracking import log_images
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,16 @@ def export_trained(cfg: RunConfig, accelerator, base, trained: Trained, examples
 
 def draw_samples(cfg: RunConfig, accelerator, base, trained: Trained, step: int,
                  folder_name: str | None = None) -> list:
-    """sample.prompts drawn with the adapters as they are (main process only; others get [])."""
+    """sample.prompts drawn with the adapters as they are, into samples/ and to the trackers at `step`
+    (main process only; others get [])."""
     if not cfg.sample.prompts or not accelerator.is_main_process:
         return []
     unet, text_encoder, text_encoder_2 = trained.pipeline_modules(accelerator, base)
     with accelerator.autocast():
-        return save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name,
-                            trained.words(accelerator, base))
+        images = save_samples(cfg, base, unet, text_encoder, step, text_encoder_2, folder_name,
+                              trained.words(accelerator, base))
+    log_images(accelerator, "samples", images, step)
+    return images
 
 
 def draw_sweep(cfg: RunConfig, accelerator, base, trained: Trained) -> None:

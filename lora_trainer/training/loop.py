@@ -50,8 +50,8 @@ from .schedules import build_scheduler
 from .step_adapters import keep_step_adapters, step_suffix
 from .prior import class_examples, generate_class_images
 from .pivotal import COMPONENT, check_token_in_run, optimizer_group, start_words, trained_until, word_tables
-from .tracking import (end_run, init_trackers, learning_rates, log_images, make_accelerator, release_accelerate_state,
-                       truncate_log, write_record)
+from .tracking import (end_run, init_trackers, learning_rates, make_accelerator, release_accelerate_state, truncate_log,
+                       write_record)
 from .validation import Validation
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         masked = {"mask": mask[0]} if mask else {}  # off: the call is exactly what it was
         return diffusion_loss(pred, target, noise_scheduler, timesteps, t.snr_gamma, **loss_options, **masked)
 
-    instance_paths = [ex.path for ex in examples]
-    class_paths = [ex.path for ex in class_set]
+    instance_paths, class_paths = [ex.path for ex in examples], [ex.path for ex in class_set]
     # adapter + two Adam moments + the exported copy (+ the EMA), in fp32
     checkpoint_bytes = counted * 4 * (4 + (ema is not None))
 
@@ -280,8 +279,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
         cfg, out_dir, max_steps, accelerator.is_main_process, counted * 4,
         export=lambda n, at: exported(cfg, accelerator, base, trained, examples, at, max_steps, started_at,
                                       suffix=epoch_suffix(n), epoch=n, num_epochs=num_epochs),
-        sample=lambda n, at: log_images(accelerator, "samples",
-                                        samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"), at))
+        sample=lambda n, at: samples(cfg, accelerator, base, trained, at, f"epoch_{n:06d}"))
 
     validation = Validation(cfg, held_out, timesteps_total, max_steps, batch_loss, trained.modules, accelerator,
                             ema.applied if ema is not None else contextlib.nullcontext)
@@ -300,13 +298,14 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                disable=not (show_progress and accelerator.is_main_process))
     for module in trained.modules:
         module.train()
-    step_started = time.perf_counter()
     if accelerator.num_processes > 1:
         stop.defer()  # a SIGTERM stops all processes at one batch: see StopSignals
     try:
         if step == 0 and validation.due(0):  # before any update: the point the curve is read against
             write_record(accelerator, log_path, {"step": 0, "epoch": 0, "val_loss": validation.loss(0)})
-            step_started = time.perf_counter()
+        if step == 0 and cfg.sample.at_start:  # the base (or lora.init_from): what the later samples are read against
+            samples(cfg, accelerator, base, trained, 0)
+        step_started = time.perf_counter()  # the first step's time leaves these out
         while step < max_steps:
             seen = skip
             for batch in epoch_batches(loader, epoch, skip):
@@ -368,7 +367,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
                 if saves_due(step):
                     last_good = save(done)
                 if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < max_steps:
-                    log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
+                    samples(cfg, accelerator, base, trained, step)
                 if step >= max_steps:
                     break
             else:
@@ -388,7 +387,7 @@ def _train(cfg, examples, held_out, out_dir, accelerator, show_progress, checkpo
     paths = exported(cfg, accelerator, base, trained, examples, step, max_steps, started_at,
                      epoch=num_epochs, num_epochs=num_epochs)
     if cfg.sample.prompts:
-        log_images(accelerator, "samples", samples(cfg, accelerator, base, trained, step), step)
+        samples(cfg, accelerator, base, trained, step)
         if cfg.sample.grid_weights:
             sweep(cfg, accelerator, base, trained)
     if accelerator.is_main_process:

@@ -235,21 +235,25 @@ def _embedding_metadata(metadata: dict[str, str], words) -> dict[str, str]:
             **{k: metadata[k] for k in keep if k in metadata}}
 
 
-def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None):
-    """A txt2img pipeline over the in-memory (adapted, or the base's own) modules: no copy, no reload."""
+def sampling_pipeline(base, unet=None, text_encoder=None, text_encoder_2=None, sampler: str | None = None):
+    """A txt2img pipeline over the in-memory (adapted, or the base's own) modules: no copy, no reload.
+    Its scheduler is a new one on the base's config (the training schedule is never stepped): infer.py's
+    `sampler` (sample.scheduler), or DPM++ 2M when None."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..inference.schedulers import make_scheduler
 
     unet = unet if unet is not None else base.unet
     text_encoder = text_encoder if text_encoder is not None else base.text_encoder
+    config = base.noise_scheduler.config
+    scheduler = make_scheduler(sampler, config) if sampler else DPMSolverMultistepScheduler.from_config(config)
     if base.variant == "sdxl":
         return StableDiffusionXLPipeline(
             vae=base.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2 or base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet, scheduler=scheduler,
         )
     return StableDiffusionPipeline(
-        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -275,7 +279,7 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
     with torch.no_grad():
         image = pipe(**prompts, num_inference_steps=steps, guidance_scale=guidance,
                      height=height, width=width, generator=generator).images[0]
-    info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler="DPM++ 2M",
+    info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler=s.sampler_name,
                           cfg_scale=guidance, seed=seed, width=image.width, height=image.height,
                           clip_skip=m.clip_skip, model_name=Path(m.base).name,
                           adapters=[(cfg.output.name, weight, None)])
@@ -288,7 +292,7 @@ def save_samples(cfg: RunConfig, base, unet, text_encoder, step: int, text_encod
     `folder_name`/: epoch_XXXXXX for epoch samples); return the images."""
     from ..pnginfo import save_png
 
-    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
+    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2, cfg.sample.scheduler)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
@@ -322,7 +326,7 @@ def save_sweep(cfg: RunConfig, base, unet, text_encoder, text_encoder_2=None, wo
     s, name = cfg.sample, cfg.output.name
     layers = _lora_layers([unet, text_encoder, text_encoder_2])
     saved = [dict(layer.scaling) for layer in layers]
-    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2)
+    pipe = sampling_pipeline(base, unet, text_encoder, text_encoder_2, cfg.sample.scheduler)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
