@@ -1,6 +1,7 @@
 """`lora-trainer from-kohya`, argument by argument: kohya's validation, loss, noise, text-encoder-only,
 epoch-save, LoRA+ and max-norm arguments become the config keys that do the same, and the values
-kohya ignores, refuses or reads otherwise are left out with a note."""
+kohya ignores, refuses or reads otherwise are left out with a note; --sample_sampler's samplers become
+ours or the nearest, noted."""
 
 from __future__ import annotations
 
@@ -140,3 +141,35 @@ def test_save_n_epoch_ratio_gives_that_many_epoch_files_when_the_epochs_are_know
     cfg, notes = config_from_kohya(parse_command_line(no_every + "--max_train_steps 500 --save_last_n_epochs 2"))
     assert "output" not in cfg and notes == ["--save_last_n_epochs 2: no epoch files are saved (no "
                                              "--save_every_n_epochs); left out"]
+
+
+SAMPLING = ("python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_dim 4 "
+            "--network_alpha 4 --learning_rate 1e-4 --max_train_steps 10 --caption_extension .txt ")
+
+
+@pytest.mark.parametrize("kohya, ours, note", [
+    ("euler_a", "euler_a", None), ("k_euler_a", "euler_a", None), ("ddim", "ddim", None), ("pndm", "pndm", None),
+    ("k_euler", "euler", None), ("heun", "heun", None), ("dpmsolver++", "dpm++_2m", None),
+    ("dpmsingle", "dpm++_2m", "--sample_sampler dpmsingle: sample.scheduler dpm++_2m: DPM-Solver++ 2M, the nearest"),
+    ("k_dpm_2", "heun", "--sample_sampler k_dpm_2: sample.scheduler heun: Heun, the nearest"),
+    ("dpm_2_a", "euler_a", "--sample_sampler dpm_2_a: sample.scheduler euler_a: Euler a, the nearest"),
+    ("k_lms", None, "--sample_sampler k_lms: no LMS sampler here; samples use DPM++ 2M"),
+])
+def test_kohya_sample_sampler_maps_to_the_same_or_nearest_sampler(kohya, ours, note):
+    from lora_trainer.config import config_from_dict
+
+    cfg, notes = config_from_kohya(parse_command_line(SAMPLING + f"--sample_sampler {kohya} --sample_at_first"))
+    assert cfg["sample"].get("scheduler") == ours and cfg["sample"]["at_start"] is True
+    ours_notes = [n for n in notes if n.startswith("--sample")]
+    assert (ours_notes == []) if note is None else (len(ours_notes) == 1 and ours_notes[0].startswith(note))
+    loaded = config_from_dict(cfg).sample  # a config that validates
+    assert (loaded.at_start, loaded.scheduler) == (True, ours)
+
+
+def test_kohya_sampling_arguments_in_a_toml_and_an_unknown_sampler():
+    cfg, notes = config_from_kohya({"_script": "train_network.py", "pretrained_model_name_or_path": "m",
+                                    "train_data_dir": "d", "network_alpha": 4, "learning_rate": 1e-4,
+                                    "caption_extension": ".txt", "sample_at_first": False, "sample_sampler": "ddim"})
+    assert cfg["sample"] == {"scheduler": "ddim"} and not any("sample" in n for n in notes)
+    with pytest.raises(ConfigError, match=r"^--sample_sampler: 'dpm\+\+_2m' is not one of kohya's samplers \(ddim, "):
+        config_from_kohya(parse_command_line(SAMPLING + "--sample_sampler dpm++_2m"))

@@ -51,8 +51,6 @@ NOTES = {
     "huggingface_repo_id": "upload after training with `lora-trainer publish RUN_DIR --hub REPO`",
     "base_weights": "merging LoRAs into the base is done beforehand here: `lora-trainer merge`, then use the result as model.base",
     "lr_scheduler_timescale": _SCHEDULER_OPTION, "lr_scheduler_args": _SCHEDULER_OPTION, "lr_scheduler_type": _SCHEDULER_OPTION, "lr_decay_steps": _SCHEDULER_OPTION,
-    "sample_sampler": "samples use the base model's own scheduler",
-    "sample_at_first": "no samples are drawn before training",
     "save_n_epoch_ratio": "the epochs are counted from the steps here: set output.save_every_n_epochs",
     "save_last_n_epochs_state": _CHECKPOINTS,
     "save_last_n_steps_state": _CHECKPOINTS,

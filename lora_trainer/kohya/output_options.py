@@ -13,6 +13,20 @@ if TYPE_CHECKING:
     from .mapping import Args
 
 SAVE_PRECISIONS = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# kohya's --sample_sampler choices -> sample.scheduler (infer.py's --scheduler names). Where ours is only
+# the nearest, the note says why; None: nothing here is near, the default (DPM++ 2M) is kept.
+KOHYA_SAMPLERS: dict[str, tuple[str | None, str]] = {
+    "ddim": ("ddim", ""), "pndm": ("pndm", ""), "euler": ("euler", ""), "k_euler": ("euler", ""),
+    "euler_a": ("euler_a", ""), "k_euler_a": ("euler_a", ""), "heun": ("heun", ""), "dpmsolver++": ("dpm++_2m", ""),
+    "dpmsolver": ("dpm++_2m", "DPM-Solver++ 2M, the nearest (kohya's is the first DPM-Solver multistep)"),
+    "dpmsingle": ("dpm++_2m", "DPM-Solver++ 2M, the nearest (kohya's is its single-step form)"),
+    "dpm_2": ("heun", "Heun, the nearest (also a second-order sampler, two model calls a step)"),
+    "k_dpm_2": ("heun", "Heun, the nearest (also a second-order sampler, two model calls a step)"),
+    "dpm_2_a": ("euler_a", "Euler a, the nearest ancestral sampler (fresh noise every step)"),
+    "k_dpm_2_a": ("euler_a", "Euler a, the nearest ancestral sampler (fresh noise every step)"),
+    "lms": (None, "no LMS sampler here; samples use DPM++ 2M (set sample.scheduler to choose another)"),
+    "k_lms": (None, "no LMS sampler here; samples use DPM++ 2M (set sample.scheduler to choose another)"),
+}
 
 
 def sample_options(a: "Args", cfg: dict, notes: list[str], base_dir: Path) -> None:
@@ -31,6 +45,21 @@ def sample_options(a: "Args", cfg: dict, notes: list[str], base_dir: Path) -> No
                 notes.append(f"{a.name(kohya)} {a.int(kohya)}: no --sample_prompts, so nothing is drawn until "
                              "sample.prompts is set")
             set_key(cfg, ours, a.int(kohya))
+    if a.has("sample_at_first"):
+        set_key(cfg, "sample.at_start", a.bool("sample_at_first"))
+    if a.has("sample_sampler"):
+        _sampler(a.str("sample_sampler"), cfg, notes)
+
+
+def _sampler(name: str, cfg: dict, notes: list[str]) -> None:
+    """kohya's --sample_sampler as sample.scheduler: the same sampler, or the nearest with a note."""
+    if name.lower() not in KOHYA_SAMPLERS:
+        raise ConfigError(f"--sample_sampler: {name!r} is not one of kohya's samplers ({', '.join(KOHYA_SAMPLERS)})")
+    ours, why = KOHYA_SAMPLERS[name.lower()]
+    if ours is not None:
+        set_key(cfg, "sample.scheduler", ours)
+    if why:
+        notes.append(f"--sample_sampler {name}: " + (f"sample.scheduler {ours}: {why}" if ours else why))
 
 
 def _step_saves(a: "Args", cfg: dict, notes: list[str]) -> None:
