@@ -12,14 +12,15 @@ from PIL import Image
 
 from conftest import run_config
 from lora_trainer.cli import main
-from lora_trainer.config import load_config
+from lora_trainer.config import config_warnings, load_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.publish.run import read_png_parameters
 from lora_trainer.training.loop import train
 
 PROMPT = "geoshape, a red circle"
 RUN = ["train.max_steps=2", "data.resolution=32", f'sample.prompts=["{PROMPT}"]', "sample.steps=3",
-       "sample.grid_weights=[]", "sample.at_start=true", "output.save_every_n_steps=1", "output.dtype=fp32"]
+       "sample.at_start=true", "output.save_every_n_steps=1", "output.dtype=fp32"]
+EULER_A = ["sample.scheduler=euler_a", "sample.grid_weights=[0, 1]"]
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -40,11 +41,10 @@ def _run(tiny_sd15, example_data, out: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def runs(tiny_sd15, example_data, tmp_path_factory):
-    """The same run drawn with euler_a (and tensorboard) and with the default sampler."""
+    """The same run drawn with euler_a (with the sweep grid and tensorboard) and with the default sampler."""
     folder = tmp_path_factory.mktemp("sample-options")
-    return {"euler_a": _run(tiny_sd15, example_data, folder / "euler_a", "sample.scheduler=euler_a",
-                            "log.tensorboard=true"),
-            "default": _run(tiny_sd15, example_data, folder / "default")}
+    return {"euler_a": _run(tiny_sd15, example_data, folder / "euler_a", *EULER_A, "log.tensorboard=true"),
+            "default": _run(tiny_sd15, example_data, folder / "default", "sample.grid_weights=[]")}
 
 
 def _infer(tiny_sd15, out: Path, scheduler: str) -> np.ndarray:
@@ -58,10 +58,11 @@ def test_at_start_draws_the_base_before_the_first_step(runs, tiny_sd15, tmp_path
     for name, (result, seen) in runs.items():
         first = result.output_dir / "samples" / "step_00000" / "00.png"
         assert seen[1] is True, name  # on disk when step 1 began
-        assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["step_00000", "step_00002"]
+        assert sorted(p.name for p in (result.output_dir / "samples").iterdir() if p.is_dir()) == ["step_00000",
+                                                                                                   "step_00002"]
         # the adapter starts at B = 0, so step 0 is the base: what infer.py draws without an adapter
-        assert np.array_equal(_pixels(first), _infer(tiny_sd15, tmp_path / name, name if name != "default" else
-                                                     "dpm++_2m")), name
+        sampler = {"euler_a": "euler_a", "default": "dpm++_2m"}[name]
+        assert np.array_equal(_pixels(first), _infer(tiny_sd15, tmp_path / name, sampler)), name
         # the trained adapter's samples, same seed, differ from the base's
         assert not np.array_equal(_pixels(first), _pixels(result.output_dir / "samples" / "step_00002" / "00.png"))
 
@@ -72,6 +73,7 @@ def test_sample_scheduler_draws_every_sample_and_leaves_training_alone(runs):
         a, b = (r.output_dir / "samples" / step / "00.png" for r in (chosen, default))
         assert not np.array_equal(_pixels(a), _pixels(b))
         assert "Sampler: Euler a," in read_png_parameters(a) and "Sampler: DPM++ 2M," in read_png_parameters(b)
+    assert "Sampler: Euler a," in read_png_parameters(chosen.output_dir / "samples" / "sweep.png")
     assert chosen.losses == default.losses  # the training noise schedule is untouched
     assert load_config(chosen.output_dir / "config.yaml").sample.scheduler == "euler_a"
     assert load_config(default.output_dir / "config.yaml").sample.at_start is True
@@ -90,9 +92,9 @@ def test_a_resumed_run_does_not_draw_step_0_again(runs, tiny_sd15, example_data,
     result, _ = runs["euler_a"]
     out = tmp_path / "out"
     shutil.copytree(result.output_dir / "checkpoints" / "step-000001", out / "checkpoints" / "step-000001")
-    resumed, seen = _run(tiny_sd15, example_data, out, "sample.scheduler=euler_a", "train.resume=latest")
+    resumed, seen = _run(tiny_sd15, example_data, out, *EULER_A, "train.resume=latest")
     assert resumed.resumed_from is not None and list(seen) == [2]
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00002"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00002", "sweep.png"]
     # the resumed run ends where the straight one did, samples included
     final = "samples/step_00002/00.png"
     assert np.array_equal(_pixels(out / final), _pixels(result.output_dir / final))
@@ -108,8 +110,14 @@ def test_an_unknown_sample_scheduler_is_refused_in_one_line_before_loading(tmp_p
                               "did you mean euler_a? choose one of ddim, ddpm, pndm, euler, euler_a,")
     assert message.endswith("or null (DPM++ 2M)")
     # infer.py's spellings are taken as infer.py takes them
-    assert load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1",
-                              "sample.scheduler=Euler A"]).sample.sampler_name == "Euler a"
+    cfg = load_config(None, ["model.base=m", "data.path=d", "train.max_steps=1", "sample.scheduler=Euler A",
+                             "sample.at_start=true"])
+    assert cfg.sample.sampler_name == "Euler a"
+    # without prompts both are kept for later, with a warning
+    assert config_warnings(cfg) == [
+        "sample.at_start: got True with no sample.prompts, so no samples are drawn; set sample.prompts to see them",
+        "sample.scheduler: got 'Euler A' with no sample.prompts, so no samples are drawn; set sample.prompts to "
+        "see them"]
 
 
 def test_the_published_prompt_guide_names_the_samples_sampler(runs):
