@@ -60,6 +60,10 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "(depth, pose, seg, scribble, normal)")
     p.add_argument("--refiner", help="SDXL refiner model, run as a second stage")
     p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps done by the base (default 0.8)")
+    p.add_argument("--hires-scale", metavar="F", help="Hires. fix: upscale each txt2img image F times (Lanczos, sides "
+                   "rounded to multiples of 8) and redraw it by img2img at that size, e.g. 1.5 or 2")
+    p.add_argument("--hires-strength", metavar="S", help="denoising strength of the hires pass (default 0.5)")
+    p.add_argument("--hires-steps", metavar="N", help="steps of the hires pass (default: --steps)")
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
     p.add_argument("--compare", nargs="+", action="extend", metavar="FILE[:WEIGHT]",
@@ -103,6 +107,17 @@ def _outpaint_pixels(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _number(text: str | None, flag: str, kind=float):
+    """A flag's number, or a one-line error naming the flag (argparse's own would print its usage too)."""
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{flag}: {text!r} is not {what}") from None
+
+
 def run_infer(args) -> list[Path]:
     """Generate (or sweep) as the flags say; returns the written PNG paths."""
     from ..pnginfo import save_png
@@ -124,7 +139,9 @@ def run_infer(args) -> list[Path]:
                                ("--sweep-adapter", args.sweep_adapter, "--sweep"),
                                ("--refiner-start", args.refiner_start, "--refiner"),
                                ("--control-scale", args.control_scale, "--controlnet"),
-                               ("--control-preprocess", args.control_preprocess, "--controlnet")):
+                               ("--control-preprocess", args.control_preprocess, "--controlnet"),
+                               ("--hires-strength", args.hires_strength, "--hires-scale"),
+                               ("--hires-steps", args.hires_steps, "--hires-scale")):
         if value is not None and not getattr(args, needs[2:].replace("-", "_")):
             raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
     if args.sweep:
@@ -165,7 +182,10 @@ def run_infer(args) -> list[Path]:
                       mask=mask, mask_blur=args.mask_blur, control_image=control,
                       control_scale=1.0 if args.control_scale is None else args.control_scale,
                       control_preprocess=args.control_preprocess or "none",
-                      refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
+                      refiner_start=0.8 if args.refiner_start is None else args.refiner_start,
+                      hires_scale=_number(args.hires_scale, "--hires-scale"),
+                      hires_strength=_number(args.hires_strength or "0.5", "--hires-strength"),
+                      hires_steps=_number(args.hires_steps, "--hires-steps", int))
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
     if args.sweep_adapter and adapter_named({a.name: a for a in adapters}, args.sweep_adapter) is None:

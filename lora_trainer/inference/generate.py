@@ -1,5 +1,5 @@
 """The Python API the CLI is a thin layer over: a base with stacked adapters, then txt2img,
-img2img, inpainting, outpainting and ControlNet, each image with its A1111 parameters.
+img2img, inpainting, outpainting, ControlNet and the Hires. fix, each image with its A1111 parameters.
 
     gen = Generator("runwayml/stable-diffusion-v1-5", loras=["style.safetensors:0.8"],
                     embeddings=["EasyNegative.safetensors"])
@@ -9,7 +9,7 @@ img2img, inpainting, outpainting and ControlNet, each image with its A1111 param
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
 from .bundled import bundle_owner
 from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_hash, load_embeddings, word_tables
+from .hires import check_growth, check_hires, hires_parameters, upscale
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
@@ -54,6 +55,11 @@ class Request:
     control_scale: float = 1.0
     control_preprocess: str = "none"  # or "canny"
     refiner_start: float = 0.8  # fraction of the steps the base does when a refiner is loaded
+    # Hires. fix (txt2img only): the image is upscaled this much (Lanczos, sides rounded to multiples
+    # of 8) and redrawn by img2img at hires_strength, in hires_steps (default: `steps`); None: off
+    hires_scale: float | None = None
+    hires_strength: float = 0.5
+    hires_steps: int | None = None
 
 
 @dataclass
@@ -85,6 +91,7 @@ def check_request(req: Request) -> None:
                           "give both, or neither to keep the init image's size")
     if req.mask is not None and req.init_image is None:
         raise ConfigError("--mask needs --init-image (the picture to inpaint)")
+    check_hires(req)
 
 
 class Generator:
@@ -256,12 +263,15 @@ class Generator:
                                      f"Weight: {req.control_scale:g}")
         if self.refiner is not None and job != "inpaint":
             extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{req.refiner_start:g}"})
+        if req.hires_scale is not None:
+            extra.update(hires_parameters(req, size))
+        strength = req.hires_strength if req.hires_scale is not None else req.strength if job != "txt2img" else None
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=a1111_name(req.sampler),
             cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
             model_name=Path(self.model).name or None,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
-            denoising_strength=req.strength if job != "txt2img" else None, clip_skip=req.clip_skip, extra=extra,
+            denoising_strength=strength, clip_skip=req.clip_skip, extra=extra,
             embeddings=[(name, self._ti_hash(name)) for name in used],
         )
 
@@ -286,17 +296,40 @@ class Generator:
         """Run `req`: batch_count calls of batch_size images; image k uses seed `req.seed + k`, so
         any image can be re-made alone from its seed whatever the batch size."""
         check_request(req)
+        if req.hires_scale is not None:
+            return self._hires(req, output_type)
         job = self._job(req)
+        drawn, used = self._draw(req, job, output_type)
+        return [Generated(image, self._info(req, seed, _size(image), job, k, used))
+                for k, (seed, image) in enumerate(drawn)]
+
+    def _hires(self, req: Request, output_type: str) -> list[Generated]:
+        """A1111's Hires. fix: each txt2img image (the base's alone: a refiner takes the hires pass
+        from `refiner_start`) upscaled and redrawn by img2img with its own seed, on the same modules."""
+        native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor  # diffusers' default size
+        check_growth((req.width or native, req.height or native), req.hires_scale)
+        drawn, used = self._draw(req, "txt2img", "pil", refine=False)
+        results: list[Generated] = []
+        for k, (seed, image) in enumerate(drawn):
+            second = replace(req, init_image=upscale(image, req.hires_scale), strength=req.hires_strength,
+                             steps=req.hires_steps or req.steps, seed=seed, batch_size=1, batch_count=1,
+                             width=None, height=None, hires_scale=None)
+            [(_, final)], _ = self._draw(second, "img2img", output_type)
+            results.append(Generated(final, self._info(req, seed, image.size, "txt2img", k, used)))
+        return results
+
+    def _draw(self, req: Request, job: str, output_type: str, refine: bool = True) -> tuple[list, list[str]]:
+        """[(seed, image)] for every image of `req` as `job`, and the embeddings its prompts use."""
         pipe = job_pipeline(self.pipe, self.variant, job, self.controlnet)
         pipe.scheduler = make_scheduler(req.sampler, self.pipe.scheduler.config)
         embeds, used = self._embeds(pipe, req)
         kw = self._call_kwargs(req, job)
         crop = kw.pop("crop", None)  # an init image's own size, before padding
-        use_refiner = self.refiner is not None and job != "inpaint"
+        use_refiner = refine and self.refiner is not None and job != "inpaint"
         if use_refiner:
             self.refiner.scheduler = make_scheduler(req.sampler, self.refiner.scheduler.config)
             refiner_embeds, _ = self._embeds(self.refiner, req)
-        results: list[Generated] = []
+        drawn: list[tuple[int, Any]] = []
         for b in range(req.batch_count):
             seeds = [req.seed + b * req.batch_size + i for i in range(req.batch_size)]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -310,14 +343,13 @@ class Generator:
                                       output_type=output_type).images
             else:
                 images = pipe(**embeds, **kw, **common, output_type=output_type).images
-            for i, (seed, image) in enumerate(zip(seeds, images)):
+            for seed, image in zip(seeds, images):
                 if job == "inpaint" and output_type == "pil":
                     image = paste_outside_mask(image, kw["image"], kw["mask_image"], req.mask_blur)
                 if crop and output_type == "pil" and image.size != crop:
                     image = image.crop((0, 0, *crop))
-                size = image.size if output_type == "pil" else (image.shape[-1] * 8, image.shape[-2] * 8)
-                results.append(Generated(image, self._info(req, seed, size, job, b * req.batch_size + i, used)))
-        return results
+                drawn.append((seed, image))
+        return drawn, used
 
     def txt2img(self, prompt: str, **kw) -> list[Generated]:
         return self.generate(Request(prompt=prompt, **kw))
@@ -336,6 +368,11 @@ class Generator:
         kw.setdefault("strength", 1.0)
         kw.pop("width", None), kw.pop("height", None)
         return self.generate(Request(prompt=prompt, init_image=canvas, mask=mask, **kw))
+
+
+def _size(image) -> tuple[int, int]:
+    """A PIL image's size, or the pixel size a latent tensor decodes to."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[-1] * 8, image.shape[-2] * 8)
 
 
 def next_image_number(out_dir: Path) -> int:
