@@ -246,12 +246,14 @@ class AdapterStack:
         peft = self._peft_names()
         active = [n for n in peft if self.enabled[n]]
         scale = layer_scales(self.pipe, self.specs)  # lbw: each layer at weight × its block's value
+        blocked = [n for n in active if self.specs[n].lbw]
         if active:
             self.pipe.enable_lora()
             self.pipe.set_adapters(active, adapter_weights=[self.specs[n].weight for n in active])
-            for key, module in _lora_modules(self.pipe) if any(self.specs[n].lbw for n in active) else ():
-                for n in (n for n in active if self.specs[n].lbw and n in module.scaling):
-                    module.set_scale(n, self.specs[n].weight * scale(n, *key.split(".", 1)))  # peft: × alpha/r
+            for key, module in _lora_modules(self.pipe) if blocked else ():
+                for n in blocked:
+                    if n in module.scaling:  # peft's scaling = scale × alpha / r
+                        module.set_scale(n, self.specs[n].weight * scale(n, *key.split(".", 1)))
         elif peft:
             self.pipe.disable_lora()
         if self._patches.originals:
