@@ -11,7 +11,7 @@ from typing import Any
 from .fileio import atomic_path
 
 HASH_LISTS = ("Lora hashes", "TI hashes")  # settings written already quoted
-LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+]?[\d.]+)>")
+LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([-+]?[\d.]+)(?::lbw=([^:>]+))?>")
 
 
 @dataclass
@@ -28,6 +28,8 @@ class GenerationInfo:
     model_hash: str | None = None  # first 10 hex of the SHA-256 of the model file, as A1111 shows
     # (name, weight, short hash or None) for each adapter
     adapters: list[tuple[str, float, str | None]] = field(default_factory=list)
+    # {adapter name: its per-block weights as given after lbw= (a preset or numbers)}, for those with them
+    block_weights: dict[str, str] = field(default_factory=dict)
     denoising_strength: float | None = None  # img2img / inpainting
     clip_skip: int = 1  # A1111 numbering: 1 = last layer (written only when > 1, as A1111 does)
     # (name, short hash or None) for each textual-inversion embedding the prompts use
@@ -44,10 +46,12 @@ def a1111_parameters(info: GenerationInfo) -> str:
     """The three-part text: prompt, 'Negative prompt: ...', then 'Key: value, ...' settings.
 
     Adapters are listed in the prompt as `<lora:name:weight>` (how A1111 users write them, and how
-    CivitAI finds the resources used) and by hash under 'Lora hashes'; embeddings the prompts use
+    CivitAI finds the resources used; `<lora:name:weight:lbw=SPEC>` with block weights, as the LoRA
+    Block Weight extension reads them) and by hash under 'Lora hashes'; embeddings the prompts use
     under 'TI hashes' (their names are in the prompts already)."""
     prompt = info.prompt
-    tags = " ".join(f"<lora:{name}:{weight:g}>" for name, weight, _ in info.adapters)
+    lbw = {name: f":lbw={spec}" for name, spec in info.block_weights.items()}
+    tags = " ".join(f"<lora:{name}:{weight:g}{lbw.get(name, '')}>" for name, weight, _ in info.adapters)
     if tags:
         prompt = f"{prompt} {tags}" if prompt else tags
     lines = [prompt]
@@ -96,7 +100,8 @@ def _hash_list(text: str) -> dict[str, str]:
 
 def parse_a1111_parameters(text: str) -> GenerationInfo:
     """Read a `parameters` text (ours or A1111's) back into a GenerationInfo; unknown settings go to
-    `extra`, `<lora:name:weight>` tags in the prompt become `adapters` (hashes from 'Lora hashes')."""
+    `extra`, `<lora:name:weight>` tags in the prompt become `adapters` (hashes from 'Lora hashes'),
+    their `:lbw=SPEC` parts `block_weights`."""
     lines = text.strip().split("\n")
     # An empty prompt leaves the settings line alone (the text starts with the newline after it).
     is_settings = "Steps:" in lines[-1] and (len(lines) > 1 or bool(re.match(r"Steps: \d+(,|$)", lines[-1])))
@@ -111,7 +116,8 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
     prompt = "\n".join(prompt_lines)
     hashes = _hash_list(settings.pop("Lora hashes", ""))
     embeddings = list(_hash_list(settings.pop("TI hashes", "")).items())
-    adapters = [(name, float(weight), hashes.get(name)) for name, weight in LORA_TAG.findall(prompt)]
+    tags = LORA_TAG.findall(prompt)
+    adapters = [(name, float(weight), hashes.get(name)) for name, weight, _ in tags]
     prompt = LORA_TAG.sub("", prompt).strip()
     width, _, height = settings.pop("Size", "512x512").partition("x")
     info = GenerationInfo(
@@ -119,6 +125,7 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
         sampler=settings.pop("Sampler", ""), cfg_scale=float(settings.pop("CFG scale", 7.0)),
         seed=int(settings.pop("Seed", 0)), width=int(width), height=int(height),
         model_name=settings.pop("Model", None), model_hash=settings.pop("Model hash", None), adapters=adapters,
+        block_weights={name: lbw for name, _, lbw in tags if lbw},
         embeddings=embeddings,
     )
     if "Denoising strength" in settings:

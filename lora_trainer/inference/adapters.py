@@ -1,5 +1,6 @@
-"""Adapters on a loaded pipeline: each under its own name and weight, switchable off without
-reloading, fused into the weights (merge) and restored bit for bit (unmerge).
+"""Adapters on a loaded pipeline: each under its own name and weight (and per-block weights,
+`block_weights.py`), switchable off without reloading, fused into the weights (merge) and restored
+bit for bit (unmerge). What a `--lora` argument names is read in `adapter_spec.py`.
 
 diffusers' `load_lora_weights` loads both our layouts and other trainers' files (kohya files are read
 here once and handed to it as diffusers-layout tensors; diffusers-layout files it reads itself);
@@ -12,94 +13,24 @@ LyCORIS files (LoHa, LoKr, full, (IA)^3, CP cores) are merged into the base weig
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import math
-import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelError, first_line
+from ..errors import ModelError, first_line
 from .adapter_fit import FAMILY_NAMES, pipe_family, why_not_loadable
+from .adapter_spec import AdapterSpec, adapter_hash, adapter_named, check_adapter_file, parse_adapter_spec
+from .block_weights import check_stack_count, layer_scales
 from .bundled import bundled_embeddings, check_bundled
 from .lycoris import WeightPatches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterSpec:
-    path: Path
-    weight: float = 1.0
-
-    @property
-    def name(self) -> str:
-        """The file's stem as an adapter name; peft refuses dots in names (`run.diffusers.safetensors`)."""
-        return re.sub(r"[^\w-]", "_", self.path.stem)
-
-
-def parse_adapter_spec(spec: str) -> AdapterSpec:
-    """'FILE' or 'FILE:WEIGHT' (the weight is the part after the last colon, when it is a number)."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            value = float(weight)
-            if not math.isfinite(value):  # 'nan' and 'inf' parse, and would draw black images
-                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a finite number, "
-                                  f"e.g. {path}:0.8")
-            return AdapterSpec(Path(path), value)
-        except ValueError:
-            if not Path(spec).exists() and (Path(path).is_file() or Path(path).suffix == ".safetensors"):
-                raise ConfigError(f"{spec}: {weight!r} is not a weight; write FILE:WEIGHT with a number, "
-                                  f"e.g. {path}:0.8") from None
-    return AdapterSpec(Path(spec), 1.0)
-
-
-def adapter_named(specs: dict[str, AdapterSpec], key: str) -> str | None:
-    """The name of the adapter `key` means, among `specs` ({name: spec}): its name, its file's stem
-    (`run.v2`, whose name is `run_v2`) or file name, or the path given; None when none."""
-    for name, spec in specs.items():
-        if key in (name, spec.path.stem, spec.path.name, str(spec.path)):
-            return name
-    return None
-
-
-def check_adapter_file(path: Path) -> None:
-    """Refuse, by name and before any model loads, an adapter path that cannot be read: missing, a
-    folder, or a pickle (`.ckpt`, `.pt`, `.bin`, ...), which would run whatever code it carries."""
-    from ..export.files import adapter_path_problem
-
-    problem = adapter_path_problem(path)
-    if problem == "does not exist":
-        raise ModelError(f"--lora: {path}: file not found")
-    if problem is not None:
-        raise ModelError(f"--lora: {path} {problem}")
-
-
-def adapter_hash(path: str | Path) -> str | None:
-    """The AddNet/A1111 hash of an adapter: SHA-256 of the tensor bytes (after the header), from the
-    file's `sshs_model_hash` when present. A1111 shows its first 12 hex under 'Lora hashes'."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > path.stat().st_size:  # not a safetensors file: never read a bogus length
-                return None
-            header = json.loads(f.read(header_len))
-            stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
-            if stored:
-                return stored
-            digest = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-            return digest.hexdigest()
-    except (OSError, ValueError, struct.error):
-        return None
+# what a --lora argument names, read in adapter_spec.py; imported from here too
+__all__ = ["AdapterSpec", "AdapterStack", "adapter_hash", "adapter_named", "check_adapter_file", "parse_adapter_spec",
+           "quiet_diffusers"]
 
 
 def _own_reading(path: Path, pipe):
@@ -243,7 +174,7 @@ class AdapterStack:
 
     def _load_lycoris(self, spec: AdapterSpec, name: str, adapter) -> str:
         layers = self._patches.add(name, adapter, f"--lora: {spec.path}")
-        self.specs[name] = AdapterSpec(spec.path, spec.weight)
+        self.specs[name] = AdapterSpec(spec.path, spec.weight, spec.lbw)
         self.enabled[name] = True
         try:
             self._apply()
@@ -261,6 +192,7 @@ class AdapterStack:
     def load(self, spec: AdapterSpec, name: str | None = None) -> str:
         """Load one adapter file under `name` (default: the file's stem, made unique)."""
         check_adapter_file(spec.path)
+        check_stack_count(spec, self.pipe)
         name = name or spec.name
         base, k = name, 1
         while name in self.specs:
@@ -300,7 +232,7 @@ class AdapterStack:
         except Exception as exc:  # diffusers and peft fail in many ways (IndexError, AttributeError, ...)
             why = why_not_loadable(spec.path, self.pipe) or f"cannot load as a LoRA adapter for this base ({first_line(exc)})"
             raise ModelError(f"--lora: {spec.path}: {why}") from None
-        self.specs[name] = AdapterSpec(spec.path, spec.weight)
+        self.specs[name] = AdapterSpec(spec.path, spec.weight, spec.lbw)
         self.enabled[name] = True
         self._apply()
 
@@ -313,13 +245,19 @@ class AdapterStack:
         the layers LyCORIS adapters change."""
         peft = self._peft_names()
         active = [n for n in peft if self.enabled[n]]
+        scale = layer_scales(self.pipe, self.specs)  # lbw: each layer at weight × its block's value
+        blocked = [n for n in active if self.specs[n].lbw]
         if active:
             self.pipe.enable_lora()
             self.pipe.set_adapters(active, adapter_weights=[self.specs[n].weight for n in active])
+            for key, module in _lora_modules(self.pipe) if blocked else ():
+                for n in blocked:
+                    if n in module.scaling:  # peft's scaling = scale × alpha / r
+                        module.set_scale(n, self.specs[n].weight * scale(n, *key.split(".", 1)))
         elif peft:
             self.pipe.disable_lora()
         if self._patches.originals:
-            self._patches.apply({n: self.specs[n].weight for n in self._patches.adapters if self.enabled[n]})
+            self._patches.apply({n: self.specs[n].weight for n in self._patches.adapters if self.enabled[n]}, scale)
 
     def _while_unmerged(self, change) -> None:
         was_merged = self.merged

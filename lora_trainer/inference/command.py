@@ -27,8 +27,10 @@ def _dtype(name: str | None) -> torch.dtype | None:
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors (SD1.x or SDXL)")
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="adapter file (kohya or diffusers layout), repeatable; weights stack")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:lbw=SPEC]",
+                   help="adapter file (kohya or diffusers layout), repeatable; weights stack; lbw=: per-block "
+                        "weights as A1111's LoRA Block Weight (17 or 26 numbers on SD1.x, 12 or 20 on SDXL, or a "
+                        "preset: OUTALL, INS, ...)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="textual-inversion embedding (.safetensors: A1111/kohya, diffusers or SDXL clip_l+clip_g), "
                         "repeatable; prompts use it by TOKEN (default: the file's stem, e.g. EasyNegative)")
@@ -231,7 +233,8 @@ def run_infer(args) -> list[Path]:
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors")
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter to fuse, repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:lbw=SPEC]",
+                   help="adapter to fuse, repeatable (lbw=: per-block weights, as infer)")
     p.add_argument("--out", required=True, help="folder for the merged diffusers model (a .safetensors file with --single-file)")
     p.add_argument("--single-file", action="store_true",
                    help="write one original-layout .safetensors checkpoint (A1111/ComfyUI); --out names the file")

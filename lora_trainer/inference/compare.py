@@ -23,6 +23,7 @@ from ..run_folder import EMBEDDINGS_DIR, read_saved_config, saved_text
 from ..training.numbered import numbering
 from .adapter_fit import why_not_loadable
 from .adapters import AdapterSpec, parse_adapter_spec
+from .block_weights import check_file_count
 from .generate import Generated, Generator, Request
 
 _GLOB_CHARS = set("*?[")
@@ -113,7 +114,10 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
     training order); a weight after a folder or glob applies to each of its files."""
     specs: list[AdapterSpec] = []
     for item in items:
-        spec = parse_adapter_spec(item)
+        try:
+            spec = parse_adapter_spec(item)
+        except ConfigError as exc:  # a bad lbw= is named for this flag
+            raise ConfigError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
         path = spec.path
         if path.is_dir():
             paths = expand_folder(path)
@@ -128,7 +132,11 @@ def expand_compare(items: list[str]) -> list[AdapterSpec]:
         for p in paths:
             if p.suffix.lower() in PICKLE_SUFFIXES:
                 raise ConfigError(f"--compare: {p} {adapter_path_problem(p)}")
-        specs += [AdapterSpec(p, spec.weight) for p in paths]
+            try:
+                check_file_count(AdapterSpec(p, spec.weight, spec.lbw))  # lbw= fits the file's family
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("--lora: ", "--compare: ", 1)) from None
+        specs += [AdapterSpec(p, spec.weight, spec.lbw) for p in paths]
     return specs
 
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError, ModelError
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
+from .block_weights import check_file_count
 from .bundled import bundle_owner
 from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_hash, load_embeddings, word_tables
 from .hires import check_growth, check_hires, hires_parameters, upscale
@@ -97,7 +98,7 @@ def check_request(req: Request) -> None:
 class Generator:
     """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
     and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings, Paths or EmbeddingSpecs; `loras`:
-    "FILE[:WEIGHT]" strings, Paths or AdapterSpecs; either may be one file alone). Embeddings bundled
+    "FILE[:WEIGHT][:lbw=SPEC]" strings, Paths or AdapterSpecs; either may be one file alone). Embeddings bundled
     in a `loras` file are used as `embeddings` are, while that adapter is loaded."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
@@ -113,6 +114,7 @@ class Generator:
                  else spec for spec in loras]
         for spec in specs:  # a missing file or a pickle is named before minutes of model loading
             check_adapter_file(spec.path)
+            check_file_count(spec)  # its block weights' count, for the family its header tells
         self.embeddings = load_embeddings(embeddings)  # the same for embeddings: read and checked now
         self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
                                             config_dir=str(config_dir) if config_dir else None)
@@ -271,6 +273,7 @@ class Generator:
             cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
             model_name=Path(self.model).name or None,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
+            block_weights={s.name: s.lbw for s in self.adapters.active() if s.lbw},
             denoising_strength=strength, clip_skip=req.clip_skip, extra=extra,
             embeddings=[(name, self._ti_hash(name)) for name in used],
         )

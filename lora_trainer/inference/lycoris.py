@@ -119,10 +119,12 @@ class WeightPatches:
         self.adapters[name] = modules
         return len(modules)
 
-    def apply(self, weights: dict[str, float]) -> None:
+    def apply(self, weights: dict[str, float], scale=None) -> None:
         """Rebuild the touched layers from their originals with the adapters in `weights`
-        ({name: weight}; a name left out is off), in load order. Nothing is done when the layers
-        already hold these adapters at these weights."""
+        ({name: weight}; a name left out is off), in load order; `scale(name, component, path)`
+        multiplies a layer's weight (per-block weights, block_weights.layer_scales). Nothing is done
+        when the layers already hold these adapters at these weights (an adapter's block weights
+        never change while it is loaded)."""
         if weights == self.applied:
             return
         self.applied = None  # until every layer is rebuilt
@@ -145,6 +147,7 @@ class WeightPatches:
                 module = modules.get(key)
                 if module is None or m is None:
                     continue
+                m = m if scale is None else m * scale(name, *key)
                 w = module.merged(w, m, work, out=into, scratch=scratch)
                 if b is not None and module.bias_delta() is not None:
                     b = b + m * module.bias_delta(work).to(device)

@@ -19,6 +19,7 @@ from ..errors import ConfigError, ModelError
 from ..export.bundle import check_embedding_files, merge_bundles, read_bundle, write_embedding_files
 from ..fileio import new_dir_mode, unwritable_reason
 from .adapters import AdapterSpec, AdapterStack, check_adapter_file
+from .block_weights import check_file_count
 from .pipelines import load_base
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise ConfigError(f"--out: {out.parent} {unwritable}; give a place you can write to")
     for spec in loras:  # before the base loads
         check_adapter_file(spec.path)
+        check_file_count(spec)
     try:
         bundle = merge_bundles([(str(spec.path), read_bundle(spec.path)) for spec in loras])
         if single_file:
