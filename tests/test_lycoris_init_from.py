@@ -129,9 +129,11 @@ def test_files_of_another_type_are_refused_naming_both(sources, random_adapters,
     ("loha", ["lora.type=loha", "lora.train_text_encoder=true", "lora.unet_targets=[to_q]"],
      "adapts unet layers this run does not: .*; add their names to lora.unet_targets"),
     ("lokr-locon", ["lora.type=lokr", "lora.conv_rank=4"], "3x3 convs at rank 2 but lora.conv_rank is 4"),
-    # the file's w1 is 2 × 2 (lokr_factor 2); the run's -1 splits near the square root
+    # the file's w1 is 2 × 2 (lokr_factor 2); the run's -1 splits near the square root: found in the
+    # parts' shapes before the model loads, the file's factor named
     ("lokr-low-rank", ["lora.type=lokr", "lora.rank=2"],
-     r"lora_unet_\w+ has lokr_w1 \(2, 2\), .* but this run's layer has lokr_w1 \(4, 4\)"),
+     r"lora_unet_\w+ splits its 32 outputs 2 × 16 \(lokr_w1 \(2, 2\)\), not as lora.lokr_factor -1 does; "
+     r"set lora.lokr_factor=2$"),
 ])
 def test_files_that_do_not_fit_are_refused_by_key_and_file(sources, tiny_sd15, example_data, tmp_path,
                                                            case, overrides, message):

@@ -32,7 +32,7 @@ _VARIANT_NAMES = {"sd15": "SD 1.x", "sdxl": "SDXL"}
 
 def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank: int,
                          use_dora: bool = False, conv_rank: int = 0, train_unet: bool = True,
-                         kind: str = "lora") -> Adapter | LycorisAdapter:
+                         kind: str = "lora", lokr_factor: int = -1) -> Adapter | LycorisAdapter:
     """Read and check the file before any model loads: it exists, it is of the run's type (`kind`,
     lora.type; loha/lokr: `init_lycoris.check_lycoris`), for this base family, its ranks are
     the run's (`conv_rank` for LoCon's 3x3 convs, when > 0), and it adapts the text encoders only
@@ -44,7 +44,7 @@ def read_initial_adapter(path: str, variant: str, train_text_encoder: bool, rank
         if not needs_lycoris_reader(file):
             raise ConfigError(f"{KEY}: {path} is a LoRA adapter but lora.type is {kind!r} ({LYCORIS_TYPES[kind]}); "
                               "set lora.type=lora")
-        adapter = check_lycoris(_read(read_lycoris, path, variant), path, kind, rank, conv_rank)
+        adapter = check_lycoris(_read(read_lycoris, path, variant), path, kind, rank, conv_rank, lokr_factor)
         return _check_components(adapter, path, train_text_encoder, train_unet)
     if needs_lycoris_reader(file):
         found = "/".join(read_lycoris(file, base=variant, header_only=True).kinds)

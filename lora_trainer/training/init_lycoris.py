@@ -28,11 +28,12 @@ _NOT_HELD = {"hada_t1": "a Tucker/CP core (LyCORIS' use_tucker)", "hada_t2": "a 
 _RESCALED = {"LoHa": "hada_w1_a", "LoKr": "lokr_w1"}
 
 
-def check_lycoris(adapter: LycorisAdapter, path: str, kind: str, rank: int, conv_rank: int = 0) -> LycorisAdapter:
+def check_lycoris(adapter: LycorisAdapter, path: str, kind: str, rank: int, conv_rank: int = 0,
+                  factor: int = -1) -> LycorisAdapter:
     """Check a LoHa/LoKr file read for a run of lora.type `kind` (`init_adapter.read_initial_adapter`
     reads it and checks its family and components): it is of that type, at the run's ranks
-    (`conv_rank` for the 3x3 convs, when > 0; a LoKr of whole factors has none), with no part peft
-    cannot hold."""
+    (`conv_rank` for the 3x3 convs, when > 0; a LoKr of whole factors has none) and LoKr `factor`
+    (lora.lokr_factor), with no part peft cannot hold."""
     want = LYCORIS_TYPES[kind]
     kinds = adapter.kinds
     if set(kinds) != {want}:
@@ -49,7 +50,37 @@ def check_lycoris(adapter: LycorisAdapter, path: str, kind: str, rank: int, conv
             raise ConfigError(f"{KEY}: {path}: {module.name}.{held[0]} is {_NOT_HELD[held[0]]}, which this "
                               f"trainer's {want} does not have; start afresh without lora.init_from")
     _check_ranks(adapter, path, rank, conv_rank)
+    _check_lokr_factor(adapter, path, factor)
     return adapter
+
+
+def _lokr_split(module: LycorisModule) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((w1's, w2's share of the output), (of the input, 0 where a low-rank w2 does not tell it)): how
+    the file split the layer; the output's side is always known, the input's from a whole w2."""
+    w1, parts = module.parts["lokr_w1"], module.parts
+    w2_out = parts["lokr_w2"].shape[0] if "lokr_w2" in parts else parts["lokr_w2_a"].shape[0]
+    w2_in = parts["lokr_w2"].shape[1] if "lokr_w2" in parts else 0
+    return (w1.shape[0], w2_out), (w1.shape[1], w2_in)
+
+
+def _splits(split: tuple[int, int], factor: int) -> bool:
+    from peft.tuners.lokr.layer import factorization
+
+    return not split[1] or factorization(split[0] * split[1], factor) == split
+
+
+def _check_lokr_factor(adapter: LycorisAdapter, path: str, factor: int) -> None:
+    """Each LoKr module splits its layer as the run's lora.lokr_factor would (read from the parts'
+    shapes, before any model loads), else the factor that splits them all is named."""
+    modules = [m for _, _, m in adapter.items() if m.kind == "LoKr" and "lokr_w1" in m.parts]
+    wrong = next((m for m in modules if not all(_splits(s, factor) for s in _lokr_split(m))), None)
+    if wrong is None:
+        return
+    fits = [f for f in (-1, *range(1, 257)) if all(_splits(s, f) for m in modules for s in _lokr_split(m))]
+    hint = f"set lora.lokr_factor={fits[0]}" if fits else "start afresh without lora.init_from"
+    (out1, out2), _ = _lokr_split(wrong)
+    raise ConfigError(f"{KEY}: {path}: {wrong.name} splits its {out1 * out2} outputs {out1} × {out2} (lokr_w1 "
+                      f"{tuple(wrong.parts['lokr_w1'].shape)}), not as lora.lokr_factor {factor} does; {hint}")
 
 
 def _check_ranks(adapter: LycorisAdapter, path: str, rank: int, conv_rank: int) -> None:

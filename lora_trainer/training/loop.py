@@ -93,7 +93,8 @@ def train(cfg: RunConfig, show_progress: bool = True,
     # model.base stops the run before the data is scanned, and the scan knows the native size.
     cfg = _for_variant(cfg, resolve_variant(cfg.model))
     initial = (read_initial_adapter(cfg.lora.init_from, cfg.model.variant, cfg.lora.train_text_encoder, cfg.lora.rank,
-                                    cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet, cfg.lora.type)
+                                    cfg.lora.use_dora, cfg.lora.conv_rank, cfg.lora.train_unet, cfg.lora.type,
+                                    cfg.lora.lokr_factor)
                if cfg.lora.init_from else None)
     start_vectors = initial_vectors(cfg, cfg.model.variant)  # embedding.init_from, or lora.init_from's bundle
     check_writable_folders(cfg)  # made here if missing: not before a bad model.base, after it the data is read
