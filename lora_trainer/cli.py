@@ -58,7 +58,8 @@ def _caption(args) -> int:
 
     if args.min_length is None:  # --max-length 3 alone must not fail on the default --min-length
         args.min_length = max(0, min(CaptionConfig().min_length, args.max_length))
-    options = CaptionConfig(method="blip2", **{k: v for k, v in vars(args).items() if k in CAPTION_FLAGS})
+    args.undesired_tags = [t.strip() for t in args.undesired_tags.split(",") if t.strip()]
+    options = CaptionConfig(**{k: v for k, v in vars(args).items() if k in CAPTION_FLAGS})
     errors: list[str] = []
     check_caption_config(options, errors, key=lambda name: "--" + name.replace("_", "-"))
     if errors:
@@ -107,17 +108,21 @@ def _check_data(args) -> int:
 
 # Counts caption tokens exactly when this tokenizer is already in the local HF cache.
 DEFAULT_TOKENIZER_SOURCE = "openai/clip-vit-large-patch14"
-CAPTION_FLAGS = ("model", "prefix", "suffix", "overwrite", "batch_size", "prompt", "keep_prompt", "max_length",
-                 "min_length", "num_beams", "do_sample", "top_p", "temperature", "repetition_penalty", "dtype",
-                 "load_in_8bit", "device", "seed")
+CAPTION_FLAGS = ("method", "model", "prefix", "suffix", "overwrite", "batch_size", "prompt", "keep_prompt",
+                 "max_length", "min_length", "num_beams", "do_sample", "top_p", "temperature", "repetition_penalty",
+                 "dtype", "load_in_8bit", "device", "seed", "general_threshold", "character_threshold", "rating_tag",
+                 "replace_underscores", "undesired_tags")
 
 
 def add_caption_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import CaptionConfig
+    from .config import DEFAULT_CAPTION_MODELS, CaptionConfig
 
     d = CaptionConfig()
     p.add_argument("dir", help="folder of images; a caption file (.txt) is written beside each image that has none")
-    p.add_argument("--model", default=d.model, help="BLIP-2 hub id or folder (default %(default)s)")
+    p.add_argument("--method", choices=("blip2", "wd14"), default="blip2",
+                   help="blip2: a sentence; wd14: booru tags from a WD14 tagger (needs onnxruntime)")
+    p.add_argument("--model", help="BLIP-2 hub id or folder (default {blip2}); with --method wd14 a folder or hub "
+                   "id holding model.onnx and selected_tags.csv (default {wd14})".format(**DEFAULT_CAPTION_MODELS))
     p.add_argument("--prefix", default="", help='written before each new caption, e.g. "sks dog, "')
     p.add_argument("--suffix", default="", help="written after each new caption")
     p.add_argument("--caption-extension", default=".txt",
@@ -139,8 +144,18 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
     p.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes (CUDA)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU if any (wd14: the CPU; cuda needs onnxruntime-gpu)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--general-threshold", type=float, default=d.general_threshold,
+                   help="wd14: lowest confidence of a general tag (default %(default)s)")
+    p.add_argument("--character-threshold", type=float, default=d.character_threshold,
+                   help="wd14: lowest confidence of a character tag (default %(default)s)")
+    p.add_argument("--rating-tag", action="store_true", help="wd14: start with the most likely rating tag")
+    p.add_argument("--replace-underscores", action=argparse.BooleanOptionalAction, default=True,
+                   help="wd14: long_hair as 'long hair' (kaomoji such as ^_^ kept)")
+    p.add_argument("--undesired-tags", default="",
+                   help='wd14: tags never written, comma-separated: "solo,simple background"')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -165,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(p)
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 (sidecar .txt files, or "
-                                       "--caption-extension)")
+    p = sub.add_parser("caption", help="caption images that have none with BLIP-2 or WD14 tags (sidecar .txt "
+                                       "files, or --caption-extension)")
     add_caption_arguments(p)
     p.set_defaults(func=_caption)
 
@@ -202,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_publish_commands(sub)  # publish, package
 
     p = sub.add_parser("make-tiny", help="build a randomly initialised pipeline offline")
-    p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny), sd15-full, sdxl-full (real layer sizes) or blip2 (tiny captioner)")
+    p.add_argument("--variant", default="sd15", help="sd15, sdxl (tiny), sd15-full, sdxl-full (real layer sizes), "
+                   "blip2 (tiny captioner) or wd14 (tiny tagger)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out_dir")
     p.set_defaults(func=_make_tiny)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config_data_checks import (  # noqa: F401 (re-exported)
-    bucket_limit_errors, check_caption_config, normalize_caption_extension,
+    bucket_limit_errors, caption_warnings, check_caption_config, normalize_caption_extension,
 )
 from .models.blocks import block_config_errors
 
@@ -151,7 +151,7 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
 def config_warnings(cfg: RunConfig) -> list[str]:
     """One line per option set that this run does not read but that may be meant for later (a config
     kept as a template, or filled in by from-kohya): the run goes on, the log says so."""
-    lines = []
+    lines = caption_warnings(cfg.data.caption)
     if not cfg.sample.prompts:
         for key in ("every_n_steps", "every_n_epochs", "at_start", "scheduler"):
             value = getattr(cfg.sample, key)

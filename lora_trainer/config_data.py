@@ -7,13 +7,21 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
+# The model each captioning method uses when data.caption.model is null.
+DEFAULT_CAPTION_MODELS = {"blip2": "Salesforce/blip2-opt-2.7b", "wd14": "SmilingWolf/wd-vit-tagger-v3"}
+
+
 @dataclass
 class CaptionConfig:
-    """Captions generated for images that have none (BLIP-2), written as sidecar files
-    (`<stem><data.caption_extension>`, .txt by default)."""
+    """Captions generated for images that have none (BLIP-2 sentences or WD14 booru tags), written
+    as sidecar files (`<stem><data.caption_extension>`, .txt by default)."""
 
-    method: Literal["none", "blip2"] = "none"  # none: images without a caption train on the empty one
-    model: str = "Salesforce/blip2-opt-2.7b"  # hub id or folder with a BLIP-2 model and processor
+    # none: images without a caption train on the empty one; blip2: a sentence ("a dog on a beach");
+    # wd14: SmilingWolf's WD14 tagger, booru tags ("1girl, solo, long hair, smile"; needs onnxruntime)
+    method: Literal["none", "blip2", "wd14"] = "none"
+    # hub id or folder: a BLIP-2 model and processor, or for wd14 a folder (or hub repo) holding
+    # model.onnx and selected_tags.csv; null: Salesforce/blip2-opt-2.7b or SmilingWolf/wd-vit-tagger-v3
+    model: Optional[str] = None
     # Written into each generated file (so they show and can be edited there); hand-written captions
     # are left alone. data.caption_prefix, by contrast, is added at training time to every caption.
     prefix: str = ""  # e.g. a trigger "sks dog, "
@@ -32,8 +40,25 @@ class CaptionConfig:
     repetition_penalty: float = 1.0  # > 1 discourages "a dog dog dog"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     load_in_8bit: bool = False  # bitsandbytes 8-bit weights (CUDA only): the 2.7b model in ~4 GB
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # wd14: auto is the CPU; cuda needs onnxruntime-gpu
     seed: int = 0  # same seed, images and batch size: same captions
+    # wd14 only (kohya's tag_images_by_wd14_tagger.py options): a tag is written when the tagger's
+    # confidence is at least its threshold (kohya's --general_threshold / --character_threshold)
+    general_threshold: float = 0.35
+    character_threshold: float = 0.35
+    # the most likely rating tag (general, sensitive, questionable, explicit) first (kohya's --use_rating_tags)
+    rating_tag: bool = False
+    # "long_hair" is written "long hair"; short kaomoji such as ^_^ and >_< keep theirs (kohya's
+    # --remove_underscore, off by default there)
+    replace_underscores: bool = True
+    # tags never written, as the tagger names them or with spaces, e.g. [solo, "simple background"]
+    # (kohya's --undesired_tags)
+    undesired_tags: list[str] = field(default_factory=list)
+
+
+def caption_model(c: CaptionConfig) -> str:
+    """The model `c` captions with: data.caption.model, or its method's default (BLIP-2's for none)."""
+    return c.model or DEFAULT_CAPTION_MODELS.get(c.method, DEFAULT_CAPTION_MODELS["blip2"])
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Checks of the `data` section's own values (config_data.py) that the CLI and the data stage call
-too: the caption extension, the bucket side limits, the captioning options. Re-exported by
+too: the caption extension, the bucket side limits, the captioning options (and the warning for
+tagger options set for another method). Re-exported by
 config_checks.py and config.py."""
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def check_caption_config(c: CaptionConfig, errors: list[str],
         if not ok:
             errors.append(f"{key(name)}: got {getattr(c, name)!r}; expected {allowed}")
 
-    need(bool(c.model.strip()), "model", "a hub id or a folder with a BLIP-2 model")
+    need(c.model is None or bool(c.model.strip()), "model",
+         "a hub id or a model folder (null: the method's default model)")
     need(c.batch_size >= 1, "batch_size", "an integer >= 1")
     need(c.max_length >= 1, "max_length", "an integer >= 1 (new tokens per caption)")
     default_min = type(c)().min_length
@@ -75,3 +77,18 @@ def check_caption_config(c: CaptionConfig, errors: list[str],
     need(0.0 < c.top_p <= 1.0, "top_p", "a number in (0, 1]")
     need(c.temperature > 0, "temperature", "a number > 0")
     need(c.repetition_penalty > 0, "repetition_penalty", "a number > 0 (1 = off)")
+    for name in ("general_threshold", "character_threshold"):
+        need(0.0 <= getattr(c, name) <= 1.0, name, "a number in [0, 1] (the tagger's confidence, e.g. 0.35)")
+
+
+WD14_OPTIONS = ("general_threshold", "character_threshold", "rating_tag", "replace_underscores", "undesired_tags")
+
+
+def caption_warnings(c: CaptionConfig) -> list[str]:
+    """One line per WD14 tagger option set while data.caption.method is not wd14 (it is not read)."""
+    if c.method == "wd14":
+        return []
+    default = type(c)()
+    return [f"data.caption.{name}: got {getattr(c, name)!r} with data.caption.method {c.method!r}, which does not "
+            "read it; it is for data.caption.method=wd14" for name in WD14_OPTIONS
+            if getattr(c, name) != getattr(default, name)]

@@ -1,4 +1,4 @@
-"""Caption the images of a folder that have no caption, with BLIP-2: `python scripts/caption.py DIR [--prefix "sks, "] [--overwrite] [--model ID]`."""
+"""Caption the images of a folder that have no caption, with BLIP-2 or WD14 tags (--method wd14): `python scripts/caption.py DIR [--prefix "sks, "] [--overwrite] [--model ID]`."""
 
 import sys
 from pathlib import Path

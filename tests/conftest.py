@@ -45,6 +45,13 @@ def tiny_blip2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wd14(tmp_path_factory) -> Path:
+    from lora_trainer.testing.tiny_wd14 import make_wd14
+
+    return make_wd14(tmp_path_factory.mktemp("tiny-wd14") / "model")
+
+
+@pytest.fixture(scope="session")
 def example_data() -> Path:
     return REPO / "datasets" / "example"
 

@@ -1,5 +1,5 @@
-"""BLIP-2 captioning: a sidecar caption file (`<stem>.txt`, or data.caption_extension) for every
-image that has no caption.
+"""Captioning: a sidecar caption file (`<stem>.txt`, or data.caption_extension) for every image
+that has no caption, with BLIP-2 (here) or a WD14 tagger (data/wd14.py).
 
 The model loads only when some image needs a caption and is freed right after, so it is never in
 memory together with the diffusion model. Captions are the user's work once written: existing ones
@@ -15,12 +15,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from lora_trainer.config import CaptionConfig
+from lora_trainer.config import CaptionConfig, caption_model
 from lora_trainer.data.captions import (
     DEFAULT_CAPTION_EXTENSION,
     other_caption_extension,
@@ -34,6 +34,9 @@ from lora_trainer.data.images import load_image, unread_files_note
 from lora_trainer.errors import ConfigError, DataError, ModelError, first_line
 from lora_trainer.fileio import atomic_path, write_text_atomic
 from lora_trainer.hubcheck import check_hub_model
+
+if TYPE_CHECKING:
+    from lora_trainer.data.wd14 import WD14Tagger
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ def resolve_device_dtype(c: CaptionConfig) -> tuple[torch.device, torch.dtype]:
 
 def load_blip2(c: CaptionConfig) -> Blip2Captioner:
     """Load the BLIP-2 model and processor named by `c.model` (hub id or local folder)."""
+    source = caption_model(c)
     device, dtype = resolve_device_dtype(c)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if c.load_in_8bit:
@@ -100,13 +104,13 @@ def load_blip2(c: CaptionConfig) -> Blip2Captioner:
                       device_map={"": device.index or 0}, dtype=torch.float16)
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    if not Path(c.model).expanduser().exists() and c.model.count("/") == 1:
-        check_hub_model(c.model, _key("model"), "config.json")
+    if not Path(source).expanduser().exists() and source.count("/") == 1:
+        check_hub_model(source, _key("model"), "config.json")
     try:
-        processor = Blip2Processor.from_pretrained(c.model)
-        model = Blip2ForConditionalGeneration.from_pretrained(c.model, **kwargs)
+        processor = Blip2Processor.from_pretrained(source)
+        model = Blip2ForConditionalGeneration.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{_key('model')}: cannot load a BLIP-2 model from {c.model!r} ({first_line(err)}); give a hub id "
+        raise ModelError(f"{_key('model')}: cannot load a BLIP-2 model from {source!r} ({first_line(err)}); give a hub id "
                          "like Salesforce/blip2-opt-2.7b or a folder saved with save_pretrained") from err
     if not c.load_in_8bit:
         model.to(device)
@@ -117,10 +121,13 @@ def load_blip2(c: CaptionConfig) -> Blip2Captioner:
     return Blip2Captioner(processor, model, device, model.dtype if c.load_in_8bit else dtype, c)
 
 
-def release(captioner: Blip2Captioner) -> None:
+def release(captioner: Blip2Captioner | WD14Tagger) -> None:
     """Free the model's memory now (GPU memory included), before the diffusion model loads."""
     device = captioner.device
-    captioner.model = None
+    if isinstance(captioner, Blip2Captioner):
+        captioner.model = None
+    else:
+        captioner.session = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -166,11 +173,11 @@ def generate_captions(captioner: Blip2Captioner, images: Sequence) -> list[str]:
 
 
 def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: bool = True,
-                   captioner: Blip2Captioner | None = None, skip_parked: bool = False,
+                   captioner: Blip2Captioner | WD14Tagger | None = None, skip_parked: bool = False,
                    caption_extension: str = DEFAULT_CAPTION_EXTENSION,
                    extension_key: str = "data.caption_extension", warn_unread: bool = True) -> list[CaptionedImage]:
     """Write `c.prefix + caption + c.suffix` to `<stem><caption_extension>` beside every image under
-    `root` that needs a caption.
+    `root` that needs a caption, from BLIP-2 or, with `c.method` wd14, a WD14 tagger.
 
     An image needs one when it has no (or a blank) caption file and no metadata.jsonl entry, or has
     one and `c.overwrite` is set (the old file is copied to `<stem><ext>.bak` first). Each batch's
@@ -182,6 +189,10 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     (training's own scan of the folder names them right after).
     """
     root = Path(root)
+    if c.method == "wd14" and captioner is None:
+        from lora_trainer.data.wd14 import check_onnxruntime
+
+        check_onnxruntime()  # before any work: the folder is not even scanned without it
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "dataset folder not found"
         raise DataError(f"{root}: {what}; give a folder of images to caption")
@@ -216,8 +227,8 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     if todo:
         own = captioner is None
         if own:
-            logger.info("captioning %d image(s) with %s", len(todo), c.model)
-            captioner = load_blip2(c)
+            logger.info("captioning %d image(s) with %s", len(todo), caption_model(c))
+            captioner = _load_captioner(c)
         try:
             _caption_paths(todo, captioner, c, results, show_progress, caption_extension)
         finally:
@@ -226,9 +237,21 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     return [results[p] for p in image_paths]
 
 
-def _caption_paths(paths: list[Path], captioner: Blip2Captioner, c: CaptionConfig,
+def _load_captioner(c: CaptionConfig) -> Blip2Captioner | WD14Tagger:
+    if c.method == "wd14":
+        from lora_trainer.data.wd14 import load_wd14
+
+        return load_wd14(c)
+    return load_blip2(c)
+
+
+def _caption_paths(paths: list[Path], captioner: Blip2Captioner | WD14Tagger, c: CaptionConfig,
                    results: dict[Path, CaptionedImage], show_progress: bool, ext: str) -> None:
     device = captioner.device
+    if isinstance(captioner, Blip2Captioner):
+        describe = generate_captions
+    else:
+        from lora_trainer.data.wd14 import tag_images as describe
     # A private RNG stream: seeded sampling here leaves the caller's random state as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(c.seed)
@@ -243,7 +266,7 @@ def _caption_paths(paths: list[Path], captioner: Blip2Captioner, c: CaptionConfi
                     logger.warning("not captioned: %s", err)
                     results[path] = CaptionedImage(path, "", "unreadable")
             if images:
-                for path, text in zip(batch, generate_captions(captioner, images)):
+                for path, text in zip(batch, describe(captioner, images)):
                     results[path] = write_caption(path, join_caption(c.prefix, text, c.suffix), ext)
             bar.update(len(paths[start:start + c.batch_size]))
         bar.close()

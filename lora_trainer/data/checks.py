@@ -288,8 +288,8 @@ def _check_captions(report: DataReport, captions: dict[Path, str | None], tokeni
     report.num_captioned = len(captions) - len(missing) - len(empty)
     if missing:
         report.problems.append(Problem("warning", "missing_caption", f"{len(missing)} image(s) have no caption "
-                                       f"(no {report.caption_extension} file, no metadata.jsonl entry); caption "
-                                       "them with `lora-trainer caption` or data.caption.method=blip2", missing))
+                                       f"(no {report.caption_extension} file, no metadata.jsonl entry); caption them "
+                                       "with `lora-trainer caption` or data.caption.method=blip2 (wd14: tags)", missing))
     if empty:
         report.problems.append(Problem("warning", "empty_caption", f"{len(empty)} image(s) have an empty caption",
                                        empty))

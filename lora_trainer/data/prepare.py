@@ -1,5 +1,5 @@
 """The dataset as a training run takes it, before any diffusion model loads: caption the images
-that have none (BLIP-2, when asked), check the set (logged as one summary), scan it (with its mask
+that have none (BLIP-2 or WD14 tags, when asked), check the set (logged as one summary), scan it (with its mask
 images, data.mask_dir), and record the captions trained on in the run folder (`captions.jsonl`)."""
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
     first, is_main = _main_process_first()
     generated: set[Path] = set()
     with first:
-        if is_main and cfg.data.caption.method == "blip2" and root.is_dir():
+        if is_main and cfg.data.caption.method != "none" and root.is_dir():
             if cfg.dreambooth.instance_prompt or cfg.embedding.templates is not None:
                 which = "dreambooth.instance_prompt" if cfg.dreambooth.instance_prompt else "embedding.templates"
-                logger.info("data.caption.method=blip2 ignored: %s captions every image", which)
+                logger.info("data.caption.method=%s ignored: %s captions every image", cfg.data.caption.method, which)
             else:
                 # Before the scan: generated captions fill the gaps, and only images still without
                 # one take their kohya folder's name.

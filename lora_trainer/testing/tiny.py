@@ -233,6 +233,7 @@ VARIANTS = {
     "sdxl": lambda out, seed: make_sdxl(out, seed, full=False),
     "sdxl-full": lambda out, seed: make_sdxl(out, seed, full=True),
     "blip2": lambda out, seed: _tiny_blip2().make_blip2(out, seed),  # a BLIP-2 captioner, not a pipeline
+    "wd14": lambda out, seed: _tiny_wd14().make_wd14(out, seed),  # a WD14 tagger (needs the onnx package)
 }
 
 
@@ -240,6 +241,12 @@ def _tiny_blip2():
     from . import tiny_blip2  # imported late: it builds on this module's tokenizer pieces
 
     return tiny_blip2
+
+
+def _tiny_wd14():
+    from . import tiny_wd14  # imported late: only this variant needs it
+
+    return tiny_wd14
 
 
 def make_tiny_model(variant: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -287,6 +287,10 @@ def check_environment(cfg: RunConfig) -> None:
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: got 'fp16', which needs a GPU; on CPU use 'bf16' or 'no'")
     check_optimizer(cfg.train)
+    if cfg.data.caption.method == "wd14":
+        from ..data.wd14 import check_onnxruntime
+
+        check_onnxruntime()
     for key, on, module, extra in (("log.tensorboard", cfg.log.tensorboard, "tensorboard", "tensorboard"),
                                    ("log.wandb", cfg.log.wandb, "wandb", "wandb")):
         if on and importlib.util.find_spec(module) is None:
