@@ -5,6 +5,7 @@ together under one `torch.distributed.run`."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,14 @@ def write_rank_script(folder: Path) -> Path:
     return script
 
 
+
+def free_port() -> int:
+    """A TCP port free now (the OS picks it), so that two test sessions on one machine never meet
+    on a fixed rendezvous port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 def launch_two_process_runs(repo: Path, model: Path, data: Path, folder: Path) -> dict[str, Path]:
     """Runs every TWO_PROCESS_RUNS entry in 2 processes, batch 1 each; returns each run's output.dir."""
     script = Path(folder) / "several_runs.py"
@@ -128,7 +137,7 @@ def launch_two_process_runs(repo: Path, model: Path, data: Path, folder: Path) -
                        *(option.format_map(places) for option in options)])
             for name, (options, path) in TWO_PROCESS_RUNS.items()]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), str(repo / "configs" / "example.yaml"), *runs],
         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
         text=True, timeout=900,
