@@ -80,6 +80,16 @@ def _network_args(cfg: RunConfig) -> dict[str, str]:
     return args
 
 
+def _vae_metadata(source: str | None) -> dict:
+    """kohya's VAE keys for model.vae: its name, and a file's hashes."""
+    if not source:
+        return {}
+    from ..models.vae import vae_file_hashes, vae_name
+
+    hashes = vae_file_hashes(source) or {}
+    return {"vae_name": vae_name(source), "vae_hash": hashes.get("legacy"), "new_vae_hash": hashes.get("sha256")}
+
+
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
               prediction_type: str, variant: str, epoch: int | None = None,
               num_epochs: int | None = None) -> dict[str, str]:
@@ -103,6 +113,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         base_model_version=BASE_MODEL_VERSIONS[variant],
         # kohya records a local base by its name only: the path is the user's own business
         base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
+        **_vae_metadata(cfg.model.vae),
         resolution=cfg.data.resolution,
         num_train_images=sum(row["img_count"] * row["n_repeats"] for row in folders),
         num_reg_images=db.num_class_images,
