@@ -3,6 +3,7 @@ training encodes with, the latent cache keyed by it, and the refusals of VAEs th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from PIL import Image
 
 from conftest import run_config
 from lora_trainer.errors import ModelError
@@ -70,11 +72,13 @@ def test_a_copy_of_the_base_vae_trains_exactly_as_none_and_is_in_the_metadata(ti
     from lora_trainer.training.loop import train
 
     plain = train(run_config(tiny_sd15, example_data, tmp_path / "plain", *FAST), show_progress=False)
-    copy = train(run_config(tiny_sd15, example_data, tmp_path / "copy", *FAST, f"model.vae={vaes['file']}"),
-                 show_progress=False)
+    copy = train(run_config(tiny_sd15, example_data, tmp_path / "copy", *FAST, f"model.vae={vaes['file']}",
+                            "sample.prompts=[a red circle]", "sample.steps=2"), show_progress=False)
     assert copy.losses == plain.losses
+    samples = list((tmp_path / "copy" / "samples").rglob("*.png"))  # drawn with it, and their PNGs say so
+    assert samples and all("VAE: own.safetensors" in Image.open(p).text["parameters"] for p in samples)
     meta = safetensors.safe_open(str(copy.adapter_paths[0]), "pt").metadata()
-    digest = __import__("hashlib").sha256(vaes["file"].read_bytes()).hexdigest()
+    digest = hashlib.sha256(vaes["file"].read_bytes()).hexdigest()
     assert (meta["ss_vae_name"], meta["ss_new_vae_hash"]) == ("own.safetensors", digest)
     assert len(meta["ss_vae_hash"]) == 8  # kohya's (A1111's old) short hash
     assert "ss_vae_name" not in safetensors.safe_open(str(plain.adapter_paths[0]), "pt").metadata()

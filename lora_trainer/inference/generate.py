@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, ModelError
+from ..models.vae import png_vae_fields
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
@@ -26,7 +27,7 @@ from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_
 from .hires import check_growth, check_hires, hires_parameters, upscale
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
-                        load_controlnet, load_refiner, vae_parameters)
+                        load_controlnet, load_refiner)
 from .prompts import encode_pair
 from .schedulers import a1111_name, check_sampler, make_scheduler
 
@@ -105,7 +106,7 @@ class Generator:
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                  config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None):
         self.device, self.dtype = default_device_dtype(device, dtype)
-        self.model = str(model)
+        self.model, vae, config_dir = str(model), vae and str(vae), config_dir and str(config_dir)
         # One file given alone, and Path objects, are what Python callers naturally pass: a bare
         # string would otherwise be read letter by letter ("E: file not found")
         loras = [loras] if isinstance(loras, (str, Path)) else loras
@@ -116,9 +117,8 @@ class Generator:
             check_adapter_file(spec.path)
             check_file_count(spec)  # its block weights' count, for the family its header tells
         self.embeddings = load_embeddings(embeddings)  # the same for embeddings: read and checked now
-        self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
-                                            config_dir=str(config_dir) if config_dir else None, vae=vae and str(vae))
-        self.vae = vae_parameters(vae and str(vae))  # A1111's VAE and VAE hash
+        self.pipe, self.variant = load_base(self.model, self.device, self.dtype, config_dir=config_dir, vae=vae)
+        self.vae_fields = png_vae_fields(vae)  # A1111's VAE and VAE hash
         check_embeddings_fit(self.embeddings, self.pipe, self.variant, self.model)
         # the adapters' bundled embeddings are checked against these and used beside them
         self.adapters = AdapterStack(self.pipe, fixed_embeddings=self.embeddings)
@@ -132,7 +132,7 @@ class Generator:
         if refiner:
             if self.variant != "sdxl":
                 raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
-            self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype, vae=vae and str(vae))
+            self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype, vae=vae)
             check_embeddings_fit(self.embeddings, self.refiner, self.variant, str(refiner))
         self._hashes: dict[Path, str | None] = {}
         self._embedding_hashes = {e.token: embedding_hash(e.path) for e in self.embeddings}
@@ -271,7 +271,7 @@ class Generator:
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=a1111_name(req.sampler),
             cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
-            model_name=Path(self.model).name or None, vae_name=self.vae.get("VAE"), vae_hash=self.vae.get("VAE hash"),
+            model_name=Path(self.model).name or None, **self.vae_fields,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
             block_weights={s.name: s.lbw for s in self.adapters.active() if s.lbw},
             denoising_strength=strength, clip_skip=req.clip_skip, extra=extra,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..models.loading import check_source, diffusers_dtype, is_single_file
-from ..models.vae import check_vae_fits, check_vae_source, load_vae, vae_file_hashes, vae_name
+from ..models.vae import check_vae_fits, check_vae_source, load_vae
 
 from ..errors import ModelError, first_line
 from .adapters import quiet_diffusers
@@ -88,15 +88,6 @@ def _load_single_file(model: str, dtype: torch.dtype, config_dir: str | None = N
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
         if variant == "sd15" else {}
     return cls(**parts, scheduler=scheduler, **extra), variant
-
-
-def vae_parameters(vae: str | None) -> dict[str, str]:
-    """A1111's 'VAE' (the file's name) and 'VAE hash' (the first 10 hex digits of its SHA-256) for
-    --vae; a folder or hub id has a name only. Empty without --vae, as A1111 writes nothing then."""
-    if not vae:
-        return {}
-    hashes = vae_file_hashes(vae)
-    return {"VAE": vae_name(vae), **({"VAE hash": hashes["sha256"][:10]} if hashes else {})}
 
 
 def load_controlnet(model: str, device: str, dtype: torch.dtype):

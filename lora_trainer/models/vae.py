@@ -4,6 +4,7 @@ model folder (its `vae/`), a hub id of either, or one `.safetensors` file in the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Optional
@@ -67,10 +68,17 @@ def vae_name(source: str) -> str:
 def vae_file_hashes(source: str) -> Optional[dict[str, str]]:
     """For a VAE file: its full SHA-256 (kohya's `ss_new_vae_hash`, whose first 10 hex digits are
     A1111's 'VAE hash') and the old 8-digit A1111 hash of 64 KiB at 1 MiB (kohya's `ss_vae_hash`).
-    None for a folder or hub id, which are no one file."""
+    None for a folder or hub id, which are no one file. Read once per file version (each save and
+    sample asks)."""
     path = Path(source).expanduser()
     if not path.is_file():
         return None
+    stat = path.stat()
+    return dict(_file_hashes(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> dict[str, str]:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -78,6 +86,16 @@ def vae_file_hashes(source: str) -> Optional[dict[str, str]]:
         fh.seek(0x100000)
         legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
     return {"sha256": digest.hexdigest(), "legacy": legacy}
+
+
+def png_vae_fields(source: Optional[str]) -> dict[str, str]:
+    """GenerationInfo's `vae_name` and `vae_hash` (A1111's 'VAE' and 'VAE hash': the first 10 hex
+    digits of the file's SHA-256; a folder or hub id has a name only); none without a separate VAE,
+    as A1111 writes none for the model's own."""
+    if not source:
+        return {}
+    hashes = vae_file_hashes(source)
+    return {"vae_name": vae_name(source), **({"vae_hash": hashes["sha256"][:10]} if hashes else {})}
 
 
 def load_vae(source: str, like, dtype: torch.dtype, key: str = "model.vae", revision: Optional[str] = None):
@@ -107,8 +125,8 @@ def check_vae_fits(vae, like, source: str, key: str = "model.vae", against: str 
               ("scaling factor", ours.scaling_factor, base.scaling_factor))
     for what, have, want in checks:
         if have != want:
-            raise ModelError(f"{key}: {source} has {what} {have}, {against} {want}; it is a VAE for another "
-                             "model family (SD1.x VAEs scale by 0.18215, SDXL's by 0.13025); use one made for this base")
+            raise ModelError(f"{key}: {source} has {what} {have}, {against} {want}; it is a VAE for another model "
+                             "family (SD1.x VAEs scale by 0.18215, SDXL's by 0.13025); use one made for this base")
 
 
 def _from_diffusers(source: str, dtype: torch.dtype, key: str, revision: Optional[str]):

@@ -20,6 +20,7 @@ from ..export.metadata import kohya_metadata
 from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
 from ..models.lycoris import lycoris_alphas
+from ..models.vae import png_vae_fields, vae_file_hashes, vae_name
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
 from .pivotal import bundle_tensors, save_embedding
@@ -84,8 +85,6 @@ def _vae_metadata(source: str | None) -> dict:
     """kohya's VAE keys for model.vae: its name, and a file's hashes."""
     if not source:
         return {}
-    from ..models.vae import vae_file_hashes, vae_name
-
     hashes = vae_file_hashes(source) or {}
     return {"vae_name": vae_name(source), "vae_hash": hashes.get("legacy"), "new_vae_hash": hashes.get("sha256")}
 
@@ -292,7 +291,7 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
                      height=height, width=width, generator=generator).images[0]
     info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler=s.sampler_name,
                           cfg_scale=guidance, seed=seed, width=image.width, height=image.height,
-                          clip_skip=m.clip_skip, model_name=Path(m.base).name,
+                          clip_skip=m.clip_skip, model_name=Path(m.base).name, **png_vae_fields(m.vae),
                           adapters=[(cfg.output.name, weight, None)])
     return image, info
 
