@@ -43,6 +43,8 @@ def _base_vae(tiny_sd15):
 
 
 def test_file_checkpoint_vae_folder_and_model_folder_load_the_same_weights(tiny_sd15, vaes):
+    from diffusers import AutoencoderKL
+
     from lora_trainer.models.vae import load_vae
 
     base = _base_vae(tiny_sd15)
@@ -53,6 +55,10 @@ def test_file_checkpoint_vae_folder_and_model_folder_load_the_same_weights(tiny_
         assert all(torch.equal(got[k], want[k]) for k in want), source
     other = load_vae(str(vaes["other"]), base, torch.float32).state_dict()
     assert not torch.equal(other["decoder.conv_out.weight"], want["decoder.conv_out.weight"])
+    # the file is read as diffusers' own single-file loading reads it
+    theirs = AutoencoderKL.from_single_file(str(vaes["other"]), config=str(tiny_sd15), subfolder="vae",
+                                            local_files_only=True).state_dict()
+    assert theirs.keys() == other.keys() and all(torch.equal(theirs[k], other[k]) for k in theirs)
 
 
 def test_load_base_uses_model_vae_and_encodes_with_it(tiny_sd15, vaes):
