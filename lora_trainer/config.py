@@ -42,6 +42,12 @@ class ModelConfig:
     # single-file bases only: a diffusers folder whose configs (and tokenizers) describe the
     # checkpoint; None uses the SD1.5/SDXL configs shipped in lora_trainer/models/configs/
     config_dir: Optional[str] = None
+    # A VAE to use instead of the base's own (kohya's --vae), for the latents trained on and the
+    # sample and class images drawn: a diffusers VAE folder, a diffusers model folder (its vae/), a
+    # hub id of either, or a .safetensors VAE in the original layout (A1111's models/VAE files, e.g.
+    # vae-ft-mse-840000-ema-pruned.safetensors; read with the base's VAE config). It must fit the
+    # base (latent channels, scaling); written to the adapter's metadata (ss_vae_name, ss_vae_hash)
+    vae: Optional[str] = None
     # How the text encoder(s) read captions, samples and class prompts (kohya's --clip_skip and
     # --max_token_length); written to the adapter's metadata (ss_clip_skip, ss_max_token_length).
     # clip_skip, A1111 numbering: 1 = the model's own layer; 2 = the penultimate layer through the

@@ -26,6 +26,8 @@ class GenerationInfo:
     height: int = 512
     model_name: str | None = None
     model_hash: str | None = None  # first 10 hex of the SHA-256 of the model file, as A1111 shows
+    vae_name: str | None = None  # a separate VAE's file name (none: the model's own VAE)
+    vae_hash: str | None = None  # first 10 hex of the SHA-256 of the VAE file
     # (name, weight, short hash or None) for each adapter
     adapters: list[tuple[str, float, str | None]] = field(default_factory=list)
     # {adapter name: its per-block weights as given after lbw= (a preset or numbers)}, for those with them
@@ -68,6 +70,10 @@ def a1111_parameters(info: GenerationInfo) -> str:
         settings["Model hash"] = info.model_hash
     if info.model_name:
         settings["Model"] = info.model_name
+    if info.vae_hash:
+        settings["VAE hash"] = info.vae_hash
+    if info.vae_name:
+        settings["VAE"] = info.vae_name
     if info.denoising_strength is not None:
         settings["Denoising strength"] = f"{info.denoising_strength:g}"
     if info.clip_skip > 1:
@@ -125,6 +131,7 @@ def parse_a1111_parameters(text: str) -> GenerationInfo:
         sampler=settings.pop("Sampler", ""), cfg_scale=float(settings.pop("CFG scale", 7.0)),
         seed=int(settings.pop("Seed", 0)), width=int(width), height=int(height),
         model_name=settings.pop("Model", None), model_hash=settings.pop("Model hash", None), adapters=adapters,
+        vae_name=settings.pop("VAE", None), vae_hash=settings.pop("VAE hash", None),
         block_weights={name: lbw for name, _, lbw in tags if lbw},
         embeddings=embeddings,
     )

@@ -173,3 +173,11 @@ def test_kohya_sampling_arguments_in_a_toml_and_an_unknown_sampler():
     assert cfg["sample"] == {"scheduler": "ddim"} and not any("sample" in n for n in notes)
     with pytest.raises(ConfigError, match=r"^--sample_sampler: 'dpm\+\+_2m' is not one of kohya's samplers \(ddim, "):
         config_from_kohya(parse_command_line(SAMPLING + "--sample_sampler dpm++_2m"))
+
+
+def test_vae_maps_to_model_vae_without_a_note():
+    cfg, notes = config_from_kohya(parse_command_line(
+        "python train_network.py --pretrained_model_name_or_path m --train_data_dir d --network_alpha 4 "
+        "--vae vae-ft-mse-840000-ema-pruned.safetensors"))
+    assert cfg["model"]["vae"] == "vae-ft-mse-840000-ema-pruned.safetensors"
+    assert not any("vae" in note.lower() for note in notes)

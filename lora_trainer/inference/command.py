@@ -16,6 +16,8 @@ from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VAE_HELP = ("a VAE instead of the base's: a .safetensors VAE (A1111's models/VAE files), a diffusers VAE or model "
+            "folder, or a hub id")
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors (SD1.x or SDXL)")
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
+    p.add_argument("--vae", default=None, help=VAE_HELP + "; with --refiner it decodes the refiner's images too")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:lbw=SPEC]",
                    help="adapter file (kohya or diffusers layout), repeatable; weights stack; lbw=: per-block "
                         "weights as A1111's LoRA Block Weight (17 or 26 numbers on SD1.x, 12 or 20 on SDXL, or a "
@@ -201,7 +204,7 @@ def run_infer(args) -> list[Path]:
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding)
+                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae)
     for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
         if any(e is standalone for standalone in gen.embeddings):
             trained = embedding_token(e.path)  # an epoch's or step's file is named <token>-000002
@@ -233,6 +236,7 @@ def run_infer(args) -> list[Path]:
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base: hub id, diffusers folder or single-file .safetensors")
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
+    p.add_argument("--vae", default=None, help=VAE_HELP + "; the merged model carries it")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:lbw=SPEC]",
                    help="adapter to fuse, repeatable (lbw=: per-block weights, as infer)")
     p.add_argument("--out", required=True, help="folder for the merged diffusers model (a .safetensors file with --single-file)")
@@ -247,4 +251,4 @@ def run_merge(args) -> Path:
 
     return merge_to_folder(args.model, [parse_adapter_spec(s) for s in args.lora], args.out,
                            single_file=args.single_file, overwrite=args.overwrite, dtype=DTYPES[args.dtype],
-                           config_dir=args.config_dir)
+                           config_dir=args.config_dir, vae=args.vae)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, ModelError
+from ..models.vae import png_vae_fields
 from ..pnginfo import GenerationInfo, save_png
 from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
@@ -96,16 +97,16 @@ def check_request(req: Request) -> None:
 
 
 class Generator:
-    """A base model (SD1.x or SDXL) with any number of adapters, optional ControlNet and refiner,
-    and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]" strings, Paths or EmbeddingSpecs; `loras`:
-    "FILE[:WEIGHT][:lbw=SPEC]" strings, Paths or AdapterSpecs; either may be one file alone). Embeddings bundled
-    in a `loras` file are used as `embeddings` are, while that adapter is loaded."""
+    """A base model (SD1.x or SDXL, its VAE replaced by `vae`: a file, folder or hub id) with any number of
+    adapters, optional ControlNet and refiner, and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]"
+    strings, Paths or EmbeddingSpecs; `loras`: "FILE[:WEIGHT][:lbw=SPEC]" strings, Paths or AdapterSpecs; either
+    may be one file alone). Embeddings bundled in a `loras` file are used as `embeddings` are, while loaded."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 config_dir: str | Path | None = None, embeddings=()):
+                 config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None):
         self.device, self.dtype = default_device_dtype(device, dtype)
-        self.model = str(model)
+        self.model, vae, config_dir = str(model), vae and str(vae), config_dir and str(config_dir)
         # One file given alone, and Path objects, are what Python callers naturally pass: a bare
         # string would otherwise be read letter by letter ("E: file not found")
         loras = [loras] if isinstance(loras, (str, Path)) else loras
@@ -116,8 +117,8 @@ class Generator:
             check_adapter_file(spec.path)
             check_file_count(spec)  # its block weights' count, for the family its header tells
         self.embeddings = load_embeddings(embeddings)  # the same for embeddings: read and checked now
-        self.pipe, self.variant = load_base(self.model, self.device, self.dtype,
-                                            config_dir=str(config_dir) if config_dir else None)
+        self.pipe, self.variant = load_base(self.model, self.device, self.dtype, config_dir=config_dir, vae=vae)
+        self.vae_fields = png_vae_fields(vae)  # A1111's VAE and VAE hash
         check_embeddings_fit(self.embeddings, self.pipe, self.variant, self.model)
         # the adapters' bundled embeddings are checked against these and used beside them
         self.adapters = AdapterStack(self.pipe, fixed_embeddings=self.embeddings)
@@ -127,12 +128,11 @@ class Generator:
         self.controlnet = load_controlnet(str(controlnet), self.device, self.dtype) if controlnet else None
         if self.controlnet is not None:
             check_controlnet_fits(self.controlnet, self.pipe, self.variant, str(controlnet))
-        self.refiner_name = Path(str(refiner)).name if refiner else None
-        self.refiner = None
+        self.refiner_name, self.refiner = (Path(str(refiner)).name if refiner else None), None
         if refiner:
             if self.variant != "sdxl":
                 raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
-            self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype)
+            self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype, vae=vae)
             check_embeddings_fit(self.embeddings, self.refiner, self.variant, str(refiner))
         self._hashes: dict[Path, str | None] = {}
         self._embedding_hashes = {e.token: embedding_hash(e.path) for e in self.embeddings}
@@ -271,7 +271,7 @@ class Generator:
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=a1111_name(req.sampler),
             cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
-            model_name=Path(self.model).name or None,
+            model_name=Path(self.model).name or None, **self.vae_fields,
             adapters=[(s.name, s.weight, self._short_hash(s.path)) for s in self.adapters.active()],
             block_weights={s.name: s.lbw for s in self.adapters.active() if s.lbw},
             denoising_strength=strength, clip_skip=req.clip_skip, extra=extra,

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, single_file: bool = False,
-                    overwrite: bool = False, dtype: torch.dtype = torch.float32, config_dir: str | None = None) -> Path:
-    """Load `model`, fuse `loras` at their weights, drop the adapter layers and save the result as a
-    diffusers folder at `out` (or, with `single_file`, one original-layout `.safetensors` checkpoint
-    as A1111 and ComfyUI load). It appears complete or not at all (written beside it, renamed)."""
+                    overwrite: bool = False, dtype: torch.dtype = torch.float32, config_dir: str | None = None,
+                    vae: str | None = None) -> Path:
+    """Load `model` (its VAE replaced by `vae` when given), fuse `loras` at their weights, drop the
+    adapter layers and save the result as a diffusers folder at `out` (or, with `single_file`, one
+    original-layout `.safetensors` checkpoint as A1111 and ComfyUI load), with that VAE. It appears
+    complete or not at all (written beside it, renamed)."""
     out = Path(out)
     if single_file and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"--out: {out} must be a .safetensors file name with --single-file")
@@ -55,7 +57,7 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
     except ModelError as exc:
         raise ConfigError(f"merge: {exc}") from None
     _warn_run_embeddings(loras)
-    pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir)
+    pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir, vae=vae)
     stack = AdapterStack(pipe)
     for spec in loras:
         stack.load(spec)

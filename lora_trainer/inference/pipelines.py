@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..models.loading import check_source, diffusers_dtype, is_single_file
+from ..models.vae import check_vae_fits, check_vae_source, load_vae
 
 from ..errors import ModelError, first_line
 from .adapters import quiet_diffusers
@@ -41,29 +42,32 @@ def default_device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple
     return device, dtype
 
 
-def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model", config_dir: str | None = None):
-    """(pipeline, variant) for an SD1.x/2.x or SDXL base; the variant comes from model_index.json."""
+def load_base(model: str, device: str, dtype: torch.dtype, flag: str = "--model", config_dir: str | None = None,
+              vae: str | None = None):
+    """(pipeline, variant) for an SD1.x/2.x or SDXL base; the variant comes from model_index.json.
+    `vae` (a VAE file, folder or hub id) replaces the base's own VAE once it is known to fit."""
     import diffusers
 
     check_source(model, flag)
+    if vae:
+        check_vae_source(vae, "--vae")  # a missing VAE is named before the base loads
     if is_single_file(model):
         try:
             pipe, variant = _load_single_file(model, dtype, config_dir)
         except ModelError as exc:  # the loader speaks in config keys; here they are flags
             raise ModelError(str(exc).replace("model.base", flag).replace("model.config_dir", "--config-dir")) from None
-        with quiet_diffusers():
-            pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe, variant
-    try:
-        index = diffusers.DiffusionPipeline.load_config(model)
-        variant = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd15"
-        cls = getattr(diffusers, PIPELINES[(variant, "txt2img", False)])
-        extra = {"safety_checker": None, "requires_safety_checker": False} if variant == "sd15" else {}
-        with quiet_diffusers():
-            pipe = cls.from_pretrained(model, **diffusers_dtype(dtype), **extra)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{flag}: cannot load {model!r}: {first_line(exc)}") from None
+    else:
+        try:
+            index = diffusers.DiffusionPipeline.load_config(model)
+            variant = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd15"
+            cls = getattr(diffusers, PIPELINES[(variant, "txt2img", False)])
+            extra = {"safety_checker": None, "requires_safety_checker": False} if variant == "sd15" else {}
+            with quiet_diffusers():
+                pipe = cls.from_pretrained(model, **diffusers_dtype(dtype), **extra)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{flag}: cannot load {model!r}: {first_line(exc)}") from None
+    if vae:
+        pipe.register_modules(vae=load_vae(vae, pipe.vae, dtype, "--vae"))
     with quiet_diffusers():
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -116,9 +120,10 @@ def check_controlnet_fits(net, pipe, variant: str, model: str) -> None:
                          "it was trained for another base (e.g. SD 2.x)")
 
 
-def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
-    """The SDXL refiner as an img2img pipeline sharing the base's VAE and second text encoder
-    (as the official refiner does) when their shapes match."""
+def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype, vae: str | None = None):
+    """The SDXL refiner as an img2img pipeline. With `vae` (the --vae the base loaded), the refiner
+    decodes with that VAE too: the refiner finishes the image, so a VAE for the base alone would
+    never draw a pixel; it must fit the refiner's own VAE as it fits the base's."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     check_source(model, "--refiner", single_file_ok=False)
@@ -130,6 +135,9 @@ def load_refiner(model: str, base_pipe, device: str, dtype: torch.dtype):
     if getattr(pipe, "text_encoder_2", None) is None or _family(pipe.unet.config) != "sdxl":
         raise ModelError(f"--refiner: {model} is not an SDXL refiner (an SDXL img2img model with text_encoder_2); "
                          "use e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
+    if vae:
+        check_vae_fits(base_pipe.vae, pipe.vae, vae, "--vae", against=f"the refiner's ({model}) VAE")
+        pipe.register_modules(vae=base_pipe.vae)
     with quiet_diffusers():
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

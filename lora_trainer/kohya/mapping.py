@@ -148,7 +148,7 @@ def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list
                      "(a diffusers folder of a v-prediction model trains as one); a single file takes that of "
                      "model.config_dir, else epsilon")
     if a.has("vae"):
-        notes.append(f"--vae {a.get('vae')}: a separate VAE is not supported; the base's own VAE is used")
+        set_key(cfg, "model.vae", a.str("vae"))
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     if cfg["model"].get("variant") == "sdxl" and a.has("clip_skip") and a.int("clip_skip") != KOHYA_DEFAULTS["clip_skip"]:
         notes.append(f"--clip_skip {a.get('clip_skip')}: kohya's SDXL training ignores it; left out "

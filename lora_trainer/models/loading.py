@@ -103,8 +103,13 @@ def detect_variant(base: str, revision: Optional[str] = None) -> str:
 
 
 def resolve_variant(model_cfg: ModelConfig) -> str:
-    """`model.variant` when set, else what the base says it is; checks the source exists first."""
+    """`model.variant` when set, else what the base says it is; checks the source (and model.vae)
+    exists first."""
     check_source(model_cfg.base)
+    if model_cfg.vae:
+        from .vae import check_vae_source
+
+        check_vae_source(model_cfg.vae)
     return model_cfg.variant if model_cfg.variant != "auto" else detect_variant(model_cfg.base, model_cfg.revision)
 
 
@@ -206,8 +211,13 @@ def load_base(model_cfg: ModelConfig, weight_dtype: torch.dtype) -> BaseModel:
     if variant == "sd15" and getattr(unet.config, "addition_embed_type", None) == "text_time":
         raise ModelError(f"model.variant: {base!r} has an SDXL UNet; set model.variant=sdxl")
     vae = parts["vae"]
+    if model_cfg.vae:  # instead of the base's, once it is known to fit it
+        from .vae import load_vae
+
+        vae = load_vae(model_cfg.vae, vae, weight_dtype)
     if variant == "sdxl" and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does.
+        # SDXL's VAE overflows in fp16 (NaN latents); it stays fp32, as kohya's --no_half_vae does
+        # (a VAE whose config says it does not, as the fp16-fix one, stays in fp16).
         vae.to(torch.float32)
     for module in (parts["text_encoder"], parts.get("text_encoder_2"), vae, unet):
         if module is not None:

@@ -143,19 +143,25 @@ def _openclip_state(encoder) -> dict[str, torch.Tensor]:
     return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
 
 
+def original_vae_state_dict(vae) -> dict[str, torch.Tensor]:
+    """The VAE's tensors under their original names (`first_stage_model.*`), as a checkpoint holds them."""
+    own = vae.state_dict()
+    state = {}
+    for key, name in vae_names(vae).items():
+        tensor = own[key]
+        if ".mid.attn_1." in name and tensor.ndim == 2:  # the original VAE attention uses 1×1 convolutions
+            tensor = tensor[:, :, None, None]
+        state[name] = tensor
+    return state
+
+
 def original_state_dict(components: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """UNet, VAE and text encoder(s) of a pipeline as one original-layout state dict."""
     variant = "sdxl" if components.get("text_encoder_2") is not None else "sd15"
-    unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
-    state = {}
-    for model, names in ((unet, unet_names(unet)), (vae, vae_names(vae))):
-        model_state = model.state_dict()
-        for key, name in names.items():
-            tensor = model_state[key]
-            if name.startswith(VAE_PREFIX + "encoder.mid.attn_1") or name.startswith(VAE_PREFIX + "decoder.mid.attn_1"):
-                if tensor.ndim == 2:  # the original VAE attention uses 1×1 convolutions
-                    tensor = tensor[:, :, None, None]
-            state[name] = tensor
+    unet, te = components["unet"], components["text_encoder"]
+    unet_state = unet.state_dict()
+    state = {name: unet_state[key] for key, name in unet_names(unet).items()}
+    state.update(original_vae_state_dict(components["vae"]))
     state.update({CLIP_PREFIX[variant] + _clip_key(k): v for k, v in te.state_dict().items()
                   if not k.endswith("position_ids")})
     if variant == "sdxl":

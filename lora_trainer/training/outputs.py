@@ -20,6 +20,7 @@ from ..export.metadata import kohya_metadata
 from ..models.blocks import blocks_in_use, format_values
 from ..models.lora import layer_alphas
 from ..models.lycoris import lycoris_alphas
+from ..models.vae import png_vae_fields, vae_file_hashes, vae_name
 from ..sample_prompts import parse_sample_prompt
 from .conditioning import pipeline_prompt_embeds
 from .pivotal import bundle_tensors, save_embedding
@@ -80,6 +81,14 @@ def _network_args(cfg: RunConfig) -> dict[str, str]:
     return args
 
 
+def _vae_metadata(source: str | None) -> dict:
+    """kohya's VAE keys for model.vae: its name, and a file's hashes."""
+    if not source:
+        return {}
+    hashes = vae_file_hashes(source) or {}
+    return {"vae_name": vae_name(source), "vae_hash": hashes.get("legacy"), "new_vae_hash": hashes.get("sha256")}
+
+
 def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: float,
               prediction_type: str, variant: str, epoch: int | None = None,
               num_epochs: int | None = None) -> dict[str, str]:
@@ -103,6 +112,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         base_model_version=BASE_MODEL_VERSIONS[variant],
         # kohya records a local base by its name only: the path is the user's own business
         base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
+        **_vae_metadata(cfg.model.vae),
         resolution=cfg.data.resolution,
         num_train_images=sum(row["img_count"] * row["n_repeats"] for row in folders),
         num_reg_images=db.num_class_images,
@@ -281,7 +291,7 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
                      height=height, width=width, generator=generator).images[0]
     info = GenerationInfo(prompt=p.prompt, negative_prompt=negative, steps=steps, sampler=s.sampler_name,
                           cfg_scale=guidance, seed=seed, width=image.width, height=image.height,
-                          clip_skip=m.clip_skip, model_name=Path(m.base).name,
+                          clip_skip=m.clip_skip, model_name=Path(m.base).name, **png_vae_fields(m.vae),
                           adapters=[(cfg.output.name, weight, None)])
     return image, info
 

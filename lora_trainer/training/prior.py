@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..data import Example, is_image_file
 from ..data.images import is_unread_image_file, unread_formats_message
 from ..errors import DataError
+from ..models.vae import png_vae_fields
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
         for path, image, seed in zip(batch, images, seeds):
             info = GenerationInfo(prompt=db.class_prompt, negative_prompt=s.negative_prompt, steps=db.class_steps,
                                   cfg_scale=s.guidance_scale, seed=seed, width=image.width, height=image.height,
-                                  clip_skip=cfg.model.clip_skip, model_name=Path(cfg.model.base).name)
+                                  clip_skip=cfg.model.clip_skip, model_name=Path(cfg.model.base).name,
+                                  **png_vae_fields(cfg.model.vae))
             written.append(save_png(image, path, info))
         bar.update(len(batch))
     bar.close()
