@@ -221,3 +221,13 @@ def test_the_rules_catch_what_a_loader_would_drop(files, checkpoints):
     width = ckpt["conditioner.embedders.1.model.token_embedding.weight"][1]
     assert math.prod(tensors["bundle_emb.geoshape.clip_g"].shape) == width  # one vector, bigG's width
 
+
+def test_an_sdxl_run_adapting_part_of_the_openclip_attention_warns_that_a1111_skips_it(
+        tiny_sdxl, example_data, checkpoints, tmp_path, caplog):
+    result = train(run_config(tiny_sdxl, example_data, tmp_path / "out", *RUN, *TE,
+                              "lora.text_encoder_targets=[q_proj,v_proj,fc1]"), show_progress=False)
+    assert "attention is adapted in q_proj, v_proj only" in caplog.text and "add k_proj, out_proj" in caplog.text
+    tensors = _tensors(result.adapter_paths[0])
+    assert comfyui(tensors, checkpoints["sdxl"]).problems == []
+    skipped = [p for p in a1111(tensors, checkpoints["sdxl"]).problems if "together" in p]
+    assert len(skipped) == 2  # each layer of the tiny bigG; its first encoder (CLIP-L) is fine
