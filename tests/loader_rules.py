@@ -160,6 +160,8 @@ def check_module(name: str, kind: str, parts: Mapping, weight: Shape) -> list[st
 
 
 def resolve_parts(res: Resolution, module: str, layer: str, parts: Mapping, weight: Shape) -> None:
+    """Record `module` as patching `layer` (weight shape `weight`): its type, the parts no type reads,
+    and what does not fit."""
     kind = _kind(parts)
     if kind is None:
         res.problems.append(f"{module}: no adapter type takes its parts {sorted(parts)}")
@@ -171,6 +173,7 @@ def resolve_parts(res: Resolution, module: str, layer: str, parts: Mapping, weig
 
 
 def check_distinct(res: Resolution) -> None:
+    """Two file modules on one layer would patch it twice (e.g. one name in each block spelling)."""
     seen: dict[str, str] = {}
     for module, layer in res.layers.items():
         if layer in seen:
