@@ -4,6 +4,7 @@ encoders, with per-sample dropout masks and a checkpointing function that keeps 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -12,7 +13,7 @@ from ..models.dropout import DropoutKeys, use_sample_dropout
 from ..models.kohya_dropout import KohyaDropout, use_kohya_dropout
 from ..export.inspect import misread_attention_alphas
 from ..models.blocks import block_lr_weights, block_plan, module_ranks
-from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, trainable_parameters
+from ..models.lora import candidate_layers, inject_lora, is_locon_3x3, layer_alphas, lora_layers, trainable_parameters
 from ..models.lycoris import LYCORIS_TYPES, inject_lycoris, lycoris_layers, type_name, whole_factor_count
 from .block_groups import block_groups
 from .components import Trained
@@ -64,6 +65,8 @@ def add_adapters(cfg: RunConfig, base, dropout_keys: DropoutKeys) -> tuple[Train
             else:
                 inject_lora(encoder, cfg.lora.text_encoder_targets, rank, alpha, cfg.lora.dropout,
                             "lora.text_encoder_targets", dora)
+            if i == 2:
+                _check_openclip_attention(encoder, kind)
             named[GROUP_NAMES[i]] = encoder
             groups.append({"params": trainable_parameters(encoder), "lr": te_lr})
             names.append(GROUP_NAMES[i])
@@ -132,3 +135,24 @@ def _check_kohya_alphas(cfg: RunConfig, unet) -> None:
         log.warning("%s: %d attention layers have an alpha other than the UNet's most common one (%g), which "
                     "diffusers (0.42) would load them with from the kohya file (A1111, ComfyUI and infer.py read it "
                     "right); give diffusers users the diffusers layout (output.format=both)", key, len(odd), common)
+
+
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _check_openclip_attention(encoder, kind: str) -> None:
+    """SDXL's second text encoder is OpenCLIP in the original checkpoints, whose attention A1111 patches
+    as one layer: it applies a file's q/k/v/out_proj modules there only when all four are present, and
+    skips the layer silently otherwise. Warn when the targets adapt some of them but not all."""
+    layers = lycoris_layers(encoder) if kind in LYCORIS_TYPES else lora_layers(encoder)
+    found: dict[str, set[str]] = {}
+    for path in layers:
+        if m := re.search(r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$", path):
+            found.setdefault(m[1], set()).add(m[2])
+    partial = sorted({p for have in found.values() if len(have) < 4 for p in have})
+    if partial:
+        missing = [p for p in _ATTENTION_PROJECTIONS if p not in partial]
+        log.warning("lora.text_encoder_targets: the second text encoder's attention is adapted in %s only; A1111 "
+                    "applies those modules only when q_proj, k_proj, v_proj and out_proj all have one (SDXL's "
+                    "OpenCLIP attention is one layer there) and otherwise skips them (ComfyUI, diffusers and infer.py "
+                    "read them); add %s", ", ".join(partial), ", ".join(missing))
