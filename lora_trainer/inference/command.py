@@ -81,6 +81,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "run that trained an embedding alone: its embedding files), one seed; --lora adapters stay "
                         "loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) large images in tiles to save memory (A1111's Tiled VAE)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
@@ -210,7 +212,8 @@ def run_infer(args) -> list[Path]:
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae)
+                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae,
+                    vae_tiling=args.vae_tiling)
     for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
         if any(e is standalone for standalone in gen.embeddings):
             trained = embedding_token(e.path)  # an epoch's or step's file is named <token>-000002

@@ -103,11 +103,13 @@ class Generator:
     """A base model (SD1.x or SDXL, its VAE replaced by `vae`: a file, folder or hub id) with any number of
     adapters, optional ControlNet and refiner, and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]"
     strings, Paths or EmbeddingSpecs; `loras`: "FILE[:WEIGHT][:lbw=SPEC]" strings, Paths or AdapterSpecs; either
-    may be one file alone). Embeddings bundled in a `loras` file are used as `embeddings` are, while loaded."""
+    may be one file alone). Embeddings bundled in a `loras` file are used as `embeddings` are, while loaded.
+    `vae_tiling`: the VAE (the refiner's too) decodes and encodes large images in tiles, to save memory."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None):
+                 config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None,
+                 vae_tiling: bool = False):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model, vae, config_dir = str(model), vae and str(vae), config_dir and str(config_dir)
         # One file given alone, and Path objects, are what Python callers naturally pass: a bare
@@ -137,6 +139,8 @@ class Generator:
                 raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
             self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype, vae=vae)
             check_embeddings_fit(self.embeddings, self.refiner, self.variant, str(refiner))
+        for pipe in [p for p in (self.pipe, self.refiner) if p is not None and vae_tiling]:
+            pipe.vae.enable_tiling()  # every job's pipeline shares these VAEs
         self._hashes: dict[Path, str | None] = {}
         self._embedding_hashes = {e.token: embedding_hash(e.path) for e in self.embeddings}
 
