@@ -93,6 +93,38 @@ def test_every_latent_upscaler_interpolates_with_a1111s_mode():
                        for b in names[i + 1:])
 
 
+def test_half_precision_latents_are_upscaled_too():
+    """fp16 latents (a GPU run's), which torch's antialiased kernels refuse on the CPU, come back fp16."""
+    latents = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    got = upscale_latents(latents.half(), (88, 64), "Latent (antialiased)")
+    want = torch.nn.functional.interpolate(latents.half().float(), size=(8, 11), mode="bilinear", antialias=True)
+    assert got.dtype == torch.float16 and torch.equal(got, want.half())
+
+
+def test_the_refiner_ends_a_latent_hires_pass(tiny_sdxl, tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    from lora_trainer.testing.inference_models import make_sdxl_refiner
+
+    gen = Generator(tiny_sdxl, refiner=make_sdxl_refiner(tiny_sdxl, tmp_path / "refiner"), device="cpu")
+    out = gen.generate(Request(**HIRES, hires_upscaler="Latent", refiner_start=0.5))[0].image
+    # by hand: the base's latents (no refiner in the first pass), bilinear to 64 px latents, the
+    # base's img2img to half the steps, the refiner from there
+    gen.pipe.scheduler = EulerDiscreteScheduler.from_config(gen.pipe.scheduler.config)
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5)
+    first = gen.pipe(**kw, num_inference_steps=3, width=32, height=32, generator=torch.Generator().manual_seed(5),
+                     output_type="latent").images
+    latents = torch.nn.functional.interpolate(first, size=(8, 8), mode="bilinear")
+    second = StableDiffusionXLImg2ImgPipeline.from_pipe(gen.pipe)
+    second.scheduler = EulerDiscreteScheduler.from_config(gen.pipe.scheduler.config)
+    gen.refiner.scheduler = EulerDiscreteScheduler.from_config(gen.refiner.scheduler.config)
+    kw.update(strength=0.7, num_inference_steps=4)
+    mid = second(**kw, image=latents, denoising_end=0.5, output_type="latent",
+                 generator=torch.Generator().manual_seed(5)).images
+    want = gen.refiner(**kw, image=mid, denoising_start=0.5, generator=torch.Generator().manual_seed(5)).images[0]
+    assert out.size == (64, 64) and np.abs(_pixels(out) - _pixels(want)).max() <= 1
+
+
 def test_a_latent_pass_with_no_step_left_is_the_upscaled_latents_decoded(tiny_sd15):
     """int(1 step × 0.7) = 0 steps: img2img draws nothing, so the image is the interpolated latents decoded."""
     gen = Generator(tiny_sd15, device="cpu")

@@ -59,11 +59,12 @@ def upscale(image: Image.Image, scale: float) -> Image.Image:
 
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], name: str, factor: int = 8) -> torch.Tensor:
     """Latents (C, h, w) or (N, C, h, w) interpolated to the latents of a `size` image (width, height),
-    with the mode of the latent upscaler `name`; (N, C, H, W) out."""
+    with the mode of the latent upscaler `name`; (N, C, H, W) out, in the latents' dtype."""
     mode, antialias = LATENT_UPSCALERS[upscaler_name(name)]
     batch = latents if latents.ndim == 4 else latents[None]
-    return torch.nn.functional.interpolate(batch, size=(size[1] // factor, size[0] // factor), mode=mode,
-                                           antialias=antialias)
+    # in float32: torch has no half-precision antialiased kernels on the CPU
+    return torch.nn.functional.interpolate(batch.float(), size=(size[1] // factor, size[0] // factor), mode=mode,
+                                           antialias=antialias).to(batch.dtype)
 
 
 def check_hires(req) -> None:
