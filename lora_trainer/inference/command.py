@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..fileio import unwritable_reason
 from .adapters import adapter_named, parse_adapter_spec
+from .hires import LANCZOS, UPSCALERS
 from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
 
@@ -65,9 +66,12 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "(depth, pose, seg, scribble, normal)")
     p.add_argument("--refiner", help="SDXL refiner model, run as a second stage")
     p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps done by the base (default 0.8)")
-    p.add_argument("--hires-scale", metavar="F", help="Hires. fix: upscale each txt2img image F times (Lanczos, sides "
+    p.add_argument("--hires-scale", metavar="F", help="Hires. fix: upscale each txt2img image F times (sides "
                    "rounded to multiples of 8) and redraw it by img2img at that size, e.g. 1.5 or 2")
-    p.add_argument("--hires-strength", metavar="S", help="denoising strength of the hires pass (default 0.5)")
+    p.add_argument("--hires-upscaler", metavar="NAME", help=f"how the hires fix upscales: {', '.join(UPSCALERS)} "
+                   "(A1111's names, any case; Latent ones resize the latents; default Lanczos)")
+    p.add_argument("--hires-strength", metavar="S",
+                   help="denoising strength of the hires pass (default 0.5; 0.7 after a Latent upscaler)")
     p.add_argument("--hires-steps", metavar="N", help="steps of the hires pass (default: --steps)")
     p.add_argument("--sweep", metavar="W1,W2,...", help="grid of prompts × weights of the first (or --sweep-adapter) --lora")
     p.add_argument("--sweep-adapter", help="adapter name (file stem) to sweep")
@@ -77,6 +81,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "run that trained an embedding alone: its embedding files), one seed; --lora adapters stay "
                         "loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) large images in tiles to save memory (A1111's Tiled VAE)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
@@ -146,6 +152,7 @@ def run_infer(args) -> list[Path]:
                                ("--control-scale", args.control_scale, "--controlnet"),
                                ("--control-preprocess", args.control_preprocess, "--controlnet"),
                                ("--hires-strength", args.hires_strength, "--hires-scale"),
+                               ("--hires-upscaler", args.hires_upscaler, "--hires-scale"),
                                ("--hires-steps", args.hires_steps, "--hires-scale")):
         if value is not None and not getattr(args, needs[2:].replace("-", "_")):
             raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
@@ -189,8 +196,9 @@ def run_infer(args) -> list[Path]:
                       control_preprocess=args.control_preprocess or "none",
                       refiner_start=0.8 if args.refiner_start is None else args.refiner_start,
                       hires_scale=_number(args.hires_scale, "--hires-scale"),
-                      hires_strength=_number(args.hires_strength or "0.5", "--hires-strength"),
-                      hires_steps=_number(args.hires_steps, "--hires-steps", int))
+                      hires_strength=_number(args.hires_strength, "--hires-strength"),
+                      hires_steps=_number(args.hires_steps, "--hires-steps", int),
+                      hires_upscaler=args.hires_upscaler or LANCZOS)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
     if args.sweep_adapter and adapter_named({a.name: a for a in adapters}, args.sweep_adapter) is None:
@@ -204,7 +212,8 @@ def run_infer(args) -> list[Path]:
     if args.clip_skip is None:
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
-                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae)
+                    dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae,
+                    vae_tiling=args.vae_tiling)
     for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
         if any(e is standalone for standalone in gen.embeddings):
             trained = embedding_token(e.path)  # an epoch's or step's file is named <token>-000002

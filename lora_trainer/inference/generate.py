@@ -9,7 +9,7 @@ img2img, inpainting, outpainting, ControlNet and the Hires. fix, each image with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_fil
 from .block_weights import check_file_count
 from .bundled import bundle_owner
 from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_hash, load_embeddings, word_tables
-from .hires import check_growth, check_hires, hires_parameters, upscale
+from .hires import LANCZOS, check_hires, hires_fix, hires_parameters, hires_strength
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
@@ -57,11 +57,14 @@ class Request:
     control_scale: float = 1.0
     control_preprocess: str = "none"  # or "canny"
     refiner_start: float = 0.8  # fraction of the steps the base does when a refiner is loaded
-    # Hires. fix (txt2img only): the image is upscaled this much (Lanczos, sides rounded to multiples
-    # of 8) and redrawn by img2img at hires_strength, in hires_steps (default: `steps`); None: off
+    # Hires. fix (txt2img only): the image is upscaled this much (sides rounded to multiples of 8) by
+    # hires_upscaler (Lanczos, or an A1111 latent upscaler: "Latent", "Latent (nearest-exact)", ...) and
+    # redrawn by img2img at hires_strength (None: 0.5, 0.7 after a latent upscaler), in hires_steps
+    # (default: `steps`); hires_scale None: off
     hires_scale: float | None = None
-    hires_strength: float = 0.5
+    hires_strength: float | None = None
     hires_steps: int | None = None
+    hires_upscaler: str = LANCZOS
 
 
 @dataclass
@@ -100,11 +103,13 @@ class Generator:
     """A base model (SD1.x or SDXL, its VAE replaced by `vae`: a file, folder or hub id) with any number of
     adapters, optional ControlNet and refiner, and textual-inversion embeddings (`embeddings`: "FILE[:TOKEN]"
     strings, Paths or EmbeddingSpecs; `loras`: "FILE[:WEIGHT][:lbw=SPEC]" strings, Paths or AdapterSpecs; either
-    may be one file alone). Embeddings bundled in a `loras` file are used as `embeddings` are, while loaded."""
+    may be one file alone). Embeddings bundled in a `loras` file are used as `embeddings` are, while loaded.
+    `vae_tiling`: the VAE (the refiner's too) decodes and encodes large images in tiles, to save memory."""
 
     def __init__(self, model: str | Path, loras=(), *, controlnet: str | Path | None = None,
                  refiner: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None):
+                 config_dir: str | Path | None = None, embeddings=(), vae: str | Path | None = None,
+                 vae_tiling: bool = False):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model, vae, config_dir = str(model), vae and str(vae), config_dir and str(config_dir)
         # One file given alone, and Path objects, are what Python callers naturally pass: a bare
@@ -134,6 +139,8 @@ class Generator:
                 raise ConfigError(f"--refiner: {refiner} is an SDXL refiner, but --model {self.model} is not SDXL")
             self.refiner = load_refiner(str(refiner), self.pipe, self.device, self.dtype, vae=vae)
             check_embeddings_fit(self.embeddings, self.refiner, self.variant, str(refiner))
+        for pipe in [p for p in (self.pipe, self.refiner) if p is not None and vae_tiling]:
+            pipe.vae.enable_tiling()  # every job's pipeline shares these VAEs
         self._hashes: dict[Path, str | None] = {}
         self._embedding_hashes = {e.token: embedding_hash(e.path) for e in self.embeddings}
 
@@ -224,6 +231,8 @@ class Generator:
             init = init.resize((req.width, req.height), Image.LANCZOS)
         if job == "txt2img":
             kw.update(width=req.width, height=req.height)
+        elif torch.is_tensor(init):  # a latent hires fix's upscaled latents: img2img starts from them as they are
+            kw.update(image=init, strength=req.strength)
         else:
             # diffusers would silently resize an image whose sides are not multiples of 8 (the VAE's
             # step) down to the next ones (60x52 -> 56x48), every pixel resampled and the result
@@ -248,7 +257,7 @@ class Generator:
                 # The map is laid over the init image pixel for pixel, so it is brought to the init
                 # image's size (scaled, and cut around its centre when its shape differs, as A1111's
                 # "Crop and Resize") and padded as it was (not stretched over the padding).
-                control = pad_to_multiple(crop_and_resize(control, init.size))
+                control = pad_to_multiple(crop_and_resize(control, _size(init)))
             kw["controlnet_conditioning_scale"] = req.control_scale
             kw["image" if job == "txt2img" else "control_image"] = control
         return kw
@@ -267,7 +276,7 @@ class Generator:
             extra.update({"Refiner": self.refiner_name, "Refiner switch at": f"{req.refiner_start:g}"})
         if req.hires_scale is not None:
             extra.update(hires_parameters(req, size))
-        strength = req.hires_strength if req.hires_scale is not None else req.strength if job != "txt2img" else None
+        strength = hires_strength(req) if req.hires_scale is not None else req.strength if job != "txt2img" else None
         return GenerationInfo(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=a1111_name(req.sampler),
             cfg_scale=req.guidance_scale, seed=seed, width=size[0], height=size[1],
@@ -284,11 +293,14 @@ class Generator:
         full = self._hashes[path]
         return full[:12] if full else None
 
-    def _round_trip(self, pipe, image: Image.Image, output_type: str):
+    def _round_trip(self, pipe, image, output_type: str):
         """Strength 0 (or so few steps that none is left) denoises nothing: the answer is the init
-        image through the VAE, which diffusers' img2img cannot return (it fails on 0 timesteps)."""
-        pixels = pipe.image_processor.preprocess(image).to(self.device, pipe.vae.dtype)
-        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        image (or latents) through the VAE, which diffusers' img2img cannot return (it fails on 0 timesteps)."""
+        if torch.is_tensor(image):
+            latents = image.to(self.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        else:
+            pixels = pipe.image_processor.preprocess(image).to(self.device, pipe.vae.dtype)
+            latents = pipe.vae.encode(pixels).latent_dist.mode()
         if output_type == "latent":
             return latents[0] * pipe.vae.config.scaling_factor
         decoded = pipe.vae.decode(latents).sample
@@ -300,26 +312,11 @@ class Generator:
         any image can be re-made alone from its seed whatever the batch size."""
         check_request(req)
         if req.hires_scale is not None:
-            return self._hires(req, output_type)
+            return hires_fix(self, req, output_type)  # the two passes, on this Generator's modules
         job = self._job(req)
         drawn, used = self._draw(req, job, output_type)
         return [Generated(image, self._info(req, seed, _size(image), job, k, used))
                 for k, (seed, image) in enumerate(drawn)]
-
-    def _hires(self, req: Request, output_type: str) -> list[Generated]:
-        """A1111's Hires. fix: each txt2img image (the base's alone: a refiner takes the hires pass
-        from `refiner_start`) upscaled and redrawn by img2img with its own seed, on the same modules."""
-        native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor  # diffusers' default size
-        check_growth((req.width or native, req.height or native), req.hires_scale)
-        drawn, used = self._draw(req, "txt2img", "pil", refine=False)
-        results: list[Generated] = []
-        for k, (seed, image) in enumerate(drawn):
-            second = replace(req, init_image=upscale(image, req.hires_scale), strength=req.hires_strength,
-                             steps=req.hires_steps or req.steps, seed=seed, batch_size=1, batch_count=1,
-                             width=None, height=None, hires_scale=None)
-            [(_, final)], _ = self._draw(second, "img2img", output_type)
-            results.append(Generated(final, self._info(req, seed, image.size, "txt2img", k, used)))
-        return results
 
     def _draw(self, req: Request, job: str, output_type: str, refine: bool = True) -> tuple[list, list[str]]:
         """[(seed, image)] for every image of `req` as `job`, and the embeddings its prompts use."""

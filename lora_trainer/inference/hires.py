@@ -1,16 +1,51 @@
-"""Hires. fix, as A1111 has it: a txt2img image drawn at the size the model knows, upscaled and
-redrawn larger by an img2img pass at `hires_strength`. Here: the sizes, the checks and the PNG
-parameters; `Generator.generate` runs the two passes on the same modules."""
+"""Hires. fix, as A1111 has it: a txt2img image drawn at the size the model knows, upscaled (PIL's
+Lanczos on the image, or one of A1111's latent upscalers on the latents) and redrawn larger by an
+img2img pass at `hires_strength`. Here: the upscalers, sizes, checks, PNG parameters and the two
+passes, which run on the Generator's own modules."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import torch
 from PIL import Image
 
 from ..errors import ConfigError
 
-UPSCALER = "Lanczos"  # the name A1111 gives PIL's Lanczos resize among its upscalers
+LANCZOS = "Lanczos"  # the name A1111 gives PIL's Lanczos resize among its upscalers
+# A1111's latent upscalers (its names, as its PNGs write them): torch's interpolation mode, antialias
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+UPSCALERS = (LANCZOS, *LATENT_UPSCALERS)
+# Interpolated latents are soft and need more redrawing than a sharp Lanczos image: A1111's 0.7
+# for the first, 0.5 for the second, unless hires_strength says otherwise
+DEFAULT_STRENGTH = {True: 0.7, False: 0.5}
+
+
+def upscaler_name(name: str) -> str:
+    """`name` as A1111 spells it (matched whatever its case), or a one-line error listing the names."""
+    found = next((known for known in UPSCALERS if known.lower() == str(name).strip().lower()), None)
+    if found is None:
+        raise ConfigError(f"--hires-upscaler: {name!r} is not known; choose one of {', '.join(UPSCALERS)}")
+    return found
+
+
+def is_latent(name: str) -> bool:
+    return upscaler_name(name) in LATENT_UPSCALERS
+
+
+def hires_strength(req) -> float:
+    """The hires pass's denoising strength: `req.hires_strength`, or the default for its upscaler."""
+    if req.hires_strength is not None:
+        return req.hires_strength
+    return DEFAULT_STRENGTH[is_latent(req.hires_upscaler)]
 
 
 def hires_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -22,14 +57,26 @@ def upscale(image: Image.Image, scale: float) -> Image.Image:
     return image.resize(hires_size(image.size, scale), Image.LANCZOS)
 
 
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], name: str, factor: int = 8) -> torch.Tensor:
+    """Latents (C, h, w) or (N, C, h, w) interpolated to the latents of a `size` image (width, height),
+    with the mode of the latent upscaler `name`; (N, C, H, W) out, in the latents' dtype."""
+    mode, antialias = LATENT_UPSCALERS[upscaler_name(name)]
+    batch = latents if latents.ndim == 4 else latents[None]
+    # in float32: torch has no half-precision antialiased kernels on the CPU
+    return torch.nn.functional.interpolate(batch.float(), size=(size[1] // factor, size[0] // factor), mode=mode,
+                                           antialias=antialias).to(batch.dtype)
+
+
 def check_hires(req) -> None:
     """One-line errors for a hires fix no pass can draw, naming the CLI flag; nothing without a scale."""
+    upscaler_name(req.hires_upscaler)  # a typo is named even before --hires-scale is
     if req.hires_scale is None:
         return
+    strength = hires_strength(req)
     checks = [
         (math.isfinite(req.hires_scale) and req.hires_scale > 1, "--hires-scale", req.hires_scale,
          "a number above 1, e.g. 1.5 or 2 (the size of the second pass over the first)"),
-        (0 < req.hires_strength <= 1, "--hires-strength", req.hires_strength, "a number above 0, at most 1"),
+        (0 < strength <= 1, "--hires-strength", strength, "a number above 0, at most 1"),
         (req.hires_steps is None or req.hires_steps >= 1, "--hires-steps", req.hires_steps, "an integer >= 1"),
     ]
     for ok, flag, value, allowed in checks:
@@ -56,4 +103,28 @@ def hires_parameters(req, size: tuple[int, int]) -> dict[str, str | int]:
     our rounding to multiples of 8 included)."""
     w, h = hires_size(size, req.hires_scale)
     return {"Hires upscale": f"{req.hires_scale:g}", "Hires resize": f"{w}x{h}",
-            "Hires steps": req.hires_steps or req.steps, "Hires upscaler": UPSCALER}
+            "Hires steps": req.hires_steps or req.steps, "Hires upscaler": upscaler_name(req.hires_upscaler)}
+
+
+def hires_fix(gen, req, output_type: str) -> list:
+    """A1111's Hires. fix on the Generator `gen`: each txt2img image (the base's alone: a refiner takes
+    the hires pass from `refiner_start`) upscaled and redrawn by img2img with its own seed. A latent
+    upscaler interpolates the first pass's latents and img2img starts from them, as A1111's does:
+    no VAE decode and encode between the passes."""
+    from .generate import Generated
+
+    factor = gen.pipe.vae_scale_factor
+    native = gen.pipe.unet.config.sample_size * factor  # diffusers' default size
+    check_growth((req.width or native, req.height or native), req.hires_scale)
+    latent = is_latent(req.hires_upscaler)
+    drawn, used = gen._draw(req, "txt2img", "latent" if latent else "pil", refine=False)
+    results = []
+    for k, (seed, first) in enumerate(drawn):
+        size = (first.shape[-1] * factor, first.shape[-2] * factor) if latent else first.size
+        start = (upscale_latents(first, hires_size(size, req.hires_scale), req.hires_upscaler, factor) if latent
+                 else upscale(first, req.hires_scale))
+        second = replace(req, init_image=start, strength=hires_strength(req), steps=req.hires_steps or req.steps,
+                         seed=seed, batch_size=1, batch_count=1, width=None, height=None, hires_scale=None)
+        [(_, final)], _ = gen._draw(second, "img2img", output_type)
+        results.append(Generated(final, gen._info(req, seed, size, "txt2img", k, used)))
+    return results
