@@ -272,6 +272,15 @@ class AdapterStack:
         self._check(name)
         self._while_unmerged(lambda: setattr(self.specs[name], "weight", float(weight)))
 
+    def set_block_weights(self, name: str, lbw: str | None) -> None:
+        """Give one adapter other per-block weights (a preset or numbers, as after `lbw=`; None: none)
+        without reloading it; their count is checked against the base first."""
+        self._check(name)
+        spec = self.specs[name]
+        changed = AdapterSpec(spec.path, spec.weight, lbw)  # spells and checks the text
+        check_stack_count(changed, self.pipe)
+        self._while_unmerged(lambda: setattr(spec, "lbw", changed.lbw))
+
     def set_enabled(self, name: str, on: bool) -> None:
         """Switch one adapter off (or back on) without reloading it."""
         self._check(name)

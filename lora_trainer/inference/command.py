@@ -15,6 +15,7 @@ from .adapters import adapter_named, parse_adapter_spec
 from .hires import LANCZOS, UPSCALERS
 from .images import PREPROCESSORS, read_image, read_mask
 from .schedulers import SAMPLERS
+from .xyz_axes import AXIS_NAMES, MAX_CELLS, parse_axis
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VAE_HELP = ("a VAE instead of the base's: a .safetensors VAE (A1111's models/VAE files), a diffusers VAE or model "
@@ -81,6 +82,13 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "run that trained an embedding alone: its embedding files), one seed; --lora adapters stay "
                         "loaded in every cell; "
                         "with --sweep: files × weights for one prompt")
+    p.add_argument("--grid-x", metavar="AXIS=V1,V2,...",
+                   help="X/Y plot (A1111's X/Y/Z plot), one grid per prompt: columns drawn with these values of AXIS, "
+                        f"one of {', '.join(AXIS_NAMES)} (NAME: a --lora's stem; prompt-sr: the first value is "
+                        "searched in the prompt and each value put in its place); quote a value holding commas")
+    p.add_argument("--grid-y", metavar="AXIS=V1,V2,...", help="rows of the X/Y plot, as --grid-x")
+    p.add_argument("--grid-max-cells", type=int, default=None, metavar="N",
+                   help=f"most images --grid-x/--grid-y may draw, all prompts together (default {MAX_CELLS})")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode) large images in tiles to save memory (A1111's Tiled VAE)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
@@ -129,6 +137,24 @@ def _number(text: str | None, flag: str, kind=float):
         raise ConfigError(f"{flag}: {text!r} is not {what}") from None
 
 
+def _grid_axes(args) -> tuple:
+    """(X axis, Y axis) of --grid-x/--grid-y (None where not given), read and checked; () without either."""
+    if not (args.grid_x or args.grid_y):
+        if args.grid_max_cells is not None:
+            raise ConfigError("--grid-max-cells needs --grid-x or --grid-y; without them the flag would change nothing")
+        return ()
+    clash = [flag for flag, on in (("--sweep", args.sweep), ("--compare", args.compare is not None),
+                                   ("--merge", args.merge), ("--num-images", args.num_images != 1),
+                                   ("--batch-size", args.batch_size != 1)) if on]
+    if clash:
+        raise ConfigError(f"--grid-x/--grid-y draw one image per cell, unmerged, in a grid of their own; leave out "
+                          f"{', '.join(clash)} (an adapter's weights are an axis: --grid-x weight:NAME=0,0.5,1)")
+    if args.grid_max_cells is not None and args.grid_max_cells < 1:
+        raise ConfigError(f"--grid-max-cells: {args.grid_max_cells} is not allowed; give an integer >= 1")
+    return tuple(parse_axis(text, flag) if text else None
+                 for flag, text in (("--grid-x", args.grid_x), ("--grid-y", args.grid_y)))
+
+
 def run_infer(args) -> list[Path]:
     """Generate (or sweep) as the flags say; returns the written PNG paths."""
     from ..pnginfo import save_png
@@ -138,6 +164,8 @@ def run_infer(args) -> list[Path]:
     from .compare import check_no_swept_embeddings, compare_grid, expand_compare, save_comparison
     from .paired import embedding_token, warn_unpaired
     from .sweep import parse_weights_list, sweep_grid
+    from .xyz import xyz_grid
+    from .xyz_axes import cell_prompts, check_axes
 
     if (args.mask or args.outpaint) and not args.init_image:
         raise ConfigError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
@@ -156,6 +184,7 @@ def run_infer(args) -> list[Path]:
                                ("--hires-steps", args.hires_steps, "--hires-scale")):
         if value is not None and not getattr(args, needs[2:].replace("-", "_")):
             raise ConfigError(f"{flag} needs {needs}; without it the flag would change nothing")
+    axes = _grid_axes(args)
     if args.sweep:
         ignored = [flag for flag, on in (("--merge", args.merge), ("--num-images", args.num_images != 1),
                                          ("--batch-size", args.batch_size != 1)) if on]
@@ -201,6 +230,8 @@ def run_infer(args) -> list[Path]:
                       hires_upscaler=args.hires_upscaler or LANCZOS)
     check_request(request)  # flag errors before minutes of model loading
     adapters = [parse_adapter_spec(s) for s in args.lora]
+    if axes:
+        check_axes(*axes, args.prompt, request, adapters, args.grid_max_cells or MAX_CELLS)
     if args.sweep_adapter and adapter_named({a.name: a for a in adapters}, args.sweep_adapter) is None:
         raise ConfigError(f"--sweep-adapter: {args.sweep_adapter!r} is none of the --lora files; give one's name "
                           f"(its file's stem): {', '.join(a.path.stem for a in adapters) or 'no --lora given'}")
@@ -209,12 +240,13 @@ def run_infer(args) -> list[Path]:
         raise ConfigError("--compare FILE:WEIGHT with --sweep: the sweep sets the weights; leave out :WEIGHT")
     check_no_swept_embeddings(compared or [], weights)  # read from the headers: before the base loads
     warn_unpaired(adapters, args.embedding)  # an epoch's adapter of a pivotal run, drawn without its embedding
-    if args.clip_skip is None:
+    if args.clip_skip is None and not any(a and a.kind == "clip-skip" for a in axes):
         clip_skip_hint(adapters + (compared or [])[:1])  # a run's files share their clip skip: say it once
     gen = Generator(args.model, adapters, controlnet=args.controlnet, refiner=args.refiner, device=args.device,
                     dtype=_dtype(args.dtype), config_dir=args.config_dir, embeddings=args.embedding, vae=args.vae,
                     vae_tiling=args.vae_tiling)
-    for e in unused_embeddings(gen.all_embeddings(), gen.pipe, [*args.prompt, request.negative_prompt or ""]):
+    texts = cell_prompts(args.prompt, request.negative_prompt, [a for a in axes if a])
+    for e in unused_embeddings(gen.all_embeddings(), gen.pipe, texts):
         if any(e is standalone for standalone in gen.embeddings):
             trained = embedding_token(e.path)  # an epoch's or step's file is named <token>-000002
             hint = (f"; it was trained as {trained!r}: --embedding {e.path}:{trained} makes that the word"
@@ -225,6 +257,9 @@ def run_infer(args) -> list[Path]:
             log.warning("--lora: %s bundles the embedding %r, which no prompt uses; write %s in --prompt or "
                         "--negative-prompt to use it (case does not matter)", e.path, e.token, e.token)
     out = Path(args.out)
+    if axes:
+        return [path for prompt in args.prompt
+                for path in save_comparison(xyz_grid(gen, prompt, request, *axes), out, prefix="xyz")]
     if compared is not None:
         return save_comparison(compare_grid(gen, compared, args.prompt, request, weights), out)
     if weights is not None:

@@ -178,7 +178,7 @@ def check_no_swept_embeddings(specs: list[AdapterSpec], weights: list[float] | N
 class Comparison:
     grid: Grid
     cells: list[list[Generated]]  # [row][column], as in the grid
-    names: list[str]  # each cell's file name part: "<row>-<col>-<file stem>"
+    names: list[str]  # each cell's file name part: "<row>-<col>-<file stem>" (an X/Y plot's: "<row>-<col>")
     info: GenerationInfo  # the first cell's parameters, less the compared adapter, plus "Compare"
 
 
@@ -247,15 +247,16 @@ def compare_grid(generator: Generator, specs: list[AdapterSpec], prompts: list[s
     return Comparison(grid, cells, [n for row in names for n in row], info)
 
 
-def save_comparison(comparison: Comparison, out_dir: str | Path) -> list[Path]:
+def save_comparison(comparison: Comparison, out_dir: str | Path, prefix: str = "compare") -> list[Path]:
     """OUT/compare-NNN.png (the grid, its parameters listing the files) and each cell's PNG with
-    its own parameters in OUT/compare-NNN/, every file written atomically; returns the grid first."""
+    its own parameters in OUT/compare-NNN/, every file written atomically; returns the grid first.
+    `prefix` names other grids of cells so saved (`xyz` for --grid-x/--grid-y)."""
     out_dir = Path(out_dir)
     k = 0
-    while (out_dir / f"compare-{k:03d}.png").exists() or (out_dir / f"compare-{k:03d}").exists():
+    while (out_dir / f"{prefix}-{k:03d}.png").exists() or (out_dir / f"{prefix}-{k:03d}").exists():
         k += 1
-    folder = out_dir / f"compare-{k:03d}"
+    folder = out_dir / f"{prefix}-{k:03d}"
     cells = [cell for row in comparison.cells for cell in row]
     paths = [save_png(cell.image, folder / f"{name}.png", cell.info) for cell, name in zip(cells, comparison.names)]
     # the grid last: its presence says the cells beside it are complete
-    return [save_png(comparison.grid.image, out_dir / f"compare-{k:03d}.png", comparison.info), *paths]
+    return [save_png(comparison.grid.image, out_dir / f"{prefix}-{k:03d}.png", comparison.info), *paths]
