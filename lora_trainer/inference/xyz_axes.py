@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .adapter_spec import AdapterSpec, adapter_named
-from .block_weights import block_weights_text, check_file_count
+from .block_weights import PRESETS, block_weights_text, check_file_count
 from .schedulers import a1111_name, check_sampler, sampler_choices
 
 if TYPE_CHECKING:  # generate.py loads diffusers: the CLI reads the flags without it
@@ -136,6 +136,9 @@ def parse_axis(text: str, flag: str = "--grid-x") -> Axis:
                 raise ConfigError(f"{flag}: sampler: {item!r} is not a known sampler; {sampler_choices(item)}") from None
     elif kind == "lbw":
         values = [block_weights_text(item, f"{flag}: lbw:{adapter}") for item in items]
+        if any("," not in v and v.upper() not in PRESETS for v in values):  # numbers split at their commas
+            raise ConfigError(f"{flag}: lbw:{adapter}: {rest.strip()!r}: each value is a preset or a whole list of "
+                              f'block weights; quote a list, e.g. lbw:{adapter}=OUTALL,"1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"')
     else:  # prompt-sr: text; the first value is what is searched, and the first column
         if not items[0]:
             raise ConfigError(f"{flag}: prompt-sr: the first value is the text searched in the prompt; it cannot be "
@@ -146,7 +149,8 @@ def parse_axis(text: str, flag: str = "--grid-x") -> Axis:
 
 def check_axes(x: Axis | None, y: Axis | None, prompts: list[str], request: Request, adapters: list[AdapterSpec],
                max_cells: int = MAX_CELLS) -> None:
-    """Refuse, before any model loads, what no plot can draw: the same axis twice, a weight or lbw axis
+    """Refuse, before any model loads, what no plot can draw: the same axis twice (prompt-sr twice
+    only for the same searched text), a weight or lbw axis
     naming no --lora (and block weights whose count fits its file's family), a prompt-sr whose first
     value a prompt lacks, hires-strength without the hires fix, more cells than `max_cells`, and any
     cell whose settings a plain `infer` would refuse."""
@@ -167,6 +171,8 @@ def check_axes(x: Axis | None, y: Axis | None, prompts: list[str], request: Requ
                     except ConfigError as exc:
                         raise ConfigError(str(exc).replace("--lora: ", f"{flag}: lbw:{axis.adapter}: ", 1)) from None
             key = f"{axis.kind}:{key}"
+        elif axis.kind == "prompt-sr":  # two texts replaced, one along each axis, as A1111 allows
+            key = f"prompt-sr:{axis.values[0]}"
         if key in keys:
             raise ConfigError(f"--grid-x and --grid-y both change {axis.name}; give another axis to one of them")
         keys.append(key)
