@@ -179,7 +179,8 @@ class Comparison:
     grid: Grid
     cells: list[list[Generated]]  # [row][column], as in the grid
     names: list[str]  # each cell's file name part: "<row>-<col>-<file stem>" (an X/Y plot's: "<row>-<col>")
-    info: GenerationInfo  # the first cell's parameters, less the compared adapter, plus "Compare"
+    info: GenerationInfo  # the first cell's parameters, less the compared adapter, plus "Compare" (an X/Y
+    # plot's: the first cell's, plus A1111's "Script", "X Type", "X Values", ...)
 
 
 def _describe(spec: AdapterSpec, weight: float | None = None) -> str:

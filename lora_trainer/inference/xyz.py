@@ -71,5 +71,5 @@ def _check_clip_skip(generator: Generator, axes: list[Axis]) -> None:
         if axis.kind == "clip-skip":
             most = max_clip_skip([e for _, e in encoders_of(generator.pipe)])
             if max(axis.values) > most:
-                raise ConfigError(f"{axis.flag}: clip-skip: got {max(axis.values)}; expected 1 to {most} (this model's text "
-                                  f"encoder has {most} layers)")
+                raise ConfigError(f"{axis.flag}: clip-skip: got {max(axis.values)}; expected 1 to {most} (this "
+                                  f"model's text encoder has {most} layers)")

@@ -133,12 +133,14 @@ def parse_axis(text: str, flag: str = "--grid-x") -> Axis:
             try:
                 values.append(check_sampler(item))
             except ConfigError:
-                raise ConfigError(f"{flag}: sampler: {item!r} is not a known sampler; {sampler_choices(item)}") from None
+                raise ConfigError(f"{flag}: sampler: {item!r} is not a known sampler; "
+                                  f"{sampler_choices(item)}") from None
     elif kind == "lbw":
         values = [block_weights_text(item, f"{flag}: lbw:{adapter}") for item in items]
         if any("," not in v and v.upper() not in PRESETS for v in values):  # numbers split at their commas
             raise ConfigError(f"{flag}: lbw:{adapter}: {rest.strip()!r}: each value is a preset or a whole list of "
-                              f'block weights; quote a list, e.g. lbw:{adapter}=OUTALL,"1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"')
+                              f"block weights; quote a list, e.g. "
+                              f'lbw:{adapter}=OUTALL,"1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"')
     else:  # prompt-sr: text; the first value is what is searched, and the first column
         if not items[0]:
             raise ConfigError(f"{flag}: prompt-sr: the first value is the text searched in the prompt; it cannot be "
@@ -149,10 +151,10 @@ def parse_axis(text: str, flag: str = "--grid-x") -> Axis:
 
 def check_axes(x: Axis | None, y: Axis | None, prompts: list[str], request: Request, adapters: list[AdapterSpec],
                max_cells: int = MAX_CELLS) -> None:
-    """Refuse, before any model loads, what no plot can draw: the same axis twice (prompt-sr twice
-    only for the same searched text), a weight or lbw axis
-    naming no --lora (and block weights whose count fits its file's family), a prompt-sr whose first
-    value a prompt lacks, hires-strength without the hires fix, more cells than `max_cells`, and any
+    """Refuse, before any model loads, what no plot can draw: the same axis twice (prompt-sr twice:
+    the same searched text), a weight or lbw axis naming no --lora (and block weights whose count
+    fits no form of its file's family), a prompt-sr whose first value a prompt lacks, hires-strength
+    without the hires fix, more cells than `max_cells`, and any
     cell whose settings a plain `infer` would refuse."""
     named = {a.name: a for a in adapters}
     axes = [axis for axis in (x, y) if axis is not None]
