@@ -17,7 +17,7 @@ from lora_trainer.inference import generate as generate_mod
 from lora_trainer.inference.generate import Generator, Request
 from lora_trainer.inference.sweep import sweep_grid
 from lora_trainer.inference.xyz import xyz_grid
-from lora_trainer.inference.xyz_axes import parse_axis
+from lora_trainer.inference.xyz_axes import cell_prompts, parse_axis
 from lora_trainer.pnginfo import parse_a1111_parameters
 
 FAST = ["--steps", "2", "--seed", "5", "--width", "32", "--height", "32", "--device", "cpu"]
@@ -128,6 +128,12 @@ def test_quoted_values_may_hold_commas():
     assert axis.values == ["red", "green, big"] and axis.labels() == ["red", "green, big"]
     assert parse_axis("sampler=Euler A,dpm++_2m").labels() == ["Euler a", "DPM++ 2M"]
     assert parse_axis("cfg=3, 7.5").values == [3.0, 7.5]
+
+
+def test_the_prompts_an_embedding_is_looked_for_in_are_every_cells():
+    axes = [parse_axis("prompt-sr=red,EasyNegative"), parse_axis("prompt-sr=circle,square", "--grid-y")]
+    texts = cell_prompts(["a red circle"], "red blur", axes)
+    assert {"a EasyNegative circle", "EasyNegative blur", "a EasyNegative square", "a red square"} <= set(texts)
 
 
 def test_seed_steps_clip_skip_and_hires_cells_carry_their_settings(tiny_sd15, tmp_path):
