@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="report problems in a dataset folder; exit 1 when it cannot train")
     p.add_argument("dir", nargs="?", help="the dataset folder (or --config)")
-    p.add_argument("--config", help="a run config: check its data.path, or each of its data.subsets with its own "
-                                    "keys (the flags below but --model, --resolution, --json and --strict are not read)")
+    p.add_argument("--config", help="a run config: check its data.path, or each of its data.subsets with its "
+                                    "own keys (of the flags below, only --model, --resolution, --json and --strict "
+                                    "are read then)")
     p.add_argument("--resolution", type=int, default=512, help="training resolution: smaller images are flagged")
     p.add_argument("--model", help="base model whose tokenizer counts caption tokens (else an estimate)")
     p.add_argument("--prefix", default="", help="data.caption_prefix: counts towards caption length and tags")

@@ -19,7 +19,8 @@ from PIL import Image
 from lora_trainer.config import dump_config, load_config
 from lora_trainer.errors import ConfigError, DataError
 
-FAST = ["data.resolution=32", "sample.prompts=[]", "output.dtype=fp32", "data.caption_prefix=", "data.random_flip=false"]
+FAST = ["data.resolution=32", "sample.prompts=[]", "output.dtype=fp32", "data.caption_prefix=",
+        "data.random_flip=false"]
 
 
 def _image(path: Path, caption: str | None = None, ext: str = ".txt") -> Path:
@@ -144,7 +145,7 @@ def test_flip_subset_and_caches_metadata_and_config(folders, tiny_sd15, tmp_path
     written = (tmp_path / "out" / "config.yaml").read_text()
     assert yaml.safe_load(written)["data"]["subsets"][1] == {"path": str(full), "caption_extension": ".caption",
                                                              "shuffle_tags": True}  # no null keys
-    assert load_config(tmp_path / "out" / "config.yaml").data == cfg.data  # the model section holds the detected variant
+    assert load_config(tmp_path / "out" / "config.yaml").data == cfg.data  # (model holds the detected variant)
 
 
 def test_text_embeddings_are_cached_only_when_every_subset_fixes_its_captions(folders, tiny_sd15, tmp_path):
@@ -167,7 +168,8 @@ def test_validation_split_draws_from_all_subsets(folders, tiny_sd15, tmp_path):
     from lora_trainer.training.validation import Validation
 
     close, full = folders
-    subsets = [{"path": str(close), "caption_prefix": "sks, ", "repeats": 5}, {"path": str(full), "caption_extension": ".caption"}]
+    subsets = [{"path": str(close), "caption_prefix": "sks, ", "repeats": 5},
+               {"path": str(full), "caption_extension": ".caption"}]
     drawn = set()
     for seed in range(8):
         cfg = _subsets_config(tiny_sd15, tmp_path / "out", subsets, "data.validation_split=0.4",
@@ -267,10 +269,15 @@ def test_blip2_captions_each_subsets_missing_files_with_its_extension(tmp_path, 
     ([{"path": "a"}, {"path": "b", "repeat": 2}], [], "data.subsets[1].repeat: unknown key; did you mean "
                                                       "data.subsets[1].repeats?"),
     ([{"path": "a"}, {"path": "b", "repeats": 0}], [], "data.subsets[1].repeats: got 0; expected an integer >= 1"),
-    ([{"path": "a", "caption_tag_dropout": 1.5}], [], "data.subsets[0].caption_tag_dropout: got 1.5; expected a number in [0, 1]"),
-    ([{"path": "a", "caption_extension": ".png"}], [], "data.subsets[0].caption_extension: got '.png', an image extension"),
+    ([{"path": "a", "caption_tag_dropout": 1.5}], [],
+     "data.subsets[0].caption_tag_dropout: got 1.5; expected a number in [0, 1]"),
+    ([{"path": "a", "caption_extension": ".png"}], [],
+     "data.subsets[0].caption_extension: got '.png', an image extension"),
     ([{"repeats": 2}], [], "data.subsets[0].path: got ''; expected a folder of images"),
-    ([{"path": "a", "alpha_mask": True}], ["data.mask_dir=m"], "data.subsets[0].alpha_mask: got true with data.mask_dir"),
+    ([{"path": "a", "alpha_mask": True}], ["data.mask_dir=m"],
+     "data.subsets[0].alpha_mask: got true with data.mask_dir"),
+    ([{"path": "a", "caption_prefix": "x"}], ["embedding.token=tok", "embedding.templates=object"],
+     "data.subsets[0].caption_prefix: got 'x' with embedding.templates"),
     ("a", [], "data.subsets: got 'a'; expected a list of mappings"),
 ])
 def test_bad_subsets_are_refused_in_one_line(subsets, extra, message, tmp_path):

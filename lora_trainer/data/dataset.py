@@ -151,8 +151,8 @@ def dataset_summary(examples: Sequence[Example]) -> dict:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Square crops of `resolution` pixels in [-1, 1] with their (prefixed) captions.
 
-    Example j appears `examples[j].repeats * repeats` (its treatment's repeats) times per epoch (see `example_index`); with
-    equal repeats, item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
+    Example j appears `examples[j].repeats * repeats` (its treatment's) times per epoch (see `example_index`);
+    with equal repeats, item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
     Every random choice comes from (seed, epoch, i): the same call gives the same tensors in any
     process, DataLoader worker or resumed run. Call `set_epoch` before each epoch (with
     non-persistent workers, which copy the dataset when iteration starts).

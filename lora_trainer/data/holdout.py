@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lora_trainer.config import RunConfig, dataset_root, resolve_subsets
+from lora_trainer.config import RunConfig, resolve_subsets
 from lora_trainer.data.dataset import Example, scan_dataset
 from lora_trainer.data.masks import attach_masks
 from lora_trainer.errors import DataError, looked_in
@@ -64,7 +64,7 @@ def split_examples(cfg: RunConfig, examples: Sequence[Example]) -> tuple[list[Ex
     if d.validation_split <= 0:
         return list(examples), []
     subsets = resolve_subsets(d)
-    flags = held_out_flags(examples, dataset_root(d), d.validation_split, validation_seed(cfg),
+    flags = held_out_flags(examples, d.path or "data.subsets", d.validation_split, validation_seed(cfg),
                            example_names(examples, subsets))
     return ([ex for ex, out in zip(examples, flags) if not out],
             [replace(ex, repeats=1) for ex, out in zip(examples, flags) if out])

@@ -1,6 +1,7 @@
 """The dataset as a training run takes it, before any diffusion model loads: caption the images
 that have none (BLIP-2 or WD14 tags, when asked), check the set (logged as one summary), scan it (with its mask
-images, data.mask_dir), each of data.subsets in turn, and record the captions trained on in the run folder (`captions.jsonl`)."""
+images, data.mask_dir), each of data.subsets in turn, and record the captions trained on in the run folder
+(`captions.jsonl`)."""
 
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ def _record_captions(cfg: RunConfig, examples: list[Example], generated: set[Pat
     subs = resolve_subsets(cfg.data)
     held_out = [False] * len(examples)
     if cfg.data.validation_split > 0:  # marked, as they are not trained on
-        held_out = held_out_flags(examples, subs[0].path, cfg.data.validation_split, validation_seed(cfg),
-                                  example_names(examples, subs))
+        held_out = held_out_flags(examples, cfg.data.path or "data.subsets", cfg.data.validation_split,
+                                  validation_seed(cfg), example_names(examples, subs))
     lines = [json.dumps({**({"subset": ex.subset} if cfg.data.subsets else {}),
                          "file": ex.path.relative_to(subs[ex.subset].path).as_posix(),
                          "caption": trained_caption(cfg, ex.caption, subs[ex.subset]),

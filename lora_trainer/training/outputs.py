@@ -138,8 +138,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         caption_tag_dropout_rate=d.caption_tag_dropout,
         caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs or None,  # written only when on
         weighted_captions=d.weighted_captions,
-        alpha_mask=any(s.alpha_mask for s in resolve_subsets(d)),
-        masked_loss=any(s.alpha_mask for s in resolve_subsets(d)) or d.mask_dir is not None,  # alpha or mask images: kohya's --masked_loss
+        alpha_mask=any(s.alpha_mask for s in resolve_subsets(d)),  # any subset's
+        # alpha or mask images: kohya's --masked_loss
+        masked_loss=any(s.alpha_mask for s in resolve_subsets(d)) or d.mask_dir is not None,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
