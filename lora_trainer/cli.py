@@ -94,9 +94,14 @@ def _check_data(args) -> int:
 
     from .config import normalize_caption_extension
     from .data.checks import check_dataset, load_clip_tokenizer
+    from .errors import ConfigError
 
-    ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
+    if (args.config is None) == (args.dir is None):
+        raise ConfigError("check-data: give a dataset folder, or --config RUN.yaml to check the run's folders")
     tokenizer = load_clip_tokenizer(args.model) if args.model else load_clip_tokenizer(DEFAULT_TOKENIZER_SOURCE)
+    if args.config is not None:
+        return _check_run_data(args, tokenizer)
+    ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
     report = check_dataset(args.dir, args.resolution, tokenizer, args.prefix, args.folder_repeats,
                            caption_extension=ext, caption_suffix=args.suffix, extension_key="--caption-extension",
                            weighted_captions=args.weighted_captions, mask_dir=args.mask_dir,
@@ -104,6 +109,30 @@ def _check_data(args) -> int:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
     # 1 = the set cannot train (or has warnings, with --strict); 2 stays for usage/config errors.
     return 1 if not report.can_train or (args.strict and report.warnings) else 0
+
+
+def _check_run_data(args, tokenizer) -> int:
+    """check-data --config: each image folder of the run (data.path, or each of data.subsets) checked with
+    its own caption keys, under a line with its image count, repeats and uncaptioned images."""
+    import json
+
+    from .config import load_config, resolve_subsets, subset_label
+    from .data.checks import check_dataset
+
+    cfg = load_config(args.config, warn=False)
+    reports, texts, failed = [], [], False
+    for index, d in enumerate(resolve_subsets(cfg.data)):
+        report = check_dataset(d.path, d.resolution or args.resolution, tokenizer, d.caption_prefix, d.folder_repeats,
+                               cfg.model.max_token_length, caption_extension=d.caption_extension,
+                               caption_suffix=d.caption_suffix, weighted_captions=d.weighted_captions,
+                               mask_dir=d.mask_dir, separator=d.keep_tokens_separator,
+                               instance_prompt=cfg.dreambooth.instance_prompt)
+        reports.append({"subset": subset_label(cfg.data, index), "repeats": d.repeats, **report.to_dict()})
+        texts.append(f"{subset_label(cfg.data, index)}: {report.num_readable} image(s) × repeats {d.repeats}, "
+                     f"{report.num_readable - report.num_captioned} without a caption\n{report.format_text()}")
+        failed = failed or not report.can_train or bool(args.strict and report.warnings)
+    print(json.dumps(reports, indent=2) if args.json else "\n".join(texts))
+    return 1 if failed else 0
 
 
 # Counts caption tokens exactly when this tokenizer is already in the local HF cache.
@@ -186,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_caption)
 
     p = sub.add_parser("check-data", help="report problems in a dataset folder; exit 1 when it cannot train")
-    p.add_argument("dir")
+    p.add_argument("dir", nargs="?", help="the dataset folder (or --config)")
+    p.add_argument("--config", help="a run config: check its data.path, or each of its data.subsets with its "
+                                    "own keys (of the flags below, only --model, --resolution, --json and --strict "
+                                    "are read then)")
     p.add_argument("--resolution", type=int, default=512, help="training resolution: smaller images are flagged")
     p.add_argument("--model", help="base model whose tokenizer counts caption tokens (else an estimate)")
     p.add_argument("--prefix", default="", help="data.caption_prefix: counts towards caption length and tags")

@@ -22,6 +22,9 @@ from .config_data import DEFAULT_CAPTION_MODELS, CaptionConfig, DataConfig, capt
 from .config_embedding import EmbeddingConfig, check_embedding
 from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .config_sample import SampleConfig, check_sample  # noqa: F401 (re-exported)
+from .config_subsets import (  # noqa: F401 (re-exported)
+    SubsetConfig, dataset_root, normalize_subset_extensions, resolve_subsets, subset_label,
+)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -299,7 +302,10 @@ class RunConfig:
         return self.dreambooth.num_class_images > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # a subset's null keys take data.*'s values: written out, they would only hide the keys it sets
+        out["data"]["subsets"] = [{k: v for k, v in s.items() if v is not None} for s in out["data"]["subsets"]]
+        return out
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -311,6 +317,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             cfg.data.caption_extension = normalize_caption_extension(cfg.data.caption_extension)
         except ConfigError as exc:
             errors.append(str(exc))
+        normalize_subset_extensions(cfg.data, errors)
         check_run(cfg, errors)
         check_sample(cfg.sample, errors)
         check_embedding(cfg, errors)

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config_data_checks import (  # noqa: F401 (re-exported)
-    bucket_limit_errors, caption_warnings, check_caption_config, normalize_caption_extension,
+    bucket_limit_errors, caption_warnings, check_caption_config, normalize_caption_extension, treatment_errors,
 )
+from .config_subsets import check_subsets, image_folders, inside
 from .models.blocks import block_config_errors
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
     need(bool(cfg.model.base), "model.base", cfg.model.base, "a hub id, a diffusers folder or a .safetensors file")
     need(1 <= cfg.model.clip_skip <= 12, "model.clip_skip", cfg.model.clip_skip,
          "an integer from 1 (the model's default) to 12; 2 for anime SD1.5 bases")
-    need(bool(cfg.data.path), "data.path", cfg.data.path, "a folder of images with captions")
+    need(bool(cfg.data.path) or bool(cfg.data.subsets), "data.path", cfg.data.path,
+         "a folder of images with captions (or data.subsets, a list of them)")
     r = cfg.data.resolution
     need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")
     step = cfg.data.bucket_step
@@ -40,34 +41,23 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
             if value is not None:
                 errors.append(f"data.{key}: got {value!r} with data.buckets false, which does not read it; "
                               f"set data.buckets=true or leave data.{key} {'false' if key == 'bucket_no_upscale' else 'null'}")
-    need(cfg.data.keep_tokens >= 0, "data.keep_tokens", cfg.data.keep_tokens, "an integer >= 0")
-    need(cfg.data.repeats >= 1, "data.repeats", cfg.data.repeats, "an integer >= 1")
-    need(0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", cfg.data.caption_dropout, "a number in [0, 1]")
-    need(0.0 <= cfg.data.caption_tag_dropout <= 1.0, "data.caption_tag_dropout", cfg.data.caption_tag_dropout,
-         "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
+    errors += treatment_errors(cfg.data)
+    check_subsets(cfg, errors)
     if cfg.data.mask_dir is not None and (cfg.data.alpha_mask or not cfg.data.mask_dir.strip()):
         errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}" + (
             " with data.alpha_mask true; the loss mask comes from one of them: set only one" if cfg.data.alpha_mask
             else "; expected a folder of mask images named like the training images, or null"))
-    elif cfg.data.mask_dir and cfg.data.path:
-        masks, images = Path(cfg.data.mask_dir).resolve(), Path(cfg.data.path).resolve()
-        if masks == images or images in masks.parents:
-            errors.append(f"data.mask_dir: got {cfg.data.mask_dir!r}, inside data.path {cfg.data.path!r}, so the masks "
-                          "would train as images; use a folder outside data.path")
-    # The scan reads every image under data.path, so the run's own images there would train next time.
-    for key, folder, what in (("output.dir", cfg.output.dir, "the run's samples and loss curve"),
+    # The scan reads every image under data.path (each subset's), so images there would train as the run's.
+    for key, folder, what in (("data.mask_dir", cfg.data.mask_dir if not cfg.data.alpha_mask else None, "the masks"),
+                              ("output.dir", cfg.output.dir, "the run's samples and loss curve"),
                               ("dreambooth.class_data", cfg.dreambooth.class_data if cfg.prior_preservation else None,
                                "the class images")):
-        if folder and cfg.data.path:
-            inner, images = Path(folder).resolve(), Path(cfg.data.path).resolve()
-            if inner == images or images in inner.parents:
-                errors.append(f"{key}: got {folder!r}, inside data.path {cfg.data.path!r}, so {what} would train "
-                              "as images; use a folder outside data.path")
+        for images_key, images in image_folders(cfg.data) if folder and folder.strip() else ():
+            if inside(folder, images):
+                errors.append(f"{key}: got {folder!r}, inside {images_key} {images!r}, so {what} would train "
+                              f"as images; use a folder outside {images_key}")
     need(cfg.data.caption_dropout_every_n_epochs >= 0, "data.caption_dropout_every_n_epochs",
          cfg.data.caption_dropout_every_n_epochs, "an integer >= 0 (0: off; 2: every second epoch trains uncaptioned)")
-    sep = cfg.data.keep_tokens_separator
-    need(not sep or (bool(sep.strip()) and "," not in sep), "data.keep_tokens_separator", sep,
-         "a marker that is not a comma or blank, e.g. '|||', or '' (off)")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
     check_caption_config(cfg.data.caption, errors)
     _check_validation(cfg, errors)
@@ -244,11 +234,11 @@ def _check_validation(cfg: RunConfig, errors: list[str]) -> None:
     if d.validation_path and d.validation_split > 0:
         errors.append(f"data.validation_path: got {d.validation_path!r} with data.validation_split "
                       f"{d.validation_split!r}; set only one of them")
-    elif d.validation_path and d.path:
-        held, trained = Path(d.validation_path).resolve(), Path(d.path).resolve()
-        if held == trained or trained in held.parents or held in trained.parents:
-            errors.append(f"data.validation_path: got {d.validation_path!r}, which overlaps data.path {d.path!r}, "
-                          "so held-out images would be trained on; use a folder outside data.path")
+    elif d.validation_path:
+        for key, folder in image_folders(d):
+            if inside(d.validation_path, folder) or inside(folder, d.validation_path):
+                errors.append(f"data.validation_path: got {d.validation_path!r}, which overlaps {key} {folder!r}, "
+                              f"so held-out images would be trained on; use a folder outside {key}")
     validating = d.validation_split > 0 or bool(d.validation_path)
     every = t.validate_every_n_steps
     if every is not None and every < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .config_subsets import SubsetConfig
 
 # The model each captioning method uses when data.caption.model is null.
 DEFAULT_CAPTION_MODELS = {"blip2": "Salesforce/blip2-opt-2.7b", "wd14": "SmilingWolf/wd-vit-tagger-v3"}
@@ -64,6 +65,12 @@ def caption_model(c: CaptionConfig) -> str:
 @dataclass
 class DataConfig:
     path: str = ""  # folder of images with caption sidecars (caption_extension) or metadata.jsonl
+    # Several folders instead of path, each with its own settings (kohya's [[datasets.subsets]]): a list
+    # of mappings, each a `path` and any of repeats, caption_extension, caption_prefix, caption_suffix,
+    # keep_tokens, keep_tokens_separator, shuffle_tags, caption_dropout, caption_tag_dropout, random_flip,
+    # folder_repeats, alpha_mask; a key left out takes the data.* value, the other data.* keys are the
+    # same for all. [] (default): the images of path alone. Not with path: list it as a subset
+    subsets: list[SubsetConfig] = field(default_factory=list)
     # the caption of cat.png is cat<caption_extension> beside it (unless metadata.jsonl has it); kohya's
     # default is .caption (kohya's --caption_extension); "caption" is read as ".caption"
     caption_extension: str = ".txt"

@@ -32,6 +32,27 @@ def normalize_caption_extension(value: str, key: str = "data.caption_extension")
     return ext
 
 
+def treatment_errors(d: DataConfig, key: typing.Callable[[str], str] = lambda name: f"data.{name}",
+                     names: Optional[set[str]] = None) -> list[str]:
+    """Range checks of the keys a subset may set too (repeats, keep_tokens, dropouts, separator),
+    each named by `key`; with `names`, only those keys are checked."""
+    errors: list[str] = []
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok and (names is None or name in names):
+            errors.append(f"{key(name)}: got {getattr(d, name)!r}; expected {allowed}")
+
+    need(d.keep_tokens >= 0, "keep_tokens", "an integer >= 0")
+    need(d.repeats >= 1, "repeats", "an integer >= 1")
+    need(0.0 <= d.caption_dropout <= 1.0, "caption_dropout", "a number in [0, 1]")
+    need(0.0 <= d.caption_tag_dropout <= 1.0, "caption_tag_dropout",
+         "a number in [0, 1] (e.g. 0.1: each tag is left out one time in ten)")
+    sep = d.keep_tokens_separator
+    need(not sep or (bool(sep.strip()) and "," not in sep), "keep_tokens_separator",
+         "a marker that is not a comma or blank, e.g. '|||', or '' (off)")
+    return errors
+
+
 def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
     """Problems with data.min_bucket_side / max_bucket_side: each a multiple of bucket_step, and
     (once the resolution is known) the square bucket between them, as kohya requires."""

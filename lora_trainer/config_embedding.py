@@ -119,8 +119,9 @@ def _check_templates(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.dreambooth.instance_prompt:
         errors.append("embedding.templates: set with dreambooth.instance_prompt, which also captions every image; "
                       "drop one")
-    for key in ("caption_prefix", "caption_suffix"):
-        if getattr(cfg.data, key):
-            errors.append(f"data.{key}: got {getattr(cfg.data, key)!r} with embedding.templates, whose captions "
-                          f"replace the images' own and already hold the token; set data.{key}='' or put the words "
-                          "in your own templates")
+    sections = [("data", cfg.data)] + [(f"data.subsets[{i}]", s) for i, s in enumerate(cfg.data.subsets)]
+    for (where, section), key in ((item, key) for item in sections for key in ("caption_prefix", "caption_suffix")):
+        if getattr(section, key):
+            errors.append(f"{where}.{key}: got {getattr(section, key)!r} with embedding.templates, whose captions "
+                          f"replace the images' own and already hold the token; set {where}.{key}='' or put the "
+                          "words in your own templates")

@@ -150,6 +150,10 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: 
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
+            refused = getattr(cls, "unknown_key_error", lambda *_: None)(str(key), dotted)
+            if refused:
+                errors.append(refused)
+                continue
             meant = _meant(str(key), prefix, names, root)
             allowed = f"did you mean {meant}?" if meant else "allowed keys here: " + ", ".join(sorted(names))
             errors.append(f"{dotted}: unknown key; {allowed}")
@@ -157,6 +161,13 @@ def build_dataclass(cls: type, data: Any, prefix: str, errors: list[str], root: 
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = build_dataclass(tp, value, dotted + ".", errors, root)
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):  # a list of sections, e.g. data.subsets: each named data.subsets[i]
+            if not isinstance(value, list):
+                errors.append(f"{dotted}: got {value!r}; expected a list of mappings (one per entry, `- path: ...`)")
+                continue
+            kwargs[key] = [build_dataclass(item, v, f"{dotted}[{i}].", errors, root) for i, v in enumerate(value)]
             continue
         if value is None and tp is str and defaults.get(key) == "":
             kwargs[key] = ""  # `caption_prefix:` with nothing after it (YAML null), or key=null: empty

@@ -232,7 +232,7 @@ def test_from_kohya_reads_the_caption_extension_given_or_kohyas_default(tmp_path
         _kohya(img, "--caption_extension x/y")
 
 
-def test_from_kohya_subsets_with_other_extensions_use_the_first(tmp_path):
+def test_from_kohya_subsets_with_other_extensions_keep_their_own(tmp_path):
     for name in ("1_a", "2_b"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / name / "x.png")
@@ -241,9 +241,10 @@ def test_from_kohya_subsets_with_other_extensions_use_the_first(tmp_path):
                                          {"image_dir": str(tmp_path / "2_b"), "num_repeats": 2}]}]}
     cfg, notes = config_from_kohya({"pretrained_model_name_or_path": "m", "network_alpha": 4, "learning_rate": 1e-4,
                                     "max_train_steps": 10}, dataset)
-    assert cfg["data"]["caption_extension"] == ".txt"
-    assert any(f"subset {tmp_path / '2_b'}) caption_extension: '.caption' differs from the first subset's '.txt'" in n
-               for n in notes), notes
+    assert cfg["data"]["caption_extension"] == ".txt"  # the first subset's, kohya's .caption for the second
+    assert cfg["data"]["subsets"] == [{"path": str(tmp_path / "1_a")},
+                                      {"path": str(tmp_path / "2_b"), "repeats": 2, "caption_extension": ".caption"}]
+    assert not any("caption_extension" in n for n in notes), notes
 
 
 def test_from_kohya_maps_suffix_prefix_and_tag_dropout(tmp_path):

@@ -194,30 +194,32 @@ def test_sdxl_toml_and_dataset_with_two_subsets_named_by_kohya_layout(tmp_path):
     cfg = load_config(out)
     assert cfg.model.variant == "sdxl" and cfg.lora.rank == 32 and cfg.lora.alpha == 16
     assert cfg.lora.train_text_encoder is False and cfg.train.optimizer == "prodigy" and cfg.train.lr == 1.0
-    assert cfg.data.path == str(tmp_path / "train") and cfg.data.repeats == 1  # the folder names give 10 and 3
+    # data.subsets: each subset's folder and num_repeats, and its own flip_aug
+    assert cfg.data.path == "" and cfg.data.repeats == 1
+    assert [(s.path, s.repeats, s.random_flip) for s in cfg.data.subsets] == [
+        (str(tmp_path / "train" / "10_sks dog"), 10, None), (str(tmp_path / "train" / "3_style"), 3, True)]
     assert (cfg.data.resolution, cfg.data.buckets, cfg.train.batch_size) == (1024, True, 2)  # the dataset's batch size
     assert cfg.data.shuffle_tags and cfg.data.keep_tokens == 1 and not cfg.data.random_flip
     assert cfg.dreambooth.class_data == str(tmp_path / "reg-dog") and cfg.dreambooth.num_class_images == 4
     assert cfg.dreambooth.class_prompt == "dog" and cfg.train.mixed_precision == "bf16"
     text = "\n".join(notes)
-    assert "flip_aug: True differs from the first subset's unset" in text  # one value for all images
+    assert "flip_aug" not in text and "differs" not in text  # carried by the subset, not noted
+    assert "class_tokens 'sks dog': kohya captions its images without a caption file with it" in text
     assert "--clip_skip 2: kohya's SDXL training ignores it" in text and cfg.model.clip_skip == 1
     assert cfg.model.max_token_length == 225
     assert "--optimizer_args d_coef=2" in text and "--cache_text_encoder_outputs" in text and "--no_half_vae" in text
     assert "rename" not in text and "--xformers" not in text  # a flag that is off means nothing
 
 
-def test_subsets_whose_folders_do_not_say_their_repeats_get_a_rename_note(tmp_path):
+def test_subsets_in_folders_of_any_name_keep_their_own_repeats(tmp_path):
     out = tmp_path / "sdxl.yaml"
     source = _sdxl_setup(tmp_path, "dog", "5_style")
-    _touch_images(tmp_path / "train" / "old" / "deep", 1)  # listed by no subset: it would train too
-    _touch_images(tmp_path / "train" / "0_parked", 1)  # left out by both trainers
+    _touch_images(tmp_path / "train" / "old" / "deep", 1)  # beside the subsets, listed by none: not read
     notes, _ = convert_kohya(source, out)
-    assert load_config(out).data.path == str(tmp_path / "train")
-    renames = [n for n in notes if "rename it" in n]
-    assert len(renames) == 2 and "`10_sks dog`" in renames[0] and "`3_style`" in renames[1]
-    strays = [n for n in notes if "that no subset lists" in n]
-    assert len(strays) == 1 and str(tmp_path / "train" / "old") in strays[0]
+    cfg = load_config(out)
+    assert [(s.path, s.repeats) for s in cfg.data.subsets] == [(str(tmp_path / "train" / "dog"), 10),
+                                                               (str(tmp_path / "train" / "5_style"), 3)]
+    assert not any("rename" in n or "no subset lists" in n for n in notes)
 
 
 def test_one_subset_in_a_plain_folder_uses_data_repeats(tmp_path):

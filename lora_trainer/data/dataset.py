@@ -21,8 +21,7 @@ from lora_trainer.data.folders import describe_folders, format_folders, is_parke
 from lora_trainer.data.images import (IMAGE_EXTENSIONS, is_image_file, is_unread_image_file, load_image,
                                       load_image_and_alpha, unread_files_note)
 from lora_trainer.data.masks import read_mask
-from lora_trainer.data.tags import append_suffix, drop_tags, join_tags, shuffle_tags, split_fixed
-from lora_trainer.data.templates import pick_template
+from lora_trainer.data.treatment import Treatment, item_caption
 from lora_trainer.errors import DataError, looked_in
 
 logger = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ class Example:
     repeats: int = 1  # times per epoch, from its `<N>_<name>` folder (data.repeats multiplies it)
     folder: str | None = None  # that folder, relative to the dataset root; None: in no such folder
     mask: Path | None = None  # its loss-mask image (data.mask_dir); None: no mask image
+    subset: int = 0  # its data.subsets entry (0 without subsets): the Treatment it gets
 
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
@@ -151,8 +151,8 @@ def dataset_summary(examples: Sequence[Example]) -> dict:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Square crops of `resolution` pixels in [-1, 1] with their (prefixed) captions.
 
-    Example j appears `examples[j].repeats * repeats` times per epoch (see `example_index`); with
-    equal repeats, item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
+    Example j appears `examples[j].repeats * repeats` (its treatment's) times per epoch (see `example_index`);
+    with equal repeats, item i is example i % len(examples), so `repeats` copies of the folder make one epoch.
     Every random choice comes from (seed, epoch, i): the same call gives the same tensors in any
     process, DataLoader worker or resumed run. Call `set_epoch` before each epoch (with
     non-persistent workers, which copy the dataset when iteration starts).
@@ -172,6 +172,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     cropped and flipped as its pixels are (ones for an image without alpha); the pixels are the same
     either way. Examples with a `mask` file (data.mask_dir) give items a `loss_mask` (1, h, w) in [0, 1]
     taken the same path, and `mask_id`, the mask file's SHA-256.
+    `treatments` (data.subsets): one Treatment per subset, read for each example from its `subset`
+    instead of the options above (seed, crop, sizes, caption_dropout_every_n_epochs and templates stay
+    the dataset's); items of all subsets mix in the epoch and in every bucket.
     """
 
     def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
@@ -179,40 +182,36 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
                  caption_tag_dropout: float = 0.0, alpha_mask: bool = False, keep_tokens_separator: str = "",
-                 caption_dropout_every_n_epochs: int = 0, templates: Sequence[str] = ()):
+                 caption_dropout_every_n_epochs: int = 0, templates: Sequence[str] = (),
+                 treatments: Sequence[Treatment] | None = None):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
-        if repeats < 1 or min(ex.repeats for ex in examples) < 1:
-            raise ValueError(f"repeats must be at least 1, got {repeats} "
-                             f"(and {min(ex.repeats for ex in examples)} from the examples)")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if not 0.0 <= caption_tag_dropout <= 1.0:
-            raise ValueError(f"caption_tag_dropout must be in [0, 1], got {caption_tag_dropout}")
+        if min(ex.repeats for ex in examples) < 1:
+            raise ValueError(f"repeats must be at least 1, got {min(ex.repeats for ex in examples)} from the examples")
         self.examples = list(examples)
         self.resolution = resolution
         self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.caption_prefix = caption_prefix
-        self.caption_suffix = caption_suffix
-        self.caption_dropout = caption_dropout
-        self.caption_tag_dropout = caption_tag_dropout
-        self.repeats = repeats
+        # the treatment of every example, or with `treatments` of those of subset k the k-th one
+        self.treatment = Treatment(repeats, caption_prefix, caption_suffix, caption_dropout, caption_tag_dropout,
+                                   shuffle_tags, keep_tokens, keep_tokens_separator, random_flip, alpha_mask)
+        self.treatments = list(treatments) if treatments is not None else None
         self.seed = seed
         self.epoch = 0
         if sizes is not None and len(sizes) != len(self.examples):
             raise ValueError(f"sizes has {len(sizes)} entries for {len(self.examples)} examples")
         self.sizes = list(sizes) if sizes is not None else None
-        self.shuffle_tags = shuffle_tags
-        self.keep_tokens = keep_tokens
-        self.alpha_mask = alpha_mask
+        # items carry an alpha_mask when any example's treatment reads alpha (ones for the others)
+        self.alpha_mask = any(self.treatment_of(j).alpha_mask for j in range(len(self.examples)))
         self._mask_digests: dict[Path, str] = {}  # mask file -> SHA-256, once per run (see read_mask)
-        self.keep_tokens_separator = keep_tokens_separator
         self.caption_dropout_every_n_epochs = caption_dropout_every_n_epochs
         self.templates = list(templates)
-        self._items = _item_table([ex.repeats * repeats for ex in self.examples])
+        self._items = _item_table([ex.repeats * self.treatment_of(j).repeats for j, ex in enumerate(self.examples)])
+
+    def treatment_of(self, index: int) -> Treatment:
+        """The treatment of example `index`: its subset's, or the dataset's."""
+        return self.treatments[self.examples[index].subset] if self.treatments is not None else self.treatment
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -229,18 +228,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
         index = self._items[i]
         example = self.examples[index]
+        t = self.treatment_of(index)
         # A string seed is hashed with SHA-512 by random.Random: stable across runs and
         # platforms, unlike hash() of a tuple.
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
         # Fixed draw order (dropout, crop, flip) keeps each choice independent of the options.
-        drop_caption = rng.random() < self.caption_dropout
+        drop_caption = rng.random() < t.caption_dropout
         every = self.caption_dropout_every_n_epochs  # kohya counts epochs from 1: epochs n, 2n, ... drop all
         drop_caption = drop_caption or (every > 0 and (self.epoch + 1) % every == 0)
         crop_u, crop_v = rng.random(), rng.random()
-        flipped = self.random_flip and rng.random() < 0.5
+        flipped = t.random_flip and rng.random() < 0.5
 
         height, width = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
-        image, alpha = load_image_and_alpha(example.path) if self.alpha_mask else (load_image(example.path), None)
+        image, alpha = load_image_and_alpha(example.path) if t.alpha_mask else (load_image(example.path), None)
         original_size = (image.height, image.width)
         image = resize_to_cover(image, height, width)
         top, left = self._crop_offsets(image, height, width, crop_u, crop_v)
@@ -258,7 +258,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             # The flipped crop is what cropping the mirrored image would give at this offset.
             left = resized_width - left - width
 
-        caption = self._item_caption(example.caption, i, drop_caption)
+        caption = item_caption(t, example.caption, self.seed, self.epoch, i, drop_caption, self.templates)
         extra = {}
         if self.alpha_mask:
             extra["alpha_mask"] = (torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
@@ -282,32 +282,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.center_crop:
             return spare_h // 2, spare_w // 2
         return int(u * (spare_h + 1)), int(v * (spare_w + 1))
-
-    def _item_caption(self, caption: str, i: int, dropped: bool) -> str:
-        """Item i's caption this epoch: a template, or the example's with the prefix and suffix,
-        its tags dropped and shuffled."""
-        if self.templates:
-            return "" if dropped else pick_template(self.templates, self.seed, self.epoch, i)
-        caption = "" if dropped else self._caption(caption)
-        head, caption, tail = split_fixed(caption, self.keep_tokens_separator)
-        keep = 0 if head is not None else self.keep_tokens  # the separator, when present, says what stays
-        # Each on its own stream, so turning one on leaves every other choice of the item as it was.
-        if self.caption_tag_dropout > 0 and caption:
-            caption = drop_tags(caption, keep, self.caption_tag_dropout,
-                                random.Random(f"{self.seed}:{self.epoch}:{i}:tag-dropout"))
-        if self.shuffle_tags and caption:
-            caption = shuffle_tags(caption, keep, random.Random(f"{self.seed}:{self.epoch}:{i}:tags"))
-        if head is not None:
-            caption = join_tags(head, caption, tail)
-        if not dropped:
-            caption = append_suffix(caption, self.caption_suffix)
-        return caption
-
-    def _caption(self, caption: str) -> str:
-        if not caption:
-            # A prefix like "sks, " alone should not end in a dangling separator.
-            return self.caption_prefix.strip().rstrip(",").strip()
-        return self.caption_prefix + caption
 
 
 def _item_table(repeats: Sequence[int]) -> list[int]:

@@ -87,3 +87,30 @@ def format_folders(rows: list[dict]) -> str:
     parts = [f"{r['folder']}: {r['img_count']} image{'s' if r['img_count'] != 1 else ''} × {r['n_repeats']}"
              for r in rows]
     return ", ".join(parts) + f" ({sum(r['img_count'] * r['n_repeats'] for r in rows)} per epoch)"
+
+
+def subset_names(paths: list[str]) -> list[str]:
+    """How metadata names each data.subsets folder: its own name as kohya does (`img/close-ups` ->
+    "close-ups"), or the path as written when two subsets share that name."""
+    names = [Path(p).name or p for p in paths]
+    return [name if names.count(name) == 1 else p for name, p in zip(names, paths)]
+
+
+def group_keys(examples: Iterable, roots: list[str]) -> list[str]:
+    """The folder key of each example (anything with `.folder` and `.subset`) for logs and metadata:
+    with one image folder (data.path, or a single subset) as group_key says; with several, the
+    subset's name (subset_names), followed by its `<N>_<name>` folder when the image is in one."""
+    if len(roots) == 1:
+        return [group_key(ex.folder, roots[0]) for ex in examples]
+    names = subset_names(roots)
+    return [names[ex.subset] + (f"/{ex.folder}" if ex.folder is not None else "") for ex in examples]
+
+
+def describe_groups(examples: list, keys: list[str], repeats: list[int]) -> list[dict]:
+    """describe_folders' rows for examples of several subsets: per key (group_keys), its image count
+    and repeats per epoch (the folder's N times its subset's `repeats`), in the subsets' order."""
+    rows: dict[str, dict] = {}
+    for ex, key in zip(examples, keys):
+        row = rows.setdefault(key, {"folder": key, "img_count": 0, "n_repeats": ex.repeats * repeats[ex.subset]})
+        row["img_count"] += 1
+    return list(rows.values())

@@ -1,5 +1,6 @@
 """Held-out images for the validation loss: a seeded share of the dataset (`data.validation_split`)
-or a folder of its own (`data.validation_path`). Held-out images are never trained on."""
+or a folder of its own (`data.validation_path`). Held-out images are never trained on. With
+data.subsets the share is drawn from all their images together."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lora_trainer.config import RunConfig
+from lora_trainer.config import RunConfig, resolve_subsets
 from lora_trainer.data.dataset import Example, scan_dataset
 from lora_trainer.data.masks import attach_masks
 from lora_trainer.errors import DataError, looked_in
@@ -20,9 +21,10 @@ def validation_seed(cfg: RunConfig) -> int:
     return cfg.data.validation_seed if cfg.data.validation_seed is not None else cfg.train.seed
 
 
-def held_out_flags(examples: Sequence[Example], root: str | Path, fraction: float, seed: int) -> list[bool]:
+def held_out_flags(examples: Sequence[Example], root: str | Path, fraction: float, seed: int,
+                   names: Sequence[str] | None = None) -> list[bool]:
     """Which examples are held out: the `round(fraction · n)` (at least 1) whose hash of
-    (seed, path relative to `root`) is smallest.
+    (seed, path relative to `root`, or their `names`: see example_names) is smallest.
 
     Each image's rank depends on its own name only, so the choice is the same in every process and
     every resumed run, whatever order the images come in, and adding an image to the folder moves
@@ -33,10 +35,20 @@ def held_out_flags(examples: Sequence[Example], root: str | Path, fraction: floa
     if count >= n:
         raise DataError(f"data.validation_split: {fraction:g} of the {n} image(s) in {root} holds out {count}, "
                         "leaving none to train on; lower it, add images, or use data.validation_path")
-    keys = [hashlib.sha256(f"{seed}:{Path(ex.path).relative_to(root).as_posix()}".encode()).hexdigest()
-            for ex in examples]
+    names = names if names is not None else [Path(ex.path).relative_to(root).as_posix() for ex in examples]
+    keys = [hashlib.sha256(f"{seed}:{name}".encode()).hexdigest() for name in names]
     chosen = set(sorted(range(n), key=lambda i: keys[i])[:count])
     return [i in chosen for i in range(n)]
+
+
+def example_names(examples: Sequence[Example], subsets: Sequence) -> list[str]:
+    """The names the held-out draw ranks images by (`subsets`: resolve_subsets'): the path under
+    data.path (or a lone subset's folder, so it draws as data.path would); with several subsets, the path
+    under the image's subset folder after its index ("1/img/a.png"), so the draw takes from all
+    subsets together and an image listed in two subsets is two candidates."""
+    if len(subsets) == 1:
+        return [Path(ex.path).relative_to(subsets[0].path).as_posix() for ex in examples]
+    return [f"{ex.subset}/{Path(ex.path).relative_to(subsets[ex.subset].path).as_posix()}" for ex in examples]
 
 
 def split_examples(cfg: RunConfig, examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
@@ -47,11 +59,13 @@ def split_examples(cfg: RunConfig, examples: Sequence[Example]) -> tuple[list[Ex
     `data.validation_path` get it here.
     """
     d = cfg.data
-    if d.validation_path:
-        return list(examples), [replace(ex, repeats=1) for ex in scan_validation_folder(cfg)]
+    if d.validation_path:  # with data.subsets, its images take the data.* keys: a treatment after the subsets'
+        return list(examples), [replace(ex, repeats=1, subset=len(d.subsets)) for ex in scan_validation_folder(cfg)]
     if d.validation_split <= 0:
         return list(examples), []
-    flags = held_out_flags(examples, d.path, d.validation_split, validation_seed(cfg))
+    subsets = resolve_subsets(d)
+    flags = held_out_flags(examples, d.path or "data.subsets", d.validation_split, validation_seed(cfg),
+                           example_names(examples, subsets))
     return ([ex for ex, out in zip(examples, flags) if not out],
             [replace(ex, repeats=1) for ex, out in zip(examples, flags) if out])
 

@@ -245,10 +245,12 @@ def read_sample_prompts(path: Path, notes: list[str]) -> list[str]:
 
 
 def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -> None:
-    """The data from kohya's dataset TOML: one data.path for the training subsets, the reg subset
-    as class images, and the options of the first training subset (ours hold for every image)."""
+    """The data from kohya's dataset TOML: data.path for one training subset, data.subsets for
+    several (the first one's options as data.*, each subset's own caption, tag and flip options
+    in its entry), the reg subset as class images."""
     from .data_options import caption_extension_option, data_options, kohya_caption_extension, subset_mask_dir
     from .mapping import Args
+    from .subsets import CARRIED, subsets_data
 
     general = dataset.get("general") or {}
     datasets = [d for d in dataset["datasets"] if isinstance(d, dict)]
@@ -281,26 +283,31 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
                 set_key(cfg, "train.batch_size", layer.int("batch_size"))
             seen = {k: layer.values.get(k) for k in SUBSET_OPTIONS}
             seen["caption_extension"] = kohya_caption_extension(layer.values)  # unset means kohya's .caption
-        else:
+        else:  # the options data.subsets carries become its entries (kohya/subsets.py); the rest are one for all
             layer.used.update(SUBSET_OPTIONS)
             layer.get("conditioning_data_dir")  # a folder per subset: subset_mask_dir below
-            for key in SUBSET_OPTIONS:
-                value = kohya_caption_extension(layer.values) if key == "caption_extension" else layer.values.get(key)
+            for key in (k for k in SUBSET_OPTIONS if k not in CARRIED and k != "caption_extension"):
+                value = layer.values.get(key)
                 if value != seen[key]:
                     notes.append(f"{layer.name(key)}: {_shown(value)} differs from the first "
                                  f"subset's {_shown(seen[key])}; one value holds for all images here, the first's")
         mask_dirs.append((subset, layer))
         a.used.update(layer.used)
     subset_mask_dir(mask_dirs, cfg, notes)
-    _train_folders([s for s, _ in train], cfg, notes)
+    if len(train) == 1:
+        _train_folders([s for s, _ in train], cfg, notes)
+    else:
+        subsets_data(list(zip([s for s, _ in train], layers)), cfg, notes)
     reg = [s for s, _ in subsets if s.get("is_reg")]
     for extra in reg[1:]:
         notes.append(f"dataset config: reg subset {extra['image_dir']} left out; dreambooth.class_data is one folder")
     if reg:
         reg_folder(str(reg[0]["image_dir"]), reg[0].get("class_tokens"), a.float("prior_loss_weight"), cfg, notes,
                    f"dataset config (reg subset {reg[0]['image_dir']})")
-        if _inside(Path(reg[0]["image_dir"]), Path(cfg["data"]["path"])):
-            notes.append(f"dataset config: reg subset {reg[0]['image_dir']} lies under data.path, so its images "
+        folders = [cfg["data"]["path"]] if "path" in cfg["data"] else [s["path"] for s in cfg["data"]["subsets"]]
+        if any(_inside(Path(reg[0]["image_dir"]), Path(folder)) for folder in folders):
+            where = "data.path" if "path" in cfg["data"] else "a training subset's folder"
+            notes.append(f"dataset config: reg subset {reg[0]['image_dir']} lies under {where}, so its images "
                          "also train as instance images; move it out")
     used = set().union(*(layer.used for layer in layers)) | STRUCTURAL | {"metadata_file"}
     tables = [("[general]", general)] + [("[[datasets]]", d) for d in datasets] + [
@@ -315,13 +322,9 @@ def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
     """data.path for the training subsets. Our loader takes repeats (and the caption of uncaptioned
     images) from `<N>_<name>` folder names, so the subsets' parent is data.path when their names say
     what num_repeats and class_tokens say; otherwise a note asks for that naming."""
-    dirs = []
-    for subset in subsets:
-        repeats = subset.get("num_repeats") or 1
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ConfigError(f"dataset config: subset {subset['image_dir']} num_repeats {repeats!r}; expected an "
-                              "integer >= 1")
-        dirs.append((Path(str(subset["image_dir"])), repeats, str(subset.get("class_tokens") or "")))
+    from .subsets import subset_repeats
+
+    dirs = [(Path(str(s["image_dir"])), subset_repeats(s), str(s.get("class_tokens") or "")) for s in subsets]
 
     def named_right(folder: Path, repeats: int, tokens: str) -> bool:
         match = _REPEAT_NAME.fullmatch(folder.name)

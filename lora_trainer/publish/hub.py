@@ -100,6 +100,8 @@ def _public_config(run: Run, base_model: str) -> str:
     cfg = copy.deepcopy(run.cfg)
     cfg.model.base = base_model
     cfg.data.path = Path(cfg.data.path).name or cfg.data.path
+    for subset in cfg.data.subsets:
+        subset.path = Path(subset.path).name or subset.path
     cfg.output.dir = f"outputs/{run.name}"
     # local folders and files by their names only; the latent cache's location is this machine's
     for section, key in (("dreambooth", "class_data"), ("data", "mask_dir"), ("data", "validation_path"),

@@ -15,6 +15,7 @@ from typing import Callable, Hashable, Optional, Sequence
 import safetensors.torch
 import torch
 
+from ..config import dataset_root, resolve_subsets
 from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def latent_cache_dir(cfg) -> Path:
-    """Where train.cache_latents_to_disk keeps latents: train.cache_dir, else inside the dataset."""
-    return Path(cfg.train.cache_dir or Path(cfg.data.path) / ".cache" / "lora-trainer") / "latents"
+    """Where train.cache_latents_to_disk keeps latents: train.cache_dir, else inside the dataset (the
+    first subset's folder with data.subsets: entries are keyed by image content, not folder)."""
+    return Path(cfg.train.cache_dir or Path(dataset_root(cfg.data)) / ".cache" / "lora-trainer") / "latents"
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -164,10 +166,12 @@ def embedding_cache_reason(cfg) -> str | None:
         return "embedding.templates draws each image's caption anew every epoch"
     if cfg.embedding.token is not None:
         return f"embedding.token {cfg.embedding.token!r} trains vectors the captions are read with"
-    if cfg.data.shuffle_tags:
-        return "data.shuffle_tags changes the captions every epoch"
-    if cfg.data.caption_tag_dropout > 0:
-        return "data.caption_tag_dropout changes the captions every epoch"
+    for i, d in enumerate(resolve_subsets(cfg.data)):  # every subset's captions must be fixed
+        key = f"data.subsets[{i}] ({d.path}) " if cfg.data.subsets else "data."
+        if d.shuffle_tags:
+            return f"{key}shuffle_tags changes the captions every epoch"
+        if d.caption_tag_dropout > 0:
+            return f"{key}caption_tag_dropout changes the captions every epoch"
     return None
 
 

@@ -8,8 +8,9 @@ import random
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolve_subsets
 from ..data import ImageCaptionDataset
+from ..data.treatment import Treatment
 from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
 from ..data.templates import template_captions
 from ..textencode import comma_in_brackets
@@ -41,10 +42,10 @@ class ShuffledBatches:
 def warn_split_weights(cfg: RunConfig, examples) -> None:
     """One warning when weighted captions would be split inside a bracket by tag shuffling, tag
     dropout or keep_tokens (all of which cut captions at every comma)."""
-    d = cfg.data
-    if not (d.weighted_captions and (d.shuffle_tags or d.caption_tag_dropout > 0)):
+    subs = resolve_subsets(cfg.data)
+    if not (cfg.data.weighted_captions and not all(Treatment.of(d).fixed_captions for d in subs)):
         return
-    texts = [d.caption_prefix + ex.caption + d.caption_suffix for ex in examples]
+    texts = [subs[ex.subset].caption_prefix + ex.caption + subs[ex.subset].caption_suffix for ex in examples]
     found = [ex.path.name for ex, text in zip(examples, texts) if comma_in_brackets(text)]
     if found:
         log.warning("data.weighted_captions: %d caption(s) have a comma inside brackets (first: %s), which tag "
@@ -53,6 +54,8 @@ def warn_split_weights(cfg: RunConfig, examples) -> None:
 
 
 def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> ImageCaptionDataset:
+    """The dataset of the instance images (each with its data.subsets entry's treatment), or with
+    `instance` false of the class images (their prompts as they are, once per epoch)."""
     d = cfg.data
     if instance:
         warn_split_weights(cfg, examples)
@@ -71,6 +74,7 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
         keep_tokens_separator=d.keep_tokens_separator,
         caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs if instance else 0,
         templates=template_captions(cfg.embedding.templates, cfg.embedding.token) if instance else (),
+        treatments=[Treatment.of(sub) for sub in resolve_subsets(d)] if instance and d.subsets else None,
     )
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolve_subsets
 from ..data import tag_frequency, training_caption
 from ..data.templates import describe_templates
 from ..data.buckets import bucket_side_range
-from ..data.folders import describe_folders, group_key, parse_folder_name
+from ..data.folders import describe_folders, describe_groups, group_keys, parse_folder_name
 from ..export.files import adapter_states, save_adapter
 from ..export.lycoris_write import save_lycoris_adapter
 from ..export.metadata import kohya_metadata
@@ -31,10 +31,22 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def _final_captions(cfg: RunConfig, examples) -> list:
-    """The captions as trained on (with the trigger prefix and the suffix), for the tag counts users see."""
-    d = cfg.data
-    return [replace(ex, caption=training_caption(ex.caption, d.caption_prefix, d.caption_suffix,
-                                                      d.keep_tokens_separator)) for ex in examples]
+    """The captions as trained on (with the trigger prefix and the suffix of each image's subset),
+    for the tag counts users see."""
+    subs = resolve_subsets(cfg.data)
+    return [replace(ex, caption=training_caption(ex.caption, subs[ex.subset].caption_prefix,
+                                                 subs[ex.subset].caption_suffix, subs[ex.subset].keep_tokens_separator))
+            for ex in examples]
+
+
+def dataset_folders(cfg: RunConfig, examples) -> tuple[list[dict], list[str]]:
+    """(rows of ss_dataset_dirs: folder, img_count, n_repeats; each example's folder key): per
+    <N>_<name> folder and the images in none, under each data.subsets folder's name with subsets."""
+    subs = resolve_subsets(cfg.data)
+    keys = group_keys(examples, [s.path for s in subs])
+    if not cfg.data.subsets:
+        return describe_folders(examples, cfg.data.path, cfg.data.repeats), keys
+    return describe_groups(examples, keys, [s.repeats for s in subs]), keys
 
 
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -99,10 +111,10 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
     db = cfg.dreambooth
     # As kohya writes them: one entry per folder (each <N>_<name> folder, the other images under the
     # dataset folder's name), n_repeats per epoch, and the image count as the sum of img_count × n_repeats.
-    folders = describe_folders(examples, cfg.data.path, cfg.data.repeats)
+    folders, keys = dataset_folders(cfg, examples)
     by_folder: dict[str, list] = {row["folder"]: [] for row in folders}
-    for ex in _final_captions(cfg, examples):
-        by_folder[group_key(ex.folder, cfg.data.path)].append(ex)
+    for ex, key in zip(_final_captions(cfg, examples), keys):
+        by_folder[key].append(ex)
     tags = {folder: tag_frequency(group) for folder, group in by_folder.items()}
     d = cfg.data
     sides = bucket_side_range(d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side) if d.buckets else None
@@ -126,8 +138,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         caption_tag_dropout_rate=d.caption_tag_dropout,
         caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs or None,  # written only when on
         weighted_captions=d.weighted_captions,
-        alpha_mask=d.alpha_mask,
-        masked_loss=d.alpha_mask or d.mask_dir is not None,  # alpha or mask images: kohya's --masked_loss
+        alpha_mask=any(s.alpha_mask for s in resolve_subsets(d)),  # any subset's
+        # alpha or mask images: kohya's --masked_loss
+        masked_loss=any(s.alpha_mask for s in resolve_subsets(d)) or d.mask_dir is not None,
         steps=step,
         max_train_steps=max_steps,
         learning_rate=t.lr,
@@ -162,7 +175,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         output_name=cfg.output.name,
         tag_frequency=tags,
         dataset_dirs={row["folder"]: {"n_repeats": row["n_repeats"], "img_count": row["img_count"]} for row in folders},
-        trigger_phrase=cfg.dreambooth.instance_prompt or cfg.data.caption_prefix.strip().rstrip(",")
+        trigger_phrase=cfg.dreambooth.instance_prompt
+        or ", ".join(dict.fromkeys(p for s in resolve_subsets(d) if (p := s.caption_prefix.strip().rstrip(","))))
         or (cfg.embedding.token if cfg.embedding.templates is not None else None)
         or ", ".join(folder_triggers(examples)) or None,
         prediction_type="v" if prediction_type == "v_prediction" else "epsilon",

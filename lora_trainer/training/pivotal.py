@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from ..config import resolve_subsets
 from ..errors import ConfigError
 from ..export import bundle
 from ..fileio import atomic_path
@@ -157,10 +158,13 @@ def check_token_in_run(cfg, examples) -> None:
                  "its own caption is not trained on", describe_templates(cfg.embedding.templates), token)
         return
     word = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)", re.IGNORECASE)
-    captions = [training_caption(ex.caption, d.caption_prefix, d.caption_suffix, d.keep_tokens_separator)
+    subs = resolve_subsets(d)
+    of = (lambda ex: subs[ex.subset]) if d.subsets else (lambda ex: d)  # each image's own prefix and suffix
+    captions = [training_caption(ex.caption, of(ex).caption_prefix, of(ex).caption_suffix, of(ex).keep_tokens_separator)
                 for ex in examples]
     if not any(word.search(c) for c in captions):
-        where = "dreambooth.instance_prompt" if cfg.dreambooth.instance_prompt else f"the captions of {d.path}"
+        folders = ", ".join(s.path for s in subs)
+        where = "dreambooth.instance_prompt" if cfg.dreambooth.instance_prompt else f"the captions of {folders}"
         raise ConfigError(f"embedding.token: {token!r} is in none of the {len(captions)} training captions ({where}), "
                           "so its vectors would never train; put it in the captions (or data.caption_prefix) or fix "
                           "its spelling")

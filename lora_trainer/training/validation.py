@@ -20,11 +20,12 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolve_subsets
 from ..data import Example, ImageCaptionDataset
 from ..data.buckets import assign_buckets
 from ..data.holdout import validation_seed
 from ..data.templates import template_captions
+from ..data.treatment import Treatment
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class Validation:
                                                seed=self.seed, sizes=sizes, alpha_mask=d.alpha_mask,
                                                keep_tokens_separator=d.keep_tokens_separator,
                                                templates=template_captions(cfg.embedding.templates,
-                                                                           cfg.embedding.token))
+                                                                           cfg.embedding.token),
+                                               treatments=_held_out_treatments(d) if d.subsets else None)
 
     def due(self, step: int) -> bool:
         if not self.examples:
@@ -135,6 +137,14 @@ class Validation:
             loss = self.batch_loss(batch, self.paths, 0, STREAM, self.seed, timesteps.to(self.accelerator.device))
             total += loss.float() * len(timesteps)
         return total / k
+
+
+def _held_out_treatments(d) -> list[Treatment]:
+    """With data.subsets: each subset's captions as training reads them (no dropout, shuffling or flip),
+    then data.*'s for the images of data.validation_path."""
+    return [Treatment(caption_prefix=s.caption_prefix, caption_suffix=s.caption_suffix,
+                      keep_tokens_separator=s.keep_tokens_separator, alpha_mask=s.alpha_mask)
+            for s in (*resolve_subsets(d), d)]
 
 
 def _repeat(item: dict, draws: list[int]) -> dict:
