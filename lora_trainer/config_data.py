@@ -68,12 +68,15 @@ class DataConfig:
     # Several folders instead of path, each with its own settings (kohya's [[datasets.subsets]]): a list
     # of mappings, each a `path` and any of repeats, caption_extension, caption_prefix, caption_suffix,
     # keep_tokens, keep_tokens_separator, shuffle_tags, caption_dropout, caption_tag_dropout, random_flip,
-    # folder_repeats, alpha_mask; a key left out takes the data.* value, the other data.* keys are the
+    # folder_repeats, alpha_mask, default_caption; a key left out takes the data.* value, the other data.* keys are the
     # same for all. [] (default): the images of path alone. Not with path: list it as a subset
     subsets: list[SubsetConfig] = field(default_factory=list)
     # the caption of cat.png is cat<caption_extension> beside it (unless metadata.jsonl has it); kohya's
     # default is .caption (kohya's --caption_extension); "caption" is read as ".caption"
     caption_extension: str = ".txt"
+    # the caption of an image that has none (no caption file or metadata.jsonl entry, and no <N>_<name>
+    # folder naming it), e.g. "sks dog" (kohya's class_tokens); "": such images train uncaptioned
+    default_caption: str = ""
     resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
     center_crop: bool = True  # False: random crop
     random_flip: bool = False  # horizontal flip with p=0.5

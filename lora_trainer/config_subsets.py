@@ -35,6 +35,7 @@ class SubsetConfig:
     random_flip: Optional[bool] = None
     folder_repeats: Optional[bool] = None  # its <N>_<name> folders give repeats and captions
     alpha_mask: Optional[bool] = None
+    default_caption: Optional[str] = None  # its images without a caption take this one (kohya's class_tokens)
 
     @classmethod
     def unknown_key_error(cls, key: str, dotted: str) -> str | None:

@@ -196,15 +196,17 @@ def test_sdxl_toml_and_dataset_with_two_subsets_named_by_kohya_layout(tmp_path):
     assert cfg.lora.train_text_encoder is False and cfg.train.optimizer == "prodigy" and cfg.train.lr == 1.0
     # data.subsets: each subset's folder and num_repeats, and its own flip_aug
     assert cfg.data.path == "" and cfg.data.repeats == 1
-    assert [(s.path, s.repeats, s.random_flip) for s in cfg.data.subsets] == [
-        (str(tmp_path / "train" / "10_sks dog"), 10, None), (str(tmp_path / "train" / "3_style"), 3, True)]
+    # and class_tokens: the caption of its images without one
+    assert [(s.path, s.repeats, s.random_flip, s.default_caption) for s in cfg.data.subsets] == [
+        (str(tmp_path / "train" / "10_sks dog"), 10, None, "sks dog"),
+        (str(tmp_path / "train" / "3_style"), 3, True, "style")]
     assert (cfg.data.resolution, cfg.data.buckets, cfg.train.batch_size) == (1024, True, 2)  # the dataset's batch size
     assert cfg.data.shuffle_tags and cfg.data.keep_tokens == 1 and not cfg.data.random_flip
     assert cfg.dreambooth.class_data == str(tmp_path / "reg-dog") and cfg.dreambooth.num_class_images == 4
     assert cfg.dreambooth.class_prompt == "dog" and cfg.train.mixed_precision == "bf16"
     text = "\n".join(notes)
     assert "flip_aug" not in text and "differs" not in text  # carried by the subset, not noted
-    assert "class_tokens 'sks dog': kohya captions its images without a caption file with it" in text
+    assert "class_tokens" not in text  # carried as default_caption
     assert "--clip_skip 2: kohya's SDXL training ignores it" in text and cfg.model.clip_skip == 1
     assert cfg.model.max_token_length == 225
     assert "--optimizer_args d_coef=2" in text and "--cache_text_encoder_outputs" in text and "--no_half_vae" in text
@@ -228,8 +230,8 @@ def test_one_subset_in_a_plain_folder_uses_data_repeats(tmp_path):
                                           "class_tokens": "sks"}]}]}
     cfg, notes = config_from_kohya({"pretrained_model_name_or_path": "m", "network_dim": 4, "network_alpha": 4,
                                     "learning_rate": 1e-4, "max_train_steps": 10}, dataset)
-    assert cfg["data"] == {"path": str(tmp_path / "pics"), "repeats": 5}
-    assert any("class_tokens 'sks'" in n for n in notes)
+    assert cfg["data"] == {"path": str(tmp_path / "pics"), "repeats": 5, "default_caption": "sks"}
+    assert not any("class_tokens" in n for n in notes)
 
 
 def test_missing_reg_folder_leaves_prior_preservation_off_with_a_note(tmp_path):

@@ -322,13 +322,34 @@ def test_from_kohya_subsets_become_data_subsets(tmp_path):
         {"path": str(tmp_path / "full"), "repeats": 2, "shuffle_tags": True, "keep_tokens_separator": "|||",
          "caption_dropout": 0.1, "random_flip": True, "caption_prefix": ""},
         {"path": str(tmp_path / "style"), "caption_prefix": "", "caption_suffix": " mystyle",
-         "caption_extension": ".caption"}]
+         "caption_extension": ".caption", "default_caption": "style"}]
     assert cfg["dreambooth"]["class_data"] == str(tmp_path / "reg")  # is_reg: class images, as before
     text = "\n".join(notes)
     assert f"(subset {tmp_path / 'style'}) random_crop: True differs from the first subset's unset" in text
-    assert "class_tokens 'style'" in text and "flip_aug" not in text and "shuffle_caption" not in text
+    assert "class_tokens" not in text and "flip_aug" not in text and "shuffle_caption" not in text
     cfg["output"] = {"dir": str(tmp_path / "out")}
     loaded = load_config(None, [f"{section}.{key}={json.dumps(value)}" for section, keys in cfg.items()
                                 for key, value in keys.items()])
     assert [s.repeats for s in loaded.data.subsets] == [10, 2, None]
     assert "subsets:" in dump_config(loaded)
+
+
+def test_default_caption_captions_only_the_images_without_one(tmp_path, tiny_sd15):
+    """data.default_caption (kohya's class_tokens) and a subset's own: the caption of an image with no
+    caption file and no <N>_<name> folder naming it; captioned images and folder names keep theirs."""
+    from lora_trainer.data.prepare import prepare_examples
+
+    dog, style = tmp_path / "dog", tmp_path / "style"
+    _image(dog / "a.png", "a dog, running")
+    _image(dog / "b.png")
+    _image(dog / "3_sks dog" / "c.png")  # named by its folder, which wins
+    _image(style / "d.png")
+    cfg = _subsets_config(tiny_sd15, tmp_path / "out", [{"path": str(dog)}, {"path": str(style),
+                                                         "default_caption": "mystyle"}],
+                          "data.default_caption=sks dog")
+    examples = prepare_examples(cfg, show_progress=False)
+    assert [(ex.path.name, ex.caption, ex.repeats) for ex in examples] == [
+        ("c.png", "sks dog", 3), ("a.png", "a dog, running", 1), ("b.png", "sks dog", 1), ("d.png", "mystyle", 1)]
+    plain = load_config(REPO / "configs" / "example.yaml", [f"model.base={tiny_sd15}", f"data.path={style}",
+                                                            f"output.dir={tmp_path / 'plain'}", *FAST])
+    assert [ex.caption for ex in prepare_examples(plain, show_progress=False)] == [""]  # off by default

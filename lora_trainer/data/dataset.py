@@ -43,7 +43,7 @@ class Example:
 
 def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_captions: bool = True,
                  caption_extension: str = DEFAULT_CAPTION_EXTENSION,
-                 report_missing: bool = True) -> list[Example]:
+                 report_missing: bool = True, default_caption: str = "") -> list[Example]:
     """Find every image under `root` (recursively, sorted) with its caption (metadata.jsonl, else
     the `<stem><caption_extension>` file beside it).
 
@@ -51,7 +51,8 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
     once so that broken files are reported now, together in one warning, and skipped.
     `folder_repeats`: kohya's layout (see data/folders.py): an image in a `<N>_<name>` folder is
     repeated N times and `0_<name>` folders are left out; with `folder_captions` too, such an
-    image with no caption at all is captioned `<name>`. When no image has a caption file of
+    image with no caption at all is captioned `<name>`; `default_caption` (data.default_caption)
+    captions the images still without one. When no image has a caption file of
     `caption_extension` but some have .caption/.txt/.tags files, one warning says which key to set.
     `report_missing`: log how many train uncaptioned (not when an instance prompt captions all).
     """
@@ -98,10 +99,14 @@ def scan_dataset(root: str | os.PathLike, folder_repeats: bool = True, folder_ca
         if caption is None and folder_captions and folder is not None and folder.name:
             caption = folder.name
             from_folder[(folder.path, folder.name)] += 1
+        elif caption is None and default_caption:
+            caption = default_caption
+            from_folder[(str(root), default_caption)] += 1
         examples.append(Example(path, caption or "", folder.repeats if folder else 1,
                                 folder.path if folder else None))
     for (folder, name), n in from_folder.items():
-        logger.info("%s: %d image(s) without a caption are captioned %r (the folder's name)", folder, n, name)
+        logger.info("%s: %d image(s) without a caption are captioned %r (%s)", folder, n, name,
+                    "data.default_caption" if folder == str(root) else "the folder's name")
     missing = sum(1 for ex in examples if not ex.caption)
     if missing and report_missing:
         logger.info("%d of %d images have no caption (no metadata.jsonl entry or %s file, or a blank one); "

@@ -79,7 +79,8 @@ def scan_validation_folder(cfg: RunConfig) -> list[Example]:
     instance_prompt = cfg.dreambooth.instance_prompt
     examples = scan_dataset(folder, cfg.data.folder_repeats,
                             folder_captions=cfg.data.folder_repeats and not instance_prompt,
-                            caption_extension=cfg.data.caption_extension)
+                            caption_extension=cfg.data.caption_extension,
+                            default_caption=cfg.data.default_caption)
     if cfg.data.mask_dir:  # scored as trained: held-out images need their masks too
         examples = attach_masks(examples, folder, cfg.data.mask_dir)
     return [replace(ex, caption=instance_prompt) for ex in examples] if instance_prompt else examples

@@ -96,7 +96,7 @@ def _prepare_folder(cfg: RunConfig, sub: DataConfig, is_main: bool, show_progres
     # dreambooth.instance_prompt captions every image, so folder names would caption none.
     examples = scan_dataset(root, sub.folder_repeats,
                             folder_captions=sub.folder_repeats and not cfg.dreambooth.instance_prompt,
-                            caption_extension=ext,
+                            caption_extension=ext, default_caption=sub.default_caption,
                             report_missing=not (cfg.dreambooth.instance_prompt or cfg.embedding.templates))
     if sub.mask_dir:  # with data.subsets, a subset's masks are looked for under its folder's name first
         examples = attach_masks(examples, root.parent if cfg.data.subsets else root, sub.mask_dir)

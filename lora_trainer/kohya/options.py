@@ -5,7 +5,6 @@ are in data_options.py)."""
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -305,7 +304,7 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
         reg_folder(str(reg[0]["image_dir"]), reg[0].get("class_tokens"), a.float("prior_loss_weight"), cfg, notes,
                    f"dataset config (reg subset {reg[0]['image_dir']})")
         folders = [cfg["data"]["path"]] if "path" in cfg["data"] else [s["path"] for s in cfg["data"]["subsets"]]
-        if any(_inside(Path(reg[0]["image_dir"]), Path(folder)) for folder in folders):
+        if any(inside(Path(reg[0]["image_dir"]), Path(folder)) for folder in folders):
             where = "data.path" if "path" in cfg["data"] else "a training subset's folder"
             notes.append(f"dataset config: reg subset {reg[0]['image_dir']} lies under {where}, so its images "
                          "also train as instance images; move it out")
@@ -319,59 +318,26 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
 
 
 def _train_folders(subsets: list[dict], cfg: dict, notes: list[str]) -> None:
-    """data.path for the training subsets. Our loader takes repeats (and the caption of uncaptioned
-    images) from `<N>_<name>` folder names, so the subsets' parent is data.path when their names say
-    what num_repeats and class_tokens say; otherwise a note asks for that naming."""
+    """data.path for the one training subset: its folder, num_repeats as data.repeats and class_tokens
+    (the caption of its images without one) as data.default_caption. A dataset TOML's folder names
+    mean nothing to kohya, and the folder given as data.path is not read as an `<N>_<name>` folder
+    here either."""
     from .subsets import subset_repeats
 
-    dirs = [(Path(str(s["image_dir"])), subset_repeats(s), str(s.get("class_tokens") or "")) for s in subsets]
-
-    def named_right(folder: Path, repeats: int, tokens: str) -> bool:
-        match = _REPEAT_NAME.fullmatch(folder.name)
-        return bool(match) and int(match.group(1)) == repeats and (not tokens or match.group(2).strip() == tokens)
-
-    folder, repeats, tokens = dirs[0]
-    if len(dirs) == 1 and not named_right(folder, repeats, tokens):
-        set_key(cfg, "data.path", str(folder))
-        if repeats != 1:
-            set_key(cfg, "data.repeats", repeats)
-        if tokens:
-            notes.append(f"dataset config class_tokens {tokens!r}: kohya captions images without a caption file "
-                         f"with it; here they train uncaptioned unless the folder is named `{repeats}_{tokens}` "
-                         "under data.path")
-        return
-    try:
-        parent = Path(os.path.commonpath([str(d.parent) for d, _, _ in dirs]))
-    except ValueError:
-        raise ConfigError("dataset config: the subsets' image_dir paths mix absolute and relative paths (or drives); "
-                          "make them all absolute") from None
-    set_key(cfg, "data.path", str(parent))
-    for folder, repeats, tokens in dirs:
-        if not named_right(folder, repeats, tokens):
-            said = f"num_repeats {repeats}" + (f" and class_tokens {tokens!r}" if tokens else "")
-            notes.append(f"dataset config subset {folder}: {said} are not in its folder name; rename it "
-                         f"`{repeats}_{tokens or folder.name}` (kohya's layout), or it trains once per epoch")
-    if parent.is_dir():  # images under data.path that no subset lists would train too
-        listed = [d.resolve() for d, _, _ in dirs]
-        stray = sorted({p.relative_to(parent).parts[0] for p in parent.rglob("*")
-                        if p.suffix.lower() in IMAGE_SUFFIXES and not any(_is_parked(part) for part in p.parts)
-                        and not any(_inside(p, d) for d in listed)})
-        for name in stray:
-            notes.append(f"dataset config: {parent / name} holds images under data.path {parent} that no subset "
-                         "lists; they would train too: move them out")
-
-
-def _is_parked(name: str) -> bool:
-    """A `0_<name>` folder, which our loader (like kohya) leaves out."""
-    match = _REPEAT_NAME.fullmatch(name)
-    return match is not None and int(match.group(1)) == 0
+    subset = subsets[0]
+    set_key(cfg, "data.path", str(subset["image_dir"]))
+    if subset_repeats(subset) != 1:
+        set_key(cfg, "data.repeats", subset_repeats(subset))
+    if subset.get("class_tokens"):
+        set_key(cfg, "data.default_caption", str(subset["class_tokens"]))
 
 
 def _shown(value: Any) -> str:
     return "unset" if value is None else repr(value)
 
 
-def _inside(path: Path, root: Path) -> bool:
+def inside(path: Path, root: Path) -> bool:
+    """`path` is `root` or lies below it (links resolved)."""
     try:
         path.resolve().relative_to(root.resolve())
     except ValueError:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..config import DataConfig, normalize_caption_extension
 from ..errors import ConfigError
 from .data_options import data_options, kohya_caption_extension
+from .options import inside as _inside
 
 if TYPE_CHECKING:
     from .mapping import Args
@@ -55,11 +56,8 @@ def subsets_data(train: list[tuple[dict, "Args"]], cfg: dict, notes: list[str]) 
         ext = _extension(layer, train[0][1], data)
         if ext != value(data, "caption_extension"):
             entry["caption_extension"] = ext
-        tokens = str(subset.get("class_tokens") or "")
-        if tokens:
-            notes.append(f"dataset config subset {subset['image_dir']} class_tokens {tokens!r}: kohya captions its "
-                         "images without a caption file with it; here they train uncaptioned (write caption files, "
-                         "or set this subset's caption_prefix)")
+        if subset.get("class_tokens"):  # the caption of its images without one
+            entry["default_caption"] = str(subset["class_tokens"])
         entries.append(entry)
     data.pop("path", None)
     data["subsets"] = entries
@@ -83,9 +81,3 @@ def _extension(layer: "Args", first: "Args", data: dict) -> str:
     return data.get("caption_extension", DataConfig().caption_extension) if not _given_extension(first) else ".caption"
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
