@@ -48,7 +48,8 @@ FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # What check_request and the hires checks call a value, and the field it came from here
 FLAG_FIELDS = {"--steps": "steps", "--width": "width", "--height": "height", "--strength": "denoising_strength",
                "--clip-skip": "clip_skip", "--hires-scale": "hr_scale", "--hires-strength": "denoising_strength",
-               "--hires-steps": "hr_second_pass_steps", "--hires-upscaler": "hr_upscaler", "--scheduler": "sampler_name",
+               "--hires-steps": "hr_second_pass_steps", "--hires-upscaler": "hr_upscaler",
+               "--scheduler": "sampler_name",
                "--batch-size": "batch_size", "--num-images": "n_iter", "--mask-blur": "mask_blur",
                "--init-image": "init_images", "--mask": "mask"}
 
@@ -236,8 +237,13 @@ def _read_images(values: dict, body: dict, req) -> None:
     images = values["init_images"]
     if not images:
         raise ConfigError("init_images: give one base64-encoded image to draw from")
-    # without width/height the result keeps the init image's size
-    sized = "width" in body or "height" in body
+    # without width/height the result keeps the init image's size; with both, it is resized to them
+    given = [name for name in ("width", "height") if body.get(name) is not None]
+    if len(given) == 1:
+        other = "height" if given == ["width"] else "width"
+        raise ConfigError(f"{given[0]}: with init_images give {other} too (the init image is resized to both), "
+                          "or neither to keep its size")
+    sized = bool(given)
     init = to_rgb(decode_image(images[0], "init_images[0]"))
     req.init_image, req.strength = init, values["denoising_strength"]
     if not sized:
@@ -296,8 +302,8 @@ def png_info(body: dict) -> dict[str, Any]:
     if not text:
         return {"info": "", "items": items, "parameters": {}}
     info = parse_a1111_parameters(text)
-    tags = " ".join(f"<lora:{name}:{weight:g}{':lbw=' + info.block_weights[name] if name in info.block_weights else ''}>"
-                    for name, weight, _ in info.adapters)
+    lbw = {name: f":lbw={spec}" for name, spec in info.block_weights.items()}
+    tags = " ".join(f"<lora:{name}:{weight:g}{lbw.get(name, '')}>" for name, weight, _ in info.adapters)
     params: dict[str, Any] = {
         "Prompt": f"{info.prompt} {tags}".strip(), "Negative prompt": info.negative_prompt, "Steps": info.steps,
         "Sampler": info.sampler, "CFG scale": info.cfg_scale, "Seed": info.seed, "Size-1": info.width,
