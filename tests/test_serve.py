@@ -148,6 +148,35 @@ def test_a_lora_tag_is_the_lora_flag_for_that_request_only(server, tiny_sd15, fo
     assert set(server[1].gen.adapters.specs) == {"a", "b"}  # each file loaded once
 
 
+def test_requests_at_once_are_drawn_one_at_a_time(server):
+    """Two clients at once, with the same file at other weights: each gets its own weight's image."""
+    bodies = [dict(prompt=f"a cat <lora:a:{w}>", seed=3, sampler_name="Euler", **SMALL) for w in (0.2, 1.5)]
+    alone = [images(ok(server, "/sdapi/v1/txt2img", body))[0] for body in bodies]
+    together: dict[int, Image.Image] = {}
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(
+        k, images(ok(server, "/sdapi/v1/txt2img", bodies[k % 2]))[0])) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, image in together.items():
+        assert_same(image, alone[k % 2])
+
+
+def test_fields_not_done_here_are_named_in_the_log(server, caplog):
+    init = [b64(Image.new("RGB", (32, 32)))]
+    mask = b64(Image.new("L", (32, 32), 255))
+    with caplog.at_level("WARNING", logger="lora_trainer.inference"):
+        ok(server, "/sdapi/v1/txt2img", dict(prompt="x", negative_prompt="<lora:a:1>", restore_faces=True,
+                                             styles=["cinematic"], seed=1, sampler_name="Euler", **SMALL))
+        ok(server, "/sdapi/v1/img2img", dict(prompt="x", init_images=init * 2, mask=mask, inpainting_fill=0,
+                                             resize_mode=1, seed=1, sampler_name="Euler", **SMALL))
+    text = caplog.text
+    for said in ("restore_faces=true is not done", "styles:", "negative prompt's are encoded as text",
+                 "inpainting_fill=0 (fill) is not done", "resize_mode=1", "init_images: 2 given"):
+        assert said in text, text
+
+
 def test_img2img_and_inpainting_are_the_generators(server, tiny_sd15):
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (40, 32, 3), dtype=np.uint8))

@@ -41,14 +41,15 @@ class Service:
     def generate(self, body: Any, kind: str) -> dict:
         """txt2img / img2img: the images (base64 PNGs), the request as understood, and `info`."""
         from .server_api import info_json, png_base64, read_request
-        from .server_loras import parse_tags
+        from .server_loras import TAG, parse_tags
 
         api = read_request(body, kind, self.clip_skip)
-        text, tags = parse_tags(api.prompt)
-        negative, negative_tags = parse_tags(api.request.negative_prompt)
-        api.request.prompt, api.request.negative_prompt = text, negative
-        with self.lock:
-            self.loras.apply(tags + negative_tags)  # A1111 reads tags in the negative prompt too
+        api.request.prompt, tags = parse_tags(api.prompt)
+        if TAG.search(api.request.negative_prompt):  # A1111 reads the prompt's alone, the same way
+            log.warning("%s: <lora:...> tags are read from the prompt only; the negative prompt's are encoded as "
+                        "text", kind)
+        with self.lock:  # the adapters' weights are the model's: one request sets and draws at a time
+            self.loras.apply(tags)
             results = self.gen.generate(api.request)
         images = [png_base64(r.image, r.info) for r in results] if api.send_images else []
         return {"images": images, "parameters": api.parameters,
