@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lora_trainer.inference.generate import Generator, Request
 from lora_trainer.inference.server import Service, load_embedding_dir, make_server
@@ -39,6 +39,8 @@ def folders(random_adapters, tmp_path_factory):
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(loras / "z.safetensors"),
                   {**f.metadata(), "ss_output_name": "zeta"})
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    tensors = load_file(str(random_adapters["a"]))  # a pivotal-tuning file: a's LoRA bundling "pivtok"
+    save_file({**tensors, "bundle_emb.pivtok.string_to_param.*": vectors + 1}, str(loras / "piv.safetensors"))
     save_file({"emb_params": vectors}, str(embeddings / "mytok.safetensors"))
     save_file({"emb_params": torch.ones(2, 48)}, str(embeddings / "wide.safetensors"))  # another base's width
     return loras, embeddings
@@ -148,6 +150,16 @@ def test_a_lora_tag_is_the_lora_flag_for_that_request_only(server, tiny_sd15, fo
     assert set(server[1].gen.adapters.specs) == {"a", "b"}  # each file loaded once
 
 
+def test_a_bundled_embedding_is_a_word_only_in_the_requests_naming_its_lora(server, tiny_sd15, folders):
+    common = dict(seed=2, sampler_name="Euler", **SMALL)
+    reference = dict(prompt="a pivtok photo", seed=2, sampler="euler", guidance_scale=7.0, **SMALL)
+    out = ok(server, "/sdapi/v1/txt2img", dict(prompt="a pivtok photo <lora:piv:0.6>", **common))
+    assert_same(images(out)[0], draw(tiny_sd15, [f"{folders[0] / 'piv.safetensors'}:0.6"], **reference)[0].image)
+    assert "TI hashes: \"pivtok: piv\"" in json.loads(out["info"])["infotexts"][0]
+    plain = ok(server, "/sdapi/v1/txt2img", dict(prompt="a pivtok photo", **common))
+    assert_same(images(plain)[0], draw(tiny_sd15, **reference)[0].image)  # pivtok is plain text again
+
+
 def test_requests_at_once_are_drawn_one_at_a_time(server):
     """Two clients at once, with the same file at other weights: each gets its own weight's image."""
     bodies = [dict(prompt=f"a cat <lora:a:{w}>", seed=3, sampler_name="Euler", **SMALL) for w in (0.2, 1.5)]
@@ -222,9 +234,9 @@ def test_the_listing_endpoints(server, folders):
     assert model["title"] == model["model_name"] == "model"
     loras = ok(server, "/sdapi/v1/loras")
     assert [(item["name"], item["alias"], item["path"]) for item in loras] == [
-        ("a", "a", str(folders[0] / "a.safetensors")), ("b", "b", str(folders[0] / "sub" / "b.safetensors")),
-        ("z", "zeta", str(folders[0] / "z.safetensors"))]
-    assert loras[2]["metadata"]["ss_output_name"] == "zeta" and "ss_network_dim" in loras[0]["metadata"]
+        ("a", "a", str(folders[0] / "a.safetensors")), ("piv", "piv", str(folders[0] / "piv.safetensors")),
+        ("b", "b", str(folders[0] / "sub" / "b.safetensors")), ("z", "zeta", str(folders[0] / "z.safetensors"))]
+    assert loras[3]["metadata"]["ss_output_name"] == "zeta" and "ss_network_dim" in loras[0]["metadata"]
     names = [s["name"] for s in ok(server, "/sdapi/v1/samplers")]
     assert {"DPM++ 2M", "Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names)
     embeddings = ok(server, "/sdapi/v1/embeddings")

@@ -164,6 +164,8 @@ def warn_not_done(body: dict, kind: str) -> list[str]:
              for name, off in NOT_DONE.items() if body.get(name) not in (None, off)]
     if body.get("styles"):
         notes.append("styles: saved prompt styles are not kept here; put their text in the prompt")
+    if body.get("save_images"):
+        notes.append("save_images: nothing is saved on the server; the response carries the images")
     if kind == "img2img":
         if body.get("mask") and body.get("inpainting_fill") not in (None, 1):
             fill = FILLS.get(body["inpainting_fill"], body["inpainting_fill"])
