@@ -29,6 +29,11 @@ def test_a_missing_or_file_folder_is_refused_before_loading(tmp_path, capsys, fl
     assert "is a file" in one_line_error(capsys)
 
 
+def test_a_missing_model_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--lora-dir", str(tmp_path)]) == 2
+    assert "--model" in one_line_error(capsys)
+
+
 def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(tiny_sd15):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "serve", "--model", str(tiny_sd15),
