@@ -96,7 +96,7 @@ def draw(model, loras=(), embeddings=(), **request):
 
 
 def test_txt2img_is_the_generators_image_and_its_infotext_parses_back(server, tiny_sd15, folders):
-    body = dict(prompt="a red circle, mytok", negative_prompt="blurry", seed=5, sampler_name="DPM++ 2M",
+    body = dict(prompt="a red circle, mytok", negative_prompt="blurry", seed=5.0, sampler_name="DPM++ 2M",
                 cfg_scale=6, batch_size=2, override_settings={"CLIP_stop_at_last_layers": 2}, **SMALL,
                 restore_faces=False, some_extension_field={"x": 1})  # unknown fields are ignored
     out = ok(server, "/sdapi/v1/txt2img", body)
@@ -180,12 +180,13 @@ def test_fields_not_done_here_are_named_in_the_log(server, caplog):
     mask = b64(Image.new("L", (32, 32), 255))
     with caplog.at_level("WARNING", logger="lora_trainer.inference"):
         ok(server, "/sdapi/v1/txt2img", dict(prompt="x", negative_prompt="<lora:a:1>", restore_faces=True,
-                                             styles=["cinematic"], seed=1, sampler_name="Euler", **SMALL))
+                                             styles=["cinematic"], override_settings={"sd_vae": "x.pt"},
+                                             seed=1, sampler_name="Euler", **SMALL))
         ok(server, "/sdapi/v1/img2img", dict(prompt="x", init_images=init * 2, mask=mask, inpainting_fill=0,
                                              resize_mode=1, seed=1, sampler_name="Euler", **SMALL))
     text = caplog.text
-    for said in ("restore_faces=true is not done", "styles:", "negative prompt's are encoded as text",
-                 "inpainting_fill=0 (fill) is not done", "resize_mode=1", "init_images: 2 given"):
+    for said in ("restore_faces=true is not done", "override_settings.sd_vae is not kept", "styles:",
+                 "negative prompt's are encoded as text", "inpainting_fill=0 (fill) is not done", "resize_mode=1", "init_images: 2 given"):
         assert said in text, text
 
 
@@ -288,6 +289,7 @@ def _init() -> list[str]:
     ({"init_images": ["not base64!"]}, "init_images[0]"),
     ({"init_images": [base64.b64encode(b"text").decode()]}, "init_images[0]"), ({"init_images": []}, "init_images"),
     ({"init_images": _init(), "denoising_strength": 1.5}, "denoising_strength"),
+    ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, "override_settings.sd_model_checkpoint"),
     ({"init_images": _init(), "mask": "%%%"}, "mask"), ({"init_images": _init(), "width": 48}, "width"),
 ])
 def test_a_bad_request_is_a_one_line_400_naming_the_field(server, body, field):

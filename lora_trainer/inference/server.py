@@ -44,6 +44,10 @@ class Service:
         from .server_loras import TAG, parse_tags
 
         api = read_request(body, kind, self.clip_skip)
+        checkpoint = api.parameters["override_settings"].get("sd_model_checkpoint")
+        if checkpoint not in (None, self.model_title, self.gen.model):  # A1111 would load it: say it cannot
+            raise ConfigError(f"override_settings.sd_model_checkpoint: {checkpoint!r}: this server serves "
+                              f"{self.model_title} only; start another with --model to serve another")
         api.request.prompt, tags = parse_tags(api.prompt)
         if TAG.search(api.request.negative_prompt):  # A1111 reads the prompt's alone, the same way
             log.warning("%s: <lora:...> tags are read from the prompt only; the negative prompt's are encoded as "

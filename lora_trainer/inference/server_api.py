@@ -40,9 +40,10 @@ IMG2IMG = {**COMMON, "init_images": (list, None), "denoising_strength": (float, 
 # Fields A1111 acts on that have no counterpart here: a request asking for them gets a warning in the
 # log (the image is drawn without them); their value when they ask for nothing
 NOT_DONE = {"restore_faces": False, "tiling": False, "subseed_strength": 0, "script_name": None,
-            "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None, "hr_checkpoint_name": None,
-            "hr_sampler_name": None, "hr_prompt": "", "hr_negative_prompt": "", "image_cfg_scale": None,
-            "firstphase_width": 0, "firstphase_height": 0, "eta": None, "s_churn": 0}
+            "alwayson_scripts": {}, "refiner_checkpoint": None, "hr_checkpoint_name": None, "hr_sampler_name": None,
+            "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0}
+# override_settings read here; the others are named in the log
+OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint")
 # A1111's inpainting_fill values: what fills the masked area before it is redrawn; ours keeps its pixels
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # What check_request and the hires checks call a value, and the field it came from here
@@ -76,6 +77,8 @@ def _typed(body: dict, name: str, kind: type, default):
     value = body.get(name)
     if value is None:
         return default
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 768.0: a client's arithmetic, an integer all the same
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
           or kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
     if not ok:
@@ -164,6 +167,9 @@ def warn_not_done(body: dict, kind: str) -> list[str]:
              for name, off in NOT_DONE.items() if body.get(name) not in (None, off)]
     if body.get("styles"):
         notes.append("styles: saved prompt styles are not kept here; put their text in the prompt")
+    settings = body.get("override_settings")
+    for key in [k for k in settings if k not in OVERRIDES] if isinstance(settings, dict) else ():
+        notes.append(f"override_settings.{key} is not kept here; ignored")
     if body.get("save_images"):
         notes.append("save_images: nothing is saved on the server; the response carries the images")
     if kind == "img2img":
