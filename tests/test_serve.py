@@ -186,7 +186,8 @@ def test_fields_not_done_here_are_named_in_the_log(server, caplog):
                                              resize_mode=1, seed=1, sampler_name="Euler", **SMALL))
     text = caplog.text
     for said in ("restore_faces=true is not done", "override_settings.sd_vae is not kept", "styles:",
-                 "negative prompt's are encoded as text", "inpainting_fill=0 (fill) is not done", "resize_mode=1", "init_images: 2 given"):
+                 "negative prompt's are encoded as text", "inpainting_fill=0 (fill) is not done", "resize_mode=1",
+                 "init_images: 2 given"):
         assert said in text, text
 
 
