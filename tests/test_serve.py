@@ -291,7 +291,8 @@ def _init() -> list[str]:
     ({"init_images": [base64.b64encode(b"text").decode()]}, "init_images[0]"), ({"init_images": []}, "init_images"),
     ({"init_images": _init(), "denoising_strength": 1.5}, "denoising_strength"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, "override_settings.sd_model_checkpoint"),
-    ({"init_images": _init(), "mask": "%%%"}, "mask"), ({"init_images": _init(), "width": 48}, "width"),
+    ({"init_images": _init(), "mask": "%%%"}, "mask"),
+    ({"init_images": _init(), "mask": b64(Image.new("L", (16, 32)))}, "mask"), ({"init_images": _init(), "width": 48}, "width"),
 ])
 def test_a_bad_request_is_a_one_line_400_naming_the_field(server, body, field):
     path = "/sdapi/v1/img2img" if "init_images" in body else "/sdapi/v1/txt2img"

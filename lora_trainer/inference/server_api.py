@@ -241,6 +241,7 @@ def _field(check, value, name: str):
 def _read_images(values: dict, body: dict, req) -> None:
     """init_images[0] (and mask) into `req`: RGB, white mask = repaint (inverted on request)."""
     from ..data.images import mask_channel, to_rgb
+    from .images import fit_mask
 
     images = values["init_images"]
     if not images:
@@ -261,13 +262,11 @@ def _read_images(values: dict, body: dict, req) -> None:
         mask = mask_channel(decode_image(values["mask"], "mask"))
         if values["inpainting_mask_invert"]:
             mask = ImageOps.invert(mask)
-        if mask.size != init.size:
-            (w, h), (mw, mh) = init.size, mask.size
-            if abs(mw * h / w - mh) > 1:
-                raise ConfigError(f"mask: {mw}x{mh} is another shape than the {w}x{h} init image; send a mask of "
-                                  "its shape")
-            mask = mask.resize(init.size, Image.NEAREST)
-        req.mask, req.mask_blur = mask, values["mask_blur"]
+        fitted = fit_mask(mask, init.size)
+        if fitted is None:
+            raise ConfigError(f"mask: {mask.width}x{mask.height} is another shape than the {init.width}x{init.height} "
+                              "init image; send a mask of its shape")
+        req.mask, req.mask_blur = fitted, values["mask_blur"]
 
 
 def png_base64(image: Image.Image, info: GenerationInfo) -> str:

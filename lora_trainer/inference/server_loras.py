@@ -5,11 +5,9 @@ request. Files load once and stay loaded; adapters a request does not name are s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +56,13 @@ def _number(text: str) -> float | None:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's `__metadata__` (its header only); {} when it has none or cannot be read."""
+    """A safetensors file's metadata (its header only); {} when it has none or cannot be read."""
+    import safetensors
+
     try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > path.stat().st_size:
-                return {}
-            meta = json.loads(f.read(length)).get("__metadata__") or {}
-        return {str(k): str(v) for k, v in meta.items()}
-    except (OSError, ValueError, struct.error, AttributeError):
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # safetensors raises its own error types for a bad header
         return {}
 
 
