@@ -19,7 +19,6 @@ from .schedulers import SAMPLERS
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 << 20  # bytes: a few large base64 images fit, a runaway upload does not
-EMBEDDING_SUFFIXES = (".safetensors",)
 
 
 class Service:
@@ -183,16 +182,17 @@ def load_embedding_dir(gen, folder: Path | None) -> dict:
     """Load every embedding file in `folder` (subfolders too) under its stem, as A1111 does; those made
     for another base are skipped with a log line ({token: embedding}); pickles are not read."""
     from ..errors import ModelError
+    from ..export.files import PICKLE_SUFFIXES
     from .embeddings import EmbeddingSpec, read_embedding
 
     skipped: dict = {}
     if folder is None:
         return skipped
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.suffix.lower() in (".pt", ".bin", ".ckpt", ".pth"):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             log.warning("--embedding-dir: %s is a pickle, not read (it could run code); save it as .safetensors", path)
             continue
-        if path.suffix.lower() not in EMBEDDING_SUFFIXES:
+        if path.suffix.lower() != ".safetensors":
             continue
         try:
             embedding = read_embedding(EmbeddingSpec(path))
