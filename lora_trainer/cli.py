@@ -1,4 +1,4 @@
-"""The `lora-trainer` command: train, infer, merge, caption, check-data, from-kohya, make-tiny (and
+"""The `lora-trainer` command: train, infer, merge, serve, caption, check-data, from-kohya, make-tiny (and
 the adapter and publishing tools). The only place that reads argv or exits."""
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _merge(args) -> int:
 
     print(run_merge(args))
     return 0
+
+
+def _serve(args) -> int:
+    from .inference.server import run_serve
+
+    return run_serve(args)
 
 
 def _make_tiny(args) -> int:
@@ -190,6 +196,7 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .inference.command import add_infer_arguments, add_merge_arguments  # imports torch: see main
+    from .inference.server import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="lora-trainer", description="LoRA fine-tuning for Stable Diffusion")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -208,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fuse LoRA adapters into a base model and save it")
     add_merge_arguments(p)
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("serve", help="serve AUTOMATIC1111's web API (txt2img, img2img, <lora:NAME:W> in prompts) "
+                                     "over a base model")
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("caption", help="caption images that have none with BLIP-2 or WD14 tags (sidecar .txt "
                                        "files, or --caption-extension)")

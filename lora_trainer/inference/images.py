@@ -27,12 +27,22 @@ def read_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
     its shape (a mask drawn at another resolution, as A1111 takes it). A mask of another shape is
     refused: stretched, it would mark other pixels than the ones drawn."""
     mask = read_image(path, "--mask").convert("L")
+    fitted = fit_mask(mask, size)
+    if fitted is None:
+        (w, h), (mw, mh) = size, mask.size
+        raise ConfigError(f"--mask: {path} is {mw}x{mh} but --init-image is {w}x{h}, another shape, so it would be "
+                          f"stretched over other pixels; give a {w}x{h} mask (or one of the same shape)")
+    return fitted
+
+
+def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+    """`mask` at `size` (width, height): as it is, or resized when it has that shape; None when its
+    shape differs (stretched, it would mark other pixels than the ones drawn)."""
     if mask.size == size:
         return mask
     (w, h), (mw, mh) = size, mask.size
     if abs(mw * h / w - mh) > 1:  # more than rounding apart
-        raise ConfigError(f"--mask: {path} is {mw}x{mh} but --init-image is {w}x{h}, another shape, so it would be "
-                          f"stretched over other pixels; give a {w}x{h} mask (or one of the same shape)")
+        return None
     return mask.resize(size, Image.NEAREST)
 
 
