@@ -113,6 +113,7 @@ def test_second_epoch_reads_both_sides_from_the_latent_cache(tiny_sd15, example_
 
     meta = safetensors.safe_open(str(result.adapter_paths[0]), "pt").metadata()
     assert meta["ss_resolution"] == "(64, 64)"  # kohya's one size: the largest side
+    assert meta["ss_num_train_images"] == "16"  # items per epoch: 8 images × 2 sides
     assert load_config(tmp_path / "out" / "config.yaml").data.resolution == [32, 64]
 
 
@@ -166,12 +167,18 @@ def test_held_out_images_are_scored_at_the_largest_side(tiny_sd15, example_data,
     assert [tuple(validation.dataset[i]["pixel_values"].shape) for i in range(2)] == [(3, 64, 64)] * 2
 
 
-def test_check_data_names_the_sides(example_data):
+def test_check_data_names_the_sides(example_data, tiny_sd15, tmp_path, capsys):
+    from lora_trainer.cli import main
     from lora_trainer.data.checks import check_dataset
 
     report = check_dataset(example_data, [32, 64])
     assert report.resolution == 64 and report.sides == [32, 64]
     assert "(training resolution 64; sides 32, 64, each image trained at each)" in report.format_text()
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"model": {"base": str(tiny_sd15)}, "train": {"max_steps": 1},
+                                  "data": {"path": str(example_data), "resolution": [32, 64]}}))
+    assert main(["check-data", "--config", str(config)]) == 0
+    assert "(training resolution 64; sides 32, 64, each image trained at each)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -128,7 +128,7 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
         **_vae_metadata(cfg.model.vae),
         resolution=main_side(cfg.data.resolution),  # kohya's one size: with several sides, the largest
-        num_train_images=sum(row["img_count"] * row["n_repeats"] for row in folders),
+        num_train_images=_items_per_epoch(cfg, examples, folders),
         num_reg_images=db.num_class_images,
         prior_loss_weight=db.prior_loss_weight if db.num_class_images else None,
         enable_bucket=cfg.data.buckets,
@@ -189,6 +189,16 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
     if templates:
         metadata["ss_caption_templates"] = templates
     return metadata
+
+
+def _items_per_epoch(cfg: RunConfig, examples, folders: list[dict]) -> int:
+    """kohya's ss_num_train_images: images × repeats per epoch, × their sides when data.resolution (or a
+    subset's) lists several (kohya counts a folder listed in two [[datasets]] of other sizes twice)."""
+    subs = resolve_subsets(cfg.data)
+    sides = [len(resolution_sides(s.resolution)) or 1 for s in subs]
+    if max(sides) == 1:
+        return sum(row["img_count"] * row["n_repeats"] for row in folders)
+    return sum(ex.repeats * subs[ex.subset].repeats * sides[ex.subset] for ex in examples)
 
 
 def _loss_metadata(t) -> dict:
