@@ -188,7 +188,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: Sequence[Example], resolution: int | Sequence[int], center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
-                 repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
+                 repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int] | list] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
                  caption_tag_dropout: float = 0.0, alpha_mask: bool = False, keep_tokens_separator: str = "",
                  caption_dropout_every_n_epochs: int = 0, templates: Sequence[str] = (),
