@@ -18,7 +18,9 @@ import yaml
 from .config_checks import (  # noqa: F401 (re-exported)
     MAX_TIMESTEPS, bucket_limit_errors, check_caption_config, check_run, config_warnings, normalize_caption_extension,
 )
-from .config_data import DEFAULT_CAPTION_MODELS, CaptionConfig, DataConfig, caption_model  # noqa: F401 (re-exported)
+from .config_data import (  # noqa: F401 (re-exported)
+    DEFAULT_CAPTION_MODELS, CaptionConfig, DataConfig, caption_model, describe_sides, main_side, resolution_sides,
+)
 from .config_embedding import EmbeddingConfig, check_embedding
 from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .config_sample import SampleConfig, check_sample  # noqa: F401 (re-exported)

@@ -7,7 +7,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .config_data_checks import (  # noqa: F401 (re-exported)
-    bucket_limit_errors, caption_warnings, check_caption_config, normalize_caption_extension, treatment_errors,
+    bucket_limit_errors, caption_warnings, check_caption_config, normalize_caption_extension, resolution_errors,
+    treatment_errors,
 )
 from .config_subsets import check_subsets, image_folders, inside
 from .models.blocks import block_config_errors
@@ -29,8 +30,9 @@ def check_run(cfg: RunConfig, errors: list[str]) -> None:
          "an integer from 1 (the model's default) to 12; 2 for anime SD1.5 bases")
     need(bool(cfg.data.path) or bool(cfg.data.subsets), "data.path", cfg.data.path,
          "a folder of images with captions (or data.subsets, a list of them)")
-    r = cfg.data.resolution
-    need(r is None or (r >= 8 and r % 8 == 0), "data.resolution", r, "a positive multiple of 8 (e.g. 512) or null")
+    bad_resolution = resolution_errors(cfg.data.resolution)
+    errors += bad_resolution
+    r = None if bad_resolution else cfg.data.resolution
     step = cfg.data.bucket_step
     need(step >= 8 and step % 8 == 0, "data.bucket_step", step, "a positive multiple of 8 (64 for real models)")
     if step >= 8 and step % 8 == 0:

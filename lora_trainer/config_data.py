@@ -4,7 +4,7 @@ captions and how they are read. Declared here to keep config.py short; config.py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .config_subsets import SubsetConfig
 
@@ -68,8 +68,8 @@ class DataConfig:
     # Several folders instead of path, each with its own settings (kohya's [[datasets.subsets]]): a list
     # of mappings, each a `path` and any of repeats, caption_extension, caption_prefix, caption_suffix,
     # keep_tokens, keep_tokens_separator, shuffle_tags, caption_dropout, caption_tag_dropout, random_flip,
-    # folder_repeats, alpha_mask, default_caption; a key left out takes the data.* value, the other data.* keys are the
-    # same for all. [] (default): the images of path alone. Not with path: list it as a subset
+    # folder_repeats, alpha_mask, default_caption, resolution; a key left out takes the data.* value, the
+    # other data.* keys are the same for all. [] (default): the images of path alone. Not with path: list it as a subset
     subsets: list[SubsetConfig] = field(default_factory=list)
     # the caption of cat.png is cat<caption_extension> beside it (unless metadata.jsonl has it); kohya's
     # default is .caption (kohya's --caption_extension); "caption" is read as ".caption"
@@ -77,7 +77,11 @@ class DataConfig:
     # the caption of an image that has none (no caption file or metadata.jsonl entry, and no <N>_<name>
     # folder naming it), e.g. "sks dog" (kohya's class_tokens); "": such images train uncaptioned
     default_caption: str = ""
-    resolution: Optional[int] = None  # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL
+    # training side in pixels (multiple of 8); None: 512 SD1.x, 1024 SDXL. A list, e.g. [512, 768, 1024]:
+    # every image is trained at every side, each (image, side) an item of its own (an epoch is len × as
+    # long), cropped or bucketed to about side² pixels; the largest side is the run's size (samples, class
+    # images, held-out images, ss_resolution)
+    resolution: Optional[Union[int, list[int]]] = None
     center_crop: bool = True  # False: random crop
     random_flip: bool = False  # horizontal flip with p=0.5
     repeats: int = 1  # each image is seen this many times per epoch (times its folder's N, below)
@@ -133,3 +137,21 @@ class DataConfig:
     validation_split: float = 0.0
     validation_path: Optional[str] = None  # or a folder of held-out images with captions; not with validation_split
     validation_seed: Optional[int] = None  # draws the held-out images and their fixed noise; null: train.seed
+
+
+def resolution_sides(value: Optional[Union[int, list[int]]]) -> list[int]:
+    """The training sides a `data.resolution` value (or a subset's) lists: [] for null, [n] for n."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def main_side(value: Optional[Union[int, list[int]]]) -> Optional[int]:
+    """The run's size for what is made at one size (samples, class images, held-out images,
+    ss_resolution): the largest listed side, the one the adapter is aimed at; None for null."""
+    return max(resolution_sides(value), default=None)
+
+
+def describe_sides(value: Optional[Union[int, list[int]]]) -> str:
+    """A resolution value as logs and cards show it: "512" or "512, 768, 1024"."""
+    return ", ".join(str(s) for s in resolution_sides(value))

@@ -53,9 +53,30 @@ def treatment_errors(d: DataConfig, key: typing.Callable[[str], str] = lambda na
     return errors
 
 
-def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
+def resolution_errors(value, key: str = "data.resolution") -> list[str]:
+    """Problems with a resolution value (`key`: data.resolution or a subset's): an int or a list of
+    sides, each a positive multiple of 8, the list not empty and without repeats."""
+    allowed = "a positive multiple of 8 (e.g. 512), a list of them (e.g. [512, 768, 1024]) or null"
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [] if value >= 8 and value % 8 == 0 else [f"{key}: got {value!r}; expected {allowed}"]
+    if not value:
+        return [f"{key}: got []; expected {allowed}"]
+    bad = [side for side in value if side < 8 or side % 8]
+    if bad:
+        return [f"{key}: got {value!r}, with {', '.join(map(str, bad))}; every side must be a positive multiple of 8"]
+    twice = sorted({side for side in value if value.count(side) > 1})
+    if twice:
+        return [f"{key}: got {value!r}, with {', '.join(map(str, twice))} more than once; list each side once "
+                "(data.repeats trains images more often)"]
+    return []
+
+
+def bucket_limit_errors(d: DataConfig, resolution) -> list[str]:
     """Problems with data.min_bucket_side / max_bucket_side: each a multiple of bucket_step, and
-    (once the resolution is known) the square bucket between them, as kohya requires."""
+    (once the resolution is known) the square bucket between them, as kohya requires, for every
+    side `resolution` lists."""
     errors = []
     step = d.bucket_step
     for key in ("min_bucket_side", "max_bucket_side"):
@@ -67,14 +88,16 @@ def bucket_limit_errors(d: DataConfig, resolution: Optional[int]) -> list[str]:
         return errors
     if low is not None and high is not None and low > high:
         return [f"data.min_bucket_side: got {low}, above data.max_bucket_side {high}; lower it or raise the maximum"]
-    if resolution is not None:
-        side = max(step, resolution // step * step)  # the square bucket's side
+    from .config_data import resolution_sides
+
+    for res in resolution_sides(resolution):
+        side = max(step, res // step * step)  # the square bucket's side
         if low is not None and low > side:
             errors.append(f"data.min_bucket_side: got {low}, above the square bucket's side {side} "
-                          f"(data.resolution {resolution}); set it to {side} or less")
+                          f"(data.resolution {res}); set it to {side} or less")
         if high is not None and high < side:
             errors.append(f"data.max_bucket_side: got {high}, below the square bucket's side {side} "
-                          f"(data.resolution {resolution}); set it to {side} or more")
+                          f"(data.resolution {res}); set it to {side} or more")
     return errors
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
-from .config_data_checks import normalize_caption_extension, treatment_errors
+from .config_data_checks import bucket_limit_errors, normalize_caption_extension, resolution_errors, treatment_errors
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class SubsetConfig:
     folder_repeats: Optional[bool] = None  # its <N>_<name> folders give repeats and captions
     alpha_mask: Optional[bool] = None
     default_caption: Optional[str] = None  # its images without a caption take this one (kohya's class_tokens)
+    # its training side(s), an int or a list as data.resolution (e.g. [512, 1024] for close-ups kept sharp)
+    resolution: Optional[Union[int, list[int]]] = None
 
     @classmethod
     def unknown_key_error(cls, key: str, dotted: str) -> str | None:
@@ -87,7 +89,8 @@ def normalize_subset_extensions(d: DataConfig, errors: list[str]) -> None:
 
 def check_subsets(cfg: RunConfig, errors: list[str]) -> None:
     """One line per problem with data.subsets: data.path beside them, a subset without a path, a
-    value out of range (named data.subsets[i].key), or alpha_mask with the global data.mask_dir."""
+    value out of range (named data.subsets[i].key; a resolution whose square bucket the bucket side
+    limits leave out), or alpha_mask with the global data.mask_dir."""
     d = cfg.data
     if not d.subsets:
         return
@@ -100,6 +103,11 @@ def check_subsets(cfg: RunConfig, errors: list[str]) -> None:
         resolved = dataclasses.replace(d, subsets=[], **subset_overrides(s))
         given = set(subset_overrides(s))
         errors += treatment_errors(resolved, lambda name, i=i: f"data.subsets[{i}].{name}", given)
+        bad_resolution = resolution_errors(s.resolution, f"data.subsets[{i}].resolution")
+        errors += bad_resolution
+        if s.resolution is not None and not bad_resolution and d.buckets:
+            errors += [f"data.subsets[{i}]: {e}" for e in bucket_limit_errors(d, s.resolution)
+                       if "square bucket" in e]  # the limits' own problems are named once, under data
         if s.alpha_mask and d.mask_dir is not None:
             errors.append(f"data.subsets[{i}].alpha_mask: got true with data.mask_dir {d.mask_dir!r}; the loss "
                           "mask comes from one of them: set only one")

@@ -263,8 +263,8 @@ def test_blip2_captions_each_subsets_missing_files_with_its_extension(tmp_path, 
 @pytest.mark.parametrize("subsets, extra, message", [
     ([{"path": "a"}], ["data.path=b"], "data.path: got 'b' with data.subsets; list that folder as a subset "
                                        "(- path: b) and leave data.path empty"),
-    ([{"path": "a"}, {"path": "b", "resolution": 64}], [],
-     "data.subsets[1].resolution: data.resolution is global (one value for every subset); set it under data, "
+    ([{"path": "a"}, {"path": "b", "center_crop": False}], [],
+     "data.subsets[1].center_crop: data.center_crop is global (one value for every subset); set it under data, "
      "not in a subset"),
     ([{"path": "a"}, {"path": "b", "repeat": 2}], [], "data.subsets[1].repeat: unknown key; did you mean "
                                                       "data.subsets[1].repeats?"),

@@ -52,7 +52,7 @@ class Problem:
 @dataclass
 class DataReport:
     root: str
-    resolution: int
+    resolution: int  # the largest training side: smaller images are flagged as upscaled
     caption_extension: str = DEFAULT_CAPTION_EXTENSION  # the sidecar files read: <stem><caption_extension>
     num_images: int = 0  # image files found
     num_readable: int = 0
@@ -62,6 +62,7 @@ class DataReport:
     max_tokens: int = 0  # longest caption in text-encoder tokens (start/end excluded)
     token_limit: int = CLIP_MAX_TOKENS - 2  # caption tokens training reads (model.max_token_length)
     token_counter: str = "estimate"  # "tokenizer" when counted with the model's own tokenizer
+    sides: list[int] = field(default_factory=list)  # every training side (data.resolution a list); [] for one
     tag_frequency: dict[str, int] = field(default_factory=dict)
     # kohya's <N>_<name> folders: [{"folder", "img_count", "n_repeats"}], the other images under the
     # root's name; empty when there are none (or folder repeats are off)
@@ -80,6 +81,9 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "can_train": self.can_train}
 
+    def _sides_note(self) -> str:
+        return f"; sides {', '.join(map(str, self.sides))}, each image trained at each" if len(self.sides) > 1 else ""
+
     def format_text(self, max_files: int = 10, max_tags: int = 20) -> str:
         """The report as a few readable lines (what check-data prints and training logs)."""
         files = f" ({self.caption_extension} files)" if self.caption_extension != DEFAULT_CAPTION_EXTENSION else ""
@@ -90,7 +94,7 @@ class DataReport:
         if self.sizes:
             s = self.sizes
             lines.append(f"  sizes: smallest {s['smallest']}, median {s['median']}, largest {s['largest']} "
-                         f"(training resolution {self.resolution})")
+                         f"(training resolution {self.resolution}{self._sides_note()})")
         if self.aspect_ratios:
             lines.append("  aspect ratios: " + ", ".join(f"{k} x{v}" for k, v in self.aspect_ratios.items()))
         if self.masks:
@@ -113,14 +117,15 @@ class DataReport:
         return "\n".join(lines)
 
 
-def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None,
+def check_dataset(root: str | os.PathLike, resolution: int | list[int] = 512, tokenizer=None,
                   caption_prefix: str = "", folder_repeats: bool = True,
                   token_limit: int = CLIP_MAX_TOKENS - 2, caption_extension: str = DEFAULT_CAPTION_EXTENSION,
                   caption_suffix: str = "", extension_key: str = "data.caption_extension",
                   weighted_captions: bool = False, no_upscale: bool = False,
                   mask_dir: str | os.PathLike | None = None, separator: str = "",
                   instance_prompt: str = "") -> DataReport:
-    """Inspect every image and caption under `root` the way training will read them.
+    """Inspect every image and caption under `root` the way training will read them, at `resolution`
+    (a list: every side; images smaller than the largest are flagged).
 
     `tokenizer`: the base model's CLIP tokenizer, to count caption tokens exactly (else estimated).
     `caption_prefix`, `caption_suffix`: added at training time, so they count towards length and tags.
@@ -137,7 +142,9 @@ def check_dataset(root: str | os.PathLike, resolution: int = 512, tokenizer=None
     files are neither needed nor counted.
     """
     root = Path(root)
-    report = DataReport(str(root), resolution, caption_extension, token_limit=token_limit)
+    sides = [resolution] if isinstance(resolution, int) else list(resolution)
+    report = DataReport(str(root), max(sides), caption_extension, token_limit=token_limit,
+                        sides=sides if len(sides) > 1 else [])
     if not root.is_dir():
         what = "a file, not a dataset folder" if root.exists() else "dataset folder not found"
         report.problems.append(Problem("error", "no_images", what))

@@ -180,23 +180,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     `treatments` (data.subsets): one Treatment per subset, read for each example from its `subset`
     instead of the options above (seed, crop, sizes, caption_dropout_every_n_epochs and templates stay
     the dataset's); items of all subsets mix in the epoch and in every bucket.
+    Several sides (data.resolution a list, or `sides`: each example's own list): every example is an
+    item at each of its sides, its square (or its bucket, `sizes[j][k]` for side k) about side² pixels;
+    pass k of the item table is the examples' k-th side, so with one side the items are as they were.
+    Items carry their `side`.
     """
 
-    def __init__(self, examples: Sequence[Example], resolution: int, center_crop: bool = True,
+    def __init__(self, examples: Sequence[Example], resolution: int | Sequence[int], center_crop: bool = True,
                  random_flip: bool = False, caption_prefix: str = "", caption_dropout: float = 0.0,
-                 repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
+                 repeats: int = 1, seed: int = 0, sizes: Sequence[tuple[int, int] | list] | None = None,
                  shuffle_tags: bool = False, keep_tokens: int = 0, caption_suffix: str = "",
                  caption_tag_dropout: float = 0.0, alpha_mask: bool = False, keep_tokens_separator: str = "",
                  caption_dropout_every_n_epochs: int = 0, templates: Sequence[str] = (),
-                 treatments: Sequence[Treatment] | None = None):
+                 treatments: Sequence[Treatment] | None = None, sides: Sequence[Sequence[int]] | None = None):
         if not examples:
             raise ValueError("ImageCaptionDataset needs at least one example")
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+        every = [resolution] if isinstance(resolution, int) else list(resolution)
+        self.sides = [list(s) for s in sides] if sides is not None else [every] * len(examples)
+        if len(self.sides) != len(examples) or min(min(s, default=0) for s in self.sides) <= 0:
+            raise ValueError(f"each example needs positive sides, got {resolution} and {sides}")
         if min(ex.repeats for ex in examples) < 1:
             raise ValueError(f"repeats must be at least 1, got {min(ex.repeats for ex in examples)} from the examples")
         self.examples = list(examples)
-        self.resolution = resolution
+        self.resolution = every[0]
         self.center_crop = center_crop
         # the treatment of every example, or with `treatments` of those of subset k the k-th one
         self.treatment = Treatment(repeats, caption_prefix, caption_suffix, caption_dropout, caption_tag_dropout,
@@ -206,13 +212,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = 0
         if sizes is not None and len(sizes) != len(self.examples):
             raise ValueError(f"sizes has {len(sizes)} entries for {len(self.examples)} examples")
-        self.sizes = list(sizes) if sizes is not None else None
+        # each example's bucket per side: a single (h, w) is the bucket of an example's one side
+        self.sizes = ([[hw] if isinstance(hw[0], int) else list(hw) for hw in sizes]
+                      if sizes is not None else None)
         # items carry an alpha_mask when any example's treatment reads alpha (ones for the others)
         self.alpha_mask = any(self.treatment_of(j).alpha_mask for j in range(len(self.examples)))
         self._mask_digests: dict[Path, str] = {}  # mask file -> SHA-256, once per run (see read_mask)
         self.caption_dropout_every_n_epochs = caption_dropout_every_n_epochs
         self.templates = list(templates)
-        self._items = _item_table([ex.repeats * self.treatment_of(j).repeats for j, ex in enumerate(self.examples)])
+        table = _item_table([ex.repeats * self.treatment_of(j).repeats for j, ex in enumerate(self.examples)])
+        self._items = [(j, k) for k in range(max(map(len, self.sides))) for j in table if k < len(self.sides[j])]
 
     def treatment_of(self, index: int) -> Treatment:
         """The treatment of example `index`: its subset's, or the dataset's."""
@@ -226,12 +235,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def example_index(self, i: int) -> int:
         """The example that dataset item i shows."""
-        return self._items[i]
+        return self._items[i][0]
+
+    def item_size(self, i: int) -> tuple[int, int]:
+        """The (height, width) of dataset item i: its side's bucket, or the side² square."""
+        index, k = self._items[i]
+        return self.sizes[index][k] if self.sizes else (self.sides[index][k],) * 2
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
-        index = self._items[i]
+        index, k = self._items[i]
         example = self.examples[index]
         t = self.treatment_of(index)
         # A string seed is hashed with SHA-512 by random.Random: stable across runs and
@@ -244,7 +258,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         crop_u, crop_v = rng.random(), rng.random()
         flipped = t.random_flip and rng.random() < 0.5
 
-        height, width = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
+        height, width = self.item_size(i)
         image, alpha = load_image_and_alpha(example.path) if t.alpha_mask else (load_image(example.path), None)
         original_size = (image.height, image.width)
         image = resize_to_cover(image, height, width)
@@ -275,6 +289,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "pixel_values": to_tensor(image),
             "caption": caption,
             "index": index,
+            "side": self.sides[index][k],
             "item": i,  # the dataset position: with the epoch, it seeds the step's noise for this item
             "flipped": flipped,
             "original_size": torch.tensor(original_size),

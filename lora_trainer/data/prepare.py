@@ -37,8 +37,9 @@ def prepare_examples(cfg: RunConfig, show_progress: bool = True) -> list[Example
     Under `accelerate launch` the main process captions and writes; the others wait, then read
     the captions it wrote.
     """
-    if cfg.data.buckets and cfg.data.resolution:  # null resolution is filled in once the base is known
-        problems = bucket_limit_errors(cfg.data, cfg.data.resolution)
+    if cfg.data.buckets:  # null resolution is filled in once the base is known
+        problems = list(dict.fromkeys(p for sub in resolve_subsets(cfg.data)  # each subset's sides
+                                      for p in bucket_limit_errors(cfg.data, sub.resolution)))
         if problems:
             raise ConfigError("\n".join(problems))
     first, is_main = _main_process_first()
@@ -79,7 +80,7 @@ def _prepare_folder(cfg: RunConfig, sub: DataConfig, is_main: bool, show_progres
             generated = {r.path for r in results if r.status in ("generated", "replaced")}
     # data.resolution null means the base's native size, known only once the variant is: judge
     # image sizes against SD1.x's 512 unless the config already says SDXL.
-    resolution = sub.resolution or (1024 if cfg.model.variant == "sdxl" else 512)
+    resolution = sub.resolution or (1024 if cfg.model.variant == "sdxl" else 512)  # a list: every side
     report = check_dataset(root, resolution, load_clip_tokenizer(cfg.model.base, cfg.model.revision),
                            sub.caption_prefix, sub.folder_repeats, cfg.model.max_token_length,
                            caption_extension=ext, caption_suffix=sub.caption_suffix,

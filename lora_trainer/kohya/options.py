@@ -258,7 +258,7 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
             notes.append(f"--{key} {a.get(key)}: ignored, as kohya ignores it when a dataset config is given")
     if len(datasets) > 1:
         notes.append(f"dataset config: {len(datasets)} [[datasets]] are merged into one: every subset is used, "
-                     "with the options (resolution, batch size, buckets) of the first")
+                     "with the options (batch size, buckets) of the first; each keeps its resolution")
     subsets = [(s, d) for d in datasets for s in d.get("subsets") or [] if isinstance(s, dict)]
     for index, (subset, _) in enumerate(subsets, 1):
         if not subset.get("image_dir"):
@@ -285,7 +285,7 @@ def dataset_config_data(a: "Args", dataset: dict, cfg: dict, notes: list[str]) -
         else:  # the options data.subsets carries become its entries (kohya/subsets.py); the rest are one for all
             layer.used.update(SUBSET_OPTIONS)
             layer.get("conditioning_data_dir")  # a folder per subset: subset_mask_dir below
-            for key in (k for k in SUBSET_OPTIONS if k not in CARRIED and k != "caption_extension"):
+            for key in (k for k in SUBSET_OPTIONS if k not in CARRIED and k not in ("caption_extension", "resolution")):
                 value = layer.values.get(key)
                 if value != seen[key]:
                     notes.append(f"{layer.name(key)}: {_shown(value)} differs from the first "

@@ -11,6 +11,7 @@ from ..config import DataConfig, normalize_caption_extension
 from ..errors import ConfigError
 from .data_options import data_options, kohya_caption_extension
 from .options import inside as _inside
+from .options import resolution_side
 
 if TYPE_CHECKING:
     from .mapping import Args
@@ -33,7 +34,8 @@ def subset_repeats(subset: dict) -> int:
 
 def subsets_data(train: list[tuple[dict, "Args"]], cfg: dict, notes: list[str]) -> None:
     """data.subsets for two or more training subsets (subset, its layered arguments), after the first
-    one's options went to data.*: each its path, repeats and the carried options that differ."""
+    one's options went to data.*: each its path, repeats, the carried options and the resolution
+    (of its [[datasets]] block) that differ."""
     data = cfg.setdefault("data", {})
     defaults = DataConfig()
 
@@ -58,6 +60,11 @@ def subsets_data(train: list[tuple[dict, "Args"]], cfg: dict, notes: list[str]) 
             entry["caption_extension"] = ext
         if subset.get("class_tokens"):  # the caption of its images without one
             entry["default_caption"] = str(subset["class_tokens"])
+        said: list[str] = []  # the first subset's non-square note is already there
+        if layer.has("resolution") and (side := resolution_side(layer.get("resolution"), layer.name("resolution"),
+                                                                 said)) != data.get("resolution"):
+            entry["resolution"] = side  # a [[datasets]] block of its own size: the subset's own resolution
+            notes += said
         entries.append(entry)
     data.pop("path", None)
     data["subsets"] = entries

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig, load_config, main_side
 from ..errors import ConfigError, ModelError, PublishError
 from ..export.files import load_adapter
 from ..export.layouts import detect_layout
@@ -309,7 +309,7 @@ def prompt_guide(run: Run, advice: WeightAdvice | None) -> dict:
     else:
         guide["embedding"] = {"token": run.token, "file": run.adapter.name, "vectors": embedding_vectors(run)}
     guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler_name,
-                         "width": run.cfg.data.resolution, "height": run.cfg.data.resolution}
+                         "width": main_side(run.cfg.data.resolution), "height": main_side(run.cfg.data.resolution)}
     return guide
 
 

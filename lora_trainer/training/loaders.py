@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from ..config import RunConfig, resolve_subsets
+from ..config import RunConfig, describe_sides, main_side, resolution_sides, resolve_subsets
 from ..data import ImageCaptionDataset
 from ..data.treatment import Treatment
 from ..data.buckets import BucketBatchSampler, assign_buckets, describe_buckets
@@ -53,19 +53,42 @@ def warn_split_weights(cfg: RunConfig, examples) -> None:
                     len(found), found[0])
 
 
+def example_sides(cfg: RunConfig, examples, instance: bool = True) -> list[list[int]]:
+    """The training sides of each example: its subset's resolution (a key left out takes data.resolution's),
+    every listed side; class images (`instance` false) train at the run's main side alone."""
+    if not instance:
+        return [[main_side(cfg.data.resolution)]] * len(examples)
+    subs = resolve_subsets(cfg.data)
+    return [resolution_sides(subs[ex.subset].resolution) for ex in examples]
+
+
+def example_buckets(d, examples, sides: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Each example's aspect bucket at each of its sides (about side² pixels each)."""
+    buckets: dict[int, list[tuple[int, int]]] = {}
+    for side in sorted({s for own in sides for s in own}):
+        buckets[side] = assign_buckets([ex.path for ex in examples], side, d.bucket_step, d.min_bucket_side,
+                                       d.max_bucket_side, d.bucket_no_upscale)
+    return [[buckets[side][j] for side in own] for j, own in enumerate(sides)]
+
+
 def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> ImageCaptionDataset:
-    """The dataset of the instance images (each with its data.subsets entry's treatment), or with
-    `instance` false of the class images (their prompts as they are, once per epoch)."""
+    """The dataset of the instance images (each with its data.subsets entry's treatment and sides), or
+    with `instance` false of the class images (their prompts as they are, once per epoch)."""
     d = cfg.data
     if instance:
         warn_split_weights(cfg, examples)
+    sides = example_sides(cfg, examples, instance)
+    if instance and (any(own != sides[0] for own in sides) or len(sides[0]) > 1):
+        counts = {describe_sides(own): sum(1 for o in sides if o == own) for own in sides}
+        log.info("training sides (px: images): %s; each image is an item at each of its sides",
+                 ", ".join(f"{k}: {n}" for k, n in counts.items()))
     sizes = None
     if d.buckets:
-        sizes = assign_buckets([ex.path for ex in examples], d.resolution, d.bucket_step, d.min_bucket_side,
-                               d.max_bucket_side, d.bucket_no_upscale)
-        log.info("aspect buckets (w x h: images): %s", describe_buckets(sizes))
+        sizes = example_buckets(d, examples, sides)
+        what = "images" if all(len(own) == 1 for own in sides) else "items, an image at each side"
+        log.info("aspect buckets (w x h: %s): %s", what, describe_buckets([hw for own in sizes for hw in own]))
     return ImageCaptionDataset(
-        examples, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+        examples, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip, sides=sides,
         caption_prefix=d.caption_prefix if instance else "", caption_dropout=d.caption_dropout if instance else 0.0,
         repeats=d.repeats if instance else 1, seed=seed, sizes=sizes,
         shuffle_tags=d.shuffle_tags and instance, keep_tokens=d.keep_tokens,
@@ -79,9 +102,10 @@ def make_dataset(cfg: RunConfig, examples, seed: int, instance: bool = True) -> 
 
 
 def make_loader(cfg: RunConfig, dataset: ImageCaptionDataset, seed: int):
-    """Shuffled batches; with buckets, each batch from one bucket (the last one may be short)."""
-    if dataset.sizes is not None:
-        item_buckets = [dataset.sizes[dataset.example_index(i)] for i in range(len(dataset))]
+    """Shuffled batches; with buckets or several sides, each batch from one shape (the last one of a
+    shape may be short): items of different sides that share a bucket shape may share a batch."""
+    item_buckets = [dataset.item_size(i) for i in range(len(dataset))]
+    if dataset.sizes is not None or len(set(item_buckets)) > 1:
         sampler = BucketBatchSampler(item_buckets, cfg.train.batch_size, seed)
     else:
         sampler = ShuffledBatches(len(dataset), cfg.train.batch_size, seed)

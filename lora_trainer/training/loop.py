@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, dump_config
+from ..config import RunConfig, describe_sides, dump_config, main_side
 from ..data.holdout import split_examples
 from ..data.prepare import prepare_examples
 from ..errors import ConfigError
@@ -65,8 +65,8 @@ def _for_variant(cfg: RunConfig, variant: str) -> RunConfig:
     if problems:
         raise ConfigError("\n".join(problems))
     res = cfg.data.resolution or NATIVE_RESOLUTION[variant]
-    if variant == "sdxl" and res < 1024:
-        log.info("SDXL trained at %d px (its native size is 1024): fine for tests and quick runs", res)
+    if variant == "sdxl" and main_side(res) < 1024:
+        log.info("SDXL trained at %s px (its native size is 1024): fine for tests and quick runs", describe_sides(res))
     return replace(cfg, model=replace(cfg.model, variant=variant), data=replace(cfg.data, resolution=res))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, resolve_subsets
+from ..config import RunConfig, main_side, resolution_sides, resolve_subsets
 from ..data import tag_frequency, training_caption
 from ..data.templates import describe_templates
 from ..data.buckets import bucket_side_range
@@ -117,7 +117,9 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         by_folder[key].append(ex)
     tags = {folder: tag_frequency(group) for folder, group in by_folder.items()}
     d = cfg.data
-    sides = bucket_side_range(d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side) if d.buckets else None
+    ranges = [bucket_side_range(side, d.bucket_step, d.min_bucket_side, d.max_bucket_side)
+              for side in resolution_sides(d.resolution)] if d.buckets else []
+    sides = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None  # over all training sides
     metadata = kohya_metadata(
         rank=cfg.lora.rank,
         alpha=cfg.lora_alpha,
@@ -125,8 +127,8 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
         # kohya records a local base by its name only: the path is the user's own business
         base_model_name=Path(cfg.model.base).name if Path(cfg.model.base).exists() else cfg.model.base,
         **_vae_metadata(cfg.model.vae),
-        resolution=cfg.data.resolution,
-        num_train_images=sum(row["img_count"] * row["n_repeats"] for row in folders),
+        resolution=main_side(cfg.data.resolution),  # kohya's one size: with several sides, the largest
+        num_train_images=_items_per_epoch(cfg, examples, folders),
         num_reg_images=db.num_class_images,
         prior_loss_weight=db.prior_loss_weight if db.num_class_images else None,
         enable_bucket=cfg.data.buckets,
@@ -187,6 +189,16 @@ def _metadata(cfg: RunConfig, examples, step: int, max_steps: int, started_at: f
     if templates:
         metadata["ss_caption_templates"] = templates
     return metadata
+
+
+def _items_per_epoch(cfg: RunConfig, examples, folders: list[dict]) -> int:
+    """kohya's ss_num_train_images: images × repeats per epoch, × their sides when data.resolution (or a
+    subset's) lists several (kohya counts a folder listed in two [[datasets]] of other sizes twice)."""
+    subs = resolve_subsets(cfg.data)
+    sides = [len(resolution_sides(s.resolution)) or 1 for s in subs]
+    if max(sides) == 1:
+        return sum(row["img_count"] * row["n_repeats"] for row in folders)
+    return sum(ex.repeats * subs[ex.subset].repeats * sides[ex.subset] for ex in examples)
 
 
 def _loss_metadata(t) -> dict:
@@ -295,8 +307,8 @@ def _render(cfg: RunConfig, base, pipe, text: str, seed: int, weight: float = 1.
     seed = seed if p.seed is None else p.seed
     steps = p.steps or s.steps
     guidance = s.guidance_scale if p.guidance is None else p.guidance
-    width = (p.width if own_size else None) or cfg.data.resolution
-    height = (p.height if own_size else None) or cfg.data.resolution
+    width = (p.width if own_size else None) or main_side(cfg.data.resolution)
+    height = (p.height if own_size else None) or main_side(cfg.data.resolution)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     prompts = pipeline_prompt_embeds(base, pipe, [p.prompt], negative, m.clip_skip, m.max_token_length,
                                      cfg.data.weighted_captions, words)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import RunConfig, main_side
 from ..data import Example, is_image_file
 from ..data.images import is_unread_image_file, unread_formats_message
 from ..errors import DataError
@@ -47,7 +47,7 @@ def generate_class_images(cfg: RunConfig, base, show_progress: bool = True) -> l
     from .conditioning import pipeline_prompt_embeds
     from .outputs import sampling_pipeline
 
-    db, size = cfg.dreambooth, cfg.data.resolution
+    db, size = cfg.dreambooth, main_side(cfg.data.resolution)  # several sides: the largest
     folder = Path(db.class_data)
     unread = sorted(p.name for p in folder.iterdir() if p.is_file() and is_unread_image_file(p)) \
         if folder.is_dir() else []

@@ -1,7 +1,8 @@
 """The validation loss: the training loss of the current adapter on held-out images, with every
 random choice fixed, so that from one evaluation to the next only the adapter changes.
 
-Each held-out image (center crop, no flip, its caption as training reads it) is scored at
+Each held-out image (center crop, no flip, its caption as training reads it, at the largest side of
+its resolution when data.resolution or its subset's lists several) is scored at
 `train.validation_timesteps` evenly spaced timesteps, each with its own noise drawn from
 (validation seed, epoch 0, image × timestep, "validation"): the same draws at every evaluation,
 in every process and every resumed run. The loss is training's (noise offset, multi-resolution
@@ -20,9 +21,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from ..config import RunConfig, resolve_subsets
+from ..config import RunConfig, main_side, resolve_subsets
 from ..data import Example, ImageCaptionDataset
-from ..data.buckets import assign_buckets
 from ..data.holdout import validation_seed
 from ..data.templates import template_captions
 from ..data.treatment import Treatment
@@ -82,10 +82,14 @@ class Validation:
         self.losses: dict[int, float] = {}  # step -> loss, as computed in this run
         self.dataset = None
         if self.examples:
+            from .loaders import example_buckets
+
             d = cfg.data
-            sizes = (assign_buckets(self.paths, d.resolution, d.bucket_step, d.min_bucket_side, d.max_bucket_side,
-                                    d.bucket_no_upscale) if d.buckets else None)
+            folders = (*resolve_subsets(d), d) if d.subsets else (d,)  # validation_path's images: data.*'s
+            sides = [[main_side(folders[ex.subset].resolution)] for ex in self.examples]
+            sizes = example_buckets(d, self.examples, sides) if d.buckets else None
             self.dataset = ImageCaptionDataset(self.examples, d.resolution, center_crop=True, random_flip=False,
+                                               sides=sides,
                                                caption_prefix=d.caption_prefix, caption_suffix=d.caption_suffix,
                                                seed=self.seed, sizes=sizes, alpha_mask=d.alpha_mask,
                                                keep_tokens_separator=d.keep_tokens_separator,
