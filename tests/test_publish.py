@@ -343,6 +343,8 @@ def test_a_run_trained_with_its_own_vae_names_it_and_publishes_no_local_path(tra
     assert main(["package", str(run), "--civitai", str(tmp_path / "c.zip")]) == 0
     with zipfile.ZipFile(tmp_path / "c.zip") as z:
         assert json.loads(z.read("prompts.json"))["settings"]["vae"] == "vae-ft-mse.safetensors"
+        readme = z.read("README.txt").decode()
+        assert "VAE: vae-ft-mse.safetensors, not the base's: the previews were drawn with it" in readme
     config["model"]["vae"] = "madebyollin/sdxl-vae-fp16-fix"  # a hub id is published as it is
     (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     assert publish_dry(run, tmp_path / "hub-vae") == 0
