@@ -62,9 +62,10 @@ def _caption(args) -> int:
     from .data.captioning import caption_folder, format_caption_table
     from .errors import ConfigError
 
+    args.undesired_tags = [t.strip() for t in args.undesired_tags.split(",") if t.strip()]
+    _refuse_other_methods_flags(args)
     if args.min_length is None:  # --max-length 3 alone must not fail on the default --min-length
         args.min_length = max(0, min(CaptionConfig().min_length, args.max_length))
-    args.undesired_tags = [t.strip() for t in args.undesired_tags.split(",") if t.strip()]
     options = CaptionConfig(**{k: v for k, v in vars(args).items() if k in CAPTION_FLAGS})
     errors: list[str] = []
     check_caption_config(options, errors, key=lambda name: "--" + name.replace("_", "-"))
@@ -82,6 +83,24 @@ def _caption(args) -> int:
         return 1
     print(format_caption_table(args.dir, results))
     return 0
+
+
+def _refuse_other_methods_flags(args) -> None:
+    """A flag the chosen --method does not read stops the command before any model loads: tagger
+    options without --method wd14 (which would caption with BLIP-2 instead), BLIP-2's with it."""
+    from .config import CaptionConfig
+    from .config_data_checks import WD14_OPTIONS
+    from .errors import ConfigError
+
+    default = CaptionConfig()
+    others = WD14_OPTIONS if args.method != "wd14" else BLIP2_FLAGS
+    given = [name for name in others if getattr(args, name) not in (getattr(default, name), None)]
+    if not given:
+        return
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    if args.method != "wd14":
+        raise ConfigError(f"{flags}: tagger options, read with --method wd14 only; add --method wd14, or leave them out")
+    raise ConfigError(f"{flags}: BLIP-2 options, which --method wd14 does not read; leave them out (or use --method blip2)")
 
 
 def _from_kohya(args) -> int:
@@ -147,6 +166,8 @@ CAPTION_FLAGS = ("method", "model", "prefix", "suffix", "overwrite", "batch_size
                  "max_length", "min_length", "num_beams", "do_sample", "top_p", "temperature", "repetition_penalty",
                  "dtype", "load_in_8bit", "device", "seed", "general_threshold", "character_threshold", "rating_tag",
                  "replace_underscores", "undesired_tags")
+BLIP2_FLAGS = ("prompt", "keep_prompt", "max_length", "min_length", "num_beams", "do_sample", "top_p", "temperature",
+               "repetition_penalty", "dtype", "load_in_8bit", "seed")  # what --method wd14 does not read
 
 
 def add_caption_arguments(p: argparse.ArgumentParser) -> None:

@@ -154,6 +154,14 @@ def test_presets_expand_to_the_extensions_lists(tiny_sd15, random_adapters):
     _equal(_outs(tiny_sd15, f"{a}:0.7:lbw=IND"), _outs(tiny_sd15, f"{a}:0.7:lbw={PRESETS['IND']}"))
 
 
+def test_a_spec_built_in_python_takes_its_path_as_a_string(tiny_sd15, random_adapters):
+    # AdapterSpec("style.safetensors", 0.8, lbw=...) as the README writes it stopped on 'str' has no 'is_dir'
+    a = random_adapters["a"]
+    spec = AdapterSpec(str(a), 0.7, lbw="OUTALL")
+    assert spec.path == a and spec.name == "a"
+    _equal(_outs(tiny_sd15, spec), _outs(tiny_sd15, f"{a}:0.7:lbw=OUTALL"))
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("1,1,1", "lbw= has 3 values; an SD 1.x adapter takes 17 (BASE,IN01,"),
     (",".join(["1"] * 12), "lbw= has 12 values; an SD 1.x adapter takes 17"),

@@ -18,7 +18,7 @@ from lora_trainer.cli import main
 from lora_trainer.errors import ConfigError
 from lora_trainer.inference import adapters as adapters_mod
 from lora_trainer.inference import generate as generate_mod
-from lora_trainer.inference.adapters import AdapterSpec
+from lora_trainer.inference.adapters import AdapterSpec, parse_adapter_spec
 from lora_trainer.inference.compare import column_label, compare_grid, expand_compare, file_labels
 from lora_trainer.inference.generate import Generator, Request
 
@@ -103,6 +103,18 @@ def test_the_kept_adapter_is_in_every_cell_and_the_stack_is_as_before(gen, rando
     assert np.array_equal(before, after)  # every compared file is gone again
     boxes = with_b.grid.boxes
     assert np.array_equal(np.asarray(with_b.grid.image.crop(boxes[1][0])), np.asarray(with_b.cells[1][0].image))
+
+
+def test_one_file_under_two_block_weight_presets_is_two_columns_told_apart(gen, random_adapters):
+    a = random_adapters["a"]
+    specs = [parse_adapter_spec(f"{a}:1:lbw=INS"), parse_adapter_spec(f"{a}:1:lbw=OUTS")]
+    out = compare_grid(gen, specs, PROMPTS[:1], REQ)
+    assert file_labels(specs) == ["a lbw=INS", "a lbw=OUTS"]
+    assert file_labels([AdapterSpec(a, 0.5, lbw="OUTALL"), AdapterSpec(a)]) == ["a: 0.5 lbw=OUTALL", "a: 1"]
+    assert out.info.extra["Compare"] == f"{a}:1:lbw=INS, {a}:1:lbw=OUTS"  # what --compare takes back
+    assert [parse_adapter_spec(d).lbw for d in out.info.extra["Compare"].split(", ")] == ["INS", "OUTS"]
+    first, second = (np.asarray(cell.image) for cell in out.cells[0])
+    assert not np.array_equal(first, second)
 
 
 def test_compare_with_sweep_is_files_by_weights(gen, tiny_sd15, random_adapters, third):

@@ -137,6 +137,10 @@ def test_png_parameters_carry_a1111s_hires_keys(tiny_sd15, random_adapters, tmp_
     (["--hires-scale", "2", "--hires-steps", "2.5"], "--hires-steps: '2.5' is not an integer"),
     (["--hires-scale", "2", "--init-image", "{img}"], "--hires-scale redraws a txt2img image larger, not an img2img"),
     (["--hires-scale", "2", "--init-image", "{img}", "--mask", "{img}"], "not an inpainting one"),
+    # the inpainting line advised --width/--height, which --outpaint refuses
+    (["--hires-scale", "2", "--init-image", "{img}", "--outpaint", "0,16,0,0"],
+     "--hires-scale redraws a txt2img image larger, not an outpainted one; leave out --hires-scale, or outpaint "
+     "a larger --init-image"),
 ])
 def test_hires_flags_that_cannot_work_are_refused_before_the_base_loads(tmp_path, capsys, extra, message):
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")

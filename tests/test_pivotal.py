@@ -195,6 +195,8 @@ def test_bad_embedding_settings_are_refused_in_one_line(tiny_sd15, example_data,
 
     assert "is in none of the 8 training captions" in error("embedding.token=ohwx")
     assert not (tmp_path / "bad" / "config.yaml").exists()  # refused before the run started
+    assert not (tmp_path / "bad" / "captions.jsonl").exists()  # else the fixed command is refused the folder
+    assert "is in none of the 8 training captions" in error("embedding.token=ohwx")  # the same answer again
     for overrides, needle in ((["embedding.token=my.style"], "holds '.'"),
                               (["embedding.token=ohwx", "embedding.vectors=76"], "expected 1 to 75"),
                               (["embedding.vectors=2"], "with no embedding.token"),

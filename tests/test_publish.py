@@ -319,3 +319,37 @@ def test_a_run_trained_with_ema_says_so_in_the_card_and_the_civitai_fields(train
     # a run without EMA gets no such row
     assert publish_dry(trained.output_dir, tmp_path / "plain") == 0
     assert "EMA" not in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_run_trained_with_its_own_vae_names_it_and_publishes_no_local_path(trained, tmp_path, fake_token):
+    # model.vae draws the latents and every sample image: the card and prompts.json said nothing of
+    # it, and the published config.yaml kept the VAE file's full local path
+    run = copy_run(trained, tmp_path / "run")
+    local = tmp_path / "private" / "VAE" / "vae-ft-mse.safetensors"
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["vae"] = str(local)
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    adapter = run / trained.adapter_paths[0].name
+    with safetensors.safe_open(adapter, "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    safetensors.torch.save_file(tensors, adapter, metadata={**meta, "ss_vae_name": local.name})
+    assert publish_dry(run, tmp_path / "repo") == 0
+    repo = tmp_path / "repo"
+    assert "| VAE | `vae-ft-mse.safetensors`" in (repo / "README.md").read_text(encoding="utf-8")
+    assert json.loads((repo / "prompts.json").read_text())["settings"]["vae"] == "vae-ft-mse.safetensors"
+    published = (repo / "config.yaml").read_text(encoding="utf-8")
+    assert str(tmp_path) not in published and yaml.safe_load(published)["model"]["vae"] == "vae-ft-mse.safetensors"
+    assert main(["package", str(run), "--civitai", str(tmp_path / "c.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "c.zip") as z:
+        assert json.loads(z.read("prompts.json"))["settings"]["vae"] == "vae-ft-mse.safetensors"
+        readme = z.read("README.txt").decode()
+        assert "VAE: vae-ft-mse.safetensors, not the base's: the previews were drawn with it" in readme
+    config["model"]["vae"] = "madebyollin/sdxl-vae-fp16-fix"  # a hub id is published as it is
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert publish_dry(run, tmp_path / "hub-vae") == 0
+    assert yaml.safe_load((tmp_path / "hub-vae" / "config.yaml").read_text())["model"]["vae"] == config["model"]["vae"]
+    # a run with the base's VAE says nothing of one
+    assert publish_dry(trained.output_dir, tmp_path / "plain") == 0
+    assert "| VAE |" not in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+    assert "vae" not in json.loads((tmp_path / "plain" / "prompts.json").read_text())["settings"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -172,6 +173,25 @@ def test_vaes_that_do_not_fit_the_base_are_refused_naming_the_file(tiny_sd15, tm
     lora = tmp_path / "lora.safetensors"
     safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     assert "not a VAE" in _refusal(tiny_sd15, lora)
+
+
+def test_a_whole_checkpoint_of_the_other_family_is_refused_as_the_vae(tiny_sd15, tmp_path):
+    # an SDXL checkpoint's VAE has an SD1.x VAE's shapes: given to an SD1.x base it loaded, and its
+    # latents were scaled by SD1.x's factor; a whole checkpoint says its family, so it is refused
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.models.loading import load_base
+
+    path = make_vae(tiny_sd15, tmp_path / "sd_xl_base.safetensors", seed=1, single_file=True,
+                    prefix="first_stage_model.")
+    vae = safetensors.torch.load_file(str(path))
+    unet = {"model.diffusion_model.out.0.weight": torch.ones(2)}
+    safetensors.torch.save_file({**vae, **unet, "conditioner.embedders.1.model.ln_final.weight": torch.ones(2)},
+                                str(path))
+    assert _refusal(tiny_sd15, path) == (
+        f"model.vae: {path} is a whole SDXL checkpoint and the base is SD1.x: its VAE scales latents for SDXL; "
+        "use a VAE made for this base")
+    safetensors.torch.save_file({**vae, **unet, "cond_stage_model.transformer.x": torch.ones(2)}, str(path))
+    assert load_base(ModelConfig(base=str(tiny_sd15), vae=str(path)), torch.float32).vae is not None
 
 
 def test_sdxl_vae_dtype_follows_its_config_under_fp16(tiny_sdxl, tmp_path):

@@ -150,6 +150,19 @@ def test_caption_command_with_method_wd14(tiny_wd14, folder, capsys):
     assert first.with_suffix(".txt").read_text(encoding="utf-8") == expected + "\n"
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--general-threshold", "0.5", "--rating-tag"], "--general-threshold, --rating-tag: tagger options, read with "
+                                                     "--method wd14 only; add --method wd14, or leave them out"),
+    (["--method", "wd14", "--num-beams", "3", "--prompt", "a photo of"],
+     "--prompt, --num-beams: BLIP-2 options, which --method wd14 does not read; leave them out (or use --method blip2)"),
+])
+def test_caption_flags_of_the_other_method_stop_the_command_before_any_model_loads(folder, capsys, args, needle):
+    # --rating-tag without --method wd14 went on to BLIP-2 (a 15 GB download by default), thresholds ignored
+    assert main(["caption", str(folder), "--model", "/nowhere/tagger", "--quiet", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {needle}"
+    assert not list(folder.glob("*.txt"))
+
+
 def test_without_onnxruntime_wd14_stops_in_one_line_before_any_work(tiny_sd15, tiny_wd14, folder, tmp_path,
                                                                       monkeypatch, capsys):
     from lora_trainer.training.loop import train

@@ -23,6 +23,7 @@ class AdapterSpec:
     lbw: str | None = None
 
     def __post_init__(self) -> None:
+        self.path = Path(self.path)  # AdapterSpec("style.safetensors", 0.8) from Python
         if self.lbw is not None:
             self.lbw = block_weights_text(self.lbw, f"--lora: {self.path}")
 

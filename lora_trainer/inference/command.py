@@ -171,6 +171,9 @@ def run_infer(args) -> list[Path]:
         raise ConfigError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
     if args.mask and args.outpaint:
         raise ConfigError("--mask and --outpaint: give one (outpainting makes its own mask)")
+    if args.outpaint and args.hires_scale:  # the img2img line would advise --width/--height, which --outpaint refuses
+        raise ConfigError("--hires-scale redraws a txt2img image larger, not an outpainted one; leave out "
+                          "--hires-scale, or outpaint a larger --init-image")
     if args.control_image and not args.controlnet:
         raise ConfigError("--control-image needs --controlnet MODEL")
     # Flags that only mean something with another one: silently ignoring them would hide a typo'd run.

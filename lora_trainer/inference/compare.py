@@ -43,13 +43,14 @@ def column_label(path: Path) -> str:
 
 def file_labels(specs: list[AdapterSpec], with_weights: bool = True) -> list[str]:
     """Each file's label: `column_label`, with the run's name when files of several runs are
-    compared, and ': WEIGHT' on every label when some weight is not 1."""
+    compared, ': WEIGHT' on every label when some weight is not 1, and ' lbw=SPEC' on a file given
+    per-block weights (one file under two presets is two columns that must not read alike)."""
     labels = [column_label(s.path) for s in specs]
     if len({_parts(s.path)[0] for s in specs}) > 1:  # "epoch 2" alone would not say whose
         labels = [f"{_parts(s.path)[0]} {label}" if _parts(s.path)[1] else label for s, label in zip(specs, labels)]
     if with_weights and any(s.weight != 1 for s in specs):
         labels = [f"{label}: {s.weight:g}" for label, s in zip(labels, specs)]
-    return labels
+    return [f"{label} lbw={s.lbw}" if s.lbw else label for label, s in zip(labels, specs)]
 
 
 def trained_steps(path: Path) -> int | None:
@@ -185,6 +186,8 @@ class Comparison:
 
 def _describe(spec: AdapterSpec, weight: float | None = None) -> str:
     weight = spec.weight if weight is None else weight
+    if spec.lbw:  # as --compare takes it back: FILE:WEIGHT:lbw=SPEC
+        return f"{spec.path}:{weight:g}:lbw={spec.lbw}"
     return f"{spec.path}" + (f":{weight:g}" if weight != 1 else "")
 
 

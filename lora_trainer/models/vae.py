@@ -18,6 +18,7 @@ from ..hubcheck import check_hub_model
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _LDM_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+SDXL_SCALING = 0.13025  # SDXL's VAE scaling factor (SD1.x: 0.18215)
 _IGNORED = ("model_ema.", "loss.")  # training leftovers some VAE files carry, which A1111 skips too
 _HUB_EXAMPLE = "madebyollin/sdxl-vae-fp16-fix"
 
@@ -170,6 +171,7 @@ def _from_single_file(path: Path, like, dtype: torch.dtype, key: str):
     except Exception as exc:
         raise ModelError(f"{key}: {path} is not a readable .safetensors file ({first_line(exc)}); {DAMAGED}") from None
     if any(k.startswith(VAE_PREFIX) for k in state):  # a whole checkpoint: its VAE
+        _check_checkpoint_family(state, like, path, key)
         state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED)}
     if not any(k.startswith(_LDM_PARTS) for k in state):
@@ -190,3 +192,17 @@ def _from_single_file(path: Path, like, dtype: torch.dtype, key: str):
             raise ModelError(f"{key}: {path} {what} tensors for the base's VAE ({len(found)}, e.g. {found[0]}); "
                              "it is a VAE of another architecture, or not a VAE")
     return _load_into(vae, _take(state, names, vae, "VAE"), dtype)
+
+
+def _check_checkpoint_family(state: dict, like, path: Path, key: str) -> None:
+    """SD1.x and SDXL VAEs share their shapes, so only a whole checkpoint's text encoders tell which
+    family its VAE is for (a VAE file alone says nothing): the other family's is refused by name."""
+    from .single_file import CLIP_PREFIX, OPENCLIP_PREFIX
+
+    family = ("sdxl" if any(k.startswith(OPENCLIP_PREFIX) for k in state)
+              else "sd15" if any(k.startswith(CLIP_PREFIX["sd15"]) for k in state) else None)
+    base = "sdxl" if like.config.scaling_factor == SDXL_SCALING else "sd15"
+    if family is not None and family != base:
+        names = {"sd15": "SD1.x", "sdxl": "SDXL"}
+        raise ModelError(f"{key}: {path} is a whole {names[family]} checkpoint and the base is {names[base]}: its VAE "
+                         f"scales latents for {names[family]}; use a VAE made for this base")

@@ -121,7 +121,8 @@ def embedding_readme_text(fields: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_text(fields: dict) -> str:
+def readme_text(fields: dict, vae: str | None = None) -> str:
+    """README.txt of a LoRA's zip; `vae`: the model.vae the run trained and drew its samples with."""
     w = fields["recommendedWeight"]
     stem = fields["file"].removesuffix(".safetensors")
     weight_note = {"sweep": "read from the run's weight sweep", "user": "chosen by the author",
@@ -133,7 +134,9 @@ def readme_text(fields: dict) -> str:
         f"Trigger words: {', '.join(fields['trainedWords']) or '(none)'}",
         f"Recommended weight: {w['default']:g} (range {w['min']:g} - {w['max']:g}; {weight_note})",
         *([f"Weights: an EMA of the training (decay {fields['training']['emaDecay']:g}), not the last step's"]
-          if "emaDecay" in fields["training"] else []), "",
+          if "emaDecay" in fields["training"] else []),
+        *([f"VAE: {vae}, not the base's: the previews were drawn with it; use it for images like them"]
+          if vae else []), "",
         "Recommended prompts:", *[f"  {p}" for p in fields["recommendedPrompts"]],
         f"Negative prompt: {fields['negativePrompt'] or '(none)'}", "",
         "Files:",
@@ -207,7 +210,7 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
                 for name, source in embeddings:
                     _add_file(z, source, name, zipfile.ZIP_STORED)
                 extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
-                _add_text(z, "README.txt", readme_text(fields) + extra)
+                _add_text(z, "README.txt", readme_text(fields, run.metadata.get("ss_vae_name")) + extra)
             names = z.namelist()
     return names
 

@@ -23,7 +23,7 @@ from .card import CardFiles, model_card
 from .embedding_card import model_card as embedding_card
 from .embeddings import embedding_sources, publish_embedding
 from ..models.lycoris import type_name
-from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, prompt_guide, weight_advice
+from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, is_local, prompt_guide, weight_advice
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -110,6 +110,8 @@ def _public_config(run: Run, base_model: str) -> str:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, Path(value).name)
+    if cfg.model.vae and is_local(cfg.model.vae):  # a hub id (madebyollin/sdxl-vae-fp16-fix) is kept
+        cfg.model.vae = Path(cfg.model.vae).name
     cfg.train.cache_dir = None
     return dump_config(cfg)
 

@@ -31,9 +31,8 @@ BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 # Without a sweep, the range most style/character LoRAs are used at; shown as a default, not a measurement.
 DEFAULT_WEIGHTS = (0.6, 1.0, 0.8)
 _LORA_TAG = re.compile(r"\s*<lora:[^>]*>")
-# How a sweep grid's weights are written in its `parameters` chunk: ours, as the inference sweep
-# writes it ('Sweep: "my-lora: 0,0.5,1"', the adapter's name optional) or A1111's X/Y/Z plot
-# ("X Values: ...").
+# How a sweep grid's weights are written in its `parameters` chunk: ours, as the inference sweep writes
+# it ('Sweep: "my-lora: 0,0.5,1"', the adapter's name optional) or A1111's X/Y/Z plot ("X Values: ...").
 _SWEEP_VALUES = re.compile(r'(?:Sweep(?: weights)?|[XYZ] Values):\s*"?(?:[^":,\n]+:\s*)?([-0-9.,\s]+)"?')
 
 
@@ -309,7 +308,8 @@ def prompt_guide(run: Run, advice: WeightAdvice | None) -> dict:
     else:
         guide["embedding"] = {"token": run.token, "file": run.adapter.name, "vectors": embedding_vectors(run)}
     guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler_name,
-                         "width": main_side(run.cfg.data.resolution), "height": main_side(run.cfg.data.resolution)}
+                         "width": main_side(run.cfg.data.resolution), "height": main_side(run.cfg.data.resolution),
+                         **({"vae": run.metadata["ss_vae_name"]} if run.metadata.get("ss_vae_name") else {})}
     return guide
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -153,6 +154,21 @@ def check_output_dir(out_dir: Path, overwrite: bool, resuming: bool, name: str =
         if taken:
             raise ConfigError(f"output.dir: {out_dir} already holds {', '.join(taken)}, which this run would replace; "
                               "choose another output.dir or output.name, or replace them with output.overwrite=true")
+
+
+@contextlib.contextmanager
+def record_taken_back(out_dir: Path):
+    """Around the dataset scan and the checks after it: a run refused there (a trigger word no caption
+    names, a missing validation folder) deletes the captions.jsonl the scan wrote into a folder that
+    had none, since that file alone would make check_output_dir refuse the same command, fixed."""
+    record = Path(out_dir) / "captions.jsonl"
+    existed = record.exists()
+    try:
+        yield
+    except LoraTrainerError:
+        if not existed:
+            record.unlink(missing_ok=True)
+        raise
 
 
 def _trained_anything(out_dir: Path) -> bool:

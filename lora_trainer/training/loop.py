@@ -38,7 +38,8 @@ from .ema import start_ema, with_ema
 from .epochs import EpochEnds, epoch_suffix
 from .finished import FinishedRun, already_finished, message, run_files, write_finished
 from .guards import (RunInterrupted, StopSignals, check_environment, check_finite, check_free_space, check_output_dir,
-                     check_schedule_options, check_writable_folders, clear_previous_run, warn_resume_changes)
+                     check_schedule_options, check_writable_folders, clear_previous_run, record_taken_back,
+                     warn_resume_changes)
 from .loaders import ClassBatches, epoch_batches, prepared_loaders
 from .loraplus import loraplus_groups
 from .loss import diffusion_loss, extra_weight_options, training_scheduler, training_target
@@ -98,13 +99,12 @@ def train(cfg: RunConfig, show_progress: bool = True,
                if cfg.lora.init_from else None)
     start_vectors = initial_vectors(cfg, cfg.model.variant)  # embedding.init_from, or lora.init_from's bundle
     check_writable_folders(cfg)  # made here if missing: not before a bad model.base, after it the data is read
-    # Captions missing ones (BLIP-2), checks and scans: bad data stops the run before any model loads.
-    examples = prepare_examples(cfg, show_progress)
-    if cfg.dreambooth.instance_prompt:
-        for ex in examples:
-            ex.caption = cfg.dreambooth.instance_prompt
-    examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
-    check_token_in_run(cfg, examples)  # embedding.token: a trigger word no caption names would never train
+    with record_taken_back(out_dir):  # caption, check, scan: bad data stops the run before any model loads
+        examples = prepare_examples(cfg, show_progress)
+        if cfg.dreambooth.instance_prompt:
+            examples = [replace(ex, caption=cfg.dreambooth.instance_prompt) for ex in examples]
+        examples, held_out = split_examples(cfg, examples)  # held-out images are never trained on
+        check_token_in_run(cfg, examples)  # embedding.token: a trigger word no caption names would never train
     accelerator = make_accelerator(cfg, out_dir)
     try:
         with StopSignals() as stop:
