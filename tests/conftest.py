@@ -56,6 +56,21 @@ def example_data() -> Path:
     return REPO / "datasets" / "example"
 
 
+def recorded_cache_keys(monkeypatch) -> list[tuple]:
+    """The latent cache keys of every batch a run encodes or reads, in order (a list filled as it trains)."""
+    from lora_trainer.training import caches
+
+    keys: list[tuple] = []
+    distributions = caches.LatentCache.distributions
+
+    def recording(self, batch_keys, *args, **kwargs):
+        keys.extend(batch_keys)
+        return distributions(self, batch_keys, *args, **kwargs)
+
+    monkeypatch.setattr(caches.LatentCache, "distributions", recording)
+    return keys
+
+
 def model_outputs(unet, text_encoder):
     """The tiny SD1.5 UNet's and text encoder's outputs on fixed seeded inputs (eval mode, no grad):
     what a file loaded elsewhere must reproduce."""

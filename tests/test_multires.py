@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
-from conftest import REPO, run_config
+from conftest import REPO, recorded_cache_keys, run_config
 from PIL import Image
 
 from lora_trainer.config import load_config
@@ -24,21 +24,6 @@ def _examples(cfg):
     from lora_trainer.data.prepare import prepare_examples
 
     return prepare_examples(cfg, show_progress=False)
-
-
-def _recorded_keys(monkeypatch) -> list[tuple]:
-    """The latent cache keys of every batch the run encodes or reads."""
-    from lora_trainer.training import caches
-
-    keys: list[tuple] = []
-    distributions = caches.LatentCache.distributions
-
-    def recording(self, batch_keys, *args, **kwargs):
-        keys.extend(batch_keys)
-        return distributions(self, batch_keys, *args, **kwargs)
-
-    monkeypatch.setattr(caches.LatentCache, "distributions", recording)
-    return keys
 
 
 def test_two_sides_give_twice_the_items_each_at_its_side(tiny_sd15, example_data, tmp_path):
@@ -99,7 +84,7 @@ def test_second_epoch_reads_both_sides_from_the_latent_cache(tiny_sd15, example_
                                                              caplog):
     from lora_trainer.training.loop import train
 
-    keys = _recorded_keys(monkeypatch)
+    keys = recorded_cache_keys(monkeypatch)
     cfg = run_config(tiny_sd15, example_data, tmp_path / "out", *FAST, "data.resolution=[32, 64]",
                      "train.max_steps=null", "train.epochs=2")
     with caplog.at_level(logging.INFO, logger="lora_trainer"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors
 import yaml
-from conftest import REPO, run_config
+from conftest import REPO, recorded_cache_keys, run_config
 from PIL import Image
 
 from lora_trainer.config import dump_config, load_config
@@ -106,17 +106,9 @@ def test_one_subset_equal_to_data_path_trains_the_same_losses(tiny_sd15, example
 
 
 def test_flip_subset_and_caches_metadata_and_config(folders, tiny_sd15, tmp_path, monkeypatch, caplog):
-    from lora_trainer.training import caches
     from lora_trainer.training.loop import train
 
-    keys: list[tuple] = []
-    distributions = caches.LatentCache.distributions
-
-    def recording(self, batch_keys, *args, **kwargs):
-        keys.extend(batch_keys)
-        return distributions(self, batch_keys, *args, **kwargs)
-
-    monkeypatch.setattr(caches.LatentCache, "distributions", recording)
+    keys = recorded_cache_keys(monkeypatch)
     close, full = folders
     # 2 × 4 + 3 × 1 = 11 items per epoch: 5 batches of 2, so 3 epochs are 15 steps
     cfg = _subsets_config(tiny_sd15, tmp_path / "out", [
