@@ -204,7 +204,8 @@ def test_a_pivotal_runs_epoch_and_step_embeddings_are_not_published_as_tokens(tr
     the same word; another file in embeddings/ is a word of its own."""
     import yaml
 
-    from lora_trainer.publish.run import read_run, trigger_words
+    from lora_trainer.publish.guidance import trigger_words
+    from lora_trainer.publish.run import read_run
     from publish_helpers import copy_run
 
     run = copy_run(trained, tmp_path / "run")

@@ -15,7 +15,8 @@ import yaml
 from ..config import describe_sides
 from .embeddings import card_section
 from ..models.lycoris import type_name
-from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
+from .guidance import WeightAdvice, recommended_prompts, trigger_words
+from .run import Run, dataset_size, ema_setting, final_loss, top_tags, trained_steps
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

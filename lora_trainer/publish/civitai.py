@@ -22,8 +22,8 @@ from .adapters import write_kohya
 from .card import BASE_NAMES
 from .embeddings import embedding_sources, publish_embedding, readme_lines
 from ..models.lycoris import type_name
-from .run import (Run, WeightAdvice, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
-                  trained_steps, trigger_words)
+from .guidance import WeightAdvice, prompt_guide, recommended_prompts, trigger_words
+from .run import Run, dataset_size, ema_setting, embedding_vectors, trained_steps
 
 # CivitAI's model type by adapter (its API names; the upload form calls LoCon "LyCORIS") and the
 # form's label for each

@@ -12,7 +12,8 @@ import yaml
 from ..config import describe_sides
 from .card import BASE_NAMES, PIPELINES, CardFiles, _code, front_matter
 from .embeddings import diffusers_lines
-from .run import Run, dataset_size, embedding_vectors, final_loss, recommended_prompts, trained_steps
+from .guidance import recommended_prompts
+from .run import Run, dataset_size, embedding_vectors, final_loss, trained_steps
 
 # What each base's embedding file holds, in A1111's layout.
 PARTS = {"sd15": "`emb_params`", "sdxl": "`clip_l` and `clip_g`, one per text encoder"}
