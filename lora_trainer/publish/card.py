@@ -155,8 +155,8 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         rows.insert(6, ("LoCon 3x3 conv rank / alpha", f"{cfg.lora.conv_rank} / {cfg.conv_alpha:g}"))
     if cfg.lora.train_text_encoder:
         rows.insert(8 + bool(cfg.lora.conv_rank), ("text encoder learning rate", f"{t.text_encoder_lr if t.text_encoder_lr is not None else t.lr:g}"))
-    if run.metadata.get("ss_vae_name"):  # model.vae: the samples show it, not the base's VAE
-        rows.insert(1, ("VAE", f"`{run.metadata['ss_vae_name']}`, not the base's: it encoded the training images "
+    if run.vae:  # model.vae: the samples show it, not the base's VAE
+        rows.insert(1, ("VAE", f"`{run.vae}`, not the base's: it encoded the training images "
                         "and drew the sample images; generate with it for images like them"))
     ema = ema_setting(run)
     if ema is not None:

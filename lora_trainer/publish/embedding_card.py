@@ -45,6 +45,9 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("mixed precision", t.mixed_precision),
         ("seed", t.seed),
     ]
+    if run.vae:  # model.vae: the samples show it, not the base's VAE
+        rows.insert(1, ("VAE", f"{_code(run.vae)}, not the base's: it encoded the training images "
+                        "and drew the sample images; generate with it for images like them"))
     if loss is not None:
         rows.append(("final loss (mean of last 10 steps)", f"{loss:.4f}"))
     lines = ["## Training details", "", "| setting | value |", "| --- | --- |"]

@@ -122,5 +122,5 @@ def prompt_guide(run: Run, advice: WeightAdvice | None) -> dict:
         guide["embedding"] = {"token": run.token, "file": run.adapter.name, "vectors": embedding_vectors(run)}
     guide["settings"] = {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler_name,
                          "width": main_side(run.cfg.data.resolution), "height": main_side(run.cfg.data.resolution),
-                         **({"vae": run.metadata["ss_vae_name"]} if run.metadata.get("ss_vae_name") else {})}
+                         **({"vae": run.vae} if run.vae else {})}
     return guide

@@ -65,6 +65,16 @@ class Run:
         """The trained embedding's trigger word (embedding.token), if the run trained one."""
         return self.cfg.embedding.token
 
+    @property
+    def vae(self) -> str | None:
+        """The model.vae the run encoded its images and drew its samples with, by name (a local path's
+        file or folder name, a hub id as it is): the LoRA's ss_vae_name; an embedding's file records
+        none, so for an embedding alone config.yaml's model.vae. None: the base's own VAE."""
+        if not self.embedding_only:
+            return self.metadata.get("ss_vae_name") or None
+        source = self.cfg.model.vae
+        return (Path(source).name if is_local(source) else source) if source else None
+
 
 def read_png_parameters(path: Path) -> str:
     from PIL import Image
