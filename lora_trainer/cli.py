@@ -73,7 +73,7 @@ def _caption(args) -> int:
         raise ConfigError("; ".join(errors))
     ext = normalize_caption_extension(args.caption_extension, "--caption-extension")
     results = caption_folder(args.dir, options, show_progress=not args.quiet, caption_extension=ext,
-                             extension_key="--caption-extension")
+                             extension_key="--caption-extension", skip_parked=args.folder_repeats)
     if not results:  # as check-data: exit 1 when the folder holds nothing to work on
         from .data.images import IMAGE_EXTENSIONS
 
@@ -186,6 +186,9 @@ def add_caption_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s; kohya: .caption)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-caption images that have a caption file (the old one kept as e.g. .txt.bak)")
+    p.add_argument("--folder-repeats", action=argparse.BooleanOptionalAction, default=True,
+                   help="data.folder_repeats: leave out kohya's parked 0_<name> folders, as training does "
+                        "(--no-folder-repeats: caption them too)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--keep-prompt", action=argparse.BooleanOptionalAction, default=True,

@@ -136,6 +136,24 @@ def test_caption_command_prints_table_and_summary(tiny_blip2, folder, capsys):
     assert out[-1] == "4 image(s): 3 generated, 1 kept"
 
 
+def test_caption_command_leaves_parked_folders_out_as_training_does(tiny_blip2, folder, capsys, caplog):
+    # kohya's 0_<name> folders do not train (data.folder_repeats): captioning them was wasted work
+    (folder / "0_parked" / "deep").mkdir(parents=True)
+    (folder / "3_dog").mkdir()
+    for i, name in enumerate(["0_parked/e.png", "0_parked/deep/f.png", "3_dog/g.png"]):
+        _noise_png(folder / name, 10 + i)
+    args = ["caption", str(folder), "--model", str(tiny_blip2), "--quiet", "--max-length", "4", "--min-length", "4"]
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.data.captioning"):
+        assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "5 image(s): 4 generated, 1 kept"
+    assert (folder / "3_dog" / "g.txt").is_file() and (folder / "c.txt").is_file()
+    assert not (folder / "0_parked" / "e.txt").exists() and not (folder / "0_parked" / "deep" / "f.txt").exists()
+    [line] = [r.getMessage() for r in caplog.records if "0_<name>" in r.getMessage()]
+    assert line == f"{folder}: leaving out 1 folder(s) named 0_<name> (2 image(s)), as training does: 0_parked"
+    assert main([*args, "--no-folder-repeats"]) == 0  # caption them too
+    assert (folder / "0_parked" / "e.txt").is_file() and (folder / "0_parked" / "deep" / "f.txt").is_file()
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--batch-size", "0"], "--batch-size: got 0; expected an integer >= 1"),
     (["--dtype", "fp16", "--device", "cpu"], "data.caption.dtype (--dtype): got 'fp16', which needs a GPU"),

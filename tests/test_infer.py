@@ -59,6 +59,20 @@ def test_adapter_weight_that_is_not_a_number_is_named(tmp_path):
         parse_adapter_spec(f"{tmp_path}/b.safetensors:abc")
 
 
+def test_an_upper_case_lbw_key_is_a_one_line_error_not_a_missing_file(trained, tiny_sd15, tmp_path, capsys):
+    # A1111's LoRA Block Weight reads `lbw=` in lower case only; LBW= was taken as part of the file name
+    adapter = trained.adapter_paths[0]
+    with pytest.raises(ConfigError, match=r"write the key Lbw= in lower case.*:0\.8:lbw=INS$"):
+        parse_adapter_spec(f"{adapter}:0.8:Lbw=INS")
+    rc = main(["infer", "--model", str(tiny_sd15), "--lora", f"{adapter}:0.8:LBW=OUTALL", "--prompt", "x",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "file not found" not in err
+    assert err.endswith(f"write the key LBW= in lower case, as A1111's LoRA Block Weight reads it: {adapter}:0.8:lbw=OUTALL")
+    assert not (tmp_path / "out").exists()
+    assert parse_adapter_spec(f"{adapter}:0.8:lbw=OUTALL").lbw == "OUTALL"
+
+
 def test_out_that_is_a_file_is_one_line_error(tiny_sd15, tmp_path, capsys):
     (tmp_path / "x.png").write_bytes(b"")
     rc = main(["infer", "--model", str(tiny_sd15), "--prompt", "x", "--out", str(tmp_path / "x.png")])

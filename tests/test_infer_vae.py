@@ -91,6 +91,32 @@ def test_merge_vae_carries_it_in_the_folder_and_the_single_file(tiny_sd15, rando
     assert all(torch.equal(back.state_dict()[k], want[k]) for k in want)
 
 
+def test_merge_vae_alone_bakes_it_into_the_base(tiny_sd15, other_vae, tmp_path, capsys):
+    # a checkpoint with the fixed VAE: no --lora, the rest of the base unchanged
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from lora_trainer.models.vae import load_vae
+
+    want = load_vae(str(other_vae), AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae"), torch.float32)
+    want = want.state_dict()
+    assert main(["merge", "--model", str(tiny_sd15), "--vae", str(other_vae), "--out", str(tmp_path / "baked")]) == 0
+    merged = AutoencoderKL.from_pretrained(tmp_path / "baked", subfolder="vae").state_dict()
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    base_unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").state_dict()
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "baked", subfolder="unet").state_dict()
+    assert all(torch.equal(unet[k], base_unet[k]) for k in base_unet)
+    single = tmp_path / "baked.safetensors"
+    assert main(["merge", "--model", str(tiny_sd15), "--vae", str(other_vae), "--single-file",
+                 "--out", str(single)]) == 0
+    back = load_vae(str(single), AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae"), torch.float32)
+    assert all(torch.equal(back.state_dict()[k], want[k]) for k in want)
+    # neither --lora nor --vae: the save would be the base itself
+    capsys.readouterr()
+    assert main(["merge", "--model", str(tiny_sd15), "--out", str(tmp_path / "same")]) == 2
+    err = one_line_error(capsys)
+    assert "give at least one --lora FILE[:WEIGHT] to fuse, or --vae VAE" in err and not (tmp_path / "same").exists()
+
+
 def test_sdxl_refiner_decodes_with_the_vae_too(tiny_sdxl, tmp_path):
     from lora_trainer.testing.inference_models import make_sdxl_refiner
 

@@ -308,3 +308,39 @@ def test_bare_arguments_and_powershell_backticks_parse():
     assert cfg["model"]["base"] == "$MODEL" and sum("shell variable" in n for n in notes) == 2
     with pytest.raises(ConfigError, match="'oops' is not a --argument"):
         parse_command_line("python train_network.py oops --network_dim 8", "run.sh")
+
+
+def test_no_half_vae_note_says_which_way_the_vae_goes(tiny_sdxl, tmp_path):
+    # the note said the VAE "stays fp32" always; a model.vae whose config says fp16 does not overflow
+    # it (the fp16-fix VAE) runs in fp16. Each note is checked against what loading does.
+    import torch
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.models.loading import load_base
+    from lora_trainer.testing.tiny_vae import make_vae
+
+    fixed = make_vae(tiny_sdxl, tmp_path / "fp16-fix", seed=2, force_upcast=False)
+    own = make_vae(tiny_sdxl, tmp_path / "own.safetensors", single_file=True)
+    upcast = make_vae(tiny_sdxl, tmp_path / "upcast", seed=3)
+
+    def note(*extra: str, script: str = "sdxl_train_network.py") -> str:
+        args = {"_script": script, "pretrained_model_name_or_path": str(tiny_sdxl), "network_dim": 4,
+                "network_alpha": 4, "learning_rate": 1e-4, "max_train_steps": 10, "mixed_precision": "fp16",
+                "train_data_dir": "img",
+                "no_half_vae": True, **({"vae": extra[0]} if extra else {})}
+        notes = [n for n in config_from_kohya(args)[1] if n.startswith("--no_half_vae")]
+        assert len(notes) == 1, notes
+        return notes[0]
+
+    assert "an SDXL VAE whose config says fp16 overflows (force_upcast" in note()
+    assert "the fp16-fix VAE as a folder or hub id) runs in fp16" in note()
+    for source, says, dtype in (
+            (fixed, "it runs in fp16 under fp16, not fp32 as --no_half_vae asked", torch.float16),
+            (own, "read with the base's VAE config (force_upcast): on SDXL it stays fp32", torch.float32),
+            (upcast, "a folder whose config says fp16 overflows (force_upcast): it stays fp32", torch.float32)):
+        assert f"--vae {source} is " in note(str(source)) and says in note(str(source))
+        assert load_base(ModelConfig(base=str(tiny_sdxl), vae=str(source)), torch.float16).vae.dtype == dtype
+    hub = note("madebyollin/sdxl-vae-fp16-fix")  # its config is not read offline: both ways
+    assert "one that says it does not (the fp16-fix VAE) runs in fp16" in hub and "stays fp32 under fp16" in hub
+    assert note(script="train_network.py").endswith(
+        "an SD1.x VAE runs in the compute precision (train.mixed_precision)")

@@ -163,6 +163,36 @@ def test_a_run_missing_its_embedding_names_the_file(ti_run, tmp_path, capsys):
     assert "embedding.token='geoshape'" in err
 
 
+def test_an_embedding_alone_trained_with_its_own_vae_names_it(ti_run, tmp_path, fake_token):
+    # the embedding's file records no VAE (a LoRA's ss_vae_name does): it is read from config.yaml
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(ti_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    local = tmp_path / "private" / "VAE" / "vae-ft-mse.safetensors"
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["vae"] = str(local)
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert publish_dry(run, tmp_path / "repo") == 0
+    card = (tmp_path / "repo" / "README.md").read_text(encoding="utf-8")
+    assert "| VAE | `vae-ft-mse.safetensors`, not the base's: it encoded the training images" in card
+    assert json.loads((tmp_path / "repo" / "prompts.json").read_text())["settings"]["vae"] == "vae-ft-mse.safetensors"
+    assert main(["package", str(run), "--civitai", str(tmp_path / "c.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "c.zip") as z:
+        assert json.loads(z.read("prompts.json"))["settings"]["vae"] == "vae-ft-mse.safetensors"
+        assert "VAE: vae-ft-mse.safetensors, not the base's: the previews were drawn with it" in z.read("README.txt").decode()
+    for _, data in all_bytes(tmp_path / "repo"):
+        assert str(local.parent).encode() not in data
+    # a hub id is named as it is; the base's own VAE is not named
+    config["model"]["vae"] = "stabilityai/sd-vae-ft-mse"
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert publish_dry(run, tmp_path / "hub-vae") == 0
+    assert json.loads((tmp_path / "hub-vae" / "prompts.json").read_text())["settings"]["vae"] == config["model"]["vae"]
+    assert publish_dry(ti_run, tmp_path / "plain") == 0
+    assert "| VAE |" not in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+    assert "vae" not in json.loads((tmp_path / "plain" / "prompts.json").read_text())["settings"]
+
+
 def test_sdxl_embedding_alone_card_loads_clip_l_and_clip_g(ti_run_xl, tiny_sdxl, tmp_path, fake_token):
     from diffusers import StableDiffusionXLPipeline
 
@@ -204,7 +234,8 @@ def test_a_pivotal_runs_epoch_and_step_embeddings_are_not_published_as_tokens(tr
     the same word; another file in embeddings/ is a word of its own."""
     import yaml
 
-    from lora_trainer.publish.run import read_run, trigger_words
+    from lora_trainer.publish.guidance import trigger_words
+    from lora_trainer.publish.run import read_run
     from publish_helpers import copy_run
 
     run = copy_run(trained, tmp_path / "run")

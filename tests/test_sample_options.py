@@ -121,7 +121,8 @@ def test_an_unknown_sample_scheduler_is_refused_in_one_line_before_loading(tmp_p
 
 
 def test_the_published_prompt_guide_names_the_samples_sampler(runs):
-    from lora_trainer.publish.run import prompt_guide, read_run, weight_advice
+    from lora_trainer.publish.guidance import prompt_guide, weight_advice
+    from lora_trainer.publish.run import read_run
 
     for name, sampler in (("euler_a", "Euler a"), ("default", "DPM++ 2M")):
         run = read_run(runs[name][0].output_dir)

@@ -60,7 +60,7 @@ def test_training_samples_follow_each_prompts_options(tiny_sd15, example_data, t
 def test_the_model_card_shows_prompts_without_their_options(tiny_sd15, example_data, tmp_path):
     from types import SimpleNamespace
 
-    from lora_trainer.publish.run import recommended_prompts
+    from lora_trainer.publish.guidance import recommended_prompts
 
     cfg = run_config(tiny_sd15, example_data, tmp_path, 'sample.prompts=["a cat --n dog --s 4", "a hat"]',
                      "sample.negative_prompt=ugly")

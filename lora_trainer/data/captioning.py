@@ -183,10 +183,10 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     one and `c.overwrite` is set (the old file is copied to `<stem><ext>.bak` first). Each batch's
     files are written as soon as it is captioned. The model loads only if some image needs a caption
     (or `captioner` is given, and then stays loaded). `skip_parked` leaves out `0_<name>` folders,
-    as a run with data.folder_repeats does. When no image has a caption file of this extension but
-    some have .caption/.txt/.tags files, a warning names `extension_key` (they are captioned anyway).
-    Image files of formats that are not read are named in a warning unless `warn_unread` is False
-    (training's own scan of the folder names them right after).
+    as a run with data.folder_repeats does, and one log line says how many. When no image has a caption
+    file of this extension but some have .caption/.txt/.tags files, a warning names `extension_key`
+    (they are captioned anyway). Image files of formats that are not read, and the folders left out,
+    are named unless `warn_unread` is False (training's own scan of the folder names them right after).
     """
     root = Path(root)
     if c.method == "wd14" and captioner is None:
@@ -196,9 +196,13 @@ def caption_folder(root: str | os.PathLike, c: CaptionConfig, show_progress: boo
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "dataset folder not found"
         raise DataError(f"{root}: {what}; give a folder of images to caption")
-    image_paths, metadata_files, _, unread = _walk(root, skip_parked)
+    image_paths, metadata_files, parked, unread = _walk(root, skip_parked)
     if unread and warn_unread:
         logger.warning("%s: %s", root, unread_files_note(unread, root))
+    if parked and warn_unread:
+        logger.warning("%s: leaving out %d folder(s) named 0_<name> (%d image(s)), as training does: %s",
+                       root, len(parked), sum(len(_walk(p)[0]) for p in parked),
+                       ", ".join(p.relative_to(root).as_posix() for p in parked))
     in_metadata: dict[Path, str] = {}
     for metadata in metadata_files:
         in_metadata.update(read_metadata_jsonl(metadata))

@@ -15,6 +15,10 @@ from ..errors import ConfigError, ModelError
 from .block_weights import block_weights_text
 
 
+# `:LBW=`, `:Lbw=`: the per-block key in another case (the lower-case one is split off before)
+_OTHER_LBW_KEY = re.compile(r":(lbw)=", re.IGNORECASE)
+
+
 @dataclass
 class AdapterSpec:
     path: Path
@@ -35,11 +39,18 @@ class AdapterSpec:
 
 def parse_adapter_spec(spec: str) -> AdapterSpec:
     """'FILE', 'FILE:WEIGHT' (the weight is the part after the last colon, when it is a number), either
-    with ':lbw=SPEC' after it (per-block weights, as A1111's LoRA Block Weight extension reads them)."""
+    with ':lbw=SPEC' after it (per-block weights, as A1111's LoRA Block Weight extension reads them).
+    The key is lower case, as the extension reads it (it passes over `LBW=` in silence): another
+    spelling is a one-line error, not part of a file name that is then not found."""
     head, sep, lbw = spec.rpartition(":lbw=")
     if sep and head:
         found = parse_adapter_spec(head)
         return AdapterSpec(found.path, found.weight, lbw)
+    key = _OTHER_LBW_KEY.search(spec)
+    if key and not Path(spec).exists():
+        fixed = spec[:key.start()] + ":lbw=" + spec[key.end():]
+        raise ConfigError(f"{spec}: write the key {key.group(1)}= in lower case, as A1111's LoRA Block Weight "
+                          f"reads it: {fixed}")
     path, sep, weight = spec.rpartition(":")
     if sep and path:
         try:

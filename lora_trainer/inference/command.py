@@ -285,7 +285,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=None, help="a diffusers folder whose configs describe a single-file --model of another architecture (default: the shipped SD1.5/SDXL configs)")
     p.add_argument("--vae", default=None, help=VAE_HELP + "; the merged model carries it")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:lbw=SPEC]",
-                   help="adapter to fuse, repeatable (lbw=: per-block weights, as infer)")
+                   help="adapter to fuse, repeatable (lbw=: per-block weights, as infer); none with --vae: "
+                        "the base with that VAE")
     p.add_argument("--out", required=True, help="folder for the merged diffusers model (a .safetensors file with --single-file)")
     p.add_argument("--single-file", action="store_true",
                    help="write one original-layout .safetensors checkpoint (A1111/ComfyUI); --out names the file")

@@ -30,13 +30,15 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
                     vae: str | None = None) -> Path:
     """Load `model` (its VAE replaced by `vae` when given), fuse `loras` at their weights, drop the
     adapter layers and save the result as a diffusers folder at `out` (or, with `single_file`, one
-    original-layout `.safetensors` checkpoint as A1111 and ComfyUI load), with that VAE. It appears
-    complete or not at all (written beside it, renamed)."""
+    original-layout `.safetensors` checkpoint as A1111 and ComfyUI load), with that VAE. No `loras`
+    with a `vae` bakes the VAE alone into the base; neither is refused (the save would be the base).
+    It appears complete or not at all (written beside it, renamed)."""
     out = Path(out)
     if single_file and out.suffix.lower() != ".safetensors":
         raise ConfigError(f"--out: {out} must be a .safetensors file name with --single-file")
-    if not loras:
-        raise ConfigError("merge: give at least one --lora FILE[:WEIGHT] to merge into the base")
+    if not loras and not vae:
+        raise ConfigError("merge: give at least one --lora FILE[:WEIGHT] to fuse, or --vae VAE to bake into the "
+                          "base; with neither the saved model would be the base itself")
     if single_file and out.is_dir():
         raise ConfigError(f"--out: {out} is a folder; give a .safetensors file name with --single-file")
     if not single_file and out.exists() and not out.is_dir():
@@ -58,10 +60,11 @@ def merge_to_folder(model: str, loras: list[AdapterSpec], out: str | Path, *, si
         raise ConfigError(f"merge: {exc}") from None
     _warn_run_embeddings(loras)
     pipe, _ = load_base(model, "cpu", dtype, config_dir=config_dir, vae=vae)
-    stack = AdapterStack(pipe)
-    for spec in loras:
-        stack.load(spec)
-    stack.bake()
+    if loras:  # a VAE alone: the loaded base already carries it
+        stack = AdapterStack(pipe)
+        for spec in loras:
+            stack.load(spec)
+        stack.bake()
     if single_file:
         from ..models.single_file import save_single_file
 

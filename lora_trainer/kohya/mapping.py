@@ -20,8 +20,8 @@ from .lycoris_args import lycoris_args, lycoris_type
 from .optimizer_options import optimizer_options, scheduler_options
 from .output_options import output_options, sample_options
 from .options import (
-    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, drop_unet_options, images_in, note_for,
-    parse_network_args, parse_number, reg_folder, resolution_side, set_conv_rank, set_key,
+    KOHYA_DEFAULTS, LORAPLUS_ARGS, NETWORK_ARG_NOTES, dataset_config_data, drop_unet_options, images_in,
+    no_half_vae_note, note_for, parse_network_args, parse_number, reg_folder, resolution_side, set_conv_rank, set_key,
 )
 
 # kohya's networks.lora adapts every Linear and 1x1 Conv2d of the UNet's transformer blocks
@@ -149,6 +149,8 @@ def _model(a: Args, script: Optional[str], launcher: str, cfg: dict, notes: list
                      "model.config_dir, else epsilon")
     if a.has("vae"):
         set_key(cfg, "model.vae", a.str("vae"))
+    if a.has("no_half_vae") and a.bool("no_half_vae"):  # which way the VAE goes depends on it and the base
+        notes.append(no_half_vae_note(a.str("vae"), cfg["model"].get("variant")))
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     if cfg["model"].get("variant") == "sdxl" and a.has("clip_skip") and a.int("clip_skip") != KOHYA_DEFAULTS["clip_skip"]:
         notes.append(f"--clip_skip {a.get('clip_skip')}: kohya's SDXL training ignores it; left out "

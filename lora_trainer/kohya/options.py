@@ -38,7 +38,10 @@ NOTES = {
     "xformers": _ATTENTION, "sdpa": _ATTENTION, "mem_eff_attn": _ATTENTION,
     "lowram": "memory placement is automatic here", "highvram": "memory placement is automatic here",
     "persistent_data_loader_workers": "no equivalent; left out",
-    "no_half_vae": "the SDXL VAE stays fp32 automatically where fp16 would overflow",
+    # as models.loading decides: by the VAE's config, not by a flag
+    "no_half_vae": ("no flag here: under fp16 an SDXL VAE whose config says fp16 overflows (force_upcast: the "
+                    "base's, and a model.vae file, read with the base's config) stays fp32; one whose config says it "
+                    "does not (the fp16-fix VAE as a folder or hub id) runs in fp16, as SD1.x VAEs do"),
     "cache_text_encoder_outputs": "frozen text embeddings are cached automatically while the text encoders are not trained",
     "cache_text_encoder_outputs_to_disk": "text embeddings are cached in memory only",
     "vae_batch_size": "latents are encoded as batches come; left out",
@@ -139,6 +142,42 @@ def note_for(shown: str, key: str, value: Any, reasons: dict[str, str] = NOTES) 
     if value is not True:
         shown += " " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
     return f"{shown}: {reason or 'not known to the importer; left out (check whether your run needs it)'}"
+
+
+def no_half_vae_note(vae: Optional[str], variant: Optional[str]) -> str:
+    """The note for --no_half_vae: the general rule, or with --vae, which way that VAE goes. A folder's
+    config.json (or vae/config.json) is read here; a hub id's is not (offline), so both ways are told."""
+    shown = "--no_half_vae"
+    if variant == "sd15":
+        return f"{shown}: no flag here; an SD1.x VAE runs in the compute precision (train.mixed_precision)"
+    if not vae:
+        return f"{shown}: {NOTES['no_half_vae']}"
+    path = Path(vae).expanduser()
+    if path.is_file() or path.suffix.lower() == ".safetensors":
+        how = "a file, read with the base's VAE config (force_upcast): on SDXL it stays fp32 under fp16"
+    else:
+        upcast = _force_upcast(path)
+        if upcast is None:
+            how = ("read with its own config: one that says fp16 overflows (force_upcast) stays fp32 under fp16; "
+                   "one that says it does not (the fp16-fix VAE) runs in fp16")
+        elif upcast:
+            how = "a folder whose config says fp16 overflows (force_upcast): it stays fp32 under fp16"
+        else:
+            how = ("a folder whose config says fp16 does not overflow it (force_upcast false, as the fp16-fix "
+                   "VAE's): it runs in fp16 under fp16, not fp32 as --no_half_vae asked")
+    return f"{shown}: no flag here; --vae {vae} is {how}"
+
+
+def _force_upcast(folder: Path) -> Optional[bool]:
+    """force_upcast of a local diffusers VAE folder (or a model folder's vae/); None when not readable here."""
+    import json
+
+    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("force_upcast", True))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def parse_network_args(values: Any) -> list[tuple[str, str]]:

@@ -15,7 +15,8 @@ import yaml
 from ..config import describe_sides
 from .embeddings import card_section
 from ..models.lycoris import type_name
-from .run import Run, WeightAdvice, dataset_size, ema_setting, final_loss, recommended_prompts, top_tags, trained_steps, trigger_words
+from .guidance import WeightAdvice, recommended_prompts, trigger_words
+from .run import Run, dataset_size, ema_setting, final_loss, top_tags, trained_steps
 
 BASE_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL 1.0"}
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
@@ -154,8 +155,8 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         rows.insert(6, ("LoCon 3x3 conv rank / alpha", f"{cfg.lora.conv_rank} / {cfg.conv_alpha:g}"))
     if cfg.lora.train_text_encoder:
         rows.insert(8 + bool(cfg.lora.conv_rank), ("text encoder learning rate", f"{t.text_encoder_lr if t.text_encoder_lr is not None else t.lr:g}"))
-    if run.metadata.get("ss_vae_name"):  # model.vae: the samples show it, not the base's VAE
-        rows.insert(1, ("VAE", f"`{run.metadata['ss_vae_name']}`, not the base's: it encoded the training images "
+    if run.vae:  # model.vae: the samples show it, not the base's VAE
+        rows.insert(1, ("VAE", f"`{run.vae}`, not the base's: it encoded the training images "
                         "and drew the sample images; generate with it for images like them"))
     ema = ema_setting(run)
     if ema is not None:

@@ -22,8 +22,8 @@ from .adapters import write_kohya
 from .card import BASE_NAMES
 from .embeddings import embedding_sources, publish_embedding, readme_lines
 from ..models.lycoris import type_name
-from .run import (Run, WeightAdvice, dataset_size, ema_setting, embedding_vectors, prompt_guide, recommended_prompts,
-                  trained_steps, trigger_words)
+from .guidance import WeightAdvice, prompt_guide, recommended_prompts, trigger_words
+from .run import Run, dataset_size, ema_setting, embedding_vectors, trained_steps
 
 # CivitAI's model type by adapter (its API names; the upload form calls LoCon "LyCORIS") and the
 # form's label for each
@@ -94,14 +94,16 @@ def embedding_fields(run: Run, model_file: str, images: list[str], description: 
     }
 
 
-def embedding_readme_text(fields: dict) -> str:
-    """README.txt of an embedding alone's zip."""
+def embedding_readme_text(fields: dict, vae: str | None = None) -> str:
+    """README.txt of an embedding alone's zip; `vae`: the model.vae the run trained and drew its samples with."""
     token = fields["trainedWords"][0]
     lines = [
         fields["name"], "=" * len(fields["name"]), "",
         fields["description"], "",
         f"Type: Textual Inversion (embedding)    Base model: {fields['baseModel']}",
-        f"Trigger word: {token}  (no weight: prompt emphasis such as ({token}:1.2) makes it stronger)", "",
+        f"Trigger word: {token}  (no weight: prompt emphasis such as ({token}:1.2) makes it stronger)",
+        *([f"VAE: {vae}, not the base's: the previews were drawn with it; use it for images like them"]
+          if vae else []), "",
         "Recommended prompts:", *[f"  {p}" for p in fields["recommendedPrompts"]],
         f"Negative prompt: {fields['negativePrompt'] or '(none)'}", "",
         "Files:",
@@ -204,13 +206,13 @@ def build_civitai_package(run: Run, out_zip: str | Path, advice: WeightAdvice, d
             _add_text(z, "civitai.json", json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
             _add_text(z, "prompts.json", json.dumps(prompt_guide(run, advice), indent=2, ensure_ascii=False) + "\n")
             if run.embedding_only:
-                _add_text(z, "README.txt", embedding_readme_text(fields))
+                _add_text(z, "README.txt", embedding_readme_text(fields, run.vae))
             else:
                 embeddings = embedding_sources(run, Path(tmp))
                 for name, source in embeddings:
                     _add_file(z, source, name, zipfile.ZIP_STORED)
                 extra = "".join(f"{line}\n" for line in readme_lines([n for n, _ in embeddings]))
-                _add_text(z, "README.txt", readme_text(fields, run.metadata.get("ss_vae_name")) + extra)
+                _add_text(z, "README.txt", readme_text(fields, run.vae) + extra)
             names = z.namelist()
     return names
 

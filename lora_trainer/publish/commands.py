@@ -42,7 +42,8 @@ def run_publish(args) -> int:
 
 def run_package(args) -> int:
     from .civitai import build_civitai_package
-    from .run import read_run, weight_advice
+    from .guidance import weight_advice
+    from .run import read_run
 
     run = read_run(args.run_dir)
     advice = weight_advice(run, args.weight, args.weight_range)

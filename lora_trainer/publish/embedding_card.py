@@ -12,7 +12,8 @@ import yaml
 from ..config import describe_sides
 from .card import BASE_NAMES, PIPELINES, CardFiles, _code, front_matter
 from .embeddings import diffusers_lines
-from .run import Run, dataset_size, embedding_vectors, final_loss, recommended_prompts, trained_steps
+from .guidance import recommended_prompts
+from .run import Run, dataset_size, embedding_vectors, final_loss, trained_steps
 
 # What each base's embedding file holds, in A1111's layout.
 PARTS = {"sd15": "`emb_params`", "sdxl": "`clip_l` and `clip_g`, one per text encoder"}
@@ -44,6 +45,9 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("mixed precision", t.mixed_precision),
         ("seed", t.seed),
     ]
+    if run.vae:  # model.vae: the samples show it, not the base's VAE
+        rows.insert(1, ("VAE", f"{_code(run.vae)}, not the base's: it encoded the training images "
+                        "and drew the sample images; generate with it for images like them"))
     if loss is not None:
         rows.append(("final loss (mean of last 10 steps)", f"{loss:.4f}"))
     lines = ["## Training details", "", "| setting | value |", "| --- | --- |"]

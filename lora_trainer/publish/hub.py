@@ -23,7 +23,8 @@ from .card import CardFiles, model_card
 from .embedding_card import model_card as embedding_card
 from .embeddings import embedding_sources, publish_embedding
 from ..models.lycoris import type_name
-from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, is_local, prompt_guide, weight_advice
+from .guidance import prompt_guide, weight_advice
+from .run import BASE_LICENSES, HUB_ID, Run, hub_base_model, is_local
 
 # The diffusers file under the name `pipe.load_lora_weights(repo_id)` looks for by default.
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
