@@ -282,7 +282,8 @@ def _init() -> list[str]:
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"steps": 0}, "steps"), ({"width": 33}, "width"), ({"steps": "2"}, "steps"), ({"cfg_scale": "high"}, "cfg_scale"),
+    ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"), ({"enable_hr": True, "hr_second_pass_steps": 1001}, "hr_second_pass_steps"),
+    ({"width": 33}, "width"), ({"steps": "2"}, "steps"), ({"cfg_scale": "high"}, "cfg_scale"),
     ({"seed": 1.5}, "seed"), ({"sampler_name": "DPM++ 9M"}, "sampler_name"), ({"batch_size": True}, "batch_size"),
     ({"enable_hr": True, "hr_scale": 1}, "hr_scale"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"clip_skip": 13}, "clip_skip"),
