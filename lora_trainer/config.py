@@ -25,7 +25,7 @@ from .config_embedding import EmbeddingConfig, check_embedding
 from .config_parse import UniqueKeyLoader, build_dataclass, merge_dicts, parse_overrides  # noqa: F401 (re-exported)
 from .config_sample import SampleConfig, check_sample  # noqa: F401 (re-exported)
 from .config_subsets import (  # noqa: F401 (re-exported)
-    SubsetConfig, dataset_root, normalize_subset_extensions, resolve_subsets, subset_label,
+    SubsetConfig, dataset_root, normalize_subset_extensions, resolve_subsets, subset_label, trained_sides,
 )
 from .errors import ConfigError
 

@@ -66,6 +66,14 @@ def resolve_subsets(d: DataConfig) -> list[DataConfig]:
     return [dataclasses.replace(d, path=s.path, subsets=[], **subset_overrides(s)) for s in d.subsets]
 
 
+def trained_sides(d: DataConfig) -> list[int]:
+    """Every side some folder of the run trains at, smallest first (data.resolution's, and the sides of
+    subsets with their own): what a model card says the run was trained at."""
+    from .config_data import resolution_sides
+
+    return sorted({side for folder in resolve_subsets(d) for side in resolution_sides(folder.resolution)})
+
+
 def dataset_root(d: DataConfig) -> str:
     """The run's first image folder (data.path, or the first subset's): where caches live by default."""
     return d.path or (d.subsets[0].path if d.subsets else "")

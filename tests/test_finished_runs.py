@@ -93,12 +93,17 @@ def test_a_finished_run_without_checkpoints_needs_overwrite_to_train_longer(fini
     out = _copy(finished, tmp_path)
     shutil.rmtree(out / "checkpoints")
     with pytest.raises(ConfigError) as err:
-        train(run_config(tiny_sd15, example_data, out, *RUN, "train.max_steps=6", "train.resume=latest"),
-              show_progress=False)
+        train(run_config(tiny_sd15, example_data, out, *RUN, "train.max_steps=6", "train.resume=latest",
+                         "output.save_every_n_steps=0"), show_progress=False)
     assert str(err.value) == (
         f"train.resume: the run in {out} finished at step 4 and saved no checkpoint to continue from to step 6 "
         "(output.save_every_n_steps was off); train it again from step 0 with output.overwrite=true (its adapter "
         f"is replaced), or start a new output.dir with lora.init_from={out / 'example-lora.safetensors'}")
+    # with saves on, the line said "was off" too (a run as long as save_every_n_steps keeps none)
+    with pytest.raises(ConfigError, match=r"to step 6 \(checkpoints/ holds none: output.save_every_n_steps=2 "
+                                          r"saves before the last step only\); train it again"):
+        train(run_config(tiny_sd15, example_data, out, *RUN, "train.max_steps=6", "train.resume=latest"),
+              show_progress=False)
     assert train(run_config(tiny_sd15, example_data, out, *RUN, "train.resume=latest"), show_progress=False).finished
 
 

@@ -133,7 +133,10 @@ def test_png_parameters_carry_a1111s_hires_keys(tiny_sd15, random_adapters, tmp_
                                 "of 8); give a larger scale"),
     (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength: 0.0 is not allowed; give a number above 0"),
     (["--hires-scale", "2", "--hires-strength", "1.5"], "--hires-strength: 1.5 is not allowed"),
-    (["--hires-scale", "2", "--hires-steps", "0"], "--hires-steps: 0 is not allowed; give an integer >= 1"),
+    (["--hires-scale", "2", "--hires-steps", "0"], "--hires-steps: 0 is not allowed; give 1 to 1000"),
+    # more steps than the base's 1000 noise levels stopped deep in the sampler with a traceback
+    (["--hires-scale", "2", "--hires-steps", "1001"], "--hires-steps: 1001 is not allowed; give 1 to 1000"),
+    (["--steps", "1001"], "--steps: 1001 is not allowed; give 1 to 1000 (the noise levels a base knows)"),
     (["--hires-scale", "2", "--hires-steps", "2.5"], "--hires-steps: '2.5' is not an integer"),
     (["--hires-scale", "2", "--init-image", "{img}"], "--hires-scale redraws a txt2img image larger, not an img2img"),
     (["--hires-scale", "2", "--init-image", "{img}", "--mask", "{img}"], "not an inpainting one"),

@@ -201,3 +201,28 @@ def test_from_kohya_datasets_of_other_resolutions_become_subsets_with_their_own(
                                       {"path": str(tmp_path / "c"), "resolution": 512}]
     text = "\n".join(notes)
     assert "each keeps its resolution" in text and "resolution: 512 differs" not in text
+
+
+def test_the_card_and_civitai_fields_name_the_sides_subsets_trained_at(tiny_sd15, tmp_path, monkeypatch):
+    # data.resolution 32 with a subset at [32, 48]: the card said "32 px" and CivitAI's resolution 32
+    import zipfile
+
+    from lora_trainer.cli import main
+    from lora_trainer.training.loop import train
+    from publish_helpers import publish_dry
+
+    monkeypatch.setenv("HF_TOKEN", "")
+    for name in ("close", "full"):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            Image.new("RGB", (48, 48), (90 * k, 40, 200)).save(tmp_path / name / f"{k}.png")
+    subsets = [{"path": str(tmp_path / "close"), "resolution": [32, 48]}, {"path": str(tmp_path / "full")}]
+    cfg = load_config(REPO / "configs" / "example.yaml", [
+        f"model.base={tiny_sd15}", "data.path=", f"data.subsets={json.dumps(subsets)}", "data.resolution=32",
+        f"output.dir={tmp_path / 'out'}", "train.max_steps=1", *FAST])
+    train(cfg, show_progress=False)
+    assert publish_dry(tmp_path / "out", tmp_path / "repo") == 0
+    assert "| resolution | 32, 48 px |" in (tmp_path / "repo" / "README.md").read_text(encoding="utf-8")
+    assert main(["package", str(tmp_path / "out"), "--civitai", str(tmp_path / "run.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "run.zip") as z:
+        assert json.loads(z.read("civitai.json"))["training"]["resolution"] == 48

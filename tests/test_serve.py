@@ -282,7 +282,9 @@ def _init() -> list[str]:
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"steps": 0}, "steps"), ({"width": 33}, "width"), ({"steps": "2"}, "steps"), ({"cfg_scale": "high"}, "cfg_scale"),
+    ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
+    ({"enable_hr": True, "hr_second_pass_steps": 1001}, "hr_second_pass_steps"),
+    ({"width": 33}, "width"), ({"steps": "2"}, "steps"), ({"cfg_scale": "high"}, "cfg_scale"),
     ({"seed": 1.5}, "seed"), ({"sampler_name": "DPM++ 9M"}, "sampler_name"), ({"batch_size": True}, "batch_size"),
     ({"enable_hr": True, "hr_scale": 1}, "hr_scale"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"clip_skip": 13}, "clip_skip"),
@@ -293,16 +295,30 @@ def _init() -> list[str]:
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, "override_settings.sd_model_checkpoint"),
     ({"init_images": _init(), "mask": "%%%"}, "mask"),
     ({"init_images": _init(), "mask": b64(Image.new("L", (16, 32)))}, "mask"), ({"init_images": _init(), "width": 48}, "width"),
+    # sizes past --max-side (2048) drew for hours or failed out of memory while other clients waited
+    ({"width": 100000, "height": 64}, "width"), ({"height": 2056}, "height"),
+    ({"enable_hr": True, "width": 1536, "height": 64, "hr_scale": 2}, "hr_scale"),
+    ({"init_images": [b64(Image.new("RGB", (2056, 8)))], "width": None, "height": None}, "init_images[0]"),
 ])
 def test_a_bad_request_is_a_one_line_400_naming_the_field(server, body, field):
     path = "/sdapi/v1/img2img" if "init_images" in body else "/sdapi/v1/txt2img"
     body = {"prompt": "x", **SMALL, **body}
+    body = {k: v for k, v in body.items() if v is not None}  # null: the field left out
     if field == "width" and "init_images" in body:
         del body["height"]  # one of width/height with an init image
     status, out = call(server, path, body)
     assert status == 400, out
     assert out["detail"].startswith(f"{field}") and "\n" not in out["detail"], out
     ok(server, "/sdapi/v1/txt2img", dict(prompt="x", seed=1, sampler_name="Euler", **SMALL))  # still serving
+
+
+def test_max_side_is_the_servers_own(server, monkeypatch):
+    status, out = call(server, "/sdapi/v1/txt2img", dict(prompt="x", **{**SMALL, "width": 40}))
+    assert status == 200, out
+    monkeypatch.setattr(server[1], "max_side", 32)
+    status, out = call(server, "/sdapi/v1/txt2img", dict(prompt="x", **{**SMALL, "width": 40}))
+    assert status == 400 and out["detail"] == ("width: 40 is more than the 32 pixels this server draws "
+                                               "(serve --max-side); give a smaller width"), out
 
 
 def test_bad_bodies_unknown_paths_and_server_errors(server, monkeypatch):

@@ -34,6 +34,13 @@ def test_a_missing_model_is_refused_in_one_line(tmp_path, capsys):
     assert "--model" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("value", ["0", "1001"])
+def test_a_max_side_that_is_no_size_is_refused_before_loading(tmp_path, capsys, value):
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--max-side", value]) == 2
+    message = f"error: --max-side: {value} is not allowed; give a positive multiple of 8, e.g. 4096"
+    assert one_line_error(capsys) == message
+
+
 def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(tiny_sd15):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "serve", "--model", str(tiny_sd15),

@@ -29,7 +29,7 @@ from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outsi
 from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
                         load_controlnet, load_refiner)
 from .prompts import encode_pair
-from .schedulers import a1111_name, check_sampler, make_scheduler
+from .schedulers import MAX_STEPS, a1111_name, check_sampler, make_scheduler
 
 __all__ = ["AdapterSpec", "Generated", "Generator", "Request", "parse_adapter_spec"]
 
@@ -77,7 +77,7 @@ def check_request(req: Request) -> None:
     """One-line errors for values no pipeline can use, naming the CLI flag."""
     check_sampler(req.sampler)
     checks = [
-        (req.steps >= 1, "--steps", req.steps, "an integer >= 1"),
+        (1 <= req.steps <= MAX_STEPS, "--steps", req.steps, f"1 to {MAX_STEPS} (the noise levels a base knows)"),
         (req.batch_size >= 1, "--batch-size", req.batch_size, "an integer >= 1"),
         (req.batch_count >= 1, "--num-images", req.batch_count, "an integer >= 1"),
         (0 <= req.strength <= 1, "--strength", req.strength, "a number from 0 to 1"),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from .schedulers import MAX_STEPS
 
 LANCZOS = "Lanczos"  # the name A1111 gives PIL's Lanczos resize among its upscalers
 # A1111's latent upscalers (its names, as its PNGs write them): torch's interpolation mode, antialias
@@ -77,7 +78,8 @@ def check_hires(req) -> None:
         (math.isfinite(req.hires_scale) and req.hires_scale > 1, "--hires-scale", req.hires_scale,
          "a number above 1, e.g. 1.5 or 2 (the size of the second pass over the first)"),
         (0 < strength <= 1, "--hires-strength", strength, "a number above 0, at most 1"),
-        (req.hires_steps is None or req.hires_steps >= 1, "--hires-steps", req.hires_steps, "an integer >= 1"),
+        (req.hires_steps is None or 1 <= req.hires_steps <= MAX_STEPS, "--hires-steps", req.hires_steps,
+         f"1 to {MAX_STEPS}"),
     ]
     for ok, flag, value, allowed in checks:
         if not ok:

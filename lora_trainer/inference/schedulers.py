@@ -30,6 +30,8 @@ SAMPLERS: dict[str, tuple[str, dict, str]] = {
 
 
 # ComfyUI's and kohya's spellings of the same samplers, for the suggestion in an error
+# The noise levels SD1.x and SDXL are trained on: a sampler given more steps than this fails deep inside
+MAX_STEPS = 1000
 _OTHER_SPELLINGS = {"dpmpp": "dpm++", "euler_ancestral": "euler_a", "uni_pc": "unipc", "plms": "pndm"}
 
 

@@ -25,13 +25,15 @@ class Service:
     """What the endpoints do, HTTP aside: one Generator, its LoRA folder and embeddings, and the lock
     that keeps requests from drawing at the same time."""
 
-    def __init__(self, gen, lora_dir: Path | None = None, skipped: dict | None = None):
+    def __init__(self, gen, lora_dir: Path | None = None, skipped: dict | None = None, max_side: int | None = None):
+        from .server_api import MAX_SIDE
         from .server_loras import LoraLibrary
 
         self.gen, self.loras = gen, LoraLibrary(lora_dir, gen)
         self.skipped = skipped or {}  # embeddings that do not fit the base: {token: its file's embedding}
         self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers option, set by POST /sdapi/v1/options
         self.lock = threading.Lock()
+        self.max_side = max_side or MAX_SIDE  # pixels: no request draws a larger side (or hires size)
 
     @property
     def model_title(self) -> str:
@@ -42,7 +44,7 @@ class Service:
         from .server_api import info_json, png_base64, read_request
         from .server_loras import TAG, parse_tags
 
-        api = read_request(body, kind, self.clip_skip)
+        api = read_request(body, kind, self.clip_skip, self.max_side)
         checkpoint = api.parameters["override_settings"].get("sd_model_checkpoint")
         if checkpoint not in (None, self.model_title, self.gen.model):  # A1111 would load it: say it cannot
             raise ConfigError(f"override_settings.sd_model_checkpoint: {checkpoint!r}: this server serves "
@@ -218,6 +220,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="A1111's port by default")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (as infer)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="largest width, height or hires size a request may ask for (default 2048, as A1111)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
 
@@ -238,11 +242,13 @@ def run_serve(args, ready=None) -> int:
     from .generate import Generator
 
     lora_dir, embedding_dir = _folder(args.lora_dir, "--lora-dir"), _folder(args.embedding_dir, "--embedding-dir")
+    if args.max_side is not None and (args.max_side < 8 or args.max_side % 8):
+        raise ConfigError(f"--max-side: {args.max_side} is not allowed; give a positive multiple of 8, e.g. 4096")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: {args.port} is not a port; give 1 to 65535 (0: any free one)")
     gen = Generator(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                     config_dir=args.config_dir, vae=args.vae, vae_tiling=args.vae_tiling)
-    service = Service(gen, lora_dir, load_embedding_dir(gen, embedding_dir))
+    service = Service(gen, lora_dir, load_embedding_dir(gen, embedding_dir), args.max_side)
     try:
         server = make_server(service, args.host, args.port)
     except OSError as exc:

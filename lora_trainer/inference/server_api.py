@@ -23,6 +23,7 @@ from .schedulers import SAMPLERS, sampler_key
 
 log = logging.getLogger(__name__)
 
+MAX_SIDE = 2048  # pixels: A1111's largest width, height and hires size; serve --max-side changes it
 # field: (JSON type, A1111's default); a null value reads as the default, as A1111's clients send it
 COMMON = {
     "prompt": (str, ""), "negative_prompt": (str, ""), "steps": (int, 50), "cfg_scale": (float, 7.0),
@@ -189,9 +190,10 @@ def warn_not_done(body: dict, kind: str) -> list[str]:
     return notes
 
 
-def read_request(body: dict, kind: str, default_clip_skip: int = 1) -> ApiRequest:
+def read_request(body: dict, kind: str, default_clip_skip: int = 1, max_side: int = MAX_SIDE) -> ApiRequest:
     """A txt2img (`kind` "txt2img") or img2img body as a Request; ConfigError naming the field when a
-    value cannot be used. Unknown fields are ignored; `warn_not_done` names the meaningful ones."""
+    value cannot be used, or would draw a side over `max_side` pixels. Unknown fields are ignored;
+    `warn_not_done` names the meaningful ones."""
     from .generate import Request
 
     if not isinstance(body, dict):
@@ -225,10 +227,30 @@ def read_request(body: dict, kind: str, default_clip_skip: int = 1) -> ApiReques
         _at_least(values, "hr_second_pass_steps", 0, "0 (the steps of the first pass) or more")
     if kind == "img2img":
         _read_images(values, body, req)
+    _check_sides(req, max_side)
     parameters = {**values, "seed": values["seed"], "sampler_name": SAMPLERS[sampler][2]}
     if kind == "img2img" and not values["include_init_images"]:
         parameters.update(init_images=None, mask=None)  # as A1111: the images are not sent back
     return ApiRequest(values["prompt"], req, parameters, send_images=values["send_images"])
+
+
+def _check_sides(req, max_side: int) -> None:
+    """A side past `max_side` refused before drawing: one such request would hold the one model for
+    minutes or hours, or end in an out-of-memory error, while every other client waits."""
+    from .hires import hires_size
+
+    larger = f"the {max_side} pixels this server draws (serve --max-side)"
+    for name, side in (("width", req.width), ("height", req.height)):
+        if side is not None and side > max_side:
+            raise ConfigError(f"{name}: {side} is more than {larger}; give a smaller {name}")
+    size = (req.width, req.height) if req.width else req.init_image.size if req.init_image else None
+    if req.init_image is not None and max(size) > max_side:
+        raise ConfigError(f"init_images[0]: {size[0]}x{size[1]} is more than {larger}; give width and height "
+                          "to draw it smaller")
+    if req.hires_scale is not None and max(hires_size(size, req.hires_scale)) > max_side:
+        w, h = hires_size(size, req.hires_scale)
+        raise ConfigError(f"hr_scale: {req.hires_scale:g} makes {w}x{h}, more than {larger}; give a smaller "
+                          "hr_scale (or hr_resize_x/hr_resize_y)")
 
 
 def _field(check, value, name: str):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from .adapter_spec import AdapterSpec, adapter_named
 from .block_weights import PRESETS, block_weights_text, check_file_count
-from .schedulers import a1111_name, check_sampler, sampler_choices
+from .schedulers import MAX_STEPS, a1111_name, check_sampler, sampler_choices
 
 if TYPE_CHECKING:  # generate.py loads diffusers: the CLI reads the flags without it
     from .generate import Request
@@ -99,7 +99,7 @@ def _number(kind: str, item: str, flag: str, cast, ok, allowed: str, example: st
 
 NUMBERS = {  # axis → (type, check, what is allowed, an example of the flag's value)
     "cfg": (float, lambda v: v > 0, "numbers above 0", "cfg=4,7,10"),
-    "steps": (int, lambda v: v >= 1, "integers >= 1", "steps=10,20,30"),
+    "steps": (int, lambda v: 1 <= v <= MAX_STEPS, f"integers from 1 to {MAX_STEPS}", "steps=10,20,30"),
     "seed": (int, lambda v: True, "integers", "seed=1,2,3"),
     "clip-skip": (int, lambda v: v >= 1, "integers >= 1 (1 = the last CLIP layer)", "clip-skip=1,2"),
     "hires-strength": (float, lambda v: 0 < v <= 1, "numbers above 0, at most 1", "hires-strength=0.3,0.5,0.7"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..config import describe_sides
+from ..config import describe_sides, trained_sides
 from .embeddings import card_section
 from ..models.lycoris import type_name
 from .guidance import WeightAdvice, recommended_prompts, trigger_words
@@ -140,7 +140,7 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
     rows = [
         ("base model", base_model),
         ("training images", f"{images}{repeats}" if images is not None else "not recorded"),
-        ("resolution", f"{describe_sides(cfg.data.resolution)} px"),
+        ("resolution", f"{describe_sides(trained_sides(cfg.data))} px"),
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
         (f"{type_name(run.cfg.lora.type)} rank / alpha", f"{cfg.lora.rank} / {cfg.lora_alpha:g}"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import main_side
+from ..config import trained_sides
 from ..errors import PublishError
 from ..fileio import atomic_path, unwritable_reason
 from .adapters import write_kohya
@@ -61,7 +61,7 @@ def civitai_fields(run: Run, advice: WeightAdvice, model_file: str, images: list
         "file": model_file,
         "images": images,
         "training": {"steps": trained_steps(run), "images": dataset_size(run),
-                     "resolution": main_side(cfg.data.resolution),
+                     "resolution": max(trained_sides(cfg.data)),
                      "rank": cfg.lora.rank, "alpha": cfg.lora_alpha, "learningRate": cfg.train.lr,
                      "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler,
                      **({"emaDecay": ema_setting(run)[0]} if ema_setting(run) else {}),
@@ -87,7 +87,7 @@ def embedding_fields(run: Run, model_file: str, images: list[str], description: 
         "file": model_file,
         "images": images,
         "training": {"steps": trained_steps(run), "images": images_count,
-                     "resolution": main_side(cfg.data.resolution),
+                     "resolution": max(trained_sides(cfg.data)),
                      "vectors": vectors, "initWords": cfg.embedding.init_words,
                      "learningRate": cfg.embedding.lr if cfg.embedding.lr is not None else cfg.train.lr,
                      "optimizer": cfg.train.optimizer, "scheduler": cfg.train.scheduler},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import describe_sides
+from ..config import describe_sides, trained_sides
 from .card import BASE_NAMES, PIPELINES, CardFiles, _code, front_matter
 from .embeddings import diffusers_lines
 from .guidance import recommended_prompts
@@ -34,7 +34,7 @@ def _training_details(run: Run, base_model: str, files: CardFiles) -> list[str]:
         ("base model", base_model),
         ("training images", (f"{images}" + (f" × {cfg.data.repeats} repeats" if cfg.data.repeats > 1 else ""))
          if images is not None else "not recorded"),
-        ("resolution", f"{describe_sides(cfg.data.resolution)} px"),
+        ("resolution", f"{describe_sides(trained_sides(cfg.data))} px"),
         ("steps", trained_steps(run)),
         ("batch size × gradient accumulation", f"{t.batch_size} × {t.grad_accum}"),
         ("trained", f"the embedding {_code(run.token)} only ({vectors} vector{'s' if vectors != 1 else ''}); "

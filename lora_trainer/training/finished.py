@@ -105,8 +105,11 @@ def already_finished(cfg: RunConfig, out_dir: Path, has_checkpoint: bool) -> Fin
     if target <= run.step:
         return run
     if not has_checkpoint and not cfg.output.overwrite:
+        every = cfg.output.save_every_n_steps  # a run's last step writes the adapter, never a checkpoint
+        why = (f"checkpoints/ holds none: output.save_every_n_steps={every} saves before the last step only"
+               if every else "output.save_every_n_steps was off")
         raise ConfigError(f"train.resume: the run in {out_dir} finished at step {run.step} and saved no checkpoint to "
-                          f"continue from to step {target} (output.save_every_n_steps was off); train it again from "
+                          f"continue from to step {target} ({why}); train it again from "
                           "step 0 with output.overwrite=true (its adapter is replaced), or start a new output.dir "
                           f"with lora.init_from={Path(out_dir) / run.adapters[0]}")
     return None
