@@ -264,7 +264,7 @@ def test_ema_switched_on_at_resume_starts_from_the_trained_weights_with_a_warnin
     out = tmp_path / "out"
     shutil.copytree(plain.output_dir / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
     with caplog.at_level(logging.WARNING, logger="lora_trainer.training.ema"):
-        resumed = train(run_config(tiny_sd15, example_data, out, *EMA, "train.resume=latest"), show_progress=False)
+        train(run_config(tiny_sd15, example_data, out, *EMA, "train.resume=latest"), show_progress=False)
     warning = [r.getMessage() for r in caplog.records if r.name == "lora_trainer.training.ema"]
     assert len(warning) == 1 and "saved without an EMA" in warning[0] and "step-000003" in warning[0]
     raw = [_raw_at(result.output_dir, 4), _raw_at(result.output_dir, 5), _raw_final(result)]  # the same training

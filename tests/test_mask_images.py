@@ -147,7 +147,7 @@ def test_mask_images_train_as_the_alpha_mask_and_the_cache_follows_the_mask_file
         return train(run_config(tiny_sd15, data, tmp_path / name, *common, *extra), show_progress=False)
 
     alpha = run("alpha", "data.alpha_mask=true")
-    disk = (f"train.cache_latents_to_disk=true", f"train.cache_dir={tmp_path / 'cache'}")
+    disk = ("train.cache_latents_to_disk=true", f"train.cache_dir={tmp_path / 'cache'}")
     masked = run("masked", f"data.mask_dir={masks}", *disk)
     assert masked.losses == alpha.losses and masked.val_losses == alpha.val_losses
     with safetensors.safe_open(str(masked.adapter_paths[0]), "pt") as f:
