@@ -98,3 +98,23 @@ def test_a_pipeline_given_as_a_controlnet_and_a_controlnet_given_as_the_base_are
     assert _infer(tmp_path, tiny_controlnet) == 2
     assert _one_line_error(capsys) == (f"error: --model: '{tiny_controlnet}' is a single model's folder (config.json), "
                                        "not a whole pipeline's; point it at a diffusers folder with model_index.json")
+
+
+def test_seed_minus_one_draws_a_seed_the_png_keeps_and_that_remakes_the_image(tiny_sd15, tmp_path, monkeypatch):
+    """A1111's seed -1: a random seed, drawn once, written in the PNG parameters; that seed re-makes the
+    image. A grid's seed axis draws one for -1 the same way."""
+    import numpy as np
+
+    from lora_trainer.inference import schedulers
+    from lora_trainer.inference.xyz_axes import parse_axis
+    from lora_trainer.pnginfo import parse_a1111_parameters
+
+    monkeypatch.setattr(schedulers.random, "randrange", lambda n: 123456789)
+    assert _infer(tmp_path / "random", tiny_sd15, "--seed", "-1") == 0
+    [drawn] = sorted((tmp_path / "random" / "out").glob("*.png"))
+    info = parse_a1111_parameters(Image.open(drawn).info["parameters"])
+    assert info.seed == 123456789 and drawn.name == "00000-123456789.png"
+    assert _infer(tmp_path / "again", tiny_sd15, "--seed", "123456789") == 0
+    [again] = sorted((tmp_path / "again" / "out").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(again)))
+    assert parse_axis("seed=-1,2").values == [123456789, 2]

@@ -14,7 +14,7 @@ from ..fileio import unwritable_reason
 from .adapters import adapter_named, parse_adapter_spec
 from .hires import LANCZOS, UPSCALERS
 from .images import PREPROCESSORS, read_image, read_mask
-from .schedulers import SAMPLERS
+from .schedulers import SAMPLERS, resolve_seed
 from .xyz_axes import AXIS_NAMES, MAX_CELLS, parse_axis
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,7 +46,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--scheduler", default="dpm++_2m", help=f"sampler: {', '.join(SAMPLERS)}")
     p.add_argument("--guidance-scale", "--cfg", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0, help="image k of a run uses seed+k")
+    p.add_argument("--seed", type=int, default=0, help="image k of a run uses seed+k; -1: a random seed, written in the PNGs")
     p.add_argument("--num-images", type=int, default=1, help="batch count: pipeline calls per prompt")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     p.add_argument("--width", type=int, default=None,
@@ -220,7 +220,7 @@ def run_infer(args) -> list[Path]:
     control = read_image(args.control_image, "--control-image") if args.control_image else None
 
     request = Request(prompt=args.prompt[0], negative_prompt=args.negative_prompt, steps=args.steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                      guidance_scale=args.guidance_scale, seed=resolve_seed(args.seed), batch_size=args.batch_size,
                       batch_count=args.num_images, width=args.width, height=args.height, sampler=args.scheduler,
                       clip_skip=1 if args.clip_skip is None else args.clip_skip, init_image=init, strength=strength,
                       mask=mask, mask_blur=args.mask_blur, control_image=control,

@@ -6,6 +6,8 @@ timestep spacing, prediction type) stays the model's; only the solver changes.
 
 from __future__ import annotations
 
+import random
+
 from ..errors import ConfigError
 
 # name → (diffusers class, extra config, the name A1111 writes in PNG info)
@@ -29,9 +31,17 @@ SAMPLERS: dict[str, tuple[str, dict, str]] = {
 }
 
 
-# ComfyUI's and kohya's spellings of the same samplers, for the suggestion in an error
 # The noise levels SD1.x and SDXL are trained on: a sampler given more steps than this fails deep inside
 MAX_STEPS = 1000
+
+
+def resolve_seed(seed: int) -> int:
+    """A1111's seed -1: a random one (in its range, 0 to 2^32 - 1), drawn once so the images and their
+    PNG parameters carry the seed that re-makes them; any other seed as it is."""
+    return random.randrange(2 ** 32) if seed == -1 else seed
+
+
+# ComfyUI's and kohya's spellings of the same samplers, for the suggestion in an error
 _OTHER_SPELLINGS = {"dpmpp": "dpm++", "euler_ancestral": "euler_a", "uni_pc": "unipc", "plms": "pndm"}
 
 

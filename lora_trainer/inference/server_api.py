@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from PIL import Image, ImageOps
 from ..errors import ConfigError
 from ..pnginfo import GenerationInfo, a1111_parameters, parse_a1111_parameters
 from .hires import LANCZOS, upscaler_name
-from .schedulers import SAMPLERS, sampler_key
+from .schedulers import SAMPLERS, resolve_seed, sampler_key
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +207,7 @@ def read_request(body: dict, kind: str, default_clip_skip: int = 1, max_side: in
     if not 0 <= values["denoising_strength"] <= 1:
         raise ConfigError(f"denoising_strength: {values['denoising_strength']} is not allowed; give 0 to 1")
     warn_not_done(body, kind)
-    seed = values["seed"] if values["seed"] != -1 else random.randrange(2 ** 32)  # A1111's range
+    seed = resolve_seed(values["seed"])
     values["sampler_name"] = values["sampler_name"] or values["sampler_index"]
     sampler = sampler_of(values["sampler_name"], values["scheduler"])
     req = Request(prompt=values["prompt"], negative_prompt=values["negative_prompt"], steps=values["steps"],

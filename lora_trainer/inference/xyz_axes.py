@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from .adapter_spec import AdapterSpec, adapter_named
 from .block_weights import PRESETS, block_weights_text, check_file_count
-from .schedulers import MAX_STEPS, a1111_name, check_sampler, sampler_choices
+from .schedulers import MAX_STEPS, a1111_name, check_sampler, resolve_seed, sampler_choices
 
 if TYPE_CHECKING:  # generate.py loads diffusers: the CLI reads the flags without it
     from .generate import Request
@@ -127,6 +127,8 @@ def parse_axis(text: str, flag: str = "--grid-x") -> Axis:
     if kind in NUMBERS:
         cast, ok, allowed, example = NUMBERS[kind]
         values = [_number(kind, item, flag, cast, ok, allowed, example) for item in items]
+        if kind == "seed":  # -1 is a random seed, drawn now, as A1111's X/Y/Z plot does
+            values = [resolve_seed(v) for v in values]
     elif kind == "sampler":
         values = []
         for item in items:
