@@ -102,17 +102,23 @@ def test_second_epoch_reads_both_sides_from_the_latent_cache(tiny_sd15, example_
     assert load_config(tmp_path / "out" / "config.yaml").data.resolution == [32, 64]
 
 
-def test_a_subset_trains_at_its_own_sides(tiny_sd15, tmp_path):
-    from lora_trainer.training.loaders import make_dataset
-
+def _close_at_its_own_sides(tiny_sd15, tmp_path, sides: list[int], *overrides: str):
+    """Two folders of two square images as large as the largest side: "close" trains at `sides`,
+    "full" at data.resolution 32."""
     for name in ("close", "full"):
         (tmp_path / name).mkdir()
         for k in range(2):
-            Image.new("RGB", (64, 64), (90 * k, 40, 200)).save(tmp_path / name / f"{k}.png")
-    subsets = [{"path": str(tmp_path / "close"), "resolution": [32, 64]}, {"path": str(tmp_path / "full")}]
-    cfg = load_config(REPO / "configs" / "example.yaml", [
+            Image.new("RGB", (max(sides), max(sides)), (90 * k, 40, 200)).save(tmp_path / name / f"{k}.png")
+    subsets = [{"path": str(tmp_path / "close"), "resolution": sides}, {"path": str(tmp_path / "full")}]
+    return load_config(REPO / "configs" / "example.yaml", [
         f"model.base={tiny_sd15}", "data.path=", f"data.subsets={json.dumps(subsets)}", "data.resolution=32",
-        f"output.dir={tmp_path / 'out'}", *FAST])
+        f"output.dir={tmp_path / 'out'}", *overrides, *FAST])
+
+
+def test_a_subset_trains_at_its_own_sides(tiny_sd15, tmp_path):
+    from lora_trainer.training.loaders import make_dataset
+
+    cfg = _close_at_its_own_sides(tiny_sd15, tmp_path, [32, 64])
     examples = _examples(cfg)
     dataset = make_dataset(cfg, examples, seed=0)
     sides = Counter((examples[dataset.example_index(i)].path.parent.name, dataset[i]["side"])
@@ -212,14 +218,7 @@ def test_the_card_and_civitai_fields_name_the_sides_subsets_trained_at(tiny_sd15
     from publish_helpers import publish_dry
 
     monkeypatch.setenv("HF_TOKEN", "")
-    for name in ("close", "full"):
-        (tmp_path / name).mkdir()
-        for k in range(2):
-            Image.new("RGB", (48, 48), (90 * k, 40, 200)).save(tmp_path / name / f"{k}.png")
-    subsets = [{"path": str(tmp_path / "close"), "resolution": [32, 48]}, {"path": str(tmp_path / "full")}]
-    cfg = load_config(REPO / "configs" / "example.yaml", [
-        f"model.base={tiny_sd15}", "data.path=", f"data.subsets={json.dumps(subsets)}", "data.resolution=32",
-        f"output.dir={tmp_path / 'out'}", "train.max_steps=1", *FAST])
+    cfg = _close_at_its_own_sides(tiny_sd15, tmp_path, [32, 48], "train.max_steps=1")
     train(cfg, show_progress=False)
     assert publish_dry(tmp_path / "out", tmp_path / "repo") == 0
     assert "| resolution | 32, 48 px |" in (tmp_path / "repo" / "README.md").read_text(encoding="utf-8")
