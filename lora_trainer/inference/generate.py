@@ -19,15 +19,14 @@ from PIL import Image
 from ..errors import ConfigError, ModelError
 from ..models.vae import png_vae_fields
 from ..pnginfo import GenerationInfo, save_png
-from ..textencode import max_clip_skip
 from .adapters import AdapterSpec, AdapterStack, adapter_hash, check_adapter_file, parse_adapter_spec
 from .block_weights import check_file_count
 from .bundled import bundle_owner
 from .embeddings import Embedding, check_embeddings_fit, check_words, embedding_hash, load_embeddings, word_tables
 from .hires import LANCZOS, check_hires, hires_fix, hires_parameters, hires_strength
 from .images import crop_and_resize, extend_canvas, pad_to_multiple, paste_outside_mask, preprocess_control
-from .pipelines import (check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline, load_base,
-                        load_controlnet, load_refiner)
+from .pipelines import (check_clip_skip, check_controlnet_fits, default_device_dtype, encoders_of, job_pipeline,
+                        load_base, load_controlnet, load_refiner)
 from .prompts import encode_pair
 from .schedulers import MAX_STEPS, a1111_name, check_sampler, make_scheduler
 
@@ -209,10 +208,7 @@ class Generator:
         """The pipeline's prompt tensors for `req`, and the embeddings its prompts use."""
         sdxl = self.variant == "sdxl"
         zero_negative = sdxl and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
-        most = max_clip_skip([encoder for _, encoder in encoders_of(pipe)])
-        if req.clip_skip > most:
-            raise ConfigError(f"--clip-skip: got {req.clip_skip}; expected 1 to {most} "
-                              f"(this model's text encoder has {most} layers)")
+        check_clip_skip(pipe, req.clip_skip)
         embeddings = self.all_embeddings()
         words = word_tables(embeddings, pipe, self.variant) if embeddings else None
         pos, neg = encode_pair(encoders_of(pipe), req.prompt, req.negative_prompt, req.clip_skip, sdxl, zero_negative,

@@ -10,7 +10,7 @@ import torch
 from ..models.loading import check_source, diffusers_dtype, is_single_file
 from ..models.vae import check_vae_fits, check_vae_source, load_vae
 
-from ..errors import ModelError, first_line
+from ..errors import ConfigError, ModelError, first_line
 from .adapters import quiet_diffusers
 
 JOBS = ("txt2img", "img2img", "inpaint")
@@ -166,3 +166,13 @@ def encoders_of(pipe) -> list[tuple[object, torch.nn.Module]]:
     pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
              (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
     return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+
+def check_clip_skip(pipe, clip_skip: int, flag: str = "--clip-skip") -> None:
+    """A clip skip past the layers of `pipe`'s text encoder (the base's, or the refiner's), in one line."""
+    from ..textencode import max_clip_skip
+
+    most = max_clip_skip([encoder for _, encoder in encoders_of(pipe)])
+    if clip_skip > most:
+        raise ConfigError(f"{flag}: got {clip_skip}; expected 1 to {most} "
+                          f"(this model's text encoder has {most} layers)")

@@ -14,6 +14,7 @@ from dataclasses import replace
 from ..errors import ConfigError
 from ..imagegrid import labelled_grid
 from .adapter_spec import adapter_named
+from .pipelines import check_clip_skip
 from .compare import Comparison
 from .generate import Generator, Request
 from .xyz_axes import Axis, cells, check_axes
@@ -29,7 +30,8 @@ def xyz_grid(generator: Generator, prompt: str, request: Request, x: Axis | None
     if x is None and y is None:
         raise ConfigError("--grid-x/--grid-y: give at least one axis")
     check_axes(x, y, [prompt], request, list(generator.adapters.specs.values()), max_cells=math.inf)
-    _check_clip_skip(generator, [a for a in (x, y) if a])
+    for axis in (a for a in (x, y) if a is not None and a.kind == "clip-skip"):  # before the first cell
+        check_clip_skip(generator.pipe, max(axis.values), f"{axis.flag}: clip-skip")
     names = {a.name: adapter_named(generator.adapters.specs, a.adapter) for a in (x, y)
              if a is not None and a.adapter is not None}
     saved = {name: (generator.adapters.specs[name].weight, generator.adapters.specs[name].lbw)
@@ -61,15 +63,3 @@ def xyz_grid(generator: Generator, prompt: str, request: Request, x: Axis | None
     names_out = [f"{r:02d}-{c:02d}" for r, row in enumerate(rows) for c in range(len(row))]
     return Comparison(grid, rows, names_out, info)
 
-
-def _check_clip_skip(generator: Generator, axes: list[Axis]) -> None:
-    """A clip-skip value past the text encoder's layers, refused before the first cell is drawn."""
-    from ..textencode import max_clip_skip
-    from .pipelines import encoders_of
-
-    for axis in axes:
-        if axis.kind == "clip-skip":
-            most = max_clip_skip([e for _, e in encoders_of(generator.pipe)])
-            if max(axis.values) > most:
-                raise ConfigError(f"{axis.flag}: clip-skip: got {max(axis.values)}; expected 1 to {most} (this "
-                                  f"model's text encoder has {most} layers)")
